@@ -1,0 +1,210 @@
+#include "runtime/engine.h"
+
+#include <chrono>
+#include <exception>
+#include <mutex>
+#include <thread>
+
+#include "comm/thread_comm.h"
+#include "kernels/base/check.h"
+#include "runtime/sha256.h"
+
+namespace keel {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+// Runs fn(tp_rank) on one thread per rank. When a rank throws, the group is aborted so the
+// other ranks' pending collectives throw instead of waiting forever; the first error is
+// rethrown to the caller.
+template <typename Fn>
+void run_on_ranks(int tp_size, comm::ThreadGroup* group, Fn&& fn) {
+  std::mutex error_mutex;
+  std::exception_ptr first_error;
+  auto body = [&](int tp_rank) {
+    set_current_rank(tp_rank);
+    try {
+      fn(tp_rank);
+    } catch (const std::exception& error) {
+      std::lock_guard lock(error_mutex);
+      if (!first_error) {
+        first_error = std::current_exception();
+        if (group != nullptr) group->abort("rank " + std::to_string(tp_rank) + ": " + error.what());
+      }
+    }
+  };
+  std::vector<std::jthread> threads;
+  for (int tp_rank = 1; tp_rank < tp_size; ++tp_rank) threads.emplace_back(body, tp_rank);
+  body(0);
+  threads.clear();
+  set_current_rank(-1);
+  if (first_error) std::rethrow_exception(first_error);
+}
+
+int32_t argmax(const float* logits, int64_t vocab) {
+  int32_t best = 0;
+  for (int64_t i = 1; i < vocab; ++i)
+    if (logits[i] > logits[best]) best = static_cast<int32_t>(i);
+  return best;
+}
+
+}  // namespace
+
+Engine::Engine(const std::string& model_dir, const EngineOptions& options)
+    : config_(ModelConfig::load(model_dir + "/config.json")), options_(options) {
+  if (options.tp_size < 1 || options.tp_size > 8)
+    throw_error("tp must be in [1, 8], got ", options.tp_size);
+  checkpoint_ = std::make_unique<Checkpoint>(Checkpoint::open(model_dir));
+  placement_ = std::make_unique<ExpertPlacement>(ExpertPlacement::build(
+      options.placement, config_.num_layers, config_.num_experts, options.tp_size));
+  ranks_.resize(static_cast<size_t>(options.tp_size));
+  RankOptions rank_options{options.reduce, options.combine};
+  // Shards load in parallel; errors (bad shapes, dtypes) surface with file and tensor named.
+  run_on_ranks(options.tp_size, nullptr, [&](int tp_rank) {
+    ranks_[static_cast<size_t>(tp_rank)] = std::make_unique<RankModel>(
+        config_, *checkpoint_, *placement_, tp_rank, options.tp_size, rank_options);
+  });
+}
+
+Engine::~Engine() = default;
+
+int64_t Engine::weight_bytes_per_rank(int tp_rank) const {
+  return ranks_.at(static_cast<size_t>(tp_rank))->weight_bytes();
+}
+
+GenerateResult Engine::generate(const GenerateRequest& request) {
+  const int64_t num_prompts = static_cast<int64_t>(request.prompts.size());
+  if (num_prompts == 0) throw_error("generate: no prompts");
+  if (request.max_new_tokens < 1) throw_error("generate: max_new_tokens must be >= 1");
+  int64_t max_prompt = 0;
+  for (const auto& prompt : request.prompts) {
+    if (prompt.empty()) throw_error("generate: empty prompt");
+    for (int32_t id : prompt)
+      if (id < 0 || id >= config_.vocab_size)
+        throw_error("generate: prompt token id ", id, " is outside the vocabulary [0, ",
+                    config_.vocab_size, ")");
+    max_prompt = std::max<int64_t>(max_prompt, static_cast<int64_t>(prompt.size()));
+  }
+  const int64_t capacity = max_prompt + request.max_new_tokens;
+  if (capacity > config_.max_position_embeddings)
+    throw_error("generate: prompt + max_tokens = ", capacity, " exceeds max_position_embeddings ",
+                config_.max_position_embeddings);
+
+  const int tp_size = options_.tp_size;
+  const int64_t vocab = config_.vocab_size;
+  comm::ThreadGroup group(tp_size);
+  GenerateResult result;
+  result.tokens.assign(static_cast<size_t>(num_prompts), {});
+  if (request.keep_all_logits) {
+    result.prompt_logits.resize(static_cast<size_t>(num_prompts));
+    result.step_logits.resize(static_cast<size_t>(num_prompts));
+  }
+  Sha256 digest;
+  std::vector<ExpertCounts> counts_before(static_cast<size_t>(tp_size));
+
+  run_on_ranks(tp_size, &group, [&](int tp_rank) {
+    RankModel& model = *ranks_[static_cast<size_t>(tp_rank)];
+    counts_before[static_cast<size_t>(tp_rank)] = model.expert_counts();
+    auto communicator = group.communicator(tp_rank);
+    const bool leader = tp_rank == 0;
+    std::vector<KvCache> caches;
+    for (int64_t prompt = 0; prompt < num_prompts; ++prompt) caches.push_back(model.make_cache(capacity));
+
+    // Prefill: all prompts in one step; logits for every position only when asked.
+    StepBatch batch;
+    std::vector<int64_t> last_row(static_cast<size_t>(num_prompts));
+    for (int64_t prompt = 0; prompt < num_prompts; ++prompt) {
+      const auto& ids = request.prompts[static_cast<size_t>(prompt)];
+      for (size_t pos = 0; pos < ids.size(); ++pos) {
+        if (request.keep_all_logits) batch.logits_rows.push_back(static_cast<int32_t>(batch.token_ids.size()));
+        batch.token_ids.push_back(ids[pos]);
+        batch.positions.push_back(static_cast<int32_t>(pos));
+        batch.cache_idx.push_back(static_cast<int32_t>(prompt));
+      }
+      last_row[static_cast<size_t>(prompt)] = static_cast<int64_t>(batch.token_ids.size()) - 1;
+      if (!request.keep_all_logits) batch.logits_rows.push_back(static_cast<int32_t>(last_row[static_cast<size_t>(prompt)]));
+    }
+    std::vector<float> logits;
+    std::vector<int32_t> next_tokens(static_cast<size_t>(num_prompts));
+    auto start = Clock::now();
+    for (int64_t step = 0; step < request.max_new_tokens; ++step) {
+      model.forward(batch, caches, *communicator, logits);
+      if (leader) {
+        for (int64_t prompt = 0; prompt < num_prompts; ++prompt) {
+          int64_t row = step == 0 && request.keep_all_logits ? last_row[static_cast<size_t>(prompt)] : prompt;
+          const float* row_logits = logits.data() + row * vocab;
+          next_tokens[static_cast<size_t>(prompt)] = argmax(row_logits, vocab);
+          if (prompt == 0) digest.update(row_logits, static_cast<size_t>(vocab) * sizeof(float));
+          if (request.keep_all_logits) {
+            result.step_logits[static_cast<size_t>(prompt)].emplace_back(row_logits, row_logits + vocab);
+            if (step == 0) {
+              int64_t first = last_row[static_cast<size_t>(prompt)] -
+                              static_cast<int64_t>(request.prompts[static_cast<size_t>(prompt)].size()) + 1;
+              for (int64_t r = first; r <= last_row[static_cast<size_t>(prompt)]; ++r)
+                result.prompt_logits[static_cast<size_t>(prompt)].emplace_back(
+                    logits.data() + r * vocab, logits.data() + (r + 1) * vocab);
+            }
+          }
+        }
+      }
+      // The leader's choice is the one every rank continues with.
+      communicator->broadcast(next_tokens.data(), next_tokens.size() * sizeof(int32_t), 0);
+      if (leader) {
+        for (int64_t prompt = 0; prompt < num_prompts; ++prompt)
+          result.tokens[static_cast<size_t>(prompt)].push_back(next_tokens[static_cast<size_t>(prompt)]);
+        if (step == 0) {
+          result.prefill_seconds = seconds_since(start);
+          start = Clock::now();
+        }
+      }
+      if (step + 1 == request.max_new_tokens) break;
+      // Next step: one token per sequence at its next position.
+      batch.token_ids.assign(next_tokens.begin(), next_tokens.end());
+      batch.positions.clear();
+      batch.cache_idx.clear();
+      batch.logits_rows.clear();
+      for (int64_t prompt = 0; prompt < num_prompts; ++prompt) {
+        batch.positions.push_back(static_cast<int32_t>(request.prompts[static_cast<size_t>(prompt)].size() + step));
+        batch.cache_idx.push_back(static_cast<int32_t>(prompt));
+        batch.logits_rows.push_back(static_cast<int32_t>(prompt));
+      }
+    }
+    if (leader) result.decode_seconds = seconds_since(start);
+  });
+
+  // Every rank routes every token identically (replicated router), so rank 0's counts are
+  // the counts; report this call's share only.
+  result.expert_counts = ranks_[0]->expert_counts();
+  for (size_t layer = 0; layer < result.expert_counts.size(); ++layer)
+    for (size_t expert = 0; expert < result.expert_counts[layer].size(); ++expert)
+      result.expert_counts[layer][expert] -= counts_before[0][layer][expert];
+  result.logits_digest = digest.finish_hex();
+  for (const auto& prompt : request.prompts) result.num_prompt_tokens += static_cast<int64_t>(prompt.size());
+  result.num_decode_steps = request.max_new_tokens - 1;
+  return result;
+}
+
+std::vector<std::vector<int32_t>> synthetic_prompts(int64_t count, int64_t vocab_size, uint64_t seed) {
+  std::vector<std::vector<int32_t>> prompts;
+  uint64_t state = seed * 0x9e3779b97f4a7c15ull + 1;
+  auto next = [&state]() {
+    state ^= state << 13;
+    state ^= state >> 7;
+    state ^= state << 17;
+    return state;
+  };
+  for (int64_t prompt = 0; prompt < count; ++prompt) {
+    int64_t length = 2 + static_cast<int64_t>(next() % 11);
+    std::vector<int32_t> ids;
+    for (int64_t i = 0; i < length; ++i) ids.push_back(static_cast<int32_t>(next() % static_cast<uint64_t>(vocab_size)));
+    prompts.push_back(std::move(ids));
+  }
+  return prompts;
+}
+
+}  // namespace keel

@@ -1,0 +1,72 @@
+// The engine: a tensor-parallel group of ranks (threads in this process) that each hold a
+// RankModel shard and run the same steps in lock-step; rank 0 is the leader that picks tokens
+// and broadcasts them.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "runtime/checkpoint.h"
+#include "runtime/model.h"
+#include "runtime/model_config.h"
+#include "scheduler/placement.h"
+
+namespace keel {
+
+struct EngineOptions {
+  int tp_size = 1;
+  comm::ReduceAlgo reduce = comm::ReduceAlgo::kFixedOrder;
+  PlacementSpec placement;
+  CombinePrecision combine = CombinePrecision::kFp32;
+};
+
+struct GenerateRequest {
+  std::vector<std::vector<int32_t>> prompts;
+  int64_t max_new_tokens = 16;
+  // Keep every prompt position's logits and every step's logits for every prompt (tests).
+  bool keep_all_logits = false;
+};
+
+struct GenerateResult {
+  std::vector<std::vector<int32_t>> tokens;  // generated ids per prompt (greedy)
+  // SHA-256 over the fp32 bits of every step's logits of prompt 0, in step order.
+  std::string logits_digest;
+  ExpertCounts expert_counts;  // [layer][expert] tokens routed, all prompts and steps
+  // With keep_all_logits: [prompt][position][vocab] and [prompt][step][vocab].
+  std::vector<std::vector<std::vector<float>>> prompt_logits;
+  std::vector<std::vector<std::vector<float>>> step_logits;
+  double prefill_seconds = 0;
+  double decode_seconds = 0;
+  int64_t num_prompt_tokens = 0;
+  int64_t num_decode_steps = 0;
+};
+
+class Engine {
+ public:
+  // Loads config.json and the weights of `model_dir`, sharded over options.tp_size ranks.
+  // Throws keel::Error with context on bad checkpoints or options.
+  Engine(const std::string& model_dir, const EngineOptions& options);
+  ~Engine();
+
+  GenerateResult generate(const GenerateRequest& request);
+
+  const ModelConfig& config() const { return config_; }
+  const EngineOptions& options() const { return options_; }
+  int64_t weight_bytes_per_rank(int tp_rank) const;
+
+ private:
+  ModelConfig config_;
+  EngineOptions options_;
+  std::unique_ptr<Checkpoint> checkpoint_;
+  std::unique_ptr<ExpertPlacement> placement_;
+  std::vector<std::unique_ptr<RankModel>> ranks_;
+};
+
+// Deterministic synthetic prompts for --batch-with: `count` prompts with lengths in [2, 12]
+// and ids in [0, vocab), from a fixed seed.
+std::vector<std::vector<int32_t>> synthetic_prompts(int64_t count, int64_t vocab_size, uint64_t seed);
+
+}  // namespace keel

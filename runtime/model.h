@@ -1,0 +1,135 @@
+// One rank's shard of the model and its forward pass.
+//
+// Sharding (each weight is replicated, split on an axis, or produces a partial sum):
+//   embed_tokens               replicated [V, H]
+//   q/k/v_proj (+bias)         column-parallel: rank r holds its query heads and the KV heads
+//                              those heads read (KV heads replicated when num_kv_heads < tp)
+//   o_proj                     row-parallel: columns of its query heads -> partial [T, H]
+//   router (mlp.gate)          replicated; identical input bits on every rank -> identical choice
+//   routed experts             whole experts on the rank the placement names
+//   shared expert, dense MLP   gate/up column-parallel, down row-parallel -> partial [T, H]
+//   lm_head                    vocab-parallel rows, logits all-gathered
+// One all-reduce after attention and one after the MLP/MoE block turn partials into
+// replicated activations; nowhere else.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "kernels/base/buffer.h"
+#include "runtime/checkpoint.h"
+#include "runtime/model_config.h"
+#include "scheduler/packing.h"
+#include "scheduler/placement.h"
+
+namespace keel {
+
+enum class CombinePrecision : uint8_t { kFp32, kRoundPerExpert };
+std::string_view combine_precision_name(CombinePrecision precision);
+CombinePrecision parse_combine_precision(std::string_view name);
+
+// A weight matrix in its storage dtype, row-major [rows = out_features, cols = in_features].
+struct Matrix {
+  Buffer data;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  DType dtype() const { return data.dtype(); }
+};
+
+struct ExpertWeights {
+  Matrix gate_up;  // [2 * I, H]: gate rows then up rows
+  Matrix down;     // [H, I]
+};
+
+struct LayerWeights {
+  Buffer input_norm;  // f32 [H]
+  Buffer post_norm;   // f32 [H]
+  Matrix qkv;         // [(q_local + 2 * kv_local) * head_dim, H]
+  Buffer qkv_bias;    // f32, empty when the model has none
+  Buffer q_norm;      // f32 [head_dim], empty without qk-norm
+  Buffer k_norm;
+  Matrix o_proj;  // [H, q_local * head_dim]
+  bool is_moe = false;
+  Matrix router;                         // [E, H]
+  std::vector<ExpertWeights> experts;    // local experts, ascending expert id
+  std::vector<int32_t> expert_to_local;  // [E] -> local index or -1
+  ExpertWeights shared;                  // shared expert or dense MLP shard (I / tp wide)
+  int64_t shared_width = 0;              // local intermediate width of `shared`
+  Matrix shared_gate;                    // [1, H] sigmoid gate of the shared expert
+};
+
+// One sequence's KV cache on one rank: k and v as [layers][kv_local][capacity][head_dim].
+struct KvCache {
+  Buffer k;
+  Buffer v;
+  int64_t capacity = 0;
+};
+
+// What one forward step computes: tokens of several sequences, concatenated.
+struct StepBatch {
+  std::vector<int32_t> token_ids;
+  std::vector<int32_t> positions;
+  std::vector<int32_t> cache_idx;    // per token: which KvCache it belongs to
+  std::vector<int32_t> logits_rows;  // token rows whose logits are wanted, in output order
+};
+
+struct RankOptions {
+  comm::ReduceAlgo reduce = comm::ReduceAlgo::kFixedOrder;
+  CombinePrecision combine = CombinePrecision::kFp32;
+};
+
+// Counts of tokens routed to each expert, [layer][expert], accumulated over steps.
+using ExpertCounts = std::vector<std::vector<int64_t>>;
+
+class RankModel {
+ public:
+  // Loads this rank's shard; throws keel::Error (naming file/tensor) on any mismatch.
+  RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
+            const ExpertPlacement& placement, int tp_rank, int tp_size, RankOptions options);
+
+  KvCache make_cache(int64_t capacity) const;
+
+  // Runs one step on this rank. `logits` receives [logits_rows, vocab] (identical on all
+  // ranks). Collectives go through `comm`; every rank must call with the same batch.
+  void forward(const StepBatch& batch, std::vector<KvCache>& caches, comm::Communicator& comm,
+               std::vector<float>& logits);
+
+  const ExpertCounts& expert_counts() const { return expert_counts_; }
+  int64_t weight_bytes() const;
+
+ private:
+  void attention(int64_t layer_idx, const StepBatch& batch, std::vector<KvCache>& caches);
+  void moe(int64_t layer_idx, int64_t num_tokens);
+  void dense_mlp(const ExpertWeights& weights, int64_t width, int64_t num_tokens, float* out);
+
+  const ModelConfig& config_;
+  int tp_rank_;
+  int tp_size_;
+  RankOptions options_;
+  DType expert_dtype_ = DType::kF32;
+
+  int64_t q_heads_local_ = 0;
+  int64_t first_q_head_ = 0;
+  int64_t kv_heads_local_ = 0;
+  int64_t first_kv_head_ = 0;
+  std::vector<int32_t> kv_head_of_q_;  // local q head -> local kv head
+  int64_t vocab_chunk_ = 0;            // padded rows of lm_head per rank
+
+  Matrix embed_;
+  std::vector<LayerWeights> layers_;
+  Buffer final_norm_;
+  Matrix lm_head_;  // [vocab_chunk, H], rows past the vocab are zero
+
+  ExpertCounts expert_counts_;
+
+  // Scratch, grown as needed and reused across steps.
+  std::vector<float> hidden_, normed_, qkv_, attn_out_, partial_, cos_sin_, scores_;
+  std::vector<float> router_logits_, probs_, route_weights_, slot_out_, expert_in_, expert_mid_,
+      expert_act_, expert_out_, shared_out_, lm_in_, local_logits_, gathered_logits_;
+  std::vector<int32_t> route_ids_;
+  ExpertPacking packing_;
+};
+
+}  // namespace keel

@@ -1,0 +1,70 @@
+// safetensors files: reading (mmap + validated JSON header) and writing.
+//
+// Format: 8-byte little-endian header length N, then N bytes of JSON
+//   {"__metadata__": {str: str}, "<name>": {"dtype": "BF16", "shape": [..], "data_offsets": [b, e]}}
+// then the data region; offsets are relative to the data region's start. The reader validates
+// everything before any tensor is handed out: header length within the file, JSON well formed,
+// known dtype, shape x dtype size == e - b, offsets inside the file, regions non-overlapping.
+// Every failure is a keel::Error naming the file and the tensor.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels/base/dtype.h"
+
+namespace keel {
+
+// A view of one tensor inside a mapped file; valid while its SafetensorsFile lives.
+struct TensorView {
+  std::string name;
+  std::string file;  // path of the file it lives in, for error messages
+  DType dtype = DType::kF32;
+  std::vector<int64_t> shape;
+  const std::byte* data = nullptr;
+  size_t nbytes = 0;
+
+  int64_t num_elements() const;
+  std::string shape_string() const;  // "[1024, 4096]"
+};
+
+class SafetensorsFile {
+ public:
+  // Maps and validates `path`; throws keel::Error on any problem.
+  static std::unique_ptr<SafetensorsFile> open(const std::string& path);
+  ~SafetensorsFile();
+  SafetensorsFile(const SafetensorsFile&) = delete;
+  SafetensorsFile& operator=(const SafetensorsFile&) = delete;
+
+  const std::string& path() const { return path_; }
+  // nullptr when absent.
+  const TensorView* find(const std::string& name) const;
+  const std::map<std::string, TensorView>& tensors() const { return tensors_; }
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+
+ private:
+  SafetensorsFile() = default;
+  std::string path_;
+  void* mapping_ = nullptr;
+  size_t mapping_size_ = 0;
+  std::map<std::string, TensorView> tensors_;
+  std::map<std::string, std::string> metadata_;
+};
+
+struct TensorToWrite {
+  std::string name;
+  DType dtype = DType::kF32;
+  std::vector<int64_t> shape;
+  std::vector<std::byte> bytes;  // shape x dtype size bytes, little-endian
+};
+
+// Writes tensors in the given order (data_offsets ascending); header padded to 8 bytes as
+// the reference implementation does. Throws keel::Error on I/O failure or size mismatch.
+void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
+                       const std::map<std::string, std::string>& metadata = {});
+
+}  // namespace keel

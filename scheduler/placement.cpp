@@ -1,0 +1,68 @@
+#include "scheduler/placement.h"
+
+#include "kernels/base/check.h"
+
+namespace keel {
+
+std::string_view placement_kind_name(PlacementKind kind) {
+  switch (kind) {
+    case PlacementKind::kContiguous: return "contiguous";
+    case PlacementKind::kRoundRobin: return "round_robin";
+    case PlacementKind::kExplicit: return "explicit";
+  }
+  return "?";
+}
+
+PlacementKind parse_placement_kind(std::string_view name) {
+  if (name == "contiguous") return PlacementKind::kContiguous;
+  if (name == "round_robin") return PlacementKind::kRoundRobin;
+  if (name == "explicit") return PlacementKind::kExplicit;
+  throw_error("unknown placement '", name, "' (expected contiguous, round_robin or explicit)");
+}
+
+ExpertPlacement ExpertPlacement::build(const PlacementSpec& spec, int64_t num_layers,
+                                       int64_t num_experts, int tp_size) {
+  if (tp_size < 1) throw_error("placement: tp_size must be >= 1, got ", tp_size);
+  ExpertPlacement placement;
+  placement.num_layers_ = num_layers;
+  placement.num_experts_ = num_experts;
+  placement.tp_size_ = tp_size;
+  placement.rank_of_.resize(static_cast<size_t>(num_layers * num_experts));
+  int64_t block = (num_experts + tp_size - 1) / tp_size;
+  for (int64_t layer = 0; layer < num_layers; ++layer) {
+    for (int64_t expert = 0; expert < num_experts; ++expert) {
+      int rank = 0;
+      switch (spec.kind) {
+        case PlacementKind::kContiguous: rank = static_cast<int>(expert / block); break;
+        case PlacementKind::kRoundRobin: rank = static_cast<int>(expert % tp_size); break;
+        case PlacementKind::kExplicit: {
+          if (spec.explicit_ranks.size() != 1 &&
+              static_cast<int64_t>(spec.explicit_ranks.size()) != num_layers)
+            throw_error("explicit placement: expected 1 or ", num_layers, " lists, got ",
+                        spec.explicit_ranks.size());
+          const auto& ranks = spec.explicit_ranks.size() == 1 ? spec.explicit_ranks[0]
+                                                              : spec.explicit_ranks[layer];
+          if (static_cast<int64_t>(ranks.size()) != num_experts)
+            throw_error("explicit placement for layer ", layer, ": expected ", num_experts,
+                        " ranks (one per expert), got ", ranks.size());
+          rank = ranks[expert];
+          if (rank < 0 || rank >= tp_size)
+            throw_error("explicit placement for layer ", layer, ", expert ", expert, ": rank ",
+                        rank, " is outside [0, ", tp_size, ")");
+          break;
+        }
+      }
+      placement.rank_of_[layer * num_experts + expert] = rank;
+    }
+  }
+  return placement;
+}
+
+std::vector<int32_t> ExpertPlacement::local_experts(int64_t layer_idx, int tp_rank) const {
+  std::vector<int32_t> experts;
+  for (int64_t expert = 0; expert < num_experts_; ++expert)
+    if (rank_of(layer_idx, expert) == tp_rank) experts.push_back(static_cast<int32_t>(expert));
+  return experts;
+}
+
+}  // namespace keel

@@ -1,0 +1,50 @@
+// Expert placement: which tensor-parallel rank holds each routed expert of each layer.
+// Experts are placed whole (expert parallelism inside the TP group).
+//   contiguous:  expert e of E on rank e / ceil(E / tp)           (blocks of neighbours)
+//   round_robin: expert e on rank e % tp
+//   explicit:    a per-layer (or one shared) list of ranks from YAML
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace keel {
+
+enum class PlacementKind : uint8_t { kContiguous, kRoundRobin, kExplicit };
+
+std::string_view placement_kind_name(PlacementKind kind);
+// Throws keel::Error naming the bad value and the accepted ones.
+PlacementKind parse_placement_kind(std::string_view name);
+
+struct PlacementSpec {
+  PlacementKind kind = PlacementKind::kContiguous;
+  // For kExplicit: either one list of num_experts ranks used for every layer, or one list per
+  // layer. Entry e is the rank that holds expert e.
+  std::vector<std::vector<int>> explicit_ranks;
+};
+
+class ExpertPlacement {
+ public:
+  // Throws keel::Error when an explicit list has the wrong length or names a rank >= tp_size.
+  static ExpertPlacement build(const PlacementSpec& spec, int64_t num_layers,
+                               int64_t num_experts, int tp_size);
+
+  int rank_of(int64_t layer_idx, int64_t expert_idx) const {
+    return rank_of_[layer_idx * num_experts_ + expert_idx];
+  }
+  // Experts of `layer_idx` on `tp_rank`, ascending.
+  std::vector<int32_t> local_experts(int64_t layer_idx, int tp_rank) const;
+  int64_t num_layers() const { return num_layers_; }
+  int64_t num_experts() const { return num_experts_; }
+  int tp_size() const { return tp_size_; }
+
+ private:
+  int64_t num_layers_ = 0;
+  int64_t num_experts_ = 0;
+  int tp_size_ = 1;
+  std::vector<int> rank_of_;  // [num_layers * num_experts]
+};
+
+}  // namespace keel
