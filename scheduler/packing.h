@@ -6,6 +6,7 @@
 // increasing token order, whatever the batch, which is what makes the combine order canonical.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 

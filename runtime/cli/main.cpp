@@ -1,0 +1,209 @@
+// The keel command line: gen-model, generate. Errors print one line naming what is wrong and
+// exit non-zero; nothing here aborts on bad input.
+#include <cstdio>
+#include <iostream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "kernels/base/check.h"
+#include "kernels/cpu/gemm.h"
+#include "runtime/deployment.h"
+#include "runtime/engine.h"
+#include "runtime/gen_model.h"
+#include "runtime/logging.h"
+
+namespace {
+
+using keel::throw_error;
+
+constexpr const char* kUsage = R"(keel: tensor-parallel MoE inference with reproducible routing
+
+usage:
+  keel gen-model --preset NAME --out DIR [--seed N] [--max-shard-mb M]
+      Write a synthetic checkpoint (HF config.json + safetensors) from configs/models/NAME.yaml.
+  keel generate --model DIR [--config deployment.yaml] [--tp 1|2|4]
+                [--reduce native|fixed_order] [--placement contiguous|round_robin|explicit]
+                [--combine fp32|round_per_expert] [--prompt-ids 1,2,3] [--max-tokens N]
+                [--batch-with N] [--json] [--verbose]
+      Greedy generation on thread ranks. --batch-with N batches the prompt with N synthetic
+      prompts; the digest covers the first prompt's logits only.
+)";
+
+// Flags of one subcommand: "--name value" pairs and bare switches; unknown flags are errors.
+class Flags {
+ public:
+  Flags(int argc, char** argv, int first, const std::set<std::string>& with_value,
+        const std::set<std::string>& switches) {
+    for (int i = first; i < argc; ++i) {
+      std::string arg = argv[i];
+      if (arg == "--help" || arg == "-h") {
+        std::cout << kUsage;
+        std::exit(0);
+      }
+      if (switches.count(arg)) {
+        values_[arg] = "1";
+      } else if (with_value.count(arg)) {
+        if (i + 1 >= argc) throw_error("flag ", arg, " needs a value");
+        values_[arg] = argv[++i];
+      } else {
+        throw_error("unknown argument '", arg, "' (see keel --help)");
+      }
+    }
+  }
+  bool has(const std::string& name) const { return values_.count(name) > 0; }
+  std::string get(const std::string& name, const std::string& fallback = "") const {
+    auto it = values_.find(name);
+    return it == values_.end() ? fallback : it->second;
+  }
+  int64_t integer(const std::string& name, int64_t fallback) const {
+    if (!has(name)) return fallback;
+    const std::string& text = values_.at(name);
+    try {
+      size_t used = 0;
+      int64_t value = std::stoll(text, &used);
+      if (used == text.size()) return value;
+    } catch (const std::exception&) {
+    }
+    throw_error("flag ", name, ": '", text, "' is not an integer");
+  }
+
+ private:
+  std::map<std::string, std::string> values_;
+};
+
+std::vector<int32_t> parse_ids(const std::string& text) {
+  std::vector<int32_t> ids;
+  size_t start = 0;
+  while (start <= text.size()) {
+    size_t comma = text.find(',', start);
+    std::string item = text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+    try {
+      size_t used = 0;
+      long value = std::stol(item, &used);
+      if (used != item.size() || value < 0 || value > INT32_MAX) throw std::invalid_argument(item);
+      ids.push_back(static_cast<int32_t>(value));
+    } catch (const std::exception&) {
+      throw_error("--prompt-ids: '", item, "' is not a non-negative integer token id");
+    }
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  return ids;
+}
+
+int gen_model(int argc, char** argv) {
+  Flags flags(argc, argv, 2, {"--preset", "--out", "--seed", "--max-shard-mb"}, {"--verbose"});
+  if (!flags.has("--preset") || !flags.has("--out")) throw_error("gen-model needs --preset and --out");
+  keel::ModelPreset preset = keel::load_model_preset(keel::find_model_preset(flags.get("--preset")));
+  keel::GenModelOptions options;
+  options.seed = static_cast<uint64_t>(flags.integer("--seed", 0));
+  options.max_shard_bytes = flags.integer("--max-shard-mb", 0) * 1024 * 1024;
+  keel::generate_model(preset, options, flags.get("--out"));
+  std::printf("wrote %s: preset %s, %.3f B parameters, seed %llu\n", flags.get("--out").c_str(),
+              preset.name.c_str(), static_cast<double>(preset.num_parameters()) * 1e-9,
+              static_cast<unsigned long long>(options.seed));
+  return 0;
+}
+
+int generate(int argc, char** argv) {
+  Flags flags(argc, argv, 2,
+              {"--model", "--config", "--tp", "--reduce", "--placement", "--combine", "--prompt-ids",
+               "--max-tokens", "--batch-with"},
+              {"--json", "--verbose"});
+  keel::init_logging(flags.has("--verbose"));
+  keel::Deployment deployment;
+  if (flags.has("--config")) deployment = keel::load_deployment(flags.get("--config"));
+  if (flags.has("--model")) deployment.model_dir = flags.get("--model");
+  if (deployment.model_dir.empty()) throw_error("generate needs --model DIR (or model: in --config)");
+  keel::EngineOptions& options = deployment.engine;
+  options.tp_size = static_cast<int>(flags.integer("--tp", options.tp_size));
+  if (flags.has("--reduce")) options.reduce = keel::comm::parse_reduce_algo(flags.get("--reduce"));
+  if (flags.has("--placement")) options.placement.kind = keel::parse_placement_kind(flags.get("--placement"));
+  if (flags.has("--combine")) options.combine = keel::parse_combine_precision(flags.get("--combine"));
+  if (options.placement.kind == keel::PlacementKind::kExplicit && options.placement.explicit_ranks.empty())
+    throw_error("--placement explicit needs explicit_placement in a --config file");
+  int64_t batch_with = flags.integer("--batch-with", 0);
+  if (batch_with < 0 || batch_with > 1024) throw_error("--batch-with must be in [0, 1024]");
+
+  keel::Engine engine(deployment.model_dir, options);
+  keel::GenerateRequest request;
+  request.max_new_tokens = flags.integer("--max-tokens", 16);
+  request.prompts.push_back(parse_ids(flags.get("--prompt-ids", "1,2,3")));
+  for (auto& prompt : keel::synthetic_prompts(batch_with, engine.config().vocab_size, 7))
+    request.prompts.push_back(std::move(prompt));
+  spdlog::info("model {} on tp={} reduce={} placement={}", deployment.model_dir, options.tp_size,
+               keel::comm::reduce_algo_name(options.reduce),
+               keel::placement_kind_name(options.placement.kind));
+  keel::GenerateResult result = engine.generate(request);
+
+  double decode_tokens = static_cast<double>(result.num_decode_steps) * static_cast<double>(request.prompts.size());
+  nlohmann::json out;
+  out["model"] = deployment.model_dir;
+  out["architecture"] = engine.config().architecture_name;
+  out["tp"] = options.tp_size;
+  out["reduce"] = keel::comm::reduce_algo_name(options.reduce);
+  out["placement"] = keel::placement_kind_name(options.placement.kind);
+  out["combine"] = keel::combine_precision_name(options.combine);
+  out["isa"] = keel::cpu::isa_name(keel::cpu::active_isa());
+  out["batch_size"] = request.prompts.size();
+  out["prompt_ids"] = request.prompts[0];
+  out["tokens"] = result.tokens[0];
+  out["logits_digest"] = result.logits_digest;
+  out["expert_token_counts"] = result.expert_counts;
+  out["timings"] = {{"prefill_seconds", result.prefill_seconds},
+                    {"decode_seconds", result.decode_seconds},
+                    {"prompt_tokens", result.num_prompt_tokens},
+                    {"decode_steps", result.num_decode_steps},
+                    {"decode_tokens_per_second",
+                     result.decode_seconds > 0 ? decode_tokens / result.decode_seconds : 0.0}};
+  if (flags.has("--json")) {
+    std::cout << out.dump() << std::endl;
+    return 0;
+  }
+  std::printf("model %s (%s), tp=%d, reduce=%s, placement=%s, combine=%s, batch=%zu\n",
+              deployment.model_dir.c_str(), engine.config().architecture_name.c_str(), options.tp_size,
+              std::string(keel::comm::reduce_algo_name(options.reduce)).c_str(),
+              std::string(keel::placement_kind_name(options.placement.kind)).c_str(),
+              std::string(keel::combine_precision_name(options.combine)).c_str(), request.prompts.size());
+  std::printf("tokens:");
+  for (int32_t token : result.tokens[0]) std::printf(" %d", token);
+  std::printf("\nlogits_digest: %s\n", result.logits_digest.c_str());
+  std::printf("tokens per expert (all prompts, all steps):\n");
+  for (size_t layer = 0; layer < result.expert_counts.size(); ++layer) {
+    std::printf("  layer %2zu:", layer);
+    for (int64_t count : result.expert_counts[layer]) std::printf(" %lld", static_cast<long long>(count));
+    std::printf("\n");
+  }
+  std::printf("prefill %.1f ms, decode %.1f ms (%.1f tok/s)\n", result.prefill_seconds * 1e3,
+              result.decode_seconds * 1e3, out["timings"]["decode_tokens_per_second"].get<double>());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    std::cerr << kUsage;
+    return 2;
+  }
+  std::string command = argv[1];
+  try {
+    if (command == "gen-model") return gen_model(argc, argv);
+    if (command == "generate") return generate(argc, argv);
+    if (command == "--help" || command == "-h" || command == "help") {
+      std::cout << kUsage;
+      return 0;
+    }
+    std::cerr << "keel: unknown command '" << command << "'\n" << kUsage;
+    return 2;
+  } catch (const keel::Error& error) {
+    std::cerr << "keel " << command << ": error: " << error.what() << "\n";
+    return 1;
+  } catch (const std::exception& error) {
+    std::cerr << "keel " << command << ": error: " << error.what() << "\n";
+    return 1;
+  }
+}

@@ -1,0 +1,182 @@
+// The keel command line as users run it: gen-model + generate --json, the determinism promise
+// at the CLI, and bad input (corrupt weights, unknown architecture, YAML typos, bad flags)
+// giving one clear error line and a non-zero exit, never a crash.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <iterator>
+#include <nlohmann/json.hpp>
+
+namespace {
+
+namespace fs = std::filesystem;
+
+struct RunResult {
+  int exit_code = -1;
+  std::string output;  // stdout and stderr
+};
+
+RunResult run_keel(const std::string& args) {
+  std::string command = std::string(KEEL_BINARY_DIR) + "/bin/keel " + args + " 2>&1";
+  RunResult result;
+  FILE* pipe = popen(command.c_str(), "r");
+  if (pipe == nullptr) return result;
+  char buffer[4096];
+  size_t bytes;
+  while ((bytes = fread(buffer, 1, sizeof(buffer), pipe)) > 0) result.output.append(buffer, bytes);
+  int status = pclose(pipe);
+  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  return result;
+}
+
+std::string work_dir() {
+  std::string dir = std::string(KEEL_BINARY_DIR) + "/test-cli";
+  fs::create_directories(dir);
+  return dir;
+}
+
+const std::string& tiny_model() {
+  static const std::string dir = [] {
+    std::string path = work_dir() + "/tiny";
+    fs::remove_all(path);
+    RunResult result = run_keel("gen-model --preset tiny --seed 5 --out " + path);
+    EXPECT_EQ(result.exit_code, 0) << result.output;
+    return path;
+  }();
+  return dir;
+}
+
+nlohmann::json generate_json(const std::string& args) {
+  RunResult result = run_keel("generate --model " + tiny_model() + " --json " + args);
+  EXPECT_EQ(result.exit_code, 0) << result.output;
+  return nlohmann::json::parse(result.output, nullptr, false);
+}
+
+TEST(Cli, GenerateJsonHasTokensDigestCountsAndTimings) {
+  nlohmann::json out = generate_json("--tp 4 --reduce fixed_order --placement round_robin --prompt-ids 1,2,3 --max-tokens 6");
+  ASSERT_FALSE(out.is_discarded());
+  EXPECT_EQ(out["tokens"].size(), 6u);
+  EXPECT_EQ(out["logits_digest"].get<std::string>().size(), 64u);
+  ASSERT_EQ(out["expert_token_counts"].size(), 2u);  // tiny has 2 layers
+  EXPECT_EQ(out["expert_token_counts"][0].size(), 16u);
+  int64_t routed = 0;
+  for (const auto& count : out["expert_token_counts"][0]) routed += count.get<int64_t>();
+  EXPECT_EQ(routed, (3 + 5) * 4);  // (3 prompt tokens + 5 decode steps) x top-4
+  EXPECT_TRUE(out["timings"].contains("decode_tokens_per_second"));
+  EXPECT_EQ(out["reduce"], "fixed_order");
+}
+
+TEST(Cli, FixedOrderDigestIgnoresBatchComposition) {
+  for (const char* placement : {"contiguous", "round_robin"}) {
+    std::string common = std::string("--tp 4 --reduce fixed_order --placement ") + placement +
+                         " --prompt-ids 9,8,7,6 --max-tokens 8";
+    nlohmann::json alone = generate_json(common + " --batch-with 0");
+    nlohmann::json batched = generate_json(common + " --batch-with 7");
+    EXPECT_EQ(alone["logits_digest"], batched["logits_digest"]) << placement;
+    EXPECT_EQ(alone["tokens"], batched["tokens"]) << placement;
+    EXPECT_EQ(batched["batch_size"], 8);
+  }
+}
+
+TEST(Cli, ExplicitPlacementFromDeploymentYaml) {
+  nlohmann::json out = generate_json(std::string("--config ") + KEEL_SOURCE_DIR +
+                                     "/configs/deployments/explicit-tiny.yaml --max-tokens 4");
+  EXPECT_EQ(out["placement"], "explicit");
+  EXPECT_EQ(out["tp"], 4);
+  EXPECT_EQ(out["tokens"].size(), 4u);
+}
+
+// Copies the tiny model and lets `corrupt` damage the copy.
+std::string corrupted_copy(const std::string& name, const std::function<void(const std::string&)>& corrupt) {
+  std::string dir = work_dir() + "/" + name;
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  for (const auto& entry : fs::directory_iterator(tiny_model()))
+    fs::copy_file(entry.path(), dir + "/" + entry.path().filename().string());
+  corrupt(dir);
+  return dir;
+}
+
+void expect_clean_failure(const std::string& args, const std::string& expected_text) {
+  RunResult result = run_keel(args);
+  EXPECT_EQ(result.exit_code, 1) << result.output;
+  EXPECT_NE(result.output.find(expected_text), std::string::npos)
+      << "expected '" << expected_text << "' in:\n" << result.output;
+  EXPECT_EQ(result.output.find("FATAL"), std::string::npos) << result.output;
+}
+
+TEST(CliErrors, TruncatedSafetensors) {
+  std::string dir = corrupted_copy("truncated", [](const std::string& path) {
+    fs::resize_file(path + "/model.safetensors", fs::file_size(path + "/model.safetensors") / 2);
+  });
+  expect_clean_failure("generate --model " + dir, "model.safetensors");
+  expect_clean_failure("generate --model " + dir, "outside the file");
+}
+
+TEST(CliErrors, HeaderPointingOutsideTheFile) {
+  std::string dir = corrupted_copy("outside", [](const std::string& path) {
+    std::string file_path = path + "/model.safetensors";
+    std::ifstream in(file_path, std::ios::binary);
+    uint64_t header_length = 0;
+    in.read(reinterpret_cast<char*>(&header_length), 8);
+    std::string header(header_length, ' ');
+    in.read(header.data(), static_cast<std::streamsize>(header_length));
+    std::string data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    in.close();
+    // Shift the last tensor 900 KB past the end: its size stays consistent with its shape,
+    // only its offsets point outside the file.
+    nlohmann::json json = nlohmann::json::parse(header);
+    std::string victim;
+    uint64_t last_end = 0;
+    for (auto& [name, entry] : json.items())
+      if (name != "__metadata__" && entry["data_offsets"][1].get<uint64_t>() > last_end) {
+        last_end = entry["data_offsets"][1].get<uint64_t>();
+        victim = name;
+      }
+    auto& offsets = json[victim]["data_offsets"];
+    offsets = {offsets[0].get<uint64_t>() + 900000, offsets[1].get<uint64_t>() + 900000};
+    std::string new_header = json.dump();
+    uint64_t new_length = new_header.size();
+    std::ofstream out(file_path, std::ios::binary | std::ios::trunc);
+    out.write(reinterpret_cast<const char*>(&new_length), 8);
+    out << new_header << data;
+  });
+  expect_clean_failure("generate --model " + dir, "outside the file");
+}
+
+TEST(CliErrors, UnknownArchitecture) {
+  std::string dir = corrupted_copy("unknown-arch", [](const std::string& path) {
+    nlohmann::json config = nlohmann::json::parse(std::ifstream(path + "/config.json"));
+    config["architectures"] = {"GPT2LMHeadModel"};
+    std::ofstream(path + "/config.json") << config.dump();
+  });
+  expect_clean_failure("generate --model " + dir, "unsupported architecture 'GPT2LMHeadModel'");
+}
+
+TEST(CliErrors, WrongShapeInConfig) {
+  std::string dir = corrupted_copy("wrong-shape", [](const std::string& path) {
+    nlohmann::json config = nlohmann::json::parse(std::ifstream(path + "/config.json"));
+    config["vocab_size"] = 300;
+    std::ofstream(path + "/config.json") << config.dump();
+  });
+  expect_clean_failure("generate --model " + dir, "model.embed_tokens.weight: expected shape [300, 64], found [256, 64]");
+}
+
+TEST(CliErrors, UnknownYamlKeyAndBadFlags) {
+  std::string yaml = work_dir() + "/typo.yaml";
+  std::ofstream(yaml) << "model: " << tiny_model() << "\ntp: 4\nplacment: round_robin\n";
+  expect_clean_failure("generate --config " + yaml, "unknown key 'placment'");
+  expect_clean_failure("generate --model " + tiny_model() + " --tp 4 --reduce ring", "unknown all-reduce algorithm 'ring'");
+  expect_clean_failure("generate --model " + tiny_model() + " --bogus 1", "unknown argument '--bogus'");
+  expect_clean_failure("generate --model " + tiny_model() + " --prompt-ids 1,x", "'x' is not a non-negative integer");
+  expect_clean_failure("gen-model --preset nope --out " + work_dir() + "/nope", "unknown model preset 'nope'");
+  std::string preset = work_dir() + "/bad-preset.yaml";
+  std::ofstream(preset) << "vocab_size: 10\nhiden_size: 8\n";
+  expect_clean_failure("gen-model --preset " + preset + " --out " + work_dir() + "/bad", "unknown key 'hiden_size'");
+}
+
+}  // namespace
