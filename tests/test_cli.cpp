@@ -3,6 +3,7 @@
 // giving one clear error line and a non-zero exit, never a crash.
 #include <gtest/gtest.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <filesystem>
@@ -33,16 +34,24 @@ RunResult run_keel(const std::string& args) {
   return result;
 }
 
+// One scratch directory per test process (ctest runs tests as parallel processes), removed at exit.
+struct ScratchDir {
+  std::string path = std::string(KEEL_BINARY_DIR) + "/test-cli/pid-" + std::to_string(::getpid());
+  ScratchDir() { fs::create_directories(path); }
+  ~ScratchDir() {
+    std::error_code ignored;
+    fs::remove_all(path, ignored);
+  }
+};
+
 std::string work_dir() {
-  std::string dir = std::string(KEEL_BINARY_DIR) + "/test-cli";
-  fs::create_directories(dir);
-  return dir;
+  static ScratchDir dir;
+  return dir.path;
 }
 
 const std::string& tiny_model() {
   static const std::string dir = [] {
     std::string path = work_dir() + "/tiny";
-    fs::remove_all(path);
     RunResult result = run_keel("gen-model --preset tiny --seed 5 --out " + path);
     EXPECT_EQ(result.exit_code, 0) << result.output;
     return path;

@@ -4,6 +4,7 @@
 //  - KV-head replication (8 q / 2 kv heads at TP=4), sharded checkpoints, explicit placement,
 //    the combine-precision knob, and bad shapes/options fail with clear errors.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <filesystem>
@@ -20,18 +21,28 @@ namespace {
 
 namespace fs = std::filesystem;
 
+// ctest runs each test in its own process, two at a time, so every process writes its own
+// checkpoints (and removes them at exit): no process reads a directory another is rewriting.
+struct ScratchDir {
+  std::string path = std::string(KEEL_BINARY_DIR) + "/test-models/pid-" + std::to_string(::getpid());
+  ~ScratchDir() {
+    std::error_code ignored;
+    fs::remove_all(path, ignored);
+  }
+};
+
+std::string scratch_dir() {
+  static ScratchDir dir;
+  return dir.path;
+}
+
 std::string model_dir(const std::string& preset, int64_t max_shard_bytes = 0) {
-  std::string dir = std::string(KEEL_BINARY_DIR) + "/test-models/" + preset +
-                    (max_shard_bytes > 0 ? "-sharded" : "");
-  // Regenerated on every test-binary start so a stale checkpoint never hides a change.
-  static std::set<std::string> written;
-  if (!written.count(dir)) {
+  std::string dir = scratch_dir() + "/" + preset + (max_shard_bytes > 0 ? "-sharded" : "");
+  if (!fs::exists(dir + "/config.json")) {
     GenModelOptions options;
     options.seed = 3;
     options.max_shard_bytes = max_shard_bytes;
-    fs::remove_all(dir);
     generate_model(load_model_preset(find_model_preset(preset)), options, dir);
-    written.insert(dir);
   }
   return dir;
 }
@@ -187,7 +198,7 @@ TEST(Errors, UnsplittableHeadsAndBadShapes) {
             std::string::npos);
 
   // A config that disagrees with the weights: the error names the tensor and both shapes.
-  std::string broken = std::string(KEEL_BINARY_DIR) + "/test-models/tiny-wrong-shape";
+  std::string broken = scratch_dir() + "/tiny-wrong-shape";
   fs::remove_all(broken);
   fs::create_directories(broken);
   fs::copy_file(dir + "/model.safetensors", broken + "/model.safetensors");
@@ -205,7 +216,7 @@ TEST(Errors, UnsplittableHeadsAndBadShapes) {
 }
 
 TEST(Errors, DeploymentYamlRejectsUnknownKeysAndBadValues) {
-  std::string dir = std::string(KEEL_BINARY_DIR) + "/test-yaml";
+  std::string dir = scratch_dir() + "/yaml";
   fs::create_directories(dir);
   auto write = [&](const std::string& name, const std::string& text) {
     std::ofstream(dir + "/" + name) << text;
