@@ -1,0 +1,158 @@
+// bench/decode: decode throughput of the synthetic "small" preset (0.48 B parameters, 64
+// experts top-8, bf16) on thread ranks, against the memory-bandwidth roofline measured in the
+// same run.
+//
+// Roofline: a decode step must read, per layer, the attention weights (qkv + o_proj), the
+// router, and every expert that at least one of the B tokens picked: with top-k of E experts
+// routed uniformly, E * (1 - (1 - k/E)^B) distinct experts in expectation; plus the lm_head.
+// roofline tok/s = B / (bytes per step / measured read bandwidth of min(tp, cpus) threads).
+// The benchmark also checks the determinism promise: with fixed_order, prompt 0's logits
+// digest is the same at batch 1 and at batch 16 (exit 1 otherwise).
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "bench/machine.h"
+#include "kernels/base/check.h"
+#include "kernels/cpu/gemm.h"
+#include "runtime/engine.h"
+#include "runtime/gen_model.h"
+
+namespace {
+
+struct Options {
+  std::string model_dir;
+  std::vector<int> tp_list = {1, 4};
+  std::vector<int> batch_list = {1, 16};
+  int64_t decode_steps = 32;
+  int64_t prompt_length = 8;
+  keel::comm::ReduceAlgo reduce = keel::comm::ReduceAlgo::kFixedOrder;
+};
+
+std::vector<int> parse_list(const std::string& text) {
+  std::vector<int> values;
+  size_t start = 0;
+  while (start < text.size()) {
+    size_t comma = text.find(',', start);
+    values.push_back(std::stoi(text.substr(start, comma - start)));
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  return values;
+}
+
+Options parse_options(int argc, char** argv) {
+  Options options;
+  for (int i = 1; i < argc; ++i) {
+    std::string flag = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) keel::throw_error("flag ", flag, " needs a value");
+      return argv[++i];
+    };
+    if (flag == "--model") options.model_dir = value();
+    else if (flag == "--tp-list") options.tp_list = parse_list(value());
+    else if (flag == "--batch-list") options.batch_list = parse_list(value());
+    else if (flag == "--decode-steps") options.decode_steps = std::stoll(value());
+    else if (flag == "--prompt-length") options.prompt_length = std::stoll(value());
+    else if (flag == "--reduce") options.reduce = keel::comm::parse_reduce_algo(value());
+    else keel::throw_error("unknown flag ", flag,
+                           " (flags: --model DIR --tp-list 1,4 --batch-list 1,16 --decode-steps N "
+                           "--prompt-length N --reduce native|fixed_order)");
+  }
+  return options;
+}
+
+// Bytes one decode step reads for batch `batch` (see the roofline note at the top).
+double step_bytes(const keel::ModelConfig& config, int64_t batch, size_t weight_size) {
+  double hidden = static_cast<double>(config.hidden_size);
+  double head_dim = static_cast<double>(config.head_dim);
+  double attention = hidden * head_dim * static_cast<double>(2 * config.num_heads + 2 * config.num_kv_heads);
+  double router = hidden * static_cast<double>(config.num_experts);
+  double experts_touched =
+      static_cast<double>(config.num_experts) *
+      (1.0 - std::pow(1.0 - static_cast<double>(config.top_k) / static_cast<double>(config.num_experts),
+                      static_cast<double>(batch)));
+  double expert = 3.0 * hidden * static_cast<double>(config.moe_intermediate_size);
+  double per_layer = attention + router + experts_touched * expert;
+  double lm_head = static_cast<double>(config.vocab_size) * hidden;
+  return (static_cast<double>(config.num_layers) * per_layer + lm_head) * static_cast<double>(weight_size);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    Options options = parse_options(argc, argv);
+    if (options.model_dir.empty()) {
+      options.model_dir = std::string(KEEL_BINARY_DIR) + "/bench-models/small";
+      if (!std::filesystem::exists(options.model_dir + "/config.json")) {
+        std::cerr << "bench/decode: writing the small preset to " << options.model_dir << "\n";
+        keel::generate_model(keel::load_model_preset(keel::find_model_preset("small")), {1, 0},
+                             options.model_dir);
+      }
+    }
+    const int cpus = static_cast<int>(std::thread::hardware_concurrency());
+    nlohmann::json report;
+    report["benchmark"] = "decode";
+    report["machine"] = keel::bench::machine_name();
+    report["isa"] = keel::cpu::isa_name(keel::cpu::active_isa());
+    report["model"] = options.model_dir;
+    report["reduce"] = keel::comm::reduce_algo_name(options.reduce);
+    report["decode_steps"] = options.decode_steps;
+    report["prompt_length"] = options.prompt_length;
+    std::map<int, double> bandwidth_by_threads;
+    bool deterministic = true;
+    for (int tp : options.tp_list) {
+      int threads = std::min(tp, std::max(1, cpus));
+      if (!bandwidth_by_threads.count(threads))
+        bandwidth_by_threads[threads] = keel::bench::measure_read_bandwidth_gbs(size_t{1} << 30, threads);
+      keel::EngineOptions engine_options;
+      engine_options.tp_size = tp;
+      engine_options.reduce = options.reduce;
+      engine_options.placement.kind = keel::PlacementKind::kRoundRobin;
+      keel::Engine engine(options.model_dir, engine_options);
+      const keel::ModelConfig& config = engine.config();
+      std::string batch_one_digest;
+      for (int batch : options.batch_list) {
+        keel::GenerateRequest request;
+        request.max_new_tokens = options.decode_steps + 1;
+        for (int prompt = 0; prompt < batch; ++prompt) {
+          std::vector<int32_t> ids;
+          for (int64_t i = 0; i < options.prompt_length; ++i)
+            ids.push_back(static_cast<int32_t>((prompt * 7919 + i * 104729 + 13) % config.vocab_size));
+          request.prompts.push_back(std::move(ids));
+        }
+        keel::GenerateResult result = engine.generate(request);
+        double tokens_per_second = static_cast<double>(batch * options.decode_steps) / result.decode_seconds;
+        double bytes = step_bytes(config, batch, keel::dtype_size(config.dtype));
+        double roofline = static_cast<double>(batch) / (bytes / (bandwidth_by_threads[threads] * 1e9));
+        if (batch == 1) batch_one_digest = result.logits_digest;
+        bool same_bits = batch_one_digest.empty() || result.logits_digest == batch_one_digest;
+        if (options.reduce == keel::comm::ReduceAlgo::kFixedOrder && !same_bits) deterministic = false;
+        report["results"].push_back({{"tp", tp},
+                                     {"batch", batch},
+                                     {"decode_tokens_per_second", tokens_per_second},
+                                     {"ms_per_step", 1e3 * result.decode_seconds / static_cast<double>(options.decode_steps)},
+                                     {"step_weight_bytes", bytes},
+                                     {"read_bandwidth_gbs", bandwidth_by_threads[threads]},
+                                     {"bandwidth_threads", threads},
+                                     {"roofline_tokens_per_second", roofline},
+                                     {"fraction_of_roofline", tokens_per_second / roofline},
+                                     {"prompt0_digest_matches_batch1", same_bits}});
+        std::cerr << "tp=" << tp << " batch=" << batch << ": " << tokens_per_second << " tok/s ("
+                  << 100.0 * tokens_per_second / roofline << "% of roofline)\n";
+      }
+    }
+    report["fixed_order_batch_invariant"] = deterministic;
+    std::cout << report.dump(2) << std::endl;
+    return deterministic ? 0 : 1;
+  } catch (const std::exception& error) {
+    std::cerr << "bench/decode: error: " << error.what() << "\n";
+    return 2;
+  }
+}
