@@ -22,6 +22,12 @@
 #include "kernels/cpu/gemm.h"
 
 namespace keel::cpu {
+
+// Readable parameter values in gtest messages ("avx512" rather than a byte dump).
+void PrintTo(Isa isa, std::ostream* out) {
+  *out << isa_name(isa);
+}
+
 namespace {
 
 constexpr DType kAllDtypes[] = {DType::kF32, DType::kBF16, DType::kF16};

@@ -1,0 +1,530 @@
+// GEMM benchmark: y[M, N] = x[M, K] * w[N, K]^T on one core, for a list of M.
+//
+// In the same run it measures the two machine ceilings the GEMM is judged against:
+//  - peak fp32 FMA rate of one core: independent register-resident FMA chains on the active
+//    ISA (enough chains to cover FMA latency on every current x86 core);
+//  - single-core memory read bandwidth: a vectorised streaming sum over a buffer far larger
+//    than the last-level cache (1 GiB by default).
+// For each M it reports time per call, GFLOP/s, achieved weight-read GB/s and both fractions.
+// The weights are rotated through enough copies to exceed the L3 several times, so decode
+// (M = 1) really streams them from DRAM as a model's layers would. A sample of outputs is
+// verified bit for bit against canonical_dot; a mismatch makes the program exit with status 1.
+// Output: one JSON object on stdout; progress goes to stderr.
+//
+// Usage: gemm [--n N] [--k K] [--dtype bf16|f16|f32] [--m-list 1,2,4,...] [--isa auto|scalar|
+//             avx2|avx512] [--seconds S (timing budget per M)] [--bw-mib MiB]
+// GCC 12 warns about the self-initialised "undefined" vectors inside its own AVX-512 intrinsics
+// once they are inlined (GCC bug 105593); silence it for the header's lines only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels/base/check.h"
+#include "kernels/base/dtype.h"
+#include "kernels/cpu/gemm.h"
+
+namespace {
+
+using keel::DType;
+using keel::cpu::Isa;
+using Clock = std::chrono::steady_clock;
+
+struct Options {
+  int64_t n = 4096;
+  int64_t k = 4096;
+  DType dtype = DType::kBF16;
+  std::vector<int64_t> m_list = {1, 2, 4, 8, 16, 32, 64, 128, 256};
+  std::string isa = "auto";
+  double seconds = 1.0;
+  int64_t bandwidth_buffer_mib = 1024;
+};
+
+[[noreturn]] void usage_error(const std::string& message) {
+  std::fprintf(stderr,
+               "gemm: %s\nusage: gemm [--n N] [--k K] [--dtype bf16|f16|f32] [--m-list 1,2,4] "
+               "[--isa auto|scalar|avx2|avx512] [--seconds S] [--bw-mib MiB]\n",
+               message.c_str());
+  std::exit(2);
+}
+
+int64_t parse_positive(const std::string& flag, const std::string& text) {
+  try {
+    size_t used = 0;
+    int64_t value = std::stoll(text, &used);
+    if (used == text.size() && value > 0) return value;
+  } catch (const std::exception&) {
+  }
+  usage_error(flag + " expects a positive integer, got '" + text + "'");
+}
+
+Options parse_options(int argc, char** argv) {
+  Options options;
+  for (int i = 1; i < argc; ++i) {
+    std::string flag = argv[i];
+    if (i + 1 >= argc) usage_error("missing value after " + flag);
+    std::string value = argv[++i];
+    if (flag == "--n") {
+      options.n = parse_positive(flag, value);
+    } else if (flag == "--k") {
+      options.k = parse_positive(flag, value);
+    } else if (flag == "--dtype") {
+      if (value == "bf16")
+        options.dtype = DType::kBF16;
+      else if (value == "f16")
+        options.dtype = DType::kF16;
+      else if (value == "f32")
+        options.dtype = DType::kF32;
+      else
+        usage_error("unknown dtype '" + value + "'");
+    } else if (flag == "--m-list") {
+      options.m_list.clear();
+      std::stringstream list(value);
+      std::string item;
+      while (std::getline(list, item, ',')) options.m_list.push_back(parse_positive(flag, item));
+      if (options.m_list.empty()) usage_error("--m-list is empty");
+    } else if (flag == "--isa") {
+      options.isa = value;
+    } else if (flag == "--seconds") {
+      try {
+        options.seconds = std::stod(value);
+      } catch (const std::exception&) {
+        usage_error("--seconds expects a number");
+      }
+      if (!(options.seconds > 0)) usage_error("--seconds must be positive");
+    } else if (flag == "--bw-mib") {
+      options.bandwidth_buffer_mib = parse_positive(flag, value);
+    } else {
+      usage_error("unknown flag " + flag);
+    }
+  }
+  return options;
+}
+
+Isa parse_isa(const std::string& name) {
+  if (name == "auto") return keel::cpu::detected_isa();
+  if (name == "scalar") return Isa::kScalar;
+  if (name == "avx2") return Isa::kAvx2;
+  if (name == "avx512") return Isa::kAvx512;
+  usage_error("unknown isa '" + name + "'");
+}
+
+std::string cpu_model_name() {
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(cpuinfo, line)) {
+    if (line.rfind("model name", 0) == 0) {
+      size_t colon = line.find(':');
+      if (colon != std::string::npos) {
+        size_t start = line.find_first_not_of(" \t", colon + 1);
+        return start == std::string::npos ? "" : line.substr(start);
+      }
+    }
+  }
+  return "unknown";
+}
+
+// Other processes competing for the core or for memory bandwidth skew every figure; the load
+// average goes into the report so that such runs can be recognised.
+double one_minute_load_average() {
+  std::ifstream loadavg("/proc/loadavg");
+  double load = -1.0;
+  loadavg >> load;
+  return load;
+}
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+// Page-aligned anonymous memory, backed by transparent huge pages where the kernel allows it,
+// so that TLB misses do not distort either the bandwidth probe or the weight stream.
+class LargeBuffer {
+ public:
+  explicit LargeBuffer(size_t bytes) : bytes_(std::max<size_t>(bytes, 1)) {
+    data_ = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (data_ == MAP_FAILED) {
+      std::fprintf(stderr, "gemm: cannot map %zu bytes\n", bytes_);
+      std::exit(2);
+    }
+    madvise(data_, bytes_, MADV_HUGEPAGE);
+  }
+  ~LargeBuffer() { munmap(data_, bytes_); }
+  LargeBuffer(const LargeBuffer&) = delete;
+  LargeBuffer& operator=(const LargeBuffer&) = delete;
+
+  template <typename T>
+  T* as() {
+    return static_cast<T*>(data_);
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  size_t bytes_;
+  void* data_;
+};
+
+// ---- Peak FMA rate: independent chains acc = acc * a + b, all in registers. ----
+// Zen 4 and recent Intel cores retire two FMAs per cycle at 4-cycle latency, so 8 chains keep
+// both pipes full; 16 (AVX-512) and 12 (AVX2) leave margin without spilling.
+
+__attribute__((target("avx512f"))) double fma_chains_avx512(int64_t iterations) {
+  constexpr int kChains = 16;
+  __m512 acc[kChains];
+  for (int chain = 0; chain < kChains; ++chain) acc[chain] = _mm512_set1_ps(0.01f * chain);
+  const __m512 scale = _mm512_set1_ps(0.5f);
+  const __m512 offset = _mm512_set1_ps(0.5f);
+  for (int64_t it = 0; it < iterations; ++it) {
+#pragma GCC unroll 16
+    for (int chain = 0; chain < kChains; ++chain) {
+      acc[chain] = _mm512_fmadd_ps(acc[chain], scale, offset);
+    }
+  }
+  __m512 total = _mm512_setzero_ps();
+  for (int chain = 0; chain < kChains; ++chain) total = _mm512_add_ps(total, acc[chain]);
+  volatile float sink = _mm512_reduce_add_ps(total);
+  (void)sink;
+  return 2.0 * 16 * kChains * static_cast<double>(iterations);
+}
+
+__attribute__((target("avx2,fma"))) double fma_chains_avx2(int64_t iterations) {
+  constexpr int kChains = 12;
+  __m256 acc[kChains];
+  for (int chain = 0; chain < kChains; ++chain) acc[chain] = _mm256_set1_ps(0.01f * chain);
+  const __m256 scale = _mm256_set1_ps(0.5f);
+  const __m256 offset = _mm256_set1_ps(0.5f);
+  for (int64_t it = 0; it < iterations; ++it) {
+#pragma GCC unroll 12
+    for (int chain = 0; chain < kChains; ++chain) {
+      acc[chain] = _mm256_fmadd_ps(acc[chain], scale, offset);
+    }
+  }
+  __m256 total = _mm256_setzero_ps();
+  for (int chain = 0; chain < kChains; ++chain) total = _mm256_add_ps(total, acc[chain]);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, total);
+  volatile float sink = lanes[0];
+  (void)sink;
+  return 2.0 * 8 * kChains * static_cast<double>(iterations);
+}
+
+// The scalar GEMM path issues one scalar fma at a time; its ceiling is the scalar FMA rate.
+__attribute__((target("fma"))) double fma_chains_scalar(int64_t iterations) {
+  constexpr int kChains = 12;
+  float acc[kChains];
+  for (int chain = 0; chain < kChains; ++chain) acc[chain] = 0.01f * chain;
+  for (int64_t it = 0; it < iterations; ++it) {
+#pragma GCC unroll 12
+    for (int chain = 0; chain < kChains; ++chain) {
+      acc[chain] = __builtin_fmaf(acc[chain], 0.5f, 0.5f);
+    }
+  }
+  float total = 0.0f;
+  for (float value : acc) total += value;
+  volatile float sink = total;
+  (void)sink;
+  return 2.0 * kChains * static_cast<double>(iterations);
+}
+
+double measure_peak_gflops(Isa isa) {
+  auto run = [isa](int64_t iterations) {
+    switch (isa) {
+      case Isa::kAvx512:
+        return fma_chains_avx512(iterations);
+      case Isa::kAvx2:
+        return fma_chains_avx2(iterations);
+      case Isa::kScalar:
+        break;
+    }
+    return fma_chains_scalar(iterations);
+  };
+  run(1 << 20);  // warm up clocks
+  // Many short runs, best kept: on a shared machine some runs lose their time slice.
+  double best = 0.0;
+  for (int repeat = 0; repeat < 40; ++repeat) {
+    const int64_t iterations = 2'000'000;
+    Clock::time_point start = Clock::now();
+    double flops = run(iterations);
+    best = std::max(best, flops / seconds_since(start) / 1e9);
+  }
+  return best;
+}
+
+// ---- Memory read bandwidth: streaming sum with several independent accumulators. ----
+
+__attribute__((target("avx512f"))) float stream_sum_avx512(const float* data, size_t count) {
+  __m512 acc[8];
+  for (__m512& lane_sum : acc) lane_sum = _mm512_setzero_ps();
+  size_t i = 0;
+  for (; i + 128 <= count; i += 128) {
+#pragma GCC unroll 8
+    for (int part = 0; part < 8; ++part) {
+      acc[part] = _mm512_add_ps(acc[part], _mm512_load_ps(data + i + 16 * part));
+    }
+  }
+  __m512 total = _mm512_setzero_ps();
+  for (__m512 lane_sum : acc) total = _mm512_add_ps(total, lane_sum);
+  float sum = _mm512_reduce_add_ps(total);
+  for (; i < count; ++i) sum += data[i];
+  return sum;
+}
+
+__attribute__((target("avx2"))) float stream_sum_avx2(const float* data, size_t count) {
+  __m256 acc[8];
+  for (__m256& lane_sum : acc) lane_sum = _mm256_setzero_ps();
+  size_t i = 0;
+  for (; i + 64 <= count; i += 64) {
+#pragma GCC unroll 8
+    for (int part = 0; part < 8; ++part) {
+      acc[part] = _mm256_add_ps(acc[part], _mm256_load_ps(data + i + 8 * part));
+    }
+  }
+  alignas(32) float lanes[8];
+  __m256 total = _mm256_setzero_ps();
+  for (__m256 lane_sum : acc) total = _mm256_add_ps(total, lane_sum);
+  _mm256_store_ps(lanes, total);
+  float sum = 0.0f;
+  for (float lane : lanes) sum += lane;
+  for (; i < count; ++i) sum += data[i];
+  return sum;
+}
+
+float stream_sum_plain(const float* data, size_t count) {
+  float sums[8] = {};
+  size_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    for (int part = 0; part < 8; ++part) sums[part] += data[i + part];
+  }
+  float sum = 0.0f;
+  for (float part_sum : sums) sum += part_sum;
+  for (; i < count; ++i) sum += data[i];
+  return sum;
+}
+
+double measure_bandwidth_gbs(size_t bytes) {
+  LargeBuffer buffer(bytes);
+  const size_t count = bytes / sizeof(float);
+  float* data = buffer.as<float>();
+  // Real writes: untouched anonymous pages would all map the single shared zero page.
+  for (size_t i = 0; i < count; ++i) data[i] = static_cast<float>(i & 1023) * 0.001f;
+  const Isa widest = keel::cpu::detected_isa();
+  auto sum = [&] {
+    switch (widest) {
+      case Isa::kAvx512:
+        return stream_sum_avx512(data, count);
+      case Isa::kAvx2:
+        return stream_sum_avx2(data, count);
+      case Isa::kScalar:
+        break;
+    }
+    return stream_sum_plain(data, count);
+  };
+  volatile float sink = sum();  // warm-up pass (TLB, huge page faults already done by the fill)
+  double best = 0.0;
+  for (int repeat = 0; repeat < 8; ++repeat) {
+    Clock::time_point start = Clock::now();
+    sink = sum();
+    best = std::max(best, static_cast<double>(bytes) / seconds_since(start) / 1e9);
+  }
+  (void)sink;
+  return best;
+}
+
+// ---- Operands ----
+
+// Cheap deterministic values in [-1, 1): generating hundreds of MiB with mt19937 would
+// dominate the run time.
+struct SplitMix {
+  uint64_t state;
+  float next() {
+    uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    return static_cast<float>(z >> 40) * 0x1.0p-23f - 1.0f;
+  }
+};
+
+void fill_weights(void* w, DType dtype, int64_t count, SplitMix& rng) {
+  for (int64_t i = 0; i < count; ++i) {
+    float value = rng.next();
+    switch (dtype) {
+      case DType::kF32:
+        static_cast<float*>(w)[i] = value;
+        break;
+      case DType::kBF16:
+        static_cast<uint16_t*>(w)[i] = keel::f32_to_bf16(value);
+        break;
+      case DType::kF16:
+        static_cast<uint16_t*>(w)[i] = keel::f32_to_f16(value);
+        break;
+    }
+  }
+}
+
+struct MResult {
+  int64_t m;
+  int64_t calls;
+  double median_seconds;
+  double min_seconds;
+  int64_t verified_outputs;
+  int64_t mismatches;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Options options = parse_options(argc, argv);
+  const Isa isa = parse_isa(options.isa);
+  try {
+    keel::cpu::set_active_isa(isa);
+  } catch (const keel::Error& error) {
+    std::fprintf(stderr, "gemm: %s\n", error.what());
+    return 2;
+  }
+  const int64_t n = options.n;
+  const int64_t k = options.k;
+  const DType dtype = options.dtype;
+  const std::string isa_name(keel::cpu::isa_name(isa));
+
+  const double load_average = one_minute_load_average();
+  std::fprintf(stderr, "gemm bench: n=%lld k=%lld dtype=%s isa=%s (load average %.2f)\n",
+               static_cast<long long>(n), static_cast<long long>(k),
+               std::string(keel::dtype_name(dtype)).c_str(), isa_name.c_str(), load_average);
+  const double peak_gflops = measure_peak_gflops(isa);
+  std::fprintf(stderr, "peak fp32 FMA (one core, %s): %.1f GFLOP/s\n", isa_name.c_str(),
+               peak_gflops);
+  const double bandwidth_gbs =
+      measure_bandwidth_gbs(static_cast<size_t>(options.bandwidth_buffer_mib) << 20);
+  std::fprintf(stderr, "memory read bandwidth (one core, %lld MiB stream): %.1f GB/s\n",
+               static_cast<long long>(options.bandwidth_buffer_mib), bandwidth_gbs);
+
+  // Enough weight copies that their total is at least 256 MiB, 8x a typical L3 slice.
+  const int64_t weight_bytes = n * k * static_cast<int64_t>(keel::dtype_size(dtype));
+  const int64_t num_copies =
+      std::max<int64_t>(1, ((int64_t{256} << 20) + weight_bytes - 1) / weight_bytes);
+  LargeBuffer weights(static_cast<size_t>(weight_bytes * num_copies));
+  SplitMix rng{12345};
+  fill_weights(weights.as<uint8_t>(), dtype, n * k, rng);
+  for (int64_t copy = 1; copy < num_copies; ++copy) {
+    std::memcpy(weights.as<uint8_t>() + copy * weight_bytes, weights.as<uint8_t>(),
+                static_cast<size_t>(weight_bytes));
+  }
+
+  const int64_t max_m = *std::max_element(options.m_list.begin(), options.m_list.end());
+  std::vector<float> x(static_cast<size_t>(max_m * k));
+  for (float& value : x) value = rng.next();
+  std::vector<float> y(static_cast<size_t>(max_m * n));
+
+  std::vector<MResult> results;
+  bool all_verified = true;
+  int64_t next_copy = 0;
+  for (int64_t m : options.m_list) {
+    auto weight_copy = [&] {
+      const uint8_t* copy = weights.as<uint8_t>() + next_copy * weight_bytes;
+      next_copy = (next_copy + 1) % num_copies;
+      return copy;
+    };
+    keel::cpu::gemm(x.data(), weight_copy(), dtype, y.data(), m, n, k);  // warm-up
+    std::vector<double> call_seconds;
+    Clock::time_point budget_start = Clock::now();
+    while (call_seconds.size() < 3 || seconds_since(budget_start) < options.seconds) {
+      const uint8_t* w = weight_copy();
+      Clock::time_point start = Clock::now();
+      keel::cpu::gemm(x.data(), w, dtype, y.data(), m, n, k);
+      call_seconds.push_back(seconds_since(start));
+    }
+    std::sort(call_seconds.begin(), call_seconds.end());
+
+    // Bit-exact check of a sample of the last call's outputs (all copies hold the same values).
+    MResult result{m,
+                   static_cast<int64_t>(call_seconds.size()),
+                   call_seconds[call_seconds.size() / 2],
+                   call_seconds.front(),
+                   0,
+                   0};
+    std::mt19937_64 pick(static_cast<uint64_t>(m));
+    const int64_t samples = std::min<int64_t>(256, m * n);
+    for (int64_t sample = 0; sample < samples; ++sample) {
+      int64_t row = static_cast<int64_t>(pick() % static_cast<uint64_t>(m));
+      int64_t col = static_cast<int64_t>(pick() % static_cast<uint64_t>(n));
+      float expected = keel::cpu::canonical_dot(
+          x.data() + row * k, weights.as<uint8_t>() + col * k * keel::dtype_size(dtype), dtype, k);
+      float actual = y[row * n + col];
+      ++result.verified_outputs;
+      if (keel::float_bits(expected) != keel::float_bits(actual)) {
+        if (result.mismatches++ < 5) {
+          std::fprintf(stderr, "MISMATCH m=%lld y[%lld,%lld]: canonical %.9g vs %.9g\n",
+                       static_cast<long long>(m), static_cast<long long>(row),
+                       static_cast<long long>(col), expected, actual);
+        }
+      }
+    }
+    all_verified = all_verified && result.mismatches == 0;
+    const double gflops = 2.0 * m * n * k / result.median_seconds / 1e9;
+    std::fprintf(
+        stderr,
+        "M=%4lld  %9.3f ms  %7.1f GFLOP/s (%4.1f%% of peak)  %6.1f GB/s weights "
+        "(%4.1f%% of bw)  %s\n",
+        static_cast<long long>(m), result.median_seconds * 1e3, gflops,
+        100.0 * gflops / peak_gflops,
+        static_cast<double>(weight_bytes) / result.median_seconds / 1e9,
+        100.0 * static_cast<double>(weight_bytes) / result.median_seconds / 1e9 / bandwidth_gbs,
+        result.mismatches == 0 ? "verified" : "MISMATCH");
+    results.push_back(result);
+  }
+
+  nlohmann::json report;
+  report["machine"] = {{"cpu", cpu_model_name()}, {"threads", 1}, {"load_average", load_average}};
+  report["isa"] = isa_name;
+  report["dtype"] = std::string(keel::dtype_name(dtype));
+  report["n"] = n;
+  report["k"] = k;
+  report["peak_gflops"] = peak_gflops;
+  report["mem_bw_gbs"] = bandwidth_gbs;
+  report["weight_copies"] = num_copies;
+  report["verified"] = all_verified;
+  nlohmann::json rows = nlohmann::json::array();
+  for (const MResult& result : results) {
+    // Rates from the median call; the *_best figures use the fastest call, comparable with the
+    // best-of-many ceilings on a machine shared with other work.
+    const double flops = 2.0 * static_cast<double>(result.m * n * k);
+    const double gflops = flops / result.median_seconds / 1e9;
+    const double gflops_best = flops / result.min_seconds / 1e9;
+    const double weight_gbs = static_cast<double>(weight_bytes) / result.median_seconds / 1e9;
+    const double weight_gbs_best = static_cast<double>(weight_bytes) / result.min_seconds / 1e9;
+    rows.push_back({{"m", result.m},
+                    {"calls", result.calls},
+                    {"median_ms", result.median_seconds * 1e3},
+                    {"min_ms", result.min_seconds * 1e3},
+                    {"gflops", gflops},
+                    {"weight_gbs", weight_gbs},
+                    {"fraction_of_peak_fma", gflops / peak_gflops},
+                    {"fraction_of_mem_bw", weight_gbs / bandwidth_gbs},
+                    {"gflops_best", gflops_best},
+                    {"weight_gbs_best", weight_gbs_best},
+                    {"fraction_of_peak_fma_best", gflops_best / peak_gflops},
+                    {"fraction_of_mem_bw_best", weight_gbs_best / bandwidth_gbs},
+                    {"verified_outputs", result.verified_outputs},
+                    {"mismatches", result.mismatches}});
+  }
+  report["results"] = rows;
+  std::printf("%s\n", report.dump(2).c_str());
+  return all_verified ? 0 : 1;
+}
