@@ -39,12 +39,14 @@
 #include "kernels/base/check.h"
 #include "kernels/base/dtype.h"
 #include "kernels/cpu/gemm.h"
+#include "bench/machine.h"
 
 namespace {
 
 using keel::DType;
 using keel::cpu::Isa;
 using Clock = std::chrono::steady_clock;
+using keel::bench::LargeBuffer;
 
 struct Options {
   int64_t n = 4096;
@@ -125,60 +127,9 @@ Isa parse_isa(const std::string& name) {
   usage_error("unknown isa '" + name + "'");
 }
 
-std::string cpu_model_name() {
-  std::ifstream cpuinfo("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(cpuinfo, line)) {
-    if (line.rfind("model name", 0) == 0) {
-      size_t colon = line.find(':');
-      if (colon != std::string::npos) {
-        size_t start = line.find_first_not_of(" \t", colon + 1);
-        return start == std::string::npos ? "" : line.substr(start);
-      }
-    }
-  }
-  return "unknown";
-}
-
-// Other processes competing for the core or for memory bandwidth skew every figure; the load
-// average goes into the report so that such runs can be recognised.
-double one_minute_load_average() {
-  std::ifstream loadavg("/proc/loadavg");
-  double load = -1.0;
-  loadavg >> load;
-  return load;
-}
-
 double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
-
-// Page-aligned anonymous memory, backed by transparent huge pages where the kernel allows it,
-// so that TLB misses do not distort either the bandwidth probe or the weight stream.
-class LargeBuffer {
- public:
-  explicit LargeBuffer(size_t bytes) : bytes_(std::max<size_t>(bytes, 1)) {
-    data_ = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (data_ == MAP_FAILED) {
-      std::fprintf(stderr, "gemm: cannot map %zu bytes\n", bytes_);
-      std::exit(2);
-    }
-    madvise(data_, bytes_, MADV_HUGEPAGE);
-  }
-  ~LargeBuffer() { munmap(data_, bytes_); }
-  LargeBuffer(const LargeBuffer&) = delete;
-  LargeBuffer& operator=(const LargeBuffer&) = delete;
-
-  template <typename T>
-  T* as() {
-    return static_cast<T*>(data_);
-  }
-  size_t bytes() const { return bytes_; }
-
- private:
-  size_t bytes_;
-  void* data_;
-};
 
 // ---- Peak FMA rate: independent chains acc = acc * a + b, all in registers. ----
 // Zen 4 and recent Intel cores retire two FMAs per cycle at 4-cycle latency, so 8 chains keep
@@ -266,86 +217,6 @@ double measure_peak_gflops(Isa isa) {
   return best;
 }
 
-// ---- Memory read bandwidth: streaming sum with several independent accumulators. ----
-
-__attribute__((target("avx512f"))) float stream_sum_avx512(const float* data, size_t count) {
-  __m512 acc[8];
-  for (__m512& lane_sum : acc) lane_sum = _mm512_setzero_ps();
-  size_t i = 0;
-  for (; i + 128 <= count; i += 128) {
-#pragma GCC unroll 8
-    for (int part = 0; part < 8; ++part) {
-      acc[part] = _mm512_add_ps(acc[part], _mm512_load_ps(data + i + 16 * part));
-    }
-  }
-  __m512 total = _mm512_setzero_ps();
-  for (__m512 lane_sum : acc) total = _mm512_add_ps(total, lane_sum);
-  float sum = _mm512_reduce_add_ps(total);
-  for (; i < count; ++i) sum += data[i];
-  return sum;
-}
-
-__attribute__((target("avx2"))) float stream_sum_avx2(const float* data, size_t count) {
-  __m256 acc[8];
-  for (__m256& lane_sum : acc) lane_sum = _mm256_setzero_ps();
-  size_t i = 0;
-  for (; i + 64 <= count; i += 64) {
-#pragma GCC unroll 8
-    for (int part = 0; part < 8; ++part) {
-      acc[part] = _mm256_add_ps(acc[part], _mm256_load_ps(data + i + 8 * part));
-    }
-  }
-  alignas(32) float lanes[8];
-  __m256 total = _mm256_setzero_ps();
-  for (__m256 lane_sum : acc) total = _mm256_add_ps(total, lane_sum);
-  _mm256_store_ps(lanes, total);
-  float sum = 0.0f;
-  for (float lane : lanes) sum += lane;
-  for (; i < count; ++i) sum += data[i];
-  return sum;
-}
-
-float stream_sum_plain(const float* data, size_t count) {
-  float sums[8] = {};
-  size_t i = 0;
-  for (; i + 8 <= count; i += 8) {
-    for (int part = 0; part < 8; ++part) sums[part] += data[i + part];
-  }
-  float sum = 0.0f;
-  for (float part_sum : sums) sum += part_sum;
-  for (; i < count; ++i) sum += data[i];
-  return sum;
-}
-
-double measure_bandwidth_gbs(size_t bytes) {
-  LargeBuffer buffer(bytes);
-  const size_t count = bytes / sizeof(float);
-  float* data = buffer.as<float>();
-  // Real writes: untouched anonymous pages would all map the single shared zero page.
-  for (size_t i = 0; i < count; ++i) data[i] = static_cast<float>(i & 1023) * 0.001f;
-  const Isa widest = keel::cpu::detected_isa();
-  auto sum = [&] {
-    switch (widest) {
-      case Isa::kAvx512:
-        return stream_sum_avx512(data, count);
-      case Isa::kAvx2:
-        return stream_sum_avx2(data, count);
-      case Isa::kScalar:
-        break;
-    }
-    return stream_sum_plain(data, count);
-  };
-  volatile float sink = sum();  // warm-up pass (TLB, huge page faults already done by the fill)
-  double best = 0.0;
-  for (int repeat = 0; repeat < 8; ++repeat) {
-    Clock::time_point start = Clock::now();
-    sink = sum();
-    best = std::max(best, static_cast<double>(bytes) / seconds_since(start) / 1e9);
-  }
-  (void)sink;
-  return best;
-}
-
 // ---- Operands ----
 
 // Cheap deterministic values in [-1, 1): generating hundreds of MiB with mt19937 would
@@ -403,7 +274,7 @@ int main(int argc, char** argv) {
   const DType dtype = options.dtype;
   const std::string isa_name(keel::cpu::isa_name(isa));
 
-  const double load_average = one_minute_load_average();
+  const double load_average = keel::bench::one_minute_load_average();
   std::fprintf(stderr, "gemm bench: n=%lld k=%lld dtype=%s isa=%s (load average %.2f)\n",
                static_cast<long long>(n), static_cast<long long>(k),
                std::string(keel::dtype_name(dtype)).c_str(), isa_name.c_str(), load_average);
@@ -411,7 +282,7 @@ int main(int argc, char** argv) {
   std::fprintf(stderr, "peak fp32 FMA (one core, %s): %.1f GFLOP/s\n", isa_name.c_str(),
                peak_gflops);
   const double bandwidth_gbs =
-      measure_bandwidth_gbs(static_cast<size_t>(options.bandwidth_buffer_mib) << 20);
+      keel::bench::measure_read_bandwidth_gbs(static_cast<size_t>(options.bandwidth_buffer_mib) << 20, 1);
   std::fprintf(stderr, "memory read bandwidth (one core, %lld MiB stream): %.1f GB/s\n",
                static_cast<long long>(options.bandwidth_buffer_mib), bandwidth_gbs);
 
@@ -491,7 +362,7 @@ int main(int argc, char** argv) {
   }
 
   nlohmann::json report;
-  report["machine"] = {{"cpu", cpu_model_name()}, {"threads", 1}, {"load_average", load_average}};
+  report["machine"] = {{"cpu", keel::bench::machine_name()}, {"threads", 1}, {"load_average", load_average}};
   report["isa"] = isa_name;
   report["dtype"] = std::string(keel::dtype_name(dtype));
   report["n"] = n;

@@ -1,5 +1,5 @@
-// Machine facts that benchmarks report beside their results, measured in the same run:
-// the CPU's name and its achievable memory read bandwidth.
+// Machine facts that benchmarks report beside their results, measured in the same run: the
+// CPU's name, the load while measuring, and achievable memory read bandwidth.
 #pragma once
 
 #include <cstddef>
@@ -10,9 +10,33 @@ namespace keel::bench {
 // "model name" from /proc/cpuinfo plus the number of online CPUs, e.g. "AMD EPYC (2 cpus)".
 std::string machine_name();
 
+// Other processes competing for the cores or for memory bandwidth skew every figure; reports
+// include the 1-minute load average so such runs can be recognised.
+double one_minute_load_average();
+
+// Page-aligned anonymous memory, backed by transparent huge pages where the kernel allows it,
+// so that TLB misses distort neither the bandwidth probe nor a benchmark's weight stream.
+class LargeBuffer {
+ public:
+  explicit LargeBuffer(size_t bytes);
+  ~LargeBuffer();
+  LargeBuffer(const LargeBuffer&) = delete;
+  LargeBuffer& operator=(const LargeBuffer&) = delete;
+
+  template <typename T>
+  T* as() {
+    return static_cast<T*>(data_);
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  size_t bytes_;
+  void* data_;
+};
+
 // Read bandwidth in GB/s (1e9 bytes/s): `num_threads` threads each stream their part of a
-// `bytes`-sized buffer (much larger than the last-level cache) with 256-bit loads; best of
-// `repeats` passes after one warm-up pass.
-double measure_read_bandwidth_gbs(size_t bytes, int num_threads, int repeats = 5);
+// `bytes`-sized buffer (much larger than the last-level cache) with the widest vector loads
+// the CPU has and several independent accumulators; best of 8 passes after a warm-up pass.
+double measure_read_bandwidth_gbs(size_t bytes, int num_threads);
 
 }  // namespace keel::bench
