@@ -177,6 +177,9 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
     if (leader) result.decode_seconds = seconds_since(start);
   });
 
+  for (int tp_rank = 1; tp_rank < tp_size; ++tp_rank)
+    KEEL_CHECK(ranks_[static_cast<size_t>(tp_rank)]->routing_fingerprint() == ranks_[0]->routing_fingerprint(),
+               "rank ", tp_rank, " routed tokens differently from rank 0: the replicated router saw different bits");
   // Every rank routes every token identically (replicated router), so rank 0's counts are
   // the counts; report this call's share only.
   result.expert_counts = ranks_[0]->expert_counts();

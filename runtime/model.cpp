@@ -424,7 +424,11 @@ void RankModel::moe(int64_t layer_idx, int64_t num_tokens) {
     cpu::route_top_k(router_logits_.data() + token * num_experts, num_experts, top_k,
                      config_.norm_topk_prob, probs_.data(), route_ids_.data() + token * top_k,
                      route_weights_.data() + token * top_k);
-    for (int64_t slot = 0; slot < top_k; ++slot) ++counts[static_cast<size_t>(route_ids_[token * top_k + slot])];
+    for (int64_t slot = 0; slot < top_k; ++slot) {
+      int32_t expert = route_ids_[token * top_k + slot];
+      ++counts[static_cast<size_t>(expert)];
+      routing_fingerprint_ = (routing_fingerprint_ ^ static_cast<uint64_t>(expert)) * 0x100000001b3ull;
+    }
   }
 
   // Pack this rank's (token, slot) pairs per expert and run each expert once over its batch.

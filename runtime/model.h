@@ -97,6 +97,9 @@ class RankModel {
                std::vector<float>& logits);
 
   const ExpertCounts& expert_counts() const { return expert_counts_; }
+  // Running hash of every routing decision this rank made. The router is replicated, so all
+  // ranks must agree; the engine checks this after every generate call.
+  uint64_t routing_fingerprint() const { return routing_fingerprint_; }
   int64_t weight_bytes() const;
 
  private:
@@ -123,6 +126,7 @@ class RankModel {
   Matrix lm_head_;  // [vocab_chunk, H], rows past the vocab are zero
 
   ExpertCounts expert_counts_;
+  uint64_t routing_fingerprint_ = 0;
 
   // Scratch, grown as needed and reused across steps.
   std::vector<float> hidden_, normed_, qkv_, attn_out_, partial_, cos_sin_, scores_;
