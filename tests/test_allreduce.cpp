@@ -64,14 +64,17 @@ class Ranks {
     std::condition_variable done_cv;
     int num_done = 0;
     std::vector<std::thread> threads;
+    threads.reserve(num_ranks);
     for (int tp_rank = 0; tp_rank < num_ranks; ++tp_rank) {
       threads.emplace_back([&, tp_rank] {
         set_current_rank(tp_rank);
         try {
           body(*comms_[tp_rank]);
-        } catch (const std::exception& error) {
+        } catch (...) {
           errors[tp_rank] = std::current_exception();
-          if (abort_on_error) group_.abort("rank " + std::to_string(tp_rank) + ": " + error.what());
+          if (abort_on_error) {
+            group_.abort("rank " + std::to_string(tp_rank) + ": " + message_of(errors[tp_rank]));
+          }
         }
         std::lock_guard<std::mutex> lock(done_mutex);
         ++num_done;
@@ -104,6 +107,8 @@ class Ranks {
       std::rethrow_exception(error);
     } catch (const std::exception& caught) {
       return caught.what();
+    } catch (...) {
+      return "non-standard exception";
     }
   }
 
@@ -131,8 +136,8 @@ float integer_input(int tp_rank, size_t index) {
   return static_cast<float>((tp_rank + 1) * 1000 + static_cast<int>(index % 997));
 }
 float integer_sum(int num_ranks, size_t index) {
-  return static_cast<float>(1000 * num_ranks * (num_ranks + 1) / 2 +
-                            num_ranks * static_cast<int>(index % 997));
+  const int rank_terms = 1000 * (num_ranks * (num_ranks + 1) / 2);  // 1000 * (1 + ... + N)
+  return static_cast<float>(rank_terms + num_ranks * static_cast<int>(index % 997));
 }
 
 // Non-integer floats over a few binades: the rounding of a sum depends on its order.
@@ -198,7 +203,9 @@ class AllReduceExact : public ::testing::TestWithParam<std::tuple<int, ReduceAlg
 
 // Every size, every rank, every element: exact integer sums, guard untouched.
 TEST_P(AllReduceExact, IntegerSumsEveryElementEveryRank) {
-  const auto [num_ranks, algo] = GetParam();
+  // Plain variables, not a structured binding: clang 14 cannot capture those in lambdas.
+  const int num_ranks = std::get<0>(GetParam());
+  const ReduceAlgo algo = std::get<1>(GetParam());
   Ranks ranks(num_ranks);
   std::vector<size_t> bad_elements(num_ranks, 0);
   ranks.run_ok([&](Communicator& comm) {
@@ -373,10 +380,13 @@ TEST(AllReduce, BackToBackReuseUnderDelays) {
         const size_t count = sizes[(iteration * 5 + 3) % sizes.size()];
         const ReduceAlgo algo = kAllAlgos[iteration % 2];
         // Values also encode the iteration so stale data from a previous round is caught.
-        for (size_t i = 0; i < count; ++i) buffer[i] = integer_input(tp_rank, i) + iteration;
+        for (size_t i = 0; i < count; ++i)
+          buffer[i] = integer_input(tp_rank, i) + static_cast<float>(iteration);
         comm.all_reduce(buffer.data(), count, algo);
         for (size_t i = 0; i < count; ++i) {
-          if (buffer[i] != integer_sum(kNumRanks, i) + kNumRanks * iteration) ++bad_elements;
+          const float expected =
+              integer_sum(kNumRanks, i) + static_cast<float>(kNumRanks * iteration);
+          if (buffer[i] != expected) ++bad_elements;
         }
       }
     });
@@ -588,6 +598,47 @@ TEST(Abort, FromAnotherThreadWakesBlockedRanks) {
   }
 }
 
+// An abort that lands while ranks are inside a large all-reduce must not let any rank leave
+// while a peer still writes into its buffer: right after its collective throws, a rank takes a
+// snapshot of its buffer and checks, a while later, that nobody changed it since. Several abort
+// times, so that some land in the work phase (which takes milliseconds at 16 MB).
+TEST(Abort, MidCollectiveNoRankLeavesWhilePeersStillWriteItsBuffer) {
+  constexpr int kNumRanks = 4;
+  constexpr size_t kCount = size_t{4} << 20;
+  for (auto abort_after : {15ms, 25ms, 35ms, 45ms, 55ms, 65ms, 75ms, 85ms}) {
+    Ranks ranks(kNumRanks);
+    std::vector<size_t> changed_after_leaving(kNumRanks, 0);
+    std::thread aborter([&] {
+      std::this_thread::sleep_for(abort_after);
+      ranks.group().abort("stop mid-collective");
+    });
+    const auto errors = ranks.run([&](Communicator& comm) {
+      const int tp_rank = comm.rank();
+      std::vector<float> buffer(kCount, 1.0f);
+      try {
+        for (int iteration = 0; iteration < 100000; ++iteration) {
+          comm.all_reduce(buffer.data(), kCount, kAllAlgos[iteration % 2]);
+        }
+      } catch (const keel::Error&) {
+        const std::vector<float> snapshot = buffer;
+        std::this_thread::sleep_for(30ms);
+        for (size_t i = 0; i < kCount; ++i) {
+          changed_after_leaving[tp_rank] += bits_of(buffer[i]) != bits_of(snapshot[i]);
+        }
+        throw;
+      }
+    });
+    aborter.join();
+    for (int tp_rank = 0; tp_rank < kNumRanks; ++tp_rank) {
+      ASSERT_TRUE(errors[tp_rank]) << "rank " << tp_rank;
+      EXPECT_NE(Ranks::message_of(errors[tp_rank]).find("collective aborted: stop mid-collective"),
+                std::string::npos);
+      EXPECT_EQ(changed_after_leaving[tp_rank], 0u)
+          << "rank " << tp_rank << ", abort after " << abort_after.count() << " ms";
+    }
+  }
+}
+
 TEST(Timeout, RankThatNeverArrivesMakesPeersThrowWithinTheTimeout) {
   constexpr int kNumRanks = 4;
   constexpr int kMissingRank = 3;
@@ -621,9 +672,11 @@ TEST(Timeout, RankThatNeverArrivesMakesPeersThrowWithinTheTimeout) {
     EXPECT_NE(message.find("all_reduce"), std::string::npos) << message;
     EXPECT_NE(message.find("timed out after 200 ms"), std::string::npos) << message;
     if (message.rfind("rank " + std::to_string(tp_rank) + ": all_reduce timed out", 0) == 0) {
+      // Its own timeout: it really waited that long. (A rank woken by a peer's timeout may
+      // have arrived later and waited less.)
       ++timed_out_ranks;
+      EXPECT_GE(waited[tp_rank], 200ms) << message;
     }
-    EXPECT_GE(waited[tp_rank], 150ms) << message;
     // Generous upper bound: sanitizer builds on a loaded 2-core machine.
     EXPECT_LT(waited[tp_rank], 5000ms) << message;
   }
