@@ -54,15 +54,22 @@ Options parse_options(int argc, char** argv) {
       if (i + 1 >= argc) keel::throw_error("flag ", flag, " needs a value");
       return argv[++i];
     };
-    if (flag == "--model") options.model_dir = value();
-    else if (flag == "--tp-list") options.tp_list = parse_list(value());
-    else if (flag == "--batch-list") options.batch_list = parse_list(value());
-    else if (flag == "--decode-steps") options.decode_steps = std::stoll(value());
-    else if (flag == "--prompt-length") options.prompt_length = std::stoll(value());
-    else if (flag == "--reduce") options.reduce = keel::comm::parse_reduce_algo(value());
-    else keel::throw_error("unknown flag ", flag,
-                           " (flags: --model DIR --tp-list 1,4 --batch-list 1,16 --decode-steps N "
-                           "--prompt-length N --reduce native|fixed_order)");
+    if (flag == "--model")
+      options.model_dir = value();
+    else if (flag == "--tp-list")
+      options.tp_list = parse_list(value());
+    else if (flag == "--batch-list")
+      options.batch_list = parse_list(value());
+    else if (flag == "--decode-steps")
+      options.decode_steps = std::stoll(value());
+    else if (flag == "--prompt-length")
+      options.prompt_length = std::stoll(value());
+    else if (flag == "--reduce")
+      options.reduce = keel::comm::parse_reduce_algo(value());
+    else
+      keel::throw_error("unknown flag ", flag,
+                        " (flags: --model DIR --tp-list 1,4 --batch-list 1,16 --decode-steps N "
+                        "--prompt-length N --reduce native|fixed_order)");
   }
   return options;
 }
@@ -71,16 +78,18 @@ Options parse_options(int argc, char** argv) {
 double step_bytes(const keel::ModelConfig& config, int64_t batch, size_t weight_size) {
   double hidden = static_cast<double>(config.hidden_size);
   double head_dim = static_cast<double>(config.head_dim);
-  double attention = hidden * head_dim * static_cast<double>(2 * config.num_heads + 2 * config.num_kv_heads);
+  double attention =
+      hidden * head_dim * static_cast<double>(2 * config.num_heads + 2 * config.num_kv_heads);
   double router = hidden * static_cast<double>(config.num_experts);
-  double experts_touched =
-      static_cast<double>(config.num_experts) *
-      (1.0 - std::pow(1.0 - static_cast<double>(config.top_k) / static_cast<double>(config.num_experts),
-                      static_cast<double>(batch)));
+  double experts_touched = static_cast<double>(config.num_experts) *
+                           (1.0 - std::pow(1.0 - static_cast<double>(config.top_k) /
+                                                     static_cast<double>(config.num_experts),
+                                           static_cast<double>(batch)));
   double expert = 3.0 * hidden * static_cast<double>(config.moe_intermediate_size);
   double per_layer = attention + router + experts_touched * expert;
   double lm_head = static_cast<double>(config.vocab_size) * hidden;
-  return (static_cast<double>(config.num_layers) * per_layer + lm_head) * static_cast<double>(weight_size);
+  return (static_cast<double>(config.num_layers) * per_layer + lm_head) *
+         static_cast<double>(weight_size);
 }
 
 }  // namespace
@@ -110,7 +119,8 @@ int main(int argc, char** argv) {
     for (int tp : options.tp_list) {
       int threads = std::min(tp, std::max(1, cpus));
       if (!bandwidth_by_threads.count(threads))
-        bandwidth_by_threads[threads] = keel::bench::measure_read_bandwidth_gbs(size_t{1} << 30, threads);
+        bandwidth_by_threads[threads] =
+            keel::bench::measure_read_bandwidth_gbs(size_t{1} << 30, threads);
       keel::EngineOptions engine_options;
       engine_options.tp_size = tp;
       engine_options.reduce = options.reduce;
@@ -124,20 +134,25 @@ int main(int argc, char** argv) {
         for (int prompt = 0; prompt < batch; ++prompt) {
           std::vector<int32_t> ids;
           for (int64_t i = 0; i < options.prompt_length; ++i)
-            ids.push_back(static_cast<int32_t>((prompt * 7919 + i * 104729 + 13) % config.vocab_size));
+            ids.push_back(
+                static_cast<int32_t>((prompt * 7919 + i * 104729 + 13) % config.vocab_size));
           request.prompts.push_back(std::move(ids));
         }
         keel::GenerateResult result = engine.generate(request);
-        double tokens_per_second = static_cast<double>(batch * options.decode_steps) / result.decode_seconds;
+        double tokens_per_second =
+            static_cast<double>(batch * options.decode_steps) / result.decode_seconds;
         double bytes = step_bytes(config, batch, keel::dtype_size(config.dtype));
-        double roofline = static_cast<double>(batch) / (bytes / (bandwidth_by_threads[threads] * 1e9));
+        double roofline =
+            static_cast<double>(batch) / (bytes / (bandwidth_by_threads[threads] * 1e9));
         if (batch == 1) batch_one_digest = result.logits_digest;
         bool same_bits = batch_one_digest.empty() || result.logits_digest == batch_one_digest;
-        if (options.reduce == keel::comm::ReduceAlgo::kFixedOrder && !same_bits) deterministic = false;
+        if (options.reduce == keel::comm::ReduceAlgo::kFixedOrder && !same_bits)
+          deterministic = false;
         report["results"].push_back({{"tp", tp},
                                      {"batch", batch},
                                      {"decode_tokens_per_second", tokens_per_second},
-                                     {"ms_per_step", 1e3 * result.decode_seconds / static_cast<double>(options.decode_steps)},
+                                     {"ms_per_step", 1e3 * result.decode_seconds /
+                                                         static_cast<double>(options.decode_steps)},
                                      {"step_weight_bytes", bytes},
                                      {"read_bandwidth_gbs", bandwidth_by_threads[threads]},
                                      {"bandwidth_threads", threads},

@@ -36,10 +36,10 @@
 #include <string>
 #include <vector>
 
+#include "bench/machine.h"
 #include "kernels/base/check.h"
 #include "kernels/base/dtype.h"
 #include "kernels/cpu/gemm.h"
-#include "bench/machine.h"
 
 namespace {
 
@@ -281,8 +281,8 @@ int main(int argc, char** argv) {
   const double peak_gflops = measure_peak_gflops(isa);
   std::fprintf(stderr, "peak fp32 FMA (one core, %s): %.1f GFLOP/s\n", isa_name.c_str(),
                peak_gflops);
-  const double bandwidth_gbs =
-      keel::bench::measure_read_bandwidth_gbs(static_cast<size_t>(options.bandwidth_buffer_mib) << 20, 1);
+  const double bandwidth_gbs = keel::bench::measure_read_bandwidth_gbs(
+      static_cast<size_t>(options.bandwidth_buffer_mib) << 20, 1);
   std::fprintf(stderr, "memory read bandwidth (one core, %lld MiB stream): %.1f GB/s\n",
                static_cast<long long>(options.bandwidth_buffer_mib), bandwidth_gbs);
 
@@ -362,7 +362,8 @@ int main(int argc, char** argv) {
   }
 
   nlohmann::json report;
-  report["machine"] = {{"cpu", keel::bench::machine_name()}, {"threads", 1}, {"load_average", load_average}};
+  report["machine"] = {
+      {"cpu", keel::bench::machine_name()}, {"threads", 1}, {"load_average", load_average}};
   report["isa"] = isa_name;
   report["dtype"] = std::string(keel::dtype_name(dtype));
   report["n"] = n;

@@ -48,7 +48,9 @@ LargeBuffer::LargeBuffer(size_t bytes) : bytes_(std::max<size_t>(bytes, 1)) {
   madvise(data_, bytes_, MADV_HUGEPAGE);
 }
 
-LargeBuffer::~LargeBuffer() { munmap(data_, bytes_); }
+LargeBuffer::~LargeBuffer() {
+  munmap(data_, bytes_);
+}
 
 namespace {
 
@@ -131,8 +133,9 @@ double measure_read_bandwidth_gbs(size_t bytes, int num_threads) {
   for (int repeat = 0; repeat < 8; ++repeat) {
     auto start = std::chrono::steady_clock::now();
     pass(false);
-    best_seconds = std::min(
-        best_seconds, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    best_seconds =
+        std::min(best_seconds,
+                 std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   }
   volatile float keep = 0;
   for (float sink : sinks) keep = keep + sink;

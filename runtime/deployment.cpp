@@ -22,7 +22,8 @@ Deployment load_deployment(const std::string& path) {
   if (root["tp"]) deployment.engine.tp_size = yaml_value<int>(root, "tp", path);
   try {
     if (root["reduce"])
-      deployment.engine.reduce = comm::parse_reduce_algo(yaml_value<std::string>(root, "reduce", path));
+      deployment.engine.reduce =
+          comm::parse_reduce_algo(yaml_value<std::string>(root, "reduce", path));
     if (root["placement"])
       deployment.engine.placement.kind =
           parse_placement_kind(yaml_value<std::string>(root, "placement", path));

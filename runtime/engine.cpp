@@ -113,7 +113,8 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
     auto communicator = group.communicator(tp_rank);
     const bool leader = tp_rank == 0;
     std::vector<KvCache> caches;
-    for (int64_t prompt = 0; prompt < num_prompts; ++prompt) caches.push_back(model.make_cache(capacity));
+    for (int64_t prompt = 0; prompt < num_prompts; ++prompt)
+      caches.push_back(model.make_cache(capacity));
 
     // Prefill: all prompts in one step; logits for every position only when asked.
     StepBatch batch;
@@ -121,13 +122,15 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
     for (int64_t prompt = 0; prompt < num_prompts; ++prompt) {
       const auto& ids = request.prompts[static_cast<size_t>(prompt)];
       for (size_t pos = 0; pos < ids.size(); ++pos) {
-        if (request.keep_all_logits) batch.logits_rows.push_back(static_cast<int32_t>(batch.token_ids.size()));
+        if (request.keep_all_logits)
+          batch.logits_rows.push_back(static_cast<int32_t>(batch.token_ids.size()));
         batch.token_ids.push_back(ids[pos]);
         batch.positions.push_back(static_cast<int32_t>(pos));
         batch.cache_idx.push_back(static_cast<int32_t>(prompt));
       }
       last_row[static_cast<size_t>(prompt)] = static_cast<int64_t>(batch.token_ids.size()) - 1;
-      if (!request.keep_all_logits) batch.logits_rows.push_back(static_cast<int32_t>(last_row[static_cast<size_t>(prompt)]));
+      if (!request.keep_all_logits)
+        batch.logits_rows.push_back(static_cast<int32_t>(last_row[static_cast<size_t>(prompt)]));
     }
     std::vector<float> logits;
     std::vector<int32_t> next_tokens(static_cast<size_t>(num_prompts));
@@ -136,15 +139,18 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
       model.forward(batch, caches, *communicator, logits);
       if (leader) {
         for (int64_t prompt = 0; prompt < num_prompts; ++prompt) {
-          int64_t row = step == 0 && request.keep_all_logits ? last_row[static_cast<size_t>(prompt)] : prompt;
+          int64_t row =
+              step == 0 && request.keep_all_logits ? last_row[static_cast<size_t>(prompt)] : prompt;
           const float* row_logits = logits.data() + row * vocab;
           next_tokens[static_cast<size_t>(prompt)] = argmax(row_logits, vocab);
           if (prompt == 0) digest.update(row_logits, static_cast<size_t>(vocab) * sizeof(float));
           if (request.keep_all_logits) {
-            result.step_logits[static_cast<size_t>(prompt)].emplace_back(row_logits, row_logits + vocab);
+            result.step_logits[static_cast<size_t>(prompt)].emplace_back(row_logits,
+                                                                         row_logits + vocab);
             if (step == 0) {
-              int64_t first = last_row[static_cast<size_t>(prompt)] -
-                              static_cast<int64_t>(request.prompts[static_cast<size_t>(prompt)].size()) + 1;
+              int64_t first =
+                  last_row[static_cast<size_t>(prompt)] -
+                  static_cast<int64_t>(request.prompts[static_cast<size_t>(prompt)].size()) + 1;
               for (int64_t r = first; r <= last_row[static_cast<size_t>(prompt)]; ++r)
                 result.prompt_logits[static_cast<size_t>(prompt)].emplace_back(
                     logits.data() + r * vocab, logits.data() + (r + 1) * vocab);
@@ -156,7 +162,8 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
       communicator->broadcast(next_tokens.data(), next_tokens.size() * sizeof(int32_t), 0);
       if (leader) {
         for (int64_t prompt = 0; prompt < num_prompts; ++prompt)
-          result.tokens[static_cast<size_t>(prompt)].push_back(next_tokens[static_cast<size_t>(prompt)]);
+          result.tokens[static_cast<size_t>(prompt)].push_back(
+              next_tokens[static_cast<size_t>(prompt)]);
         if (step == 0) {
           result.prefill_seconds = seconds_since(start);
           start = Clock::now();
@@ -169,7 +176,8 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
       batch.cache_idx.clear();
       batch.logits_rows.clear();
       for (int64_t prompt = 0; prompt < num_prompts; ++prompt) {
-        batch.positions.push_back(static_cast<int32_t>(request.prompts[static_cast<size_t>(prompt)].size() + step));
+        batch.positions.push_back(
+            static_cast<int32_t>(request.prompts[static_cast<size_t>(prompt)].size() + step));
         batch.cache_idx.push_back(static_cast<int32_t>(prompt));
         batch.logits_rows.push_back(static_cast<int32_t>(prompt));
       }
@@ -178,8 +186,10 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
   });
 
   for (int tp_rank = 1; tp_rank < tp_size; ++tp_rank)
-    KEEL_CHECK(ranks_[static_cast<size_t>(tp_rank)]->routing_fingerprint() == ranks_[0]->routing_fingerprint(),
-               "rank ", tp_rank, " routed tokens differently from rank 0: the replicated router saw different bits");
+    KEEL_CHECK(ranks_[static_cast<size_t>(tp_rank)]->routing_fingerprint() ==
+                   ranks_[0]->routing_fingerprint(),
+               "rank ", tp_rank,
+               " routed tokens differently from rank 0: the replicated router saw different bits");
   // Every rank routes every token identically (replicated router), so rank 0's counts are
   // the counts; report this call's share only.
   result.expert_counts = ranks_[0]->expert_counts();
@@ -187,12 +197,14 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
     for (size_t expert = 0; expert < result.expert_counts[layer].size(); ++expert)
       result.expert_counts[layer][expert] -= counts_before[0][layer][expert];
   result.logits_digest = digest.finish_hex();
-  for (const auto& prompt : request.prompts) result.num_prompt_tokens += static_cast<int64_t>(prompt.size());
+  for (const auto& prompt : request.prompts)
+    result.num_prompt_tokens += static_cast<int64_t>(prompt.size());
   result.num_decode_steps = request.max_new_tokens - 1;
   return result;
 }
 
-std::vector<std::vector<int32_t>> synthetic_prompts(int64_t count, int64_t vocab_size, uint64_t seed) {
+std::vector<std::vector<int32_t>> synthetic_prompts(int64_t count, int64_t vocab_size,
+                                                    uint64_t seed) {
   std::vector<std::vector<int32_t>> prompts;
   uint64_t state = seed * 0x9e3779b97f4a7c15ull + 1;
   auto next = [&state]() {
@@ -204,7 +216,8 @@ std::vector<std::vector<int32_t>> synthetic_prompts(int64_t count, int64_t vocab
   for (int64_t prompt = 0; prompt < count; ++prompt) {
     int64_t length = 2 + static_cast<int64_t>(next() % 11);
     std::vector<int32_t> ids;
-    for (int64_t i = 0; i < length; ++i) ids.push_back(static_cast<int32_t>(next() % static_cast<uint64_t>(vocab_size)));
+    for (int64_t i = 0; i < length; ++i)
+      ids.push_back(static_cast<int32_t>(next() % static_cast<uint64_t>(vocab_size)));
     prompts.push_back(std::move(ids));
   }
   return prompts;

@@ -67,6 +67,7 @@ class Engine {
 
 // Deterministic synthetic prompts for --batch-with: `count` prompts with lengths in [2, 12]
 // and ids in [0, vocab), from a fixed seed.
-std::vector<std::vector<int32_t>> synthetic_prompts(int64_t count, int64_t vocab_size, uint64_t seed);
+std::vector<std::vector<int32_t>> synthetic_prompts(int64_t count, int64_t vocab_size,
+                                                    uint64_t seed);
 
 }  // namespace keel

@@ -52,9 +52,12 @@ TensorToWrite random_tensor(const std::string& name, std::vector<int64_t> shape,
 
 const char* torch_dtype_name(DType dtype) {
   switch (dtype) {
-    case DType::kF32: return "float32";
-    case DType::kBF16: return "bfloat16";
-    case DType::kF16: return "float16";
+    case DType::kF32:
+      return "float32";
+    case DType::kBF16:
+      return "bfloat16";
+    case DType::kF16:
+      return "float16";
   }
   return "?";
 }
@@ -124,12 +127,26 @@ std::string find_model_preset(const std::string& name_or_path) {
 ModelPreset load_model_preset(const std::string& path) {
   YAML::Node root = load_yaml_mapping(path);
   reject_unknown_keys(root,
-                      {"name", "architecture", "vocab_size", "hidden_size", "num_hidden_layers",
-                       "num_attention_heads", "num_key_value_heads", "head_dim", "num_experts",
-                       "num_experts_per_tok", "moe_intermediate_size", "intermediate_size",
-                       "shared_expert_intermediate_size", "norm_topk_prob",
-                       "tie_word_embeddings", "rope_theta", "rms_norm_eps",
-                       "max_position_embeddings", "dtype", "router_scale"},
+                      {"name",
+                       "architecture",
+                       "vocab_size",
+                       "hidden_size",
+                       "num_hidden_layers",
+                       "num_attention_heads",
+                       "num_key_value_heads",
+                       "head_dim",
+                       "num_experts",
+                       "num_experts_per_tok",
+                       "moe_intermediate_size",
+                       "intermediate_size",
+                       "shared_expert_intermediate_size",
+                       "norm_topk_prob",
+                       "tie_word_embeddings",
+                       "rope_theta",
+                       "rms_norm_eps",
+                       "max_position_embeddings",
+                       "dtype",
+                       "router_scale"},
                       path);
   ModelPreset preset;
   preset.name = std::filesystem::path(path).stem().string();
@@ -142,9 +159,10 @@ ModelPreset load_model_preset(const std::string& path) {
     if (field < 0 || (required && field == 0)) throw_error(path, ": key '", key, "' must be > 0");
   };
   if (root["name"]) preset.name = yaml_value<std::string>(root, "name", path);
-  if (root["architecture"]) preset.architecture = yaml_value<std::string>(root, "architecture", path);
-  if (preset.architecture != "Qwen3MoeForCausalLM" && preset.architecture != "Qwen2MoeForCausalLM" &&
-      preset.architecture != "MixtralForCausalLM")
+  if (root["architecture"])
+    preset.architecture = yaml_value<std::string>(root, "architecture", path);
+  if (preset.architecture != "Qwen3MoeForCausalLM" &&
+      preset.architecture != "Qwen2MoeForCausalLM" && preset.architecture != "MixtralForCausalLM")
     throw_error(path, ": unsupported architecture '", preset.architecture, "'");
   get_int("vocab_size", preset.vocab_size, true);
   get_int("hidden_size", preset.hidden_size, true);
@@ -159,7 +177,8 @@ ModelPreset load_model_preset(const std::string& path) {
   get_int("intermediate_size", preset.intermediate_size, false);
   get_int("shared_expert_intermediate_size", preset.shared_expert_intermediate_size, false);
   get_int("max_position_embeddings", preset.max_position_embeddings, false);
-  if (root["norm_topk_prob"]) preset.norm_topk_prob = yaml_value<bool>(root, "norm_topk_prob", path);
+  if (root["norm_topk_prob"])
+    preset.norm_topk_prob = yaml_value<bool>(root, "norm_topk_prob", path);
   if (root["tie_word_embeddings"])
     preset.tie_word_embeddings = yaml_value<bool>(root, "tie_word_embeddings", path);
   if (root["rope_theta"]) preset.rope_theta = yaml_value<double>(root, "rope_theta", path);
@@ -167,10 +186,14 @@ ModelPreset load_model_preset(const std::string& path) {
   if (root["router_scale"]) preset.router_scale = yaml_value<double>(root, "router_scale", path);
   if (root["dtype"]) {
     std::string dtype = yaml_value<std::string>(root, "dtype", path);
-    if (dtype == "float32") preset.dtype = DType::kF32;
-    else if (dtype == "bfloat16") preset.dtype = DType::kBF16;
-    else if (dtype == "float16") preset.dtype = DType::kF16;
-    else throw_error(path, ": key 'dtype' must be float32, bfloat16 or float16, found '", dtype, "'");
+    if (dtype == "float32")
+      preset.dtype = DType::kF32;
+    else if (dtype == "bfloat16")
+      preset.dtype = DType::kBF16;
+    else if (dtype == "float16")
+      preset.dtype = DType::kF16;
+    else
+      throw_error(path, ": key 'dtype' must be float32, bfloat16 or float16, found '", dtype, "'");
   }
   if (preset.num_experts_per_tok > preset.num_experts)
     throw_error(path, ": num_experts_per_tok exceeds num_experts");
@@ -209,18 +232,21 @@ void generate_model(const ModelPreset& preset, const GenModelOptions& options,
   };
   auto add = [&](TensorToWrite tensor) {
     int64_t bytes = static_cast<int64_t>(tensor.bytes.size());
-    if (options.max_shard_bytes > 0 && shard_bytes > 0 && shard_bytes + bytes > options.max_shard_bytes)
+    if (options.max_shard_bytes > 0 && shard_bytes > 0 &&
+        shard_bytes + bytes > options.max_shard_bytes)
       flush(false);
     shard_bytes += bytes;
     total_bytes += bytes;
     shards.back().push_back(std::move(tensor));
   };
 
-  add(random_tensor("model.embed_tokens.weight", {preset.vocab_size, hidden}, dtype, 1.0, 0.0, seed));
+  add(random_tensor("model.embed_tokens.weight", {preset.vocab_size, hidden}, dtype, 1.0, 0.0,
+                    seed));
   for (int64_t layer = 0; layer < preset.num_hidden_layers; ++layer) {
     std::string prefix = "model.layers." + std::to_string(layer) + ".";
     add(random_tensor(prefix + "input_layernorm.weight", {hidden}, dtype, 0.05, 1.0, seed));
-    add(random_tensor(prefix + "post_attention_layernorm.weight", {hidden}, dtype, 0.05, 1.0, seed));
+    add(random_tensor(prefix + "post_attention_layernorm.weight", {hidden}, dtype, 0.05, 1.0,
+                      seed));
     std::string attn = prefix + "self_attn.";
     int64_t q_rows = preset.num_attention_heads * head_dim;
     int64_t kv_rows = preset.num_key_value_heads * head_dim;
@@ -244,17 +270,23 @@ void generate_model(const ModelPreset& preset, const GenModelOptions& options,
     const double down_std = 0.5 / std::sqrt(static_cast<double>(inter));
     for (int64_t expert = 0; expert < preset.num_experts; ++expert) {
       std::string name = moe + "experts." + std::to_string(expert) + ".";
-      add(random_tensor(name + (mixtral ? "w1.weight" : "gate_proj.weight"), {inter, hidden}, dtype, proj_std, 0.0, seed));
-      add(random_tensor(name + (mixtral ? "w3.weight" : "up_proj.weight"), {inter, hidden}, dtype, proj_std, 0.0, seed));
-      add(random_tensor(name + (mixtral ? "w2.weight" : "down_proj.weight"), {hidden, inter}, dtype, down_std, 0.0, seed));
+      add(random_tensor(name + (mixtral ? "w1.weight" : "gate_proj.weight"), {inter, hidden}, dtype,
+                        proj_std, 0.0, seed));
+      add(random_tensor(name + (mixtral ? "w3.weight" : "up_proj.weight"), {inter, hidden}, dtype,
+                        proj_std, 0.0, seed));
+      add(random_tensor(name + (mixtral ? "w2.weight" : "down_proj.weight"), {hidden, inter}, dtype,
+                        down_std, 0.0, seed));
     }
     if (qwen2) {
       const int64_t shared = preset.shared_expert_intermediate_size;
-      add(random_tensor(moe + "shared_expert.gate_proj.weight", {shared, hidden}, dtype, proj_std, 0.0, seed));
-      add(random_tensor(moe + "shared_expert.up_proj.weight", {shared, hidden}, dtype, proj_std, 0.0, seed));
+      add(random_tensor(moe + "shared_expert.gate_proj.weight", {shared, hidden}, dtype, proj_std,
+                        0.0, seed));
+      add(random_tensor(moe + "shared_expert.up_proj.weight", {shared, hidden}, dtype, proj_std,
+                        0.0, seed));
       add(random_tensor(moe + "shared_expert.down_proj.weight", {hidden, shared}, dtype,
                         0.5 / std::sqrt(static_cast<double>(shared)), 0.0, seed));
-      add(random_tensor(moe + "shared_expert_gate.weight", {1, hidden}, dtype, proj_std, 0.0, seed));
+      add(random_tensor(moe + "shared_expert_gate.weight", {1, hidden}, dtype, proj_std, 0.0,
+                        seed));
     }
   }
   add(random_tensor("model.norm.weight", {hidden}, dtype, 0.05, 1.0, seed));
@@ -270,7 +302,8 @@ void generate_model(const ModelPreset& preset, const GenModelOptions& options,
   } else {
     char buffer[64];
     for (size_t i = 0; i < written_files.size(); ++i) {
-      std::snprintf(buffer, sizeof(buffer), "model-%05zu-of-%05zu.safetensors", i + 1, written_files.size());
+      std::snprintf(buffer, sizeof(buffer), "model-%05zu-of-%05zu.safetensors", i + 1,
+                    written_files.size());
       final_name[written_files[i]] = buffer;
     }
     std::filesystem::remove(out_dir + "/model.safetensors");

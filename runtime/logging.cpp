@@ -11,7 +11,8 @@ namespace {
 
 class RankFlag : public spdlog::custom_flag_formatter {
  public:
-  void format(const spdlog::details::log_msg&, const std::tm&, spdlog::memory_buf_t& dest) override {
+  void format(const spdlog::details::log_msg&, const std::tm&,
+              spdlog::memory_buf_t& dest) override {
     int rank = current_rank();
     std::string text = rank < 0 ? "main" : "r" + std::to_string(rank);
     dest.append(text.data(), text.data() + text.size());

@@ -49,20 +49,21 @@ Matrix make_matrix(DType dtype, int64_t rows, int64_t cols) {
 
 // Copies rows [row0, row0 + num_rows) and columns [col0, col0 + num_cols) of a matrix view
 // (for a 3-D view, of its slice `outer`) into `dst` starting at row `dst_row`.
-void copy_block(const TensorView& view, int64_t outer, int64_t row0, int64_t num_rows,
-                int64_t col0, int64_t num_cols, Matrix& dst, int64_t dst_row) {
+void copy_block(const TensorView& view, int64_t outer, int64_t row0, int64_t num_rows, int64_t col0,
+                int64_t num_cols, Matrix& dst, int64_t dst_row) {
   if (view.dtype != dst.dtype())
     throw_error("file ", view.file, ", tensor ", view.name, ": dtype ", dtype_name(view.dtype),
-                " differs from the other parts of the same weight (", dtype_name(dst.dtype()),
-                ")");
+                " differs from the other parts of the same weight (", dtype_name(dst.dtype()), ")");
   int64_t view_rows = view.shape[view.shape.size() - 2];
   int64_t view_cols = view.shape.back();
   KEEL_CHECK(row0 + num_rows <= view_rows && col0 + num_cols <= view_cols && num_cols == dst.cols);
   size_t element_size = dtype_size(view.dtype);
-  const std::byte* base = view.data + static_cast<size_t>(outer * view_rows * view_cols) * element_size;
+  const std::byte* base =
+      view.data + static_cast<size_t>(outer * view_rows * view_cols) * element_size;
   auto* out = static_cast<std::byte*>(dst.data.data());
   for (int64_t row = 0; row < num_rows; ++row) {
-    const std::byte* src = base + static_cast<size_t>((row0 + row) * view_cols + col0) * element_size;
+    const std::byte* src =
+        base + static_cast<size_t>((row0 + row) * view_cols + col0) * element_size;
     std::memcpy(out + static_cast<size_t>((dst_row + row) * dst.cols) * element_size, src,
                 static_cast<size_t>(num_cols) * element_size);
   }
@@ -122,19 +123,21 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
   int64_t last_kv_head = (first_q_head_ + q_heads_local_ - 1) / group;
   kv_heads_local_ = last_kv_head - first_kv_head_ + 1;
   for (int64_t q_head = 0; q_head < q_heads_local_; ++q_head)
-    kv_head_of_q_.push_back(static_cast<int32_t>((first_q_head_ + q_head) / group - first_kv_head_));
+    kv_head_of_q_.push_back(
+        static_cast<int32_t>((first_q_head_ + q_head) / group - first_kv_head_));
 
   vocab_chunk_ = (config.vocab_size + tp_size - 1) / tp_size;
   expert_counts_.assign(static_cast<size_t>(config.num_layers),
                         std::vector<int64_t>(static_cast<size_t>(config.num_experts), 0));
 
-  const TensorView& embed = checkpoint.get("model.embed_tokens.weight", {config.vocab_size, hidden});
+  const TensorView& embed =
+      checkpoint.get("model.embed_tokens.weight", {config.vocab_size, hidden});
   embed_ = make_matrix(embed.dtype, config.vocab_size, hidden);
   copy_block(embed, 0, 0, config.vocab_size, 0, hidden, embed_, 0);
 
-  const TensorView& lm_head =
-      config.tie_word_embeddings ? embed
-                                 : checkpoint.get("lm_head.weight", {config.vocab_size, hidden});
+  const TensorView& lm_head = config.tie_word_embeddings
+                                  ? embed
+                                  : checkpoint.get("lm_head.weight", {config.vocab_size, hidden});
   lm_head_ = make_matrix(lm_head.dtype, vocab_chunk_, hidden);
   int64_t vocab_begin = vocab_chunk_ * tp_rank;
   int64_t vocab_rows = std::clamp<int64_t>(config.vocab_size - vocab_begin, 0, vocab_chunk_);
@@ -146,12 +149,14 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
   for (int64_t layer_idx = 0; layer_idx < config.num_layers; ++layer_idx) {
     const std::string prefix = layer_prefix(layer_idx);
     LayerWeights layer;
-    layer.input_norm = load_vector(checkpoint.get(prefix + "input_layernorm.weight", {hidden}), 0, hidden);
-    layer.post_norm =
-        load_vector(checkpoint.get(prefix + "post_attention_layernorm.weight", {hidden}), 0, hidden);
+    layer.input_norm =
+        load_vector(checkpoint.get(prefix + "input_layernorm.weight", {hidden}), 0, hidden);
+    layer.post_norm = load_vector(
+        checkpoint.get(prefix + "post_attention_layernorm.weight", {hidden}), 0, hidden);
 
     const std::string attn = prefix + "self_attn.";
-    const TensorView& q_proj = checkpoint.get(attn + "q_proj.weight", {config.num_heads * head_dim, hidden});
+    const TensorView& q_proj =
+        checkpoint.get(attn + "q_proj.weight", {config.num_heads * head_dim, hidden});
     const TensorView& k_proj =
         checkpoint.get(attn + "k_proj.weight", {config.num_kv_heads * head_dim, hidden});
     const TensorView& v_proj =
@@ -159,15 +164,19 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
     layer.qkv = make_matrix(q_proj.dtype, q_rows + 2 * kv_rows, hidden);
     copy_block(q_proj, 0, first_q_head_ * head_dim, q_rows, 0, hidden, layer.qkv, 0);
     copy_block(k_proj, 0, first_kv_head_ * head_dim, kv_rows, 0, hidden, layer.qkv, q_rows);
-    copy_block(v_proj, 0, first_kv_head_ * head_dim, kv_rows, 0, hidden, layer.qkv, q_rows + kv_rows);
+    copy_block(v_proj, 0, first_kv_head_ * head_dim, kv_rows, 0, hidden, layer.qkv,
+               q_rows + kv_rows);
     if (config.attention_bias) {
       layer.qkv_bias = Buffer(DType::kF32, static_cast<size_t>(q_rows + 2 * kv_rows));
-      Buffer q_bias = load_vector(checkpoint.get(attn + "q_proj.bias", {config.num_heads * head_dim}),
-                                  first_q_head_ * head_dim, q_rows);
-      Buffer k_bias = load_vector(checkpoint.get(attn + "k_proj.bias", {config.num_kv_heads * head_dim}),
-                                  first_kv_head_ * head_dim, kv_rows);
-      Buffer v_bias = load_vector(checkpoint.get(attn + "v_proj.bias", {config.num_kv_heads * head_dim}),
-                                  first_kv_head_ * head_dim, kv_rows);
+      Buffer q_bias =
+          load_vector(checkpoint.get(attn + "q_proj.bias", {config.num_heads * head_dim}),
+                      first_q_head_ * head_dim, q_rows);
+      Buffer k_bias =
+          load_vector(checkpoint.get(attn + "k_proj.bias", {config.num_kv_heads * head_dim}),
+                      first_kv_head_ * head_dim, kv_rows);
+      Buffer v_bias =
+          load_vector(checkpoint.get(attn + "v_proj.bias", {config.num_kv_heads * head_dim}),
+                      first_kv_head_ * head_dim, kv_rows);
       float* bias = layer.qkv_bias.f32();
       std::copy_n(q_bias.f32(), q_rows, bias);
       std::copy_n(k_bias.f32(), kv_rows, bias + q_rows);
@@ -180,7 +189,8 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
       layer.q_norm = load_vector(checkpoint.get(attn + "q_norm.weight", {head_dim}), 0, head_dim);
       layer.k_norm = load_vector(checkpoint.get(attn + "k_norm.weight", {head_dim}), 0, head_dim);
     }
-    const TensorView& o_proj = checkpoint.get(attn + "o_proj.weight", {hidden, config.num_heads * head_dim});
+    const TensorView& o_proj =
+        checkpoint.get(attn + "o_proj.weight", {hidden, config.num_heads * head_dim});
     layer.o_proj = make_matrix(o_proj.dtype, hidden, q_rows);
     copy_block(o_proj, 0, 0, hidden, first_q_head_ * head_dim, q_rows, layer.o_proj, 0);
 
@@ -194,7 +204,8 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
                      &checkpoint.get(mlp + "up_proj.weight", {inter, hidden}),
                      &checkpoint.get(mlp + "down_proj.weight", {hidden, inter}), 0};
       layer.shared_width = inter / tp_size;
-      layer.shared = load_mlp(views, inter, hidden, layer.shared_width * tp_rank, layer.shared_width);
+      layer.shared =
+          load_mlp(views, inter, hidden, layer.shared_width * tp_rank, layer.shared_width);
       layers_.push_back(std::move(layer));
       continue;
     }
@@ -214,20 +225,25 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
     const TensorView* fused_gate_up = checkpoint.find(moe + "experts.gate_up_proj");
     const TensorView* fused_down = nullptr;
     if (fused_gate_up != nullptr) {
-      fused_gate_up = &checkpoint.get(moe + "experts.gate_up_proj", {num_experts, 2 * inter, hidden});
+      fused_gate_up =
+          &checkpoint.get(moe + "experts.gate_up_proj", {num_experts, 2 * inter, hidden});
       fused_down = &checkpoint.get(moe + "experts.down_proj", {num_experts, hidden, inter});
     }
     for (int32_t expert : placement.local_experts(layer_idx, tp_rank)) {
-      layer.expert_to_local[static_cast<size_t>(expert)] = static_cast<int32_t>(layer.experts.size());
+      layer.expert_to_local[static_cast<size_t>(expert)] =
+          static_cast<int32_t>(layer.experts.size());
       MlpViews views;
       if (fused_gate_up != nullptr) {
         views = MlpViews{fused_gate_up, nullptr, fused_down, expert};
       } else {
         std::string name = moe + "experts." + std::to_string(expert) + ".";
         bool mixtral_names = checkpoint.find(name + "w1.weight") != nullptr;
-        views.gate = &checkpoint.get(name + (mixtral_names ? "w1.weight" : "gate_proj.weight"), {inter, hidden});
-        views.up = &checkpoint.get(name + (mixtral_names ? "w3.weight" : "up_proj.weight"), {inter, hidden});
-        views.down = &checkpoint.get(name + (mixtral_names ? "w2.weight" : "down_proj.weight"), {hidden, inter});
+        views.gate = &checkpoint.get(name + (mixtral_names ? "w1.weight" : "gate_proj.weight"),
+                                     {inter, hidden});
+        views.up = &checkpoint.get(name + (mixtral_names ? "w3.weight" : "up_proj.weight"),
+                                   {inter, hidden});
+        views.down = &checkpoint.get(name + (mixtral_names ? "w2.weight" : "down_proj.weight"),
+                                     {hidden, inter});
       }
       layer.experts.push_back(load_mlp(views, inter, hidden, 0, inter));
       expert_dtype_ = layer.experts.back().gate_up.dtype();
@@ -236,13 +252,15 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
     if (config.shared_expert_intermediate_size > 0) {
       const int64_t shared_inter = config.shared_expert_intermediate_size;
       if (shared_inter % tp_size != 0)
-        throw_error("cannot split shared_expert_intermediate_size ", shared_inter, " over tp=", tp_size);
+        throw_error("cannot split shared_expert_intermediate_size ", shared_inter,
+                    " over tp=", tp_size);
       const std::string shared = moe + "shared_expert.";
       MlpViews views{&checkpoint.get(shared + "gate_proj.weight", {shared_inter, hidden}),
                      &checkpoint.get(shared + "up_proj.weight", {shared_inter, hidden}),
                      &checkpoint.get(shared + "down_proj.weight", {hidden, shared_inter}), 0};
       layer.shared_width = shared_inter / tp_size;
-      layer.shared = load_mlp(views, shared_inter, hidden, layer.shared_width * tp_rank, layer.shared_width);
+      layer.shared =
+          load_mlp(views, shared_inter, hidden, layer.shared_width * tp_rank, layer.shared_width);
       const TensorView& gate = checkpoint.get(moe + "shared_expert_gate.weight", {1, hidden});
       layer.shared_gate = make_matrix(gate.dtype, 1, hidden);
       copy_block(gate, 0, 0, 1, 0, hidden, layer.shared_gate, 0);
@@ -268,7 +286,8 @@ int64_t RankModel::weight_bytes() const {
 KvCache RankModel::make_cache(int64_t capacity) const {
   KvCache cache;
   cache.capacity = capacity;
-  size_t elements = static_cast<size_t>(config_.num_layers * kv_heads_local_ * capacity * config_.head_dim);
+  size_t elements =
+      static_cast<size_t>(config_.num_layers * kv_heads_local_ * capacity * config_.head_dim);
   cache.k = Buffer(DType::kF32, elements);
   cache.v = Buffer(DType::kF32, elements);
   return cache;
@@ -287,7 +306,8 @@ void RankModel::forward(const StepBatch& batch, std::vector<KvCache>& caches,
   for (int64_t token = 0; token < num_tokens; ++token) {
     int32_t token_id = batch.token_ids[static_cast<size_t>(token)];
     if (token_id < 0 || token_id >= config_.vocab_size)
-      throw_error("token id ", token_id, " is outside the vocabulary [0, ", config_.vocab_size, ")");
+      throw_error("token id ", token_id, " is outside the vocabulary [0, ", config_.vocab_size,
+                  ")");
     cpu::to_f32(static_cast<const std::byte*>(embed_.data.data()) +
                     static_cast<size_t>(token_id * hidden) * dtype_size(embed_.dtype()),
                 embed_.dtype(), hidden, hidden_.data() + token * hidden);
@@ -319,7 +339,8 @@ void RankModel::forward(const StepBatch& batch, std::vector<KvCache>& caches,
     int32_t token = batch.logits_rows[static_cast<size_t>(row)];
     KEEL_CHECK(token >= 0 && token < num_tokens, "logits row ", token);
     cpu::rms_norm(hidden_.data() + token * hidden, final_norm_.f32(),
-                  static_cast<float>(config_.rms_norm_eps), 1, hidden, lm_in_.data() + row * hidden);
+                  static_cast<float>(config_.rms_norm_eps), 1, hidden,
+                  lm_in_.data() + row * hidden);
   }
   ensure_size(local_logits_, static_cast<size_t>(num_rows * vocab_chunk_));
   cpu::gemm(lm_in_.data(), lm_head_.data.data(), lm_head_.dtype(), local_logits_.data(), num_rows,
@@ -360,7 +381,8 @@ void RankModel::attention(int64_t layer_idx, const StepBatch& batch, std::vector
       for (int64_t i = 0; i < qkv_width; ++i) row[i] += layer.qkv_bias.f32()[i];
     if (config_.qk_norm) {
       cpu::rms_norm(row, layer.q_norm.f32(), eps, q_heads_local_, head_dim, row);
-      cpu::rms_norm(row + q_width, layer.k_norm.f32(), eps, kv_heads_local_, head_dim, row + q_width);
+      cpu::rms_norm(row + q_width, layer.k_norm.f32(), eps, kv_heads_local_, head_dim,
+                    row + q_width);
     }
     int64_t position = batch.positions[static_cast<size_t>(token)];
     cpu::rope_cos_sin(position, config_.rope_theta, config_.rotary_dim, cos_sin_.data());
@@ -382,7 +404,8 @@ void RankModel::attention(int64_t layer_idx, const StepBatch& batch, std::vector
     KvCache& cache = caches[static_cast<size_t>(batch.cache_idx[static_cast<size_t>(token)])];
     int64_t num_positions = batch.positions[static_cast<size_t>(token)] + 1;
     ensure_size(scores_, static_cast<size_t>(num_positions));
-    size_t layer_offset = static_cast<size_t>(layer_idx * kv_heads_local_ * cache.capacity * head_dim);
+    size_t layer_offset =
+        static_cast<size_t>(layer_idx * kv_heads_local_ * cache.capacity * head_dim);
     cpu::attention_decode(qkv_.data() + token * qkv_width, q_heads_local_, kv_head_of_q_.data(),
                           cache.k.f32() + layer_offset, cache.v.f32() + layer_offset,
                           cache.capacity, head_dim, num_positions, scale, scores_.data(),
@@ -396,11 +419,12 @@ void RankModel::dense_mlp(const ExpertWeights& weights, int64_t width, int64_t n
                           float* out) {
   ensure_size(expert_mid_, static_cast<size_t>(num_tokens * 2 * width));
   ensure_size(expert_act_, static_cast<size_t>(num_tokens * width));
-  cpu::gemm(normed_.data(), weights.gate_up.data.data(), weights.gate_up.dtype(), expert_mid_.data(),
-            num_tokens, 2 * width, config_.hidden_size);
+  cpu::gemm(normed_.data(), weights.gate_up.data.data(), weights.gate_up.dtype(),
+            expert_mid_.data(), num_tokens, 2 * width, config_.hidden_size);
   for (int64_t token = 0; token < num_tokens; ++token)
-    cpu::silu_mul(expert_mid_.data() + token * 2 * width, expert_mid_.data() + token * 2 * width + width,
-                  width, expert_act_.data() + token * width);
+    cpu::silu_mul(expert_mid_.data() + token * 2 * width,
+                  expert_mid_.data() + token * 2 * width + width, width,
+                  expert_act_.data() + token * width);
   cpu::gemm(expert_act_.data(), weights.down.data.data(), weights.down.dtype(), out, num_tokens,
             config_.hidden_size, width);
 }
@@ -427,7 +451,8 @@ void RankModel::moe(int64_t layer_idx, int64_t num_tokens) {
     for (int64_t slot = 0; slot < top_k; ++slot) {
       int32_t expert = route_ids_[token * top_k + slot];
       ++counts[static_cast<size_t>(expert)];
-      routing_fingerprint_ = (routing_fingerprint_ ^ static_cast<uint64_t>(expert)) * 0x100000001b3ull;
+      routing_fingerprint_ =
+          (routing_fingerprint_ ^ static_cast<uint64_t>(expert)) * 0x100000001b3ull;
     }
   }
 
@@ -449,8 +474,9 @@ void RankModel::moe(int64_t layer_idx, int64_t num_tokens) {
     cpu::gemm(expert_in_.data(), expert.gate_up.data.data(), expert.gate_up.dtype(),
               expert_mid_.data(), batch_rows, 2 * inter, hidden);
     for (int64_t row = 0; row < batch_rows; ++row)
-      cpu::silu_mul(expert_mid_.data() + row * 2 * inter, expert_mid_.data() + row * 2 * inter + inter,
-                    inter, expert_act_.data() + row * inter);
+      cpu::silu_mul(expert_mid_.data() + row * 2 * inter,
+                    expert_mid_.data() + row * 2 * inter + inter, inter,
+                    expert_act_.data() + row * inter);
     cpu::gemm(expert_act_.data(), expert.down.data.data(), expert.down.dtype(), expert_out_.data(),
               batch_rows, hidden, inter);
     for (int64_t row = 0; row < batch_rows; ++row) {
@@ -475,7 +501,8 @@ void RankModel::moe(int64_t layer_idx, int64_t num_tokens) {
       float weight = route_weights_[token * top_k + slot];
       const float* expert_row = slot_out_.data() + (token * top_k + slot) * hidden;
       if (round) {
-        for (int64_t i = 0; i < hidden; ++i) out[i] += round_to_dtype(weight * expert_row[i], expert_dtype_);
+        for (int64_t i = 0; i < hidden; ++i)
+          out[i] += round_to_dtype(weight * expert_row[i], expert_dtype_);
       } else {
         for (int64_t i = 0; i < hidden; ++i) out[i] += weight * expert_row[i];
       }

@@ -69,9 +69,12 @@ DType parse_config_dtype(const ConfigReader& reader) {
 
 std::string_view architecture_name(Architecture architecture) {
   switch (architecture) {
-    case Architecture::kQwen3Moe: return "Qwen3MoeForCausalLM";
-    case Architecture::kQwen2Moe: return "Qwen2MoeForCausalLM";
-    case Architecture::kMixtral: return "MixtralForCausalLM";
+    case Architecture::kQwen3Moe:
+      return "Qwen3MoeForCausalLM";
+    case Architecture::kQwen2Moe:
+      return "Qwen2MoeForCausalLM";
+    case Architecture::kMixtral:
+      return "MixtralForCausalLM";
   }
   return "?";
 }
@@ -145,7 +148,8 @@ ModelConfig ModelConfig::parse(const std::string& json_text, const std::string& 
     const json& rope = root[key];
     if (!rope.is_object()) throw_error(source_name, ": '", key, "' must be an object");
     ConfigReader rope_reader(rope, source_name + " " + key);
-    std::string rope_type = rope_reader.string_or("rope_type", rope_reader.string_or("type", "default"));
+    std::string rope_type =
+        rope_reader.string_or("rope_type", rope_reader.string_or("type", "default"));
     if (rope_type != "default")
       throw_error(source_name, ": unsupported rope_type '", rope_type, "' in ", key,
                   " (supported: default)");
@@ -153,7 +157,8 @@ ModelConfig ModelConfig::parse(const std::string& json_text, const std::string& 
     partial_rotary_factor = rope_reader.number_or("partial_rotary_factor", partial_rotary_factor);
   }
   if (!(config.rope_theta > 0)) throw_error(source_name, ": rope_theta must be > 0");
-  config.rotary_dim = static_cast<int64_t>(static_cast<double>(config.head_dim) * partial_rotary_factor);
+  config.rotary_dim =
+      static_cast<int64_t>(static_cast<double>(config.head_dim) * partial_rotary_factor);
   if (config.rotary_dim <= 0 || config.rotary_dim > config.head_dim || config.rotary_dim % 2 != 0)
     throw_error(source_name, ": partial_rotary_factor ", partial_rotary_factor,
                 " gives rotary dim ", config.rotary_dim, " for head_dim ", config.head_dim,
@@ -210,7 +215,8 @@ ModelConfig ModelConfig::parse(const std::string& json_text, const std::string& 
   }
   require_positive(reader, "moe_intermediate_size", config.moe_intermediate_size);
   for (bool is_moe : config.layer_is_moe)
-    if (!is_moe) require_positive(reader, "intermediate_size (dense layers)", config.intermediate_size);
+    if (!is_moe)
+      require_positive(reader, "intermediate_size (dense layers)", config.intermediate_size);
   return config;
 }
 

@@ -34,7 +34,7 @@ struct ModelConfig {
   bool norm_topk_prob = false;
   std::vector<bool> layer_is_moe;  // [num_layers]
 
-  bool qk_norm = false;       // Qwen3: RMSNorm over head_dim on q and k before RoPE
+  bool qk_norm = false;         // Qwen3: RMSNorm over head_dim on q and k before RoPE
   bool attention_bias = false;  // Qwen2: bias on q/k/v projections
   bool tie_word_embeddings = false;
   DType dtype = DType::kF32;  // declared dtype (torch_dtype / dtype)

@@ -1,7 +1,8 @@
 // safetensors files: reading (mmap + validated JSON header) and writing.
 //
 // Format: 8-byte little-endian header length N, then N bytes of JSON
-//   {"__metadata__": {str: str}, "<name>": {"dtype": "BF16", "shape": [..], "data_offsets": [b, e]}}
+//   {"__metadata__": {str: str}, "<name>": {"dtype": "BF16", "shape": [..], "data_offsets": [b,
+//   e]}}
 // then the data region; offsets are relative to the data region's start. The reader validates
 // everything before any tensor is handed out: header length within the file, JSON well formed,
 // known dtype, shape x dtype size == e - b, offsets inside the file, regions non-overlapping.

@@ -18,8 +18,8 @@ void pack_routes(const int32_t* expert_ids, int64_t num_tokens, int64_t top_k,
   int64_t num_pairs = num_tokens * top_k;
   for (int64_t pair = 0; pair < num_pairs; ++pair) {
     int32_t expert = expert_ids[pair];
-    KEEL_CHECK(expert >= 0 && static_cast<size_t>(expert) < expert_to_local.size(),
-               "expert id ", expert, " out of range");
+    KEEL_CHECK(expert >= 0 && static_cast<size_t>(expert) < expert_to_local.size(), "expert id ",
+               expert, " out of range");
     int32_t local = expert_to_local[static_cast<size_t>(expert)];
     if (local >= 0) ++packing.offsets[static_cast<size_t>(local) + 1];
   }

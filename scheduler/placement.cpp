@@ -6,9 +6,12 @@ namespace keel {
 
 std::string_view placement_kind_name(PlacementKind kind) {
   switch (kind) {
-    case PlacementKind::kContiguous: return "contiguous";
-    case PlacementKind::kRoundRobin: return "round_robin";
-    case PlacementKind::kExplicit: return "explicit";
+    case PlacementKind::kContiguous:
+      return "contiguous";
+    case PlacementKind::kRoundRobin:
+      return "round_robin";
+    case PlacementKind::kExplicit:
+      return "explicit";
   }
   return "?";
 }
@@ -33,15 +36,19 @@ ExpertPlacement ExpertPlacement::build(const PlacementSpec& spec, int64_t num_la
     for (int64_t expert = 0; expert < num_experts; ++expert) {
       int rank = 0;
       switch (spec.kind) {
-        case PlacementKind::kContiguous: rank = static_cast<int>(expert / block); break;
-        case PlacementKind::kRoundRobin: rank = static_cast<int>(expert % tp_size); break;
+        case PlacementKind::kContiguous:
+          rank = static_cast<int>(expert / block);
+          break;
+        case PlacementKind::kRoundRobin:
+          rank = static_cast<int>(expert % tp_size);
+          break;
         case PlacementKind::kExplicit: {
           if (spec.explicit_ranks.size() != 1 &&
               static_cast<int64_t>(spec.explicit_ranks.size()) != num_layers)
             throw_error("explicit placement: expected 1 or ", num_layers, " lists, got ",
                         spec.explicit_ranks.size());
-          const auto& ranks = spec.explicit_ranks.size() == 1 ? spec.explicit_ranks[0]
-                                                              : spec.explicit_ranks[layer];
+          const auto& ranks =
+              spec.explicit_ranks.size() == 1 ? spec.explicit_ranks[0] : spec.explicit_ranks[layer];
           if (static_cast<int64_t>(ranks.size()) != num_experts)
             throw_error("explicit placement for layer ", layer, ": expected ", num_experts,
                         " ranks (one per expert), got ", ranks.size());

@@ -28,8 +28,8 @@ struct PlacementSpec {
 class ExpertPlacement {
  public:
   // Throws keel::Error when an explicit list has the wrong length or names a rank >= tp_size.
-  static ExpertPlacement build(const PlacementSpec& spec, int64_t num_layers,
-                               int64_t num_experts, int tp_size);
+  static ExpertPlacement build(const PlacementSpec& spec, int64_t num_layers, int64_t num_experts,
+                               int tp_size);
 
   int rank_of(int64_t layer_idx, int64_t expert_idx) const {
     return rank_of_[layer_idx * num_experts_ + expert_idx];

@@ -66,7 +66,8 @@ nlohmann::json generate_json(const std::string& args) {
 }
 
 TEST(Cli, GenerateJsonHasTokensDigestCountsAndTimings) {
-  nlohmann::json out = generate_json("--tp 4 --reduce fixed_order --placement round_robin --prompt-ids 1,2,3 --max-tokens 6");
+  nlohmann::json out = generate_json(
+      "--tp 4 --reduce fixed_order --placement round_robin --prompt-ids 1,2,3 --max-tokens 6");
   ASSERT_FALSE(out.is_discarded());
   EXPECT_EQ(out["tokens"].size(), 6u);
   EXPECT_EQ(out["logits_digest"].get<std::string>().size(), 64u);
@@ -100,7 +101,8 @@ TEST(Cli, ExplicitPlacementFromDeploymentYaml) {
 }
 
 // Copies the tiny model and lets `corrupt` damage the copy.
-std::string corrupted_copy(const std::string& name, const std::function<void(const std::string&)>& corrupt) {
+std::string corrupted_copy(const std::string& name,
+                           const std::function<void(const std::string&)>& corrupt) {
   std::string dir = work_dir() + "/" + name;
   fs::remove_all(dir);
   fs::create_directories(dir);
@@ -114,7 +116,8 @@ void expect_clean_failure(const std::string& args, const std::string& expected_t
   RunResult result = run_keel(args);
   EXPECT_EQ(result.exit_code, 1) << result.output;
   EXPECT_NE(result.output.find(expected_text), std::string::npos)
-      << "expected '" << expected_text << "' in:\n" << result.output;
+      << "expected '" << expected_text << "' in:\n"
+      << result.output;
   EXPECT_EQ(result.output.find("FATAL"), std::string::npos) << result.output;
 }
 
@@ -172,20 +175,26 @@ TEST(CliErrors, WrongShapeInConfig) {
     config["vocab_size"] = 300;
     std::ofstream(path + "/config.json") << config.dump();
   });
-  expect_clean_failure("generate --model " + dir, "model.embed_tokens.weight: expected shape [300, 64], found [256, 64]");
+  expect_clean_failure("generate --model " + dir,
+                       "model.embed_tokens.weight: expected shape [300, 64], found [256, 64]");
 }
 
 TEST(CliErrors, UnknownYamlKeyAndBadFlags) {
   std::string yaml = work_dir() + "/typo.yaml";
   std::ofstream(yaml) << "model: " << tiny_model() << "\ntp: 4\nplacment: round_robin\n";
   expect_clean_failure("generate --config " + yaml, "unknown key 'placment'");
-  expect_clean_failure("generate --model " + tiny_model() + " --tp 4 --reduce ring", "unknown all-reduce algorithm 'ring'");
-  expect_clean_failure("generate --model " + tiny_model() + " --bogus 1", "unknown argument '--bogus'");
-  expect_clean_failure("generate --model " + tiny_model() + " --prompt-ids 1,x", "'x' is not a non-negative integer");
-  expect_clean_failure("gen-model --preset nope --out " + work_dir() + "/nope", "unknown model preset 'nope'");
+  expect_clean_failure("generate --model " + tiny_model() + " --tp 4 --reduce ring",
+                       "unknown all-reduce algorithm 'ring'");
+  expect_clean_failure("generate --model " + tiny_model() + " --bogus 1",
+                       "unknown argument '--bogus'");
+  expect_clean_failure("generate --model " + tiny_model() + " --prompt-ids 1,x",
+                       "'x' is not a non-negative integer");
+  expect_clean_failure("gen-model --preset nope --out " + work_dir() + "/nope",
+                       "unknown model preset 'nope'");
   std::string preset = work_dir() + "/bad-preset.yaml";
   std::ofstream(preset) << "vocab_size: 10\nhiden_size: 8\n";
-  expect_clean_failure("gen-model --preset " + preset + " --out " + work_dir() + "/bad", "unknown key 'hiden_size'");
+  expect_clean_failure("gen-model --preset " + preset + " --out " + work_dir() + "/bad",
+                       "unknown key 'hiden_size'");
 }
 
 }  // namespace

@@ -7,7 +7,8 @@
 
 TEST(CudaDevice, ReportsDevicesOrSkipsClearly) {
   int count = keel::cuda::device_count();
-  if (count == 0) GTEST_SKIP() << "skipped: no CUDA device (" << keel::cuda::no_device_reason() << ")";
+  if (count == 0)
+    GTEST_SKIP() << "skipped: no CUDA device (" << keel::cuda::no_device_reason() << ")";
   EXPECT_GT(count, 0);
   EXPECT_EQ(keel::cuda::no_device_reason(), "");
 }

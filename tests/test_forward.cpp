@@ -24,7 +24,8 @@ namespace fs = std::filesystem;
 // ctest runs each test in its own process, two at a time, so every process writes its own
 // checkpoints (and removes them at exit): no process reads a directory another is rewriting.
 struct ScratchDir {
-  std::string path = std::string(KEEL_BINARY_DIR) + "/test-models/pid-" + std::to_string(::getpid());
+  std::string path =
+      std::string(KEEL_BINARY_DIR) + "/test-models/pid-" + std::to_string(::getpid());
   ~ScratchDir() {
     std::error_code ignored;
     fs::remove_all(path, ignored);
@@ -94,7 +95,8 @@ TEST_P(TensorParallel, MatchesSingleRankWithinFp32Rounding) {
       for (auto placement : {PlacementKind::kContiguous, PlacementKind::kRoundRobin}) {
         Engine engine(dir, options_for(tp, reduce, placement));
         GenerateResult result = engine.generate(request);
-        SCOPED_TRACE("tp=" + std::to_string(tp) + " reduce=" + std::string(comm::reduce_algo_name(reduce)) +
+        SCOPED_TRACE("tp=" + std::to_string(tp) +
+                     " reduce=" + std::string(comm::reduce_algo_name(reduce)) +
                      " placement=" + std::string(placement_kind_name(placement)));
         EXPECT_EQ(result.tokens, reference.tokens);
         EXPECT_LT(max_relative_logit_diff(result, reference), 1e-4);
@@ -114,7 +116,8 @@ TEST_P(TensorParallel, ExpertCountsAddUpToRoutedTokens) {
   for (size_t layer = 0; layer < result.expert_counts.size(); ++layer) {
     int64_t total = 0;
     for (int64_t count : result.expert_counts[layer]) total += count;
-    int64_t expected = engine.config().layer_is_moe[layer] ? tokens_processed * engine.config().top_k : 0;
+    int64_t expected =
+        engine.config().layer_is_moe[layer] ? tokens_processed * engine.config().top_k : 0;
     EXPECT_EQ(total, expected) << "layer " << layer;
   }
 }
@@ -131,18 +134,20 @@ INSTANTIATE_TEST_SUITE_P(Presets, TensorParallel,
 // across 5 runs and whether the prompt runs alone or batched with 7 others.
 TEST(FixedOrder, DigestIdenticalAcrossRunsAndBatchSizes) {
   std::string dir = model_dir("tiny");
-  for (auto placement : {PlacementKind::kContiguous, PlacementKind::kRoundRobin, PlacementKind::kExplicit}) {
+  for (auto placement :
+       {PlacementKind::kContiguous, PlacementKind::kRoundRobin, PlacementKind::kExplicit}) {
     EngineOptions options = options_for(4, comm::ReduceAlgo::kFixedOrder, placement);
     if (placement == PlacementKind::kExplicit)
-      options.placement = load_deployment(std::string(KEEL_SOURCE_DIR) +
-                                          "/configs/deployments/explicit-tiny.yaml")
-                              .engine.placement;
+      options.placement =
+          load_deployment(std::string(KEEL_SOURCE_DIR) + "/configs/deployments/explicit-tiny.yaml")
+              .engine.placement;
     Engine engine(dir, options);
     GenerateResult alone = engine.generate(request_with(0, engine.config().vocab_size));
     ASSERT_EQ(alone.logits_digest.size(), 64u);
     for (int run = 0; run < 5; ++run) {
       GenerateResult again = engine.generate(request_with(0, engine.config().vocab_size));
-      EXPECT_EQ(again.logits_digest, alone.logits_digest) << placement_kind_name(placement) << " run " << run;
+      EXPECT_EQ(again.logits_digest, alone.logits_digest)
+          << placement_kind_name(placement) << " run " << run;
       EXPECT_EQ(again.tokens[0], alone.tokens[0]);
     }
     GenerateResult batched = engine.generate(request_with(7, engine.config().vocab_size));
@@ -193,8 +198,9 @@ std::string error_of(const std::function<void()>& action) {
 
 TEST(Errors, UnsplittableHeadsAndBadShapes) {
   std::string dir = model_dir("tiny");
-  EXPECT_NE(error_of([&] { Engine engine(dir, options_for(3)); })
-                .find("cannot split 8 attention heads over tp=3"),
+  EXPECT_NE(error_of([&] {
+              Engine engine(dir, options_for(3));
+            }).find("cannot split 8 attention heads over tp=3"),
             std::string::npos);
 
   // A config that disagrees with the weights: the error names the tensor and both shapes.
@@ -212,7 +218,8 @@ TEST(Errors, UnsplittableHeadsAndBadShapes) {
   Engine engine(dir, options_for(1));
   GenerateRequest request = request_with(0, engine.config().vocab_size);
   request.prompts[0][0] = 100000;
-  EXPECT_NE(error_of([&] { engine.generate(request); }).find("outside the vocabulary"), std::string::npos);
+  EXPECT_NE(error_of([&] { engine.generate(request); }).find("outside the vocabulary"),
+            std::string::npos);
 }
 
 TEST(Errors, DeploymentYamlRejectsUnknownKeysAndBadValues) {
@@ -222,18 +229,23 @@ TEST(Errors, DeploymentYamlRejectsUnknownKeysAndBadValues) {
     std::ofstream(dir + "/" + name) << text;
     return dir + "/" + name;
   };
-  EXPECT_NE(error_of([&] { load_deployment(write("typo.yaml", "tp: 4\nreduse: native\n")); })
-                .find("unknown key 'reduse'"),
+  EXPECT_NE(error_of([&] {
+              load_deployment(write("typo.yaml", "tp: 4\nreduse: native\n"));
+            }).find("unknown key 'reduse'"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { load_deployment(write("algo.yaml", "reduce: fastest\n")); })
-                .find("unknown all-reduce algorithm 'fastest'"),
+  EXPECT_NE(error_of([&] {
+              load_deployment(write("algo.yaml", "reduce: fastest\n"));
+            }).find("unknown all-reduce algorithm 'fastest'"),
             std::string::npos);
   EXPECT_NE(error_of([&] { load_deployment(write("tp.yaml", "tp: four\n")); }).find("key 'tp'"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { load_deployment(write("explicit.yaml", "placement: explicit\n")); })
-                .find("needs an explicit_placement list"),
+  EXPECT_NE(error_of([&] {
+              load_deployment(write("explicit.yaml", "placement: explicit\n"));
+            }).find("needs an explicit_placement list"),
             std::string::npos);
-  Deployment deployment = load_deployment(write("ok.yaml", "model: /m\ntp: 2\nreduce: native\nplacement: round_robin\ncombine: round_per_expert\n"));
+  Deployment deployment = load_deployment(write(
+      "ok.yaml",
+      "model: /m\ntp: 2\nreduce: native\nplacement: round_robin\ncombine: round_per_expert\n"));
   EXPECT_EQ(deployment.model_dir, "/m");
   EXPECT_EQ(deployment.engine.tp_size, 2);
   EXPECT_EQ(deployment.engine.reduce, comm::ReduceAlgo::kNative);

@@ -60,7 +60,8 @@ TEST_P(HfParity, LogitsAndGreedyTokensMatchTransformers) {
   Engine engine(fixture_dir(name), options);
 
   GenerateRequest request;
-  for (const auto& prompt : reference["prompts"]) request.prompts.push_back(prompt.get<std::vector<int32_t>>());
+  for (const auto& prompt : reference["prompts"])
+    request.prompts.push_back(prompt.get<std::vector<int32_t>>());
   request.max_new_tokens = reference["max_new_tokens"].get<int64_t>();
   request.keep_all_logits = true;
   GenerateResult result = engine.generate(request);
@@ -76,22 +77,25 @@ TEST_P(HfParity, LogitsAndGreedyTokensMatchTransformers) {
     ASSERT_EQ(result.step_logits[prompt].size(), step_logits.size());
     for (size_t step = 0; step < step_logits.size(); ++step)
       compare_row(result.step_logits[prompt][step], step_logits[step], comparison);
-    EXPECT_EQ(result.tokens[prompt], reference["greedy_tokens"][prompt].get<std::vector<int32_t>>());
+    EXPECT_EQ(result.tokens[prompt],
+              reference["greedy_tokens"][prompt].get<std::vector<int32_t>>());
   }
   RecordProperty("max_abs_logit_diff", std::to_string(comparison.max_abs_diff));
-  std::printf("[ parity ] %s tp=%d: max |keel - transformers| logit diff %.3g (%.1f%% of tolerance)\n",
-              name.c_str(), tp, comparison.max_abs_diff, 100 * comparison.worst_ratio);
+  std::printf(
+      "[ parity ] %s tp=%d: max |keel - transformers| logit diff %.3g (%.1f%% of tolerance)\n",
+      name.c_str(), tp, comparison.max_abs_diff, 100 * comparison.worst_ratio);
   EXPECT_LT(comparison.worst_ratio, 1.0) << "max abs diff " << comparison.max_abs_diff;
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Fixtures, HfParity,
-    ::testing::Combine(::testing::Values("qwen3_moe", "qwen3_moe_bf16", "qwen3_moe_fused",
-                                         "qwen2_moe_sharded", "mixtral"),
-                       ::testing::Values(1, 4)),
-    [](const auto& info) {
-      return std::get<0>(info.param) + "_tp" + std::to_string(std::get<1>(info.param));
-    });
+INSTANTIATE_TEST_SUITE_P(Fixtures, HfParity,
+                         ::testing::Combine(::testing::Values("qwen3_moe", "qwen3_moe_bf16",
+                                                              "qwen3_moe_fused",
+                                                              "qwen2_moe_sharded", "mixtral"),
+                                            ::testing::Values(1, 4)),
+                         [](const auto& info) {
+                           return std::get<0>(info.param) + "_tp" +
+                                  std::to_string(std::get<1>(info.param));
+                         });
 
 }  // namespace
 }  // namespace keel

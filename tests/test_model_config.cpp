@@ -85,21 +85,28 @@ TEST(ModelConfig, MixtralAndQwen2) {
 }
 
 TEST(ModelConfig, ErrorsNameTheProblem) {
-  EXPECT_NE(error_of(R"({"architectures": ["LlamaForCausalLM"]})").find("unsupported architecture 'LlamaForCausalLM'"),
+  EXPECT_NE(error_of(R"({"architectures": ["LlamaForCausalLM"]})")
+                .find("unsupported architecture 'LlamaForCausalLM'"),
             std::string::npos);
-  EXPECT_NE(error_of("{not json").find("test/config.json: not a valid JSON object"), std::string::npos);
+  EXPECT_NE(error_of("{not json").find("test/config.json: not a valid JSON object"),
+            std::string::npos);
   const std::string base = R"("architectures": ["Qwen3MoeForCausalLM"], "num_hidden_layers": 2,
       "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 64, "num_experts": 4,
       "num_experts_per_tok": 2, "moe_intermediate_size": 8)";
-  EXPECT_NE(error_of("{" + base + "}").find("missing required field 'hidden_size'"), std::string::npos);
-  EXPECT_NE(error_of("{" + base + R"(, "hidden_size": "64"})").find("'hidden_size' must be an integer"),
+  EXPECT_NE(error_of("{" + base + "}").find("missing required field 'hidden_size'"),
             std::string::npos);
-  EXPECT_NE(error_of("{" + base + R"(, "hidden_size": 64, "rope_scaling": {"rope_type": "yarn", "factor": 4}})")
+  EXPECT_NE(
+      error_of("{" + base + R"(, "hidden_size": "64"})").find("'hidden_size' must be an integer"),
+      std::string::npos);
+  EXPECT_NE(error_of("{" + base +
+                     R"(, "hidden_size": 64, "rope_scaling": {"rope_type": "yarn", "factor": 4}})")
                 .find("unsupported rope_type 'yarn'"),
             std::string::npos);
-  EXPECT_NE(error_of("{" + base + R"(, "hidden_size": 64, "num_experts_per_tok": 9})").find("num_experts_per_tok"),
+  EXPECT_NE(error_of("{" + base + R"(, "hidden_size": 64, "num_experts_per_tok": 9})")
+                .find("num_experts_per_tok"),
             std::string::npos);
-  EXPECT_NE(error_of("{" + base + R"(, "hidden_size": 64, "hidden_act": "gelu"})").find("hidden_act 'gelu'"),
+  EXPECT_NE(error_of("{" + base + R"(, "hidden_size": 64, "hidden_act": "gelu"})")
+                .find("hidden_act 'gelu'"),
             std::string::npos);
   EXPECT_NE(error_of(R"({"architectures": ["Qwen3MoeForCausalLM"], "num_hidden_layers": 2,
       "num_attention_heads": 6, "num_key_value_heads": 4, "vocab_size": 64, "num_experts": 4,

@@ -38,9 +38,9 @@ template <typename... Args>
 
 }  // namespace keel
 
-#define KEEL_CHECK(cond, ...)                                                          \
-  do {                                                                                 \
-    if (!(cond)) [[unlikely]]                                                          \
-      ::keel::fatal(__FILE__, __LINE__,                                                \
+#define KEEL_CHECK(cond, ...)                                                           \
+  do {                                                                                  \
+    if (!(cond)) [[unlikely]]                                                           \
+      ::keel::fatal(__FILE__, __LINE__,                                                 \
                     ::keel::detail::concat("check failed: " #cond " ", ##__VA_ARGS__)); \
   } while (0)

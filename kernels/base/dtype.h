@@ -19,13 +19,18 @@ namespace keel {
 
 enum class DType : uint8_t { kF32, kBF16, kF16 };
 
-constexpr size_t dtype_size(DType dtype) { return dtype == DType::kF32 ? 4 : 2; }
+constexpr size_t dtype_size(DType dtype) {
+  return dtype == DType::kF32 ? 4 : 2;
+}
 
 constexpr std::string_view dtype_name(DType dtype) {
   switch (dtype) {
-    case DType::kF32: return "F32";
-    case DType::kBF16: return "BF16";
-    case DType::kF16: return "F16";
+    case DType::kF32:
+      return "F32";
+    case DType::kBF16:
+      return "BF16";
+    case DType::kF16:
+      return "F16";
   }
   return "?";
 }
@@ -42,7 +47,9 @@ KEEL_HD inline float bits_float(uint32_t bits) {
   return value;
 }
 
-KEEL_HD inline float bf16_to_f32(uint16_t bf16) { return bits_float(uint32_t{bf16} << 16); }
+KEEL_HD inline float bf16_to_f32(uint16_t bf16) {
+  return bits_float(uint32_t{bf16} << 16);
+}
 
 KEEL_HD inline uint16_t f32_to_bf16(float value) {
   uint32_t bits = float_bits(value);
@@ -91,18 +98,24 @@ KEEL_HD inline uint16_t f32_to_f16(float value) {
 // Round an fp32 value to the nearest value representable in `dtype` (identity for f32).
 KEEL_HD inline float round_to_dtype(float value, DType dtype) {
   switch (dtype) {
-    case DType::kBF16: return bf16_to_f32(f32_to_bf16(value));
-    case DType::kF16: return f16_to_f32(f32_to_f16(value));
-    default: return value;
+    case DType::kBF16:
+      return bf16_to_f32(f32_to_bf16(value));
+    case DType::kF16:
+      return f16_to_f32(f32_to_f16(value));
+    default:
+      return value;
   }
 }
 
 // Load element `index` of a buffer in `dtype` as fp32.
 KEEL_HD inline float load_as_f32(const void* data, DType dtype, size_t index) {
   switch (dtype) {
-    case DType::kBF16: return bf16_to_f32(static_cast<const uint16_t*>(data)[index]);
-    case DType::kF16: return f16_to_f32(static_cast<const uint16_t*>(data)[index]);
-    default: return static_cast<const float*>(data)[index];
+    case DType::kBF16:
+      return bf16_to_f32(static_cast<const uint16_t*>(data)[index]);
+    case DType::kF16:
+      return f16_to_f32(static_cast<const uint16_t*>(data)[index]);
+    default:
+      return static_cast<const float*>(data)[index];
   }
 }
 

@@ -28,7 +28,9 @@ void apply_rope(float* head_vectors, int64_t num_heads, int64_t head_dim, int64_
 // out[i] = silu(gate[i]) * up[i] for one row pair; silu(x) = x / (1 + exp(-x)).
 void silu_mul(const float* gate, const float* up, int64_t width, float* out);
 
-inline float sigmoid(float x) { return 1.0f / (1.0f + __builtin_expf(-x)); }
+inline float sigmoid(float x) {
+  return 1.0f / (1.0f + __builtin_expf(-x));
+}
 
 // In-place softmax over one row (max-subtracted, fp32).
 void softmax(float* row, int64_t width);

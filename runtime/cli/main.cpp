@@ -79,7 +79,8 @@ std::vector<int32_t> parse_ids(const std::string& text) {
   size_t start = 0;
   while (start <= text.size()) {
     size_t comma = text.find(',', start);
-    std::string item = text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+    std::string item =
+        text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
     try {
       size_t used = 0;
       long value = std::stol(item, &used);
@@ -96,8 +97,10 @@ std::vector<int32_t> parse_ids(const std::string& text) {
 
 int gen_model(int argc, char** argv) {
   Flags flags(argc, argv, 2, {"--preset", "--out", "--seed", "--max-shard-mb"}, {"--verbose"});
-  if (!flags.has("--preset") || !flags.has("--out")) throw_error("gen-model needs --preset and --out");
-  keel::ModelPreset preset = keel::load_model_preset(keel::find_model_preset(flags.get("--preset")));
+  if (!flags.has("--preset") || !flags.has("--out"))
+    throw_error("gen-model needs --preset and --out");
+  keel::ModelPreset preset =
+      keel::load_model_preset(keel::find_model_preset(flags.get("--preset")));
   keel::GenModelOptions options;
   options.seed = static_cast<uint64_t>(flags.integer("--seed", 0));
   options.max_shard_bytes = flags.integer("--max-shard-mb", 0) * 1024 * 1024;
@@ -110,20 +113,24 @@ int gen_model(int argc, char** argv) {
 
 int generate(int argc, char** argv) {
   Flags flags(argc, argv, 2,
-              {"--model", "--config", "--tp", "--reduce", "--placement", "--combine", "--prompt-ids",
-               "--max-tokens", "--batch-with"},
+              {"--model", "--config", "--tp", "--reduce", "--placement", "--combine",
+               "--prompt-ids", "--max-tokens", "--batch-with"},
               {"--json", "--verbose"});
   keel::init_logging(flags.has("--verbose"));
   keel::Deployment deployment;
   if (flags.has("--config")) deployment = keel::load_deployment(flags.get("--config"));
   if (flags.has("--model")) deployment.model_dir = flags.get("--model");
-  if (deployment.model_dir.empty()) throw_error("generate needs --model DIR (or model: in --config)");
+  if (deployment.model_dir.empty())
+    throw_error("generate needs --model DIR (or model: in --config)");
   keel::EngineOptions& options = deployment.engine;
   options.tp_size = static_cast<int>(flags.integer("--tp", options.tp_size));
   if (flags.has("--reduce")) options.reduce = keel::comm::parse_reduce_algo(flags.get("--reduce"));
-  if (flags.has("--placement")) options.placement.kind = keel::parse_placement_kind(flags.get("--placement"));
-  if (flags.has("--combine")) options.combine = keel::parse_combine_precision(flags.get("--combine"));
-  if (options.placement.kind == keel::PlacementKind::kExplicit && options.placement.explicit_ranks.empty())
+  if (flags.has("--placement"))
+    options.placement.kind = keel::parse_placement_kind(flags.get("--placement"));
+  if (flags.has("--combine"))
+    options.combine = keel::parse_combine_precision(flags.get("--combine"));
+  if (options.placement.kind == keel::PlacementKind::kExplicit &&
+      options.placement.explicit_ranks.empty())
     throw_error("--placement explicit needs explicit_placement in a --config file");
   int64_t batch_with = flags.integer("--batch-with", 0);
   if (batch_with < 0 || batch_with > 1024) throw_error("--batch-with must be in [0, 1024]");
@@ -139,7 +146,8 @@ int generate(int argc, char** argv) {
                keel::placement_kind_name(options.placement.kind));
   keel::GenerateResult result = engine.generate(request);
 
-  double decode_tokens = static_cast<double>(result.num_decode_steps) * static_cast<double>(request.prompts.size());
+  double decode_tokens =
+      static_cast<double>(result.num_decode_steps) * static_cast<double>(request.prompts.size());
   nlohmann::json out;
   out["model"] = deployment.model_dir;
   out["architecture"] = engine.config().architecture_name;
@@ -164,21 +172,24 @@ int generate(int argc, char** argv) {
     return 0;
   }
   std::printf("model %s (%s), tp=%d, reduce=%s, placement=%s, combine=%s, batch=%zu\n",
-              deployment.model_dir.c_str(), engine.config().architecture_name.c_str(), options.tp_size,
-              std::string(keel::comm::reduce_algo_name(options.reduce)).c_str(),
+              deployment.model_dir.c_str(), engine.config().architecture_name.c_str(),
+              options.tp_size, std::string(keel::comm::reduce_algo_name(options.reduce)).c_str(),
               std::string(keel::placement_kind_name(options.placement.kind)).c_str(),
-              std::string(keel::combine_precision_name(options.combine)).c_str(), request.prompts.size());
+              std::string(keel::combine_precision_name(options.combine)).c_str(),
+              request.prompts.size());
   std::printf("tokens:");
   for (int32_t token : result.tokens[0]) std::printf(" %d", token);
   std::printf("\nlogits_digest: %s\n", result.logits_digest.c_str());
   std::printf("tokens per expert (all prompts, all steps):\n");
   for (size_t layer = 0; layer < result.expert_counts.size(); ++layer) {
     std::printf("  layer %2zu:", layer);
-    for (int64_t count : result.expert_counts[layer]) std::printf(" %lld", static_cast<long long>(count));
+    for (int64_t count : result.expert_counts[layer])
+      std::printf(" %lld", static_cast<long long>(count));
     std::printf("\n");
   }
   std::printf("prefill %.1f ms, decode %.1f ms (%.1f tok/s)\n", result.prefill_seconds * 1e3,
-              result.decode_seconds * 1e3, out["timings"]["decode_tokens_per_second"].get<double>());
+              result.decode_seconds * 1e3,
+              out["timings"]["decode_tokens_per_second"].get<double>());
   return 0;
 }
 
