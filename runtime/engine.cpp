@@ -81,6 +81,9 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
   const int64_t num_prompts = static_cast<int64_t>(request.prompts.size());
   if (num_prompts == 0) throw_error("generate: no prompts");
   if (request.max_new_tokens < 1) throw_error("generate: max_new_tokens must be >= 1");
+  if (request.digest_prompt_idx < 0 || request.digest_prompt_idx >= num_prompts)
+    throw_error("generate: digest_prompt_idx ", request.digest_prompt_idx,
+                " is not a prompt index");
   int64_t max_prompt = 0;
   for (const auto& prompt : request.prompts) {
     if (prompt.empty()) throw_error("generate: empty prompt");
@@ -143,7 +146,8 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
               step == 0 && request.keep_all_logits ? last_row[static_cast<size_t>(prompt)] : prompt;
           const float* row_logits = logits.data() + row * vocab;
           next_tokens[static_cast<size_t>(prompt)] = argmax(row_logits, vocab);
-          if (prompt == 0) digest.update(row_logits, static_cast<size_t>(vocab) * sizeof(float));
+          if (prompt == request.digest_prompt_idx)
+            digest.update(row_logits, static_cast<size_t>(vocab) * sizeof(float));
           if (request.keep_all_logits) {
             result.step_logits[static_cast<size_t>(prompt)].emplace_back(row_logits,
                                                                          row_logits + vocab);

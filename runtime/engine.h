@@ -26,13 +26,15 @@ struct EngineOptions {
 struct GenerateRequest {
   std::vector<std::vector<int32_t>> prompts;
   int64_t max_new_tokens = 16;
+  // Whose logits the digest covers (the request under study; the others are its batch-mates).
+  int64_t digest_prompt_idx = 0;
   // Keep every prompt position's logits and every step's logits for every prompt (tests).
   bool keep_all_logits = false;
 };
 
 struct GenerateResult {
   std::vector<std::vector<int32_t>> tokens;  // generated ids per prompt (greedy)
-  // SHA-256 over the fp32 bits of every step's logits of prompt 0, in step order.
+  // SHA-256 over the fp32 bits of every step's logits of prompt digest_prompt_idx, in order.
   std::string logits_digest;
   ExpertCounts expert_counts;  // [layer][expert] tokens routed, all prompts and steps
   // With keep_all_logits: [prompt][position][vocab] and [prompt][step][vocab].

@@ -59,8 +59,10 @@ EngineOptions options_for(int tp, comm::ReduceAlgo reduce = comm::ReduceAlgo::kF
 
 GenerateRequest request_with(int64_t batch_with, int64_t vocab, bool keep_logits = false) {
   GenerateRequest request;
+  // The prompt under study goes last, so batching moves its rows within every message.
+  request.prompts = synthetic_prompts(batch_with, vocab, 11);
   request.prompts.push_back({1, 5, 9, 42, 7, 3});
-  for (auto& prompt : synthetic_prompts(batch_with, vocab, 11)) request.prompts.push_back(prompt);
+  request.digest_prompt_idx = batch_with;
   request.max_new_tokens = 8;
   request.keep_all_logits = keep_logits;
   return request;
@@ -148,12 +150,27 @@ TEST(FixedOrder, DigestIdenticalAcrossRunsAndBatchSizes) {
       GenerateResult again = engine.generate(request_with(0, engine.config().vocab_size));
       EXPECT_EQ(again.logits_digest, alone.logits_digest)
           << placement_kind_name(placement) << " run " << run;
-      EXPECT_EQ(again.tokens[0], alone.tokens[0]);
+      EXPECT_EQ(again.tokens.back(), alone.tokens.back());
     }
     GenerateResult batched = engine.generate(request_with(7, engine.config().vocab_size));
     EXPECT_EQ(batched.logits_digest, alone.logits_digest) << placement_kind_name(placement);
-    EXPECT_EQ(batched.tokens[0], alone.tokens[0]);
+    EXPECT_EQ(batched.tokens.back(), alone.tokens.back());
   }
+}
+
+// The contrast that makes the promise meaningful: with 40 batch-mates the prefill message
+// (~290 tokens x 64 floats) is over native's 64 KiB single-chunk threshold, the prompt's rows
+// land in the last chunk, whose native sum starts at rank 3, and its bits change; fixed_order
+// keeps them.
+TEST(FixedOrder, NativeBitsDependOnBatchFixedOrderBitsDoNot) {
+  std::string dir = model_dir("tiny");
+  Engine native(dir, options_for(4, comm::ReduceAlgo::kNative));
+  Engine fixed(dir, options_for(4, comm::ReduceAlgo::kFixedOrder));
+  const int64_t vocab = native.config().vocab_size;
+  EXPECT_NE(native.generate(request_with(0, vocab)).logits_digest,
+            native.generate(request_with(40, vocab)).logits_digest);
+  EXPECT_EQ(fixed.generate(request_with(0, vocab)).logits_digest,
+            fixed.generate(request_with(40, vocab)).logits_digest);
 }
 
 // The digest is a real fingerprint: a different model seed, prompt or combine precision moves it.

@@ -29,7 +29,7 @@ usage:
                 [--combine fp32|round_per_expert] [--prompt-ids 1,2,3] [--max-tokens N]
                 [--batch-with N] [--json] [--verbose]
       Greedy generation on thread ranks. --batch-with N batches the prompt with N synthetic
-      prompts; the digest covers the first prompt's logits only.
+      prompts (the prompt goes last); tokens and the digest are the prompt's own.
 )";
 
 // Flags of one subcommand: "--name value" pairs and bare switches; unknown flags are errors.
@@ -138,9 +138,12 @@ int generate(int argc, char** argv) {
   keel::Engine engine(deployment.model_dir, options);
   keel::GenerateRequest request;
   request.max_new_tokens = flags.integer("--max-tokens", 16);
+  // The prompt joins its batch-mates last, as a request joining a running batch would: its rows
+  // then sit at the end of every activation message, where message-size-dependent reductions
+  // (native all-reduce chunking) treat them differently from a batch of one.
+  request.prompts = keel::synthetic_prompts(batch_with, engine.config().vocab_size, 7);
   request.prompts.push_back(parse_ids(flags.get("--prompt-ids", "1,2,3")));
-  for (auto& prompt : keel::synthetic_prompts(batch_with, engine.config().vocab_size, 7))
-    request.prompts.push_back(std::move(prompt));
+  request.digest_prompt_idx = batch_with;
   spdlog::info("model {} on tp={} reduce={} placement={}", deployment.model_dir, options.tp_size,
                keel::comm::reduce_algo_name(options.reduce),
                keel::placement_kind_name(options.placement.kind));
@@ -157,8 +160,8 @@ int generate(int argc, char** argv) {
   out["combine"] = keel::combine_precision_name(options.combine);
   out["isa"] = keel::cpu::isa_name(keel::cpu::active_isa());
   out["batch_size"] = request.prompts.size();
-  out["prompt_ids"] = request.prompts[0];
-  out["tokens"] = result.tokens[0];
+  out["prompt_ids"] = request.prompts.back();
+  out["tokens"] = result.tokens.back();
   out["logits_digest"] = result.logits_digest;
   out["expert_token_counts"] = result.expert_counts;
   out["timings"] = {{"prefill_seconds", result.prefill_seconds},
@@ -178,7 +181,7 @@ int generate(int argc, char** argv) {
               std::string(keel::combine_precision_name(options.combine)).c_str(),
               request.prompts.size());
   std::printf("tokens:");
-  for (int32_t token : result.tokens[0]) std::printf(" %d", token);
+  for (int32_t token : result.tokens.back()) std::printf(" %d", token);
   std::printf("\nlogits_digest: %s\n", result.logits_digest.c_str());
   std::printf("tokens per expert (all prompts, all steps):\n");
   for (size_t layer = 0; layer < result.expert_counts.size(); ++layer) {
