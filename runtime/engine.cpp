@@ -1,10 +1,14 @@
 #include "runtime/engine.h"
 
 #include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
 #include <exception>
 #include <mutex>
 #include <thread>
 
+#include <spdlog/spdlog.h>
 #include "comm/thread_comm.h"
 #include "kernels/base/check.h"
 #include "runtime/sha256.h"
@@ -24,6 +28,7 @@ double seconds_since(Clock::time_point start) {
 // rethrown to the caller.
 template <typename Fn>
 void run_on_ranks(int tp_size, comm::ThreadGroup* group, Fn&& fn) {
+  const int caller_rank = current_rank();
   std::mutex error_mutex;
   std::exception_ptr first_error;
   auto body = [&](int tp_rank) {
@@ -42,7 +47,7 @@ void run_on_ranks(int tp_size, comm::ThreadGroup* group, Fn&& fn) {
   for (int tp_rank = 1; tp_rank < tp_size; ++tp_rank) threads.emplace_back(body, tp_rank);
   body(0);
   threads.clear();
-  set_current_rank(-1);
+  set_current_rank(caller_rank);
   if (first_error) std::rethrow_exception(first_error);
 }
 
@@ -57,24 +62,54 @@ int32_t argmax(const float* logits, int64_t vocab) {
 
 Engine::Engine(const std::string& model_dir, const EngineOptions& options)
     : config_(ModelConfig::load(model_dir + "/config.json")), options_(options) {
-  if (options.tp_size < 1 || options.tp_size > 8)
-    throw_error("tp must be in [1, 8], got ", options.tp_size);
+  comm::Communicator* process_comm = options.process_communicator;
+  if (process_comm != nullptr) {
+    if (options.tp_size != 0 && options.tp_size != process_comm->size())
+      throw_error("tp=", options.tp_size, " but ", process_comm->size(),
+                  " ranks were launched (with mpirun, tp is the number of processes)");
+    tp_size_ = process_comm->size();
+    local_ranks_ = {process_comm->rank()};
+  } else {
+    if (options.tp_size < 1 || options.tp_size > 8)
+      throw_error("tp must be in [1, 8], got ", options.tp_size);
+    tp_size_ = options.tp_size;
+    for (int tp_rank = 0; tp_rank < tp_size_; ++tp_rank) local_ranks_.push_back(tp_rank);
+  }
+  options_.tp_size = tp_size_;
+  if (const char* fault = std::getenv("KEEL_TEST_FAULT")) {
+    // Test hook for the dead/hung-rank tests: "rank:step:kill" or "rank:step:hang".
+    char action[8] = {};
+    long long step = -1;
+    if (std::sscanf(fault, "%d:%lld:%7s", &fault_.tp_rank, &step, action) != 3 ||
+        (std::string(action) != "kill" && std::string(action) != "hang"))
+      throw_error("KEEL_TEST_FAULT must be rank:step:kill|hang, got '", fault, "'");
+    fault_.step = step;
+    fault_.hang = std::string(action) == "hang";
+  }
   checkpoint_ = std::make_unique<Checkpoint>(Checkpoint::open(model_dir));
-  placement_ = std::make_unique<ExpertPlacement>(ExpertPlacement::build(
-      options.placement, config_.num_layers, config_.num_experts, options.tp_size));
-  ranks_.resize(static_cast<size_t>(options.tp_size));
+  placement_ = std::make_unique<ExpertPlacement>(
+      ExpertPlacement::build(options.placement, config_.num_layers, config_.num_experts, tp_size_));
+  ranks_.resize(local_ranks_.size());
   RankOptions rank_options{options.reduce, options.combine};
   // Shards load in parallel; errors (bad shapes, dtypes) surface with file and tensor named.
-  run_on_ranks(options.tp_size, nullptr, [&](int tp_rank) {
-    ranks_[static_cast<size_t>(tp_rank)] = std::make_unique<RankModel>(
-        config_, *checkpoint_, *placement_, tp_rank, options.tp_size, rank_options);
+  run_on_ranks(static_cast<int>(local_ranks_.size()), nullptr, [&](int local_idx) {
+    int tp_rank = local_ranks_[static_cast<size_t>(local_idx)];
+    set_current_rank(tp_rank);
+    ranks_[static_cast<size_t>(local_idx)] = std::make_unique<RankModel>(
+        config_, *checkpoint_, *placement_, tp_rank, tp_size_, rank_options);
   });
 }
 
 Engine::~Engine() = default;
 
-int64_t Engine::weight_bytes_per_rank(int tp_rank) const {
-  return ranks_.at(static_cast<size_t>(tp_rank))->weight_bytes();
+int64_t Engine::weight_bytes_per_rank() const {
+  return ranks_.front()->weight_bytes();
+}
+
+RankModel& Engine::local_model(int tp_rank) {
+  for (size_t local_idx = 0; local_idx < local_ranks_.size(); ++local_idx)
+    if (local_ranks_[local_idx] == tp_rank) return *ranks_[local_idx];
+  KEEL_CHECK(false, "tp rank ", tp_rank, " does not live in this process");
 }
 
 GenerateResult Engine::generate(const GenerateRequest& request) {
@@ -93,118 +128,137 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
                     config_.vocab_size, ")");
     max_prompt = std::max<int64_t>(max_prompt, static_cast<int64_t>(prompt.size()));
   }
-  const int64_t capacity = max_prompt + request.max_new_tokens;
-  if (capacity > config_.max_position_embeddings)
-    throw_error("generate: prompt + max_tokens = ", capacity, " exceeds max_position_embeddings ",
-                config_.max_position_embeddings);
+  if (max_prompt + request.max_new_tokens > config_.max_position_embeddings)
+    throw_error("generate: prompt + max_tokens = ", max_prompt + request.max_new_tokens,
+                " exceeds max_position_embeddings ", config_.max_position_embeddings);
 
-  const int tp_size = options_.tp_size;
-  const int64_t vocab = config_.vocab_size;
-  comm::ThreadGroup group(tp_size);
   GenerateResult result;
   result.tokens.assign(static_cast<size_t>(num_prompts), {});
   if (request.keep_all_logits) {
     result.prompt_logits.resize(static_cast<size_t>(num_prompts));
     result.step_logits.resize(static_cast<size_t>(num_prompts));
   }
-  Sha256 digest;
-  std::vector<ExpertCounts> counts_before(static_cast<size_t>(tp_size));
-
-  run_on_ranks(tp_size, &group, [&](int tp_rank) {
-    RankModel& model = *ranks_[static_cast<size_t>(tp_rank)];
-    counts_before[static_cast<size_t>(tp_rank)] = model.expert_counts();
-    auto communicator = group.communicator(tp_rank);
-    const bool leader = tp_rank == 0;
-    std::vector<KvCache> caches;
-    for (int64_t prompt = 0; prompt < num_prompts; ++prompt)
-      caches.push_back(model.make_cache(capacity));
-
-    // Prefill: all prompts in one step; logits for every position only when asked.
-    StepBatch batch;
-    std::vector<int64_t> last_row(static_cast<size_t>(num_prompts));
-    for (int64_t prompt = 0; prompt < num_prompts; ++prompt) {
-      const auto& ids = request.prompts[static_cast<size_t>(prompt)];
-      for (size_t pos = 0; pos < ids.size(); ++pos) {
-        if (request.keep_all_logits)
-          batch.logits_rows.push_back(static_cast<int32_t>(batch.token_ids.size()));
-        batch.token_ids.push_back(ids[pos]);
-        batch.positions.push_back(static_cast<int32_t>(pos));
-        batch.cache_idx.push_back(static_cast<int32_t>(prompt));
-      }
-      last_row[static_cast<size_t>(prompt)] = static_cast<int64_t>(batch.token_ids.size()) - 1;
-      if (!request.keep_all_logits)
-        batch.logits_rows.push_back(static_cast<int32_t>(last_row[static_cast<size_t>(prompt)]));
-    }
-    std::vector<float> logits;
-    std::vector<int32_t> next_tokens(static_cast<size_t>(num_prompts));
-    auto start = Clock::now();
-    for (int64_t step = 0; step < request.max_new_tokens; ++step) {
-      model.forward(batch, caches, *communicator, logits);
-      if (leader) {
-        for (int64_t prompt = 0; prompt < num_prompts; ++prompt) {
-          int64_t row =
-              step == 0 && request.keep_all_logits ? last_row[static_cast<size_t>(prompt)] : prompt;
-          const float* row_logits = logits.data() + row * vocab;
-          next_tokens[static_cast<size_t>(prompt)] = argmax(row_logits, vocab);
-          if (prompt == request.digest_prompt_idx)
-            digest.update(row_logits, static_cast<size_t>(vocab) * sizeof(float));
-          if (request.keep_all_logits) {
-            result.step_logits[static_cast<size_t>(prompt)].emplace_back(row_logits,
-                                                                         row_logits + vocab);
-            if (step == 0) {
-              int64_t first =
-                  last_row[static_cast<size_t>(prompt)] -
-                  static_cast<int64_t>(request.prompts[static_cast<size_t>(prompt)].size()) + 1;
-              for (int64_t r = first; r <= last_row[static_cast<size_t>(prompt)]; ++r)
-                result.prompt_logits[static_cast<size_t>(prompt)].emplace_back(
-                    logits.data() + r * vocab, logits.data() + (r + 1) * vocab);
-            }
-          }
-        }
-      }
-      // The leader's choice is the one every rank continues with.
-      communicator->broadcast(next_tokens.data(), next_tokens.size() * sizeof(int32_t), 0);
-      if (leader) {
-        for (int64_t prompt = 0; prompt < num_prompts; ++prompt)
-          result.tokens[static_cast<size_t>(prompt)].push_back(
-              next_tokens[static_cast<size_t>(prompt)]);
-        if (step == 0) {
-          result.prefill_seconds = seconds_since(start);
-          start = Clock::now();
-        }
-      }
-      if (step + 1 == request.max_new_tokens) break;
-      // Next step: one token per sequence at its next position.
-      batch.token_ids.assign(next_tokens.begin(), next_tokens.end());
-      batch.positions.clear();
-      batch.cache_idx.clear();
-      batch.logits_rows.clear();
-      for (int64_t prompt = 0; prompt < num_prompts; ++prompt) {
-        batch.positions.push_back(
-            static_cast<int32_t>(request.prompts[static_cast<size_t>(prompt)].size() + step));
-        batch.cache_idx.push_back(static_cast<int32_t>(prompt));
-        batch.logits_rows.push_back(static_cast<int32_t>(prompt));
-      }
-    }
-    if (leader) result.decode_seconds = seconds_since(start);
-  });
-
-  for (int tp_rank = 1; tp_rank < tp_size; ++tp_rank)
-    KEEL_CHECK(ranks_[static_cast<size_t>(tp_rank)]->routing_fingerprint() ==
-                   ranks_[0]->routing_fingerprint(),
-               "rank ", tp_rank,
-               " routed tokens differently from rank 0: the replicated router saw different bits");
-  // Every rank routes every token identically (replicated router), so rank 0's counts are
-  // the counts; report this call's share only.
-  result.expert_counts = ranks_[0]->expert_counts();
+  ExpertCounts counts_before = local_model(local_ranks_.front()).expert_counts();
+  if (options_.process_communicator != nullptr) {
+    run_rank(local_ranks_.front(), *options_.process_communicator, request, result);
+  } else {
+    comm::ThreadCommOptions comm_options;
+    comm_options.timeout = std::chrono::milliseconds(options_.collective_timeout_ms);
+    comm::ThreadGroup group(tp_size_, comm_options);
+    run_on_ranks(tp_size_, &group, [&](int tp_rank) {
+      auto communicator = group.communicator(tp_rank);
+      run_rank(tp_rank, *communicator, request, result);
+    });
+  }
+  result.is_leader = local_ranks_.front() == 0;
+  // Every rank routes every token identically (replicated router, checked in run_rank), so
+  // this process's counts are the counts; report this call's share only.
+  result.expert_counts = local_model(local_ranks_.front()).expert_counts();
   for (size_t layer = 0; layer < result.expert_counts.size(); ++layer)
     for (size_t expert = 0; expert < result.expert_counts[layer].size(); ++expert)
-      result.expert_counts[layer][expert] -= counts_before[0][layer][expert];
-  result.logits_digest = digest.finish_hex();
+      result.expert_counts[layer][expert] -= counts_before[layer][expert];
   for (const auto& prompt : request.prompts)
     result.num_prompt_tokens += static_cast<int64_t>(prompt.size());
   result.num_decode_steps = request.max_new_tokens - 1;
   return result;
+}
+
+void Engine::run_rank(int tp_rank, comm::Communicator& communicator, const GenerateRequest& request,
+                      GenerateResult& result) {
+  RankModel& model = local_model(tp_rank);
+  const int64_t num_prompts = static_cast<int64_t>(request.prompts.size());
+  const int64_t vocab = config_.vocab_size;
+  const bool leader = tp_rank == 0;
+  int64_t max_prompt = 0;
+  for (const auto& prompt : request.prompts)
+    max_prompt = std::max<int64_t>(max_prompt, static_cast<int64_t>(prompt.size()));
+  std::vector<KvCache> caches;
+  for (int64_t prompt = 0; prompt < num_prompts; ++prompt)
+    caches.push_back(model.make_cache(max_prompt + request.max_new_tokens));
+
+  // Prefill: all prompts in one step; logits for every position only when asked.
+  StepBatch batch;
+  std::vector<int64_t> last_row(static_cast<size_t>(num_prompts));
+  for (int64_t prompt = 0; prompt < num_prompts; ++prompt) {
+    const auto& ids = request.prompts[static_cast<size_t>(prompt)];
+    for (size_t pos = 0; pos < ids.size(); ++pos) {
+      if (request.keep_all_logits)
+        batch.logits_rows.push_back(static_cast<int32_t>(batch.token_ids.size()));
+      batch.token_ids.push_back(ids[pos]);
+      batch.positions.push_back(static_cast<int32_t>(pos));
+      batch.cache_idx.push_back(static_cast<int32_t>(prompt));
+    }
+    last_row[static_cast<size_t>(prompt)] = static_cast<int64_t>(batch.token_ids.size()) - 1;
+    if (!request.keep_all_logits)
+      batch.logits_rows.push_back(static_cast<int32_t>(last_row[static_cast<size_t>(prompt)]));
+  }
+  Sha256 digest;
+  std::vector<float> logits;
+  std::vector<int32_t> next_tokens(static_cast<size_t>(num_prompts));
+  auto start = Clock::now();
+  for (int64_t step = 0; step < request.max_new_tokens; ++step) {
+    if (tp_rank == fault_.tp_rank && step == fault_.step) {
+      spdlog::warn("KEEL_TEST_FAULT: rank {} {} at step {}", tp_rank,
+                   fault_.hang ? "hangs" : "dies", step);
+      if (!fault_.hang) std::raise(SIGKILL);
+      std::this_thread::sleep_for(std::chrono::hours(24));
+    }
+    model.forward(batch, caches, communicator, logits);
+    if (leader) {
+      for (int64_t prompt = 0; prompt < num_prompts; ++prompt) {
+        int64_t row =
+            step == 0 && request.keep_all_logits ? last_row[static_cast<size_t>(prompt)] : prompt;
+        const float* row_logits = logits.data() + row * vocab;
+        next_tokens[static_cast<size_t>(prompt)] = argmax(row_logits, vocab);
+        if (prompt == request.digest_prompt_idx)
+          digest.update(row_logits, static_cast<size_t>(vocab) * sizeof(float));
+        if (request.keep_all_logits) {
+          result.step_logits[static_cast<size_t>(prompt)].emplace_back(row_logits,
+                                                                       row_logits + vocab);
+          if (step == 0) {
+            int64_t first =
+                last_row[static_cast<size_t>(prompt)] -
+                static_cast<int64_t>(request.prompts[static_cast<size_t>(prompt)].size()) + 1;
+            for (int64_t r = first; r <= last_row[static_cast<size_t>(prompt)]; ++r)
+              result.prompt_logits[static_cast<size_t>(prompt)].emplace_back(
+                  logits.data() + r * vocab, logits.data() + (r + 1) * vocab);
+          }
+        }
+      }
+    }
+    // The leader's choice is the one every rank continues with.
+    communicator.broadcast(next_tokens.data(), next_tokens.size() * sizeof(int32_t), 0);
+    if (leader) {
+      for (int64_t prompt = 0; prompt < num_prompts; ++prompt)
+        result.tokens[static_cast<size_t>(prompt)].push_back(
+            next_tokens[static_cast<size_t>(prompt)]);
+      if (step == 0) {
+        result.prefill_seconds = seconds_since(start);
+        start = Clock::now();
+      }
+    }
+    if (step + 1 == request.max_new_tokens) break;
+    // Next step: one token per sequence at its next position.
+    batch.token_ids.assign(next_tokens.begin(), next_tokens.end());
+    batch.positions.clear();
+    batch.cache_idx.clear();
+    batch.logits_rows.clear();
+    for (int64_t prompt = 0; prompt < num_prompts; ++prompt) {
+      batch.positions.push_back(
+          static_cast<int32_t>(request.prompts[static_cast<size_t>(prompt)].size() + step));
+      batch.cache_idx.push_back(static_cast<int32_t>(prompt));
+      batch.logits_rows.push_back(static_cast<int32_t>(prompt));
+    }
+  }
+  if (leader) {
+    result.decode_seconds = seconds_since(start);
+    result.logits_digest = digest.finish_hex();
+  }
+  // The replicated router must have made identical decisions on every rank.
+  uint64_t leader_fingerprint = model.routing_fingerprint();
+  communicator.broadcast(&leader_fingerprint, sizeof(leader_fingerprint), 0);
+  KEEL_CHECK(leader_fingerprint == model.routing_fingerprint(), "rank ", tp_rank,
+             " routed tokens differently from rank 0: the replicated router saw different bits");
 }
 
 std::vector<std::vector<int32_t>> synthetic_prompts(int64_t count, int64_t vocab_size,

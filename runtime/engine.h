@@ -17,7 +17,14 @@
 namespace keel {
 
 struct EngineOptions {
+  // Thread ranks: tp_size threads in this process. Process ranks: set `process_communicator`
+  // (e.g. an MpiCommunicator under mpirun); this process then holds the one rank
+  // communicator->rank() of communicator->size(), and tp_size must be 0 or equal to the size.
   int tp_size = 1;
+  comm::Communicator* process_communicator = nullptr;
+  // A collective waiting longer than this for its peers fails (thread ranks: every rank throws;
+  // MPI ranks: the communicator's own watchdog). 0 = wait forever.
+  int64_t collective_timeout_ms = 0;
   comm::ReduceAlgo reduce = comm::ReduceAlgo::kFixedOrder;
   PlacementSpec placement;
   CombinePrecision combine = CombinePrecision::kFp32;
@@ -40,6 +47,8 @@ struct GenerateResult {
   // With keep_all_logits: [prompt][position][vocab] and [prompt][step][vocab].
   std::vector<std::vector<std::vector<float>>> prompt_logits;
   std::vector<std::vector<std::vector<float>>> step_logits;
+  // False on process ranks other than 0: only the leader holds tokens, digest and logits.
+  bool is_leader = true;
   double prefill_seconds = 0;
   double decode_seconds = 0;
   int64_t num_prompt_tokens = 0;
@@ -56,15 +65,29 @@ class Engine {
   GenerateResult generate(const GenerateRequest& request);
 
   const ModelConfig& config() const { return config_; }
+  int tp_size() const { return tp_size_; }
   const EngineOptions& options() const { return options_; }
-  int64_t weight_bytes_per_rank(int tp_rank) const;
+  // Weight bytes held by the first rank that lives in this process.
+  int64_t weight_bytes_per_rank() const;
 
  private:
+  // Runs one rank's side of generate(); `result` is written only by the leader.
+  void run_rank(int tp_rank, comm::Communicator& communicator, const GenerateRequest& request,
+                GenerateResult& result);
+  RankModel& local_model(int tp_rank);
+
   ModelConfig config_;
   EngineOptions options_;
   std::unique_ptr<Checkpoint> checkpoint_;
   std::unique_ptr<ExpertPlacement> placement_;
-  std::vector<std::unique_ptr<RankModel>> ranks_;
+  int tp_size_ = 1;
+  std::vector<int> local_ranks_;                   // tp ranks that live in this process
+  std::vector<std::unique_ptr<RankModel>> ranks_;  // parallel to local_ranks_
+  struct Fault {                                   // KEEL_TEST_FAULT=rank:step:kill|hang
+    int tp_rank = -1;
+    int64_t step = -1;
+    bool hang = false;
+  } fault_;
 };
 
 // Deterministic synthetic prompts for --batch-with: `count` prompts with lengths in [2, 12]
