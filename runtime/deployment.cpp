@@ -19,7 +19,10 @@ Deployment load_deployment(const std::string& path) {
       deployment.model_dir =
           (std::filesystem::path(path).parent_path() / deployment.model_dir).string();
   }
-  if (root["tp"]) deployment.engine.tp_size = yaml_value<int>(root, "tp", path);
+  if (root["tp"]) {
+    deployment.engine.tp_size = yaml_value<int>(root, "tp", path);
+    deployment.tp_given = true;
+  }
   try {
     if (root["reduce"])
       deployment.engine.reduce =

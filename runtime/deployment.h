@@ -16,6 +16,7 @@ namespace keel {
 
 struct Deployment {
   std::string model_dir;
+  bool tp_given = false;  // the file set tp (under mpirun it must then match the process count)
   EngineOptions engine;
 };
 
