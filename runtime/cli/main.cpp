@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "comm/mpi_comm.h"
 #include "kernels/base/check.h"
 #include "kernels/cpu/gemm.h"
 #include "runtime/deployment.h"
@@ -27,9 +28,13 @@ usage:
   keel generate --model DIR [--config deployment.yaml] [--tp 1|2|4]
                 [--reduce native|fixed_order] [--placement contiguous|round_robin|explicit]
                 [--combine fp32|round_per_expert] [--prompt-ids 1,2,3] [--max-tokens N]
-                [--batch-with N] [--json] [--verbose]
-      Greedy generation on thread ranks. --batch-with N batches the prompt with N synthetic
-      prompts (the prompt goes last); tokens and the digest are the prompt's own.
+                [--batch-with N] [--collective-timeout-ms MS] [--json] [--verbose]
+      Greedy generation on thread ranks, or one rank per process when started by mpirun:
+        mpirun -np 4 keel generate --model DIR --reduce fixed_order --json
+      A collective that waits over --collective-timeout-ms (default 120000; 0 = forever) for
+      its peers ends the run with an error naming the rank instead of hanging.
+      --batch-with N batches the prompt with N synthetic prompts (the prompt goes last);
+      tokens and the digest are the prompt's own.
 )";
 
 // Flags of one subcommand: "--name value" pairs and bare switches; unknown flags are errors.
@@ -95,6 +100,8 @@ std::vector<int32_t> parse_ids(const std::string& text) {
   return ids;
 }
 
+int run_generate(const Flags& flags, keel::Deployment& deployment);
+
 int gen_model(int argc, char** argv) {
   Flags flags(argc, argv, 2, {"--preset", "--out", "--seed", "--max-shard-mb"}, {"--verbose"});
   if (!flags.has("--preset") || !flags.has("--out"))
@@ -114,7 +121,7 @@ int gen_model(int argc, char** argv) {
 int generate(int argc, char** argv) {
   Flags flags(argc, argv, 2,
               {"--model", "--config", "--tp", "--reduce", "--placement", "--combine",
-               "--prompt-ids", "--max-tokens", "--batch-with"},
+               "--prompt-ids", "--max-tokens", "--batch-with", "--collective-timeout-ms"},
               {"--json", "--verbose"});
   keel::init_logging(flags.has("--verbose"));
   keel::Deployment deployment;
@@ -124,6 +131,35 @@ int generate(int argc, char** argv) {
     throw_error("generate needs --model DIR (or model: in --config)");
   keel::EngineOptions& options = deployment.engine;
   options.tp_size = static_cast<int>(flags.integer("--tp", options.tp_size));
+  options.collective_timeout_ms = flags.integer("--collective-timeout-ms", 120000);
+  if (options.collective_timeout_ms < 0) throw_error("--collective-timeout-ms must be >= 0");
+
+  // Under mpirun every process is one rank; without it the ranks are threads of this process.
+  std::unique_ptr<keel::comm::MpiSession> mpi_session;
+  std::unique_ptr<keel::comm::Communicator> process_comm;
+  if (keel::comm::mpi_launched()) {
+    mpi_session = std::make_unique<keel::comm::MpiSession>();
+    keel::comm::MpiCommOptions mpi_options;
+    mpi_options.timeout = std::chrono::milliseconds(options.collective_timeout_ms);
+    process_comm = std::make_unique<keel::comm::MpiCommunicator>(MPI_COMM_WORLD, mpi_options);
+    keel::set_current_rank(process_comm->rank());
+    options.process_communicator = process_comm.get();
+    if (!flags.has("--tp") && !deployment.tp_given) options.tp_size = 0;
+    try {
+      return run_generate(flags, deployment);
+    } catch (const std::exception& error) {
+      // Peers are inside collectives waiting for this rank: end the whole job now.
+      std::fprintf(stderr, "keel generate: rank %d: error: %s\n", process_comm->rank(),
+                   error.what());
+      std::fflush(stderr);
+      MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+  }
+  return run_generate(flags, deployment);
+}
+
+int run_generate(const Flags& flags, keel::Deployment& deployment) {
+  keel::EngineOptions& options = deployment.engine;
   if (flags.has("--reduce")) options.reduce = keel::comm::parse_reduce_algo(flags.get("--reduce"));
   if (flags.has("--placement"))
     options.placement.kind = keel::parse_placement_kind(flags.get("--placement"));
@@ -144,17 +180,19 @@ int generate(int argc, char** argv) {
   request.prompts = keel::synthetic_prompts(batch_with, engine.config().vocab_size, 7);
   request.prompts.push_back(parse_ids(flags.get("--prompt-ids", "1,2,3")));
   request.digest_prompt_idx = batch_with;
-  spdlog::info("model {} on tp={} reduce={} placement={}", deployment.model_dir, options.tp_size,
+  spdlog::info("model {} on tp={} reduce={} placement={}", deployment.model_dir, engine.tp_size(),
                keel::comm::reduce_algo_name(options.reduce),
                keel::placement_kind_name(options.placement.kind));
   keel::GenerateResult result = engine.generate(request);
+  if (!result.is_leader) return 0;  // process ranks other than 0 print nothing
 
   double decode_tokens =
       static_cast<double>(result.num_decode_steps) * static_cast<double>(request.prompts.size());
   nlohmann::json out;
   out["model"] = deployment.model_dir;
   out["architecture"] = engine.config().architecture_name;
-  out["tp"] = options.tp_size;
+  out["tp"] = engine.tp_size();
+  out["ranks"] = options.process_communicator != nullptr ? "mpi" : "threads";
   out["reduce"] = keel::comm::reduce_algo_name(options.reduce);
   out["placement"] = keel::placement_kind_name(options.placement.kind);
   out["combine"] = keel::combine_precision_name(options.combine);
@@ -176,7 +214,7 @@ int generate(int argc, char** argv) {
   }
   std::printf("model %s (%s), tp=%d, reduce=%s, placement=%s, combine=%s, batch=%zu\n",
               deployment.model_dir.c_str(), engine.config().architecture_name.c_str(),
-              options.tp_size, std::string(keel::comm::reduce_algo_name(options.reduce)).c_str(),
+              engine.tp_size(), std::string(keel::comm::reduce_algo_name(options.reduce)).c_str(),
               std::string(keel::placement_kind_name(options.placement.kind)).c_str(),
               std::string(keel::combine_precision_name(options.combine)).c_str(),
               request.prompts.size());
