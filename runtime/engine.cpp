@@ -89,14 +89,21 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options)
   checkpoint_ = std::make_unique<Checkpoint>(Checkpoint::open(model_dir));
   placement_ = std::make_unique<ExpertPlacement>(
       ExpertPlacement::build(options.placement, config_.num_layers, config_.num_experts, tp_size_));
+  if (options.device == Device::kCuda && process_comm == nullptr)
+    throw_error("--backend cuda runs one rank per process and GPU: launch with mpirun -np N");
   ranks_.resize(local_ranks_.size());
+  for (size_t local_idx = 0; local_idx < local_ranks_.size(); ++local_idx)
+    backends_.push_back(options.device == Device::kCuda
+                            ? make_cuda_backend(static_cast<int>(local_idx))
+                            : make_cpu_backend());
   RankOptions rank_options{options.reduce, options.combine};
   // Shards load in parallel; errors (bad shapes, dtypes) surface with file and tensor named.
   run_on_ranks(static_cast<int>(local_ranks_.size()), nullptr, [&](int local_idx) {
     int tp_rank = local_ranks_[static_cast<size_t>(local_idx)];
     set_current_rank(tp_rank);
-    ranks_[static_cast<size_t>(local_idx)] = std::make_unique<RankModel>(
-        config_, *checkpoint_, *placement_, tp_rank, tp_size_, rank_options);
+    ranks_[static_cast<size_t>(local_idx)] =
+        std::make_unique<RankModel>(config_, *checkpoint_, *placement_, tp_rank, tp_size_,
+                                    rank_options, *backends_[static_cast<size_t>(local_idx)]);
   });
 }
 
@@ -172,9 +179,7 @@ void Engine::run_rank(int tp_rank, comm::Communicator& communicator, const Gener
   int64_t max_prompt = 0;
   for (const auto& prompt : request.prompts)
     max_prompt = std::max<int64_t>(max_prompt, static_cast<int64_t>(prompt.size()));
-  std::vector<KvCache> caches;
-  for (int64_t prompt = 0; prompt < num_prompts; ++prompt)
-    caches.push_back(model.make_cache(max_prompt + request.max_new_tokens));
+  KvPool pool = model.make_kv_pool(num_prompts, max_prompt + request.max_new_tokens);
 
   // Prefill: all prompts in one step; logits for every position only when asked.
   StepBatch batch;
@@ -203,7 +208,7 @@ void Engine::run_rank(int tp_rank, comm::Communicator& communicator, const Gener
       if (!fault_.hang) std::raise(SIGKILL);
       std::this_thread::sleep_for(std::chrono::hours(24));
     }
-    model.forward(batch, caches, communicator, logits);
+    model.forward(batch, pool, communicator, logits);
     if (leader) {
       for (int64_t prompt = 0; prompt < num_prompts; ++prompt) {
         int64_t row =

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "runtime/backend.h"
 #include "runtime/checkpoint.h"
 #include "runtime/model.h"
 #include "runtime/model_config.h"
@@ -25,6 +26,9 @@ struct EngineOptions {
   // A collective waiting longer than this for its peers fails (thread ranks: every rank throws;
   // MPI ranks: the communicator's own watchdog). 0 = wait forever.
   int64_t collective_timeout_ms = 0;
+  // Where the ranks compute. kCuda: one GPU per rank (device = local rank index); the
+  // communicator must then take device pointers (NCCL), so CUDA needs process ranks.
+  Device device = Device::kCpu;
   comm::ReduceAlgo reduce = comm::ReduceAlgo::kFixedOrder;
   PlacementSpec placement;
   CombinePrecision combine = CombinePrecision::kFp32;
@@ -81,9 +85,10 @@ class Engine {
   std::unique_ptr<Checkpoint> checkpoint_;
   std::unique_ptr<ExpertPlacement> placement_;
   int tp_size_ = 1;
-  std::vector<int> local_ranks_;                   // tp ranks that live in this process
-  std::vector<std::unique_ptr<RankModel>> ranks_;  // parallel to local_ranks_
-  struct Fault {                                   // KEEL_TEST_FAULT=rank:step:kill|hang
+  std::vector<int> local_ranks_;                    // tp ranks that live in this process
+  std::vector<std::unique_ptr<Backend>> backends_;  // parallel to local_ranks_
+  std::vector<std::unique_ptr<RankModel>> ranks_;   // parallel to local_ranks_
+  struct Fault {                                    // KEEL_TEST_FAULT=rank:step:kill|hang
     int tp_rank = -1;
     int64_t step = -1;
     bool hang = false;

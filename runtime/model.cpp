@@ -12,9 +12,8 @@
 #include <cmath>
 #include <cstring>
 
+#include "kernels/base/buffer.h"
 #include "kernels/base/check.h"
-#include "kernels/cpu/gemm.h"
-#include "kernels/cpu/ops.h"
 
 namespace keel {
 
@@ -39,18 +38,48 @@ std::string layer_prefix(int64_t layer_idx) {
   return "model.layers." + std::to_string(layer_idx) + ".";
 }
 
-Matrix make_matrix(DType dtype, int64_t rows, int64_t cols) {
-  Matrix matrix;
+// Host staging for one weight: shards are cut from the mapped checkpoint into this, then
+// uploaded to the backend's device in one copy.
+struct HostMatrix {
+  Buffer data;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  DType dtype() const { return data.dtype(); }
+};
+
+HostMatrix make_matrix(DType dtype, int64_t rows, int64_t cols) {
+  HostMatrix matrix;
   matrix.data = Buffer(dtype, static_cast<size_t>(rows * cols));
   matrix.rows = rows;
   matrix.cols = cols;
   return matrix;
 }
 
+Matrix to_device(Backend& backend, const HostMatrix& host) {
+  Matrix matrix;
+  matrix.data = backend.allocate(host.dtype(), host.data.size());
+  backend.copy_from_host(host.data.data(), host.data.nbytes(), matrix.data.data());
+  matrix.rows = host.rows;
+  matrix.cols = host.cols;
+  return matrix;
+}
+
+DeviceArray to_device(Backend& backend, const Buffer& host) {
+  DeviceArray array = backend.allocate(host.dtype(), host.size());
+  backend.copy_from_host(host.data(), host.nbytes(), array.data());
+  return array;
+}
+
+DeviceArray to_device(Backend& backend, const std::vector<int32_t>& host) {
+  DeviceArray array = backend.allocate_bytes(host.size() * sizeof(int32_t));
+  backend.copy_from_host(host.data(), host.size() * sizeof(int32_t), array.data());
+  return array;
+}
+
 // Copies rows [row0, row0 + num_rows) and columns [col0, col0 + num_cols) of a matrix view
 // (for a 3-D view, of its slice `outer`) into `dst` starting at row `dst_row`.
 void copy_block(const TensorView& view, int64_t outer, int64_t row0, int64_t num_rows, int64_t col0,
-                int64_t num_cols, Matrix& dst, int64_t dst_row) {
+                int64_t num_cols, HostMatrix& dst, int64_t dst_row) {
   if (view.dtype != dst.dtype())
     throw_error("file ", view.file, ", tensor ", view.name, ": dtype ", dtype_name(view.dtype),
                 " differs from the other parts of the same weight (", dtype_name(dst.dtype()), ")");
@@ -67,6 +96,14 @@ void copy_block(const TensorView& view, int64_t outer, int64_t row0, int64_t num
     std::memcpy(out + static_cast<size_t>((dst_row + row) * dst.cols) * element_size, src,
                 static_cast<size_t>(num_cols) * element_size);
   }
+}
+
+// A whole 2-D tensor (or a row range of it) as a device matrix.
+Matrix load_matrix(Backend& backend, const TensorView& view, int64_t row0, int64_t num_rows,
+                   int64_t padded_rows) {
+  HostMatrix host = make_matrix(view.dtype, padded_rows, view.shape.back());
+  if (num_rows > 0) copy_block(view, 0, row0, num_rows, 0, view.shape.back(), host, 0);
+  return to_device(backend, host);
 }
 
 Buffer load_vector(const TensorView& view, int64_t offset, int64_t count) {
@@ -86,29 +123,27 @@ struct MlpViews {
 
 // Gate/up rows [col0, col0 + width) and down columns of the same range: a column-parallel
 // slice when width < I, a whole expert when width == I.
-ExpertWeights load_mlp(const MlpViews& views, int64_t intermediate, int64_t hidden, int64_t col0,
-                       int64_t width) {
-  ExpertWeights weights;
-  weights.gate_up = make_matrix(views.gate->dtype, 2 * width, hidden);
-  weights.down = make_matrix(views.down->dtype, hidden, width);
+ExpertWeights load_mlp(Backend& backend, const MlpViews& views, int64_t intermediate,
+                       int64_t hidden, int64_t col0, int64_t width) {
+  HostMatrix gate_up = make_matrix(views.gate->dtype, 2 * width, hidden);
+  HostMatrix down = make_matrix(views.down->dtype, hidden, width);
   if (views.up == nullptr) {
-    copy_block(*views.gate, views.outer, col0, width, 0, hidden, weights.gate_up, 0);
-    copy_block(*views.gate, views.outer, intermediate + col0, width, 0, hidden, weights.gate_up,
-               width);
+    copy_block(*views.gate, views.outer, col0, width, 0, hidden, gate_up, 0);
+    copy_block(*views.gate, views.outer, intermediate + col0, width, 0, hidden, gate_up, width);
   } else {
-    copy_block(*views.gate, 0, col0, width, 0, hidden, weights.gate_up, 0);
-    copy_block(*views.up, 0, col0, width, 0, hidden, weights.gate_up, width);
+    copy_block(*views.gate, 0, col0, width, 0, hidden, gate_up, 0);
+    copy_block(*views.up, 0, col0, width, 0, hidden, gate_up, width);
   }
-  copy_block(*views.down, views.outer, 0, hidden, col0, width, weights.down, 0);
-  return weights;
+  copy_block(*views.down, views.outer, 0, hidden, col0, width, down, 0);
+  return ExpertWeights{to_device(backend, gate_up), to_device(backend, down)};
 }
 
 }  // namespace
 
 RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
                      const ExpertPlacement& placement, int tp_rank, int tp_size,
-                     RankOptions options)
-    : config_(config), tp_rank_(tp_rank), tp_size_(tp_size), options_(options) {
+                     RankOptions options, Backend& backend)
+    : config_(config), backend_(backend), tp_rank_(tp_rank), tp_size_(tp_size), options_(options) {
   const int64_t hidden = config.hidden_size;
   const int64_t head_dim = config.head_dim;
   if (config.num_heads % tp_size != 0)
@@ -122,9 +157,10 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
   first_kv_head_ = first_q_head_ / group;
   int64_t last_kv_head = (first_q_head_ + q_heads_local_ - 1) / group;
   kv_heads_local_ = last_kv_head - first_kv_head_ + 1;
+  std::vector<int32_t> kv_head_of_q;
   for (int64_t q_head = 0; q_head < q_heads_local_; ++q_head)
-    kv_head_of_q_.push_back(
-        static_cast<int32_t>((first_q_head_ + q_head) / group - first_kv_head_));
+    kv_head_of_q.push_back(static_cast<int32_t>((first_q_head_ + q_head) / group - first_kv_head_));
+  kv_head_of_q_ = to_device(backend, kv_head_of_q);
 
   vocab_chunk_ = (config.vocab_size + tp_size - 1) / tp_size;
   expert_counts_.assign(static_cast<size_t>(config.num_layers),
@@ -132,27 +168,27 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
 
   const TensorView& embed =
       checkpoint.get("model.embed_tokens.weight", {config.vocab_size, hidden});
-  embed_ = make_matrix(embed.dtype, config.vocab_size, hidden);
-  copy_block(embed, 0, 0, config.vocab_size, 0, hidden, embed_, 0);
-
+  embed_ = load_matrix(backend, embed, 0, config.vocab_size, config.vocab_size);
   const TensorView& lm_head = config.tie_word_embeddings
                                   ? embed
                                   : checkpoint.get("lm_head.weight", {config.vocab_size, hidden});
-  lm_head_ = make_matrix(lm_head.dtype, vocab_chunk_, hidden);
   int64_t vocab_begin = vocab_chunk_ * tp_rank;
   int64_t vocab_rows = std::clamp<int64_t>(config.vocab_size - vocab_begin, 0, vocab_chunk_);
-  if (vocab_rows > 0) copy_block(lm_head, 0, vocab_begin, vocab_rows, 0, hidden, lm_head_, 0);
-  final_norm_ = load_vector(checkpoint.get("model.norm.weight", {hidden}), 0, hidden);
+  lm_head_ = load_matrix(backend, lm_head, vocab_begin, vocab_rows, vocab_chunk_);
+  final_norm_ =
+      to_device(backend, load_vector(checkpoint.get("model.norm.weight", {hidden}), 0, hidden));
 
   const int64_t q_rows = q_heads_local_ * head_dim;
   const int64_t kv_rows = kv_heads_local_ * head_dim;
   for (int64_t layer_idx = 0; layer_idx < config.num_layers; ++layer_idx) {
     const std::string prefix = layer_prefix(layer_idx);
     LayerWeights layer;
-    layer.input_norm =
-        load_vector(checkpoint.get(prefix + "input_layernorm.weight", {hidden}), 0, hidden);
-    layer.post_norm = load_vector(
-        checkpoint.get(prefix + "post_attention_layernorm.weight", {hidden}), 0, hidden);
+    layer.input_norm = to_device(
+        backend,
+        load_vector(checkpoint.get(prefix + "input_layernorm.weight", {hidden}), 0, hidden));
+    layer.post_norm = to_device(
+        backend, load_vector(checkpoint.get(prefix + "post_attention_layernorm.weight", {hidden}),
+                             0, hidden));
 
     const std::string attn = prefix + "self_attn.";
     const TensorView& q_proj =
@@ -161,13 +197,13 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
         checkpoint.get(attn + "k_proj.weight", {config.num_kv_heads * head_dim, hidden});
     const TensorView& v_proj =
         checkpoint.get(attn + "v_proj.weight", {config.num_kv_heads * head_dim, hidden});
-    layer.qkv = make_matrix(q_proj.dtype, q_rows + 2 * kv_rows, hidden);
-    copy_block(q_proj, 0, first_q_head_ * head_dim, q_rows, 0, hidden, layer.qkv, 0);
-    copy_block(k_proj, 0, first_kv_head_ * head_dim, kv_rows, 0, hidden, layer.qkv, q_rows);
-    copy_block(v_proj, 0, first_kv_head_ * head_dim, kv_rows, 0, hidden, layer.qkv,
-               q_rows + kv_rows);
+    HostMatrix qkv = make_matrix(q_proj.dtype, q_rows + 2 * kv_rows, hidden);
+    copy_block(q_proj, 0, first_q_head_ * head_dim, q_rows, 0, hidden, qkv, 0);
+    copy_block(k_proj, 0, first_kv_head_ * head_dim, kv_rows, 0, hidden, qkv, q_rows);
+    copy_block(v_proj, 0, first_kv_head_ * head_dim, kv_rows, 0, hidden, qkv, q_rows + kv_rows);
+    layer.qkv = to_device(backend, qkv);
     if (config.attention_bias) {
-      layer.qkv_bias = Buffer(DType::kF32, static_cast<size_t>(q_rows + 2 * kv_rows));
+      Buffer bias(DType::kF32, static_cast<size_t>(q_rows + 2 * kv_rows));
       Buffer q_bias =
           load_vector(checkpoint.get(attn + "q_proj.bias", {config.num_heads * head_dim}),
                       first_q_head_ * head_dim, q_rows);
@@ -177,22 +213,25 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
       Buffer v_bias =
           load_vector(checkpoint.get(attn + "v_proj.bias", {config.num_kv_heads * head_dim}),
                       first_kv_head_ * head_dim, kv_rows);
-      float* bias = layer.qkv_bias.f32();
-      std::copy_n(q_bias.f32(), q_rows, bias);
-      std::copy_n(k_bias.f32(), kv_rows, bias + q_rows);
-      std::copy_n(v_bias.f32(), kv_rows, bias + q_rows + kv_rows);
+      std::copy_n(q_bias.f32(), q_rows, bias.f32());
+      std::copy_n(k_bias.f32(), kv_rows, bias.f32() + q_rows);
+      std::copy_n(v_bias.f32(), kv_rows, bias.f32() + q_rows + kv_rows);
+      layer.qkv_bias = to_device(backend, bias);
       if (checkpoint.find(attn + "o_proj.bias") != nullptr)
         throw_error("checkpoint ", checkpoint.directory(), ": ", attn,
                     "o_proj.bias is not supported (attention_bias on o_proj)");
     }
     if (config.qk_norm) {
-      layer.q_norm = load_vector(checkpoint.get(attn + "q_norm.weight", {head_dim}), 0, head_dim);
-      layer.k_norm = load_vector(checkpoint.get(attn + "k_norm.weight", {head_dim}), 0, head_dim);
+      layer.q_norm = to_device(
+          backend, load_vector(checkpoint.get(attn + "q_norm.weight", {head_dim}), 0, head_dim));
+      layer.k_norm = to_device(
+          backend, load_vector(checkpoint.get(attn + "k_norm.weight", {head_dim}), 0, head_dim));
     }
     const TensorView& o_proj =
         checkpoint.get(attn + "o_proj.weight", {hidden, config.num_heads * head_dim});
-    layer.o_proj = make_matrix(o_proj.dtype, hidden, q_rows);
-    copy_block(o_proj, 0, 0, hidden, first_q_head_ * head_dim, q_rows, layer.o_proj, 0);
+    HostMatrix o_shard = make_matrix(o_proj.dtype, hidden, q_rows);
+    copy_block(o_proj, 0, 0, hidden, first_q_head_ * head_dim, q_rows, o_shard, 0);
+    layer.o_proj = to_device(backend, o_shard);
 
     layer.is_moe = config.layer_is_moe[static_cast<size_t>(layer_idx)];
     if (!layer.is_moe) {
@@ -205,7 +244,7 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
                      &checkpoint.get(mlp + "down_proj.weight", {hidden, inter}), 0};
       layer.shared_width = inter / tp_size;
       layer.shared =
-          load_mlp(views, inter, hidden, layer.shared_width * tp_rank, layer.shared_width);
+          load_mlp(backend, views, inter, hidden, layer.shared_width * tp_rank, layer.shared_width);
       layers_.push_back(std::move(layer));
       continue;
     }
@@ -218,8 +257,7 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
     const int64_t num_experts = config.num_experts;
     const int64_t inter = config.moe_intermediate_size;
     const TensorView& router = checkpoint.get(moe + "gate.weight", {num_experts, hidden});
-    layer.router = make_matrix(router.dtype, num_experts, hidden);
-    copy_block(router, 0, 0, num_experts, 0, hidden, layer.router, 0);
+    layer.router = load_matrix(backend, router, 0, num_experts, num_experts);
 
     layer.expert_to_local.assign(static_cast<size_t>(num_experts), -1);
     const TensorView* fused_gate_up = checkpoint.find(moe + "experts.gate_up_proj");
@@ -245,9 +283,10 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
         views.down = &checkpoint.get(name + (mixtral_names ? "w2.weight" : "down_proj.weight"),
                                      {hidden, inter});
       }
-      layer.experts.push_back(load_mlp(views, inter, hidden, 0, inter));
+      layer.experts.push_back(load_mlp(backend, views, inter, hidden, 0, inter));
       expert_dtype_ = layer.experts.back().gate_up.dtype();
     }
+    layer.expert_to_local_on_device = to_device(backend, layer.expert_to_local);
 
     if (config.shared_expert_intermediate_size > 0) {
       const int64_t shared_inter = config.shared_expert_intermediate_size;
@@ -259,11 +298,10 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
                      &checkpoint.get(shared + "up_proj.weight", {shared_inter, hidden}),
                      &checkpoint.get(shared + "down_proj.weight", {hidden, shared_inter}), 0};
       layer.shared_width = shared_inter / tp_size;
-      layer.shared =
-          load_mlp(views, shared_inter, hidden, layer.shared_width * tp_rank, layer.shared_width);
-      const TensorView& gate = checkpoint.get(moe + "shared_expert_gate.weight", {1, hidden});
-      layer.shared_gate = make_matrix(gate.dtype, 1, hidden);
-      copy_block(gate, 0, 0, 1, 0, hidden, layer.shared_gate, 0);
+      layer.shared = load_mlp(backend, views, shared_inter, hidden, layer.shared_width * tp_rank,
+                              layer.shared_width);
+      layer.shared_gate = load_matrix(
+          backend, checkpoint.get(moe + "shared_expert_gate.weight", {1, hidden}), 0, 1, 1);
     }
     layers_.push_back(std::move(layer));
   }
@@ -283,150 +321,146 @@ int64_t RankModel::weight_bytes() const {
   return total;
 }
 
-KvCache RankModel::make_cache(int64_t capacity) const {
-  KvCache cache;
-  cache.capacity = capacity;
-  size_t elements =
-      static_cast<size_t>(config_.num_layers * kv_heads_local_ * capacity * config_.head_dim);
-  cache.k = Buffer(DType::kF32, elements);
-  cache.v = Buffer(DType::kF32, elements);
-  return cache;
+KvPool RankModel::make_kv_pool(int64_t num_seqs, int64_t capacity) {
+  KvPool pool;
+  pool.num_seqs = num_seqs;
+  pool.capacity = capacity;
+  size_t elements = static_cast<size_t>(num_seqs * config_.num_layers * kv_heads_local_ * capacity *
+                                        config_.head_dim);
+  pool.k = backend_.allocate(DType::kF32, elements);
+  pool.v = backend_.allocate(DType::kF32, elements);
+  return pool;
 }
 
-void RankModel::forward(const StepBatch& batch, std::vector<KvCache>& caches,
-                        comm::Communicator& comm, std::vector<float>& logits) {
+float* RankModel::scratch(DeviceArray& array, size_t count) {
+  if (array.nbytes() < count * sizeof(float)) array = backend_.allocate(DType::kF32, count);
+  return array.f32();
+}
+
+int32_t* RankModel::scratch_i32(DeviceArray& array, size_t count) {
+  if (array.nbytes() < count * sizeof(int32_t))
+    array = backend_.allocate_bytes(count * sizeof(int32_t));
+  return array.i32();
+}
+
+int32_t* RankModel::upload(const std::vector<int32_t>& host, DeviceArray& array) {
+  int32_t* device = scratch_i32(array, host.size());
+  backend_.copy_from_host(host.data(), host.size() * sizeof(int32_t), device);
+  return device;
+}
+
+void RankModel::forward(const StepBatch& batch, KvPool& pool, comm::Communicator& comm,
+                        std::vector<float>& logits) {
   const int64_t num_tokens = static_cast<int64_t>(batch.token_ids.size());
   const int64_t hidden = config_.hidden_size;
+  const size_t activations = static_cast<size_t>(num_tokens * hidden);
   KEEL_CHECK(batch.positions.size() == batch.token_ids.size() &&
              batch.cache_idx.size() == batch.token_ids.size());
-  ensure_size(hidden_, static_cast<size_t>(num_tokens * hidden));
-  ensure_size(normed_, static_cast<size_t>(num_tokens * hidden));
-  ensure_size(partial_, static_cast<size_t>(num_tokens * hidden));
-
-  for (int64_t token = 0; token < num_tokens; ++token) {
-    int32_t token_id = batch.token_ids[static_cast<size_t>(token)];
+  for (int32_t token_id : batch.token_ids)
     if (token_id < 0 || token_id >= config_.vocab_size)
       throw_error("token id ", token_id, " is outside the vocabulary [0, ", config_.vocab_size,
                   ")");
-    cpu::to_f32(static_cast<const std::byte*>(embed_.data.data()) +
-                    static_cast<size_t>(token_id * hidden) * dtype_size(embed_.dtype()),
-                embed_.dtype(), hidden, hidden_.data() + token * hidden);
-  }
+  for (size_t token = 0; token < batch.positions.size(); ++token)
+    if (batch.positions[token] >= pool.capacity || batch.cache_idx[token] < 0 ||
+        batch.cache_idx[token] >= pool.num_seqs)
+      throw_error("rank ", tp_rank_, ": token ", token, " at position ", batch.positions[token],
+                  " of sequence ", batch.cache_idx[token], " is outside the KV pool (",
+                  pool.num_seqs, " sequences x ", pool.capacity, " positions)");
+  float* hidden_states = scratch(hidden_, activations);
+  float* normed = scratch(normed_, activations);
+  float* partial = scratch(partial_, activations);
+  const int32_t* token_ids = upload(batch.token_ids, token_ids_);
+  upload(batch.positions, positions_);
+  upload(batch.cache_idx, cache_idx_);
 
+  backend_.embed(embed_.data.data(), embed_.dtype(), hidden, token_ids, num_tokens, hidden_states);
+  const float eps = static_cast<float>(config_.rms_norm_eps);
   for (int64_t layer_idx = 0; layer_idx < config_.num_layers; ++layer_idx) {
     LayerWeights& layer = layers_[static_cast<size_t>(layer_idx)];
-    cpu::rms_norm(hidden_.data(), layer.input_norm.f32(), static_cast<float>(config_.rms_norm_eps),
-                  num_tokens, hidden, normed_.data());
-    attention(layer_idx, batch, caches);
-    comm.all_reduce(partial_.data(), static_cast<size_t>(num_tokens * hidden), options_.reduce);
-    for (int64_t i = 0; i < num_tokens * hidden; ++i) hidden_[i] += partial_[i];
+    backend_.rms_norm(hidden_states, layer.input_norm.f32(), eps, num_tokens, hidden, normed);
+    attention(layer_idx, num_tokens, pool);
+    comm.all_reduce(partial, activations, options_.reduce);
+    backend_.add(hidden_states, partial, static_cast<int64_t>(activations));
 
-    cpu::rms_norm(hidden_.data(), layer.post_norm.f32(), static_cast<float>(config_.rms_norm_eps),
-                  num_tokens, hidden, normed_.data());
+    backend_.rms_norm(hidden_states, layer.post_norm.f32(), eps, num_tokens, hidden, normed);
     if (layer.is_moe) {
       moe(layer_idx, num_tokens);
     } else {
-      dense_mlp(layer.shared, layer.shared_width, num_tokens, partial_.data());
+      dense_mlp(layer.shared, layer.shared_width, num_tokens, partial);
     }
-    comm.all_reduce(partial_.data(), static_cast<size_t>(num_tokens * hidden), options_.reduce);
-    for (int64_t i = 0; i < num_tokens * hidden; ++i) hidden_[i] += partial_[i];
+    comm.all_reduce(partial, activations, options_.reduce);
+    backend_.add(hidden_states, partial, static_cast<int64_t>(activations));
   }
 
   // Final norm and vocab-parallel lm_head only on the rows whose logits are wanted.
   const int64_t num_rows = static_cast<int64_t>(batch.logits_rows.size());
-  ensure_size(lm_in_, static_cast<size_t>(num_rows * hidden));
-  for (int64_t row = 0; row < num_rows; ++row) {
-    int32_t token = batch.logits_rows[static_cast<size_t>(row)];
-    KEEL_CHECK(token >= 0 && token < num_tokens, "logits row ", token);
-    cpu::rms_norm(hidden_.data() + token * hidden, final_norm_.f32(),
-                  static_cast<float>(config_.rms_norm_eps), 1, hidden,
-                  lm_in_.data() + row * hidden);
-  }
-  ensure_size(local_logits_, static_cast<size_t>(num_rows * vocab_chunk_));
-  cpu::gemm(lm_in_.data(), lm_head_.data.data(), lm_head_.dtype(), local_logits_.data(), num_rows,
-            vocab_chunk_, hidden);
-  ensure_size(gathered_logits_, static_cast<size_t>(num_rows * vocab_chunk_ * tp_size_));
-  comm.all_gather(local_logits_.data(), static_cast<size_t>(num_rows * vocab_chunk_),
-                  gathered_logits_.data());
+  for (int32_t row : batch.logits_rows)
+    KEEL_CHECK(row >= 0 && row < num_tokens, "logits row ", row);
+  const int32_t* rows = upload(batch.logits_rows, logits_rows_);
+  float* lm_in = scratch(lm_in_, static_cast<size_t>(num_rows * hidden));
+  backend_.gather_rows(hidden_states, rows, num_rows, hidden, lm_in);
+  backend_.rms_norm(lm_in, final_norm_.f32(), eps, num_rows, hidden, lm_in);
+  float* local_logits = scratch(local_logits_, static_cast<size_t>(num_rows * vocab_chunk_));
+  backend_.gemm(lm_in, lm_head_.data.data(), lm_head_.dtype(), local_logits, num_rows, vocab_chunk_,
+                hidden);
+  const size_t gathered_count = static_cast<size_t>(num_rows * vocab_chunk_ * tp_size_);
+  float* gathered = scratch(gathered_logits_, gathered_count);
+  comm.all_gather(local_logits, static_cast<size_t>(num_rows * vocab_chunk_), gathered);
+  host_gathered_logits_.resize(gathered_count);
+  backend_.copy_to_host(gathered, gathered_count * sizeof(float), host_gathered_logits_.data());
   const int64_t vocab = config_.vocab_size;
   logits.resize(static_cast<size_t>(num_rows * vocab));
   for (int rank = 0; rank < tp_size_; ++rank) {
     int64_t vocab_begin = vocab_chunk_ * rank;
     int64_t count = std::clamp<int64_t>(vocab - vocab_begin, 0, vocab_chunk_);
     for (int64_t row = 0; row < num_rows; ++row)
-      std::copy_n(gathered_logits_.data() + (rank * num_rows + row) * vocab_chunk_, count,
+      std::copy_n(host_gathered_logits_.data() + (rank * num_rows + row) * vocab_chunk_, count,
                   logits.data() + row * vocab + vocab_begin);
   }
 }
 
-void RankModel::attention(int64_t layer_idx, const StepBatch& batch, std::vector<KvCache>& caches) {
+void RankModel::attention(int64_t layer_idx, int64_t num_tokens, KvPool& pool) {
   LayerWeights& layer = layers_[static_cast<size_t>(layer_idx)];
-  const int64_t num_tokens = static_cast<int64_t>(batch.token_ids.size());
   const int64_t head_dim = config_.head_dim;
   const int64_t q_width = q_heads_local_ * head_dim;
   const int64_t kv_width = kv_heads_local_ * head_dim;
   const int64_t qkv_width = q_width + 2 * kv_width;
   const float eps = static_cast<float>(config_.rms_norm_eps);
-  ensure_size(qkv_, static_cast<size_t>(num_tokens * qkv_width));
-  ensure_size(attn_out_, static_cast<size_t>(num_tokens * q_width));
-  ensure_size(cos_sin_, static_cast<size_t>(config_.rotary_dim));
-  cpu::gemm(normed_.data(), layer.qkv.data.data(), layer.qkv.dtype(), qkv_.data(), num_tokens,
-            qkv_width, config_.hidden_size);
-
-  // Pass 1: bias, qk-norm, RoPE, and append K/V to each token's cache, so that pass 2 sees
-  // every earlier position of the same sequence, including those in this step.
-  for (int64_t token = 0; token < num_tokens; ++token) {
-    float* row = qkv_.data() + token * qkv_width;
-    if (!layer.qkv_bias.empty())
-      for (int64_t i = 0; i < qkv_width; ++i) row[i] += layer.qkv_bias.f32()[i];
-    if (config_.qk_norm) {
-      cpu::rms_norm(row, layer.q_norm.f32(), eps, q_heads_local_, head_dim, row);
-      cpu::rms_norm(row + q_width, layer.k_norm.f32(), eps, kv_heads_local_, head_dim,
-                    row + q_width);
-    }
-    int64_t position = batch.positions[static_cast<size_t>(token)];
-    cpu::rope_cos_sin(position, config_.rope_theta, config_.rotary_dim, cos_sin_.data());
-    cpu::apply_rope(row, q_heads_local_, head_dim, config_.rotary_dim, cos_sin_.data());
-    cpu::apply_rope(row + q_width, kv_heads_local_, head_dim, config_.rotary_dim, cos_sin_.data());
-    KvCache& cache = caches[static_cast<size_t>(batch.cache_idx[static_cast<size_t>(token)])];
-    if (position >= cache.capacity)
-      throw_error("rank ", tp_rank_, ": position ", position, " exceeds KV cache capacity ",
-                  cache.capacity);
-    for (int64_t kv_head = 0; kv_head < kv_heads_local_; ++kv_head) {
-      size_t offset = static_cast<size_t>(
-          ((layer_idx * kv_heads_local_ + kv_head) * cache.capacity + position) * head_dim);
-      std::copy_n(row + q_width + kv_head * head_dim, head_dim, cache.k.f32() + offset);
-      std::copy_n(row + q_width + kv_width + kv_head * head_dim, head_dim, cache.v.f32() + offset);
-    }
+  float* qkv = scratch(qkv_, static_cast<size_t>(num_tokens * qkv_width));
+  float* attn_out = scratch(attn_out_, static_cast<size_t>(num_tokens * q_width));
+  backend_.gemm(normed_.f32(), layer.qkv.data.data(), layer.qkv.dtype(), qkv, num_tokens, qkv_width,
+                config_.hidden_size);
+  // Bias, qk-norm, RoPE, then append K/V to each token's cache before any attention, so every
+  // token sees every earlier position of its sequence, including those in this step.
+  if (!layer.qkv_bias.empty()) backend_.add_bias(qkv, layer.qkv_bias.f32(), num_tokens, qkv_width);
+  if (config_.qk_norm) {
+    backend_.head_norm(qkv, qkv_width, 0, q_heads_local_, head_dim, layer.q_norm.f32(), eps,
+                       num_tokens);
+    backend_.head_norm(qkv, qkv_width, q_width, kv_heads_local_, head_dim, layer.k_norm.f32(), eps,
+                       num_tokens);
   }
+  backend_.rope(qkv, qkv_width, q_heads_local_, q_width, kv_heads_local_, head_dim,
+                config_.rotary_dim, config_.rope_theta, positions_.i32(), num_tokens);
+  Backend::KvPoolView view{pool.k.f32(),    pool.v.f32(),  config_.num_layers,
+                           kv_heads_local_, pool.capacity, head_dim};
+  backend_.kv_append(qkv, qkv_width, q_width, q_width + kv_width, positions_.i32(),
+                     cache_idx_.i32(), num_tokens, layer_idx, view);
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-  for (int64_t token = 0; token < num_tokens; ++token) {
-    KvCache& cache = caches[static_cast<size_t>(batch.cache_idx[static_cast<size_t>(token)])];
-    int64_t num_positions = batch.positions[static_cast<size_t>(token)] + 1;
-    ensure_size(scores_, static_cast<size_t>(num_positions));
-    size_t layer_offset =
-        static_cast<size_t>(layer_idx * kv_heads_local_ * cache.capacity * head_dim);
-    cpu::attention_decode(qkv_.data() + token * qkv_width, q_heads_local_, kv_head_of_q_.data(),
-                          cache.k.f32() + layer_offset, cache.v.f32() + layer_offset,
-                          cache.capacity, head_dim, num_positions, scale, scores_.data(),
-                          attn_out_.data() + token * q_width);
-  }
-  cpu::gemm(attn_out_.data(), layer.o_proj.data.data(), layer.o_proj.dtype(), partial_.data(),
-            num_tokens, config_.hidden_size, q_width);
+  backend_.attention(qkv, qkv_width, q_heads_local_, kv_head_of_q_.i32(), positions_.i32(),
+                     cache_idx_.i32(), num_tokens, layer_idx, view, scale, attn_out);
+  backend_.gemm(attn_out, layer.o_proj.data.data(), layer.o_proj.dtype(), partial_.f32(),
+                num_tokens, config_.hidden_size, q_width);
 }
 
 void RankModel::dense_mlp(const ExpertWeights& weights, int64_t width, int64_t num_tokens,
                           float* out) {
-  ensure_size(expert_mid_, static_cast<size_t>(num_tokens * 2 * width));
-  ensure_size(expert_act_, static_cast<size_t>(num_tokens * width));
-  cpu::gemm(normed_.data(), weights.gate_up.data.data(), weights.gate_up.dtype(),
-            expert_mid_.data(), num_tokens, 2 * width, config_.hidden_size);
-  for (int64_t token = 0; token < num_tokens; ++token)
-    cpu::silu_mul(expert_mid_.data() + token * 2 * width,
-                  expert_mid_.data() + token * 2 * width + width, width,
-                  expert_act_.data() + token * width);
-  cpu::gemm(expert_act_.data(), weights.down.data.data(), weights.down.dtype(), out, num_tokens,
-            config_.hidden_size, width);
+  float* mid = scratch(expert_mid_, static_cast<size_t>(num_tokens * 2 * width));
+  float* act = scratch(expert_act_, static_cast<size_t>(num_tokens * width));
+  backend_.gemm(normed_.f32(), weights.gate_up.data.data(), weights.gate_up.dtype(), mid,
+                num_tokens, 2 * width, config_.hidden_size);
+  backend_.silu_mul(mid, num_tokens, width, act);
+  backend_.gemm(act, weights.down.data.data(), weights.down.dtype(), out, num_tokens,
+                config_.hidden_size, width);
 }
 
 void RankModel::moe(int64_t layer_idx, int64_t num_tokens) {
@@ -435,87 +469,74 @@ void RankModel::moe(int64_t layer_idx, int64_t num_tokens) {
   const int64_t num_experts = config_.num_experts;
   const int64_t top_k = config_.top_k;
   const int64_t inter = config_.moe_intermediate_size;
+  const size_t num_pairs = static_cast<size_t>(num_tokens * top_k);
 
   // Router: replicated, and its input rows are all-reduced bits, so every rank picks the same.
-  ensure_size(router_logits_, static_cast<size_t>(num_tokens * num_experts));
-  ensure_size(probs_, static_cast<size_t>(num_experts));
-  ensure_size(route_ids_, static_cast<size_t>(num_tokens * top_k));
-  ensure_size(route_weights_, static_cast<size_t>(num_tokens * top_k));
-  cpu::gemm(normed_.data(), layer.router.data.data(), layer.router.dtype(), router_logits_.data(),
-            num_tokens, num_experts, hidden);
+  float* router_logits = scratch(router_logits_, static_cast<size_t>(num_tokens * num_experts));
+  int32_t* route_ids = scratch_i32(route_ids_, num_pairs);
+  float* route_weights = scratch(route_weights_, num_pairs);
+  float* margins = scratch(route_margins_, static_cast<size_t>(num_tokens));
+  backend_.gemm(normed_.f32(), layer.router.data.data(), layer.router.dtype(), router_logits,
+                num_tokens, num_experts, hidden);
+  backend_.route_top_k(router_logits, num_tokens, num_experts, top_k, config_.norm_topk_prob,
+                       route_ids, route_weights, margins);
+  host_route_ids_.resize(num_pairs);
+  backend_.copy_to_host(route_ids, num_pairs * sizeof(int32_t), host_route_ids_.data());
   std::vector<int64_t>& counts = expert_counts_[static_cast<size_t>(layer_idx)];
-  for (int64_t token = 0; token < num_tokens; ++token) {
-    cpu::route_top_k(router_logits_.data() + token * num_experts, num_experts, top_k,
-                     config_.norm_topk_prob, probs_.data(), route_ids_.data() + token * top_k,
-                     route_weights_.data() + token * top_k);
-    for (int64_t slot = 0; slot < top_k; ++slot) {
-      int32_t expert = route_ids_[token * top_k + slot];
-      ++counts[static_cast<size_t>(expert)];
-      routing_fingerprint_ =
-          (routing_fingerprint_ ^ static_cast<uint64_t>(expert)) * 0x100000001b3ull;
-    }
+  for (int32_t expert : host_route_ids_) {
+    ++counts[static_cast<size_t>(expert)];
+    routing_fingerprint_ =
+        (routing_fingerprint_ ^ static_cast<uint64_t>(expert)) * 0x100000001b3ull;
   }
 
-  // Pack this rank's (token, slot) pairs per expert and run each expert once over its batch.
-  pack_routes(route_ids_.data(), num_tokens, top_k, layer.expert_to_local, packing_);
-  ensure_size(slot_out_, static_cast<size_t>(num_tokens * top_k * hidden));
+  // Pack this rank's (token, slot) pairs per expert (host policy), then run each expert once
+  // over its contiguous batch: gather its tokens, gate_up, silu*mul, down, scatter to slots.
+  pack_routes(host_route_ids_.data(), num_tokens, top_k, layer.expert_to_local, packing_);
+  host_gather_idx_.resize(packing_.routes.size());
+  host_scatter_idx_.resize(packing_.routes.size());
+  for (size_t pair = 0; pair < packing_.routes.size(); ++pair) {
+    host_gather_idx_[pair] = packing_.routes[pair].token_idx;
+    host_scatter_idx_[pair] = packing_.routes[pair].token_idx * static_cast<int32_t>(top_k) +
+                              packing_.routes[pair].slot_idx;
+  }
+  const int32_t* gather_idx = upload(host_gather_idx_, gather_idx_);
+  const int32_t* scatter_idx = upload(host_scatter_idx_, scatter_idx_);
+  float* slot_out = scratch(slot_out_, num_pairs * static_cast<size_t>(hidden));
   for (size_t local = 0; local < layer.experts.size(); ++local) {
     int64_t batch_rows = packing_.num_tokens_of(local);
     if (batch_rows == 0) continue;
-    const PackedRoute* routes = packing_.routes.data() + packing_.offsets[local];
-    ensure_size(expert_in_, static_cast<size_t>(batch_rows * hidden));
-    ensure_size(expert_mid_, static_cast<size_t>(batch_rows * 2 * inter));
-    ensure_size(expert_act_, static_cast<size_t>(batch_rows * inter));
-    ensure_size(expert_out_, static_cast<size_t>(batch_rows * hidden));
-    for (int64_t row = 0; row < batch_rows; ++row)
-      std::copy_n(normed_.data() + int64_t{routes[row].token_idx} * hidden, hidden,
-                  expert_in_.data() + row * hidden);
+    int64_t offset = packing_.offsets[local];
+    float* expert_in = scratch(expert_in_, static_cast<size_t>(batch_rows * hidden));
+    float* mid = scratch(expert_mid_, static_cast<size_t>(batch_rows * 2 * inter));
+    float* act = scratch(expert_act_, static_cast<size_t>(batch_rows * inter));
+    float* expert_out = scratch(expert_out_, static_cast<size_t>(batch_rows * hidden));
+    backend_.gather_rows(normed_.f32(), gather_idx + offset, batch_rows, hidden, expert_in);
     const ExpertWeights& expert = layer.experts[local];
-    cpu::gemm(expert_in_.data(), expert.gate_up.data.data(), expert.gate_up.dtype(),
-              expert_mid_.data(), batch_rows, 2 * inter, hidden);
-    for (int64_t row = 0; row < batch_rows; ++row)
-      cpu::silu_mul(expert_mid_.data() + row * 2 * inter,
-                    expert_mid_.data() + row * 2 * inter + inter, inter,
-                    expert_act_.data() + row * inter);
-    cpu::gemm(expert_act_.data(), expert.down.data.data(), expert.down.dtype(), expert_out_.data(),
-              batch_rows, hidden, inter);
-    for (int64_t row = 0; row < batch_rows; ++row) {
-      int64_t pair = int64_t{routes[row].token_idx} * top_k + routes[row].slot_idx;
-      std::copy_n(expert_out_.data() + row * hidden, hidden, slot_out_.data() + pair * hidden);
-    }
+    backend_.gemm(expert_in, expert.gate_up.data.data(), expert.gate_up.dtype(), mid, batch_rows,
+                  2 * inter, hidden);
+    backend_.silu_mul(mid, batch_rows, inter, act);
+    backend_.gemm(act, expert.down.data.data(), expert.down.dtype(), expert_out, batch_rows, hidden,
+                  inter);
+    backend_.scatter_rows(expert_out, scatter_idx + offset, batch_rows, hidden, slot_out);
   }
 
-  const bool has_shared = config_.shared_expert_intermediate_size > 0;
-  if (has_shared) {
-    ensure_size(shared_out_, static_cast<size_t>(num_tokens * hidden));
-    dense_mlp(layer.shared, layer.shared_width, num_tokens, shared_out_.data());
+  const float* shared = nullptr;
+  const float* shared_gate_logits = nullptr;
+  if (config_.shared_expert_intermediate_size > 0) {
+    float* shared_out = scratch(shared_out_, static_cast<size_t>(num_tokens * hidden));
+    dense_mlp(layer.shared, layer.shared_width, num_tokens, shared_out);
+    float* gate_logits = scratch(shared_gate_logits_, static_cast<size_t>(num_tokens));
+    backend_.gemm(normed_.f32(), layer.shared_gate.data.data(), layer.shared_gate.dtype(),
+                  gate_logits, num_tokens, 1, hidden);
+    shared = shared_out;
+    shared_gate_logits = gate_logits;
   }
   // Canonical combine: per token, local experts in slot order, then the gated shared expert.
-  const bool round = options_.combine == CombinePrecision::kRoundPerExpert;
-  for (int64_t token = 0; token < num_tokens; ++token) {
-    float* out = partial_.data() + token * hidden;
-    std::fill(out, out + hidden, 0.0f);
-    for (int64_t slot = 0; slot < top_k; ++slot) {
-      int32_t expert = route_ids_[token * top_k + slot];
-      if (layer.expert_to_local[static_cast<size_t>(expert)] < 0) continue;
-      float weight = route_weights_[token * top_k + slot];
-      const float* expert_row = slot_out_.data() + (token * top_k + slot) * hidden;
-      if (round) {
-        for (int64_t i = 0; i < hidden; ++i)
-          out[i] += round_to_dtype(weight * expert_row[i], expert_dtype_);
-      } else {
-        for (int64_t i = 0; i < hidden; ++i) out[i] += weight * expert_row[i];
-      }
-    }
-    if (has_shared) {
-      float gate_logit = 0.0f;
-      cpu::gemm(normed_.data() + token * hidden, layer.shared_gate.data.data(),
-                layer.shared_gate.dtype(), &gate_logit, 1, 1, hidden);
-      float gate = cpu::sigmoid(gate_logit);
-      const float* shared_row = shared_out_.data() + token * hidden;
-      for (int64_t i = 0; i < hidden; ++i) out[i] += gate * shared_row[i];
-    }
-  }
+  DType round_dtype =
+      options_.combine == CombinePrecision::kRoundPerExpert ? expert_dtype_ : DType::kF32;
+  backend_.moe_combine(slot_out, route_ids, route_weights, layer.expert_to_local_on_device.i32(),
+                       num_tokens, top_k, hidden, round_dtype, shared, shared_gate_logits,
+                       partial_.f32());
 }
 
 }  // namespace keel

@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "comm/communicator.h"
-#include "kernels/base/buffer.h"
+#include "runtime/backend.h"
 #include "runtime/checkpoint.h"
 #include "runtime/model_config.h"
 #include "scheduler/packing.h"
@@ -30,9 +30,10 @@ enum class CombinePrecision : uint8_t { kFp32, kRoundPerExpert };
 std::string_view combine_precision_name(CombinePrecision precision);
 CombinePrecision parse_combine_precision(std::string_view name);
 
-// A weight matrix in its storage dtype, row-major [rows = out_features, cols = in_features].
+// A weight matrix in its storage dtype on the backend's device, row-major
+// [rows = out_features, cols = in_features].
 struct Matrix {
-  Buffer data;
+  DeviceArray data;
   int64_t rows = 0;
   int64_t cols = 0;
   DType dtype() const { return data.dtype(); }
@@ -44,34 +45,37 @@ struct ExpertWeights {
 };
 
 struct LayerWeights {
-  Buffer input_norm;  // f32 [H]
-  Buffer post_norm;   // f32 [H]
-  Matrix qkv;         // [(q_local + 2 * kv_local) * head_dim, H]
-  Buffer qkv_bias;    // f32, empty when the model has none
-  Buffer q_norm;      // f32 [head_dim], empty without qk-norm
-  Buffer k_norm;
+  DeviceArray input_norm;  // f32 [H]
+  DeviceArray post_norm;   // f32 [H]
+  Matrix qkv;              // [(q_local + 2 * kv_local) * head_dim, H]
+  DeviceArray qkv_bias;    // f32, empty when the model has none
+  DeviceArray q_norm;      // f32 [head_dim], empty without qk-norm
+  DeviceArray k_norm;
   Matrix o_proj;  // [H, q_local * head_dim]
   bool is_moe = false;
-  Matrix router;                         // [E, H]
-  std::vector<ExpertWeights> experts;    // local experts, ascending expert id
-  std::vector<int32_t> expert_to_local;  // [E] -> local index or -1
-  ExpertWeights shared;                  // shared expert or dense MLP shard (I / tp wide)
-  int64_t shared_width = 0;              // local intermediate width of `shared`
-  Matrix shared_gate;                    // [1, H] sigmoid gate of the shared expert
+  Matrix router;                          // [E, H]
+  std::vector<ExpertWeights> experts;     // local experts, ascending expert id
+  std::vector<int32_t> expert_to_local;   // [E] -> local index or -1 (host, for packing)
+  DeviceArray expert_to_local_on_device;  // the same map for the combine kernel
+  ExpertWeights shared;                   // shared expert or dense MLP shard (I / tp wide)
+  int64_t shared_width = 0;               // local intermediate width of `shared`
+  Matrix shared_gate;                     // [1, H] sigmoid gate of the shared expert
 };
 
-// One sequence's KV cache on one rank: k and v as [layers][kv_local][capacity][head_dim].
-struct KvCache {
-  Buffer k;
-  Buffer v;
+// The KV caches of a batch of sequences on one rank:
+// k and v as [num_seqs][num_layers][kv_local][capacity][head_dim] fp32.
+struct KvPool {
+  DeviceArray k;
+  DeviceArray v;
+  int64_t num_seqs = 0;
   int64_t capacity = 0;
 };
 
-// What one forward step computes: tokens of several sequences, concatenated.
+// What one forward step computes: tokens of several sequences, concatenated (host arrays).
 struct StepBatch {
   std::vector<int32_t> token_ids;
   std::vector<int32_t> positions;
-  std::vector<int32_t> cache_idx;    // per token: which KvCache it belongs to
+  std::vector<int32_t> cache_idx;    // per token: which sequence of the KvPool it belongs to
   std::vector<int32_t> logits_rows;  // token rows whose logits are wanted, in output order
 };
 
@@ -85,15 +89,18 @@ using ExpertCounts = std::vector<std::vector<int64_t>>;
 
 class RankModel {
  public:
-  // Loads this rank's shard; throws keel::Error (naming file/tensor) on any mismatch.
+  // Loads this rank's shard onto `backend`'s device; throws keel::Error (naming file/tensor)
+  // on any mismatch. `backend` must outlive the model.
   RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
-            const ExpertPlacement& placement, int tp_rank, int tp_size, RankOptions options);
+            const ExpertPlacement& placement, int tp_rank, int tp_size, RankOptions options,
+            Backend& backend);
 
-  KvCache make_cache(int64_t capacity) const;
+  KvPool make_kv_pool(int64_t num_seqs, int64_t capacity);
 
-  // Runs one step on this rank. `logits` receives [logits_rows, vocab] (identical on all
-  // ranks). Collectives go through `comm`; every rank must call with the same batch.
-  void forward(const StepBatch& batch, std::vector<KvCache>& caches, comm::Communicator& comm,
+  // Runs one step on this rank. `logits` receives [logits_rows, vocab] on the host (identical
+  // on all ranks). Collectives go through `comm`, whose pointers are this backend's memory;
+  // every rank must call with the same batch.
+  void forward(const StepBatch& batch, KvPool& pool, comm::Communicator& comm,
                std::vector<float>& logits);
 
   const ExpertCounts& expert_counts() const { return expert_counts_; }
@@ -103,11 +110,17 @@ class RankModel {
   int64_t weight_bytes() const;
 
  private:
-  void attention(int64_t layer_idx, const StepBatch& batch, std::vector<KvCache>& caches);
+  // Device scratch of at least `count` elements of fp32 (or int32), grown as needed.
+  float* scratch(DeviceArray& array, size_t count);
+  int32_t* scratch_i32(DeviceArray& array, size_t count);
+  int32_t* upload(const std::vector<int32_t>& host, DeviceArray& array);
+
+  void attention(int64_t layer_idx, int64_t num_tokens, KvPool& pool);
   void moe(int64_t layer_idx, int64_t num_tokens);
   void dense_mlp(const ExpertWeights& weights, int64_t width, int64_t num_tokens, float* out);
 
   const ModelConfig& config_;
+  Backend& backend_;
   int tp_rank_;
   int tp_size_;
   RankOptions options_;
@@ -117,22 +130,26 @@ class RankModel {
   int64_t first_q_head_ = 0;
   int64_t kv_heads_local_ = 0;
   int64_t first_kv_head_ = 0;
-  std::vector<int32_t> kv_head_of_q_;  // local q head -> local kv head
-  int64_t vocab_chunk_ = 0;            // padded rows of lm_head per rank
+  DeviceArray kv_head_of_q_;  // int32 [q_heads_local]: local q head -> local kv head
+  int64_t vocab_chunk_ = 0;   // padded rows of lm_head per rank
 
   Matrix embed_;
   std::vector<LayerWeights> layers_;
-  Buffer final_norm_;
+  DeviceArray final_norm_;
   Matrix lm_head_;  // [vocab_chunk, H], rows past the vocab are zero
 
   ExpertCounts expert_counts_;
   uint64_t routing_fingerprint_ = 0;
 
-  // Scratch, grown as needed and reused across steps.
-  std::vector<float> hidden_, normed_, qkv_, attn_out_, partial_, cos_sin_, scores_;
-  std::vector<float> router_logits_, probs_, route_weights_, slot_out_, expert_in_, expert_mid_,
-      expert_act_, expert_out_, shared_out_, lm_in_, local_logits_, gathered_logits_;
-  std::vector<int32_t> route_ids_;
+  // Device scratch, grown as needed and reused across steps.
+  DeviceArray hidden_, normed_, qkv_, attn_out_, partial_, router_logits_, route_weights_,
+      route_margins_, slot_out_, expert_in_, expert_mid_, expert_act_, expert_out_, shared_out_,
+      shared_gate_logits_, lm_in_, local_logits_, gathered_logits_;
+  DeviceArray token_ids_, positions_, cache_idx_, logits_rows_, route_ids_, gather_idx_,
+      scatter_idx_;
+  // Host copies of what host-side policy needs.
+  std::vector<int32_t> host_route_ids_, host_gather_idx_, host_scatter_idx_;
+  std::vector<float> host_gathered_logits_;
   ExpertPacking packing_;
 };
 

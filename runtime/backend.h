@@ -1,0 +1,133 @@
+// The device abstraction the forward pass is written against (STYLE.md lesson 12: move-only
+// buffers that know their dtype and device). RankModel calls only these ops; a CPU backend
+// runs them with kernels/cpu, a CUDA backend with kernels/cuda. Every pointer an op takes is
+// memory of that backend's device (activations fp32, weights in their storage dtype), and the
+// communicator a rank uses must take the same kind of pointer (thread/MPI: host, NCCL: device).
+//
+// Host-side policy stays on the host: routing decisions are copied to the host for packing
+// (scheduler/packing.h), and logits are copied to the host for sampling.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string_view>
+
+#include "kernels/base/dtype.h"
+
+namespace keel {
+
+enum class Device : uint8_t { kCpu, kCuda };
+std::string_view device_name(Device device);
+// "cpu" or "cuda"; throws keel::Error naming the bad value.
+Device parse_device(std::string_view name);
+
+// Memory on one device; move-only; zero-filled when allocated. `dtype` describes the elements
+// of weights and activations; index arrays (token ids, positions, routes) are int32 arrays
+// allocated by byte count and read through i32().
+class DeviceArray {
+ public:
+  using Deleter = void (*)(void*);
+  DeviceArray() = default;
+  DeviceArray(Device device, DType dtype, size_t nbytes, void* data, Deleter deleter)
+      : device_(device), dtype_(dtype), nbytes_(nbytes), data_(data, deleter) {}
+
+  Device device() const { return device_; }
+  DType dtype() const { return dtype_; }
+  size_t nbytes() const { return nbytes_; }
+  bool empty() const { return nbytes_ == 0; }
+  void* data() { return data_.get(); }
+  const void* data() const { return data_.get(); }
+  float* f32() { return static_cast<float*>(data_.get()); }
+  const float* f32() const { return static_cast<const float*>(data_.get()); }
+  int32_t* i32() { return static_cast<int32_t*>(data_.get()); }
+  const int32_t* i32() const { return static_cast<const int32_t*>(data_.get()); }
+
+ private:
+  Device device_ = Device::kCpu;
+  DType dtype_ = DType::kF32;
+  size_t nbytes_ = 0;
+  std::unique_ptr<void, Deleter> data_{nullptr, [](void*) {}};
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual Device device() const = 0;
+
+  // `count` elements of `dtype`, or `nbytes` bytes (index arrays), zero-filled.
+  virtual DeviceArray allocate(DType dtype, size_t count) = 0;
+  virtual DeviceArray allocate_bytes(size_t nbytes) = 0;
+  virtual void copy_from_host(const void* host, size_t bytes, void* device_dst) = 0;
+  virtual void copy_to_host(const void* device_src, size_t bytes, void* host_dst) = 0;
+
+  // out[t, :] = fp32(table[token_ids[t], :]); table [vocab, width] in its dtype.
+  virtual void embed(const void* table, DType table_dtype, int64_t width, const int32_t* token_ids,
+                     int64_t num_tokens, float* out) = 0;
+  // y[m, n] = sum_k x[m, k] * w[n, k] in the canonical order of kernels/cpu/gemm.h.
+  virtual void gemm(const float* x, const void* w, DType w_dtype, float* y, int64_t m, int64_t n,
+                    int64_t k) = 0;
+  // RMSNorm of `num_rows` contiguous rows of `width` (out may alias x).
+  virtual void rms_norm(const float* x, const float* weight, float eps, int64_t num_rows,
+                        int64_t width, float* out) = 0;
+  // Per-head RMSNorm over head_dim (Qwen3's qk-norm), in place, on `num_heads` heads starting
+  // at column `first_col` of every row.
+  virtual void head_norm(float* rows, int64_t row_stride, int64_t first_col, int64_t num_heads,
+                         int64_t head_dim, const float* weight, float eps, int64_t num_rows) = 0;
+  // x[t, i] += bias[i]
+  virtual void add_bias(float* x, const float* bias, int64_t num_rows, int64_t width) = 0;
+  // RoPE at each row's position on the query heads (columns from 0) and the key heads
+  // (columns from k_col) of every row.
+  virtual void rope(float* rows, int64_t row_stride, int64_t num_q_heads, int64_t k_col,
+                    int64_t num_k_heads, int64_t head_dim, int64_t rotary_dim, double theta,
+                    const int32_t* positions, int64_t num_rows) = 0;
+  // Copies each row's K/V heads (columns [k_col, k_col + kv_width) and [v_col, ...)) into the
+  // KV pool at (sequence cache_idx[t], layer, position[t]). Pool layout:
+  // [num_seqs][num_layers][kv_heads][capacity][head_dim].
+  struct KvPoolView {
+    float* k = nullptr;
+    float* v = nullptr;
+    int64_t num_layers = 0;
+    int64_t kv_heads = 0;
+    int64_t capacity = 0;
+    int64_t head_dim = 0;
+  };
+  virtual void kv_append(const float* rows, int64_t row_stride, int64_t k_col, int64_t v_col,
+                         const int32_t* positions, const int32_t* cache_idx, int64_t num_rows,
+                         int64_t layer_idx, const KvPoolView& pool) = 0;
+  // Causal attention of each row's query heads (columns [0, num_q_heads * head_dim)) over its
+  // sequence's cache positions [0, position]; out [num_rows, num_q_heads * head_dim].
+  virtual void attention(const float* rows, int64_t row_stride, int64_t num_q_heads,
+                         const int32_t* kv_head_of_q, const int32_t* positions,
+                         const int32_t* cache_idx, int64_t num_rows, int64_t layer_idx,
+                         const KvPoolView& pool, float scale, float* out) = 0;
+  // Router: softmax + top-k (ties to the lower id) [+ renormalise] per row.
+  virtual void route_top_k(const float* logits, int64_t num_rows, int64_t num_experts,
+                           int64_t top_k, bool normalize, int32_t* expert_ids,
+                           float* expert_weights, float* margins) = 0;
+  // dst[r, :] = src[row_idx[r], :]
+  virtual void gather_rows(const float* src, const int32_t* row_idx, int64_t num_rows,
+                           int64_t width, float* dst) = 0;
+  // dst[row_idx[r], :] = src[r, :]
+  virtual void scatter_rows(const float* src, const int32_t* row_idx, int64_t num_rows,
+                            int64_t width, float* dst) = 0;
+  // out[r, i] = silu(gate_up[r, i]) * gate_up[r, width + i]
+  virtual void silu_mul(const float* gate_up, int64_t num_rows, int64_t width, float* out) = 0;
+  // Canonical MoE combine per token t: out[t] = sum over slots s in order whose expert is local
+  // (expert_to_local[id] >= 0) of weight[t, s] * slot_out[t * top_k + s] (each product rounded
+  // to `round_dtype` first unless it is F32), then + sigmoid(shared_gate[t]) * shared[t] when
+  // `shared` is non-null.
+  virtual void moe_combine(const float* slot_out, const int32_t* expert_ids,
+                           const float* expert_weights, const int32_t* expert_to_local,
+                           int64_t num_tokens, int64_t top_k, int64_t width, DType round_dtype,
+                           const float* shared, const float* shared_gate_logits, float* out) = 0;
+  // dst[i] += src[i]
+  virtual void add(float* dst, const float* src, int64_t count) = 0;
+};
+
+// The CPU backend (kernels/cpu): the bit-exact reference.
+std::unique_ptr<Backend> make_cpu_backend();
+// The CUDA backend on `device_index`; throws keel::Error with a clear message where CUDA
+// support was not built or no device exists.
+std::unique_ptr<Backend> make_cuda_backend(int device_index);
+
+}  // namespace keel

@@ -1,0 +1,189 @@
+// The CPU backend: each op is a loop over rows calling kernels/cpu, in the same order the
+// determinism contract fixes (see kernels/cpu/gemm.h and runtime/model.cpp).
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "kernels/base/check.h"
+#include "kernels/cpu/gemm.h"
+#include "kernels/cpu/ops.h"
+#include "runtime/backend.h"
+
+namespace keel {
+
+std::string_view device_name(Device device) {
+  return device == Device::kCpu ? "cpu" : "cuda";
+}
+
+Device parse_device(std::string_view name) {
+  if (name == "cpu") return Device::kCpu;
+  if (name == "cuda") return Device::kCuda;
+  throw_error("unknown backend '", name, "' (expected cpu or cuda)");
+}
+
+namespace {
+
+class CpuBackend final : public Backend {
+ public:
+  Device device() const override { return Device::kCpu; }
+
+  DeviceArray allocate(DType dtype, size_t count) override {
+    size_t nbytes = count * dtype_size(dtype);
+    return DeviceArray(Device::kCpu, dtype, nbytes, allocate_zeroed(nbytes), &std::free);
+  }
+  DeviceArray allocate_bytes(size_t nbytes) override {
+    return DeviceArray(Device::kCpu, DType::kF32, nbytes, allocate_zeroed(nbytes), &std::free);
+  }
+  void copy_from_host(const void* host, size_t bytes, void* device_dst) override {
+    if (bytes > 0) std::memcpy(device_dst, host, bytes);
+  }
+  void copy_to_host(const void* device_src, size_t bytes, void* host_dst) override {
+    if (bytes > 0) std::memcpy(host_dst, device_src, bytes);
+  }
+
+  void embed(const void* table, DType table_dtype, int64_t width, const int32_t* token_ids,
+             int64_t num_tokens, float* out) override {
+    for (int64_t token = 0; token < num_tokens; ++token)
+      cpu::to_f32(
+          static_cast<const std::byte*>(table) +
+              static_cast<size_t>(int64_t{token_ids[token]} * width) * dtype_size(table_dtype),
+          table_dtype, width, out + token * width);
+  }
+  void gemm(const float* x, const void* w, DType w_dtype, float* y, int64_t m, int64_t n,
+            int64_t k) override {
+    cpu::gemm(x, w, w_dtype, y, m, n, k);
+  }
+  void rms_norm(const float* x, const float* weight, float eps, int64_t num_rows, int64_t width,
+                float* out) override {
+    cpu::rms_norm(x, weight, eps, num_rows, width, out);
+  }
+  void head_norm(float* rows, int64_t row_stride, int64_t first_col, int64_t num_heads,
+                 int64_t head_dim, const float* weight, float eps, int64_t num_rows) override {
+    for (int64_t row = 0; row < num_rows; ++row) {
+      float* heads = rows + row * row_stride + first_col;
+      cpu::rms_norm(heads, weight, eps, num_heads, head_dim, heads);
+    }
+  }
+  void add_bias(float* x, const float* bias, int64_t num_rows, int64_t width) override {
+    for (int64_t row = 0; row < num_rows; ++row)
+      for (int64_t i = 0; i < width; ++i) x[row * width + i] += bias[i];
+  }
+  void rope(float* rows, int64_t row_stride, int64_t num_q_heads, int64_t k_col,
+            int64_t num_k_heads, int64_t head_dim, int64_t rotary_dim, double theta,
+            const int32_t* positions, int64_t num_rows) override {
+    cos_sin_.resize(static_cast<size_t>(rotary_dim));
+    for (int64_t row = 0; row < num_rows; ++row) {
+      float* vectors = rows + row * row_stride;
+      cpu::rope_cos_sin(positions[row], theta, rotary_dim, cos_sin_.data());
+      cpu::apply_rope(vectors, num_q_heads, head_dim, rotary_dim, cos_sin_.data());
+      cpu::apply_rope(vectors + k_col, num_k_heads, head_dim, rotary_dim, cos_sin_.data());
+    }
+  }
+  void kv_append(const float* rows, int64_t row_stride, int64_t k_col, int64_t v_col,
+                 const int32_t* positions, const int32_t* cache_idx, int64_t num_rows,
+                 int64_t layer_idx, const KvPoolView& pool) override {
+    for (int64_t row = 0; row < num_rows; ++row) {
+      KEEL_CHECK(positions[row] < pool.capacity, "position ", positions[row],
+                 " exceeds KV capacity ", pool.capacity);
+      for (int64_t kv_head = 0; kv_head < pool.kv_heads; ++kv_head) {
+        size_t offset = pool_offset(pool, cache_idx[row], layer_idx, kv_head) +
+                        static_cast<size_t>(int64_t{positions[row]} * pool.head_dim);
+        const float* source = rows + row * row_stride + kv_head * pool.head_dim;
+        std::copy_n(source + k_col, pool.head_dim, pool.k + offset);
+        std::copy_n(source + v_col, pool.head_dim, pool.v + offset);
+      }
+    }
+  }
+  void attention(const float* rows, int64_t row_stride, int64_t num_q_heads,
+                 const int32_t* kv_head_of_q, const int32_t* positions, const int32_t* cache_idx,
+                 int64_t num_rows, int64_t layer_idx, const KvPoolView& pool, float scale,
+                 float* out) override {
+    for (int64_t row = 0; row < num_rows; ++row) {
+      int64_t num_positions = int64_t{positions[row]} + 1;
+      scores_.resize(std::max(scores_.size(), static_cast<size_t>(num_positions)));
+      size_t base = pool_offset(pool, cache_idx[row], layer_idx, 0);
+      cpu::attention_decode(rows + row * row_stride, num_q_heads, kv_head_of_q, pool.k + base,
+                            pool.v + base, pool.capacity, pool.head_dim, num_positions, scale,
+                            scores_.data(), out + row * num_q_heads * pool.head_dim);
+    }
+  }
+  void route_top_k(const float* logits, int64_t num_rows, int64_t num_experts, int64_t top_k,
+                   bool normalize, int32_t* expert_ids, float* expert_weights,
+                   float* margins) override {
+    probs_.resize(static_cast<size_t>(num_experts));
+    for (int64_t row = 0; row < num_rows; ++row)
+      margins[row] =
+          cpu::route_top_k(logits + row * num_experts, num_experts, top_k, normalize, probs_.data(),
+                           expert_ids + row * top_k, expert_weights + row * top_k)
+              .margin;
+  }
+  void gather_rows(const float* src, const int32_t* row_idx, int64_t num_rows, int64_t width,
+                   float* dst) override {
+    for (int64_t row = 0; row < num_rows; ++row)
+      std::copy_n(src + int64_t{row_idx[row]} * width, width, dst + row * width);
+  }
+  void scatter_rows(const float* src, const int32_t* row_idx, int64_t num_rows, int64_t width,
+                    float* dst) override {
+    for (int64_t row = 0; row < num_rows; ++row)
+      std::copy_n(src + row * width, width, dst + int64_t{row_idx[row]} * width);
+  }
+  void silu_mul(const float* gate_up, int64_t num_rows, int64_t width, float* out) override {
+    for (int64_t row = 0; row < num_rows; ++row)
+      cpu::silu_mul(gate_up + row * 2 * width, gate_up + row * 2 * width + width, width,
+                    out + row * width);
+  }
+  void moe_combine(const float* slot_out, const int32_t* expert_ids, const float* expert_weights,
+                   const int32_t* expert_to_local, int64_t num_tokens, int64_t top_k, int64_t width,
+                   DType round_dtype, const float* shared, const float* shared_gate_logits,
+                   float* out) override {
+    for (int64_t token = 0; token < num_tokens; ++token) {
+      float* out_row = out + token * width;
+      std::fill(out_row, out_row + width, 0.0f);
+      for (int64_t slot = 0; slot < top_k; ++slot) {
+        if (expert_to_local[expert_ids[token * top_k + slot]] < 0) continue;
+        float weight = expert_weights[token * top_k + slot];
+        const float* expert_row = slot_out + (token * top_k + slot) * width;
+        if (round_dtype != DType::kF32) {
+          for (int64_t i = 0; i < width; ++i)
+            out_row[i] += round_to_dtype(weight * expert_row[i], round_dtype);
+        } else {
+          for (int64_t i = 0; i < width; ++i) out_row[i] += weight * expert_row[i];
+        }
+      }
+      if (shared != nullptr) {
+        float gate = cpu::sigmoid(shared_gate_logits[token]);
+        const float* shared_row = shared + token * width;
+        for (int64_t i = 0; i < width; ++i) out_row[i] += gate * shared_row[i];
+      }
+    }
+  }
+  void add(float* dst, const float* src, int64_t count) override {
+    for (int64_t i = 0; i < count; ++i) dst[i] += src[i];
+  }
+
+ private:
+  // 64-byte aligned so weight rows and activations start on cache lines (AVX-512 loads).
+  static void* allocate_zeroed(size_t nbytes) {
+    size_t padded = std::max<size_t>(64, (nbytes + 63) / 64 * 64);
+    void* data = std::aligned_alloc(64, padded);
+    if (data == nullptr) throw_error("out of host memory allocating ", nbytes, " bytes");
+    std::memset(data, 0, padded);
+    return data;
+  }
+  static size_t pool_offset(const KvPoolView& pool, int64_t seq, int64_t layer, int64_t kv_head) {
+    return static_cast<size_t>(
+        (((seq * pool.num_layers + layer) * pool.kv_heads + kv_head) * pool.capacity) *
+        pool.head_dim);
+  }
+
+  std::vector<float> cos_sin_, scores_, probs_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend() {
+  return std::make_unique<CpuBackend>();
+}
+
+}  // namespace keel

@@ -1,0 +1,14 @@
+// Built where CUDA is not: the CUDA backend is named but cannot be created.
+#include "kernels/base/check.h"
+#include "runtime/backend.h"
+
+namespace keel {
+
+std::unique_ptr<Backend> make_cuda_backend(int device_index) {
+  throw_error(
+      "--backend cuda: this keel was built without CUDA (no nvcc at configure time); "
+      "device ",
+      device_index, " is unavailable");
+}
+
+}  // namespace keel
