@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <string_view>
 
 #include "kernels/base/dtype.h"
@@ -126,6 +127,8 @@ class Backend {
 
 // The CPU backend (kernels/cpu): the bit-exact reference.
 std::unique_ptr<Backend> make_cpu_backend();
+// Usable CUDA devices; 0 with the reason (no driver, no device, built without CUDA) otherwise.
+int cuda_device_count(std::string* reason_if_none);
 // The CUDA backend on `device_index`; throws keel::Error with a clear message where CUDA
 // support was not built or no device exists.
 std::unique_ptr<Backend> make_cuda_backend(int device_index);

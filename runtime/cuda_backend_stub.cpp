@@ -4,6 +4,12 @@
 
 namespace keel {
 
+int cuda_device_count(std::string* reason_if_none) {
+  if (reason_if_none != nullptr)
+    *reason_if_none = "keel was built without CUDA (no nvcc at configure time)";
+  return 0;
+}
+
 std::unique_ptr<Backend> make_cuda_backend(int device_index) {
   throw_error(
       "--backend cuda: this keel was built without CUDA (no nvcc at configure time); "

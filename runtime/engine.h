@@ -29,6 +29,7 @@ struct EngineOptions {
   // Where the ranks compute. kCuda: one GPU per rank (device = local rank index); the
   // communicator must then take device pointers (NCCL), so CUDA needs process ranks.
   Device device = Device::kCpu;
+  int cuda_device = 0;  // GPU of this process's rank (the node-local rank under mpirun)
   comm::ReduceAlgo reduce = comm::ReduceAlgo::kFixedOrder;
   PlacementSpec placement;
   CombinePrecision combine = CombinePrecision::kFp32;

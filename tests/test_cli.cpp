@@ -189,6 +189,11 @@ TEST(CliErrors, UnknownYamlKeyAndBadFlags) {
                        "unknown argument '--bogus'");
   expect_clean_failure("generate --model " + tiny_model() + " --prompt-ids 1,x",
                        "'x' is not a non-negative integer");
+  expect_clean_failure("generate --model " + tiny_model() + " --backend tpu",
+                       "unknown backend 'tpu' (expected cpu or cuda)");
+  // No GPU here (CI, dev machines): the CUDA backend must say so, not crash.
+  expect_clean_failure("generate --model " + tiny_model() + " --backend cuda",
+                       "--backend cuda: no CUDA device: ");
   expect_clean_failure("gen-model --preset nope --out " + work_dir() + "/nope",
                        "unknown model preset 'nope'");
   std::string preset = work_dir() + "/bad-preset.yaml";

@@ -9,6 +9,9 @@
 #include <vector>
 
 #include "comm/mpi_comm.h"
+#ifdef KEEL_WITH_CUDA
+#include "comm/nccl/nccl_comm.h"
+#endif
 #include "kernels/base/check.h"
 #include "kernels/cpu/gemm.h"
 #include "runtime/deployment.h"
@@ -28,11 +31,14 @@ usage:
   keel generate --model DIR [--config deployment.yaml] [--tp 1|2|4]
                 [--reduce native|fixed_order] [--placement contiguous|round_robin|explicit]
                 [--combine fp32|round_per_expert] [--prompt-ids 1,2,3] [--max-tokens N]
-                [--batch-with N] [--collective-timeout-ms MS] [--json] [--verbose]
+                [--batch-with N] [--collective-timeout-ms MS] [--backend cpu|cuda] [--json]
+                [--verbose]
       Greedy generation on thread ranks, or one rank per process when started by mpirun:
         mpirun -np 4 keel generate --model DIR --reduce fixed_order --json
       A collective that waits over --collective-timeout-ms (default 120000; 0 = forever) for
       its peers ends the run with an error naming the rank instead of hanging.
+      --backend cuda: one GPU per process (mpirun -np 4 ... --backend cuda), NCCL collectives;
+      without a CUDA device it exits with an error saying why.
       --batch-with N batches the prompt with N synthetic prompts (the prompt goes last);
       tokens and the digest are the prompt's own.
 )";
@@ -119,10 +125,11 @@ int gen_model(int argc, char** argv) {
 }
 
 int generate(int argc, char** argv) {
-  Flags flags(argc, argv, 2,
-              {"--model", "--config", "--tp", "--reduce", "--placement", "--combine",
-               "--prompt-ids", "--max-tokens", "--batch-with", "--collective-timeout-ms"},
-              {"--json", "--verbose"});
+  Flags flags(
+      argc, argv, 2,
+      {"--model", "--config", "--tp", "--reduce", "--placement", "--combine", "--prompt-ids",
+       "--max-tokens", "--batch-with", "--collective-timeout-ms", "--backend"},
+      {"--json", "--verbose"});
   keel::init_logging(flags.has("--verbose"));
   keel::Deployment deployment;
   if (flags.has("--config")) deployment = keel::load_deployment(flags.get("--config"));
@@ -134,14 +141,33 @@ int generate(int argc, char** argv) {
   options.collective_timeout_ms = flags.integer("--collective-timeout-ms", 120000);
   if (options.collective_timeout_ms < 0) throw_error("--collective-timeout-ms must be >= 0");
 
+  options.device = keel::parse_device(flags.get("--backend", "cpu"));
+  if (options.device == keel::Device::kCuda) {
+    std::string reason;
+    if (keel::cuda_device_count(&reason) == 0)
+      throw_error("--backend cuda: no CUDA device: ", reason);
+  }
+
   // Under mpirun every process is one rank; without it the ranks are threads of this process.
   std::unique_ptr<keel::comm::MpiSession> mpi_session;
   std::unique_ptr<keel::comm::Communicator> process_comm;
-  if (keel::comm::mpi_launched()) {
+  if (keel::comm::mpi_launched() || options.device == keel::Device::kCuda) {
+    // CUDA ranks are processes too (one GPU each, NCCL bootstrapped over MPI); a single GPU
+    // without mpirun is an MPI singleton of size 1.
     mpi_session = std::make_unique<keel::comm::MpiSession>();
-    keel::comm::MpiCommOptions mpi_options;
-    mpi_options.timeout = std::chrono::milliseconds(options.collective_timeout_ms);
-    process_comm = std::make_unique<keel::comm::MpiCommunicator>(MPI_COMM_WORLD, mpi_options);
+    if (options.device == keel::Device::kCuda) {
+#ifdef KEEL_WITH_CUDA
+      options.cuda_device = keel::comm::mpi_node_local_rank(MPI_COMM_WORLD);
+      keel::comm::NcclCommOptions nccl_options;
+      nccl_options.timeout = std::chrono::milliseconds(options.collective_timeout_ms);
+      process_comm = std::make_unique<keel::comm::NcclCommunicator>(
+          MPI_COMM_WORLD, options.cuda_device, nccl_options);
+#endif
+    } else {
+      keel::comm::MpiCommOptions mpi_options;
+      mpi_options.timeout = std::chrono::milliseconds(options.collective_timeout_ms);
+      process_comm = std::make_unique<keel::comm::MpiCommunicator>(MPI_COMM_WORLD, mpi_options);
+    }
     keel::set_current_rank(process_comm->rank());
     options.process_communicator = process_comm.get();
     if (!flags.has("--tp") && !deployment.tp_given) options.tp_size = 0;
@@ -193,6 +219,7 @@ int run_generate(const Flags& flags, keel::Deployment& deployment) {
   out["architecture"] = engine.config().architecture_name;
   out["tp"] = engine.tp_size();
   out["ranks"] = options.process_communicator != nullptr ? "mpi" : "threads";
+  out["backend"] = keel::device_name(options.device);
   out["reduce"] = keel::comm::reduce_algo_name(options.reduce);
   out["placement"] = keel::placement_kind_name(options.placement.kind);
   out["combine"] = keel::combine_precision_name(options.combine);
