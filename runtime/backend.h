@@ -14,6 +14,7 @@
 #include <string_view>
 
 #include "kernels/base/dtype.h"
+#include "scheduler/packing.h"
 
 namespace keel {
 
@@ -62,8 +63,8 @@ class Backend {
   virtual void copy_to_host(const void* device_src, size_t bytes, void* host_dst) = 0;
 
   // out[t, :] = fp32(table[token_ids[t], :]); table [vocab, width] in its dtype.
-  virtual void embed(const void* table, DType table_dtype, int64_t width, const int32_t* token_ids,
-                     int64_t num_tokens, float* out) = 0;
+  virtual void embed(const void* table, DType table_dtype, int64_t vocab, int64_t width,
+                     const int32_t* token_ids, int64_t num_tokens, float* out) = 0;
   // y[m, n] = sum_k x[m, k] * w[n, k] in the canonical order of kernels/cpu/gemm.h.
   virtual void gemm(const float* x, const void* w, DType w_dtype, float* y, int64_t m, int64_t n,
                     int64_t k) = 0;
@@ -76,11 +77,11 @@ class Backend {
                          int64_t head_dim, const float* weight, float eps, int64_t num_rows) = 0;
   // x[t, i] += bias[i]
   virtual void add_bias(float* x, const float* bias, int64_t num_rows, int64_t width) = 0;
-  // RoPE at each row's position on the query heads (columns from 0) and the key heads
-  // (columns from k_col) of every row.
+  // RoPE at each row's position (all < max_positions) on the query heads (columns from 0) and
+  // the key heads (columns from k_col) of every row.
   virtual void rope(float* rows, int64_t row_stride, int64_t num_q_heads, int64_t k_col,
                     int64_t num_k_heads, int64_t head_dim, int64_t rotary_dim, double theta,
-                    const int32_t* positions, int64_t num_rows) = 0;
+                    const int32_t* positions, int64_t num_rows, int64_t max_positions) = 0;
   // Copies each row's K/V heads (columns [k_col, k_col + kv_width) and [v_col, ...)) into the
   // KV pool at (sequence cache_idx[t], layer, position[t]). Pool layout:
   // [num_seqs][num_layers][kv_heads][capacity][head_dim].
@@ -105,22 +106,24 @@ class Backend {
   virtual void route_top_k(const float* logits, int64_t num_rows, int64_t num_experts,
                            int64_t top_k, bool normalize, int32_t* expert_ids,
                            float* expert_weights, float* margins) = 0;
-  // dst[r, :] = src[row_idx[r], :]
-  virtual void gather_rows(const float* src, const int32_t* row_idx, int64_t num_rows,
-                           int64_t width, float* dst) = 0;
-  // dst[row_idx[r], :] = src[r, :]
-  virtual void scatter_rows(const float* src, const int32_t* row_idx, int64_t num_rows,
+  // dst[r, :] = src[routes[r].token_idx, :] (the per-expert batches of a packing, or any row
+  // selection written as routes).
+  virtual void permute_rows(const float* src, const PackedRoute* routes, int64_t num_rows,
                             int64_t width, float* dst) = 0;
+  // slot_rows[t * top_k + s] = r for routes[r] == (t, s); -1 for slots whose expert lives on
+  // another rank.
+  virtual void slot_rows(const PackedRoute* routes, int64_t num_rows, int64_t num_tokens,
+                         int64_t top_k, int32_t* slot_rows) = 0;
   // out[r, i] = silu(gate_up[r, i]) * gate_up[r, width + i]
   virtual void silu_mul(const float* gate_up, int64_t num_rows, int64_t width, float* out) = 0;
-  // Canonical MoE combine per token t: out[t] = sum over slots s in order whose expert is local
-  // (expert_to_local[id] >= 0) of weight[t, s] * slot_out[t * top_k + s] (each product rounded
-  // to `round_dtype` first unless it is F32), then + sigmoid(shared_gate[t]) * shared[t] when
-  // `shared` is non-null.
-  virtual void moe_combine(const float* slot_out, const int32_t* expert_ids,
-                           const float* expert_weights, const int32_t* expert_to_local,
-                           int64_t num_tokens, int64_t top_k, int64_t width, DType round_dtype,
-                           const float* shared, const float* shared_gate_logits, float* out) = 0;
+  // Canonical MoE combine per token t: out[t] = sum over slots s in order with
+  // slot_rows[t, s] >= 0 of weight[t, s] * expert_out[slot_rows[t, s]] (each product rounded to
+  // `round_dtype` first unless it is F32), then + sigmoid(shared_gate_logits[t]) * shared[t]
+  // when `shared` is non-null.
+  virtual void moe_combine(const float* expert_out, int64_t width, const int32_t* slot_rows,
+                           const float* expert_weights, int64_t num_tokens, int64_t top_k,
+                           DType round_dtype, const float* shared, const float* shared_gate_logits,
+                           float* out) = 0;
   // dst[i] += src[i]
   virtual void add(float* dst, const float* src, int64_t count) = 0;
 };

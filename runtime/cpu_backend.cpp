@@ -42,8 +42,8 @@ class CpuBackend final : public Backend {
     if (bytes > 0) std::memcpy(host_dst, device_src, bytes);
   }
 
-  void embed(const void* table, DType table_dtype, int64_t width, const int32_t* token_ids,
-             int64_t num_tokens, float* out) override {
+  void embed(const void* table, DType table_dtype, int64_t /*vocab*/, int64_t width,
+             const int32_t* token_ids, int64_t num_tokens, float* out) override {
     for (int64_t token = 0; token < num_tokens; ++token)
       cpu::to_f32(
           static_cast<const std::byte*>(table) +
@@ -71,7 +71,7 @@ class CpuBackend final : public Backend {
   }
   void rope(float* rows, int64_t row_stride, int64_t num_q_heads, int64_t k_col,
             int64_t num_k_heads, int64_t head_dim, int64_t rotary_dim, double theta,
-            const int32_t* positions, int64_t num_rows) override {
+            const int32_t* positions, int64_t num_rows, int64_t /*max_positions*/) override {
     cos_sin_.resize(static_cast<size_t>(rotary_dim));
     for (int64_t row = 0; row < num_rows; ++row) {
       float* vectors = rows + row * row_stride;
@@ -118,32 +118,35 @@ class CpuBackend final : public Backend {
                            expert_ids + row * top_k, expert_weights + row * top_k)
               .margin;
   }
-  void gather_rows(const float* src, const int32_t* row_idx, int64_t num_rows, int64_t width,
-                   float* dst) override {
-    for (int64_t row = 0; row < num_rows; ++row)
-      std::copy_n(src + int64_t{row_idx[row]} * width, width, dst + row * width);
-  }
-  void scatter_rows(const float* src, const int32_t* row_idx, int64_t num_rows, int64_t width,
+  void permute_rows(const float* src, const PackedRoute* routes, int64_t num_rows, int64_t width,
                     float* dst) override {
     for (int64_t row = 0; row < num_rows; ++row)
-      std::copy_n(src + row * width, width, dst + int64_t{row_idx[row]} * width);
+      std::copy_n(src + int64_t{routes[row].token_idx} * width, width, dst + row * width);
+  }
+  void slot_rows(const PackedRoute* routes, int64_t num_rows, int64_t num_tokens, int64_t top_k,
+                 int32_t* slot_rows) override {
+    std::fill(slot_rows, slot_rows + num_tokens * top_k, -1);
+    for (int64_t row = 0; row < num_rows; ++row)
+      slot_rows[int64_t{routes[row].token_idx} * top_k + routes[row].slot_idx] =
+          static_cast<int32_t>(row);
   }
   void silu_mul(const float* gate_up, int64_t num_rows, int64_t width, float* out) override {
     for (int64_t row = 0; row < num_rows; ++row)
       cpu::silu_mul(gate_up + row * 2 * width, gate_up + row * 2 * width + width, width,
                     out + row * width);
   }
-  void moe_combine(const float* slot_out, const int32_t* expert_ids, const float* expert_weights,
-                   const int32_t* expert_to_local, int64_t num_tokens, int64_t top_k, int64_t width,
+  void moe_combine(const float* expert_out, int64_t width, const int32_t* slot_rows,
+                   const float* expert_weights, int64_t num_tokens, int64_t top_k,
                    DType round_dtype, const float* shared, const float* shared_gate_logits,
                    float* out) override {
     for (int64_t token = 0; token < num_tokens; ++token) {
       float* out_row = out + token * width;
       std::fill(out_row, out_row + width, 0.0f);
       for (int64_t slot = 0; slot < top_k; ++slot) {
-        if (expert_to_local[expert_ids[token * top_k + slot]] < 0) continue;
+        int32_t row = slot_rows[token * top_k + slot];
+        if (row < 0) continue;
         float weight = expert_weights[token * top_k + slot];
-        const float* expert_row = slot_out + (token * top_k + slot) * width;
+        const float* expert_row = expert_out + int64_t{row} * width;
         if (round_dtype != DType::kF32) {
           for (int64_t i = 0; i < width; ++i)
             out_row[i] += round_to_dtype(weight * expert_row[i], round_dtype);

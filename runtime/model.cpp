@@ -286,7 +286,6 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
       layer.experts.push_back(load_mlp(backend, views, inter, hidden, 0, inter));
       expert_dtype_ = layer.experts.back().gate_up.dtype();
     }
-    layer.expert_to_local_on_device = to_device(backend, layer.expert_to_local);
 
     if (config.shared_expert_intermediate_size > 0) {
       const int64_t shared_inter = config.shared_expert_intermediate_size;
@@ -343,6 +342,14 @@ int32_t* RankModel::scratch_i32(DeviceArray& array, size_t count) {
   return array.i32();
 }
 
+const PackedRoute* RankModel::upload_routes(const std::vector<PackedRoute>& host,
+                                            DeviceArray& array) {
+  static_assert(sizeof(PackedRoute) == 2 * sizeof(int32_t));
+  int32_t* device = scratch_i32(array, 2 * host.size());
+  backend_.copy_from_host(host.data(), host.size() * sizeof(PackedRoute), device);
+  return reinterpret_cast<const PackedRoute*>(device);
+}
+
 int32_t* RankModel::upload(const std::vector<int32_t>& host, DeviceArray& array) {
   int32_t* device = scratch_i32(array, host.size());
   backend_.copy_from_host(host.data(), host.size() * sizeof(int32_t), device);
@@ -373,7 +380,8 @@ void RankModel::forward(const StepBatch& batch, KvPool& pool, comm::Communicator
   upload(batch.positions, positions_);
   upload(batch.cache_idx, cache_idx_);
 
-  backend_.embed(embed_.data.data(), embed_.dtype(), hidden, token_ids, num_tokens, hidden_states);
+  backend_.embed(embed_.data.data(), embed_.dtype(), config_.vocab_size, hidden, token_ids,
+                 num_tokens, hidden_states);
   const float eps = static_cast<float>(config_.rms_norm_eps);
   for (int64_t layer_idx = 0; layer_idx < config_.num_layers; ++layer_idx) {
     LayerWeights& layer = layers_[static_cast<size_t>(layer_idx)];
@@ -396,9 +404,12 @@ void RankModel::forward(const StepBatch& batch, KvPool& pool, comm::Communicator
   const int64_t num_rows = static_cast<int64_t>(batch.logits_rows.size());
   for (int32_t row : batch.logits_rows)
     KEEL_CHECK(row >= 0 && row < num_tokens, "logits row ", row);
-  const int32_t* rows = upload(batch.logits_rows, logits_rows_);
+  host_logits_routes_.resize(batch.logits_rows.size());
+  for (size_t row = 0; row < batch.logits_rows.size(); ++row)
+    host_logits_routes_[row] = PackedRoute{batch.logits_rows[row], 0};
+  const PackedRoute* rows = upload_routes(host_logits_routes_, logits_rows_);
   float* lm_in = scratch(lm_in_, static_cast<size_t>(num_rows * hidden));
-  backend_.gather_rows(hidden_states, rows, num_rows, hidden, lm_in);
+  backend_.permute_rows(hidden_states, rows, num_rows, hidden, lm_in);
   backend_.rms_norm(lm_in, final_norm_.f32(), eps, num_rows, hidden, lm_in);
   float* local_logits = scratch(local_logits_, static_cast<size_t>(num_rows * vocab_chunk_));
   backend_.gemm(lm_in, lm_head_.data.data(), lm_head_.dtype(), local_logits, num_rows, vocab_chunk_,
@@ -440,7 +451,8 @@ void RankModel::attention(int64_t layer_idx, int64_t num_tokens, KvPool& pool) {
                        num_tokens);
   }
   backend_.rope(qkv, qkv_width, q_heads_local_, q_width, kv_heads_local_, head_dim,
-                config_.rotary_dim, config_.rope_theta, positions_.i32(), num_tokens);
+                config_.rotary_dim, config_.rope_theta, positions_.i32(), num_tokens,
+                pool.capacity);
   Backend::KvPoolView view{pool.k.f32(),    pool.v.f32(),  config_.num_layers,
                            kv_heads_local_, pool.capacity, head_dim};
   backend_.kv_append(qkv, qkv_width, q_width, q_width + kv_width, positions_.i32(),
@@ -490,35 +502,28 @@ void RankModel::moe(int64_t layer_idx, int64_t num_tokens) {
   }
 
   // Pack this rank's (token, slot) pairs per expert (host policy), then run each expert once
-  // over its contiguous batch: gather its tokens, gate_up, silu*mul, down, scatter to slots.
+  // over its contiguous row range of the packed buffers: gate_up, silu*mul, down.
   pack_routes(host_route_ids_.data(), num_tokens, top_k, layer.expert_to_local, packing_);
-  host_gather_idx_.resize(packing_.routes.size());
-  host_scatter_idx_.resize(packing_.routes.size());
-  for (size_t pair = 0; pair < packing_.routes.size(); ++pair) {
-    host_gather_idx_[pair] = packing_.routes[pair].token_idx;
-    host_scatter_idx_[pair] = packing_.routes[pair].token_idx * static_cast<int32_t>(top_k) +
-                              packing_.routes[pair].slot_idx;
-  }
-  const int32_t* gather_idx = upload(host_gather_idx_, gather_idx_);
-  const int32_t* scatter_idx = upload(host_scatter_idx_, scatter_idx_);
-  float* slot_out = scratch(slot_out_, num_pairs * static_cast<size_t>(hidden));
+  const int64_t num_rows = static_cast<int64_t>(packing_.routes.size());
+  const PackedRoute* routes = upload_routes(packing_.routes, packed_routes_);
+  float* expert_in = scratch(expert_in_, static_cast<size_t>(num_rows * hidden));
+  float* mid = scratch(expert_mid_, static_cast<size_t>(num_rows * 2 * inter));
+  float* act = scratch(expert_act_, static_cast<size_t>(num_rows * inter));
+  float* expert_out = scratch(expert_out_, static_cast<size_t>(num_rows * hidden));
+  int32_t* slot_rows = scratch_i32(slot_rows_, num_pairs);
+  backend_.permute_rows(normed_.f32(), routes, num_rows, hidden, expert_in);
   for (size_t local = 0; local < layer.experts.size(); ++local) {
     int64_t batch_rows = packing_.num_tokens_of(local);
     if (batch_rows == 0) continue;
-    int64_t offset = packing_.offsets[local];
-    float* expert_in = scratch(expert_in_, static_cast<size_t>(batch_rows * hidden));
-    float* mid = scratch(expert_mid_, static_cast<size_t>(batch_rows * 2 * inter));
-    float* act = scratch(expert_act_, static_cast<size_t>(batch_rows * inter));
-    float* expert_out = scratch(expert_out_, static_cast<size_t>(batch_rows * hidden));
-    backend_.gather_rows(normed_.f32(), gather_idx + offset, batch_rows, hidden, expert_in);
+    int64_t first = packing_.offsets[local];
     const ExpertWeights& expert = layer.experts[local];
-    backend_.gemm(expert_in, expert.gate_up.data.data(), expert.gate_up.dtype(), mid, batch_rows,
-                  2 * inter, hidden);
-    backend_.silu_mul(mid, batch_rows, inter, act);
-    backend_.gemm(act, expert.down.data.data(), expert.down.dtype(), expert_out, batch_rows, hidden,
-                  inter);
-    backend_.scatter_rows(expert_out, scatter_idx + offset, batch_rows, hidden, slot_out);
+    backend_.gemm(expert_in + first * hidden, expert.gate_up.data.data(), expert.gate_up.dtype(),
+                  mid + first * 2 * inter, batch_rows, 2 * inter, hidden);
+    backend_.silu_mul(mid + first * 2 * inter, batch_rows, inter, act + first * inter);
+    backend_.gemm(act + first * inter, expert.down.data.data(), expert.down.dtype(),
+                  expert_out + first * hidden, batch_rows, hidden, inter);
   }
+  backend_.slot_rows(routes, num_rows, num_tokens, top_k, slot_rows);
 
   const float* shared = nullptr;
   const float* shared_gate_logits = nullptr;
@@ -534,9 +539,8 @@ void RankModel::moe(int64_t layer_idx, int64_t num_tokens) {
   // Canonical combine: per token, local experts in slot order, then the gated shared expert.
   DType round_dtype =
       options_.combine == CombinePrecision::kRoundPerExpert ? expert_dtype_ : DType::kF32;
-  backend_.moe_combine(slot_out, route_ids, route_weights, layer.expert_to_local_on_device.i32(),
-                       num_tokens, top_k, hidden, round_dtype, shared, shared_gate_logits,
-                       partial_.f32());
+  backend_.moe_combine(expert_out, hidden, slot_rows, route_weights, num_tokens, top_k, round_dtype,
+                       shared, shared_gate_logits, partial_.f32());
 }
 
 }  // namespace keel

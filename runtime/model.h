@@ -53,13 +53,12 @@ struct LayerWeights {
   DeviceArray k_norm;
   Matrix o_proj;  // [H, q_local * head_dim]
   bool is_moe = false;
-  Matrix router;                          // [E, H]
-  std::vector<ExpertWeights> experts;     // local experts, ascending expert id
-  std::vector<int32_t> expert_to_local;   // [E] -> local index or -1 (host, for packing)
-  DeviceArray expert_to_local_on_device;  // the same map for the combine kernel
-  ExpertWeights shared;                   // shared expert or dense MLP shard (I / tp wide)
-  int64_t shared_width = 0;               // local intermediate width of `shared`
-  Matrix shared_gate;                     // [1, H] sigmoid gate of the shared expert
+  Matrix router;                         // [E, H]
+  std::vector<ExpertWeights> experts;    // local experts, ascending expert id
+  std::vector<int32_t> expert_to_local;  // [E] -> local index or -1 (host, for packing)
+  ExpertWeights shared;                  // shared expert or dense MLP shard (I / tp wide)
+  int64_t shared_width = 0;              // local intermediate width of `shared`
+  Matrix shared_gate;                    // [1, H] sigmoid gate of the shared expert
 };
 
 // The KV caches of a batch of sequences on one rank:
@@ -114,6 +113,7 @@ class RankModel {
   float* scratch(DeviceArray& array, size_t count);
   int32_t* scratch_i32(DeviceArray& array, size_t count);
   int32_t* upload(const std::vector<int32_t>& host, DeviceArray& array);
+  const PackedRoute* upload_routes(const std::vector<PackedRoute>& host, DeviceArray& array);
 
   void attention(int64_t layer_idx, int64_t num_tokens, KvPool& pool);
   void moe(int64_t layer_idx, int64_t num_tokens);
@@ -143,12 +143,13 @@ class RankModel {
 
   // Device scratch, grown as needed and reused across steps.
   DeviceArray hidden_, normed_, qkv_, attn_out_, partial_, router_logits_, route_weights_,
-      route_margins_, slot_out_, expert_in_, expert_mid_, expert_act_, expert_out_, shared_out_,
+      route_margins_, expert_in_, expert_mid_, expert_act_, expert_out_, shared_out_,
       shared_gate_logits_, lm_in_, local_logits_, gathered_logits_;
-  DeviceArray token_ids_, positions_, cache_idx_, logits_rows_, route_ids_, gather_idx_,
-      scatter_idx_;
+  DeviceArray token_ids_, positions_, cache_idx_, logits_rows_, route_ids_, packed_routes_,
+      slot_rows_;
   // Host copies of what host-side policy needs.
-  std::vector<int32_t> host_route_ids_, host_gather_idx_, host_scatter_idx_;
+  std::vector<int32_t> host_route_ids_;
+  std::vector<PackedRoute> host_logits_routes_;
   std::vector<float> host_gathered_logits_;
   ExpertPacking packing_;
 };
