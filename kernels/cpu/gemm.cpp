@@ -1,24 +1,26 @@
 // GEMM front end: ISA detection and selection, argument checks, and the scalar path.
 //
-// The scalar path is the canonical reduction of gemm.h written out with std::fma: 16 lane
-// accumulators per output element, each summing k = lane, lane+16, ... in increasing k, then
-// the fixed folding tree. It is the definition the vector paths (gemm_avx2.cpp,
+// The scalar path is the canonical reduction of gemm.h, math::canonical_dot of
+// kernels/math/gemm_math.h (shared with the CUDA canonical GEMM): 16 lane accumulators per
+// output element, each summing k = lane, lane+16, ... in increasing k with std::fma, then the
+// fixed folding tree. It is the definition the vector paths (gemm_avx2.cpp,
 // gemm_avx512.cpp) are tested against bit for bit, so it favours plainness over speed.
 // Layout as in gemm.h: x [M, K] fp32 (stride ldx), w [N, K] in its storage dtype (stride ldw),
 // y [M, N] fp32 (stride ldy), all row-major.
 #include "kernels/cpu/gemm.h"
 
 #include <atomic>
-#include <cmath>
 
 #include "kernels/base/check.h"
 #include "kernels/cpu/gemm_internal.h"
+#include "kernels/math/gemm_math.h"
 
 namespace keel::cpu {
 
 namespace {
 
-using detail::kCanonicalLanes;
+// The canonical reduction is defined once, in kernels/math/gemm_math.h, for CPU and GPU.
+static_assert(detail::kCanonicalLanes == math::kCanonicalLanes);
 
 bool cpu_can_run(Isa isa) {
   return static_cast<int>(isa) <= static_cast<int>(detected_isa());
@@ -27,30 +29,6 @@ bool cpu_can_run(Isa isa) {
 std::atomic<Isa>& active_isa_slot() {
   static std::atomic<Isa> slot{detected_isa()};
   return slot;
-}
-
-// Folds the 16 lane sums by the fixed tree of gemm.h: i += i+8, i += i+4, i += i+2, 0 + 1.
-float fold_lanes(float (&lanes)[kCanonicalLanes]) {
-  for (int width = kCanonicalLanes / 2; width >= 2; width /= 2) {
-    for (int lane = 0; lane < width; ++lane) lanes[lane] = lanes[lane] + lanes[lane + width];
-  }
-  return lanes[0] + lanes[1];
-}
-
-template <typename LoadWeight>
-float canonical_dot_impl(const float* x, int64_t k, LoadWeight load_weight) {
-  float lanes[kCanonicalLanes] = {};
-  for (int64_t chunk_start = 0; chunk_start < k; chunk_start += kCanonicalLanes) {
-    for (int lane = 0; lane < kCanonicalLanes; ++lane) {
-      int64_t k_idx = chunk_start + lane;
-      // Past the end the definition still performs fma(0, 0, acc): it turns a -0 lane into +0,
-      // and the vector paths do the same with zero-filled masked loads.
-      float x_value = k_idx < k ? x[k_idx] : 0.0f;
-      float w_value = k_idx < k ? load_weight(k_idx) : 0.0f;
-      lanes[lane] = std::fma(x_value, w_value, lanes[lane]);
-    }
-  }
-  return fold_lanes(lanes);
 }
 
 }  // namespace
@@ -95,21 +73,9 @@ void set_active_isa(Isa isa) {
 }
 
 float canonical_dot(const float* x, const void* w, DType w_dtype, int64_t k) {
-  switch (w_dtype) {
-    case DType::kBF16: {
-      const auto* w_bf16 = static_cast<const uint16_t*>(w);
-      return canonical_dot_impl(x, k, [w_bf16](int64_t i) { return bf16_to_f32(w_bf16[i]); });
-    }
-    case DType::kF16: {
-      const auto* w_f16 = static_cast<const uint16_t*>(w);
-      return canonical_dot_impl(x, k, [w_f16](int64_t i) { return f16_to_f32(w_f16[i]); });
-    }
-    case DType::kF32: {
-      const auto* w_f32 = static_cast<const float*>(w);
-      return canonical_dot_impl(x, k, [w_f32](int64_t i) { return w_f32[i]; });
-    }
-  }
-  KEEL_CHECK(false, "canonical_dot: unknown dtype ", static_cast<int>(w_dtype));
+  KEEL_CHECK(w_dtype == DType::kF32 || w_dtype == DType::kBF16 || w_dtype == DType::kF16,
+             "canonical_dot: unknown dtype ", static_cast<int>(w_dtype));
+  return math::canonical_dot(x, w, w_dtype, k);
 }
 
 namespace detail {
@@ -121,7 +87,7 @@ void gemm_scalar(const GemmArgs& args) {
     const float* x_row = args.x + row * args.ldx;
     float* y_row = args.y + row * args.ldy;
     for (int64_t col = 0; col < args.n; ++col) {
-      y_row[col] = canonical_dot(x_row, w_bytes + col * w_row_bytes, args.w_dtype, args.k);
+      y_row[col] = math::canonical_dot(x_row, w_bytes + col * w_row_bytes, args.w_dtype, args.k);
     }
   }
 }

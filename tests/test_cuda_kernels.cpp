@@ -1,0 +1,624 @@
+// CUDA kernels (kernels/cuda) against their CPU twins (kernels/cpu) on random data. Label gpu:
+// without a device every test reports "skipped: no CUDA device"; the binary still has to
+// compile and link, which is what CPU-only CI checks.
+//
+// Expectations follow kernels/math/README.md: bit-identical where the math uses only IEEE
+// +, -, *, /, sqrtf and fma in the same order (canonical GEMM, router logits, embedding, RMSNorm,
+// RoPE from the host table, KV append, permute/combine without a shared expert, argmax, adds);
+// within stated tolerances where expf differs between glibc and CUDA (SiLU, softmax/router,
+// attention, the shared-expert gate) and for cuBLAS (different summation order).
+//
+// Tolerance model: u = 2^-24. glibc's expf is within 1 ulp and CUDA's within 2, so the two
+// exps of the same argument differ by at most 3 ulp (relative 6u); everything downstream is
+// the same sequence of correctly rounded operations on inputs that differ by that much.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/base/check.h"
+#include "kernels/base/dtype.h"
+#include "kernels/cpu/gemm.h"
+#include "kernels/cpu/ops.h"
+#include "kernels/cuda/device.h"
+#include "kernels/cuda/device_buffer.h"
+#include "kernels/cuda/gemm.h"
+#include "kernels/cuda/moe.h"
+#include "kernels/cuda/ops.h"
+#include "scheduler/packing.h"
+
+namespace keel {
+namespace {
+
+using cuda::DeviceBuffer;
+using cuda::to_device;
+using cuda::to_host;
+
+constexpr double kUnitRoundoff = 0x1p-24;
+
+static_assert(sizeof(cuda::DeviceRoute) == sizeof(PackedRoute) &&
+                  offsetof(cuda::DeviceRoute, token_idx) == offsetof(PackedRoute, token_idx) &&
+                  offsetof(cuda::DeviceRoute, slot_idx) == offsetof(PackedRoute, slot_idx),
+              "host packing uploads as DeviceRoute");
+
+class CudaKernels : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (cuda::device_count() == 0)
+      GTEST_SKIP() << "skipped: no CUDA device (" << cuda::no_device_reason() << ")";
+  }
+};
+
+std::vector<float> random_floats(std::mt19937& rng, size_t count, float low, float high) {
+  std::uniform_real_distribution<float> distribution(low, high);
+  std::vector<float> values(count);
+  for (float& value : values) value = distribution(rng);
+  return values;
+}
+
+// Bitwise equality of two fp32 vectors, naming the first difference.
+testing::AssertionResult same_bits(const std::vector<float>& gpu, const std::vector<float>& cpu) {
+  if (gpu.size() != cpu.size())
+    return testing::AssertionFailure() << "sizes differ: " << gpu.size() << " vs " << cpu.size();
+  for (size_t i = 0; i < gpu.size(); ++i) {
+    if (float_bits(gpu[i]) != float_bits(cpu[i]))
+      return testing::AssertionFailure()
+             << "first difference at " << i << ": gpu " << gpu[i] << " (0x" << std::hex
+             << float_bits(gpu[i]) << ") cpu " << cpu[i] << " (0x" << float_bits(cpu[i]) << ")";
+  }
+  return testing::AssertionSuccess();
+}
+
+// Distance in representable floats (same sign assumed or both near zero).
+int64_t ulp_distance(float a, float b) {
+  auto ordered = [](float value) {
+    const int64_t bits = static_cast<int32_t>(float_bits(value));
+    return bits < 0 ? int64_t{INT32_MIN} - bits : bits;
+  };
+  const int64_t difference = ordered(a) - ordered(b);
+  return difference < 0 ? -difference : difference;
+}
+
+struct StoredWeights {
+  DType dtype;
+  std::vector<float> f32;
+  std::vector<uint16_t> half;
+  const void* data() const {
+    return dtype == DType::kF32 ? static_cast<const void*>(f32.data())
+                                : static_cast<const void*>(half.data());
+  }
+  size_t bytes() const { return dtype == DType::kF32 ? f32.size() * 4 : half.size() * 2; }
+};
+
+StoredWeights make_weights(DType dtype, const std::vector<float>& values) {
+  StoredWeights weights{dtype, {}, {}};
+  if (dtype == DType::kF32) {
+    weights.f32 = values;
+  } else {
+    for (float value : values)
+      weights.half.push_back(dtype == DType::kBF16 ? f32_to_bf16(value) : f32_to_f16(value));
+  }
+  return weights;
+}
+
+DeviceBuffer to_device(const StoredWeights& weights) {
+  DeviceBuffer buffer(weights.bytes());
+  buffer.upload(weights.data(), weights.bytes());
+  return buffer;
+}
+
+constexpr DType kAllDtypes[] = {DType::kF32, DType::kBF16, DType::kF16};
+
+// ---------------------------------------------------------------------------------------------
+// Host-only pieces of the CUDA library: these run without a device.
+
+TEST(CudaKernelsHost, RopeTableMatchesCpuRows) {
+  for (int64_t rotary_dim : {32, 64, 128}) {
+    const int64_t positions = 300;
+    const std::vector<float> table = cuda::rope_cos_sin_table(positions, 1e6, rotary_dim);
+    std::vector<float> row(static_cast<size_t>(rotary_dim));
+    for (int64_t position = 0; position < positions; ++position) {
+      cpu::rope_cos_sin(position, 1e6, rotary_dim, row.data());
+      ASSERT_EQ(
+          std::memcmp(row.data(), table.data() + position * rotary_dim, row.size() * sizeof(float)),
+          0)
+          << "position " << position << " rotary_dim " << rotary_dim;
+    }
+  }
+}
+
+TEST(CudaKernelsHost, LauncherShapeChecksThrowBeforeTouchingTheDevice) {
+  EXPECT_THROW(cuda::rms_norm(nullptr, nullptr, 1e-6f, 1, 0, nullptr), Error);
+  EXPECT_THROW(cuda::gemm_canonical(
+                   cuda::GemmArgs{nullptr, 2, nullptr, DType::kF32, 4, nullptr, 4, 1, 4, 4}),
+               Error);
+  EXPECT_THROW(cuda::route_top_k(nullptr, 1, 4, 5, false, nullptr, nullptr, nullptr, nullptr),
+               Error);
+  EXPECT_THROW(cuda::rope_cos_sin_table(4, 1e4, 3), Error);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bit-identical kernels.
+
+TEST_F(CudaKernels, EmbeddingGatherIsBitIdentical) {
+  std::mt19937 rng(1);
+  const int64_t vocab = 50;
+  const int64_t hidden = 67;
+  const std::vector<int32_t> ids = {3, 0, 49, 3, 17, 50, -1};
+  for (DType dtype : kAllDtypes) {
+    StoredWeights table =
+        make_weights(dtype, random_floats(rng, static_cast<size_t>(vocab * hidden), -2, 2));
+    DeviceBuffer table_device = to_device(table);
+    DeviceBuffer ids_device = to_device(ids);
+    DeviceBuffer out(ids.size() * hidden * sizeof(float));
+    cuda::embedding_gather(table_device.data(), dtype, vocab, hidden, ids_device.as<int32_t>(),
+                           static_cast<int64_t>(ids.size()), out.as<float>());
+    const std::vector<float> gpu = to_host<float>(out, ids.size() * hidden);
+    for (size_t t = 0; t < ids.size(); ++t) {
+      std::vector<float> expected(static_cast<size_t>(hidden),
+                                  std::numeric_limits<float>::quiet_NaN());
+      if (ids[t] >= 0 && ids[t] < vocab)
+        cpu::to_f32(static_cast<const uint8_t*>(table.data()) +
+                        ids[t] * hidden * static_cast<int64_t>(dtype_size(dtype)),
+                    dtype, hidden, expected.data());
+      std::vector<float> row(gpu.begin() + static_cast<int64_t>(t) * hidden,
+                             gpu.begin() + static_cast<int64_t>(t + 1) * hidden);
+      if (ids[t] >= 0 && ids[t] < vocab) {
+        EXPECT_TRUE(same_bits(row, expected));
+      } else {
+        for (float value : row) EXPECT_TRUE(std::isnan(value));
+      }
+    }
+  }
+}
+
+TEST_F(CudaKernels, RmsNormIsBitIdentical) {
+  std::mt19937 rng(2);
+  for (int64_t width : {1, 7, 64, 257, 2048, 5000}) {
+    const int64_t rows = 5;
+    std::vector<float> x = random_floats(rng, static_cast<size_t>(rows * width), -3, 3);
+    std::vector<float> weight = random_floats(rng, static_cast<size_t>(width), 0.5f, 1.5f);
+    std::vector<float> expected(x.size());
+    cpu::rms_norm(x.data(), weight.data(), 1e-6f, rows, width, expected.data());
+    DeviceBuffer x_device = to_device(x);
+    DeviceBuffer weight_device = to_device(weight);
+    // In place, as the qk-norm and the engine use it.
+    cuda::rms_norm(x_device.as<float>(), weight_device.as<float>(), 1e-6f, rows, width,
+                   x_device.as<float>());
+    EXPECT_TRUE(same_bits(to_host<float>(x_device, x.size()), expected));
+  }
+}
+
+TEST_F(CudaKernels, RmsNormHeadsIsBitIdentical) {
+  std::mt19937 rng(3);
+  const int64_t tokens = 4, heads = 3, head_dim = 64, token_stride = 7 * head_dim;
+  std::vector<float> rows = random_floats(rng, static_cast<size_t>(tokens * token_stride), -2, 2);
+  std::vector<float> weight = random_floats(rng, head_dim, 0.5f, 1.5f);
+  std::vector<float> expected = rows;
+  for (int64_t t = 0; t < tokens; ++t)
+    cpu::rms_norm(expected.data() + t * token_stride, weight.data(), 1e-6f, heads, head_dim,
+                  expected.data() + t * token_stride);
+  DeviceBuffer rows_device = to_device(rows);
+  DeviceBuffer weight_device = to_device(weight);
+  cuda::rms_norm_heads(rows_device.as<float>(), tokens, token_stride, heads, head_dim,
+                       weight_device.as<float>(), 1e-6f);
+  EXPECT_TRUE(same_bits(to_host<float>(rows_device, rows.size()), expected));
+}
+
+TEST_F(CudaKernels, RopeFromHostTableIsBitIdentical) {
+  std::mt19937 rng(4);
+  const int64_t tokens = 6, heads = 4, head_dim = 128, rotary_dim = 64;
+  const int64_t token_stride = heads * head_dim + 32;
+  const std::vector<int32_t> positions = {0, 1, 2, 100, 511, 37};
+  const int64_t table_positions = 512;
+  std::vector<float> rows = random_floats(rng, static_cast<size_t>(tokens * token_stride), -1, 1);
+  std::vector<float> expected = rows;
+  std::vector<float> cos_sin(rotary_dim);
+  for (int64_t t = 0; t < tokens; ++t) {
+    cpu::rope_cos_sin(positions[t], 1e4, rotary_dim, cos_sin.data());
+    cpu::apply_rope(expected.data() + t * token_stride, heads, head_dim, rotary_dim,
+                    cos_sin.data());
+  }
+  DeviceBuffer rows_device = to_device(rows);
+  DeviceBuffer positions_device = to_device(positions);
+  DeviceBuffer table_device = to_device(cuda::rope_cos_sin_table(table_positions, 1e4, rotary_dim));
+  cuda::rope(rows_device.as<float>(), tokens, token_stride, heads, head_dim, rotary_dim,
+             positions_device.as<int32_t>(), table_device.as<float>(), table_positions);
+  EXPECT_TRUE(same_bits(to_host<float>(rows_device, rows.size()), expected));
+}
+
+// Every GEMM shape class: tails of the 16-lane chunks and the 64-wide slabs, M and N not
+// multiples of the tile, strided operands; all dtypes. cpu::gemm is bit-identical across ISAs.
+TEST_F(CudaKernels, CanonicalGemmIsBitIdenticalToCpu) {
+  std::mt19937 rng(5);
+  struct Shape {
+    int64_t m, n, k, pad;
+  };
+  for (const Shape shape :
+       {Shape{1, 1, 1, 0}, Shape{1, 37, 17, 3}, Shape{3, 5, 64, 0}, Shape{17, 33, 65, 5},
+        Shape{16, 16, 300, 0}, Shape{40, 70, 1000, 7}, Shape{5, 3, 0, 0}}) {
+    for (DType dtype : kAllDtypes) {
+      const int64_t ldx = shape.k + shape.pad, ldw = shape.k + 2 * shape.pad,
+                    ldy = shape.n + shape.pad;
+      std::vector<float> x = random_floats(rng, static_cast<size_t>(shape.m * ldx), -2, 2);
+      for (size_t i = 0; i < x.size(); i += 5) x[i] = -0.0f;
+      StoredWeights w =
+          make_weights(dtype, random_floats(rng, static_cast<size_t>(shape.n * ldw), -2, 2));
+      std::vector<float> expected(static_cast<size_t>(shape.m * ldy), 123.0f);
+      cpu::gemm(cpu::GemmArgs{x.data(), ldx, w.data(), dtype, ldw, expected.data(), ldy, shape.m,
+                              shape.n, shape.k});
+      DeviceBuffer x_device = to_device(x);
+      DeviceBuffer w_device = to_device(w);
+      DeviceBuffer y_device = to_device(std::vector<float>(expected.size(), 123.0f));
+      cuda::gemm_canonical(cuda::GemmArgs{x_device.as<float>(), ldx, w_device.data(), dtype, ldw,
+                                          y_device.as<float>(), ldy, shape.m, shape.n, shape.k});
+      SCOPED_TRACE(testing::Message() << dtype_name(dtype) << " m " << shape.m << " n " << shape.n
+                                      << " k " << shape.k);
+      EXPECT_TRUE(same_bits(to_host<float>(y_device, expected.size()), expected));
+    }
+  }
+}
+
+TEST_F(CudaKernels, KvAppendAndAttentionMatchCpuWithinExpTolerance) {
+  std::mt19937 rng(6);
+  const int64_t q_heads = 8, kv_heads = 2, head_dim = 64, capacity = 48, num_caches = 2;
+  const std::vector<int32_t> kv_head_of_q = {0, 0, 0, 0, 1, 1, 1, 1};
+  // A prefill of 5 tokens for cache 0 and decode tokens for cache 1 (its earlier positions
+  // already in the cache), all in one step.
+  const std::vector<int32_t> positions = {0, 1, 2, 3, 4, 40, 47};
+  const std::vector<int32_t> cache_idx = {0, 0, 0, 0, 0, 1, 1};
+  const int64_t tokens = static_cast<int64_t>(positions.size());
+  const int64_t q_width = q_heads * head_dim, kv_width = kv_heads * head_dim;
+  const int64_t row_stride = q_width + 2 * kv_width;
+  const int64_t cache_floats = kv_heads * capacity * head_dim;
+  std::vector<float> qkv = random_floats(rng, static_cast<size_t>(tokens * row_stride), -1, 1);
+  std::vector<float> k_pool =
+      random_floats(rng, static_cast<size_t>(num_caches * cache_floats), -1, 1);
+  std::vector<float> v_pool = random_floats(rng, k_pool.size(), -1, 1);
+
+  // CPU: append then attend, as runtime/model.cpp does.
+  std::vector<float> k_cpu = k_pool, v_cpu = v_pool;
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t h = 0; h < kv_heads; ++h)
+      for (int64_t d = 0; d < head_dim; ++d) {
+        const int64_t dst =
+            cache_idx[t] * cache_floats + (h * capacity + positions[t]) * head_dim + d;
+        k_cpu[dst] = qkv[t * row_stride + q_width + h * head_dim + d];
+        v_cpu[dst] = qkv[t * row_stride + q_width + kv_width + h * head_dim + d];
+      }
+  const float scale = 0.125f;
+  std::vector<float> expected(static_cast<size_t>(tokens * q_width));
+  std::vector<float> scratch(capacity);
+  for (int64_t t = 0; t < tokens; ++t)
+    cpu::attention_decode(qkv.data() + t * row_stride, q_heads, kv_head_of_q.data(),
+                          k_cpu.data() + cache_idx[t] * cache_floats,
+                          v_cpu.data() + cache_idx[t] * cache_floats, capacity, head_dim,
+                          positions[t] + 1, scale, scratch.data(), expected.data() + t * q_width);
+
+  DeviceBuffer qkv_device = to_device(qkv);
+  DeviceBuffer k_device = to_device(k_pool), v_device = to_device(v_pool);
+  DeviceBuffer positions_device = to_device(positions), cache_device = to_device(cache_idx);
+  DeviceBuffer map_device = to_device(kv_head_of_q);
+  DeviceBuffer scores(static_cast<size_t>(tokens * q_heads * capacity) * sizeof(float));
+  DeviceBuffer out(expected.size() * sizeof(float));
+  const cuda::KvPool pool{
+      k_device.as<float>(), v_device.as<float>(), cache_floats, capacity, kv_heads, head_dim};
+  cuda::kv_cache_append(qkv_device.as<float>() + q_width,
+                        qkv_device.as<float>() + q_width + kv_width, row_stride, tokens,
+                        positions_device.as<int32_t>(), cache_device.as<int32_t>(), pool);
+  EXPECT_TRUE(same_bits(to_host<float>(k_device, k_cpu.size()), k_cpu));
+  EXPECT_TRUE(same_bits(to_host<float>(v_device, v_cpu.size()), v_cpu));
+  cuda::attention(qkv_device.as<float>(), row_stride, tokens, q_heads, map_device.as<int32_t>(),
+                  pool, positions_device.as<int32_t>(), cache_device.as<int32_t>(), scale,
+                  scores.as<float>(), out.as<float>(), q_width);
+  const std::vector<float> gpu = to_host<float>(out, expected.size());
+  // Scores and their max are bit-identical (only * and +). Each exp differs by <= 6u relative;
+  // each side's sequential sum of n exps is within (n - 1) u of its exact sum, so the two sums
+  // differ by <= (6 + 2n) u relative, 1 / sum and the weights add 2u each per side; the
+  // weighted V sums re-round n terms on each side: in all <= (4n + 16) u * sum_pos w |v|, and
+  // sum_pos w |v| <= max |v| = 1 here.
+  for (int64_t t = 0; t < tokens; ++t) {
+    const double bound = (4.0 * (positions[t] + 1) + 16.0) * kUnitRoundoff;
+    for (int64_t i = 0; i < q_width; ++i) {
+      const size_t index = static_cast<size_t>(t * q_width + i);
+      ASSERT_NEAR(gpu[index], expected[index], bound) << "token " << t << " element " << i;
+    }
+  }
+}
+
+TEST_F(CudaKernels, SiluMulWithinExpTolerance) {
+  std::mt19937 rng(7);
+  const int64_t rows = 7, width = 300;
+  std::vector<float> mid = random_floats(rng, static_cast<size_t>(rows * 2 * width), -12, 12);
+  mid[0] = 100.0f;
+  mid[1] = -100.0f;
+  std::vector<float> expected(static_cast<size_t>(rows * width));
+  for (int64_t r = 0; r < rows; ++r)
+    cpu::silu_mul(mid.data() + r * 2 * width, mid.data() + r * 2 * width + width, width,
+                  expected.data() + r * width);
+  DeviceBuffer mid_device = to_device(mid);
+  DeviceBuffer out(expected.size() * sizeof(float));
+  cuda::silu_mul(mid_device.as<float>(), mid_device.as<float>() + width, 2 * width, rows, width,
+                 out.as<float>(), width);
+  const std::vector<float> gpu = to_host<float>(out, expected.size());
+  // exp differs by <= 6u relative; 1 + e, the division and the product each round on both
+  // sides (2u apiece): <= 12u relative, which is at most 12 ulp (1 ulp >= u relative); 16 ulp.
+  for (size_t i = 0; i < gpu.size(); ++i)
+    ASSERT_LE(ulp_distance(gpu[i], expected[i]), 16)
+        << i << ": " << gpu[i] << " vs " << expected[i];
+}
+
+TEST_F(CudaKernels, RouterLogitsBitIdenticalAndSelectionMatches) {
+  std::mt19937 rng(8);
+  const int64_t tokens = 50, hidden = 96, experts = 64, top_k = 6;
+  std::vector<float> x = random_floats(rng, static_cast<size_t>(tokens * hidden), -1, 1);
+  for (DType dtype : kAllDtypes) {
+    StoredWeights w =
+        make_weights(dtype, random_floats(rng, static_cast<size_t>(experts * hidden), -1, 1));
+    std::vector<float> logits(static_cast<size_t>(tokens * experts));
+    cpu::gemm(x.data(), w.data(), dtype, logits.data(), tokens, experts, hidden);
+    DeviceBuffer x_device = to_device(x), w_device = to_device(w);
+    DeviceBuffer logits_device(logits.size() * 4), probs_device(logits.size() * 4);
+    DeviceBuffer ids_device(static_cast<size_t>(tokens * top_k) * 4);
+    DeviceBuffer weights_device(static_cast<size_t>(tokens * top_k) * 4);
+    DeviceBuffer margins_device(static_cast<size_t>(tokens) * 4);
+    for (bool normalize : {false, true}) {
+      cuda::router(x_device.as<float>(), tokens, hidden, w_device.data(), dtype, experts, top_k,
+                   normalize, logits_device.as<float>(), probs_device.as<float>(),
+                   ids_device.as<int32_t>(), weights_device.as<float>(),
+                   margins_device.as<float>());
+      EXPECT_TRUE(same_bits(to_host<float>(logits_device, logits.size()), logits));
+      const std::vector<float> probs_gpu = to_host<float>(probs_device, logits.size());
+      const std::vector<int32_t> ids_gpu = to_host<int32_t>(ids_device, tokens * top_k);
+      const std::vector<float> weights_gpu = to_host<float>(weights_device, tokens * top_k);
+      const std::vector<float> margins_gpu = to_host<float>(margins_device, tokens);
+      // Probabilities: logits are bit-identical; each exp within 6u relative, the two sums of E
+      // exps within (6 + 2E) u, then 1 / sum and the product round on each side: (2E + 16) u.
+      const double tolerance = (2.0 * static_cast<double>(experts) + 16.0) * kUnitRoundoff;
+      int compared = 0;
+      for (int64_t t = 0; t < tokens; ++t) {
+        std::vector<float> probs(experts), weights(top_k);
+        std::vector<int32_t> ids(top_k);
+        const float margin = cpu::route_top_k(logits.data() + t * experts, experts, top_k,
+                                              normalize, probs.data(), ids.data(), weights.data())
+                                 .margin;
+        for (int64_t e = 0; e < experts; ++e)
+          ASSERT_NEAR(probs_gpu[t * experts + e], probs[e], tolerance * probs[e]);
+        // Margins: a difference of two probabilities, each within tolerance.
+        const double kth = probs[ids[top_k - 1]];
+        ASSERT_NEAR(margins_gpu[t], margin, 2.0 * tolerance * kth + 1e-12);
+        // The selection (and its slot order) can only differ where two consecutive
+        // probabilities of the CPU's ranking, down to the (k+1)-th, are within the two sides'
+        // combined error.
+        bool near_tie = margin <= 2.0 * tolerance * kth;
+        for (int64_t s = 0; s + 1 < top_k; ++s)
+          near_tie |= probs[ids[s]] - probs[ids[s + 1]] <= 2.0 * tolerance * probs[ids[s]];
+        if (near_tie) continue;
+        ++compared;
+        for (int64_t s = 0; s < top_k; ++s) {
+          ASSERT_EQ(ids_gpu[t * top_k + s], ids[s]) << "token " << t << " slot " << s;
+          ASSERT_NEAR(weights_gpu[t * top_k + s], weights[s],
+                      (tolerance + 2.0 * top_k * kUnitRoundoff) * weights[s] * 2.0);
+        }
+      }
+      EXPECT_GT(compared, tokens / 2);
+    }
+  }
+}
+
+TEST_F(CudaKernels, ArgmaxMatchesEngineRule) {
+  std::mt19937 rng(9);
+  const int64_t rows = 6, vocab = 5003, stride = 5010;
+  std::vector<float> logits = random_floats(rng, static_cast<size_t>(rows * stride), -10, 10);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  logits[0 * stride + 4000] = 50.0f;  // tie between 4000 and 17: 17 wins
+  logits[0 * stride + 17] = 50.0f;
+  logits[1 * stride + 0] = nan;  // NaN at 0 wins
+  logits[2 * stride + 3] = nan;  // NaN elsewhere never wins
+  logits[2 * stride + 9] = 40.0f;
+  std::fill(logits.begin() + 3 * stride, logits.begin() + 3 * stride + vocab,
+            -std::numeric_limits<float>::infinity());
+  DeviceBuffer logits_device = to_device(logits);
+  DeviceBuffer ids_device(rows * sizeof(int32_t));
+  cuda::argmax_rows(logits_device.as<float>(), rows, vocab, stride, ids_device.as<int32_t>());
+  const std::vector<int32_t> ids = to_host<int32_t>(ids_device, rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    int32_t best = 0;  // runtime/engine.cpp's scan
+    for (int64_t i = 1; i < vocab; ++i)
+      if (logits[r * stride + i] > logits[r * stride + best]) best = static_cast<int32_t>(i);
+    EXPECT_EQ(ids[r], best) << "row " << r;
+  }
+  EXPECT_EQ(ids[0], 17);
+  EXPECT_EQ(ids[1], 0);
+  EXPECT_EQ(ids[3], 0);
+}
+
+TEST_F(CudaKernels, AddsAreBitIdentical) {
+  std::mt19937 rng(10);
+  const int64_t rows = 5, width = 77, stride = 80;
+  std::vector<float> data = random_floats(rng, static_cast<size_t>(rows * stride), -3, 3);
+  std::vector<float> bias = random_floats(rng, width, -1, 1);
+  std::vector<float> other = random_floats(rng, data.size(), -3, 3);
+  std::vector<float> expected = data;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < width; ++i) expected[r * stride + i] += bias[i];
+  for (size_t i = 0; i < expected.size(); ++i) expected[i] += other[i];
+  DeviceBuffer data_device = to_device(data), bias_device = to_device(bias),
+               other_device = to_device(other);
+  cuda::add_bias(data_device.as<float>(), rows, width, stride, bias_device.as<float>());
+  cuda::add_in_place(data_device.as<float>(), other_device.as<float>(),
+                     static_cast<int64_t>(data.size()));
+  EXPECT_TRUE(same_bits(to_host<float>(data_device, data.size()), expected));
+}
+
+// ---------------------------------------------------------------------------------------------
+// MoE: host counting sort (as scheduler's pack_routes), permute, per-expert "expert" outputs,
+// slot map and combine; against runtime/model.cpp's loop restated.
+
+struct MoeCase {
+  int64_t tokens = 13, top_k = 4, experts = 10, hidden = 70;
+  std::vector<int32_t> expert_ids;       // [tokens, top_k], distinct per token
+  std::vector<float> route_weights;      // [tokens, top_k]
+  std::vector<int32_t> expert_to_local;  // [experts] -> local index or -1
+  std::vector<PackedRoute> routes;       // packed, local experts back to back
+};
+
+MoeCase make_moe_case(std::mt19937& rng) {
+  MoeCase c;
+  for (int64_t t = 0; t < c.tokens; ++t) {
+    std::vector<int32_t> order(c.experts);
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), rng);
+    c.expert_ids.insert(c.expert_ids.end(), order.begin(), order.begin() + c.top_k);
+  }
+  c.route_weights = random_floats(rng, static_cast<size_t>(c.tokens * c.top_k), 0.0f, 1.0f);
+  int32_t next_local = 0;
+  for (int64_t e = 0; e < c.experts; ++e)
+    c.expert_to_local.push_back(e % 3 == 1 ? -1 : next_local++);
+  // Stable counting sort by local expert, pairs in (token, slot) order within each.
+  for (int32_t local = 0; local < next_local; ++local)
+    for (int64_t t = 0; t < c.tokens; ++t)
+      for (int64_t s = 0; s < c.top_k; ++s)
+        if (c.expert_to_local[c.expert_ids[t * c.top_k + s]] == local)
+          c.routes.push_back(PackedRoute{static_cast<int32_t>(t), static_cast<int32_t>(s)});
+  return c;
+}
+
+TEST_F(CudaKernels, MoePermuteSlotRowsAndCombineAreBitIdentical) {
+  std::mt19937 rng(11);
+  MoeCase c = make_moe_case(rng);
+  const int64_t rows = static_cast<int64_t>(c.routes.size());
+  std::vector<float> normed = random_floats(rng, static_cast<size_t>(c.tokens * c.hidden), -2, 2);
+  DeviceBuffer normed_device = to_device(normed);
+  DeviceBuffer routes_device(c.routes.size() * sizeof(PackedRoute));
+  routes_device.upload(c.routes.data(), c.routes.size() * sizeof(PackedRoute));
+  const auto* routes = routes_device.as<cuda::DeviceRoute>();
+
+  DeviceBuffer expert_in(static_cast<size_t>(rows * c.hidden) * sizeof(float));
+  cuda::moe_permute(normed_device.as<float>(), c.hidden, c.hidden, routes, rows,
+                    expert_in.as<float>());
+  std::vector<float> expected_in;
+  for (const PackedRoute& route : c.routes)
+    expected_in.insert(expected_in.end(), normed.begin() + route.token_idx * c.hidden,
+                       normed.begin() + (route.token_idx + 1) * c.hidden);
+  EXPECT_TRUE(same_bits(to_host<float>(expert_in, expected_in.size()), expected_in));
+
+  // Stand-in expert outputs in packed order, and the CPU's slot_out copy of them.
+  std::vector<float> expert_out = random_floats(rng, static_cast<size_t>(rows * c.hidden), -4, 4);
+  std::vector<float> slot_out(static_cast<size_t>(c.tokens * c.top_k * c.hidden), 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t pair = int64_t{c.routes[r].token_idx} * c.top_k + c.routes[r].slot_idx;
+    std::copy_n(expert_out.begin() + r * c.hidden, c.hidden, slot_out.begin() + pair * c.hidden);
+  }
+  DeviceBuffer expert_out_device = to_device(expert_out);
+  DeviceBuffer slot_rows(static_cast<size_t>(c.tokens * c.top_k) * sizeof(int32_t));
+  cuda::moe_slot_rows(routes, rows, c.tokens, c.top_k, slot_rows.as<int32_t>());
+  const std::vector<int32_t> slot_rows_host = to_host<int32_t>(slot_rows, c.tokens * c.top_k);
+  for (int64_t pair = 0; pair < c.tokens * c.top_k; ++pair)
+    EXPECT_EQ(slot_rows_host[pair] >= 0, c.expert_to_local[c.expert_ids[pair]] >= 0);
+
+  DeviceBuffer weights_device = to_device(c.route_weights);
+  DeviceBuffer out(static_cast<size_t>(c.tokens * c.hidden) * sizeof(float));
+  for (bool round : {false, true}) {
+    for (DType dtype : kAllDtypes) {
+      // runtime/model.cpp's combine (without a shared expert).
+      std::vector<float> expected(static_cast<size_t>(c.tokens * c.hidden), 0.0f);
+      for (int64_t t = 0; t < c.tokens; ++t)
+        for (int64_t s = 0; s < c.top_k; ++s) {
+          if (c.expert_to_local[c.expert_ids[t * c.top_k + s]] < 0) continue;
+          const float weight = c.route_weights[t * c.top_k + s];
+          const float* row = slot_out.data() + (t * c.top_k + s) * c.hidden;
+          for (int64_t i = 0; i < c.hidden; ++i)
+            expected[t * c.hidden + i] +=
+                round ? round_to_dtype(weight * row[i], dtype) : weight * row[i];
+        }
+      cuda::moe_combine(expert_out_device.as<float>(), c.hidden, slot_rows.as<int32_t>(),
+                        weights_device.as<float>(), c.tokens, c.top_k,
+                        math::CombinePrecisionArgs{round, dtype}, {}, out.as<float>());
+      SCOPED_TRACE(testing::Message() << "round " << round << " " << dtype_name(dtype));
+      EXPECT_TRUE(same_bits(to_host<float>(out, expected.size()), expected));
+    }
+  }
+
+  // With a shared expert: the gate goes through expf, so only close. The routed part is
+  // identical; gate * shared differs by the gate's <= 8 ulp, then one rounding of the sum.
+  std::vector<float> shared_out =
+      random_floats(rng, static_cast<size_t>(c.tokens * c.hidden), -2, 2);
+  std::vector<float> gate_logits = random_floats(rng, static_cast<size_t>(c.tokens), -3, 3);
+  std::vector<float> expected(static_cast<size_t>(c.tokens * c.hidden), 0.0f);
+  for (int64_t t = 0; t < c.tokens; ++t) {
+    for (int64_t s = 0; s < c.top_k; ++s) {
+      if (c.expert_to_local[c.expert_ids[t * c.top_k + s]] < 0) continue;
+      const float weight = c.route_weights[t * c.top_k + s];
+      for (int64_t i = 0; i < c.hidden; ++i)
+        expected[t * c.hidden + i] += weight * slot_out[(t * c.top_k + s) * c.hidden + i];
+    }
+    const float gate = cpu::sigmoid(gate_logits[t]);
+    for (int64_t i = 0; i < c.hidden; ++i)
+      expected[t * c.hidden + i] += gate * shared_out[t * c.hidden + i];
+  }
+  DeviceBuffer shared_device = to_device(shared_out), gate_device = to_device(gate_logits);
+  cuda::moe_combine(expert_out_device.as<float>(), c.hidden, slot_rows.as<int32_t>(),
+                    weights_device.as<float>(), c.tokens, c.top_k, math::CombinePrecisionArgs{},
+                    cuda::SharedExpertOutput{shared_device.as<float>(), gate_device.as<float>()},
+                    out.as<float>());
+  const std::vector<float> gpu = to_host<float>(out, expected.size());
+  for (int64_t t = 0; t < c.tokens; ++t)
+    for (int64_t i = 0; i < c.hidden; ++i) {
+      const size_t index = static_cast<size_t>(t * c.hidden + i);
+      const double bound =
+          16.0 * kUnitRoundoff * (std::abs(shared_out[index]) + std::abs(expected[index]));
+      ASSERT_NEAR(gpu[index], expected[index], bound) << "token " << t << " element " << i;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// cuBLAS: a different summation order, so only within the accuracy bound of any fp32 GEMM.
+
+TEST_F(CudaKernels, CublasGemmWithinFp32Bound) {
+  std::mt19937 rng(12);
+  cuda::CublasGemm cublas;
+  const int64_t m = 33, n = 50, k = 257;
+  std::vector<float> x = random_floats(rng, static_cast<size_t>(m * k), -1, 1);
+  DeviceBuffer x_device = to_device(x);
+  for (DType dtype : kAllDtypes) {
+    StoredWeights w = make_weights(dtype, random_floats(rng, static_cast<size_t>(n * k), -1, 1));
+    std::vector<float> widened(static_cast<size_t>(n * k));
+    cpu::to_f32(w.data(), dtype, n * k, widened.data());
+    DeviceBuffer w_device = to_device(w);
+    for (cuda::CublasInputs inputs :
+         {cuda::CublasInputs::kWidenWeights, cuda::CublasInputs::kNarrowActivations}) {
+      DeviceBuffer y_device(static_cast<size_t>(m * n) * sizeof(float));
+      cublas.gemm(cuda::GemmArgs{x_device.as<float>(), k, w_device.data(), dtype, k,
+                                 y_device.as<float>(), n, m, n, k},
+                  inputs);
+      const std::vector<float> y = to_host<float>(y_device, m * n);
+      // Any order of fp32 sums: (k + 2) u sum |x w|; narrowed x adds its dtype's unit roundoff.
+      const bool narrowed =
+          inputs == cuda::CublasInputs::kNarrowActivations && dtype != DType::kF32;
+      const double input_error = !narrowed ? 0.0 : dtype == DType::kBF16 ? 0x1p-8 : 0x1p-11;
+      for (int64_t row = 0; row < m; ++row)
+        for (int64_t col = 0; col < n; ++col) {
+          double exact = 0.0, magnitude = 0.0;
+          for (int64_t i = 0; i < k; ++i) {
+            exact += double{x[row * k + i]} * widened[col * k + i];
+            magnitude += std::abs(double{x[row * k + i]} * widened[col * k + i]);
+          }
+          ASSERT_NEAR(y[row * n + col], exact,
+                      (input_error + (k + 2.0) * kUnitRoundoff) * magnitude)
+              << dtype_name(dtype) << " row " << row << " col " << col;
+        }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace keel
