@@ -1,0 +1,192 @@
+// The CUDA backend: each Backend op is one launcher of kernels/cuda on the default stream
+// (NCCL collectives wait for that stream), over device memory from cudaMalloc. The math of
+// every kernel is the shared host-device code in kernels/math; kernels/math/README.md lists
+// which ops are bit-identical to the CPU backend (GEMM, norms, RoPE via a host-computed table,
+// copies, the combine without shared expert) and which are within ulps (anything using expf:
+// softmax, SiLU, attention, sigmoid).
+//
+// Compiled and linked wherever nvcc exists; run only where a GPU does (not in CI).
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "kernels/base/check.h"
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/device.h"
+#include "kernels/cuda/device_buffer.h"
+#include "kernels/cuda/gemm.h"
+#include "kernels/cuda/moe.h"
+#include "kernels/cuda/ops.h"
+#include "runtime/backend.h"
+
+namespace keel {
+
+int cuda_device_count(std::string* reason_if_none) {
+  int count = cuda::device_count();
+  if (count == 0 && reason_if_none != nullptr) *reason_if_none = cuda::no_device_reason();
+  return count;
+}
+
+namespace {
+
+void free_device_memory(void* pointer) {
+  cudaFree(pointer);
+}
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device_index) : device_index_(device_index) {
+    KEEL_CUDA_CHECK(cudaSetDevice(device_index));
+  }
+
+  Device device() const override { return Device::kCuda; }
+
+  DeviceArray allocate(DType dtype, size_t count) override {
+    size_t nbytes = count * dtype_size(dtype);
+    return DeviceArray(Device::kCuda, dtype, nbytes, allocate_zeroed(nbytes), &free_device_memory);
+  }
+  DeviceArray allocate_bytes(size_t nbytes) override {
+    return DeviceArray(Device::kCuda, DType::kF32, nbytes, allocate_zeroed(nbytes),
+                       &free_device_memory);
+  }
+  void copy_from_host(const void* host, size_t bytes, void* device_dst) override {
+    if (bytes > 0) KEEL_CUDA_CHECK(cudaMemcpy(device_dst, host, bytes, cudaMemcpyHostToDevice));
+  }
+  void copy_to_host(const void* device_src, size_t bytes, void* host_dst) override {
+    if (bytes > 0) KEEL_CUDA_CHECK(cudaMemcpy(host_dst, device_src, bytes, cudaMemcpyDeviceToHost));
+  }
+
+  void embed(const void* table, DType table_dtype, int64_t vocab, int64_t width,
+             const int32_t* token_ids, int64_t num_tokens, float* out) override {
+    cuda::embedding_gather(table, table_dtype, vocab, width, token_ids, num_tokens, out);
+  }
+  void gemm(const float* x, const void* w, DType w_dtype, float* y, int64_t m, int64_t n,
+            int64_t k) override {
+    cuda::gemm_canonical(cuda::GemmArgs{x, k, w, w_dtype, k, y, n, m, n, k});
+  }
+  void rms_norm(const float* x, const float* weight, float eps, int64_t num_rows, int64_t width,
+                float* out) override {
+    cuda::rms_norm(x, weight, eps, num_rows, width, out);
+  }
+  void head_norm(float* rows, int64_t row_stride, int64_t first_col, int64_t num_heads,
+                 int64_t head_dim, const float* weight, float eps, int64_t num_rows) override {
+    cuda::rms_norm_heads(rows + first_col, num_rows, row_stride, num_heads, head_dim, weight, eps);
+  }
+  void add_bias(float* x, const float* bias, int64_t num_rows, int64_t width) override {
+    cuda::add_bias(x, num_rows, width, width, bias);
+  }
+  void rope(float* rows, int64_t row_stride, int64_t num_q_heads, int64_t k_col,
+            int64_t num_k_heads, int64_t head_dim, int64_t rotary_dim, double theta,
+            const int32_t* positions, int64_t num_rows, int64_t max_positions) override {
+    // cos/sin come from a host-computed table (the CPU's own values), grown as contexts grow.
+    if (rope_theta_ != theta || rope_rotary_dim_ != rotary_dim || rope_positions_ < max_positions) {
+      std::vector<float> table = cuda::rope_cos_sin_table(max_positions, theta, rotary_dim);
+      rope_table_ = cuda::DeviceBuffer(table.size() * sizeof(float));
+      rope_table_.upload(table.data(), table.size() * sizeof(float));
+      rope_theta_ = theta;
+      rope_rotary_dim_ = rotary_dim;
+      rope_positions_ = max_positions;
+    }
+    const float* table = rope_table_.as<float>();
+    cuda::rope(rows, num_rows, row_stride, num_q_heads, head_dim, rotary_dim, positions, table,
+               rope_positions_);
+    cuda::rope(rows + k_col, num_rows, row_stride, num_k_heads, head_dim, rotary_dim, positions,
+               table, rope_positions_);
+  }
+  void kv_append(const float* rows, int64_t row_stride, int64_t k_col, int64_t v_col,
+                 const int32_t* positions, const int32_t* cache_idx, int64_t num_rows,
+                 int64_t layer_idx, const KvPoolView& pool) override {
+    cuda::kv_cache_append(rows + k_col, rows + v_col, row_stride, num_rows, positions, cache_idx,
+                          layer_pool(pool, layer_idx));
+  }
+  void attention(const float* rows, int64_t row_stride, int64_t num_q_heads,
+                 const int32_t* kv_head_of_q, const int32_t* positions, const int32_t* cache_idx,
+                 int64_t num_rows, int64_t layer_idx, const KvPoolView& pool, float scale,
+                 float* out) override {
+    float* scores = scratch(scores_, static_cast<size_t>(num_rows * num_q_heads * pool.capacity));
+    cuda::attention(rows, row_stride, num_rows, num_q_heads, kv_head_of_q,
+                    layer_pool(pool, layer_idx), positions, cache_idx, scale, scores, out,
+                    num_q_heads * pool.head_dim);
+  }
+  void route_top_k(const float* logits, int64_t num_rows, int64_t num_experts, int64_t top_k,
+                   bool normalize, int32_t* expert_ids, float* expert_weights,
+                   float* margins) override {
+    float* probs = scratch(probs_, static_cast<size_t>(num_rows * num_experts));
+    cuda::route_top_k(logits, num_rows, num_experts, top_k, normalize, probs, expert_ids,
+                      expert_weights, margins);
+  }
+  void permute_rows(const float* src, const PackedRoute* routes, int64_t num_rows, int64_t width,
+                    float* dst) override {
+    cuda::moe_permute(src, width, width, device_routes(routes), num_rows, dst);
+  }
+  void slot_rows(const PackedRoute* routes, int64_t num_rows, int64_t num_tokens, int64_t top_k,
+                 int32_t* slot_rows) override {
+    cuda::moe_slot_rows(device_routes(routes), num_rows, num_tokens, top_k, slot_rows);
+  }
+  void silu_mul(const float* gate_up, int64_t num_rows, int64_t width, float* out) override {
+    cuda::silu_mul(gate_up, gate_up + width, 2 * width, num_rows, width, out, width);
+  }
+  void moe_combine(const float* expert_out, int64_t width, const int32_t* slot_rows,
+                   const float* expert_weights, int64_t num_tokens, int64_t top_k,
+                   DType round_dtype, const float* shared, const float* shared_gate_logits,
+                   float* out) override {
+    math::CombinePrecisionArgs precision{round_dtype != DType::kF32, round_dtype};
+    cuda::moe_combine(expert_out, width, slot_rows, expert_weights, num_tokens, top_k, precision,
+                      cuda::SharedExpertOutput{shared, shared_gate_logits}, out);
+  }
+  void add(float* dst, const float* src, int64_t count) override {
+    cuda::add_in_place(dst, src, count);
+  }
+
+ private:
+  static void* allocate_zeroed(size_t nbytes) {
+    void* data = nullptr;
+    KEEL_CUDA_CHECK(cudaMalloc(&data, std::max<size_t>(nbytes, 64)));
+    KEEL_CUDA_CHECK(cudaMemset(data, 0, std::max<size_t>(nbytes, 64)));
+    return data;
+  }
+  // PackedRoute and DeviceRoute are the same two int32s (checked below).
+  static const cuda::DeviceRoute* device_routes(const PackedRoute* routes) {
+    static_assert(sizeof(PackedRoute) == sizeof(cuda::DeviceRoute) &&
+                  offsetof(PackedRoute, token_idx) == offsetof(cuda::DeviceRoute, token_idx) &&
+                  offsetof(PackedRoute, slot_idx) == offsetof(cuda::DeviceRoute, slot_idx));
+    return reinterpret_cast<const cuda::DeviceRoute*>(routes);
+  }
+  // One layer of the engine's pool [seq][layer][kv_heads][capacity][head_dim] in the kernels'
+  // per-layer view (cache c of that layer at k + c * cache_stride).
+  static cuda::KvPool layer_pool(const KvPoolView& pool, int64_t layer_idx) {
+    int64_t layer_floats = pool.kv_heads * pool.capacity * pool.head_dim;
+    cuda::KvPool view;
+    view.k = pool.k + layer_idx * layer_floats;
+    view.v = pool.v + layer_idx * layer_floats;
+    view.cache_stride = pool.num_layers * layer_floats;
+    view.capacity = pool.capacity;
+    view.num_kv_heads = pool.kv_heads;
+    view.head_dim = pool.head_dim;
+    return view;
+  }
+  float* scratch(cuda::DeviceBuffer& buffer, size_t count) {
+    if (buffer.bytes() < count * sizeof(float)) buffer = cuda::DeviceBuffer(count * sizeof(float));
+    return buffer.as<float>();
+  }
+
+  int device_index_;
+  cuda::DeviceBuffer scores_, probs_, rope_table_;
+  double rope_theta_ = 0;
+  int64_t rope_rotary_dim_ = 0;
+  int64_t rope_positions_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cuda_backend(int device_index) {
+  std::string reason;
+  int count = cuda_device_count(&reason);
+  if (count == 0) throw_error("--backend cuda: no CUDA device: ", reason);
+  if (device_index < 0 || device_index >= count)
+    throw_error("--backend cuda: rank wants GPU ", device_index, " but this node has ", count);
+  return std::make_unique<CudaBackend>(device_index);
+}
+
+}  // namespace keel
