@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -126,6 +127,11 @@ class Backend {
                            float* out) = 0;
   // dst[i] += src[i]
   virtual void add(float* dst, const float* src, int64_t count) = 0;
+
+  // Times device work (an expert's GEMMs) for telemetry: the CPU backend reads the steady
+  // clock around `work`, the CUDA backend records events around it and waits for the second.
+  // Both feed the same per-(layer, expert) seconds.
+  virtual double timed_seconds(const std::function<void()>& work) = 0;
 };
 
 // The CPU backend (kernels/cpu): the bit-exact reference.

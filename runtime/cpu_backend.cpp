@@ -1,6 +1,7 @@
 // The CPU backend: each op is a loop over rows calling kernels/cpu, in the same order the
 // determinism contract fixes (see kernels/cpu/gemm.h and runtime/model.cpp).
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -163,6 +164,11 @@ class CpuBackend final : public Backend {
   }
   void add(float* dst, const float* src, int64_t count) override {
     for (int64_t i = 0; i < count; ++i) dst[i] += src[i];
+  }
+  double timed_seconds(const std::function<void()>& work) override {
+    auto start = std::chrono::steady_clock::now();
+    work();
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   }
 
  private:

@@ -138,6 +138,25 @@ class CudaBackend final : public Backend {
   void add(float* dst, const float* src, int64_t count) override {
     cuda::add_in_place(dst, src, count);
   }
+  double timed_seconds(const std::function<void()>& work) override {
+    if (start_event_ == nullptr) {
+      KEEL_CUDA_CHECK(cudaEventCreate(&start_event_));
+      KEEL_CUDA_CHECK(cudaEventCreate(&stop_event_));
+    }
+    KEEL_CUDA_CHECK(cudaEventRecord(start_event_));
+    work();
+    KEEL_CUDA_CHECK(cudaEventRecord(stop_event_));
+    KEEL_CUDA_CHECK(cudaEventSynchronize(stop_event_));
+    float milliseconds = 0;
+    KEEL_CUDA_CHECK(cudaEventElapsedTime(&milliseconds, start_event_, stop_event_));
+    return milliseconds * 1e-3;
+  }
+  ~CudaBackend() override {
+    if (start_event_ != nullptr) cudaEventDestroy(start_event_);
+    if (stop_event_ != nullptr) cudaEventDestroy(stop_event_);
+  }
+  CudaBackend(const CudaBackend&) = delete;
+  CudaBackend& operator=(const CudaBackend&) = delete;
 
  private:
   static void* allocate_zeroed(size_t nbytes) {
@@ -172,6 +191,8 @@ class CudaBackend final : public Backend {
   }
 
   int device_index_;
+  cudaEvent_t start_event_ = nullptr;
+  cudaEvent_t stop_event_ = nullptr;
   cuda::DeviceBuffer scores_, probs_, rope_table_;
   double rope_theta_ = 0;
   int64_t rope_rotary_dim_ = 0;

@@ -179,6 +179,7 @@ void Engine::run_rank(int tp_rank, comm::Communicator& communicator, const Gener
   for (const auto& prompt : request.prompts)
     max_prompt = std::max<int64_t>(max_prompt, static_cast<int64_t>(prompt.size()));
   KvPool pool = model.make_kv_pool(num_prompts, max_prompt + request.max_new_tokens);
+  const std::vector<std::vector<double>> seconds_before = model.expert_seconds();
 
   // Prefill: all prompts in one step; logits for every position only when asked.
   StepBatch batch;
@@ -257,6 +258,24 @@ void Engine::run_rank(int tp_rank, comm::Communicator& communicator, const Gener
   if (leader) {
     result.decode_seconds = seconds_since(start);
     result.logits_digest = digest.finish_hex();
+  }
+  // Expert timings: each expert lives on one rank, so a sum over ranks merges them.
+  const size_t num_experts = static_cast<size_t>(config_.num_experts);
+  std::vector<float> seconds(static_cast<size_t>(config_.num_layers) * num_experts);
+  for (size_t layer = 0; layer < seconds_before.size(); ++layer)
+    for (size_t expert = 0; expert < num_experts; ++expert)
+      seconds[layer * num_experts + expert] =
+          static_cast<float>(model.expert_seconds()[layer][expert] - seconds_before[layer][expert]);
+  Backend& backend = model.backend();
+  DeviceArray device_seconds = backend.allocate(DType::kF32, seconds.size());
+  backend.copy_from_host(seconds.data(), seconds.size() * sizeof(float), device_seconds.data());
+  communicator.all_reduce(device_seconds.f32(), seconds.size(), comm::ReduceAlgo::kFixedOrder);
+  backend.copy_to_host(device_seconds.data(), seconds.size() * sizeof(float), seconds.data());
+  if (leader) {
+    result.expert_seconds.assign(seconds_before.size(), std::vector<double>(num_experts));
+    for (size_t layer = 0; layer < seconds_before.size(); ++layer)
+      for (size_t expert = 0; expert < num_experts; ++expert)
+        result.expert_seconds[layer][expert] = seconds[layer * num_experts + expert];
   }
   // The replicated router must have made identical decisions on every rank.
   uint64_t leader_fingerprint = model.routing_fingerprint();

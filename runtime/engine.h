@@ -49,6 +49,8 @@ struct GenerateResult {
   // SHA-256 over the fp32 bits of every step's logits of prompt digest_prompt_idx, in order.
   std::string logits_digest;
   ExpertCounts expert_counts;  // [layer][expert] tokens routed, all prompts and steps
+  // [layer][expert] seconds in each expert's GEMMs (on the rank that holds it), this call.
+  std::vector<std::vector<double>> expert_seconds;
   // With keep_all_logits: [prompt][position][vocab] and [prompt][step][vocab].
   std::vector<std::vector<std::vector<float>>> prompt_logits;
   std::vector<std::vector<std::vector<float>>> step_logits;

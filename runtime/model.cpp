@@ -165,6 +165,8 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
   vocab_chunk_ = (config.vocab_size + tp_size - 1) / tp_size;
   expert_counts_.assign(static_cast<size_t>(config.num_layers),
                         std::vector<int64_t>(static_cast<size_t>(config.num_experts), 0));
+  expert_seconds_.assign(static_cast<size_t>(config.num_layers),
+                         std::vector<double>(static_cast<size_t>(config.num_experts), 0.0));
 
   const TensorView& embed =
       checkpoint.get("model.embed_tokens.weight", {config.vocab_size, hidden});
@@ -517,11 +519,14 @@ void RankModel::moe(int64_t layer_idx, int64_t num_tokens) {
     if (batch_rows == 0) continue;
     int64_t first = packing_.offsets[local];
     const ExpertWeights& expert = layer.experts[local];
-    backend_.gemm(expert_in + first * hidden, expert.gate_up.data.data(), expert.gate_up.dtype(),
-                  mid + first * 2 * inter, batch_rows, 2 * inter, hidden);
-    backend_.silu_mul(mid + first * 2 * inter, batch_rows, inter, act + first * inter);
-    backend_.gemm(act + first * inter, expert.down.data.data(), expert.down.dtype(),
-                  expert_out + first * hidden, batch_rows, hidden, inter);
+    expert_seconds_[static_cast<size_t>(layer_idx)][static_cast<size_t>(
+        packing_.local_expert_ids[local])] += backend_.timed_seconds([&] {
+      backend_.gemm(expert_in + first * hidden, expert.gate_up.data.data(), expert.gate_up.dtype(),
+                    mid + first * 2 * inter, batch_rows, 2 * inter, hidden);
+      backend_.silu_mul(mid + first * 2 * inter, batch_rows, inter, act + first * inter);
+      backend_.gemm(act + first * inter, expert.down.data.data(), expert.down.dtype(),
+                    expert_out + first * hidden, batch_rows, hidden, inter);
+    });
   }
   backend_.slot_rows(routes, num_rows, num_tokens, top_k, slot_rows);
 

@@ -103,6 +103,10 @@ class RankModel {
                std::vector<float>& logits);
 
   const ExpertCounts& expert_counts() const { return expert_counts_; }
+  // Seconds spent in each local expert's GEMMs, [layer][expert] (0 for experts elsewhere),
+  // measured by the backend (steady clock on CPU, CUDA events on GPU).
+  const std::vector<std::vector<double>>& expert_seconds() const { return expert_seconds_; }
+  Backend& backend() { return backend_; }
   // Running hash of every routing decision this rank made. The router is replicated, so all
   // ranks must agree; the engine checks this after every generate call.
   uint64_t routing_fingerprint() const { return routing_fingerprint_; }
@@ -139,6 +143,7 @@ class RankModel {
   Matrix lm_head_;  // [vocab_chunk, H], rows past the vocab are zero
 
   ExpertCounts expert_counts_;
+  std::vector<std::vector<double>> expert_seconds_;
   uint64_t routing_fingerprint_ = 0;
 
   // Device scratch, grown as needed and reused across steps.

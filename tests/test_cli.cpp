@@ -76,6 +76,16 @@ TEST(Cli, GenerateJsonHasTokensDigestCountsAndTimings) {
   int64_t routed = 0;
   for (const auto& count : out["expert_token_counts"][0]) routed += count.get<int64_t>();
   EXPECT_EQ(routed, (3 + 5) * 4);  // (3 prompt tokens + 5 decode steps) x top-4
+  // Expert timings come from the rank that holds each expert and are merged across ranks:
+  // time where tokens went, none where none did.
+  ASSERT_EQ(out["expert_seconds"].size(), 2u);
+  for (size_t layer = 0; layer < 2; ++layer)
+    for (size_t expert = 0; expert < 16; ++expert) {
+      bool has_tokens = out["expert_token_counts"][layer][expert].get<int64_t>() > 0;
+      double seconds = out["expert_seconds"][layer][expert].get<double>();
+      EXPECT_EQ(seconds > 0, has_tokens) << "layer " << layer << " expert " << expert;
+      EXPECT_LT(seconds, 1.0);
+    }
   EXPECT_TRUE(out["timings"].contains("decode_tokens_per_second"));
   EXPECT_EQ(out["reduce"], "fixed_order");
 }

@@ -229,6 +229,7 @@ int run_generate(const Flags& flags, keel::Deployment& deployment) {
   out["tokens"] = result.tokens.back();
   out["logits_digest"] = result.logits_digest;
   out["expert_token_counts"] = result.expert_counts;
+  out["expert_seconds"] = result.expert_seconds;
   out["timings"] = {{"prefill_seconds", result.prefill_seconds},
                     {"decode_seconds", result.decode_seconds},
                     {"prompt_tokens", result.num_prompt_tokens},
