@@ -138,8 +138,12 @@ class Backend {
 std::unique_ptr<Backend> make_cpu_backend();
 // Usable CUDA devices; 0 with the reason (no driver, no device, built without CUDA) otherwise.
 int cuda_device_count(std::string* reason_if_none);
+// How the CUDA backend multiplies: kCanonical is the 16-lane canonical order (bit-identical to
+// the CPU GEMM, batch-invariant); kCublas is cuBLAS with fp32 compute, the default algorithm and
+// no workspace (so no split-K), faster but neither CPU-identical nor batch-invariant.
+enum class GpuGemm : uint8_t { kCanonical, kCublas };
 // The CUDA backend on `device_index`; throws keel::Error with a clear message where CUDA
 // support was not built or no device exists.
-std::unique_ptr<Backend> make_cuda_backend(int device_index);
+std::unique_ptr<Backend> make_cuda_backend(int device_index, GpuGemm gemm = GpuGemm::kCanonical);
 
 }  // namespace keel

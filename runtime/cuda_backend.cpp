@@ -36,8 +36,10 @@ void free_device_memory(void* pointer) {
 
 class CudaBackend final : public Backend {
  public:
-  explicit CudaBackend(int device_index) : device_index_(device_index) {
+  CudaBackend(int device_index, GpuGemm gemm_kind)
+      : device_index_(device_index), gemm_kind_(gemm_kind) {
     KEEL_CUDA_CHECK(cudaSetDevice(device_index));
+    if (gemm_kind_ == GpuGemm::kCublas) cublas_ = std::make_unique<cuda::CublasGemm>();
   }
 
   Device device() const override { return Device::kCuda; }
@@ -63,7 +65,12 @@ class CudaBackend final : public Backend {
   }
   void gemm(const float* x, const void* w, DType w_dtype, float* y, int64_t m, int64_t n,
             int64_t k) override {
-    cuda::gemm_canonical(cuda::GemmArgs{x, k, w, w_dtype, k, y, n, m, n, k});
+    cuda::GemmArgs args{x, k, w, w_dtype, k, y, n, m, n, k};
+    if (gemm_kind_ == GpuGemm::kCublas) {
+      cublas_->gemm(args, cuda::CublasInputs::kWidenWeights);
+    } else {
+      cuda::gemm_canonical(args);
+    }
   }
   void rms_norm(const float* x, const float* weight, float eps, int64_t num_rows, int64_t width,
                 float* out) override {
@@ -191,6 +198,8 @@ class CudaBackend final : public Backend {
   }
 
   int device_index_;
+  GpuGemm gemm_kind_;
+  std::unique_ptr<cuda::CublasGemm> cublas_;
   cudaEvent_t start_event_ = nullptr;
   cudaEvent_t stop_event_ = nullptr;
   cuda::DeviceBuffer scores_, probs_, rope_table_;
@@ -201,13 +210,13 @@ class CudaBackend final : public Backend {
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cuda_backend(int device_index) {
+std::unique_ptr<Backend> make_cuda_backend(int device_index, GpuGemm gemm) {
   std::string reason;
   int count = cuda_device_count(&reason);
   if (count == 0) throw_error("--backend cuda: no CUDA device: ", reason);
   if (device_index < 0 || device_index >= count)
     throw_error("--backend cuda: rank wants GPU ", device_index, " but this node has ", count);
-  return std::make_unique<CudaBackend>(device_index);
+  return std::make_unique<CudaBackend>(device_index, gemm);
 }
 
 }  // namespace keel

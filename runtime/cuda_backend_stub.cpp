@@ -10,7 +10,7 @@ int cuda_device_count(std::string* reason_if_none) {
   return 0;
 }
 
-std::unique_ptr<Backend> make_cuda_backend(int device_index) {
+std::unique_ptr<Backend> make_cuda_backend(int device_index, GpuGemm /*gemm*/) {
   throw_error(
       "--backend cuda: this keel was built without CUDA (no nvcc at configure time); "
       "device ",

@@ -93,8 +93,12 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options)
     throw_error("--backend cuda runs one rank per process and GPU: launch with mpirun -np N");
   ranks_.resize(local_ranks_.size());
   for (size_t local_idx = 0; local_idx < local_ranks_.size(); ++local_idx)
-    backends_.push_back(options.device == Device::kCuda ? make_cuda_backend(options.cuda_device)
-                                                        : make_cpu_backend());
+    backends_.push_back(
+        options.device == Device::kCuda
+            ? make_cuda_backend(options.cuda_device, options.reduce == comm::ReduceAlgo::kFixedOrder
+                                                         ? GpuGemm::kCanonical
+                                                         : GpuGemm::kCublas)
+            : make_cpu_backend());
   RankOptions rank_options{options.reduce, options.combine};
   // Shards load in parallel; errors (bad shapes, dtypes) surface with file and tensor named.
   run_on_ranks(static_cast<int>(local_ranks_.size()), nullptr, [&](int local_idx) {
