@@ -1,13 +1,22 @@
-// All-reduce bandwidth of the thread-rank communicator, both algorithms, nccl-tests style:
+// All-reduce bandwidth of a keel communicator, both algorithms, nccl-tests style:
 //   algbw = bytes / time, busbw = algbw * 2 (n - 1) / n.
 // Every iteration resets the buffers, synchronises the ranks with a barrier, times the
 // all-reduce and verifies every element (exact integer sums); a wrong sum exits non-zero.
 // The two algorithms alternate within each iteration so that drift (frequency, noisy
 // neighbours) affects both alike. Prints one JSON object on stdout, progress on stderr.
 //
-// Usage: allreduce [--ranks N] [--min-bytes B] [--max-bytes B] [--iters N] [--warmup N]
+// Backends:
+//  - thread (default): N thread ranks of this process (ThreadGroup).
+//  - mpi: one rank per process, MpiCommunicator over MPI_COMM_WORLD; native is Open MPI's
+//    all-reduce (MPI_Iallreduce), fixed_order is keel's alltoallv + ordered sum + allgatherv.
+//    Launch as: mpirun --allow-run-as-root --oversubscribe -np 4 allreduce --backend mpi
+//    Rank 0 prints the JSON (same shape as the thread backend's, plus an "mpi" object).
+//
+// Usage: allreduce [--backend thread|mpi] [--ranks N] [--min-bytes B] [--max-bytes B]
+//                  [--iters N] [--warmup N]
 //   sizes go from min to max in steps of 4x; B accepts K/M/G suffixes (binary);
-//   --iters 0 (default) picks iterations per size to keep the whole run well under a minute.
+//   --iters 0 (default) picks iterations per size to keep the whole run well under a minute;
+//   with --backend mpi the ranks are the launched processes (--ranks, if given, must match).
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -24,6 +33,7 @@
 
 #include "bench/machine.h"
 #include "comm/communicator.h"
+#include "comm/mpi_comm.h"
 #include "comm/thread_comm.h"
 #include "kernels/base/check.h"
 
@@ -37,7 +47,9 @@ constexpr ReduceAlgo kAlgos[] = {ReduceAlgo::kNative, ReduceAlgo::kFixedOrder};
 constexpr int kNumAlgos = 2;
 
 struct Options {
+  std::string backend = "thread";  // "thread" or "mpi"
   int num_ranks = 4;
+  bool ranks_given = false;
   size_t min_bytes = size_t{4} << 10;
   size_t max_bytes = size_t{64} << 20;
   int iters = 0;    // 0: automatic per size
@@ -79,8 +91,14 @@ Options parse_options(int argc, char** argv) {
     if (i + 1 >= argc) keel::throw_error("flag ", flag, " needs a value");
     const std::string value = argv[++i];
     try {
-      if (flag == "--ranks") {
+      if (flag == "--backend") {
+        if (value != "thread" && value != "mpi") {
+          keel::throw_error("--backend must be thread or mpi, got '", value, "'");
+        }
+        options.backend = value;
+      } else if (flag == "--ranks") {
         options.num_ranks = std::stoi(value);
+        options.ranks_given = true;
       } else if (flag == "--min-bytes") {
         options.min_bytes = parse_bytes(value);
       } else if (flag == "--max-bytes") {
@@ -129,26 +147,66 @@ double median(std::vector<double> values) {
   return values.size() % 2 == 1 ? values[mid] : 0.5 * (values[mid - 1] + values[mid]);
 }
 
-std::vector<SizeResult> run(const Options& options) {
-  const int num_ranks = options.num_ranks;
+std::vector<size_t> message_sizes(const Options& options) {
   std::vector<size_t> sizes;
   for (size_t bytes = options.min_bytes; bytes <= options.max_bytes; bytes *= 4) {
     sizes.push_back(bytes / sizeof(float) * sizeof(float));
   }
-  const size_t max_count = sizes.back() / sizeof(float);
+  return sizes;
+}
 
-  // Small integers: every summation order gives the exact sum, so both algorithms verify
-  // against one expected array.
-  std::vector<std::vector<float>> inputs(num_ranks, std::vector<float>(max_count));
-  std::vector<float> expected(max_count);
-  for (size_t i = 0; i < max_count; ++i) {
+// Small integers: every summation order gives the exact sum, so both algorithms verify
+// against one expected array.
+float bench_input(int tp_rank, size_t index) {
+  return static_cast<float>((tp_rank + 1) * 1000 + static_cast<int>(index % 997));
+}
+
+std::vector<float> expected_sums(int num_ranks, size_t count) {
+  std::vector<float> expected(count);
+  for (size_t i = 0; i < count; ++i) {
     float sum = 0.0f;
-    for (int tp_rank = 0; tp_rank < num_ranks; ++tp_rank) {
-      inputs[tp_rank][i] = static_cast<float>((tp_rank + 1) * 1000 + static_cast<int>(i % 997));
-      sum += inputs[tp_rank][i];
-    }
+    for (int tp_rank = 0; tp_rank < num_ranks; ++tp_rank) sum += bench_input(tp_rank, i);
     expected[i] = sum;
   }
+  return expected;
+}
+
+// Fills result's times from every rank's timestamps. Time of one iteration: from the moment
+// the last rank entered (the earliest the collective can make progress) to the moment the
+// last rank left.
+void summarise_times(const std::vector<Timestamps>& timestamps, int num_ranks, SizeResult& result) {
+  for (int algo_idx = 0; algo_idx < kNumAlgos; ++algo_idx) {
+    std::vector<double> iteration_us(result.iters);
+    for (int iteration = 0; iteration < result.iters; ++iteration) {
+      Clock::time_point last_enter{}, last_leave{};
+      for (int tp_rank = 0; tp_rank < num_ranks; ++tp_rank) {
+        const size_t slot = static_cast<size_t>(iteration) * num_ranks + tp_rank;
+        last_enter = std::max(last_enter, timestamps[algo_idx].enter[slot]);
+        last_leave = std::max(last_leave, timestamps[algo_idx].leave[slot]);
+      }
+      iteration_us[iteration] =
+          std::chrono::duration<double, std::micro>(last_leave - last_enter).count();
+    }
+    result.best_us[algo_idx] = *std::min_element(iteration_us.begin(), iteration_us.end());
+    result.median_us[algo_idx] = median(std::move(iteration_us));
+  }
+}
+
+void print_progress(const SizeResult& result) {
+  std::fprintf(stderr, "%10zu B  native %10.1f us  fixed_order %10.1f us  (%d iters)\n",
+               result.bytes, result.median_us[0], result.median_us[1], result.iters);
+}
+
+std::vector<SizeResult> run(const Options& options) {
+  const int num_ranks = options.num_ranks;
+  const std::vector<size_t> sizes = message_sizes(options);
+  const size_t max_count = sizes.back() / sizeof(float);
+
+  std::vector<std::vector<float>> inputs(num_ranks, std::vector<float>(max_count));
+  for (int tp_rank = 0; tp_rank < num_ranks; ++tp_rank) {
+    for (size_t i = 0; i < max_count; ++i) inputs[tp_rank][i] = bench_input(tp_rank, i);
+  }
+  const std::vector<float> expected = expected_sums(num_ranks, max_count);
 
   std::vector<SizeResult> results(sizes.size());
   std::vector<Timestamps> timestamps(kNumAlgos);
@@ -209,63 +267,121 @@ std::vector<SizeResult> run(const Options& options) {
       if (!error.empty()) keel::throw_error(error);
     }
 
+    summarise_times(timestamps, num_ranks, result);
     for (int algo_idx = 0; algo_idx < kNumAlgos; ++algo_idx) {
-      // Time of one iteration: from the moment the last rank entered (the earliest the
-      // collective can make progress) to the moment the last rank left.
-      std::vector<double> iteration_us(result.iters);
-      for (int iteration = 0; iteration < result.iters; ++iteration) {
-        Clock::time_point last_enter{}, last_leave{};
-        for (int tp_rank = 0; tp_rank < num_ranks; ++tp_rank) {
-          const size_t slot = static_cast<size_t>(iteration) * num_ranks + tp_rank;
-          last_enter = std::max(last_enter, timestamps[algo_idx].enter[slot]);
-          last_leave = std::max(last_leave, timestamps[algo_idx].leave[slot]);
-        }
-        iteration_us[iteration] =
-            std::chrono::duration<double, std::micro>(last_leave - last_enter).count();
-      }
-      result.best_us[algo_idx] = *std::min_element(iteration_us.begin(), iteration_us.end());
-      result.median_us[algo_idx] = median(std::move(iteration_us));
       for (int tp_rank = 0; tp_rank < num_ranks; ++tp_rank) {
         result.wrong_elements[algo_idx] += wrong[tp_rank][algo_idx];
       }
     }
-    std::fprintf(stderr, "%10zu B  native %10.1f us  fixed_order %10.1f us  (%d iters)\n",
-                 result.bytes, result.median_us[0], result.median_us[1], result.iters);
+    print_progress(result);
   }
   return results;
 }
 
-int run_main(int argc, char** argv) {
-  Options options;
-  try {
-    options = parse_options(argc, argv);
-  } catch (const keel::Error& error) {
-    std::fprintf(stderr,
-                 "allreduce: %s\nusage: allreduce [--ranks N] [--min-bytes B] [--max-bytes B] "
-                 "[--iters N] [--warmup N]\n",
-                 error.what());
-    return 2;
+// The MPI backend: this process is one rank. Same loop as the thread backend's rank body;
+// the timestamps go to rank 0, which alone fills in the times (other ranks' results carry
+// only their own wrong-element counts, summed at rank 0 too). steady_clock is
+// CLOCK_MONOTONIC, shared by all processes of one host, so rank 0 can compare the ranks'
+// timestamps; on several hosts each iteration's time is the slowest rank's own
+// (leave - enter) instead.
+std::vector<SizeResult> run_mpi(const Options& options, keel::comm::MpiCommunicator& comm,
+                                bool single_host) {
+  const int tp_rank = comm.rank();
+  const int num_ranks = comm.size();
+  const std::vector<size_t> sizes = message_sizes(options);
+  const size_t max_count = sizes.back() / sizeof(float);
+  std::vector<float> input(max_count);
+  for (size_t i = 0; i < max_count; ++i) input[i] = bench_input(tp_rank, i);
+  const std::vector<float> expected = expected_sums(num_ranks, max_count);
+  std::vector<float> buffer(max_count);
+
+  std::vector<SizeResult> results(sizes.size());
+  for (size_t size_idx = 0; size_idx < sizes.size(); ++size_idx) {
+    SizeResult& result = results[size_idx];
+    result.bytes = sizes[size_idx];
+    const size_t count = result.bytes / sizeof(float);
+    result.iters = options.iters > 0 ? options.iters : auto_iters(result.bytes);
+    const int warmup = options.warmup >= 0 ? options.warmup : std::max(2, result.iters / 10);
+    // This rank's timestamps in nanoseconds: [algo][iteration][enter, leave].
+    std::vector<int64_t> my_stamps(static_cast<size_t>(kNumAlgos) * result.iters * 2);
+    uint64_t wrong[kNumAlgos] = {};
+    for (int iteration = -warmup; iteration < result.iters; ++iteration) {
+      for (int turn = 0; turn < kNumAlgos; ++turn) {
+        // Alternate which algorithm goes first: neither always runs on a colder cache.
+        const int algo_idx = (turn + (iteration & 1)) % kNumAlgos;
+        std::memcpy(buffer.data(), input.data(), count * sizeof(float));
+        comm.barrier();
+        const auto enter = Clock::now();
+        comm.all_reduce(buffer.data(), count, kAlgos[algo_idx]);
+        const auto leave = Clock::now();
+        if (iteration >= 0) {
+          const size_t slot = (static_cast<size_t>(algo_idx) * result.iters + iteration) * 2;
+          my_stamps[slot] =
+              std::chrono::duration_cast<std::chrono::nanoseconds>(enter.time_since_epoch())
+                  .count();
+          my_stamps[slot + 1] =
+              std::chrono::duration_cast<std::chrono::nanoseconds>(leave.time_since_epoch())
+                  .count();
+        }
+        for (size_t i = 0; i < count; ++i) wrong[algo_idx] += buffer[i] != expected[i];
+      }
+    }
+
+    // Outside the timed loop: plain blocking MPI on WORLD is fine here.
+    std::vector<int64_t> all_stamps(tp_rank == 0 ? my_stamps.size() * num_ranks : 0);
+    MPI_Gather(my_stamps.data(), static_cast<int>(my_stamps.size()), MPI_INT64_T, all_stamps.data(),
+               static_cast<int>(my_stamps.size()), MPI_INT64_T, 0, MPI_COMM_WORLD);
+    uint64_t total_wrong[kNumAlgos] = {};
+    MPI_Reduce(wrong, total_wrong, kNumAlgos, MPI_UINT64_T, MPI_SUM, 0, MPI_COMM_WORLD);
+    if (tp_rank != 0) continue;
+
+    std::vector<Timestamps> timestamps(kNumAlgos);
+    for (int algo_idx = 0; algo_idx < kNumAlgos; ++algo_idx) {
+      Timestamps& stamps = timestamps[algo_idx];
+      stamps.enter.assign(static_cast<size_t>(result.iters) * num_ranks, {});
+      stamps.leave.assign(static_cast<size_t>(result.iters) * num_ranks, {});
+      for (int iteration = 0; iteration < result.iters; ++iteration) {
+        for (int rank = 0; rank < num_ranks; ++rank) {
+          const size_t source = rank * my_stamps.size() +
+                                (static_cast<size_t>(algo_idx) * result.iters + iteration) * 2;
+          const size_t slot = static_cast<size_t>(iteration) * num_ranks + rank;
+          int64_t enter_ns = all_stamps[source];
+          const int64_t leave_ns = all_stamps[source + 1];
+          // Several hosts: clocks are not comparable; align every rank's entry at 0 so the
+          // iteration's time becomes the slowest rank's own duration.
+          if (!single_host) enter_ns = 0;
+          stamps.enter[slot] = Clock::time_point(std::chrono::nanoseconds(enter_ns));
+          stamps.leave[slot] = Clock::time_point(
+              std::chrono::nanoseconds(single_host ? leave_ns : leave_ns - all_stamps[source]));
+        }
+      }
+      result.wrong_elements[algo_idx] = total_wrong[algo_idx];
+    }
+    summarise_times(timestamps, num_ranks, result);
+    print_progress(result);
   }
+  return results;
+}
 
-  // Context for the figures: the memory read bandwidth all ranks together can reach (an
-  // all-reduce here is memory-bound from a few MB up) and the load of the shared machine.
-  const int num_cpus = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  const double read_bandwidth_gbs =
-      keel::bench::measure_read_bandwidth_gbs(size_t{256} << 20, num_cpus);
-  const double load_before = keel::bench::one_minute_load_average();
+// What differs between the backends' reports.
+struct ReportContext {
+  const char* backend = "thread";
+  int num_ranks = 1;
+  int num_cpus = 1;
+  double read_bandwidth_gbs = 0.0;
+  double load_before = 0.0;
+  double goal_ratio = 0.95;
+  const char* goal_text = "";
+  const char* timing = "";
+  nlohmann::json extra;  // backend-specific object, added under its own key when not null
+  const char* extra_key = "";
+};
 
-  std::vector<SizeResult> results;
-  try {
-    results = run(options);
-  } catch (const keel::Error& error) {
-    std::fprintf(stderr, "allreduce: %s\n", error.what());
-    return 1;
-  }
-
-  const int num_ranks = options.num_ranks;
+// Prints the JSON report on stdout; returns whether every element of every run verified.
+bool print_report(const std::vector<SizeResult>& results, const ReportContext& context) {
+  const int num_ranks = context.num_ranks;
   const double bus_factor = num_ranks > 1 ? 2.0 * (num_ranks - 1) / num_ranks : 0.0;
   constexpr size_t kGoalFromBytes = size_t{1} << 20;
-  constexpr double kGoalRatio = 0.95;
 
   nlohmann::json rows = nlohmann::json::array();
   nlohmann::json ratios = nlohmann::json::array();
@@ -304,40 +420,178 @@ int run_main(int argc, char** argv) {
     if (result.bytes >= kGoalFromBytes) {
       min_ratio_from_goal_size = any_goal_size ? std::min(min_ratio_from_goal_size, ratio) : ratio;
       any_goal_size = true;
-      goal_met &= ratio >= kGoalRatio;
+      goal_met &= ratio >= context.goal_ratio;
     }
   }
 
-  const nlohmann::json report = {
+  nlohmann::json report = {
       {"benchmark", "allreduce"},
-      {"backend", "thread"},
+      {"backend", context.backend},
       {"machine",
        {{"cpu", keel::bench::machine_name()},
-        {"logical_cpus", num_cpus},
-        {"read_bandwidth_gbs", read_bandwidth_gbs},
-        {"load_average_before", load_before},
+        {"logical_cpus", context.num_cpus},
+        {"read_bandwidth_gbs", context.read_bandwidth_gbs},
+        {"load_average_before", context.load_before},
         {"load_average_after", keel::bench::one_minute_load_average()}}},
       {"ranks", num_ranks},
-      {"timing",
-       "time_us: median over iterations of (last rank leaves - last rank enters); best_*: the "
-       "fastest iteration; buffers reset and ranks synchronised by a barrier before each "
-       "iteration; the two algorithms interleaved; goal judged on medians"},
+      {"timing", context.timing},
       {"bandwidth", "algbw = bytes / time; busbw = algbw * 2(n-1)/n; GB/s = 1e9 B/s"},
       {"results", rows},
       {"ratios", ratios},
       {"goal",
-       {{"text", "fixed_order busbw >= 0.95x native busbw from 1 MiB up"},
+       {{"text", context.goal_text},
         {"evaluated", any_goal_size},
         {"min_ratio", any_goal_size ? nlohmann::json(min_ratio_from_goal_size) : nlohmann::json()},
         {"met", any_goal_size && goal_met}}},
       {"verified", all_verified},
   };
+  if (!context.extra.is_null()) report[context.extra_key] = context.extra;
   std::cout << report.dump(2) << std::endl;
-  if (!all_verified) {
-    std::fprintf(stderr, "allreduce: WRONG SUMS (see wrong_elements)\n");
+  if (!all_verified) std::fprintf(stderr, "allreduce: WRONG SUMS (see wrong_elements)\n");
+  return all_verified;
+}
+
+constexpr const char* kTimingText =
+    "time_us: median over iterations of (last rank leaves - last rank enters); best_*: the "
+    "fastest iteration; buffers reset and ranks synchronised by a barrier before each "
+    "iteration; the two algorithms interleaved; goal judged on medians";
+
+// Context for the figures: the memory read bandwidth all ranks together can reach (an
+// all-reduce here is memory-bound from a few MB up) and the load of the shared machine.
+void measure_machine(ReportContext& context) {
+  context.num_cpus = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  context.read_bandwidth_gbs =
+      keel::bench::measure_read_bandwidth_gbs(size_t{256} << 20, context.num_cpus);
+  context.load_before = keel::bench::one_minute_load_average();
+}
+
+int run_thread_main(const Options& options) {
+  ReportContext context;
+  measure_machine(context);
+
+  std::vector<SizeResult> results;
+  try {
+    results = run(options);
+  } catch (const keel::Error& error) {
+    std::fprintf(stderr, "allreduce: %s\n", error.what());
     return 1;
   }
-  return 0;
+
+  context.backend = "thread";
+  context.num_ranks = options.num_ranks;
+  context.goal_ratio = 0.95;
+  context.goal_text = "fixed_order busbw >= 0.95x native busbw from 1 MiB up";
+  context.timing = kTimingText;
+  return print_report(results, context) ? 0 : 1;
+}
+
+std::string mpi_library_version() {
+  char text[MPI_MAX_LIBRARY_VERSION_STRING] = {};
+  int length = 0;
+  MPI_Get_library_version(text, &length);
+  std::string version(text, static_cast<size_t>(std::max(0, length)));
+  return version.substr(0, version.find_first_of(",\n"));
+}
+
+int run_mpi_main(const Options& options) {
+  if (!keel::comm::mpi_launched()) {
+    std::fprintf(stderr,
+                 "allreduce: --backend mpi runs one rank per process; launch it with mpirun, "
+                 "e.g. mpirun --allow-run-as-root --oversubscribe -np 4 allreduce --backend "
+                 "mpi\n");
+    return 2;
+  }
+  keel::comm::MpiSession session;
+  int exit_code = 1;
+  {
+    keel::comm::MpiCommOptions comm_options;
+    // A rank that dies or hangs ends the whole job (FATAL line + MPI_Abort) instead of leaving
+    // the others waiting forever.
+    comm_options.timeout = std::chrono::seconds(120);
+    keel::comm::MpiCommunicator comm(MPI_COMM_WORLD, comm_options);
+    const int tp_rank = comm.rank();
+    keel::set_current_rank(tp_rank);
+    if (options.ranks_given && options.num_ranks != comm.size()) {
+      if (tp_rank == 0) {
+        std::fprintf(stderr, "allreduce: --ranks %d but %d processes were launched\n",
+                     options.num_ranks, comm.size());
+      }
+      return 2;
+    }
+    // Are all ranks on one host (so that their steady_clock readings are comparable)?
+    MPI_Comm host_comm = MPI_COMM_NULL;
+    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &host_comm);
+    int host_size = 0;
+    MPI_Comm_size(host_comm, &host_size);
+    MPI_Comm_free(&host_comm);
+    const bool single_host = host_size == comm.size();
+
+    ReportContext context;
+    // Rank 0 measures the machine while its peers wait in the barrier (past the watchdog's
+    // yield window they poll with sleeps, so they do not compete for the cores).
+    if (tp_rank == 0) measure_machine(context);
+    comm.barrier();
+
+    std::vector<SizeResult> results;
+    try {
+      results = run_mpi(options, comm, single_host);
+    } catch (const std::exception& error) {
+      // The peers are inside collectives waiting for this rank: end the whole job now.
+      std::fprintf(stderr, "allreduce: rank %d: %s\n", tp_rank, error.what());
+      std::fflush(stderr);
+      MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+
+    int verified = 0;
+    if (tp_rank == 0) {
+      context.backend = "mpi";
+      context.num_ranks = comm.size();
+      context.goal_ratio = 1.0;
+      context.goal_text =
+          "fixed_order busbw >= 1.0x native (Open MPI all-reduce) busbw from 1 MiB up";
+      context.timing = single_host
+                           ? "time_us: median over iterations of (last rank leaves - last rank "
+                             "enters), from all ranks' steady_clock (CLOCK_MONOTONIC, one host); "
+                             "best_*: the fastest iteration; buffers reset and ranks "
+                             "synchronised by a barrier before each iteration; the two "
+                             "algorithms interleaved; goal judged on medians"
+                           : "time_us: median over iterations of the slowest rank's own (leave - "
+                             "enter) (ranks on several hosts: clocks not comparable); best_*: the "
+                             "fastest iteration; buffers reset and ranks synchronised by a "
+                             "barrier before each iteration; the two algorithms interleaved; "
+                             "goal judged on medians";
+      context.extra_key = "mpi";
+      context.extra = {
+          {"library", mpi_library_version()},
+          {"processes", comm.size()},
+          {"single_host", single_host},
+          {"native",
+           "MPI_Iallreduce(MPI_IN_PLACE, MPI_FLOAT, MPI_SUM); Open MPI picks the "
+           "algorithm"},
+          {"fixed_order",
+           "MPI_Ialltoallv (chunk c to rank c) + fp32 sum in rank order + "
+           "MPI_Iallgatherv (in place)"},
+          {"wait", "MPI_Test polling: spin, then sched_yield, then sleeps (keel watchdog)"}};
+      verified = print_report(results, context) ? 1 : 0;
+    }
+    comm.broadcast(&verified, sizeof(verified), 0);
+    exit_code = verified != 0 ? 0 : 1;
+  }
+  return exit_code;
+}
+
+int run_main(int argc, char** argv) {
+  Options options;
+  try {
+    options = parse_options(argc, argv);
+  } catch (const keel::Error& error) {
+    std::fprintf(stderr,
+                 "allreduce: %s\nusage: allreduce [--backend thread|mpi] [--ranks N] "
+                 "[--min-bytes B] [--max-bytes B] [--iters N] [--warmup N]\n",
+                 error.what());
+    return 2;
+  }
+  return options.backend == "mpi" ? run_mpi_main(options) : run_thread_main(options);
 }
 
 }  // namespace
