@@ -349,6 +349,10 @@ void MpiCommunicator::wait(MPI_Request& request, const CallContext& call) {
         // One line, flushed before the abort: it is the only trace the job leaves.
         std::fprintf(stderr, "[keel rank %d] FATAL: %s\n", tp_rank_, message.c_str());
         std::fflush(stderr);
+        // The other survivors entered the same collective within moments of this rank and
+        // time out just as it does; a short grace lets each of them print its own line
+        // before MPI_Abort has mpirun kill them.
+        std::this_thread::sleep_for(std::chrono::milliseconds(300));
         MPI_Abort(comm_, 3);
         std::abort();  // MPI_Abort does not return; never continue past a hung collective
       }
