@@ -5,6 +5,8 @@
 // half on machines with GPUs.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -96,8 +98,8 @@ std::vector<std::vector<float>> thread_fixed_order(std::vector<std::vector<float
 std::vector<float> rank_major(const std::vector<std::vector<float>>& partials, size_t stride) {
   std::vector<float> rows(partials.size() * stride, std::nanf(""));
   for (size_t rank = 0; rank < partials.size(); ++rank) {
-    std::memcpy(rows.data() + rank * stride, partials[rank].data(),
-                partials[rank].size() * sizeof(float));
+    // std::copy, not memcpy: an empty partial has a null data() (memcpy(null, ...) is UB).
+    std::copy(partials[rank].begin(), partials[rank].end(), rows.begin() + rank * stride);
   }
   return rows;
 }
