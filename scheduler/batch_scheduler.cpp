@@ -1,0 +1,244 @@
+#include "scheduler/batch_scheduler.h"
+
+#include <algorithm>
+#include <set>
+#include <utility>
+
+#include "kernels/base/check.h"
+
+namespace keel {
+
+namespace {
+
+template <typename T>
+std::span<const T> slice(const std::vector<T>& values, const std::vector<int64_t>& offsets,
+                         size_t index) {
+  return std::span<const T>(values).subspan(
+      static_cast<size_t>(offsets[index]),
+      static_cast<size_t>(offsets[index + 1] - offsets[index]));
+}
+
+}  // namespace
+
+std::span<const int32_t> StepPlan::token_ids_of(size_t seq_idx) const {
+  return slice(token_ids, token_offsets, seq_idx);
+}
+std::span<const int64_t> StepPlan::positions_of(size_t seq_idx) const {
+  return slice(positions, token_offsets, seq_idx);
+}
+std::span<const int64_t> StepPlan::slot_mapping_of(size_t seq_idx) const {
+  return slice(slot_mapping, token_offsets, seq_idx);
+}
+std::span<const int32_t> StepPlan::block_table_of(size_t seq_idx) const {
+  return slice(block_tables, block_table_offsets, seq_idx);
+}
+
+int64_t BatchScheduler::Sequence::num_tokens() const {
+  return static_cast<int64_t>(request.prompt_token_ids.size() + output_token_ids.size());
+}
+
+int32_t BatchScheduler::Sequence::token_at(int64_t position) const {
+  const auto prompt_length = static_cast<int64_t>(request.prompt_token_ids.size());
+  if (position < prompt_length) return request.prompt_token_ids[static_cast<size_t>(position)];
+  return output_token_ids[static_cast<size_t>(position - prompt_length)];
+}
+
+struct BatchScheduler::StepBuilder {
+  int64_t token_budget = 0;
+  std::vector<ScheduledChunk> chunks;
+  std::set<int64_t> scheduled_seq_ids;
+  int64_t num_preemptions = 0;
+};
+
+BatchScheduler::BatchScheduler(const SchedulerConfig& config)
+    : config_(config), block_manager_(config.num_kv_blocks, config.block_size) {
+  if (config.num_kv_blocks < 1)
+    throw_error("BatchScheduler: num_kv_blocks must be >= 1, got ", config.num_kv_blocks);
+  if (config.max_num_batched_tokens < 1)
+    throw_error("BatchScheduler: max_num_batched_tokens must be >= 1, got ",
+                config.max_num_batched_tokens);
+  if (config.max_num_seqs < 1)
+    throw_error("BatchScheduler: max_num_seqs must be >= 1, got ", config.max_num_seqs);
+}
+
+void BatchScheduler::add_request(Request request) {
+  const int64_t seq_id = request.seq_id;
+  if (sequences_.contains(seq_id))
+    throw_error("BatchScheduler: request ", seq_id, " is already waiting or running");
+  if (request.prompt_token_ids.empty())
+    throw_error("BatchScheduler: request ", seq_id, " has an empty prompt");
+  if (request.max_new_tokens < 1)
+    throw_error("BatchScheduler: request ", seq_id, " has max_new_tokens ", request.max_new_tokens,
+                ", expected >= 1");
+  // The last generated token is never fed back, so it needs no KV slot.
+  const int64_t max_kv_tokens =
+      static_cast<int64_t>(request.prompt_token_ids.size()) + request.max_new_tokens - 1;
+  if (block_manager_.blocks_for_tokens(max_kv_tokens) > block_manager_.num_blocks())
+    throw_error("BatchScheduler: request ", seq_id, " needs up to ",
+                block_manager_.blocks_for_tokens(max_kv_tokens), " KV blocks, the pool has ",
+                block_manager_.num_blocks());
+  sequences_.emplace(seq_id, Sequence{std::move(request), {}, 0});
+  waiting_.push_back(seq_id);
+}
+
+StepPlan BatchScheduler::schedule() {
+  if (step_in_flight_)
+    throw_error("BatchScheduler: schedule() called before on_step_done() of the previous step");
+  StepBuilder step;
+  step.token_budget = config_.max_num_batched_tokens;
+  schedule_decodes(step);
+  schedule_partial_prefills(step);
+  if (step.num_preemptions == 0) admit_waiting(step);
+
+  StepPlan plan = build_plan(step);
+  pending_samples_.clear();
+  for (size_t seq_idx = 0; seq_idx < plan.num_seqs(); ++seq_idx)
+    if (plan.needs_logits[seq_idx] != 0) pending_samples_.push_back({plan.seq_ids[seq_idx]});
+  step_in_flight_ = !plan.empty();
+  return plan;
+}
+
+void BatchScheduler::schedule_decodes(StepBuilder& step) {
+  for (size_t running_idx = 0; running_idx < running_.size() && step.token_budget > 0;) {
+    const int64_t seq_id = running_[running_idx];
+    if (sequences_.at(seq_id).num_uncomputed_tokens() != 1) {
+      ++running_idx;
+      continue;
+    }
+    if (!make_room(step, seq_id, 1)) {
+      preempt(seq_id);
+      ++step.num_preemptions;
+      continue;  // running_idx now names the next sequence (or the end)
+    }
+    schedule_chunk(step, seq_id, 1);
+    ++running_idx;
+  }
+}
+
+void BatchScheduler::schedule_partial_prefills(StepBuilder& step) {
+  for (size_t running_idx = 0; running_idx < running_.size() && step.token_budget > 0;
+       ++running_idx) {
+    const int64_t seq_id = running_[running_idx];
+    if (step.scheduled_seq_ids.contains(seq_id)) continue;
+    const int64_t num_uncomputed = sequences_.at(seq_id).num_uncomputed_tokens();
+    if (num_uncomputed <= 1) continue;  // a decode left out by the budget
+    int64_t chunk = std::min(num_uncomputed, step.token_budget);
+    make_room(step, seq_id, chunk);
+    chunk = std::min(chunk, block_manager_.appendable_tokens(seq_id));
+    if (chunk > 0) schedule_chunk(step, seq_id, chunk);
+  }
+}
+
+void BatchScheduler::admit_waiting(StepBuilder& step) {
+  while (!waiting_.empty() && step.token_budget > 0 && num_running() < config_.max_num_seqs) {
+    const int64_t seq_id = waiting_.front();
+    const int64_t chunk =
+        std::min(sequences_.at(seq_id).num_uncomputed_tokens(), step.token_budget);
+    if (!block_manager_.can_allocate(chunk)) return;
+    waiting_.pop_front();
+    running_.push_back(seq_id);
+    block_manager_.allocate(seq_id, 0);
+    schedule_chunk(step, seq_id, chunk);
+  }
+}
+
+bool BatchScheduler::make_room(StepBuilder& step, int64_t seq_id, int64_t num_new_tokens) {
+  while (!block_manager_.can_append(seq_id, num_new_tokens)) {
+    auto victim = std::find_if(running_.rbegin(), running_.rend(), [&](int64_t candidate) {
+      return candidate == seq_id || !step.scheduled_seq_ids.contains(candidate);
+    });
+    if (victim == running_.rend() || *victim == seq_id) return false;
+    preempt(*victim);
+    ++step.num_preemptions;
+  }
+  return true;
+}
+
+void BatchScheduler::preempt(int64_t seq_id) {
+  block_manager_.free(seq_id);
+  sequences_.at(seq_id).num_computed_tokens = 0;
+  running_.erase(std::find(running_.begin(), running_.end(), seq_id));
+  waiting_.push_front(seq_id);
+  ++total_preemptions_;
+}
+
+void BatchScheduler::schedule_chunk(StepBuilder& step, int64_t seq_id, int64_t num_new_tokens) {
+  Sequence& sequence = sequences_.at(seq_id);
+  block_manager_.append_slots(seq_id, num_new_tokens);
+  step.chunks.push_back(ScheduledChunk{seq_id, sequence.num_computed_tokens, num_new_tokens});
+  step.scheduled_seq_ids.insert(seq_id);
+  step.token_budget -= num_new_tokens;
+  sequence.num_computed_tokens += num_new_tokens;
+}
+
+StepPlan BatchScheduler::build_plan(const StepBuilder& step) const {
+  StepPlan plan;
+  plan.token_offsets.push_back(0);
+  plan.block_table_offsets.push_back(0);
+  for (const ScheduledChunk& chunk : step.chunks) {
+    const Sequence& sequence = sequences_.at(chunk.seq_id);
+    const int64_t end_position = chunk.first_position + chunk.num_tokens;
+    plan.seq_ids.push_back(chunk.seq_id);
+    plan.needs_logits.push_back(end_position == sequence.num_tokens() ? 1 : 0);
+    for (int64_t position = chunk.first_position; position < end_position; ++position) {
+      plan.token_ids.push_back(sequence.token_at(position));
+      plan.positions.push_back(position);
+      plan.slot_mapping.push_back(block_manager_.flat_slot_of(chunk.seq_id, position));
+    }
+    plan.token_offsets.push_back(static_cast<int64_t>(plan.token_ids.size()));
+    const std::vector<int32_t>& table = block_manager_.block_table(chunk.seq_id);
+    plan.block_tables.insert(plan.block_tables.end(), table.begin(), table.end());
+    plan.block_table_offsets.push_back(static_cast<int64_t>(plan.block_tables.size()));
+    plan.num_scheduled_tokens += chunk.num_tokens;
+  }
+  plan.num_preemptions = step.num_preemptions;
+  return plan;
+}
+
+void BatchScheduler::on_step_done(std::span<const int32_t> sampled_token_ids) {
+  if (!step_in_flight_) throw_error("BatchScheduler: on_step_done() without a scheduled step");
+  if (sampled_token_ids.size() != pending_samples_.size())
+    throw_error("BatchScheduler: on_step_done() got ", sampled_token_ids.size(),
+                " sampled tokens, the step asked logits for ", pending_samples_.size(),
+                " sequences");
+  step_in_flight_ = false;
+  for (size_t logit_idx = 0; logit_idx < sampled_token_ids.size(); ++logit_idx) {
+    if (pending_samples_[logit_idx].aborted) continue;
+    const int64_t seq_id = pending_samples_[logit_idx].seq_id;
+    Sequence& sequence = sequences_.at(seq_id);
+    KEEL_CHECK(sequence.num_uncomputed_tokens() == 0, "sequence ", seq_id,
+               " sampled with uncomputed tokens");
+    const int32_t token = sampled_token_ids[logit_idx];
+    sequence.output_token_ids.push_back(token);
+    const std::vector<int32_t>& stop_ids = sequence.request.stop_token_ids;
+    if (std::find(stop_ids.begin(), stop_ids.end(), token) != stop_ids.end())
+      finish(seq_id, FinishReason::kStop);
+    else if (static_cast<int64_t>(sequence.output_token_ids.size()) >=
+             sequence.request.max_new_tokens)
+      finish(seq_id, FinishReason::kLength);
+  }
+  pending_samples_.clear();
+}
+
+bool BatchScheduler::abort(int64_t seq_id) {
+  if (!sequences_.contains(seq_id)) return false;
+  finish(seq_id, FinishReason::kAborted);
+  for (PendingSample& pending : pending_samples_)
+    if (pending.seq_id == seq_id) pending.aborted = true;
+  return true;
+}
+
+void BatchScheduler::finish(int64_t seq_id, FinishReason reason) {
+  if (block_manager_.has_sequence(seq_id)) block_manager_.free(seq_id);
+  std::erase(running_, seq_id);
+  std::erase(waiting_, seq_id);
+  auto found = sequences_.find(seq_id);
+  finished_.push_back(FinishedRequest{seq_id, std::move(found->second.output_token_ids), reason});
+  sequences_.erase(found);
+}
+
+std::vector<FinishedRequest> BatchScheduler::take_finished() {
+  return std::exchange(finished_, {});
+}
+
+}  // namespace keel
