@@ -27,10 +27,10 @@
 // Not supported (rejected at load): other model types (WordPiece, Unigram, WordLevel),
 // BPE dropout, continuing_subword_prefix / end_of_word_suffix, regex Replace normalizers,
 // Split patterns other than the Qwen2 and Llama-3 regexes, ByteLevel use_regex=true,
-// Strip decoders that strip the end. Accepted but not modelled: added tokens' lstrip /
-// rstrip / single_word / normalized flags (all added tokens match the raw text), the
-// post-processor "pair" template. ByteFallback maps an invalid byte group to U+FFFD per
-// maximal invalid subsequence rather than per byte (identical for valid UTF-8).
+// Strip decoders that strip the end. Accepted but not modelled: added tokens' single_word
+// and normalized flags (all added tokens match the raw, unnormalized text; lstrip/rstrip are
+// honoured), the post-processor "pair" template. ByteFallback maps an invalid byte group to U+FFFD
+// per maximal invalid subsequence rather than per byte (identical for valid UTF-8).
 #include "runtime/tokenizer/tokenizer.h"
 
 #include <algorithm>
@@ -101,6 +101,8 @@ struct AddedToken {
   std::string content;
   int32_t id;
   bool special;
+  bool lstrip = false;  // the match also swallows whitespace before the token
+  bool rstrip = false;  // ... and after it
 };
 
 struct MergeResult {
@@ -402,7 +404,8 @@ void Tokenizer::Impl::parse_added_tokens(const json& root) {
     if (!entry.contains("id") || !entry.contains("content"))
       fail("added_tokens", "entry without id/content: " + entry.dump());
     AddedToken token{entry["content"].get<std::string>(), entry["id"].get<int32_t>(),
-                     entry.value("special", false)};
+                     entry.value("special", false), entry.value("lstrip", false),
+                     entry.value("rstrip", false)};
     if (token.id < 0) fail("added_tokens", "negative id for '" + token.content + "'");
     vocab[token.content] = token.id;  // added tokens take precedence, as in HF
     if (!token.content.empty()) added_tokens.push_back(std::move(token));
@@ -830,10 +833,28 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_special_t
       ++pos;
       continue;
     }
-    if (pos > segment_start)
-      impl.encode_segment(text.substr(segment_start, pos - segment_start), segment_start == 0, ids);
+    size_t match_start = pos, match_end = pos + match->content.size();
+    if (match->lstrip) {
+      while (match_start > segment_start) {
+        size_t previous = match_start - 1;
+        while (previous > segment_start && (static_cast<uint8_t>(text[previous]) & 0xC0) == 0x80)
+          --previous;
+        size_t length;
+        if (!unicode::is_whitespace(unicode::decode_utf8(text, previous, length))) break;
+        match_start = previous;
+      }
+    }
+    if (match->rstrip) {
+      size_t length;
+      while (match_end < text.size() &&
+             unicode::is_whitespace(unicode::decode_utf8(text, match_end, length)))
+        match_end += length;
+    }
+    if (match_start > segment_start)
+      impl.encode_segment(text.substr(segment_start, match_start - segment_start),
+                          segment_start == 0, ids);
     ids.push_back(match->id);
-    pos += match->content.size();
+    pos = match_end;
     segment_start = pos;
   }
   if (segment_start < text.size())
