@@ -180,6 +180,10 @@ class Harness {
       auto table = plan.block_table_of(seq_idx);
       ASSERT_FALSE(positions.empty());
       const int64_t first = positions.front();
+      // Only admissions start at position 0, and a step that preempted admits nothing.
+      if (plan.num_preemptions > 0) {
+        EXPECT_NE(first, 0) << "seq " << seq_id << " admitted";
+      }
       if (first == 0 && shadow.num_computed > 0) {  // preempted since its last chunk
         shadow.recomputed_tokens += shadow.num_computed;
         shadow.num_computed = 0;
@@ -380,6 +384,27 @@ TEST(BatchScheduler, PreemptsTheYoungestUnderATinyPoolAndItResumesToTheSameOutpu
   EXPECT_GE(harness.results[2].restarts, 1);
   for (int64_t seq_id : {1, 2})
     EXPECT_EQ(harness.results[seq_id].finished.output_token_ids.size(), 12u);
+  harness.expect_all_accounted_for();
+}
+
+TEST(BatchScheduler, PreemptedRequestGoesBackToTheFrontOfTheWaitingQueue) {
+  Harness harness(make_config(6, 4, 64, 2));
+  harness.add(make_request(1, 8, 12));
+  harness.add(make_request(2, 8, 12));
+  harness.add(make_request(3, 4, 2));  // waits: max_num_seqs is 2
+  std::vector<int64_t> admissions;     // sequences starting at position 0, in order
+  bool preempted = false;
+  for (int64_t step = 0; harness.scheduler.has_unfinished(); ++step) {
+    ASSERT_LT(step, 1000);
+    StepPlan plan = harness.step();
+    preempted = preempted || plan.num_preemptions > 0;
+    for (size_t seq_idx = 0; seq_idx < plan.num_seqs(); ++seq_idx)
+      if (preempted && plan.positions_of(seq_idx).front() == 0)
+        admissions.push_back(plan.seq_ids[seq_idx]);
+  }
+  ASSERT_TRUE(preempted);
+  ASSERT_FALSE(admissions.empty());
+  EXPECT_EQ(admissions.front(), 2);  // re-admitted ahead of request 3, which arrived earlier
   harness.expect_all_accounted_for();
 }
 
