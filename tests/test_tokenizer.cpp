@@ -161,25 +161,33 @@ TEST(Tokenizer, SpecialTokensAreNeverSplit) {
   EXPECT_EQ(tokenizer.id_to_token(-5), std::nullopt);
 }
 
+// CJK and emoji are rare in both fixtures' training corpus: their UTF-8 bytes end up in
+// different tokens (byte tokens for SentencePiece, byte symbols for byte-level BPE).
 TEST(Tokenizer, StreamingHoldsBackSplitCharacters) {
-  Tokenizer tokenizer = load_fixture("llama_sp");
-  // CJK and emoji are not in the SentencePiece fixture's alphabet: they are byte tokens,
-  // so every character is split across 3-4 ids.
-  std::string text = "你好 🦀!";
-  auto ids = tokenizer.encode(text);
-  ASSERT_GT(ids.size(), 8u);
-  StreamDecoder stream(tokenizer);
-  std::string streamed;
-  size_t empty_chunks = 0;
-  for (int32_t id : ids) {
-    std::string chunk = stream.push(id);
-    EXPECT_TRUE(valid_utf8(chunk));
-    empty_chunks += chunk.empty();
-    streamed += chunk;
+  for (const char* name : {"llama_sp", "qwen_bpe"}) {
+    Tokenizer tokenizer = load_fixture(name);
+    std::string text =
+        "\xF0\x9F\xA6\x80 \xE2\x88\x91\xE2\x88\xAB \xF0\x9F\x98\x80!";  // "🦀 ∑∫ 😀!"
+    auto ids = tokenizer.encode(text);
+    StreamDecoder stream(tokenizer);
+    std::string streamed;
+    size_t empty_chunks = 0;
+    for (int32_t id : ids) {
+      std::string chunk = stream.push(id);
+      EXPECT_TRUE(valid_utf8(chunk)) << name;
+      empty_chunks += chunk.empty();
+      streamed += chunk;
+    }
+    streamed += stream.finish();
+    EXPECT_GT(empty_chunks, 0u) << name << ": expected partial characters to be held back";
+    EXPECT_EQ(streamed, text) << name;
   }
-  streamed += stream.finish();
-  EXPECT_GT(empty_chunks, 0u);  // partial characters were held back
-  EXPECT_EQ(streamed, text);
+}
+
+TEST(Tokenizer, DecodingAnUnknownIdThrows) {
+  Tokenizer tokenizer = load_fixture("qwen_bpe");
+  EXPECT_THROW(tokenizer.decode({0, static_cast<int32_t>(tokenizer.vocab_size()) + 100}), Error);
+  EXPECT_THROW(tokenizer.decode({-1}), Error);
 }
 
 TEST(Tokenizer, StreamingFlushesIncompleteBytesAsReplacement) {

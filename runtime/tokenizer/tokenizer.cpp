@@ -280,7 +280,9 @@ void drain_utf8(std::string& bytes, bool final, std::string& out) {
 
 struct Tokenizer::Impl {
   std::string source;
-  TokenMap vocab;                        // model vocabulary and added tokens
+  TokenMap vocab;                        // model vocabulary: what BPE symbols are looked up in
+  TokenMap added_vocab;                  // added tokens (take precedence in token_id)
+  size_t distinct_token_count = 0;       // size of model vocabulary ∪ added tokens
   std::vector<std::string> id_to_token;  // "" for unused ids
   std::vector<bool> id_present;
   std::vector<bool> id_special;
@@ -407,7 +409,7 @@ void Tokenizer::Impl::parse_added_tokens(const json& root) {
                      entry.value("special", false), entry.value("lstrip", false),
                      entry.value("rstrip", false)};
     if (token.id < 0) fail("added_tokens", "negative id for '" + token.content + "'");
-    vocab[token.content] = token.id;  // added tokens take precedence, as in HF
+    added_vocab[token.content] = token.id;
     if (!token.content.empty()) added_tokens.push_back(std::move(token));
   }
   std::stable_sort(
@@ -727,7 +729,7 @@ void Tokenizer::Impl::token_bytes(int32_t id, bool first, std::string& out) cons
       size_t length;
       uint32_t code_point = unicode::decode_utf8(token, pos, length);
       auto it = code_point_to_byte.find(code_point);
-      if (it == code_point_to_byte.end() || length == 0) {
+      if (it == code_point_to_byte.end()) {
         out += token;
         return;
       }
@@ -789,6 +791,7 @@ Tokenizer Tokenizer::from_json_text(std::string_view json_text, const std::strin
   }
   int32_t max_id = -1;
   for (const auto& [token, id] : impl->vocab) max_id = std::max(max_id, id);
+  for (const auto& [token, id] : impl->added_vocab) max_id = std::max(max_id, id);
   impl->id_to_token.assign(static_cast<size_t>(max_id + 1), "");
   impl->id_present.assign(static_cast<size_t>(max_id + 1), false);
   impl->id_special.assign(static_cast<size_t>(max_id + 1), false);
@@ -798,8 +801,12 @@ Tokenizer Tokenizer::from_json_text(std::string_view json_text, const std::strin
   }
   for (const AddedToken& token : impl->added_tokens) {
     impl->id_to_token[token.id] = token.content;  // added token content wins for its id
+    impl->id_present[token.id] = true;
     impl->id_special[token.id] = token.special;
   }
+  impl->distinct_token_count = impl->vocab.size();
+  for (const auto& [token, id] : impl->added_vocab)
+    impl->distinct_token_count += impl->vocab.find(token) == impl->vocab.end();
   for (int32_t id : impl->template_prefix)
     if (id < 0 || id > max_id) impl->fail("post_processor", "template id out of range");
   for (int32_t id : impl->template_suffix)
@@ -873,6 +880,7 @@ std::string Tokenizer::decode(const std::vector<int32_t>& ids, bool skip_special
 }
 
 int32_t Tokenizer::token_id(std::string_view token) const {
+  if (auto it = impl_->added_vocab.find(token); it != impl_->added_vocab.end()) return it->second;
   auto it = impl_->vocab.find(token);
   return it == impl_->vocab.end() ? -1 : it->second;
 }
@@ -888,7 +896,7 @@ bool Tokenizer::is_special(int32_t id) const {
 }
 
 size_t Tokenizer::vocab_size() const {
-  return impl_->vocab.size();
+  return impl_->distinct_token_count;
 }
 
 StreamDecoder::StreamDecoder(const Tokenizer& tokenizer, bool skip_special_tokens)
