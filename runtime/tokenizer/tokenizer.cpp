@@ -31,6 +31,8 @@
 // and normalized flags (all added tokens match the raw, unnormalized text; lstrip/rstrip are
 // honoured), the post-processor "pair" template. ByteFallback maps an invalid byte group to U+FFFD
 // per maximal invalid subsequence rather than per byte (identical for valid UTF-8).
+// \p{L} / \p{N} and NFC come from Python's unicodedata (Unicode 14, unicode_tables.h);
+// characters assigned after that classify as punctuation-like "other".
 #include "runtime/tokenizer/tokenizer.h"
 
 #include <algorithm>
