@@ -33,14 +33,8 @@ std::span<const int32_t> StepPlan::block_table_of(size_t seq_idx) const {
   return slice(block_tables, block_table_offsets, seq_idx);
 }
 
-int64_t BatchScheduler::Sequence::num_tokens() const {
-  return static_cast<int64_t>(request.prompt_token_ids.size() + output_token_ids.size());
-}
-
-int32_t BatchScheduler::Sequence::token_at(int64_t position) const {
-  const auto prompt_length = static_cast<int64_t>(request.prompt_token_ids.size());
-  if (position < prompt_length) return request.prompt_token_ids[static_cast<size_t>(position)];
-  return output_token_ids[static_cast<size_t>(position - prompt_length)];
+int64_t BatchScheduler::Sequence::num_output_tokens() const {
+  return num_tokens() - static_cast<int64_t>(request.prompt_token_ids.size());
 }
 
 struct BatchScheduler::StepBuilder {
@@ -51,7 +45,8 @@ struct BatchScheduler::StepBuilder {
 };
 
 BatchScheduler::BatchScheduler(const SchedulerConfig& config)
-    : config_(config), block_manager_(config.num_kv_blocks, config.block_size) {
+    : config_(config),
+      block_manager_(config.num_kv_blocks, config.block_size, config.enable_prefix_caching) {
   if (config.num_kv_blocks < 1)
     throw_error("BatchScheduler: num_kv_blocks must be >= 1, got ", config.num_kv_blocks);
   if (config.max_num_batched_tokens < 1)
@@ -77,7 +72,8 @@ void BatchScheduler::add_request(Request request) {
     throw_error("BatchScheduler: request ", seq_id, " needs up to ",
                 block_manager_.blocks_for_tokens(max_kv_tokens), " KV blocks, the pool has ",
                 block_manager_.num_blocks());
-  sequences_.emplace(seq_id, Sequence{std::move(request), {}, 0});
+  std::vector<int32_t> token_ids = request.prompt_token_ids;
+  sequences_.emplace(seq_id, Sequence{std::move(request), std::move(token_ids), 0});
   waiting_.push_back(seq_id);
 }
 
@@ -91,6 +87,7 @@ StepPlan BatchScheduler::schedule() {
   if (step.num_preemptions == 0) admit_waiting(step);
 
   StepPlan plan = build_plan(step);
+  in_flight_seq_ids_ = plan.seq_ids;
   pending_samples_.clear();
   for (size_t seq_idx = 0; seq_idx < plan.num_seqs(); ++seq_idx)
     if (plan.needs_logits[seq_idx] != 0) pending_samples_.push_back({plan.seq_ids[seq_idx]});
@@ -132,12 +129,17 @@ void BatchScheduler::schedule_partial_prefills(StepBuilder& step) {
 void BatchScheduler::admit_waiting(StepBuilder& step) {
   while (!waiting_.empty() && step.token_budget > 0 && num_running() < config_.max_num_seqs) {
     const int64_t seq_id = waiting_.front();
-    const int64_t chunk =
-        std::min(sequences_.at(seq_id).num_uncomputed_tokens(), step.token_budget);
-    if (!block_manager_.can_allocate(chunk)) return;
+    Sequence& sequence = sequences_.at(seq_id);
+    const int64_t cached_tokens =
+        block_manager_.cached_prefix_tokens(sequence.token_ids, sequence.num_tokens() - 1);
+    const int64_t chunk = std::min(sequence.num_tokens() - cached_tokens, step.token_budget);
+    if (!block_manager_.can_allocate_with_prefix(sequence.token_ids, cached_tokens,
+                                                 cached_tokens + chunk))
+      return;
     waiting_.pop_front();
     running_.push_back(seq_id);
-    block_manager_.allocate(seq_id, 0);
+    block_manager_.allocate_with_prefix(seq_id, sequence.token_ids, cached_tokens, cached_tokens);
+    sequence.num_computed_tokens = cached_tokens;
     schedule_chunk(step, seq_id, chunk);
   }
 }
@@ -181,7 +183,7 @@ StepPlan BatchScheduler::build_plan(const StepBuilder& step) const {
     plan.seq_ids.push_back(chunk.seq_id);
     plan.needs_logits.push_back(end_position == sequence.num_tokens() ? 1 : 0);
     for (int64_t position = chunk.first_position; position < end_position; ++position) {
-      plan.token_ids.push_back(sequence.token_at(position));
+      plan.token_ids.push_back(sequence.token_ids[static_cast<size_t>(position)]);
       plan.positions.push_back(position);
       plan.slot_mapping.push_back(block_manager_.flat_slot_of(chunk.seq_id, position));
     }
@@ -202,6 +204,13 @@ void BatchScheduler::on_step_done(std::span<const int32_t> sampled_token_ids) {
                 " sampled tokens, the step asked logits for ", pending_samples_.size(),
                 " sequences");
   step_in_flight_ = false;
+  for (int64_t seq_id : in_flight_seq_ids_) {
+    if (!block_manager_.has_sequence(seq_id)) continue;  // aborted since schedule()
+    const Sequence& sequence = sequences_.at(seq_id);
+    block_manager_.cache_full_blocks(seq_id,
+                                     std::span<const int32_t>(sequence.token_ids)
+                                         .first(static_cast<size_t>(sequence.num_computed_tokens)));
+  }
   for (size_t logit_idx = 0; logit_idx < sampled_token_ids.size(); ++logit_idx) {
     if (pending_samples_[logit_idx].aborted) continue;
     const int64_t seq_id = pending_samples_[logit_idx].seq_id;
@@ -209,15 +218,15 @@ void BatchScheduler::on_step_done(std::span<const int32_t> sampled_token_ids) {
     KEEL_CHECK(sequence.num_uncomputed_tokens() == 0, "sequence ", seq_id,
                " sampled with uncomputed tokens");
     const int32_t token = sampled_token_ids[logit_idx];
-    sequence.output_token_ids.push_back(token);
+    sequence.token_ids.push_back(token);
     const std::vector<int32_t>& stop_ids = sequence.request.stop_token_ids;
     if (std::find(stop_ids.begin(), stop_ids.end(), token) != stop_ids.end())
       finish(seq_id, FinishReason::kStop);
-    else if (static_cast<int64_t>(sequence.output_token_ids.size()) >=
-             sequence.request.max_new_tokens)
+    else if (sequence.num_output_tokens() >= sequence.request.max_new_tokens)
       finish(seq_id, FinishReason::kLength);
   }
   pending_samples_.clear();
+  in_flight_seq_ids_.clear();
 }
 
 bool BatchScheduler::abort(int64_t seq_id) {
@@ -233,7 +242,12 @@ void BatchScheduler::finish(int64_t seq_id, FinishReason reason) {
   std::erase(running_, seq_id);
   std::erase(waiting_, seq_id);
   auto found = sequences_.find(seq_id);
-  finished_.push_back(FinishedRequest{seq_id, std::move(found->second.output_token_ids), reason});
+  const Sequence& sequence = found->second;
+  const auto prompt_length = static_cast<std::ptrdiff_t>(sequence.request.prompt_token_ids.size());
+  finished_.push_back(FinishedRequest{
+      seq_id,
+      std::vector<int32_t>(sequence.token_ids.begin() + prompt_length, sequence.token_ids.end()),
+      reason});
   sequences_.erase(found);
 }
 

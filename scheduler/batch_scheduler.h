@@ -10,6 +10,9 @@
 //   2. running sequences part-way through prefill get the next chunk (oldest first);
 //   3. waiting requests are admitted FCFS with a first chunk while blocks allow (not in a step
 //      that preempted, and never skipping the head of the queue).
+// With prefix caching on, an admitted sequence starts at the end of its longest cached run of
+// full blocks (always leaving at least its last token to compute); blocks are filed in the cache
+// when the step that computed them is done.
 // When a running sequence needs a block and none is free, the most recently admitted running
 // sequence not yet scheduled this step is preempted by recompute: its blocks are freed,
 // num_computed resets to 0 and it returns to the front of the waiting queue, to re-prefill its
@@ -34,6 +37,7 @@ struct SchedulerConfig {
   int32_t block_size = BlockManager::kDefaultBlockSize;
   int64_t max_num_batched_tokens = 2048;  // tokens fed to the model per step
   int64_t max_num_seqs = 256;             // running sequences at once
+  bool enable_prefix_caching = false;     // admissions skip leading blocks already cached
 };
 
 struct Request {
@@ -112,12 +116,12 @@ class BatchScheduler {
  private:
   struct Sequence {
     Request request;
-    std::vector<int32_t> output_token_ids;
+    std::vector<int32_t> token_ids;  // prompt, then generated tokens
     int64_t num_computed_tokens = 0;
 
-    int64_t num_tokens() const;
+    int64_t num_tokens() const { return static_cast<int64_t>(token_ids.size()); }
     int64_t num_uncomputed_tokens() const { return num_tokens() - num_computed_tokens; }
-    int32_t token_at(int64_t position) const;
+    int64_t num_output_tokens() const;
   };
   struct ScheduledChunk {
     int64_t seq_id = 0;
@@ -151,6 +155,7 @@ class BatchScheduler {
     bool aborted = false;
   };
   std::vector<PendingSample> pending_samples_;
+  std::vector<int64_t> in_flight_seq_ids_;  // every sequence of the in-flight step
   int64_t total_preemptions_ = 0;
 };
 

@@ -126,7 +126,7 @@ class Harness {
     int64_t total_restarts = 0;
     for (const auto& [seq_id, result] : results) total_restarts += result.restarts;
     EXPECT_LE(total_restarts, scheduler.total_preemptions());
-    if (aborted_ids.empty()) {
+    if (aborted_ids.empty() && !config_.enable_prefix_caching) {
       EXPECT_EQ(total_restarts, scheduler.total_preemptions());
     }
   }
@@ -143,6 +143,7 @@ class Harness {
   int64_t num_added = 0;
   int64_t num_steps = 0;
   int64_t total_preemptions_seen = 0;
+  int64_t total_skipped_tokens = 0;
 
  private:
   struct Shadow {
@@ -150,9 +151,21 @@ class Harness {
     std::vector<int32_t> tokens;  // prompt + sampled so far
     int64_t num_computed = 0;
     int64_t fed_tokens = 0;
-    int64_t recomputed_tokens = 0;
+    int64_t recomputed_tokens = 0;  // computed again after a preemption dropped them
+    int64_t skipped_tokens = 0;     // never fed: found in the prefix cache
     int64_t restarts = 0;
   };
+
+  // Identifies the KV of token `position` of a sequence: it depends on every token up to there.
+  static std::vector<uint64_t> prefix_hashes(const std::vector<int32_t>& tokens) {
+    std::vector<uint64_t> hashes;
+    uint64_t hash = 1469598103934665603ull;
+    for (int32_t token : tokens) {
+      hash = (hash ^ static_cast<uint32_t>(token)) * 1099511628211ull;
+      hashes.push_back(hash);
+    }
+    return hashes;
+  }
 
   void check_plan(const StepPlan& plan) {
     const size_t num_seqs = plan.num_seqs();
@@ -167,8 +180,10 @@ class Harness {
     EXPECT_LE(scheduler.num_running(), config_.max_num_seqs);
 
     const int32_t block_size = config_.block_size;
+    const bool caching = config_.enable_prefix_caching;
     std::set<int64_t> seq_ids_in_plan;
     std::set<int32_t> blocks_in_plan;
+    std::vector<std::pair<int64_t, uint64_t>> kv_writes;  // (slot, prefix hash)
     for (size_t seq_idx = 0; seq_idx < num_seqs; ++seq_idx) {
       const int64_t seq_id = plan.seq_ids[seq_idx];
       ASSERT_TRUE(seq_ids_in_plan.insert(seq_id).second) << "seq " << seq_id << " twice";
@@ -181,34 +196,63 @@ class Harness {
       ASSERT_FALSE(positions.empty());
       const int64_t first = positions.front();
       // Only admissions start at position 0, and a step that preempted admits nothing.
-      if (plan.num_preemptions > 0) {
+      if (plan.num_preemptions > 0 && !caching) {
         EXPECT_NE(first, 0) << "seq " << seq_id << " admitted";
       }
-      if (first == 0 && shadow.num_computed > 0) {  // preempted since its last chunk
-        shadow.recomputed_tokens += shadow.num_computed;
-        shadow.num_computed = 0;
-        ++shadow.restarts;
+      if (first != shadow.num_computed) {
+        // (Re)admitted after a preemption, at 0 or, with caching, after whole cached blocks.
+        if (!caching) {
+          EXPECT_EQ(first, 0) << "seq " << seq_id;
+        }
+        EXPECT_EQ(first % block_size, 0) << "seq " << seq_id;
+        if (shadow.num_computed > 0) ++shadow.restarts;
+        shadow.recomputed_tokens += std::max<int64_t>(0, shadow.num_computed - first);
+        shadow.skipped_tokens += std::max<int64_t>(0, first - shadow.num_computed);
+        total_skipped_tokens += std::max<int64_t>(0, first - shadow.num_computed);
+        shadow.num_computed = first;
       }
-      ASSERT_EQ(first, shadow.num_computed) << "seq " << seq_id;
       const int64_t end = first + static_cast<int64_t>(positions.size());
       ASSERT_LE(end, static_cast<int64_t>(shadow.tokens.size())) << "seq " << seq_id;
       EXPECT_EQ(plan.needs_logits[seq_idx],
                 end == static_cast<int64_t>(shadow.tokens.size()) ? 1 : 0);
       EXPECT_EQ(static_cast<int64_t>(table.size()), ceil_div(end, block_size));
+      const std::vector<uint64_t> hashes = prefix_hashes(shadow.tokens);
+      auto slot_of = [&](int64_t position) {
+        const int32_t block_id = table[static_cast<size_t>(position / block_size)];
+        return int64_t{block_id} * block_size + position % block_size;
+      };
+      // The KV this step attends to holds exactly this sequence's prefix.
+      for (int64_t position = 0; position < first; ++position) {
+        auto written = kv_.find(slot_of(position));
+        ASSERT_NE(written, kv_.end()) << "seq " << seq_id << " position " << position;
+        EXPECT_EQ(written->second, hashes[static_cast<size_t>(position)])
+            << "seq " << seq_id << " reads stale KV at position " << position;
+      }
       for (size_t token_idx = 0; token_idx < positions.size(); ++token_idx) {
         const int64_t position = first + static_cast<int64_t>(token_idx);
         EXPECT_EQ(positions[token_idx], position);
         EXPECT_EQ(token_ids[token_idx], shadow.tokens[static_cast<size_t>(position)]);
+        EXPECT_EQ(slots[token_idx], slot_of(position));
+        kv_writes.emplace_back(slot_of(position), hashes[static_cast<size_t>(position)]);
+        // Never written while another sequence shares the block.
         const int32_t block_id = table[static_cast<size_t>(position / block_size)];
-        EXPECT_EQ(slots[token_idx], int64_t{block_id} * block_size + position % block_size);
+        EXPECT_EQ(scheduler.block_manager().ref_count(block_id), 1) << "block " << block_id;
       }
       for (int32_t block_id : table) {
         EXPECT_GE(block_id, 0);
         EXPECT_LT(block_id, config_.num_kv_blocks);
-        EXPECT_TRUE(blocks_in_plan.insert(block_id).second) << "block " << block_id << " shared";
+        const bool first_use_in_plan = blocks_in_plan.insert(block_id).second;
+        if (!caching) {
+          EXPECT_TRUE(first_use_in_plan) << "block " << block_id << " shared";
+        }
       }
       shadow.num_computed = end;
       shadow.fed_tokens += static_cast<int64_t>(positions.size());
+    }
+    std::set<int64_t> written_slots;
+    for (const auto& [slot, hash] : kv_writes) {
+      EXPECT_TRUE(written_slots.insert(slot).second) << "slot " << slot << " written twice";
+      kv_[slot] = hash;
     }
   }
 
@@ -216,16 +260,27 @@ class Harness {
     const BlockManager& blocks = scheduler.block_manager();
     EXPECT_EQ(blocks.num_free_blocks() + blocks.num_used_blocks(), blocks.num_blocks());
     EXPECT_EQ(blocks.num_sequences(), scheduler.num_running());
-    std::set<int32_t> owned;
-    int64_t num_owned = 0;
+    std::map<int32_t, int32_t> tables_holding;  // block -> number of tables it is in
     for (const auto& [seq_id, shadow] : live_) {
       if (!blocks.has_sequence(seq_id)) continue;
-      for (int32_t block_id : blocks.block_table(seq_id)) {
-        EXPECT_TRUE(owned.insert(block_id).second) << "block " << block_id << " shared";
-        ++num_owned;
+      const std::vector<int32_t>& table = blocks.block_table(seq_id);
+      for (size_t block_idx = 0; block_idx < table.size(); ++block_idx)
+        ++tables_holding[table[block_idx]];
+    }
+    for (const auto& [seq_id, shadow] : live_) {
+      if (!blocks.has_sequence(seq_id)) continue;
+      const std::vector<int32_t>& table = blocks.block_table(seq_id);
+      for (size_t block_idx = 0; block_idx < table.size(); ++block_idx) {
+        const int32_t block_id = table[block_idx];
+        EXPECT_EQ(blocks.ref_count(block_id), tables_holding[block_id]);
+        if (tables_holding[block_id] == 1) continue;
+        // Only the prefix cache shares blocks, and only full ones.
+        EXPECT_TRUE(config_.enable_prefix_caching) << "block " << block_id << " shared";
+        EXPECT_LE(static_cast<int64_t>(block_idx + 1) * config_.block_size,
+                  blocks.num_tokens(seq_id));
       }
     }
-    EXPECT_EQ(num_owned, blocks.num_used_blocks());
+    EXPECT_EQ(static_cast<int64_t>(tables_holding.size()), blocks.num_used_blocks());
   }
 
   void collect_finished() {
@@ -247,7 +302,8 @@ class Harness {
         const int64_t final_kv_tokens = static_cast<int64_t>(request.prompt_token_ids.size() +
                                                              finished.output_token_ids.size()) -
                                         1;
-        EXPECT_EQ(shadow.fed_tokens, final_kv_tokens + shadow.recomputed_tokens);
+        EXPECT_EQ(shadow.fed_tokens + shadow.skipped_tokens,
+                  final_kv_tokens + shadow.recomputed_tokens);
       } else {
         ASSERT_LE(finished.output_token_ids.size(), expected.size());
         EXPECT_TRUE(std::equal(finished.output_token_ids.begin(), finished.output_token_ids.end(),
@@ -260,6 +316,7 @@ class Harness {
 
   SchedulerConfig config_;
   std::map<int64_t, Shadow> live_;
+  std::map<int64_t, uint64_t> kv_;  // flat slot -> prefix hash of the token whose KV it holds
 };
 
 SchedulerConfig make_config(int32_t num_kv_blocks, int32_t block_size,
@@ -408,6 +465,31 @@ TEST(BatchScheduler, PreemptedRequestGoesBackToTheFrontOfTheWaitingQueue) {
   harness.expect_all_accounted_for();
 }
 
+TEST(BatchScheduler, PrefixCachingSkipsPromptBlocksAnEarlierRequestComputed) {
+  SchedulerConfig config = make_config(32, 4, 64, 8);
+  config.enable_prefix_caching = true;
+  Harness harness(config);
+  Request first = make_request(1, 10, 3);
+  Request second = make_request(2, 14, 3);
+  std::copy_n(first.prompt_token_ids.begin(), 9, second.prompt_token_ids.begin());
+  Request same_as_first = make_request(3, 10, 3);
+  same_as_first.prompt_token_ids = first.prompt_token_ids;
+  harness.add(first);
+  harness.step();  // computes 10 tokens; blocks 0-3 and 4-7 are filed once the step is done
+  harness.add(second);
+  harness.add(same_as_first);
+  StepPlan plan = harness.step();
+  ASSERT_EQ(plan.seq_ids, (std::vector<int64_t>{1, 2, 3}));
+  EXPECT_EQ(plan.positions_of(1).front(), 8);  // tokens 0-7 come from the cache
+  EXPECT_EQ(plan.token_ids_of(1).size(), 6u);
+  EXPECT_EQ(plan.positions_of(2).front(), 8);  // a full match still computes its tail
+  EXPECT_EQ(plan.block_table_of(1)[0], plan.block_table_of(0)[0]);
+  EXPECT_EQ(plan.block_table_of(2)[1], plan.block_table_of(0)[1]);
+  harness.run_to_completion();
+  EXPECT_EQ(harness.total_skipped_tokens, 16);
+  harness.expect_all_accounted_for();
+}
+
 TEST(BatchScheduler, AbortFreesBlocksAtOnce) {
   Harness harness(make_config(32, 4, 64, 8));
   harness.add(make_request(1, 10, 20));
@@ -499,53 +581,83 @@ TEST(BatchScheduler, PlansDependOnlyOnTheCallSequence) {
   EXPECT_GT(preemptions, 0);  // the script does exercise preemption
 }
 
-// Random arrivals, lengths, stop ids, aborts (some while a step is in flight) and configs, from
-// generous to starved pools. Every request must finish (or be aborted) with the output the fake
-// sampler dictates, no block may leak, and fed tokens must add up.
-TEST(BatchScheduler, RandomizedSimulationConservesRequestsBlocksAndTokens) {
-  int64_t total_preemptions = 0;
-  int64_t total_stops = 0;
-  for (uint32_t seed = 0; seed < 200; ++seed) {
-    std::mt19937 rng(seed);
-    auto uniform = [&](int64_t low, int64_t high) {
-      return low + static_cast<int64_t>(rng() % static_cast<uint32_t>(high - low + 1));
-    };
-    const int32_t block_size = static_cast<int32_t>(uniform(1, 8));
-    const int64_t max_prompt = uniform(1, 40);
-    const int64_t max_new = uniform(1, 30);
-    const int64_t min_blocks = ceil_div(max_prompt + max_new - 1, block_size);
-    const auto num_blocks = static_cast<int32_t>(min_blocks + uniform(0, 3 * min_blocks));
-    Harness harness(make_config(num_blocks, block_size, uniform(1, 64), uniform(1, 8)));
-    const int64_t num_requests = uniform(1, 30);
-    int64_t next_seq_id = 0;
-    for (int64_t step = 0; next_seq_id < num_requests || harness.scheduler.has_unfinished();
-         ++step) {
-      ASSERT_LT(step, 100000) << "seed " << seed << ": no progress";
-      while (next_seq_id < num_requests && rng() % 3 == 0) {
-        Request request = make_request(next_seq_id++, uniform(1, max_prompt), uniform(1, max_new));
-        if (rng() % 4 == 0) request.stop_token_ids = {static_cast<int32_t>(uniform(100, 149))};
-        harness.add(request);
+struct SimulationTotals {
+  int64_t preemptions = 0;
+  int64_t stops = 0;
+  int64_t skipped_tokens = 0;
+};
+
+// One randomized run: random config (generous to starved pools), arrivals, lengths, stop ids and
+// aborts (some while a step is in flight). With prefix caching, prompts start with a random
+// length of one of three shared prefixes. Every request must finish (or be aborted) with the
+// output the fake sampler dictates, no block may leak, and fed tokens must add up.
+void run_random_simulation(uint32_t seed, bool prefix_caching, SimulationTotals& totals) {
+  std::mt19937 rng(seed);
+  auto uniform = [&](int64_t low, int64_t high) {
+    return low + static_cast<int64_t>(rng() % static_cast<uint32_t>(high - low + 1));
+  };
+  const int32_t block_size = static_cast<int32_t>(uniform(1, 8));
+  const int64_t max_prompt = uniform(1, 40);
+  const int64_t max_new = uniform(1, 30);
+  const int64_t min_blocks = ceil_div(max_prompt + max_new - 1, block_size);
+  const auto num_blocks = static_cast<int32_t>(min_blocks + uniform(0, 3 * min_blocks));
+  SchedulerConfig config = make_config(num_blocks, block_size, uniform(1, 64), uniform(1, 8));
+  config.enable_prefix_caching = prefix_caching;
+  Harness harness(config);
+  const int64_t num_requests = uniform(1, 30);
+  int64_t next_seq_id = 0;
+  for (int64_t step = 0; next_seq_id < num_requests || harness.scheduler.has_unfinished(); ++step) {
+    ASSERT_LT(step, 100000) << "no progress";
+    while (next_seq_id < num_requests && rng() % 3 == 0) {
+      const int64_t seq_id = next_seq_id++;
+      Request request = make_request(seq_id, uniform(1, max_prompt), uniform(1, max_new));
+      if (prefix_caching) {
+        const auto shared_prefix = make_prompt(1000 + uniform(0, 2), max_prompt);
+        const auto shared_length =
+            static_cast<size_t>(uniform(0, static_cast<int64_t>(request.prompt_token_ids.size())));
+        std::copy_n(shared_prefix.begin(), shared_length, request.prompt_token_ids.begin());
       }
-      int64_t abort_in_flight = -1;
-      if (next_seq_id > 0 && rng() % 40 == 0) {
-        const int64_t victim = uniform(0, next_seq_id - 1);
-        if (rng() % 2 == 0)
-          harness.abort(victim);
-        else
-          abort_in_flight = victim;
-      }
-      harness.step(abort_in_flight);
-      if (testing::Test::HasFailure()) FAIL() << "seed " << seed << " step " << step;
+      if (rng() % 4 == 0) request.stop_token_ids = {static_cast<int32_t>(uniform(100, 149))};
+      harness.add(request);
     }
-    harness.expect_all_accounted_for();
+    int64_t abort_in_flight = -1;
+    if (next_seq_id > 0 && rng() % 40 == 0) {
+      const int64_t victim = uniform(0, next_seq_id - 1);
+      if (rng() % 2 == 0)
+        harness.abort(victim);
+      else
+        abort_in_flight = victim;
+    }
+    harness.step(abort_in_flight);
+    if (testing::Test::HasFailure()) FAIL() << "step " << step;
+  }
+  harness.expect_all_accounted_for();
+  totals.preemptions += harness.scheduler.total_preemptions();
+  totals.skipped_tokens += harness.total_skipped_tokens;
+  for (const auto& [seq_id, result] : harness.results)
+    totals.stops += result.finished.reason == FinishReason::kStop ? 1 : 0;
+}
+
+TEST(BatchScheduler, RandomizedSimulationConservesRequestsBlocksAndTokens) {
+  SimulationTotals totals;
+  for (uint32_t seed = 0; seed < 200; ++seed) {
+    run_random_simulation(seed, /*prefix_caching=*/false, totals);
     if (testing::Test::HasFailure()) FAIL() << "seed " << seed;
-    total_preemptions += harness.scheduler.total_preemptions();
-    for (const auto& [seq_id, result] : harness.results)
-      total_stops += result.finished.reason == FinishReason::kStop ? 1 : 0;
   }
   // The seeds do reach the interesting paths.
-  EXPECT_GT(total_preemptions, 0);
-  EXPECT_GT(total_stops, 0);
+  EXPECT_GT(totals.preemptions, 0);
+  EXPECT_GT(totals.stops, 0);
+  EXPECT_EQ(totals.skipped_tokens, 0);
+}
+
+TEST(BatchScheduler, RandomizedSimulationWithPrefixCachingReadsOnlyMatchingKv) {
+  SimulationTotals totals;
+  for (uint32_t seed = 0; seed < 200; ++seed) {
+    run_random_simulation(seed, /*prefix_caching=*/true, totals);
+    if (testing::Test::HasFailure()) FAIL() << "seed " << seed;
+  }
+  EXPECT_GT(totals.preemptions, 0);
+  EXPECT_GT(totals.skipped_tokens, 0);
 }
 
 }  // namespace

@@ -166,6 +166,84 @@ TEST(BlockManager, HandsOutBlocksDeterministically) {
   EXPECT_EQ(fresh.block_table(1), (std::vector<int32_t>{0, 1, 2}));
 }
 
+std::vector<int32_t> iota_tokens(int32_t first, int32_t count) {
+  std::vector<int32_t> tokens(static_cast<size_t>(count));
+  for (int32_t idx = 0; idx < count; ++idx) tokens[static_cast<size_t>(idx)] = first + idx;
+  return tokens;
+}
+
+TEST(BlockManager, PrefixCacheSharesFullBlocksWithReferenceCounts) {
+  BlockManager manager(8, 4, /*enable_prefix_caching=*/true);
+  const std::vector<int32_t> first = iota_tokens(0, 10);
+  manager.allocate(1, 10);
+  EXPECT_EQ(manager.cached_prefix_tokens(first, 10), 0);  // nothing filed yet
+  manager.cache_full_blocks(1, first);
+  EXPECT_EQ(manager.num_cached_blocks(), 2);  // the partial third block is not cached
+  EXPECT_EQ(manager.cached_prefix_tokens(first, 10), 8);
+  EXPECT_EQ(manager.cached_prefix_tokens(first, 7), 4);  // whole blocks within the limit
+
+  std::vector<int32_t> second = iota_tokens(0, 12);
+  second[9] = 99;  // same first two blocks, different third
+  ASSERT_EQ(manager.cached_prefix_tokens(second, 11), 8);
+  EXPECT_TRUE(manager.can_allocate_with_prefix(second, 8, 12));
+  manager.allocate_with_prefix(2, second, 8, 12);
+  const std::vector<int32_t>& table_1 = manager.block_table(1);
+  const std::vector<int32_t>& table_2 = manager.block_table(2);
+  ASSERT_EQ(table_2.size(), 3u);
+  EXPECT_EQ(table_2[0], table_1[0]);
+  EXPECT_EQ(table_2[1], table_1[1]);
+  EXPECT_NE(table_2[2], table_1[2]);
+  EXPECT_EQ(manager.ref_count(table_1[0]), 2);
+  EXPECT_EQ(manager.ref_count(table_1[2]), 1);
+  EXPECT_EQ(manager.num_used_blocks(), 4);  // shared blocks count once
+  EXPECT_EQ(manager.num_free_blocks() + manager.num_used_blocks(), 8);
+
+  // A different first block matches nothing, even with the same second block.
+  std::vector<int32_t> other = first;
+  other[0] = 77;
+  EXPECT_EQ(manager.cached_prefix_tokens(other, 10), 0);
+
+  const int32_t shared_block = table_1[0];
+  manager.free(1);
+  EXPECT_EQ(manager.ref_count(shared_block), 1);
+  EXPECT_EQ(manager.num_used_blocks(), 3);
+  manager.free(2);
+  EXPECT_EQ(manager.num_free_blocks(), 8);  // cached but unreferenced blocks are free
+  EXPECT_EQ(manager.ref_count(shared_block), 0);
+  EXPECT_EQ(manager.cached_prefix_tokens(first, 10), 8);  // and still reusable
+  manager.allocate_with_prefix(3, first, 8, 10);
+  EXPECT_EQ(manager.block_table(3)[0], shared_block);
+  EXPECT_EQ(manager.num_used_blocks(), 3);
+}
+
+TEST(BlockManager, CachedBlocksAreEvictedOnlyWhenNoOtherBlockIsFree) {
+  BlockManager manager(3, 2, /*enable_prefix_caching=*/true);
+  const std::vector<int32_t> tokens = iota_tokens(10, 4);
+  manager.allocate(1, 4);
+  manager.cache_full_blocks(1, tokens);
+  manager.free(1);
+  EXPECT_EQ(manager.num_free_blocks(), 3);
+  manager.allocate(2, 2);  // takes the never-cached block
+  EXPECT_EQ(manager.cached_prefix_tokens(tokens, 4), 4);
+  manager.allocate(3, 2);  // must evict: the leaf (released first) goes before its parent
+  EXPECT_EQ(manager.cached_prefix_tokens(tokens, 4), 2);
+  EXPECT_FALSE(manager.can_allocate_with_prefix(tokens, 2, 4));  // the cached block + 1 new
+  manager.free(2);
+  EXPECT_TRUE(manager.can_allocate_with_prefix(tokens, 2, 4));
+  manager.allocate_with_prefix(4, tokens, 2, 4);
+  EXPECT_EQ(manager.num_free_blocks(), 0);
+  EXPECT_EQ(manager.num_used_blocks(), 3);
+}
+
+TEST(BlockManager, WithoutPrefixCachingNothingIsShared) {
+  BlockManager manager(8, 4);
+  const std::vector<int32_t> tokens = iota_tokens(0, 8);
+  manager.allocate(1, 8);
+  manager.cache_full_blocks(1, tokens);
+  EXPECT_EQ(manager.num_cached_blocks(), 0);
+  EXPECT_EQ(manager.cached_prefix_tokens(tokens, 8), 0);
+}
+
 // Random allocate / append / free against a shadow map of live sequences; the pool stays
 // consistent after every operation and is whole again once everything is freed.
 TEST(BlockManager, RandomizedAccountingStaysConsistent) {
