@@ -103,8 +103,7 @@ void BatchScheduler::schedule_decodes(StepBuilder& step) {
       continue;
     }
     if (!make_room(step, seq_id, 1)) {
-      preempt(seq_id);
-      ++step.num_preemptions;
+      preempt(step, seq_id);
       continue;  // running_idx now names the next sequence (or the end)
     }
     schedule_chunk(step, seq_id, 1);
@@ -150,17 +149,17 @@ bool BatchScheduler::make_room(StepBuilder& step, int64_t seq_id, int64_t num_ne
       return candidate == seq_id || !step.scheduled_seq_ids.contains(candidate);
     });
     if (victim == running_.rend() || *victim == seq_id) return false;
-    preempt(*victim);
-    ++step.num_preemptions;
+    preempt(step, *victim);
   }
   return true;
 }
 
-void BatchScheduler::preempt(int64_t seq_id) {
+void BatchScheduler::preempt(StepBuilder& step, int64_t seq_id) {
   block_manager_.free(seq_id);
   sequences_.at(seq_id).num_computed_tokens = 0;
   running_.erase(std::find(running_.begin(), running_.end(), seq_id));
   waiting_.push_front(seq_id);
+  ++step.num_preemptions;
   ++total_preemptions_;
 }
 

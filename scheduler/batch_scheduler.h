@@ -136,7 +136,7 @@ class BatchScheduler {
   // Frees blocks by preempting the youngest running sequences not yet in `step` (other than
   // seq_id) until seq_id can grow by num_new_tokens; false if that is impossible.
   bool make_room(StepBuilder& step, int64_t seq_id, int64_t num_new_tokens);
-  void preempt(int64_t seq_id);
+  void preempt(StepBuilder& step, int64_t seq_id);
   void schedule_chunk(StepBuilder& step, int64_t seq_id, int64_t num_new_tokens);
   StepPlan build_plan(const StepBuilder& step) const;
   void finish(int64_t seq_id, FinishReason reason);
