@@ -87,6 +87,10 @@ TEST(Cli, GenerateJsonHasTokensDigestCountsAndTimings) {
       EXPECT_LT(seconds, 1.0);
     }
   EXPECT_TRUE(out["timings"].contains("decode_tokens_per_second"));
+  // Rank 0 of 4 holds a quarter of attention, 4 of 16 experts (round_robin), a quarter of the
+  // lm_head and the whole replicated embedding: less than the 755 KB checkpoint, more than 1/4.
+  EXPECT_GT(out["weight_bytes_rank0"].get<int64_t>(), 755008 / 4);
+  EXPECT_LT(out["weight_bytes_rank0"].get<int64_t>(), 755008);
   EXPECT_EQ(out["reduce"], "fixed_order");
 }
 

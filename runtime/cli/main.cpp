@@ -230,6 +230,7 @@ int run_generate(const Flags& flags, keel::Deployment& deployment) {
   out["logits_digest"] = result.logits_digest;
   out["expert_token_counts"] = result.expert_counts;
   out["expert_seconds"] = result.expert_seconds;
+  out["weight_bytes_rank0"] = engine.weight_bytes_per_rank();
   out["timings"] = {{"prefill_seconds", result.prefill_seconds},
                     {"decode_seconds", result.decode_seconds},
                     {"prompt_tokens", result.num_prompt_tokens},
