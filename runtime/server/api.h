@@ -1,0 +1,114 @@
+// The contract between the HTTP layer and whatever generates tokens (the engine, or a fake in
+// tests). The server parses and validates an OpenAI request into a CompletionRequest, hands it
+// to GenerationBackend::try_submit together with a TokenSink, and turns the sink's callbacks
+// into a JSON body or an SSE stream. Nothing here depends on Beast, so the engine can
+// implement the backend without pulling in Boost.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace keel::server {
+
+struct ChatMessage {
+  std::string role;
+  std::string content;
+};
+
+enum class Endpoint { kCompletions, kChatCompletions };
+
+// A parsed, validated request. Exactly one prompt form is set: prompt_tokens (the client sent
+// token ids) or prompt_text (a plain prompt, or chat messages rendered through the template;
+// the backend tokenizes it).
+struct CompletionRequest {
+  Endpoint endpoint = Endpoint::kCompletions;
+  std::string model;
+  std::optional<std::vector<int32_t>> prompt_tokens;
+  std::string prompt_text;
+  std::vector<ChatMessage> messages;  // chat only; kept for backends with their own template
+
+  int max_tokens = 16;  // OpenAI default for /v1/completions; chat default is set by the parser
+  float temperature = 1.0f;
+  float top_p = 1.0f;
+  int top_k = -1;  // -1: disabled (not an OpenAI field, but vLLM-compatible clients send it)
+  std::optional<uint64_t> seed;
+  // Stop strings: the backend stops generating when the detokenized output contains one and
+  // leaves it out of the text, reporting finish_reason "stop".
+  std::vector<std::string> stop;
+  bool stream = false;
+  bool include_usage_in_stream = false;  // stream_options.include_usage
+  bool logprobs = false;
+  int top_logprobs = 0;  // number of alternatives per position when logprobs is on
+};
+
+struct TopLogprob {
+  std::string token;
+  int32_t token_id = 0;
+  float logprob = 0.0f;
+};
+
+struct Usage {
+  int prompt_tokens = 0;
+  int completion_tokens = 0;
+};
+
+// Receives one request's output. The backend may call it from any thread, but calls for one
+// request must not overlap. A request ends with exactly one on_finish or on_error, unless
+// cancelled() became true: then the backend should stop at its next step, free the request's
+// KV blocks, and may drop the sink without a final call.
+class TokenSink {
+ public:
+  virtual ~TokenSink() = default;
+  virtual void on_token(const std::string& text_delta, int32_t token_id, float logprob,
+                        const std::vector<TopLogprob>& top_logprobs) = 0;
+  // finish_reason: "stop" (EOS or stop string) or "length" (max_tokens / context).
+  virtual void on_finish(const std::string& finish_reason, Usage usage) = 0;
+  virtual void on_error(const std::string& message) = 0;
+  // True once the client went away (or the server is shutting down the request).
+  virtual bool cancelled() const = 0;
+};
+
+struct BackendHealth {
+  bool healthy = true;
+  std::string detail;  // shown in /health and in 503 bodies
+};
+
+class GenerationBackend {
+ public:
+  virtual ~GenerationBackend() = default;
+  virtual std::string model_name() const = 0;
+  virtual int max_context() const = 0;
+  // Queue the request. Returns false (without touching the sink) when the queue is full;
+  // the server answers 429 with Retry-After. Must not block on generation.
+  virtual bool try_submit(CompletionRequest request, std::shared_ptr<TokenSink> sink) = 0;
+  virtual BackendHealth health() const = 0;
+};
+
+// A client error detected while parsing: becomes an OpenAI error body with HTTP status.
+struct RequestError {
+  int status = 400;
+  std::string message;
+  std::string type = "invalid_request_error";
+  std::string param;  // the offending field, empty when none
+  std::string code;
+};
+
+// Renders chat messages into one prompt string. Default: ChatML.
+using ChatTemplate = std::function<std::string(const std::vector<ChatMessage>&)>;
+std::string render_chatml(const std::vector<ChatMessage>& messages);
+
+// Parses and validates a request body for `endpoint`. On failure returns the error (naming
+// the field) and leaves `out` unspecified.
+std::optional<RequestError> parse_completion_request(const std::string& body, Endpoint endpoint,
+                                                     int max_context, CompletionRequest& out);
+
+nlohmann::json error_body(const RequestError& error);
+
+}  // namespace keel::server

@@ -1,0 +1,881 @@
+#include "runtime/server/http_server.h"
+
+#include <spdlog/spdlog.h>
+
+#include <boost/asio.hpp>
+#include <boost/asio/signal_set.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <condition_variable>
+#include <csignal>
+#include <ctime>
+#include <deque>
+#include <future>
+#include <mutex>
+#include <optional>
+#include <random>
+#include <sstream>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "kernels/base/check.h"
+
+namespace keel::server {
+namespace {
+
+namespace net = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+using tcp = net::ip::tcp;
+using nlohmann::json;
+
+// Token text may end in the middle of a UTF-8 sequence; never let that throw while rendering.
+std::string dump(const json& value) {
+  return value.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+std::string random_id(const char* prefix) {
+  thread_local std::mt19937_64 rng{std::random_device{}()};
+  char hex[17];
+  std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(rng()));
+  return std::string(prefix) + hex;
+}
+
+std::string make_chunk(const std::string& payload) {
+  char size[32];
+  std::snprintf(size, sizeof(size), "%zx\r\n", payload.size());
+  return size + payload + "\r\n";
+}
+
+std::string sse_event(const std::string& data) {
+  return make_chunk("data: " + data + "\n\n");
+}
+
+RequestError make_error(int status, std::string message, std::string type, std::string code = "") {
+  RequestError error;
+  error.status = status;
+  error.message = std::move(message);
+  error.type = std::move(type);
+  error.code = std::move(code);
+  return error;
+}
+
+}  // namespace
+
+class Session;
+
+struct HttpServer::Impl {
+  Impl(HttpServerConfig config_in, GenerationBackend& backend_in)
+      : config(std::move(config_in)), backend(backend_in) {}
+
+  void request_done() {
+    {
+      std::lock_guard lock(mutex);
+      --in_flight;
+    }
+    idle_cv.notify_all();
+  }
+
+  void accept_next();
+
+  // Declared before the io_context: sessions destroyed with it still update these.
+  HttpServerConfig config;
+  GenerationBackend& backend;
+  std::mutex mutex;
+  std::condition_variable idle_cv;
+  int in_flight = 0;
+  std::atomic<int> connections{0};
+  std::atomic<bool> accepting{true};
+  uint64_t next_session_id = 0;
+  std::unordered_map<uint64_t, std::weak_ptr<Session>> sessions;
+
+  net::io_context ioc;
+  std::optional<net::executor_work_guard<net::io_context::executor_type>> work;
+  std::optional<tcp::acceptor> acceptor;
+  std::vector<std::thread> threads;
+  bool running = false;
+};
+
+namespace {
+
+// Bridges backend threads to a session's strand. Holds the session weakly: once the connection
+// is gone the callbacks have nowhere to go, and cancelled() says so.
+class SessionSink : public TokenSink {
+ public:
+  SessionSink(std::weak_ptr<Session> session, net::any_io_executor strand)
+      : session_(std::move(session)), strand_(std::move(strand)) {}
+
+  void on_token(const std::string& text_delta, int32_t token_id, float logprob,
+                const std::vector<TopLogprob>& top_logprobs) override;
+  void on_finish(const std::string& finish_reason, Usage usage) override;
+  void on_error(const std::string& message) override;
+  bool cancelled() const override { return cancelled_.load(std::memory_order_acquire); }
+  void cancel() { cancelled_.store(true, std::memory_order_release); }
+
+ private:
+  template <typename Fn>
+  void deliver(Fn fn);
+
+  std::weak_ptr<Session> session_;
+  net::any_io_executor strand_;
+  std::atomic<bool> cancelled_{false};
+};
+
+}  // namespace
+
+class Session : public std::enable_shared_from_this<Session> {
+ public:
+  Session(HttpServer::Impl& server, tcp::socket socket)
+      : server_(server), stream_(std::move(socket)) {
+    server_.connections.fetch_add(1);
+  }
+  ~Session() {
+    server_.connections.fetch_sub(1);
+    std::lock_guard lock(server_.mutex);
+    server_.sessions.erase(id_);
+  }
+
+  void start(uint64_t id, bool over_limit) {
+    id_ = id;
+    if (over_limit) {
+      keep_alive_ = false;
+      send_error(make_error(503, "too many concurrent connections", "server_error",
+                            "too_many_connections"),
+                 /*retry_after=*/true);
+      return;
+    }
+    do_read();
+  }
+
+  net::any_io_executor executor() { return stream_.get_executor(); }
+
+  // Shutdown, step 1: connections waiting for a request are closed; busy ones finish first.
+  void close_if_idle() {
+    if (state_ == State::kReading) close();
+  }
+
+  // Shutdown, step 2 (drain deadline): fail whatever is still generating.
+  void abort(const std::string& message) {
+    if (state_ != State::kGenerating) return;
+    if (sink_) sink_->cancel();
+    keep_alive_ = false;
+    finish_with_error(message, 503);
+  }
+
+  // Sink events, always on the strand.
+  void token(const std::string& delta, int32_t token_id, float logprob,
+             const std::vector<TopLogprob>& top) {
+    if (state_ != State::kGenerating) return;
+    ++completion_tokens_;
+    if (request_.stream) {
+      json choice = {{"index", 0}, {"logprobs", nullptr}, {"finish_reason", nullptr}};
+      if (request_.logprobs) choice["logprobs"] = logprobs_for(delta, token_id, logprob, top);
+      if (is_chat()) {
+        choice["delta"] = {{"content", delta}};
+      } else {
+        choice["text"] = delta;
+      }
+      enqueue(sse_event(dump(chunk_envelope(json::array({choice})))));
+    } else {
+      if (request_.logprobs) append_logprobs(delta, token_id, logprob, top);
+      text_ += delta;
+    }
+  }
+
+  void finish(const std::string& finish_reason, Usage usage) {
+    if (state_ != State::kGenerating) return;
+    json usage_json = {{"prompt_tokens", usage.prompt_tokens},
+                       {"completion_tokens", usage.completion_tokens},
+                       {"total_tokens", usage.prompt_tokens + usage.completion_tokens}};
+    if (request_.stream) {
+      json choice = {{"index", 0}, {"logprobs", nullptr}, {"finish_reason", finish_reason}};
+      if (is_chat()) {
+        choice["delta"] = json::object();
+      } else {
+        choice["text"] = "";
+      }
+      enqueue(sse_event(dump(chunk_envelope(json::array({choice})))));
+      if (request_.include_usage_in_stream) {
+        json last = chunk_envelope(json::array());
+        last["usage"] = usage_json;
+        enqueue(sse_event(dump(last)));
+      }
+      end_stream();
+      return;
+    }
+    json choice = {{"index", 0}, {"finish_reason", finish_reason}, {"logprobs", nullptr}};
+    if (request_.logprobs) choice["logprobs"] = accumulated_logprobs_;
+    if (is_chat()) {
+      choice["message"] = {{"role", "assistant"}, {"content", text_}};
+    } else {
+      choice["text"] = text_;
+    }
+    json body = {{"id", completion_id_},
+                 {"object", is_chat() ? "chat.completion" : "text_completion"},
+                 {"created", created_},
+                 {"model", model_},
+                 {"choices", json::array({choice})},
+                 {"usage", usage_json}};
+    state_ = State::kWriting;
+    send(http::status::ok, dump(body));
+  }
+
+  void error(const std::string& message) {
+    if (state_ != State::kGenerating) return;
+    finish_with_error(message, 500);
+  }
+
+ private:
+  enum class State { kReading, kGenerating, kWriting, kClosed };
+
+  bool is_chat() const { return request_.endpoint == Endpoint::kChatCompletions; }
+
+  void do_read() {
+    if (!server_.accepting.load()) {
+      close();
+      return;
+    }
+    state_ = State::kReading;
+    parser_.emplace();
+    parser_->body_limit(server_.config.max_body_bytes);
+    stream_.expires_after(server_.config.request_timeout);
+    // Header first, so an oversized Content-Length is refused before the body is sent and
+    // "Expect: 100-continue" clients (curl) are not kept waiting.
+    http::async_read_header(
+        stream_, buffer_, *parser_,
+        [self = shared_from_this()](beast::error_code ec, size_t) { self->on_header(ec); });
+  }
+
+  void on_header(beast::error_code ec) {
+    if (ec) return on_read_error(ec);
+    auto& req = parser_->get();
+    if (auto it = req.find(http::field::expect);
+        it != req.end() && beast::iequals(it->value(), "100-continue")) {
+      auto cont = std::make_shared<std::string>("HTTP/1.1 100 Continue\r\n\r\n");
+      net::async_write(stream_, net::buffer(*cont),
+                       [self = shared_from_this(), cont](beast::error_code wec, size_t) {
+                         if (wec) return self->close();
+                         self->read_body();
+                       });
+      return;
+    }
+    read_body();
+  }
+
+  void read_body() {
+    http::async_read(stream_, buffer_, *parser_,
+                     [self = shared_from_this()](beast::error_code ec, size_t) {
+                       if (ec) return self->on_read_error(ec);
+                       self->handle_request();
+                     });
+  }
+
+  void on_read_error(beast::error_code ec) {
+    if (ec == http::error::body_limit) {
+      keep_alive_ = false;
+      send_error(make_error(
+          413, "request body exceeds " + std::to_string(server_.config.max_body_bytes) + " bytes",
+          "invalid_request_error", "body_too_large"));
+      return;
+    }
+    if (ec.category() == beast::error_code(http::error::end_of_stream).category() &&
+        ec != http::error::end_of_stream && ec != http::error::partial_message) {
+      // Malformed HTTP (bad start line, header syntax, ...).
+      keep_alive_ = false;
+      send_error(
+          make_error(400, "malformed HTTP request: " + ec.message(), "invalid_request_error"));
+      return;
+    }
+    // end of stream, timeout, reset: nobody to answer.
+    close();
+  }
+
+  void handle_request() {
+    http::request<http::string_body> req = parser_->release();
+    parser_.reset();
+    version_ = req.version();
+    keep_alive_ = req.keep_alive() && server_.accepting.load();
+    std::string target(req.target());
+    if (auto query = target.find('?'); query != std::string::npos) target.resize(query);
+    while (target.size() > 1 && target.back() == '/') target.pop_back();
+
+    auto require = [&](http::verb verb) {
+      if (req.method() == verb) return true;
+      send_error(make_error(405,
+                            "method " + std::string(req.method_string()) + " not allowed on " +
+                                target + "; use " + std::string(http::to_string(verb)),
+                            "invalid_request_error", "method_not_allowed"),
+                 false, std::string(http::to_string(verb)));
+      return false;
+    };
+
+    try {
+      if (target == "/v1/completions" || target == "/v1/chat/completions") {
+        if (!require(http::verb::post)) return;
+        start_generation(req.body(), target == "/v1/completions" ? Endpoint::kCompletions
+                                                                 : Endpoint::kChatCompletions);
+      } else if (target == "/v1/models") {
+        if (!require(http::verb::get)) return;
+        json model = {{"id", server_.backend.model_name()},
+                      {"object", "model"},
+                      {"created", static_cast<int64_t>(std::time(nullptr))},
+                      {"owned_by", "keel"},
+                      {"max_model_len", server_.backend.max_context()}};
+        send(http::status::ok, dump(json{{"object", "list"}, {"data", json::array({model})}}));
+      } else if (target == "/health") {
+        if (!require(http::verb::get)) return;
+        BackendHealth health = server_.backend.health();
+        if (!health.healthy) {
+          send_error(make_error(503, "backend unhealthy: " + health.detail, "server_error",
+                                "backend_unhealthy"),
+                     true);
+          return;
+        }
+        send(http::status::ok, dump(json{{"status", "ok"}, {"detail", health.detail}}));
+      } else if (target == "/metrics") {
+        if (!require(http::verb::get)) return;
+        std::string text = server_.config.metrics ? server_.config.metrics() : std::string();
+        send(http::status::ok, std::move(text), "text/plain; version=0.0.4");
+      } else {
+        send_error(
+            make_error(404, "no endpoint " + target, "invalid_request_error", "unknown_url"));
+      }
+    } catch (const std::exception& e) {
+      // A throwing backend or hook must not take the server down; the client gets a 500.
+      spdlog::error("server: {} {}: {}", std::string(req.method_string()), target, e.what());
+      if (state_ == State::kReading) {
+        send_error(make_error(500, std::string("internal error: ") + e.what(), "server_error"));
+      }
+    }
+  }
+
+  void start_generation(const std::string& body, Endpoint endpoint) {
+    BackendHealth health = server_.backend.health();
+    if (!health.healthy) {
+      send_error(make_error(503, "backend unhealthy: " + health.detail, "server_error",
+                            "backend_unhealthy"),
+                 true);
+      return;
+    }
+    CompletionRequest request;
+    if (auto error =
+            parse_completion_request(body, endpoint, server_.backend.max_context(), request)) {
+      send_error(*error);
+      return;
+    }
+    model_ = server_.backend.model_name();
+    if (!request.model.empty() && request.model != model_) {
+      RequestError error = make_error(404,
+                                      "model '" + request.model +
+                                          "' does not exist; this server "
+                                          "serves '" +
+                                          model_ + "'",
+                                      "invalid_request_error", "model_not_found");
+      error.param = "model";
+      send_error(error);
+      return;
+    }
+    if (endpoint == Endpoint::kChatCompletions) {
+      request.prompt_text = server_.config.chat_template
+                                ? server_.config.chat_template(request.messages)
+                                : render_chatml(request.messages);
+    }
+    request_ = request;
+    completion_id_ = random_id(endpoint == Endpoint::kChatCompletions ? "chatcmpl-" : "cmpl-");
+    created_ = static_cast<int64_t>(std::time(nullptr));
+    text_.clear();
+    completion_tokens_ = 0;
+    accumulated_logprobs_ = initial_logprobs();
+
+    auto sink = std::make_shared<SessionSink>(weak_from_this(), stream_.get_executor());
+    {
+      std::lock_guard lock(server_.mutex);
+      ++server_.in_flight;
+    }
+    counted_in_flight_ = true;
+    // Generating before submit: the backend may call the sink at once, and those calls are
+    // posted to this strand, so they run only after this handler returns.
+    state_ = State::kGenerating;
+    sink_ = sink;
+    self_ = shared_from_this();
+    bool accepted = false;
+    try {
+      accepted = server_.backend.try_submit(std::move(request), sink);
+    } catch (...) {
+      abandon_generation();
+      throw;
+    }
+    if (!accepted) {
+      abandon_generation();
+      send_error(make_error(429, "the generation queue is full; retry later", "rate_limit_error",
+                            "queue_full"),
+                 true);
+      return;
+    }
+    stream_.expires_never();  // generation time is not bounded by the request timeout
+    if (request_.stream) {
+      enqueue(
+          "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+          "Transfer-Encoding: chunked\r\n" +
+          std::string(keep_alive_ ? "Connection: keep-alive\r\n" : "Connection: close\r\n") +
+          "\r\n");
+      if (is_chat()) {
+        json choice = {{"index", 0},
+                       {"delta", {{"role", "assistant"}, {"content", ""}}},
+                       {"logprobs", nullptr},
+                       {"finish_reason", nullptr}};
+        enqueue(sse_event(dump(chunk_envelope(json::array({choice})))));
+      }
+    }
+    watch_for_disconnect();
+  }
+
+  // Undo the bookkeeping of a generation that never reached the backend.
+  void abandon_generation() {
+    end_generation();
+    state_ = State::kReading;
+  }
+
+  // While generating, a read stays pending: EOF or reset means the client left. Bytes that do
+  // arrive (a pipelined request) stay in buffer_ for the next read.
+  void watch_for_disconnect() {
+    if (watch_pending_ || buffer_.size() > 64 * 1024) return;
+    watch_pending_ = true;
+    stream_.async_read_some(
+        buffer_.prepare(4096), [self = shared_from_this()](beast::error_code ec, size_t n) {
+          self->watch_pending_ = false;
+          if (ec) {
+            if (self->state_ == State::kGenerating || self->state_ == State::kWriting) {
+              self->client_gone();
+            } else {
+              self->close();
+            }
+            return;
+          }
+          self->buffer_.commit(n);
+          if (self->state_ == State::kGenerating || self->state_ == State::kWriting) {
+            self->watch_for_disconnect();
+          } else if (self->resume_read_after_watch_) {
+            self->resume_read_after_watch_ = false;
+            self->do_read();
+          }
+        });
+  }
+
+  void client_gone() {
+    if (state_ == State::kGenerating) {
+      if (sink_) sink_->cancel();
+      end_generation();
+    }
+    close();
+  }
+
+  // Idempotent: a request leaves the in-flight count exactly once, however it ends.
+  void end_generation() {
+    if (!counted_in_flight_) return;
+    counted_in_flight_ = false;
+    sink_.reset();
+    server_.request_done();
+    // Last: may drop the final reference; the caller's handler still holds one.
+    self_.reset();
+  }
+
+  void finish_with_error(const std::string& message, int status) {
+    if (request_.stream) {
+      json error = error_body(make_error(status, message, "server_error"));
+      enqueue(sse_event(dump(error)));
+      end_stream();
+      return;
+    }
+    state_ = State::kWriting;
+    send_error(make_error(status, message, "server_error"), status == 503);
+  }
+
+  void end_stream() {
+    enqueue(sse_event("[DONE]"));
+    enqueue("0\r\n\r\n");
+    state_ = State::kWriting;
+    response_complete_ = true;
+    flush();
+  }
+
+  json chunk_envelope(json choices) const {
+    return json{{"id", completion_id_},
+                {"object", is_chat() ? "chat.completion.chunk" : "text_completion"},
+                {"created", created_},
+                {"model", model_},
+                {"choices", std::move(choices)}};
+  }
+
+  json initial_logprobs() const {
+    if (is_chat()) return json{{"content", json::array()}};
+    return json{{"tokens", json::array()},
+                {"token_logprobs", json::array()},
+                {"top_logprobs", json::array()},
+                {"text_offset", json::array()}};
+  }
+
+  static json bytes_of(const std::string& text) {
+    json bytes = json::array();
+    for (unsigned char c : text) bytes.push_back(static_cast<int>(c));
+    return bytes;
+  }
+
+  // One position's logprobs in the endpoint's format.
+  json logprobs_for(const std::string& delta, int32_t, float logprob,
+                    const std::vector<TopLogprob>& top) const {
+    json entry = initial_logprobs();
+    if (is_chat()) {
+      json alternatives = json::array();
+      for (size_t i = 0; i < top.size() && static_cast<int>(i) < request_.top_logprobs; ++i) {
+        alternatives.push_back({{"token", top[i].token},
+                                {"logprob", top[i].logprob},
+                                {"bytes", bytes_of(top[i].token)}});
+      }
+      entry["content"].push_back({{"token", delta},
+                                  {"logprob", logprob},
+                                  {"bytes", bytes_of(delta)},
+                                  {"top_logprobs", alternatives}});
+    } else {
+      json alternatives = json::object();
+      for (size_t i = 0; i < top.size() && static_cast<int>(i) < request_.top_logprobs; ++i) {
+        alternatives[top[i].token] = top[i].logprob;
+      }
+      entry["tokens"].push_back(delta);
+      entry["token_logprobs"].push_back(logprob);
+      entry["top_logprobs"].push_back(alternatives);
+      entry["text_offset"].push_back(text_.size());
+    }
+    return entry;
+  }
+
+  void append_logprobs(const std::string& delta, int32_t token_id, float logprob,
+                       const std::vector<TopLogprob>& top) {
+    json entry = logprobs_for(delta, token_id, logprob, top);
+    for (auto& [key, values] : entry.items()) {
+      for (auto& value : values) accumulated_logprobs_[key].push_back(std::move(value));
+    }
+  }
+
+  void send_error(const RequestError& error, bool retry_after = false,
+                  const std::string& allow = "") {
+    std::vector<std::pair<http::field, std::string>> headers;
+    if (retry_after) {
+      headers.emplace_back(http::field::retry_after,
+                           std::to_string(server_.config.retry_after_seconds));
+    }
+    if (!allow.empty()) headers.emplace_back(http::field::allow, allow);
+    send(static_cast<http::status>(error.status), dump(error_body(error)), "application/json",
+         headers);
+  }
+
+  void send(http::status status, std::string body,
+            const std::string& content_type = "application/json",
+            const std::vector<std::pair<http::field, std::string>>& headers = {}) {
+    http::response<http::string_body> res{status, version_ ? version_ : 11};
+    res.set(http::field::server, "keel");
+    res.set(http::field::content_type, content_type);
+    for (const auto& [field, value] : headers) res.set(field, value);
+    res.keep_alive(keep_alive_ && server_.accepting.load());
+    res.body() = std::move(body);
+    res.prepare_payload();
+    std::ostringstream out;
+    out << res;
+    if (state_ == State::kReading) state_ = State::kWriting;
+    response_complete_ = true;
+    enqueue(out.str());
+  }
+
+  void enqueue(std::string bytes) {
+    if (state_ == State::kClosed) return;
+    write_queue_.push_back(std::move(bytes));
+    flush();
+  }
+
+  void flush() {
+    if (writing_ || state_ == State::kClosed) return;
+    if (write_queue_.empty()) {
+      if (response_complete_) response_done();
+      return;
+    }
+    writing_ = true;
+    net::async_write(stream_, net::buffer(write_queue_.front()),
+                     [self = shared_from_this()](beast::error_code ec, size_t) {
+                       self->writing_ = false;
+                       if (ec) return self->client_gone();
+                       self->write_queue_.pop_front();
+                       self->flush();
+                     });
+  }
+
+  void response_done() {
+    response_complete_ = false;
+    end_generation();
+    if (!keep_alive_ || !server_.accepting.load()) {
+      close();
+      return;
+    }
+    state_ = State::kReading;
+    if (watch_pending_) {
+      // The disconnect watch's read is still pending; it resumes request reading when it
+      // completes (a read may not be started twice).
+      resume_read_after_watch_ = true;
+      state_ = State::kReading;
+      return;
+    }
+    do_read();
+  }
+
+  // public for HttpServer::drain
+ public:
+  void close_now() { close(); }
+
+ private:
+  void close() {
+    if (state_ == State::kClosed) return;
+    if (state_ == State::kGenerating) {
+      if (sink_) sink_->cancel();
+      end_generation();
+    }
+    state_ = State::kClosed;
+    beast::error_code ignored;
+    stream_.socket().shutdown(tcp::socket::shutdown_both, ignored);
+    stream_.socket().close(ignored);
+    sink_.reset();
+    self_.reset();
+  }
+
+  HttpServer::Impl& server_;
+  beast::tcp_stream stream_;
+  beast::flat_buffer buffer_;
+  std::optional<http::request_parser<http::string_body>> parser_;
+  uint64_t id_ = 0;
+  State state_ = State::kReading;
+  unsigned version_ = 11;
+  bool keep_alive_ = true;
+
+  std::deque<std::string> write_queue_;
+  bool writing_ = false;
+  bool response_complete_ = false;
+  bool watch_pending_ = false;
+  bool resume_read_after_watch_ = false;
+  bool counted_in_flight_ = false;  // this session's request is in HttpServer::in_flight
+
+  // The request being generated.
+  CompletionRequest request_;
+  std::shared_ptr<SessionSink> sink_;
+  std::shared_ptr<Session> self_;  // keeps the session alive while the backend owns the sink
+  std::string completion_id_;
+  std::string model_;
+  int64_t created_ = 0;
+  std::string text_;
+  int completion_tokens_ = 0;
+  json accumulated_logprobs_;
+};
+
+namespace {
+
+template <typename Fn>
+void SessionSink::deliver(Fn fn) {
+  std::shared_ptr<Session> session = session_.lock();
+  if (!session) {
+    cancel();
+    return;
+  }
+  net::post(strand_, [session = std::move(session), fn = std::move(fn)]() { fn(*session); });
+}
+
+void SessionSink::on_token(const std::string& text_delta, int32_t token_id, float logprob,
+                           const std::vector<TopLogprob>& top_logprobs) {
+  deliver([text_delta, token_id, logprob, top_logprobs](Session& session) {
+    session.token(text_delta, token_id, logprob, top_logprobs);
+  });
+}
+
+void SessionSink::on_finish(const std::string& finish_reason, Usage usage) {
+  deliver([finish_reason, usage](Session& session) { session.finish(finish_reason, usage); });
+}
+
+void SessionSink::on_error(const std::string& message) {
+  deliver([message](Session& session) { session.error(message); });
+}
+
+}  // namespace
+
+void HttpServer::Impl::accept_next() {
+  acceptor->async_accept(net::make_strand(ioc), [this](beast::error_code ec, tcp::socket socket) {
+    if (!accepting.load() || !acceptor->is_open()) return;
+    if (ec) {
+      if (ec == net::error::operation_aborted) return;
+      // EMFILE and friends: keep serving the connections we have, try again.
+      spdlog::warn("server: accept failed: {}", ec.message());
+      accept_next();
+      return;
+    }
+    // Streams are many small writes: without TCP_NODELAY Nagle holds tokens back ~40 ms.
+    beast::error_code ignored;
+    socket.set_option(tcp::no_delay(true), ignored);
+    bool over_limit = connections.load() >= config.max_concurrent_connections;
+    auto session = std::make_shared<Session>(*this, std::move(socket));
+    uint64_t id = 0;
+    {
+      std::lock_guard lock(mutex);
+      id = ++next_session_id;
+      sessions[id] = session;
+    }
+    session->start(id, over_limit);
+    accept_next();
+  });
+}
+
+HttpServer::HttpServer(HttpServerConfig config, GenerationBackend& backend)
+    : impl_(std::make_shared<Impl>(std::move(config), backend)) {}
+
+HttpServer::~HttpServer() {
+  if (impl_->running) drain(std::chrono::milliseconds(0));
+}
+
+void HttpServer::start() {
+  KEEL_CHECK(!impl_->running, "HttpServer::start called twice");
+  Impl& impl = *impl_;
+  beast::error_code ec;
+  auto address = net::ip::make_address(impl.config.host, ec);
+  if (ec) throw_error("server: bad host '", impl.config.host, "': ", ec.message());
+  tcp::endpoint endpoint{address, impl.config.port};
+  // The acceptor runs on its own strand: stop_accepting() posts its close there.
+  impl.acceptor.emplace(net::make_strand(impl.ioc));
+  impl.acceptor->open(endpoint.protocol(), ec);
+  if (!ec) impl.acceptor->set_option(net::socket_base::reuse_address(true), ec);
+  if (!ec) impl.acceptor->bind(endpoint, ec);
+  if (!ec) impl.acceptor->listen(net::socket_base::max_listen_connections, ec);
+  if (ec) {
+    throw_error("server: cannot listen on ", impl.config.host, ":", impl.config.port, ": ",
+                ec.message());
+  }
+  bound_port_ = impl.acceptor->local_endpoint().port();
+  impl.work.emplace(impl.ioc.get_executor());
+  net::dispatch(impl.acceptor->get_executor(), [&impl] { impl.accept_next(); });
+  impl.running = true;
+  for (int i = 0; i < std::max(1, impl.config.threads); ++i) {
+    impl.threads.emplace_back([&impl] {
+      // A handler that throws is a bug in the server; log it and keep the thread serving.
+      for (;;) {
+        try {
+          impl.ioc.run();
+          return;
+        } catch (const std::exception& e) {
+          spdlog::error("server: handler threw: {}", e.what());
+        }
+      }
+    });
+  }
+  spdlog::info("server: listening on {}:{}", impl.config.host, bound_port_);
+}
+
+void HttpServer::stop_accepting() {
+  Impl& impl = *impl_;
+  if (!impl.running || !impl.accepting.exchange(false)) return;
+  std::promise<void> closed;
+  auto closed_future = closed.get_future();
+  net::dispatch(impl.acceptor->get_executor(), [&impl, &closed] {
+    beast::error_code ignored;
+    impl.acceptor->close(ignored);
+    closed.set_value();
+  });
+  // Refusing new connections is a promise to the caller: wait until the listener is closed.
+  closed_future.wait();
+  std::vector<std::shared_ptr<Session>> sessions;
+  {
+    std::lock_guard lock(impl.mutex);
+    for (auto& [id, weak] : impl.sessions) {
+      if (auto session = weak.lock()) sessions.push_back(std::move(session));
+    }
+  }
+  for (auto& session : sessions) {
+    // Each session's state belongs to its strand: ask it there.
+    net::post(session->executor(), [session] { session->close_if_idle(); });
+  }
+}
+
+namespace {
+
+std::vector<std::shared_ptr<Session>> live_sessions(HttpServer::Impl& impl) {
+  std::vector<std::shared_ptr<Session>> sessions;
+  std::lock_guard lock(impl.mutex);
+  for (auto& [id, weak] : impl.sessions) {
+    if (auto session = weak.lock()) sessions.push_back(std::move(session));
+  }
+  return sessions;
+}
+
+}  // namespace
+
+bool HttpServer::drain(std::chrono::milliseconds timeout) {
+  Impl& impl = *impl_;
+  if (!impl.running) return true;
+  stop_accepting();
+  bool clean = false;
+  {
+    std::unique_lock lock(impl.mutex);
+    clean = impl.idle_cv.wait_for(lock, timeout, [&impl] { return impl.in_flight == 0; });
+  }
+  if (!clean) {
+    // The deadline passed: every accepted request still gets an answer, an error.
+    spdlog::warn("server: drain timed out with {} requests in flight; failing them",
+                 impl.in_flight);
+    for (auto& session : live_sessions(impl)) {
+      net::post(session->executor(),
+                [session] { session->abort("server shutting down before the request finished"); });
+    }
+    // Give the error responses a moment to reach the clients.
+    std::unique_lock lock(impl.mutex);
+    impl.idle_cv.wait_for(lock, std::chrono::seconds(2), [&impl] { return impl.in_flight == 0; });
+  }
+  // Close whatever is left (sessions between requests) so their handlers release them.
+  for (auto& session : live_sessions(impl)) {
+    net::post(session->executor(), [session] { session->close_now(); });
+  }
+  impl.work.reset();
+  impl.ioc.stop();
+  for (std::thread& thread : impl.threads) thread.join();
+  impl.threads.clear();
+  impl.running = false;
+  spdlog::info("server: stopped");
+  return clean;
+}
+
+void HttpServer::run_until_signal(std::chrono::milliseconds drain_timeout) {
+  Impl& impl = *impl_;
+  std::mutex mutex;
+  std::condition_variable cv;
+  bool signalled = false;
+  net::signal_set signals(impl.ioc, SIGINT, SIGTERM);
+  signals.async_wait([&](const beast::error_code& ec, int signal_number) {
+    if (ec) return;
+    spdlog::info("server: signal {}, draining", signal_number);
+    {
+      std::lock_guard lock(mutex);
+      signalled = true;
+    }
+    cv.notify_all();
+  });
+  {
+    std::unique_lock lock(mutex);
+    cv.wait(lock, [&] { return signalled; });
+  }
+  drain(drain_timeout);
+  beast::error_code ignored;
+  signals.cancel(ignored);
+}
+
+int HttpServer::in_flight() const {
+  std::lock_guard lock(impl_->mutex);
+  return impl_->in_flight;
+}
+
+int HttpServer::open_connections() const {
+  return impl_->connections.load();
+}
+
+}  // namespace keel::server

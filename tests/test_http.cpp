@@ -1,0 +1,649 @@
+// HTTP layer tests over real sockets on 127.0.0.1: a Beast client (and curl once) against an
+// HttpServer wired to a fake backend with deterministic tokens, a per-token delay and a queue
+// limit.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <boost/asio.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <map>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "runtime/server/api.h"
+#include "runtime/server/http_server.h"
+
+namespace {
+
+namespace net = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+using tcp = net::ip::tcp;
+using nlohmann::json;
+using namespace keel::server;
+using namespace std::chrono_literals;
+
+// Token i is " t<i>"; generation ends with "stop" after eos_after tokens or "length" at
+// max_tokens. Each request runs on its own thread, like an engine would call the sink.
+class FakeBackend : public GenerationBackend {
+ public:
+  ~FakeBackend() override {
+    std::lock_guard lock(mutex_);
+    for (std::thread& worker : workers_) worker.join();
+  }
+  std::string model_name() const override { return "fake-moe"; }
+  int max_context() const override { return 4096; }
+  BackendHealth health() const override { return {healthy.load(), healthy ? "ok" : "rank 1 down"}; }
+
+  bool try_submit(CompletionRequest request, std::shared_ptr<TokenSink> sink) override {
+    if (active.load() >= queue_limit.load()) return false;
+    ++active;
+    std::lock_guard lock(mutex_);
+    last_request_ = request;
+    workers_.emplace_back([this, request = std::move(request), sink = std::move(sink)] {
+      run(request, *sink);
+      --active;
+    });
+    return true;
+  }
+
+  CompletionRequest last_request() {
+    std::lock_guard lock(mutex_);
+    return last_request_;
+  }
+
+  std::atomic<int> queue_limit{8};
+  std::atomic<int> eos_after{1000};
+  std::atomic<int> delay_ms{0};
+  std::atomic<bool> healthy{true};
+  std::atomic<bool> fail{false};
+  std::atomic<int> active{0};
+  std::atomic<int> cancellations{0};
+
+ private:
+  void run(const CompletionRequest& request, TokenSink& sink) {
+    if (fail) {
+      sink.on_error("expert rank crashed");
+      return;
+    }
+    int prompt_tokens = request.prompt_tokens ? static_cast<int>(request.prompt_tokens->size())
+                                              : static_cast<int>(request.prompt_text.size());
+    int produced = 0;
+    while (produced < request.max_tokens && produced < eos_after) {
+      if (sink.cancelled()) {
+        ++cancellations;
+        return;
+      }
+      if (delay_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms.load()));
+      std::vector<TopLogprob> top = {{" t" + std::to_string(produced), 100 + produced, -0.25f},
+                                     {" x", 7, -2.0f}};
+      sink.on_token(" t" + std::to_string(produced), 100 + produced, -0.25f, top);
+      ++produced;
+    }
+    sink.on_finish(produced == request.max_tokens ? "length" : "stop",
+                   Usage{prompt_tokens, produced});
+  }
+
+  std::mutex mutex_;
+  std::vector<std::thread> workers_;
+  CompletionRequest last_request_;
+};
+
+struct Reply {
+  int status = 0;
+  std::map<std::string, std::string> headers;
+  std::string body;
+  json json_body() const { return json::parse(body); }
+};
+
+Reply send_on(tcp::socket& socket, http::verb verb, const std::string& target,
+              const std::string& body, bool keep_alive = false) {
+  http::request<http::string_body> req{verb, target, 11};
+  req.set(http::field::host, "127.0.0.1");
+  req.keep_alive(keep_alive);
+  if (!body.empty() || verb == http::verb::post) {
+    req.set(http::field::content_type, "application/json");
+    req.body() = body;
+    req.prepare_payload();
+  }
+  http::write(socket, req);
+  beast::flat_buffer buffer;
+  http::response_parser<http::string_body> parser;
+  parser.body_limit(boost::none);
+  http::read(socket, buffer, parser);
+  Reply reply;
+  reply.status = parser.get().result_int();
+  for (const auto& field : parser.get()) {
+    reply.headers[std::string(field.name_string())] = std::string(field.value());
+  }
+  reply.body = parser.get().body();
+  return reply;
+}
+
+Reply send(uint16_t port, http::verb verb, const std::string& target,
+           const std::string& body = "") {
+  net::io_context ioc;
+  tcp::socket socket(ioc);
+  socket.connect({net::ip::make_address("127.0.0.1"), port});
+  return send_on(socket, verb, target, body);
+}
+
+Reply post(uint16_t port, const std::string& target, const json& body) {
+  return send(port, http::verb::post, target, body.dump());
+}
+
+// Server-sent events: the payload of each "data: " line, in order.
+std::vector<std::string> sse_payloads(const std::string& body) {
+  std::vector<std::string> payloads;
+  size_t pos = 0;
+  while (pos < body.size()) {
+    size_t end = body.find("\n\n", pos);
+    if (end == std::string::npos) end = body.size();
+    std::string event = body.substr(pos, end - pos);
+    EXPECT_EQ(event.rfind("data: ", 0), 0u) << event;
+    payloads.push_back(event.substr(6));
+    pos = end + 2;
+  }
+  return payloads;
+}
+
+template <typename Pred>
+bool wait_for(Pred pred, std::chrono::milliseconds timeout = 3000ms) {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (!pred()) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(5ms);
+  }
+  return true;
+}
+
+class HttpTest : public ::testing::Test {
+ protected:
+  void start(HttpServerConfig config = {}) {
+    config.port = 0;
+    server = std::make_unique<HttpServer>(std::move(config), backend);
+    server->start();
+    port = server->port();
+    ASSERT_NE(port, 0);
+  }
+  void SetUp() override { start(); }
+  void TearDown() override {
+    if (server) server->drain(2000ms);
+    server.reset();
+  }
+  void restart(HttpServerConfig config) {
+    server->drain(1000ms);
+    server.reset();
+    start(std::move(config));
+  }
+
+  // Asserts an OpenAI error body whose message names `field`.
+  void expect_error(const Reply& reply, int status, const std::string& field) {
+    EXPECT_EQ(reply.status, status) << reply.body;
+    json body = json::parse(reply.body, nullptr, false);
+    ASSERT_TRUE(body.contains("error")) << reply.body;
+    EXPECT_TRUE(body["error"].contains("type"));
+    EXPECT_TRUE(body["error"].contains("param"));
+    EXPECT_TRUE(body["error"].contains("code"));
+    EXPECT_NE(body["error"]["message"].get<std::string>().find(field), std::string::npos)
+        << reply.body;
+  }
+
+  FakeBackend backend;  // declared first: outlives the server
+  std::unique_ptr<HttpServer> server;
+  uint16_t port = 0;
+};
+
+TEST_F(HttpTest, CompletionNonStreaming) {
+  Reply reply = post(port, "/v1/completions", {{"prompt", "hello"}, {"max_tokens", 5}});
+  ASSERT_EQ(reply.status, 200) << reply.body;
+  EXPECT_EQ(reply.headers["Content-Type"], "application/json");
+  json body = reply.json_body();
+  EXPECT_EQ(body["object"], "text_completion");
+  EXPECT_EQ(body["id"].get<std::string>().rfind("cmpl-", 0), 0u);
+  EXPECT_EQ(body["model"], "fake-moe");
+  EXPECT_TRUE(body["created"].is_number_integer());
+  ASSERT_EQ(body["choices"].size(), 1u);
+  EXPECT_EQ(body["choices"][0]["index"], 0);
+  EXPECT_EQ(body["choices"][0]["text"], " t0 t1 t2 t3 t4");
+  EXPECT_EQ(body["choices"][0]["finish_reason"], "length");
+  EXPECT_TRUE(body["choices"][0]["logprobs"].is_null());
+  EXPECT_EQ(body["usage"]["prompt_tokens"], 5);
+  EXPECT_EQ(body["usage"]["completion_tokens"], 5);
+  EXPECT_EQ(body["usage"]["total_tokens"], 10);
+  EXPECT_EQ(backend.last_request().prompt_text, "hello");
+}
+
+TEST_F(HttpTest, PromptFormsAndSamplingFields) {
+  Reply ids = post(port, "/v1/completions",
+                   {{"prompt", {1, 2, 3}},
+                    {"max_tokens", 2},
+                    {"temperature", 0.5},
+                    {"top_p", 0.9},
+                    {"top_k", 40},
+                    {"seed", 7},
+                    {"stop", {"\n", "END"}}});
+  ASSERT_EQ(ids.status, 200) << ids.body;
+  CompletionRequest seen = backend.last_request();
+  ASSERT_TRUE(seen.prompt_tokens.has_value());
+  EXPECT_EQ(*seen.prompt_tokens, (std::vector<int32_t>{1, 2, 3}));
+  EXPECT_FLOAT_EQ(seen.temperature, 0.5f);
+  EXPECT_FLOAT_EQ(seen.top_p, 0.9f);
+  EXPECT_EQ(seen.top_k, 40);
+  EXPECT_EQ(seen.seed, 7u);
+  EXPECT_EQ(seen.stop, (std::vector<std::string>{"\n", "END"}));
+  EXPECT_EQ(ids.json_body()["usage"]["prompt_tokens"], 3);
+
+  ASSERT_EQ(post(port, "/v1/completions", {{"prompt", {"one"}}, {"max_tokens", 1}}).status, 200);
+  EXPECT_EQ(backend.last_request().prompt_text, "one");
+  ASSERT_EQ(post(port, "/v1/completions", {{"prompt", {{4, 5}}}, {"max_tokens", 1}}).status, 200);
+  EXPECT_EQ(*backend.last_request().prompt_tokens, (std::vector<int32_t>{4, 5}));
+  ASSERT_EQ(post(port, "/v1/completions", {{"prompt", "x"}, {"stop", "END"}}).status, 200);
+  EXPECT_EQ(backend.last_request().stop, (std::vector<std::string>{"END"}));
+  EXPECT_EQ(backend.last_request().max_tokens, 16);  // OpenAI default
+}
+
+TEST_F(HttpTest, ChatNonStreaming) {
+  backend.eos_after = 3;
+  json request = {{"model", "fake-moe"},
+                  {"messages",
+                   {{{"role", "system"}, {"content", "Be brief."}},
+                    {{"role", "user"}, {"content", {{{"type", "text"}, {"text", "Hi"}}}}}}},
+                  {"max_tokens", 10}};
+  Reply reply = post(port, "/v1/chat/completions", request);
+  ASSERT_EQ(reply.status, 200) << reply.body;
+  json body = reply.json_body();
+  EXPECT_EQ(body["object"], "chat.completion");
+  EXPECT_EQ(body["id"].get<std::string>().rfind("chatcmpl-", 0), 0u);
+  EXPECT_EQ(body["choices"][0]["message"]["role"], "assistant");
+  EXPECT_EQ(body["choices"][0]["message"]["content"], " t0 t1 t2");
+  EXPECT_EQ(body["choices"][0]["finish_reason"], "stop");
+  EXPECT_EQ(body["usage"]["completion_tokens"], 3);
+  const std::string chatml =
+      "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+      "<|im_start|>assistant\n";
+  EXPECT_EQ(backend.last_request().prompt_text, chatml);
+  EXPECT_EQ(body["usage"]["prompt_tokens"], static_cast<int>(chatml.size()));
+  EXPECT_EQ(backend.last_request().messages.size(), 2u);
+}
+
+TEST_F(HttpTest, ChatTemplateHook) {
+  HttpServerConfig config;
+  config.chat_template = [](const std::vector<ChatMessage>& messages) {
+    return "[" + messages.back().content + "]";
+  };
+  restart(config);
+  ASSERT_EQ(post(port, "/v1/chat/completions",
+                 {{"messages", {{{"role", "user"}, {"content", "q"}}}}, {"max_tokens", 1}})
+                .status,
+            200);
+  EXPECT_EQ(backend.last_request().prompt_text, "[q]");
+}
+
+TEST_F(HttpTest, StreamingCompletionMatchesNonStreaming) {
+  backend.delay_ms = 2;
+  json request = {{"prompt", "hello"}, {"max_tokens", 6}};
+  std::string expected = post(port, "/v1/completions", request).json_body()["choices"][0]["text"];
+  request["stream"] = true;
+  request["stream_options"] = {{"include_usage", true}};
+  Reply reply = post(port, "/v1/completions", request);
+  ASSERT_EQ(reply.status, 200) << reply.body;
+  EXPECT_EQ(reply.headers["Content-Type"], "text/event-stream");
+  std::vector<std::string> events = sse_payloads(reply.body);
+  ASSERT_GE(events.size(), 3u);
+  EXPECT_EQ(events.back(), "[DONE]");
+  std::string text;
+  std::string id;
+  int tokens = 0;
+  for (size_t i = 0; i + 1 < events.size(); ++i) {
+    json chunk = json::parse(events[i]);
+    EXPECT_EQ(chunk["object"], "text_completion");
+    if (id.empty()) id = chunk["id"];
+    EXPECT_EQ(chunk["id"], id);      // one id across the stream
+    if (chunk["choices"].empty()) {  // the usage chunk, last before [DONE]
+      EXPECT_EQ(i + 2, events.size());
+      EXPECT_EQ(chunk["usage"]["completion_tokens"], 6);
+      EXPECT_EQ(chunk["usage"]["total_tokens"], 11);
+      continue;
+    }
+    const json& choice = chunk["choices"][0];
+    text += choice["text"].get<std::string>();
+    if (choice["finish_reason"].is_null()) {
+      EXPECT_EQ(choice["text"], " t" + std::to_string(tokens));  // chunks in order
+      ++tokens;
+    } else {
+      EXPECT_EQ(choice["finish_reason"], "length");
+    }
+  }
+  EXPECT_EQ(tokens, 6);
+  EXPECT_EQ(text, expected);
+}
+
+TEST_F(HttpTest, StreamingChat) {
+  backend.eos_after = 4;
+  json request = {{"messages", {{{"role", "user"}, {"content", "Hi"}}}}, {"max_tokens", 10}};
+  std::string expected =
+      post(port, "/v1/chat/completions", request).json_body()["choices"][0]["message"]["content"];
+  request["stream"] = true;
+  Reply reply = post(port, "/v1/chat/completions", request);
+  ASSERT_EQ(reply.status, 200) << reply.body;
+  std::vector<std::string> events = sse_payloads(reply.body);
+  ASSERT_EQ(events.back(), "[DONE]");
+  json first = json::parse(events.front());
+  EXPECT_EQ(first["object"], "chat.completion.chunk");
+  EXPECT_EQ(first["choices"][0]["delta"]["role"], "assistant");
+  std::string text;
+  std::string finish;
+  for (size_t i = 0; i + 1 < events.size(); ++i) {
+    json chunk = json::parse(events[i]);
+    EXPECT_FALSE(chunk.contains("usage"));  // not asked for
+    const json& choice = chunk["choices"][0];
+    if (choice["delta"].contains("content")) text += choice["delta"]["content"].get<std::string>();
+    if (!choice["finish_reason"].is_null()) finish = choice["finish_reason"];
+  }
+  EXPECT_EQ(text, expected);
+  EXPECT_EQ(finish, "stop");
+}
+
+TEST_F(HttpTest, Logprobs) {
+  Reply reply =
+      post(port, "/v1/completions", {{"prompt", "a"}, {"max_tokens", 2}, {"logprobs", 1}});
+  ASSERT_EQ(reply.status, 200) << reply.body;
+  json logprobs = reply.json_body()["choices"][0]["logprobs"];
+  EXPECT_EQ(logprobs["tokens"], json({" t0", " t1"}));
+  EXPECT_EQ(logprobs["token_logprobs"], json({-0.25, -0.25}));
+  EXPECT_EQ(logprobs["top_logprobs"][1], json({{" t1", -0.25}}));
+  EXPECT_EQ(logprobs["text_offset"], json({0, 3}));
+
+  Reply chat = post(port, "/v1/chat/completions",
+                    {{"messages", {{{"role", "user"}, {"content", "Hi"}}}},
+                     {"max_tokens", 1},
+                     {"logprobs", true},
+                     {"top_logprobs", 2}});
+  ASSERT_EQ(chat.status, 200) << chat.body;
+  json content = chat.json_body()["choices"][0]["logprobs"]["content"];
+  ASSERT_EQ(content.size(), 1u);
+  EXPECT_EQ(content[0]["token"], " t0");
+  EXPECT_EQ(content[0]["top_logprobs"].size(), 2u);
+  EXPECT_EQ(content[0]["top_logprobs"][1]["token"], " x");
+}
+
+TEST_F(HttpTest, ModelsHealthMetrics) {
+  Reply models = send(port, http::verb::get, "/v1/models");
+  ASSERT_EQ(models.status, 200);
+  EXPECT_EQ(models.json_body()["object"], "list");
+  EXPECT_EQ(models.json_body()["data"][0]["id"], "fake-moe");
+  EXPECT_EQ(send(port, http::verb::get, "/health").status, 200);
+  Reply metrics = send(port, http::verb::get, "/metrics");
+  EXPECT_EQ(metrics.status, 200);
+  EXPECT_EQ(metrics.body, "");
+
+  HttpServerConfig config;
+  config.metrics = [] { return std::string("keel_requests_total 3\n"); };
+  restart(config);
+  EXPECT_EQ(send(port, http::verb::get, "/metrics").body, "keel_requests_total 3\n");
+}
+
+TEST_F(HttpTest, ValidationErrorsNameTheField) {
+  const std::string completions = "/v1/completions";
+  Reply malformed = send(port, http::verb::post, completions, "{\"prompt\": ");
+  expect_error(malformed, 400, "JSON");
+  expect_error(send(port, http::verb::post, completions, "[1,2]"), 400, "object");
+  expect_error(post(port, completions, json::object()), 400, "prompt");
+  expect_error(post(port, completions, {{"prompt", 5}}), 400, "prompt");
+  expect_error(post(port, completions, {{"prompt", {"a", "b"}}}), 400, "prompt");
+  expect_error(post(port, completions, {{"prompt", {1, -2}}}), 400, "prompt");
+  expect_error(post(port, completions, {{"prompt", "x"}, {"max_tokens", "ten"}}), 400,
+               "max_tokens");
+  expect_error(post(port, completions, {{"prompt", "x"}, {"max_tokens", 0}}), 400, "max_tokens");
+  expect_error(post(port, completions, {{"prompt", "x"}, {"max_tokens", 1.5}}), 400, "max_tokens");
+  expect_error(post(port, completions, {{"prompt", "x"}, {"max_tokens", 100000}}), 400,
+               "max_tokens");
+  expect_error(post(port, completions, {{"prompt", "x"}, {"temperature", "hot"}}), 400,
+               "temperature");
+  expect_error(post(port, completions, {{"prompt", "x"}, {"temperature", 3}}), 400, "temperature");
+  expect_error(post(port, completions, {{"prompt", "x"}, {"top_p", 0}}), 400, "top_p");
+  expect_error(post(port, completions, {{"prompt", "x"}, {"top_k", -5}}), 400, "top_k");
+  expect_error(post(port, completions, {{"prompt", "x"}, {"seed", "s"}}), 400, "seed");
+  expect_error(post(port, completions, {{"prompt", "x"}, {"stop", 3}}), 400, "stop");
+  expect_error(post(port, completions, {{"prompt", "x"}, {"stop", {"a", "b", "c", "d", "e"}}}), 400,
+               "stop");
+  expect_error(post(port, completions, {{"prompt", "x"}, {"stream", "yes"}}), 400, "stream");
+  expect_error(post(port, completions, {{"prompt", "x"}, {"n", 2}}), 400, "'n'");
+  expect_error(post(port, completions, {{"prompt", "x"}, {"logprobs", 9}}), 400, "logprobs");
+  expect_error(post(port, completions, {{"prompt", "x"}, {"model", 3}}), 400, "model");
+  Reply wrong_model = post(port, completions, {{"prompt", "x"}, {"model", "gpt-4"}});
+  expect_error(wrong_model, 404, "gpt-4");
+  EXPECT_EQ(wrong_model.json_body()["error"]["param"], "model");
+
+  const std::string chat = "/v1/chat/completions";
+  expect_error(post(port, chat, {{"prompt", "x"}}), 400, "messages");
+  expect_error(post(port, chat, {{"messages", json::array()}}), 400, "messages");
+  expect_error(post(port, chat, {{"messages", {{{"content", "x"}}}}}), 400, "messages[0].role");
+  expect_error(post(port, chat, {{"messages", {{{"role", "wizard"}, {"content", "x"}}}}}), 400,
+               "messages[0].role");
+  expect_error(post(port, chat, {{"messages", {{{"role", "user"}, {"content", 1}}}}}), 400,
+               "messages[0].content");
+  expect_error(
+      post(port, chat, {{"messages", {{{"role", "user"}, {"content", "x"}}}}, {"top_logprobs", 2}}),
+      400, "top_logprobs");
+  Reply typed = post(port, completions, {{"prompt", "x"}, {"temperature", "hot"}});
+  EXPECT_EQ(typed.json_body()["error"]["param"], "temperature");
+  EXPECT_EQ(typed.json_body()["error"]["type"], "invalid_request_error");
+  EXPECT_EQ(backend.active.load(), 0);
+}
+
+TEST_F(HttpTest, RoutingErrors) {
+  expect_error(send(port, http::verb::get, "/v2/nothing"), 404, "/v2/nothing");
+  Reply get_completions = send(port, http::verb::get, "/v1/completions");
+  expect_error(get_completions, 405, "GET");
+  EXPECT_EQ(get_completions.headers["Allow"], "POST");
+  expect_error(send(port, http::verb::post, "/v1/models", "{}"), 405, "POST");
+  expect_error(send(port, http::verb::delete_, "/health"), 405, "DELETE");
+  // A query string does not change the route.
+  EXPECT_EQ(send(port, http::verb::get, "/v1/models?x=1").status, 200);
+}
+
+TEST_F(HttpTest, BodyTooLarge) {
+  HttpServerConfig config;
+  config.max_body_bytes = 1024;
+  restart(config);
+  json big = {{"prompt", std::string(4096, 'a')}};
+  expect_error(post(port, "/v1/completions", big), 413, "exceeds");
+  EXPECT_EQ(post(port, "/v1/completions", {{"prompt", "small"}, {"max_tokens", 1}}).status, 200);
+}
+
+TEST_F(HttpTest, GarbageIsRefusedWithoutCrashing) {
+  net::io_context ioc;
+  tcp::socket socket(ioc);
+  socket.connect({net::ip::make_address("127.0.0.1"), port});
+  net::write(socket, net::buffer(std::string("NOT HTTP AT ALL\r\n\r\n")));
+  beast::flat_buffer buffer;
+  http::response<http::string_body> res;
+  http::read(socket, buffer, res);
+  EXPECT_EQ(res.result_int(), 400);
+  EXPECT_EQ(send(port, http::verb::get, "/health").status, 200);
+}
+
+TEST_F(HttpTest, QueueFullIs429WithRetryAfter) {
+  backend.queue_limit = 1;
+  backend.delay_ms = 20;
+  Reply first;
+  std::thread client([&] {
+    first = post(port, "/v1/completions", {{"prompt", "a"}, {"max_tokens", 10}});
+  });
+  ASSERT_TRUE(wait_for([&] { return backend.active.load() == 1; }));
+  Reply second = post(port, "/v1/completions", {{"prompt", "b"}, {"max_tokens", 10}});
+  client.join();
+  expect_error(second, 429, "queue");
+  EXPECT_EQ(second.headers["Retry-After"], "1");
+  EXPECT_EQ(first.status, 200);
+  EXPECT_TRUE(wait_for([&] { return server->in_flight() == 0; }));
+}
+
+TEST_F(HttpTest, UnhealthyBackendIs503WithRetryAfter) {
+  backend.healthy = false;
+  Reply health = send(port, http::verb::get, "/health");
+  expect_error(health, 503, "rank 1 down");
+  EXPECT_EQ(health.headers["Retry-After"], "1");
+  Reply completion = post(port, "/v1/completions", {{"prompt", "a"}});
+  expect_error(completion, 503, "unhealthy");
+  EXPECT_EQ(completion.headers["Retry-After"], "1");
+}
+
+TEST_F(HttpTest, BackendErrorBecomesErrorResponse) {
+  backend.fail = true;
+  Reply reply = post(port, "/v1/completions", {{"prompt", "a"}});
+  expect_error(reply, 500, "expert rank crashed");
+  Reply streamed = post(port, "/v1/completions", {{"prompt", "a"}, {"stream", true}});
+  EXPECT_EQ(streamed.status, 200);
+  std::vector<std::string> events = sse_payloads(streamed.body);
+  ASSERT_EQ(events.size(), 2u);
+  EXPECT_NE(events[0].find("expert rank crashed"), std::string::npos);
+  EXPECT_EQ(events[1], "[DONE]");
+  EXPECT_TRUE(wait_for([&] { return server->in_flight() == 0; }));
+}
+
+TEST_F(HttpTest, KeepAliveServesSeveralRequestsOnOneConnection) {
+  net::io_context ioc;
+  tcp::socket socket(ioc);
+  socket.connect({net::ip::make_address("127.0.0.1"), port});
+  for (int i = 0; i < 3; ++i) {
+    Reply reply = send_on(socket, http::verb::post, "/v1/completions",
+                          json{{"prompt", "a"}, {"max_tokens", 2}, {"stream", i == 1}}.dump(),
+                          /*keep_alive=*/true);
+    EXPECT_EQ(reply.status, 200) << reply.body;
+  }
+  EXPECT_EQ(send_on(socket, http::verb::get, "/health", "", true).status, 200);
+}
+
+// Opens a request on a raw socket, waits for the first bytes of the answer (or for the backend
+// to start), then hangs up; the backend must see cancelled().
+void disconnect_mid_request(uint16_t port, FakeBackend& backend, bool stream) {
+  net::io_context ioc;
+  tcp::socket socket(ioc);
+  socket.connect({net::ip::make_address("127.0.0.1"), port});
+  std::string body = json{{"prompt", "a"}, {"max_tokens", 1000}, {"stream", stream}}.dump();
+  std::string request =
+      "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+      "application/json\r\nContent-Length: " +
+      std::to_string(body.size()) + "\r\n\r\n" + body;
+  net::write(socket, net::buffer(request));
+  if (stream) {
+    char data[256];
+    size_t got = socket.read_some(net::buffer(data));
+    ASSERT_GT(got, 0u);
+  } else {
+    ASSERT_TRUE(wait_for([&] { return backend.active.load() == 1; }));
+  }
+  socket.close();
+}
+
+TEST_F(HttpTest, ClientDisconnectCancelsStreamingRequest) {
+  backend.delay_ms = 5;
+  disconnect_mid_request(port, backend, /*stream=*/true);
+  EXPECT_TRUE(wait_for([&] { return backend.cancellations.load() == 1; }));
+  EXPECT_TRUE(wait_for([&] { return backend.active.load() == 0 && server->in_flight() == 0; }));
+}
+
+TEST_F(HttpTest, ClientDisconnectCancelsNonStreamingRequest) {
+  backend.delay_ms = 5;
+  disconnect_mid_request(port, backend, /*stream=*/false);
+  EXPECT_TRUE(wait_for([&] { return backend.cancellations.load() == 1; }));
+  EXPECT_TRUE(wait_for([&] { return server->in_flight() == 0; }));
+}
+
+TEST_F(HttpTest, DrainFinishesInFlightAndRefusesNewConnections) {
+  backend.delay_ms = 20;
+  Reply plain;
+  Reply streamed;
+  std::thread a([&] {
+    plain = post(port, "/v1/completions", {{"prompt", "a"}, {"max_tokens", 10}});
+  });
+  std::thread b([&] {
+    streamed =
+        post(port, "/v1/completions", {{"prompt", "a"}, {"max_tokens", 10}, {"stream", true}});
+  });
+  ASSERT_TRUE(wait_for([&] { return backend.active.load() == 2; }));
+  server->stop_accepting();
+  {
+    net::io_context ioc;
+    tcp::socket socket(ioc);
+    beast::error_code ec;
+    socket.connect({net::ip::make_address("127.0.0.1"), port}, ec);
+    EXPECT_EQ(ec, net::error::connection_refused);
+  }
+  EXPECT_TRUE(server->drain(5000ms));
+  a.join();
+  b.join();
+  EXPECT_EQ(plain.status, 200);
+  EXPECT_EQ(plain.json_body()["choices"][0]["text"], " t0 t1 t2 t3 t4 t5 t6 t7 t8 t9");
+  EXPECT_EQ(streamed.status, 200);
+  EXPECT_EQ(sse_payloads(streamed.body).back(), "[DONE]");
+  EXPECT_EQ(backend.cancellations.load(), 0);
+}
+
+TEST_F(HttpTest, DrainTimeoutFailsRemainingRequests) {
+  backend.delay_ms = 10;
+  Reply reply;
+  std::thread client([&] {
+    reply = post(port, "/v1/completions", {{"prompt", "a"}, {"max_tokens", 1000}});
+  });
+  ASSERT_TRUE(wait_for([&] { return backend.active.load() == 1; }));
+  EXPECT_FALSE(server->drain(50ms));
+  client.join();
+  expect_error(reply, 503, "shutting down");
+  EXPECT_TRUE(wait_for([&] { return backend.cancellations.load() == 1; }));
+}
+
+TEST_F(HttpTest, ConnectionLimit) {
+  HttpServerConfig config;
+  config.max_concurrent_connections = 1;
+  restart(config);
+  net::io_context ioc;
+  tcp::socket idle(ioc);
+  idle.connect({net::ip::make_address("127.0.0.1"), port});
+  ASSERT_TRUE(wait_for([&] { return server->open_connections() == 1; }));
+  Reply refused = send(port, http::verb::get, "/health");
+  expect_error(refused, 503, "connections");
+  EXPECT_EQ(refused.headers["Retry-After"], "1");
+}
+
+TEST_F(HttpTest, CurlChatCompletion) {
+  std::string command = "curl -s -S -m 10 http://127.0.0.1:" + std::to_string(port) +
+                        "/v1/chat/completions -H 'Content-Type: application/json' -d "
+                        "'{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],"
+                        "\"max_tokens\":3}' 2>&1";
+  FILE* pipe = popen(command.c_str(), "r");
+  ASSERT_NE(pipe, nullptr);
+  std::string output;
+  char chunk[512];
+  while (size_t n = fread(chunk, 1, sizeof(chunk), pipe)) output.append(chunk, n);
+  ASSERT_EQ(pclose(pipe), 0) << output;
+  json body = json::parse(output, nullptr, false);
+  ASSERT_FALSE(body.is_discarded()) << output;
+  EXPECT_EQ(body["choices"][0]["message"]["content"], " t0 t1 t2");
+}
+
+TEST_F(HttpTest, SignalDrainsAndReturns) {
+  std::atomic<bool> returned{false};
+  std::thread waiter([&] {
+    server->run_until_signal(2000ms);
+    returned = true;
+  });
+  std::this_thread::sleep_for(100ms);  // let the signal_set register
+  ASSERT_EQ(post(port, "/v1/completions", {{"prompt", "a"}, {"max_tokens", 1}}).status, 200);
+  std::raise(SIGTERM);
+  waiter.join();
+  EXPECT_TRUE(returned.load());
+  EXPECT_EQ(server->in_flight(), 0);
+}
+
+}  // namespace
