@@ -616,6 +616,23 @@ TEST_F(HttpTest, ConnectionLimit) {
   EXPECT_EQ(refused.headers["Retry-After"], "1");
 }
 
+TEST_F(HttpTest, SlowClientIsDisconnectedAfterRequestTimeout) {
+  HttpServerConfig config;
+  config.request_timeout = 200ms;
+  restart(config);
+  net::io_context ioc;
+  tcp::socket socket(ioc);
+  socket.connect({net::ip::make_address("127.0.0.1"), port});
+  net::write(socket, net::buffer(std::string("POST /v1/completions HTTP/1.1\r\nHost: x\r\n")));
+  auto started = std::chrono::steady_clock::now();
+  char data[64];
+  beast::error_code ec;
+  socket.read_some(net::buffer(data), ec);  // returns when the server hangs up
+  EXPECT_TRUE(ec == net::error::eof || ec == net::error::connection_reset) << ec.message();
+  EXPECT_LT(std::chrono::steady_clock::now() - started, 3s);
+  EXPECT_TRUE(wait_for([&] { return server->open_connections() == 0; }));
+}
+
 TEST_F(HttpTest, CurlChatCompletion) {
   std::string command = "curl -s -S -m 10 http://127.0.0.1:" + std::to_string(port) +
                         "/v1/chat/completions -H 'Content-Type: application/json' -d "

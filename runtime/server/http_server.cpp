@@ -445,6 +445,13 @@ class Session : public std::enable_shared_from_this<Session> {
     stream_.async_read_some(
         buffer_.prepare(4096), [self = shared_from_this()](beast::error_code ec, size_t n) {
           self->watch_pending_ = false;
+          if (ec == net::error::operation_aborted && self->resume_read_after_watch_ &&
+              self->state_ == State::kReading) {
+            // Cancelled by response_done to hand the socket back to the request reader.
+            self->resume_read_after_watch_ = false;
+            self->do_read();
+            return;
+          }
           if (ec) {
             if (self->state_ == State::kGenerating || self->state_ == State::kWriting) {
               self->client_gone();
@@ -618,10 +625,10 @@ class Session : public std::enable_shared_from_this<Session> {
     }
     state_ = State::kReading;
     if (watch_pending_) {
-      // The disconnect watch's read is still pending; it resumes request reading when it
-      // completes (a read may not be started twice).
+      // The disconnect watch's read is still pending and a read may not be started twice:
+      // cancel it; its handler starts the next request read (with the idle timeout).
       resume_read_after_watch_ = true;
-      state_ = State::kReading;
+      stream_.cancel();
       return;
     }
     do_read();
