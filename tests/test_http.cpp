@@ -64,6 +64,7 @@ class FakeBackend : public GenerationBackend {
   std::atomic<int> delay_ms{0};
   std::atomic<bool> healthy{true};
   std::atomic<bool> fail{false};
+  std::atomic<bool> drop{false};
   std::atomic<int> active{0};
   std::atomic<int> cancellations{0};
 
@@ -73,6 +74,7 @@ class FakeBackend : public GenerationBackend {
       sink.on_error("expert rank crashed");
       return;
     }
+    if (drop) return;  // a buggy backend: no tokens, no final call
     int prompt_tokens = request.prompt_tokens ? static_cast<int>(request.prompt_tokens->size())
                                               : static_cast<int>(request.prompt_text.size());
     int produced = 0;
@@ -509,6 +511,10 @@ TEST_F(HttpTest, BackendErrorBecomesErrorResponse) {
   EXPECT_NE(events[0].find("expert rank crashed"), std::string::npos);
   EXPECT_EQ(events[1], "[DONE]");
   EXPECT_TRUE(wait_for([&] { return server->in_flight() == 0; }));
+
+  backend.fail = false;
+  backend.drop = true;
+  expect_error(post(port, "/v1/completions", {{"prompt", "a"}}), 500, "dropped");
 }
 
 TEST_F(HttpTest, KeepAliveServesSeveralRequestsOnOneConnection) {
@@ -522,6 +528,37 @@ TEST_F(HttpTest, KeepAliveServesSeveralRequestsOnOneConnection) {
     EXPECT_EQ(reply.status, 200) << reply.body;
   }
   EXPECT_EQ(send_on(socket, http::verb::get, "/health", "", true).status, 200);
+}
+
+TEST_F(HttpTest, PipelinedRequestsAndIdleTimeoutAfterGeneration) {
+  HttpServerConfig config;
+  config.request_timeout = 300ms;
+  restart(config);
+  backend.delay_ms = 5;
+  net::io_context ioc;
+  tcp::socket socket(ioc);
+  socket.connect({net::ip::make_address("127.0.0.1"), port});
+  // Two requests in one write: the second arrives while the first is generating.
+  std::string body = json{{"prompt", "a"}, {"max_tokens", 3}}.dump();
+  std::string one =
+      "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+      "application/json\r\nContent-Length: " +
+      std::to_string(body.size()) + "\r\n\r\n" + body;
+  net::write(socket, net::buffer(one + one));
+  beast::flat_buffer buffer;
+  for (int i = 0; i < 2; ++i) {
+    http::response<http::string_body> res;
+    http::read(socket, buffer, res);
+    EXPECT_EQ(res.result_int(), 200);
+    EXPECT_EQ(json::parse(res.body())["choices"][0]["text"], " t0 t1 t2");
+  }
+  // Then the connection idles: the server closes it after the request timeout.
+  auto started = std::chrono::steady_clock::now();
+  char data[16];
+  beast::error_code ec;
+  socket.read_some(net::buffer(data), ec);
+  EXPECT_TRUE(ec == net::error::eof || ec == net::error::connection_reset) << ec.message();
+  EXPECT_LT(std::chrono::steady_clock::now() - started, 3s);
 }
 
 // Opens a request on a raw socket, waits for the first bytes of the answer (or for the backend

@@ -100,18 +100,25 @@ struct HttpServer::Impl {
 namespace {
 
 // Bridges backend threads to a session's strand. Holds the session weakly: once the connection
-// is gone the callbacks have nowhere to go, and cancelled() says so.
+// is gone the callbacks have nowhere to go, and cancelled() says so. Events carry the session's
+// generation number, so a late callback can never land on the connection's next request. The
+// cancel flag is shared with the session, which does not own the sink: when the backend drops
+// the sink without a final call, the destructor turns that into an error for the client.
 class SessionSink : public TokenSink {
  public:
-  SessionSink(std::weak_ptr<Session> session, net::any_io_executor strand)
-      : session_(std::move(session)), strand_(std::move(strand)) {}
+  SessionSink(std::weak_ptr<Session> session, net::any_io_executor strand, uint64_t generation,
+              std::shared_ptr<std::atomic<bool>> cancelled)
+      : session_(std::move(session)),
+        strand_(std::move(strand)),
+        generation_(generation),
+        cancelled_(std::move(cancelled)) {}
+  ~SessionSink() override;
 
   void on_token(const std::string& text_delta, int32_t token_id, float logprob,
                 const std::vector<TopLogprob>& top_logprobs) override;
   void on_finish(const std::string& finish_reason, Usage usage) override;
   void on_error(const std::string& message) override;
-  bool cancelled() const override { return cancelled_.load(std::memory_order_acquire); }
-  void cancel() { cancelled_.store(true, std::memory_order_release); }
+  bool cancelled() const override { return cancelled_->load(std::memory_order_acquire); }
 
  private:
   template <typename Fn>
@@ -119,7 +126,9 @@ class SessionSink : public TokenSink {
 
   std::weak_ptr<Session> session_;
   net::any_io_executor strand_;
-  std::atomic<bool> cancelled_{false};
+  uint64_t generation_;
+  std::shared_ptr<std::atomic<bool>> cancelled_;
+  bool ended_ = false;  // on_finish or on_error was called
 };
 
 }  // namespace
@@ -158,10 +167,12 @@ class Session : public std::enable_shared_from_this<Session> {
   // Shutdown, step 2 (drain deadline): fail whatever is still generating.
   void abort(const std::string& message) {
     if (state_ != State::kGenerating) return;
-    if (sink_) sink_->cancel();
+    cancel_backend();
     keep_alive_ = false;
     finish_with_error(message, 503);
   }
+
+  uint64_t generation() const { return generation_; }
 
   // Sink events, always on the strand.
   void token(const std::string& delta, int32_t token_id, float logprob,
@@ -388,7 +399,10 @@ class Session : public std::enable_shared_from_this<Session> {
     completion_tokens_ = 0;
     accumulated_logprobs_ = initial_logprobs();
 
-    auto sink = std::make_shared<SessionSink>(weak_from_this(), stream_.get_executor());
+    ++generation_;
+    cancel_flag_ = std::make_shared<std::atomic<bool>>(false);
+    auto sink = std::make_shared<SessionSink>(weak_from_this(), stream_.get_executor(), generation_,
+                                              cancel_flag_);
     {
       std::lock_guard lock(server_.mutex);
       ++server_.in_flight;
@@ -397,7 +411,6 @@ class Session : public std::enable_shared_from_this<Session> {
     // Generating before submit: the backend may call the sink at once, and those calls are
     // posted to this strand, so they run only after this handler returns.
     state_ = State::kGenerating;
-    sink_ = sink;
     self_ = shared_from_this();
     bool accepted = false;
     try {
@@ -433,6 +446,7 @@ class Session : public std::enable_shared_from_this<Session> {
 
   // Undo the bookkeeping of a generation that never reached the backend.
   void abandon_generation() {
+    cancel_backend();  // the sink's destructor then stays quiet
     end_generation();
     state_ = State::kReading;
   }
@@ -472,7 +486,7 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void client_gone() {
     if (state_ == State::kGenerating) {
-      if (sink_) sink_->cancel();
+      cancel_backend();
       end_generation();
     }
     close();
@@ -482,7 +496,7 @@ class Session : public std::enable_shared_from_this<Session> {
   void end_generation() {
     if (!counted_in_flight_) return;
     counted_in_flight_ = false;
-    sink_.reset();
+    cancel_flag_.reset();
     server_.request_done();
     // Last: may drop the final reference; the caller's handler still holds one.
     self_.reset();
@@ -639,17 +653,22 @@ class Session : public std::enable_shared_from_this<Session> {
   void close_now() { close(); }
 
  private:
+  void cancel_backend() {
+    if (cancel_flag_) cancel_flag_->store(true, std::memory_order_release);
+  }
+
+ private:
   void close() {
     if (state_ == State::kClosed) return;
     if (state_ == State::kGenerating) {
-      if (sink_) sink_->cancel();
+      cancel_backend();
       end_generation();
     }
     state_ = State::kClosed;
     beast::error_code ignored;
     stream_.socket().shutdown(tcp::socket::shutdown_both, ignored);
     stream_.socket().close(ignored);
-    sink_.reset();
+    cancel_flag_.reset();
     self_.reset();
   }
 
@@ -671,7 +690,8 @@ class Session : public std::enable_shared_from_this<Session> {
 
   // The request being generated.
   CompletionRequest request_;
-  std::shared_ptr<SessionSink> sink_;
+  uint64_t generation_ = 0;                         // bumped per generated request
+  std::shared_ptr<std::atomic<bool>> cancel_flag_;  // shared with the request's sink
   std::shared_ptr<Session> self_;  // keeps the session alive while the backend owns the sink
   std::string completion_id_;
   std::string model_;
@@ -687,10 +707,19 @@ template <typename Fn>
 void SessionSink::deliver(Fn fn) {
   std::shared_ptr<Session> session = session_.lock();
   if (!session) {
-    cancel();
+    cancelled_->store(true, std::memory_order_release);
     return;
   }
-  net::post(strand_, [session = std::move(session), fn = std::move(fn)]() { fn(*session); });
+  net::post(strand_,
+            [session = std::move(session), generation = generation_, fn = std::move(fn)]() {
+              if (session->generation() == generation) fn(*session);
+            });
+}
+
+SessionSink::~SessionSink() {
+  if (ended_ || cancelled()) return;
+  // A backend that drops a live request must not leave the client waiting forever.
+  deliver([](Session& session) { session.error("the backend dropped the request unfinished"); });
 }
 
 void SessionSink::on_token(const std::string& text_delta, int32_t token_id, float logprob,
@@ -701,10 +730,12 @@ void SessionSink::on_token(const std::string& text_delta, int32_t token_id, floa
 }
 
 void SessionSink::on_finish(const std::string& finish_reason, Usage usage) {
+  ended_ = true;
   deliver([finish_reason, usage](Session& session) { session.finish(finish_reason, usage); });
 }
 
 void SessionSink::on_error(const std::string& message) {
+  ended_ = true;
   deliver([message](Session& session) { session.error(message); });
 }
 
