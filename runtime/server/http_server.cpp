@@ -106,12 +106,9 @@ namespace {
 // the sink without a final call, the destructor turns that into an error for the client.
 class SessionSink : public TokenSink {
  public:
-  SessionSink(std::weak_ptr<Session> session, net::any_io_executor strand, uint64_t generation,
+  SessionSink(std::weak_ptr<Session> session, uint64_t generation,
               std::shared_ptr<std::atomic<bool>> cancelled)
-      : session_(std::move(session)),
-        strand_(std::move(strand)),
-        generation_(generation),
-        cancelled_(std::move(cancelled)) {}
+      : session_(std::move(session)), generation_(generation), cancelled_(std::move(cancelled)) {}
   ~SessionSink() override;
 
   void on_token(const std::string& text_delta, int32_t token_id, float logprob,
@@ -124,8 +121,9 @@ class SessionSink : public TokenSink {
   template <typename Fn>
   void deliver(Fn fn);
 
+  // No executor copy here: a strand handle outliving the io_context (the backend may release
+  // the sink after the server is gone) would touch freed service state.
   std::weak_ptr<Session> session_;
-  net::any_io_executor strand_;
   uint64_t generation_;
   std::shared_ptr<std::atomic<bool>> cancelled_;
   bool ended_ = false;  // on_finish or on_error was called
@@ -401,8 +399,7 @@ class Session : public std::enable_shared_from_this<Session> {
 
     ++generation_;
     cancel_flag_ = std::make_shared<std::atomic<bool>>(false);
-    auto sink = std::make_shared<SessionSink>(weak_from_this(), stream_.get_executor(), generation_,
-                                              cancel_flag_);
+    auto sink = std::make_shared<SessionSink>(weak_from_this(), generation_, cancel_flag_);
     {
       std::lock_guard lock(server_.mutex);
       ++server_.in_flight;
@@ -710,10 +707,10 @@ void SessionSink::deliver(Fn fn) {
     cancelled_->store(true, std::memory_order_release);
     return;
   }
-  net::post(strand_,
-            [session = std::move(session), generation = generation_, fn = std::move(fn)]() {
-              if (session->generation() == generation) fn(*session);
-            });
+  net::any_io_executor strand = session->executor();
+  net::post(strand, [session = std::move(session), generation = generation_, fn = std::move(fn)]() {
+    if (session->generation() == generation) fn(*session);
+  });
 }
 
 SessionSink::~SessionSink() {
