@@ -328,6 +328,27 @@ TEST_F(HttpTest, StreamingCompletionMatchesNonStreaming) {
   EXPECT_EQ(text, expected);
 }
 
+TEST_F(HttpTest, StreamingOverHttp10EndsWithClose) {
+  net::io_context ioc;
+  tcp::socket socket(ioc);
+  socket.connect({net::ip::make_address("127.0.0.1"), port});
+  std::string body = json{{"prompt", "a"}, {"max_tokens", 2}, {"stream", true}}.dump();
+  net::write(socket, net::buffer("POST /v1/completions HTTP/1.0\r\nContent-Length: " +
+                                 std::to_string(body.size()) + "\r\n\r\n" + body));
+  std::string response;
+  beast::error_code ec;
+  char data[1024];
+  while (size_t n = socket.read_some(net::buffer(data), ec)) response.append(data, n);
+  EXPECT_EQ(ec, net::error::eof);
+  size_t header_end = response.find("\r\n\r\n");
+  ASSERT_NE(header_end, std::string::npos);
+  EXPECT_EQ(response.rfind("HTTP/1.0 200", 0), 0u);
+  EXPECT_EQ(response.find("chunked"), std::string::npos);
+  std::vector<std::string> events = sse_payloads(response.substr(header_end + 4));
+  ASSERT_EQ(events.size(), 4u);
+  EXPECT_EQ(events.back(), "[DONE]");
+}
+
 TEST_F(HttpTest, StreamingChat) {
   backend.eos_after = 4;
   json request = {{"messages", {{{"role", "user"}, {"content", "Hi"}}}}, {"max_tokens", 10}};

@@ -48,10 +48,6 @@ std::string make_chunk(const std::string& payload) {
   return size + payload + "\r\n";
 }
 
-std::string sse_event(const std::string& data) {
-  return make_chunk("data: " + data + "\n\n");
-}
-
 RequestError make_error(int status, std::string message, std::string type, std::string code = "") {
   RequestError error;
   error.status = status;
@@ -185,7 +181,7 @@ class Session : public std::enable_shared_from_this<Session> {
       } else {
         choice["text"] = delta;
       }
-      enqueue(sse_event(dump(chunk_envelope(json::array({choice})))));
+      enqueue(event(dump(chunk_envelope(json::array({choice})))));
     } else {
       if (request_.logprobs) append_logprobs(delta, token_id, logprob, top);
       text_ += delta;
@@ -204,11 +200,11 @@ class Session : public std::enable_shared_from_this<Session> {
       } else {
         choice["text"] = "";
       }
-      enqueue(sse_event(dump(chunk_envelope(json::array({choice})))));
+      enqueue(event(dump(chunk_envelope(json::array({choice})))));
       if (request_.include_usage_in_stream) {
         json last = chunk_envelope(json::array());
         last["usage"] = usage_json;
-        enqueue(sse_event(dump(last)));
+        enqueue(event(dump(last)));
       }
       end_stream();
       return;
@@ -425,17 +421,18 @@ class Session : public std::enable_shared_from_this<Session> {
     }
     stream_.expires_never();  // generation time is not bounded by the request timeout
     if (request_.stream) {
-      enqueue(
-          "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-          "Transfer-Encoding: chunked\r\n" +
-          std::string(keep_alive_ ? "Connection: keep-alive\r\n" : "Connection: close\r\n") +
-          "\r\n");
+      // HTTP/1.0 has no chunked encoding: its stream ends when the connection closes.
+      if (version_ < 11) keep_alive_ = false;
+      enqueue(std::string(version_ >= 11 ? "HTTP/1.1" : "HTTP/1.0") +
+              " 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n" +
+              (version_ >= 11 ? "Transfer-Encoding: chunked\r\n" : "") +
+              (keep_alive_ ? "Connection: keep-alive\r\n" : "Connection: close\r\n") + "\r\n");
       if (is_chat()) {
         json choice = {{"index", 0},
                        {"delta", {{"role", "assistant"}, {"content", ""}}},
                        {"logprobs", nullptr},
                        {"finish_reason", nullptr}};
-        enqueue(sse_event(dump(chunk_envelope(json::array({choice})))));
+        enqueue(event(dump(chunk_envelope(json::array({choice})))));
       }
     }
     watch_for_disconnect();
@@ -481,13 +478,7 @@ class Session : public std::enable_shared_from_this<Session> {
         });
   }
 
-  void client_gone() {
-    if (state_ == State::kGenerating) {
-      cancel_backend();
-      end_generation();
-    }
-    close();
-  }
+  void client_gone() { close(); }
 
   // Idempotent: a request leaves the in-flight count exactly once, however it ends.
   void end_generation() {
@@ -502,7 +493,7 @@ class Session : public std::enable_shared_from_this<Session> {
   void finish_with_error(const std::string& message, int status) {
     if (request_.stream) {
       json error = error_body(make_error(status, message, "server_error"));
-      enqueue(sse_event(dump(error)));
+      enqueue(event(dump(error)));
       end_stream();
       return;
     }
@@ -511,11 +502,17 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void end_stream() {
-    enqueue(sse_event("[DONE]"));
-    enqueue("0\r\n\r\n");
+    enqueue(event("[DONE]"));
+    if (version_ >= 11) enqueue("0\r\n\r\n");
     state_ = State::kWriting;
     response_complete_ = true;
     flush();
+  }
+
+  // One server-sent event, framed for the connection's HTTP version.
+  std::string event(const std::string& data) const {
+    std::string payload = "data: " + data + "\n\n";
+    return version_ >= 11 ? make_chunk(payload) : payload;
   }
 
   json chunk_envelope(json choices) const {
@@ -657,10 +654,10 @@ class Session : public std::enable_shared_from_this<Session> {
  private:
   void close() {
     if (state_ == State::kClosed) return;
-    if (state_ == State::kGenerating) {
-      cancel_backend();
-      end_generation();
-    }
+    // Whatever the state: the disconnect watch may see the hang-up before the handler of the
+    // response's last write runs, and the request must still leave the in-flight count.
+    cancel_backend();
+    end_generation();
     state_ = State::kClosed;
     beast::error_code ignored;
     stream_.socket().shutdown(tcp::socket::shutdown_both, ignored);
