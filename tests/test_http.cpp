@@ -442,6 +442,9 @@ TEST_F(HttpTest, ValidationErrorsNameTheField) {
   expect_error(post(port, completions, {{"prompt", "x"}, {"n", 2}}), 400, "'n'");
   expect_error(post(port, completions, {{"prompt", "x"}, {"logprobs", 9}}), 400, "logprobs");
   expect_error(post(port, completions, {{"prompt", "x"}, {"model", 3}}), 400, "model");
+  expect_error(post(port, completions, {{"prompt", "x"}, {"echo", true}}), 400, "echo");
+  expect_error(post(port, completions, {{"prompt", "x"}, {"best_of", 3}}), 400, "best_of");
+  expect_error(post(port, completions, {{"prompt", "x"}, {"suffix", "y"}}), 400, "suffix");
   Reply wrong_model = post(port, completions, {{"prompt", "x"}, {"model", "gpt-4"}});
   expect_error(wrong_model, 404, "gpt-4");
   EXPECT_EQ(wrong_model.json_body()["error"]["param"], "model");

@@ -260,6 +260,18 @@ std::optional<RequestError> parse_completion_request(const std::string& body_tex
   }
 
   if (endpoint == Endpoint::kCompletions) {
+    // Accepted by OpenAI but not implemented here: refuse rather than silently ignore them.
+    bool echo = false;
+    if (auto error = read_bool(body, "echo", echo)) return error;
+    if (echo) return field_error("echo", "echo is not supported");
+    int best_of = 1;
+    if (auto error = read_int(body, "best_of", 1, 1, best_of)) {
+      error->message = "'best_of': only best_of == 1 is supported";
+      return error;
+    }
+    if (auto it = body.find("suffix"); it != body.end() && !it->is_null()) {
+      return field_error("suffix", "suffix is not supported");
+    }
     // Completions: logprobs is an integer, the number of alternatives (OpenAI allows 0..5).
     if (auto it = body.find("logprobs"); it != body.end() && !it->is_null()) {
       int count = 0;
