@@ -50,6 +50,7 @@
 // to 1 ms so that a long wait (a peer still loading weights) costs no CPU. The deadline
 // counts from the call's entry and covers every phase of it.
 #include "comm/mpi_comm.h"
+#include "comm/rank_order_sum.h"
 
 #include <algorithm>
 #include <climits>
@@ -69,15 +70,10 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// Same chunk alignment as the thread backend (64 bytes), so chunk boundaries coincide.
-constexpr size_t kChunkAlignElems = 64 / sizeof(float);
 // MPI counts and displacements are ints: messages are processed in pieces no larger than
 // this (elements or bytes), which keeps every count and displacement of a piece in range.
 constexpr size_t kMaxPieceElems = size_t{1} << 28;
 constexpr size_t kMaxPieceBytes = size_t{1} << 30;
-// Partial sums accumulate in an L1-resident tile so that each pass is a plain vectorisable
-// a[i] += b[i] over non-aliasing arrays (and the own partial may be the output).
-constexpr size_t kTileElems = 1024;
 
 // Waiting strategy (see the top of this file).
 constexpr int kSpinPolls = 32;
@@ -87,32 +83,6 @@ constexpr auto kMinYieldWindow = std::chrono::milliseconds(5);
 constexpr double kYieldNanosPerByte = 1.0;
 constexpr auto kFirstSleep = std::chrono::microseconds(20);
 constexpr auto kMaxSleep = std::chrono::microseconds(1000);
-
-size_t round_up(size_t value, size_t multiple) {
-  return (value + multiple - 1) / multiple * multiple;
-}
-
-void add_two(float* __restrict out, const float* __restrict lhs, const float* __restrict rhs,
-             size_t n) {
-  for (size_t i = 0; i < n; ++i) out[i] = lhs[i] + rhs[i];
-}
-
-void add_into(float* __restrict acc, const float* __restrict addend, size_t n) {
-  for (size_t i = 0; i < n; ++i) acc[i] += addend[i];
-}
-
-// out[i] = ((sources[0][i] + sources[1][i]) + sources[2][i]) + ..., exactly in that order.
-// `out` may be one of the sources (same index range): each tile is read from every source
-// before it is written.
-void sum_in_rank_order(const float* const* sources, int num_sources, float* out, size_t n) {
-  alignas(64) float tile[kTileElems];
-  for (size_t done = 0; done < n; done += kTileElems) {
-    const size_t len = std::min(kTileElems, n - done);
-    add_two(tile, sources[0] + done, sources[1] + done, len);
-    for (int k = 2; k < num_sources; ++k) add_into(tile, sources[k] + done, len);
-    std::memcpy(out + done, tile, len * sizeof(float));
-  }
-}
 
 // kFixedOrder chunking, identical to the thread backend's (see the top of this file).
 struct FixedOrderPlan {
@@ -127,8 +97,8 @@ struct FixedOrderPlan {
 };
 
 FixedOrderPlan make_fixed_order_plan(size_t count, int num_ranks) {
-  const size_t per_chunk = (count + num_ranks - 1) / static_cast<size_t>(num_ranks);
-  return {.count = count, .chunk_elems = round_up(per_chunk, kChunkAlignElems)};
+  return {.count = count,
+          .chunk_elems = aligned_chunk_elems(count, static_cast<size_t>(num_ranks))};
 }
 
 std::string mpi_error_string(int status) {
@@ -421,7 +391,7 @@ void MpiCommunicator::fixed_order_small(float* data, size_t count, const CallCon
   for (int source_rank = 0; source_rank < num_ranks_; ++source_rank) {
     sources_[source_rank] = staging_.data() + static_cast<size_t>(source_rank) * count;
   }
-  sum_in_rank_order(sources_.data(), num_ranks_, data, count);
+  sum_in_rank_order(sources_.data(), num_ranks_, &data, 1, count);
 }
 
 void MpiCommunicator::fixed_order_piece(float* data, size_t count, const CallContext& call) {
@@ -454,7 +424,8 @@ void MpiCommunicator::fixed_order_piece(float* data, size_t count, const CallCon
                                   ? data + my_begin
                                   : staging_.data() + static_cast<size_t>(source_rank) * my_len;
     }
-    sum_in_rank_order(sources_.data(), num_ranks_, data + my_begin, my_len);
+    float* destination = data + my_begin;
+    sum_in_rank_order(sources_.data(), num_ranks_, &destination, 1, my_len);
   }
 
   // 3. All-gather of the reduced chunks, in place.

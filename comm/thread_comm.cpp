@@ -54,6 +54,7 @@
 //    guarantees that no rank returns (and frees or rewrites its buffer) while a peer may still
 //    touch it, even when the group is aborted mid-collective.
 #include "comm/thread_comm.h"
+#include "comm/rank_order_sum.h"
 
 #include <algorithm>
 #include <array>
@@ -83,14 +84,9 @@ static_assert(kMaxRanks <= static_cast<int>(kArrivedMask));
 constexpr int kSpinIterations = 64;
 constexpr std::chrono::microseconds kYieldWindow{100};
 
-// Chunk boundaries are multiples of 64 bytes so that owners never share a cache line.
-constexpr size_t kChunkAlignElems = 64 / sizeof(float);
 // kNative chunking thresholds, in message bytes.
 constexpr size_t kNativeSingleChunkBelowBytes = size_t{64} << 10;
 constexpr size_t kNativeDoubleChunksFromBytes = size_t{4} << 20;
-// Partial sums are accumulated in an L1-resident tile so that each pass is a plain
-// vectorisable a[i] += b[i] over non-aliasing arrays.
-constexpr size_t kTileElems = 1024;
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -105,36 +101,6 @@ uint64_t splitmix64(uint64_t x) {
   x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
   x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
   return x ^ (x >> 31);
-}
-
-size_t round_up(size_t value, size_t multiple) {
-  return (value + multiple - 1) / multiple * multiple;
-}
-
-void add_two(float* __restrict out, const float* __restrict lhs, const float* __restrict rhs,
-             size_t n) {
-  for (size_t i = 0; i < n; ++i) out[i] = lhs[i] + rhs[i];
-}
-
-void add_into(float* __restrict acc, const float* __restrict addend, size_t n) {
-  for (size_t i = 0; i < n; ++i) acc[i] += addend[i];
-}
-
-// sum = ((sources[0][i] + sources[1][i]) + sources[2][i]) + ..., exactly in that order, for
-// i in [0, n); the sum is then stored to every destination (the owner pushes the reduced chunk
-// to all ranks, fusing reduce-scatter and all-gather). Destinations may be sources (same index
-// range): each tile is read from every source before it is written anywhere.
-void sum_in_order_to_all(const float* const* sources, float* const* destinations, int num_ranks,
-                         size_t n) {
-  alignas(64) float tile[kTileElems];
-  for (size_t done = 0; done < n; done += kTileElems) {
-    const size_t len = std::min(kTileElems, n - done);
-    add_two(tile, sources[0] + done, sources[1] + done, len);
-    for (int k = 2; k < num_ranks; ++k) add_into(tile, sources[k] + done, len);
-    for (int k = 0; k < num_ranks; ++k) {
-      std::memcpy(destinations[k] + done, tile, len * sizeof(float));
-    }
-  }
 }
 
 // How all_reduce splits a message: chunk c covers [begin(c), end(c)), is owned (reduced) by
@@ -173,8 +139,7 @@ ReducePlan make_reduce_plan(size_t count, ReduceAlgo algo, int num_ranks) {
       plan.num_chunks = 2 * num_ranks;
     }
   }
-  const size_t per_chunk = (count + plan.num_chunks - 1) / plan.num_chunks;
-  plan.chunk_elems = round_up(per_chunk, kChunkAlignElems);
+  plan.chunk_elems = aligned_chunk_elems(count, static_cast<size_t>(plan.num_chunks));
   return plan;
 }
 
@@ -465,7 +430,7 @@ void ThreadCommunicator::all_reduce(float* data, size_t count, ReduceAlgo algo) 
       sources[k] = static_cast<const float*>(peer_source(source_rank)) + begin;
       destinations[k] = static_cast<float*>(peer_destination(k)) + begin;
     }
-    sum_in_order_to_all(sources.data(), destinations.data(), num_ranks, len);
+    sum_in_rank_order(sources.data(), num_ranks, destinations.data(), num_ranks, len);
   }
   exit_barrier(kName);  // nobody reuses its buffer while a peer may still write it
 }
