@@ -25,6 +25,7 @@
 #include "comm/communicator.h"
 #include "comm/thread_comm.h"
 #include "kernels/base/check.h"
+#include "tests/comm_test_util.h"
 
 namespace keel::comm {
 namespace {
@@ -235,30 +236,7 @@ INSTANTIATE_TEST_SUITE_P(RanksAndAlgos, AllReduceExact,
                                   std::string(reduce_algo_name(std::get<1>(info.param)));
                          });
 
-// Sizes straddling every chunking decision: fewer elements than ranks, 64-byte chunk
-// alignment (16 floats), the native single-chunk threshold (64 KiB = 16384 floats), the native
-// 2N-chunk threshold (4 MiB = 1 Mi floats) and ragged tails.
-const std::vector<size_t> kOrderSizes = {1,
-                                         2,
-                                         3,
-                                         5,
-                                         15,
-                                         16,
-                                         17,
-                                         63,
-                                         64,
-                                         65,
-                                         1000,
-                                         4097,
-                                         16383,
-                                         16384,
-                                         16385,
-                                         65536,
-                                         65536 + 13,
-                                         262143,
-                                         (size_t{1} << 20) - 1,
-                                         size_t{1} << 20,
-                                         (size_t{1} << 20) + 5};
+using keel::comm::test_util::kOrderSizes;
 
 // Runs fixed_order and native on random data for every size in `sizes` and checks:
 // fixed_order is bit-identical to the serial rank-order sum on every rank; native is

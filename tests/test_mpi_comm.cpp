@@ -32,6 +32,7 @@
 #include "comm/mpi_comm.h"
 #include "comm/thread_comm.h"
 #include "kernels/base/check.h"
+#include "tests/comm_test_util.h"
 
 namespace keel::comm {
 namespace {
@@ -43,29 +44,7 @@ constexpr ReduceAlgo kAllAlgos[] = {ReduceAlgo::kNative, ReduceAlgo::kFixedOrder
 // Message sizes (elements) from the issue: empty, fewer elements than ranks, odd sizes, a
 // page-ish size, 64 K, several MB.
 const std::vector<size_t> kSizes = {0, 1, 3, 7, 1000, 4097, 65536, size_t{1} << 20};
-// Sizes straddling the chunking decisions of both backends: fewer elements than ranks,
-// 64-byte chunk alignment (16 floats), Open MPI's small/large message switches, ragged tails.
-const std::vector<size_t> kOrderSizes = {1,
-                                         2,
-                                         3,
-                                         5,
-                                         15,
-                                         16,
-                                         17,
-                                         63,
-                                         64,
-                                         65,
-                                         1000,
-                                         4097,
-                                         16383,
-                                         16384,
-                                         16385,
-                                         65536,
-                                         65549,
-                                         262143,
-                                         (size_t{1} << 20) - 1,
-                                         size_t{1} << 20,
-                                         (size_t{1} << 20) + 5};
+using keel::comm::test_util::kOrderSizes;
 // Written past the end of every buffer; a collective must never touch it.
 constexpr float kGuardValue = -12345.5f;
 constexpr size_t kGuardElems = 17;
@@ -158,28 +137,6 @@ std::vector<int64_t> gather_times_ns(Communicator& comm, Clock::time_point when)
   return {values.begin(), values.end()};
 }
 
-// The thread backend's kFixedOrder result for the given inputs: inputs.size() thread ranks in
-// this process, each all-reducing its own copy; returns every thread rank's result.
-std::vector<std::vector<float>> thread_fixed_order(const std::vector<std::vector<float>>& inputs,
-                                                   size_t count) {
-  const int num_ranks = static_cast<int>(inputs.size());
-  ThreadGroup group(num_ranks);
-  std::vector<std::unique_ptr<Communicator>> comms;
-  for (int tp_rank = 0; tp_rank < num_ranks; ++tp_rank)
-    comms.push_back(group.communicator(tp_rank));
-  std::vector<std::vector<float>> results(num_ranks);
-  std::vector<std::thread> threads;
-  for (int tp_rank = 0; tp_rank < num_ranks; ++tp_rank) {
-    threads.emplace_back([&, tp_rank] {
-      results[tp_rank] = inputs[tp_rank];
-      results[tp_rank].resize(count);
-      comms[tp_rank]->all_reduce(results[tp_rank].data(), count, ReduceAlgo::kFixedOrder);
-    });
-  }
-  for (std::thread& thread : threads) thread.join();
-  return results;
-}
-
 TEST(MpiEnvironment, LaunchedPrivateDuplicateOfWorld) {
   EXPECT_TRUE(mpi_launched()) << "run under mpirun";
   int world_rank = -1, world_size = 0;
@@ -263,7 +220,9 @@ TEST(AllReduceOrder, FixedOrderBitIdenticalToSerialAndToThreadBackend) {
     }
 
     if (static_cast<int>(size_idx % num_ranks) == tp_rank) {
-      const auto thread_results = thread_fixed_order(inputs, count);
+      std::vector<std::vector<float>> truncated(inputs.begin(), inputs.end());
+      for (auto& input : truncated) input.resize(count);
+      const auto thread_results = keel::comm::test_util::thread_fixed_order(truncated);
       for (int thread_rank = 0; thread_rank < num_ranks; ++thread_rank) {
         size_t thread_mismatches = 0;
         for (size_t i = 0; i < count; ++i)

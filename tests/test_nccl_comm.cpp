@@ -27,6 +27,7 @@
 #include "comm/thread_comm.h"
 #include "kernels/base/check.h"
 #include "kernels/base/dtype.h"
+#include "tests/comm_test_util.h"
 
 namespace keel::comm {
 namespace {
@@ -114,31 +115,6 @@ class DeviceBytes {
   void* pointer_ = nullptr;
 };
 
-// ThreadGroup's kFixedOrder over `partials` (one vector per rank), on this process's threads.
-std::vector<float> thread_fixed_order(std::vector<std::vector<float>> partials) {
-  const int num_ranks = static_cast<int>(partials.size());
-  ThreadGroup group(num_ranks);
-  std::vector<std::unique_ptr<Communicator>> comms;
-  for (int rank = 0; rank < num_ranks; ++rank) comms.push_back(group.communicator(rank));
-  std::vector<std::exception_ptr> errors(num_ranks);
-  std::vector<std::thread> threads;
-  for (int rank = 0; rank < num_ranks; ++rank) {
-    threads.emplace_back([&, rank] {
-      try {
-        comms[rank]->all_reduce(partials[rank].data(), partials[rank].size(),
-                                ReduceAlgo::kFixedOrder);
-      } catch (...) {
-        errors[rank] = std::current_exception();
-      }
-    });
-  }
-  for (std::thread& thread : threads) thread.join();
-  for (const std::exception_ptr& error : errors) {
-    if (error) std::rethrow_exception(error);
-  }
-  return partials[0];
-}
-
 class NcclComm : public testing::Test {
  protected:
   void SetUp() override {
@@ -193,7 +169,7 @@ TEST_F(NcclComm, FixedOrderMatchesThreadBackendBits) {
       data.upload(partials[me].data(), count * sizeof(float));
       tested->all_reduce(data.floats(), count, ReduceAlgo::kFixedOrder);
       const std::vector<float> result = data.download_floats(count);
-      const std::vector<float> reference = thread_fixed_order(partials);
+      const std::vector<float> reference = keel::comm::test_util::thread_fixed_order(partials)[0];
       size_t mismatches = 0;
       size_t first = count;
       for (size_t i = 0; i < count; ++i) {

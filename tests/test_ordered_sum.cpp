@@ -21,6 +21,7 @@
 #include "comm/nccl/ordered_sum.h"
 #include "comm/thread_comm.h"
 #include "kernels/base/dtype.h"
+#include "tests/comm_test_util.h"
 
 namespace keel::comm {
 namespace {
@@ -67,31 +68,7 @@ uint64_t seed_of(int num_ranks, size_t count, int rank) {
          static_cast<uint64_t>(rank);
 }
 
-// Runs ThreadGroup's kFixedOrder all-reduce over `partials` (one vector per rank) on
-// partials.size() threads and returns every rank's result.
-std::vector<std::vector<float>> thread_fixed_order(std::vector<std::vector<float>> partials) {
-  const int num_ranks = static_cast<int>(partials.size());
-  ThreadGroup group(num_ranks);
-  std::vector<std::unique_ptr<Communicator>> comms;
-  for (int rank = 0; rank < num_ranks; ++rank) comms.push_back(group.communicator(rank));
-  std::vector<std::exception_ptr> errors(num_ranks);
-  std::vector<std::thread> threads;
-  for (int rank = 0; rank < num_ranks; ++rank) {
-    threads.emplace_back([&, rank] {
-      try {
-        comms[rank]->all_reduce(partials[rank].data(), partials[rank].size(),
-                                ReduceAlgo::kFixedOrder);
-      } catch (...) {
-        errors[rank] = std::current_exception();
-      }
-    });
-  }
-  for (std::thread& thread : threads) thread.join();
-  for (const std::exception_ptr& error : errors) {
-    if (error) std::rethrow_exception(error);
-  }
-  return partials;
-}
+using keel::comm::test_util::thread_fixed_order;
 
 // Row-major [num_ranks, stride] copy of the partials (the all-gather output layout when
 // stride == count; the reduce-scatter stage layout when stride is the padded chunk).

@@ -17,6 +17,7 @@
 #include <string_view>
 
 #include "kernels/base/dtype.h"
+#include "kernels/math/gemm_math.h"
 
 namespace keel::cpu {
 
@@ -30,18 +31,7 @@ Isa active_isa();
 // Throws keel::Error if the CPU cannot run `isa`.
 void set_active_isa(Isa isa);
 
-struct GemmArgs {
-  const float* x = nullptr;
-  int64_t ldx = 0;
-  const void* w = nullptr;
-  DType w_dtype = DType::kF32;
-  int64_t ldw = 0;
-  float* y = nullptr;
-  int64_t ldy = 0;
-  int64_t m = 0;
-  int64_t n = 0;
-  int64_t k = 0;
-};
+using GemmArgs = math::GemmArgs;
 
 void gemm(const GemmArgs& args);
 

@@ -21,21 +21,11 @@
 
 #include "kernels/base/dtype.h"
 #include "kernels/cuda/device_buffer.h"
+#include "kernels/math/gemm_math.h"
 
 namespace keel::cuda {
 
-struct GemmArgs {
-  const float* x = nullptr;
-  int64_t ldx = 0;
-  const void* w = nullptr;
-  DType w_dtype = DType::kF32;
-  int64_t ldw = 0;
-  float* y = nullptr;
-  int64_t ldy = 0;
-  int64_t m = 0;
-  int64_t n = 0;
-  int64_t k = 0;
-};
+using GemmArgs = math::GemmArgs;
 
 // Canonical-order GEMM: blocks of 16 x 16 outputs; each step stages a 16 x 64 slab of x and of
 // w (widened to fp32) in shared memory, and each thread feeds its own output's 16 lane

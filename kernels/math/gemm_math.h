@@ -21,6 +21,22 @@ namespace keel::math {
 
 inline constexpr int kCanonicalLanes = 16;
 
+// Operands of y[m, n] = sum_k x[m, k] * w[n, k], shared by the CPU and CUDA GEMMs: x fp32
+// row-major [M, K] (row stride ldx), w [N, K] in w_dtype (row stride ldw), y fp32 [M, N]
+// (row stride ldy).
+struct GemmArgs {
+  const float* x = nullptr;
+  int64_t ldx = 0;
+  const void* w = nullptr;
+  DType w_dtype = DType::kF32;
+  int64_t ldw = 0;
+  float* y = nullptr;
+  int64_t ldy = 0;
+  int64_t m = 0;
+  int64_t n = 0;
+  int64_t k = 0;
+};
+
 // One chunk of the canonical reduction: lanes[j] = fma(x_chunk[j], w_chunk[j], lanes[j]) for
 // j in [0, 16). The caller has already zero-filled positions at or past K.
 KEEL_HD inline void canonical_accumulate_chunk(float (&lanes)[kCanonicalLanes],
