@@ -46,8 +46,25 @@ struct GenModelOptions {
   int64_t max_shard_bytes = 0;  // > 0: split into model-0000x-of-0000y + index.json
 };
 
-// Writes config.json and the safetensors files into `out_dir` (created if missing).
+// Writes config.json and the safetensors files into `out_dir` (created if missing), plus
+// tokenizer.json and tokenizer_config.json (write_synthetic_tokenizer) when the preset's
+// vocab_size has room for them (>= 259); config.json then names <|im_end|> as eos_token_id.
 void generate_model(const ModelPreset& preset, const GenModelOptions& options,
                     const std::string& out_dir);
+
+// Ids of the synthetic tokenizer's special tokens (after the 256 byte tokens and the merges).
+struct SyntheticTokenizer {
+  int32_t endoftext = -1;  // <|endoftext|>: tokenizer_config pad_token
+  int32_t im_start = -1;   // <|im_start|>
+  int32_t im_end = -1;     // <|im_end|>: eos_token (ChatML end of turn)
+  int64_t learned_merges = 0;
+};
+
+// Writes `out_dir`/tokenizer.json, a Qwen2-style byte-level BPE (byte tokens 0..255, then up
+// to min(vocab_size - 3, 256 + 2000) tokens from merges learned deterministically from a
+// built-in English text, then the three special tokens) and tokenizer_config.json (ChatML
+// chat_template, eos <|im_end|>, pad <|endoftext|>, no bos). Depends only on vocab_size:
+// the same preset gives byte-identical files. keel::Error when vocab_size < 259.
+SyntheticTokenizer write_synthetic_tokenizer(const ModelPreset& preset, const std::string& out_dir);
 
 }  // namespace keel
