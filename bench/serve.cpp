@@ -17,6 +17,7 @@
 #include <iostream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -166,9 +167,13 @@ int run_against_url(const Options& options) {
   if (!options.num_prompts_set)
     spec.num_prompts = default_num_prompts(spec.request_rate > 0 ? 1 : spec.concurrency);
   keel::loadgen::LoadResult result = keel::loadgen::run_load(spec);
-  std::string title = spec.request_rate > 0 ? "rate " + std::to_string(spec.request_rate) + " req/s"
-                                            : "concurrency " + std::to_string(spec.concurrency);
-  print_table(options, keel::loadgen::summary_table(result.summary, title));
+  std::ostringstream title;  // operator<< prints 50, not std::to_string's 50.000000
+  if (spec.request_rate > 0) {
+    title << "rate " << spec.request_rate << " req/s";
+  } else {
+    title << "concurrency " << spec.concurrency;
+  }
+  print_table(options, keel::loadgen::summary_table(result.summary, title.str()));
   json report = {{"benchmark", "serve"},
                  {"machine", machine_json()},
                  {"load", keel::loadgen::spec_json(spec)},
