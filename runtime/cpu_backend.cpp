@@ -9,6 +9,7 @@
 #include "kernels/base/check.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/ops.h"
+#include "kernels/math/ops_math.h"
 #include "runtime/backend.h"
 
 namespace keel {
@@ -85,11 +86,10 @@ class CpuBackend final : public Backend {
                  const int32_t* positions, const int32_t* cache_idx, int64_t num_rows,
                  int64_t layer_idx, const KvPoolView& pool) override {
     for (int64_t row = 0; row < num_rows; ++row) {
-      KEEL_CHECK(positions[row] < pool.capacity, "position ", positions[row],
-                 " exceeds KV capacity ", pool.capacity);
       for (int64_t kv_head = 0; kv_head < pool.kv_heads; ++kv_head) {
-        size_t offset = pool_offset(pool, cache_idx[row], layer_idx, kv_head) +
-                        static_cast<size_t>(int64_t{positions[row]} * pool.head_dim);
+        const int64_t offset =
+            paged_rows(pool, pool.k, cache_idx[row], layer_idx, kv_head).row(positions[row]) -
+            pool.k;
         const float* source = rows + row * row_stride + kv_head * pool.head_dim;
         std::copy_n(source + k_col, pool.head_dim, pool.k + offset);
         std::copy_n(source + v_col, pool.head_dim, pool.v + offset);
@@ -100,13 +100,18 @@ class CpuBackend final : public Backend {
                  const int32_t* kv_head_of_q, const int32_t* positions, const int32_t* cache_idx,
                  int64_t num_rows, int64_t layer_idx, const KvPoolView& pool, float scale,
                  float* out) override {
+    const int64_t head_dim = pool.head_dim;
     for (int64_t row = 0; row < num_rows; ++row) {
       int64_t num_positions = int64_t{positions[row]} + 1;
       scores_.resize(std::max(scores_.size(), static_cast<size_t>(num_positions)));
-      size_t base = pool_offset(pool, cache_idx[row], layer_idx, 0);
-      cpu::attention_decode(rows + row * row_stride, num_q_heads, kv_head_of_q, pool.k + base,
-                            pool.v + base, pool.capacity, pool.head_dim, num_positions, scale,
-                            scores_.data(), out + row * num_q_heads * pool.head_dim);
+      for (int64_t head = 0; head < num_q_heads; ++head) {
+        const int32_t kv_head = kv_head_of_q[head];
+        math::attention_head_paged(rows + row * row_stride + head * head_dim,
+                                   paged_rows(pool, pool.k, cache_idx[row], layer_idx, kv_head),
+                                   paged_rows(pool, pool.v, cache_idx[row], layer_idx, kv_head),
+                                   num_positions, scale, scores_.data(),
+                                   out + (row * num_q_heads + head) * head_dim);
+      }
     }
   }
   void route_top_k(const float* logits, int64_t num_rows, int64_t num_experts, int64_t top_k,
@@ -180,10 +185,16 @@ class CpuBackend final : public Backend {
     std::memset(data, 0, padded);
     return data;
   }
-  static size_t pool_offset(const KvPoolView& pool, int64_t seq, int64_t layer, int64_t kv_head) {
-    return static_cast<size_t>(
-        (((seq * pool.num_layers + layer) * pool.kv_heads + kv_head) * pool.capacity) *
-        pool.head_dim);
+  static math::PagedKvRows paged_rows(const KvPoolView& pool, const float* base, int64_t seq,
+                                      int64_t layer, int64_t kv_head) {
+    const int64_t block_floats = pool.block_size * pool.head_dim;
+    math::PagedKvRows rows;
+    rows.head_base = base + (layer * pool.num_blocks * pool.kv_heads + kv_head) * block_floats;
+    rows.block_table = pool.block_tables + seq * pool.max_blocks_per_seq;
+    rows.block_stride = pool.kv_heads * block_floats;
+    rows.block_size = pool.block_size;
+    rows.head_dim = pool.head_dim;
+    return rows;
   }
 
   std::vector<float> cos_sin_, scores_, probs_;

@@ -111,7 +111,8 @@ class CudaBackend final : public Backend {
                  const int32_t* kv_head_of_q, const int32_t* positions, const int32_t* cache_idx,
                  int64_t num_rows, int64_t layer_idx, const KvPoolView& pool, float scale,
                  float* out) override {
-    float* scores = scratch(scores_, static_cast<size_t>(num_rows * num_q_heads * pool.capacity));
+    float* scores =
+        scratch(scores_, static_cast<size_t>(num_rows * num_q_heads * pool.capacity()));
     cuda::attention(rows, row_stride, num_rows, num_q_heads, kv_head_of_q,
                     layer_pool(pool, layer_idx), positions, cache_idx, scale, scores, out,
                     num_q_heads * pool.head_dim);
@@ -179,17 +180,20 @@ class CudaBackend final : public Backend {
                   offsetof(PackedRoute, slot_idx) == offsetof(cuda::DeviceRoute, slot_idx));
     return reinterpret_cast<const cuda::DeviceRoute*>(routes);
   }
-  // One layer of the engine's pool [seq][layer][kv_heads][capacity][head_dim] in the kernels'
-  // per-layer view (cache c of that layer at k + c * cache_stride).
+  // One layer of the engine's paged pool [layer][block][kv_heads][block_size][head_dim] in the
+  // kernels' per-layer view.
   static cuda::KvPool layer_pool(const KvPoolView& pool, int64_t layer_idx) {
-    int64_t layer_floats = pool.kv_heads * pool.capacity * pool.head_dim;
+    const int64_t block_floats = pool.kv_heads * pool.block_size * pool.head_dim;
     cuda::KvPool view;
-    view.k = pool.k + layer_idx * layer_floats;
-    view.v = pool.v + layer_idx * layer_floats;
-    view.cache_stride = pool.num_layers * layer_floats;
-    view.capacity = pool.capacity;
+    view.k = pool.k + layer_idx * pool.num_blocks * block_floats;
+    view.v = pool.v + layer_idx * pool.num_blocks * block_floats;
+    view.num_blocks = pool.num_blocks;
+    view.block_stride = block_floats;
+    view.block_size = pool.block_size;
     view.num_kv_heads = pool.kv_heads;
     view.head_dim = pool.head_dim;
+    view.block_tables = pool.block_tables;
+    view.max_blocks_per_seq = pool.max_blocks_per_seq;
     return view;
   }
   float* scratch(cuda::DeviceBuffer& buffer, size_t count) {

@@ -18,6 +18,7 @@ namespace keel {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+constexpr int64_t kGenerateBlockSize = 16;
 
 double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
@@ -182,11 +183,17 @@ void Engine::run_rank(int tp_rank, comm::Communicator& communicator, const Gener
   int64_t max_prompt = 0;
   for (const auto& prompt : request.prompts)
     max_prompt = std::max<int64_t>(max_prompt, static_cast<int64_t>(prompt.size()));
-  KvPool pool = model.make_kv_pool(num_prompts, max_prompt + request.max_new_tokens);
+  // Each prompt gets its own run of blocks, so generate() needs no block manager; the bits
+  // are those of any other block assignment (attention reads positions in order, wherever
+  // they are stored).
+  const int64_t capacity = max_prompt + request.max_new_tokens;
+  StepBatch batch;
+  batch.set_contiguous_block_tables(num_prompts, capacity, kGenerateBlockSize);
+  KvPool pool = model.make_kv_pool(static_cast<int64_t>(batch.block_tables.size()),
+                                   kGenerateBlockSize);
   const std::vector<std::vector<double>> seconds_before = model.expert_seconds();
 
   // Prefill: all prompts in one step; logits for every position only when asked.
-  StepBatch batch;
   std::vector<int64_t> last_row(static_cast<size_t>(num_prompts));
   for (int64_t prompt = 0; prompt < num_prompts; ++prompt) {
     const auto& ids = request.prompts[static_cast<size_t>(prompt)];

@@ -322,12 +322,26 @@ int64_t RankModel::weight_bytes() const {
   return total;
 }
 
-KvPool RankModel::make_kv_pool(int64_t num_seqs, int64_t capacity) {
+void StepBatch::set_contiguous_block_tables(int64_t num_seqs, int64_t capacity,
+                                            int64_t block_size) {
+  max_blocks_per_seq = (capacity + block_size - 1) / block_size;
+  block_tables.resize(static_cast<size_t>(num_seqs * max_blocks_per_seq));
+  for (size_t i = 0; i < block_tables.size(); ++i) block_tables[i] = static_cast<int32_t>(i);
+}
+
+int64_t RankModel::kv_block_bytes(int64_t block_size) const {
+  return 2 * config_.num_layers * kv_heads_local_ * block_size * config_.head_dim *
+         static_cast<int64_t>(sizeof(float));
+}
+
+KvPool RankModel::make_kv_pool(int64_t num_blocks, int64_t block_size) {
+  KEEL_CHECK(num_blocks > 0 && block_size > 0, "KV pool of ", num_blocks, " blocks of ",
+             block_size);
   KvPool pool;
-  pool.num_seqs = num_seqs;
-  pool.capacity = capacity;
-  size_t elements = static_cast<size_t>(num_seqs * config_.num_layers * kv_heads_local_ * capacity *
-                                        config_.head_dim);
+  pool.num_blocks = num_blocks;
+  pool.block_size = block_size;
+  size_t elements = static_cast<size_t>(num_blocks * config_.num_layers * kv_heads_local_ *
+                                        block_size * config_.head_dim);
   pool.k = backend_.allocate(DType::kF32, elements);
   pool.v = backend_.allocate(DType::kF32, elements);
   return pool;
@@ -369,18 +383,44 @@ void RankModel::forward(const StepBatch& batch, KvPool& pool, comm::Communicator
     if (token_id < 0 || token_id >= config_.vocab_size)
       throw_error("token id ", token_id, " is outside the vocabulary [0, ", config_.vocab_size,
                   ")");
-  for (size_t token = 0; token < batch.positions.size(); ++token)
-    if (batch.positions[token] >= pool.capacity || batch.cache_idx[token] < 0 ||
-        batch.cache_idx[token] >= pool.num_seqs)
-      throw_error("rank ", tp_rank_, ": token ", token, " at position ", batch.positions[token],
-                  " of sequence ", batch.cache_idx[token], " is outside the KV pool (",
-                  pool.num_seqs, " sequences x ", pool.capacity, " positions)");
+  // Every KV address a token will touch must be inside the pool: the kernels trust it.
+  const int64_t max_blocks = batch.max_blocks_per_seq;
+  const int64_t num_table_rows =
+      max_blocks > 0 ? static_cast<int64_t>(batch.block_tables.size()) / max_blocks : 0;
+  KEEL_CHECK(num_table_rows * max_blocks == static_cast<int64_t>(batch.block_tables.size()),
+             "block_tables holds ", batch.block_tables.size(), " entries, not a multiple of ",
+             max_blocks);
+  for (size_t token = 0; token < batch.positions.size(); ++token) {
+    const int64_t position = batch.positions[token];
+    const int64_t seq = batch.cache_idx[token];
+    if (position < 0 || position >= max_blocks * pool.block_size || seq < 0 ||
+        seq >= num_table_rows)
+      throw_error("rank ", tp_rank_, ": token ", token, " at position ", position,
+                  " of sequence row ", seq, " is outside the step's block tables (", num_table_rows,
+                  " rows x ", max_blocks, " blocks of ", pool.block_size, ")");
+    for (int64_t block = 0; block <= position / pool.block_size; ++block) {
+      const int32_t block_id = batch.block_tables[static_cast<size_t>(seq * max_blocks + block)];
+      if (block_id < 0 || block_id >= pool.num_blocks)
+        throw_error("rank ", tp_rank_, ": token ", token, " at position ", position,
+                    " reads KV block ", block_id, " outside the pool of ", pool.num_blocks,
+                    " blocks");
+    }
+  }
   float* hidden_states = scratch(hidden_, activations);
   float* normed = scratch(normed_, activations);
   float* partial = scratch(partial_, activations);
   const int32_t* token_ids = upload(batch.token_ids, token_ids_);
   upload(batch.positions, positions_);
   upload(batch.cache_idx, cache_idx_);
+  const Backend::KvPoolView view{pool.k.f32(),
+                                 pool.v.f32(),
+                                 config_.num_layers,
+                                 pool.num_blocks,
+                                 kv_heads_local_,
+                                 pool.block_size,
+                                 config_.head_dim,
+                                 upload(batch.block_tables, block_tables_),
+                                 max_blocks};
 
   backend_.embed(embed_.data.data(), embed_.dtype(), config_.vocab_size, hidden, token_ids,
                  num_tokens, hidden_states);
@@ -388,7 +428,7 @@ void RankModel::forward(const StepBatch& batch, KvPool& pool, comm::Communicator
   for (int64_t layer_idx = 0; layer_idx < config_.num_layers; ++layer_idx) {
     LayerWeights& layer = layers_[static_cast<size_t>(layer_idx)];
     backend_.rms_norm(hidden_states, layer.input_norm.f32(), eps, num_tokens, hidden, normed);
-    attention(layer_idx, num_tokens, pool);
+    attention(layer_idx, num_tokens, view);
     comm.all_reduce(partial, activations, options_.reduce);
     backend_.add(hidden_states, partial, static_cast<int64_t>(activations));
 
@@ -432,7 +472,8 @@ void RankModel::forward(const StepBatch& batch, KvPool& pool, comm::Communicator
   }
 }
 
-void RankModel::attention(int64_t layer_idx, int64_t num_tokens, KvPool& pool) {
+void RankModel::attention(int64_t layer_idx, int64_t num_tokens,
+                          const Backend::KvPoolView& view) {
   LayerWeights& layer = layers_[static_cast<size_t>(layer_idx)];
   const int64_t head_dim = config_.head_dim;
   const int64_t q_width = q_heads_local_ * head_dim;
@@ -454,9 +495,7 @@ void RankModel::attention(int64_t layer_idx, int64_t num_tokens, KvPool& pool) {
   }
   backend_.rope(qkv, qkv_width, q_heads_local_, q_width, kv_heads_local_, head_dim,
                 config_.rotary_dim, config_.rope_theta, positions_.i32(), num_tokens,
-                pool.capacity);
-  Backend::KvPoolView view{pool.k.f32(),    pool.v.f32(),  config_.num_layers,
-                           kv_heads_local_, pool.capacity, head_dim};
+                view.capacity());
   backend_.kv_append(qkv, qkv_width, q_width, q_width + kv_width, positions_.i32(),
                      cache_idx_.i32(), num_tokens, layer_idx, view);
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));

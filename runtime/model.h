@@ -61,21 +61,32 @@ struct LayerWeights {
   Matrix shared_gate;                    // [1, H] sigmoid gate of the shared expert
 };
 
-// The KV caches of a batch of sequences on one rank:
-// k and v as [num_seqs][num_layers][kv_local][capacity][head_dim] fp32.
+// This rank's paged KV pool: k and v as [num_layers][num_blocks][kv_local][block_size][head_dim]
+// fp32 (kernels/math/ops_math.h, PagedKvRows). Which blocks hold which sequence is the
+// scheduler's business (scheduler/block_manager.h); a step names them in StepBatch.
 struct KvPool {
   DeviceArray k;
   DeviceArray v;
-  int64_t num_seqs = 0;
-  int64_t capacity = 0;
+  int64_t num_blocks = 0;
+  int64_t block_size = 0;
 };
 
 // What one forward step computes: tokens of several sequences, concatenated (host arrays).
+// Sequence i of the step owns row i of block_tables ([num_seqs][max_blocks_per_seq], block ids
+// in position order, unused tail entries -1); token t belongs to sequence cache_idx[t] and sits
+// at absolute position positions[t].
 struct StepBatch {
   std::vector<int32_t> token_ids;
   std::vector<int32_t> positions;
-  std::vector<int32_t> cache_idx;    // per token: which sequence of the KvPool it belongs to
+  std::vector<int32_t> cache_idx;    // per token: its sequence's row of block_tables
   std::vector<int32_t> logits_rows;  // token rows whose logits are wanted, in output order
+  std::vector<int32_t> block_tables;
+  int64_t max_blocks_per_seq = 0;
+
+  // Gives every one of num_seqs sequences its own run of blocks: sequence s holds blocks
+  // [s * blocks_per_seq, (s + 1) * blocks_per_seq), enough for `capacity` positions (what
+  // generate() uses; the server takes block tables from the block manager instead).
+  void set_contiguous_block_tables(int64_t num_seqs, int64_t capacity, int64_t block_size);
 };
 
 struct RankOptions {
@@ -94,7 +105,9 @@ class RankModel {
             const ExpertPlacement& placement, int tp_rank, int tp_size, RankOptions options,
             Backend& backend);
 
-  KvPool make_kv_pool(int64_t num_seqs, int64_t capacity);
+  KvPool make_kv_pool(int64_t num_blocks, int64_t block_size);
+  // Bytes of one KV block on this rank (K and V, every layer).
+  int64_t kv_block_bytes(int64_t block_size) const;
 
   // Runs one step on this rank. `logits` receives [logits_rows, vocab] on the host (identical
   // on all ranks). Collectives go through `comm`, whose pointers are this backend's memory;
@@ -119,7 +132,7 @@ class RankModel {
   int32_t* upload(const std::vector<int32_t>& host, DeviceArray& array);
   const PackedRoute* upload_routes(const std::vector<PackedRoute>& host, DeviceArray& array);
 
-  void attention(int64_t layer_idx, int64_t num_tokens, KvPool& pool);
+  void attention(int64_t layer_idx, int64_t num_tokens, const Backend::KvPoolView& view);
   void moe(int64_t layer_idx, int64_t num_tokens);
   void dense_mlp(const ExpertWeights& weights, int64_t width, int64_t num_tokens, float* out);
 
@@ -150,7 +163,7 @@ class RankModel {
   DeviceArray hidden_, normed_, qkv_, attn_out_, partial_, router_logits_, route_weights_,
       route_margins_, expert_in_, expert_mid_, expert_act_, expert_out_, shared_out_,
       shared_gate_logits_, lm_in_, local_logits_, gathered_logits_;
-  DeviceArray token_ids_, positions_, cache_idx_, logits_rows_, route_ids_, packed_routes_,
+  DeviceArray token_ids_, positions_, cache_idx_, block_tables_, logits_rows_, route_ids_, packed_routes_,
       slot_rows_;
   // Host copies of what host-side policy needs.
   std::vector<int32_t> host_route_ids_;

@@ -303,19 +303,45 @@ TEST_F(CudaKernels, KvAppendAndAttentionMatchCpuWithinExpTolerance) {
                           v_cpu.data() + cache_idx[t] * cache_floats, capacity, head_dim,
                           positions[t] + 1, scale, scratch.data(), expected.data() + t * q_width);
 
+  // The GPU pool is paged: blocks of 16 positions, each sequence's blocks scattered out of order,
+  // holding the same rows as the CPU's contiguous caches.
+  const int64_t block_size = 16, blocks_per_seq = capacity / block_size;
+  const std::vector<int32_t> block_tables = {4, 1, 3, 0, 5, 2};  // [num_caches][blocks_per_seq]
+  auto paged_index = [&](int64_t seq, int64_t h, int64_t pos, int64_t d) {
+    const int64_t block = block_tables[static_cast<size_t>(seq * blocks_per_seq + pos / block_size)];
+    return ((block * kv_heads + h) * block_size + pos % block_size) * head_dim + d;
+  };
+  auto to_paged = [&](const std::vector<float>& contiguous) {
+    std::vector<float> paged(contiguous.size());
+    for (int64_t seq = 0; seq < num_caches; ++seq)
+      for (int64_t h = 0; h < kv_heads; ++h)
+        for (int64_t pos = 0; pos < capacity; ++pos)
+          for (int64_t d = 0; d < head_dim; ++d)
+            paged[static_cast<size_t>(paged_index(seq, h, pos, d))] =
+                contiguous[static_cast<size_t>(seq * cache_floats + (h * capacity + pos) * head_dim + d)];
+    return paged;
+  };
   DeviceBuffer qkv_device = to_device(qkv);
-  DeviceBuffer k_device = to_device(k_pool), v_device = to_device(v_pool);
+  DeviceBuffer k_device = to_device(to_paged(k_pool)), v_device = to_device(to_paged(v_pool));
   DeviceBuffer positions_device = to_device(positions), cache_device = to_device(cache_idx);
-  DeviceBuffer map_device = to_device(kv_head_of_q);
+  DeviceBuffer map_device = to_device(kv_head_of_q), tables_device = to_device(block_tables);
   DeviceBuffer scores(static_cast<size_t>(tokens * q_heads * capacity) * sizeof(float));
   DeviceBuffer out(expected.size() * sizeof(float));
-  const cuda::KvPool pool{
-      k_device.as<float>(), v_device.as<float>(), cache_floats, capacity, kv_heads, head_dim};
+  cuda::KvPool pool;
+  pool.k = k_device.as<float>();
+  pool.v = v_device.as<float>();
+  pool.num_blocks = num_caches * blocks_per_seq;
+  pool.block_stride = kv_heads * block_size * head_dim;
+  pool.block_size = block_size;
+  pool.num_kv_heads = kv_heads;
+  pool.head_dim = head_dim;
+  pool.block_tables = tables_device.as<int32_t>();
+  pool.max_blocks_per_seq = blocks_per_seq;
   cuda::kv_cache_append(qkv_device.as<float>() + q_width,
                         qkv_device.as<float>() + q_width + kv_width, row_stride, tokens,
                         positions_device.as<int32_t>(), cache_device.as<int32_t>(), pool);
-  EXPECT_TRUE(same_bits(to_host<float>(k_device, k_cpu.size()), k_cpu));
-  EXPECT_TRUE(same_bits(to_host<float>(v_device, v_cpu.size()), v_cpu));
+  EXPECT_TRUE(same_bits(to_host<float>(k_device, k_cpu.size()), to_paged(k_cpu)));
+  EXPECT_TRUE(same_bits(to_host<float>(v_device, v_cpu.size()), to_paged(v_cpu)));
   cuda::attention(qkv_device.as<float>(), row_stride, tokens, q_heads, map_device.as<int32_t>(),
                   pool, positions_device.as<int32_t>(), cache_device.as<int32_t>(), scale,
                   scores.as<float>(), out.as<float>(), q_width);

@@ -187,6 +187,66 @@ TEST(SharedMath, AttentionInKernelOrderMatchesCpuKernel) {
   }
 }
 
+// Paging moves rows, never reorders sums: attention over a sequence scattered across blocks
+// (any block size, blocks out of order, other sequences' rows in between) has the bits of the
+// contiguous kernel, for the CPU composition and for the CUDA block's per-element steps.
+TEST(SharedMath, PagedAttentionHasTheBitsOfContiguousAttention) {
+  std::mt19937 rng(16);
+  const int64_t head_dim = 32, capacity = 45, kv_heads = 2, kv_head = 1;
+  for (int64_t block_size : {1, 4, 16, 64}) {
+    const int64_t blocks_per_seq = (capacity + block_size - 1) / block_size;
+    const int64_t num_blocks = 2 * blocks_per_seq + 3;
+    // Blocks handed out in a scrambled order: seq's block j is (7 * j + 5) mod num_blocks.
+    std::vector<int32_t> table(blocks_per_seq);
+    for (int64_t j = 0; j < blocks_per_seq; ++j)
+      table[j] = static_cast<int32_t>((7 * j + 5) % num_blocks);
+    std::vector<float> q = random_floats(rng, head_dim, -1.0f, 1.0f);
+    std::vector<float> k = random_floats(rng, capacity * head_dim, -1.0f, 1.0f);
+    std::vector<float> v = random_floats(rng, capacity * head_dim, -1.0f, 1.0f);
+    // Paged pool of one layer: [num_blocks][kv_heads][block_size][head_dim], filled with noise,
+    // then this sequence's rows written to kv head 1 of its blocks.
+    const int64_t block_stride = kv_heads * block_size * head_dim;
+    std::vector<float> k_pool = random_floats(rng, num_blocks * block_stride, -9.0f, 9.0f);
+    std::vector<float> v_pool = random_floats(rng, num_blocks * block_stride, -9.0f, 9.0f);
+    math::PagedKvRows k_rows{k_pool.data() + kv_head * block_size * head_dim, table.data(),
+                             block_stride, block_size, head_dim};
+    math::PagedKvRows v_rows{v_pool.data() + kv_head * block_size * head_dim, table.data(),
+                             block_stride, block_size, head_dim};
+    for (int64_t pos = 0; pos < capacity; ++pos) {
+      std::copy_n(k.data() + pos * head_dim, head_dim, const_cast<float*>(k_rows.row(pos)));
+      std::copy_n(v.data() + pos * head_dim, head_dim, const_cast<float*>(v_rows.row(pos)));
+    }
+    for (int64_t num_positions : {int64_t{1}, block_size, capacity}) {
+      if (num_positions > capacity) continue;
+      std::vector<float> scratch(capacity), expected(head_dim), paged(head_dim);
+      math::attention_head(q.data(), k.data(), v.data(), head_dim, num_positions, 0.125f,
+                           scratch.data(), expected.data());
+      math::attention_head_paged(q.data(), k_rows, v_rows, num_positions, 0.125f, scratch.data(),
+                                 paged.data());
+      EXPECT_TRUE(same_bits(paged, expected)) << "block " << block_size << " n " << num_positions;
+      math::attention_head(q.data(), k.data(), v.data(), head_dim, num_positions, 0.125f,
+                           scratch.data(), expected.data());
+      const float inv_sum = math::attention_exp_scores(scratch.data(), num_positions,
+                                                       [&] {
+                                                         float max_score = -INFINITY;
+                                                         for (int64_t pos = 0; pos < num_positions;
+                                                              ++pos) {
+                                                           scratch[pos] = math::attention_score(
+                                                               q.data(), k_rows.row(pos), head_dim,
+                                                               0.125f);
+                                                           max_score = std::max(max_score,
+                                                                                scratch[pos]);
+                                                         }
+                                                         return max_score;
+                                                       }());
+      for (int64_t d = head_dim - 1; d >= 0; --d)
+        paged[d] = math::attention_output_element_paged(scratch.data(), inv_sum, v_rows,
+                                                        num_positions, d);
+      EXPECT_TRUE(same_bits(paged, expected)) << "kernel steps, block " << block_size;
+    }
+  }
+}
+
 TEST(SharedMath, SoftmaxAndRouteMatchCpuKernels) {
   std::mt19937 rng(15);
   for (int64_t num_experts : {8, 60, 128}) {

@@ -95,13 +95,13 @@ __global__ void kv_cache_append_kernel(const float* k_rows, const float* v_rows,
                                        KvPool pool) {
   const int64_t token = blockIdx.x;
   const int32_t position = positions[token];
-  if (position < 0 || position >= pool.capacity) return;
-  const int64_t cache_offset = int64_t{cache_idx[token]} * pool.cache_stride;
+  if (position < 0 || position >= pool.capacity()) return;
+  const int64_t seq = cache_idx[token];
   const int64_t width = pool.num_kv_heads * pool.head_dim;
   for (int64_t i = threadIdx.x; i < width; i += blockDim.x) {
     const int64_t head = i / pool.head_dim;
     const int64_t d = i % pool.head_dim;
-    const int64_t dst = cache_offset + (head * pool.capacity + position) * pool.head_dim + d;
+    const int64_t dst = pool.rows(pool.k, seq, head).row(position) - pool.k + d;
     pool.k[dst] = k_rows[token * row_stride + i];
     pool.v[dst] = v_rows[token * row_stride + i];
   }
@@ -118,20 +118,18 @@ __global__ void attention_kernel(const float* q, int64_t q_token_stride, int64_t
   const int64_t head_dim = pool.head_dim;
   float* out_head = out + token * out_token_stride + head * head_dim;
   const int32_t position = positions[token];
-  if (position < 0 || position >= pool.capacity) {
+  if (position < 0 || position >= pool.capacity()) {
     for (int64_t d = threadIdx.x; d < head_dim; d += blockDim.x) out_head[d] = quiet_nan();
     return;
   }
   const int64_t num_positions = int64_t{position} + 1;
   const float* q_head = q + token * q_token_stride + head * head_dim;
-  const int64_t kv_offset = int64_t{cache_idx[token]} * pool.cache_stride +
-                            int64_t{kv_head_of_q[head]} * pool.capacity * head_dim;
-  const float* k_head = pool.k + kv_offset;
-  const float* v_head = pool.v + kv_offset;
-  float* scores = scores_scratch + int64_t{blockIdx.x} * pool.capacity;
+  const math::PagedKvRows k_rows = pool.rows(pool.k, cache_idx[token], kv_head_of_q[head]);
+  const math::PagedKvRows v_rows = pool.rows(pool.v, cache_idx[token], kv_head_of_q[head]);
+  float* scores = scores_scratch + int64_t{blockIdx.x} * pool.capacity();
 
   for (int64_t pos = threadIdx.x; pos < num_positions; pos += blockDim.x)
-    scores[pos] = math::attention_score(q_head, k_head + pos * head_dim, head_dim, scale);
+    scores[pos] = math::attention_score(q_head, k_rows.row(pos), head_dim, scale);
   __syncthreads();
   if (threadIdx.x == 0) max_score = math::row_max(scores, num_positions);
   __syncthreads();
@@ -142,7 +140,7 @@ __global__ void attention_kernel(const float* q, int64_t q_token_stride, int64_t
   __syncthreads();
   for (int64_t d = threadIdx.x; d < head_dim; d += blockDim.x)
     out_head[d] =
-        math::attention_output_element(scores, inv_sum, v_head, head_dim, num_positions, d);
+        math::attention_output_element_paged(scores, inv_sum, v_rows, num_positions, d);
 }
 
 __global__ void silu_mul_kernel(const float* gate, const float* up, int64_t in_stride,
@@ -282,15 +280,15 @@ void rope(float* rows, int64_t num_tokens, int64_t token_stride, int64_t num_hea
 void kv_cache_append(const float* k_rows, const float* v_rows, int64_t row_stride,
                      int64_t num_tokens, const int32_t* positions, const int32_t* cache_idx,
                      const KvPool& pool, cudaStream_t stream) {
-  require(num_tokens >= 0 && pool.capacity > 0 && pool.num_kv_heads > 0 && pool.head_dim > 0 &&
+  require(num_tokens >= 0 && pool.capacity() > 0 && pool.num_kv_heads > 0 && pool.head_dim > 0 &&
               row_stride >= pool.num_kv_heads * pool.head_dim &&
-              pool.cache_stride >= pool.num_kv_heads * pool.capacity * pool.head_dim,
-          "kv_cache_append: bad shape tokens=", num_tokens, " capacity=", pool.capacity,
+              pool.block_stride >= pool.num_kv_heads * pool.block_size * pool.head_dim,
+          "kv_cache_append: bad shape tokens=", num_tokens, " capacity=", pool.capacity(),
           " kv_heads=", pool.num_kv_heads, " head_dim=", pool.head_dim, " row_stride=", row_stride,
-          " cache_stride=", pool.cache_stride);
+          " block_stride=", pool.block_stride);
   if (num_tokens == 0) return;
   require(k_rows != nullptr && v_rows != nullptr && positions != nullptr && cache_idx != nullptr &&
-              pool.k != nullptr && pool.v != nullptr,
+              pool.k != nullptr && pool.v != nullptr && pool.block_tables != nullptr,
           "kv_cache_append: null pointer");
   kv_cache_append_kernel<<<grid_for_rows(num_tokens, "kv_cache_append"), kThreadsPerBlock, 0,
                            stream>>>(k_rows, v_rows, row_stride, positions, cache_idx, pool);
@@ -301,16 +299,16 @@ void attention(const float* q, int64_t q_token_stride, int64_t num_tokens, int64
                const int32_t* kv_head_of_q, const KvPool& pool, const int32_t* positions,
                const int32_t* cache_idx, float scale, float* scores_scratch, float* out,
                int64_t out_token_stride, cudaStream_t stream) {
-  require(num_tokens >= 0 && num_q_heads > 0 && pool.capacity > 0 && pool.num_kv_heads > 0 &&
+  require(num_tokens >= 0 && num_q_heads > 0 && pool.capacity() > 0 && pool.num_kv_heads > 0 &&
               pool.head_dim > 0 && q_token_stride >= num_q_heads * pool.head_dim &&
               out_token_stride >= num_q_heads * pool.head_dim &&
-              pool.cache_stride >= pool.num_kv_heads * pool.capacity * pool.head_dim,
+              pool.block_stride >= pool.num_kv_heads * pool.block_size * pool.head_dim,
           "attention: bad shape tokens=", num_tokens, " q_heads=", num_q_heads,
-          " head_dim=", pool.head_dim, " capacity=", pool.capacity,
+          " head_dim=", pool.head_dim, " capacity=", pool.capacity(),
           " q_token_stride=", q_token_stride, " out_token_stride=", out_token_stride);
   if (num_tokens == 0) return;
   require(q != nullptr && kv_head_of_q != nullptr && pool.k != nullptr && pool.v != nullptr &&
-              positions != nullptr && cache_idx != nullptr && scores_scratch != nullptr &&
+              pool.block_tables != nullptr && positions != nullptr && cache_idx != nullptr && scores_scratch != nullptr &&
               out != nullptr,
           "attention: null pointer");
   attention_kernel<<<grid_for_rows(num_tokens * num_q_heads, "attention"), 128, 0, stream>>>(

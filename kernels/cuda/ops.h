@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "kernels/base/dtype.h"
+#include "kernels/math/ops_math.h"
 
 namespace keel::cuda {
 
@@ -50,35 +51,50 @@ void rope(float* rows, int64_t num_tokens, int64_t token_stride, int64_t num_hea
           int64_t head_dim, int64_t rotary_dim, const int32_t* positions,
           const float* cos_sin_table, int64_t table_positions, cudaStream_t stream = nullptr);
 
-// KV cache pool of one layer: cache c starts at pool + c * cache_stride and holds
-// [num_kv_heads, capacity, head_dim] (the CPU KvCache layout with the layer offset applied).
+// One layer of the paged KV pool (kernels/math/ops_math.h, PagedKvRows): k and v point at the
+// layer's first block; block b of KV head h starts at k + b * block_stride + h * block_size *
+// head_dim. Sequence s of the step owns row s of block_tables ([num_seqs][max_blocks_per_seq]).
 struct KvPool {
   float* k = nullptr;
   float* v = nullptr;
-  int64_t cache_stride = 0;  // floats between consecutive caches
-  int64_t capacity = 0;      // positions per cache
+  int64_t num_blocks = 0;
+  int64_t block_stride = 0;  // floats between consecutive blocks: num_kv_heads * block_size * head_dim
+  int64_t block_size = 0;
   int64_t num_kv_heads = 0;
   int64_t head_dim = 0;
+  const int32_t* block_tables = nullptr;
+  int64_t max_blocks_per_seq = 0;
+
+  __host__ __device__ int64_t capacity() const { return max_blocks_per_seq * block_size; }
+  __host__ __device__ math::PagedKvRows rows(const float* base, int64_t seq, int64_t head) const {
+    math::PagedKvRows view;
+    view.head_base = base + head * block_size * head_dim;
+    view.block_table = block_tables + seq * max_blocks_per_seq;
+    view.block_stride = block_stride;
+    view.block_size = block_size;
+    view.head_dim = head_dim;
+    return view;
+  }
 };
 
-// Appends each token's K and V heads to its cache at its position:
-// k_rows + t * row_stride + h * head_dim -> cache cache_idx[t], head h, position positions[t]
+// Appends each token's K and V heads to its sequence's block at its position:
+// k_rows + t * row_stride + h * head_dim -> sequence cache_idx[t], head h, position positions[t]
 // (likewise v_rows). Tokens whose position is outside [0, capacity) are skipped (the engine
-// checks capacities on the host). A pure copy: bit-identical.
+// checks positions and block ids on the host). A pure copy: bit-identical.
 void kv_cache_append(const float* k_rows, const float* v_rows, int64_t row_stride,
                      int64_t num_tokens, const int32_t* positions, const int32_t* cache_idx,
                      const KvPool& pool, cudaStream_t stream = nullptr);
 
 // Causal attention of each token's query heads over positions [0, positions[t]] of its own
-// cache (decode and prefill alike: in prefill every token of a prompt reads its own prefix,
+// sequence (decode and prefill alike: in prefill every token of a prompt reads its own prefix,
 // after kv_cache_append of the whole step). Query head h of token t is at
 // q + t * q_token_stride + h * head_dim and reads KV head kv_head_of_q[h]; the output goes to
 // out + t * out_token_stride + h * head_dim. One block per (token, head): scores in parallel
 // over positions (each a sequential dot over head_dim), max, exp sum in one thread in position
 // order, outputs in parallel over head_dim, each a sequential sum over positions.
-// scores_scratch: num_tokens * num_q_heads * pool.capacity floats. Same operations and order as
-// cpu::attention_decode; differs only through expf (see README). A position outside
-// [0, capacity) gives NaN outputs.
+// scores_scratch: num_tokens * num_q_heads * pool.capacity() floats. Same operations and order
+// as math::attention_head_paged (and cpu::attention_decode); differs only through expf (see
+// README). A position outside [0, capacity) gives NaN outputs.
 void attention(const float* q, int64_t q_token_stride, int64_t num_tokens, int64_t num_q_heads,
                const int32_t* kv_head_of_q, const KvPool& pool, const int32_t* positions,
                const int32_t* cache_idx, float scale, float* scores_scratch, float* out,

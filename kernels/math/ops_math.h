@@ -208,6 +208,60 @@ KEEL_HD inline void attention_head(const float* q_head, const float* k_head, con
 }
 
 // ---------------------------------------------------------------------------------------------
+// Paged KV (the serving layout): one sequence's rows of one (layer, KV head) are spread over
+// fixed-size blocks; position pos is row pos % block_size of block block_table[pos / block_size].
+// Pool layout [num_layers][num_blocks][kv_heads][block_size][head_dim], so a block of a given
+// (layer, head) starts at head_base + block_id * block_stride with
+// block_stride = kv_heads * block_size * head_dim.
+//
+// Attention over a paged sequence runs the very sums of attention_head in the same order
+// (positions increasing, from the sequence's first token): only the address of a row changes,
+// never which rows are added or in what order. So a token's output depends on its absolute
+// position and its cache contents alone, not on block size, block ids, or where prefill chunks
+// ended.
+struct PagedKvRows {
+  const float* head_base = nullptr;
+  const int32_t* block_table = nullptr;
+  int64_t block_stride = 0;
+  int64_t block_size = 1;
+  int64_t head_dim = 0;
+
+  KEEL_HD const float* row(int64_t pos) const {
+    return head_base + int64_t{block_table[pos / block_size]} * block_stride +
+           (pos % block_size) * head_dim;
+  }
+};
+
+// attention_output_element over paged V rows (same order and operations).
+KEEL_HD inline float attention_output_element_paged(const float* exp_scores, float inv_sum,
+                                                    const PagedKvRows& v, int64_t num_positions,
+                                                    int64_t d) {
+  float acc = 0.0f;
+  for (int64_t pos = 0; pos < num_positions; ++pos)
+    acc += (exp_scores[pos] * inv_sum) * v.row(pos)[d];
+  return acc;
+}
+
+// attention_head over paged K/V rows (same order and operations).
+KEEL_HD inline void attention_head_paged(const float* q_head, const PagedKvRows& k,
+                                         const PagedKvRows& v, int64_t num_positions, float scale,
+                                         float* scores_scratch, float* out_head) {
+  const int64_t head_dim = k.head_dim;
+  float max_score = negative_infinity();
+  for (int64_t pos = 0; pos < num_positions; ++pos) {
+    scores_scratch[pos] = attention_score(q_head, k.row(pos), head_dim, scale);
+    max_score = max_keep_first(max_score, scores_scratch[pos]);
+  }
+  const float inv_sum = attention_exp_scores(scores_scratch, num_positions, max_score);
+  for (int64_t d = 0; d < head_dim; ++d) out_head[d] = 0.0f;
+  for (int64_t pos = 0; pos < num_positions; ++pos) {
+    const float weight = scores_scratch[pos] * inv_sum;
+    const float* v_row = v.row(pos);
+    for (int64_t d = 0; d < head_dim; ++d) out_head[d] += weight * v_row[d];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Greedy sampling: the first index of the largest logit (a strict '>' scan from index 0, as
 // the engine does). NaN never wins, except a NaN at index 0, which nothing can beat.
 
