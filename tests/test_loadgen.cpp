@@ -102,7 +102,7 @@ class LoadgenServerTest : public ::testing::Test {
 
 // Hand-computed with numpy's default method "linear": sort, position p = q/100 * (n - 1),
 // value a[floor p] + (p - floor p) * (a[floor p + 1] - a[floor p]).
-TEST(Percentile, MatchesNumpyLinear) {
+TEST(LoadgenPercentile, MatchesNumpyLinear) {
   std::vector<double> four = {4, 1, 3, 2};  // sorted: 1 2 3 4, n - 1 = 3
   EXPECT_DOUBLE_EQ(percentile(four, 0), 1.0);
   EXPECT_DOUBLE_EQ(percentile(four, 100), 4.0);
@@ -129,7 +129,7 @@ TEST(Percentile, MatchesNumpyLinear) {
   EXPECT_DOUBLE_EQ(percentile({}, 50), 0.0);     // no samples: reported as 0, like vLLM
 }
 
-TEST(Summary, TpotExcludesFirstTokenAndItlPoolsGaps) {
+TEST(LoadgenSummary, TpotExcludesFirstTokenAndItlPoolsGaps) {
   RequestRecord a;
   a.success = true;
   a.ttft_s = 0.100;
@@ -165,7 +165,7 @@ TEST(Summary, TpotExcludesFirstTokenAndItlPoolsGaps) {
     EXPECT_TRUE(out.contains(key)) << key;
 }
 
-TEST(Plan, SeededLengthsIdsAndPoissonGaps) {
+TEST(LoadgenPlan, SeededLengthsIdsAndPoissonGaps) {
   LoadSpec spec;
   spec.num_prompts = 4000;
   spec.input_len_min = 3;
@@ -233,11 +233,14 @@ TEST_F(LoadgenServerTest, ClosedLoopStreamingCountsAndTiming) {
     EXPECT_GE(record.e2el_s, 0.040 + 7 * 0.020);
     EXPECT_DOUBLE_EQ(record.ttft_s, record.chunk_times_s.front());
   }
-  EXPECT_GE(summary.ttft_ms.median, 40.0);
-  EXPECT_GE(summary.itl_ms.median, 0.75 * 20.0);
-  EXPECT_LE(summary.itl_ms.median, 20.0 + 15.0);
-  EXPECT_GE(summary.tpot_ms.mean, 20.0);  // 7 gaps of >= 20 ms each, averaged
-  EXPECT_LE(summary.tpot_ms.mean, 20.0 + 15.0);
+  std::string figures = summary_table(summary, "closed loop");  // shown when a check fails
+  EXPECT_GE(summary.ttft_ms.median, 40.0) << figures;
+  EXPECT_GE(summary.itl_ms.median, 0.75 * 20.0) << figures;
+  EXPECT_LE(summary.itl_ms.median, 20.0 + 15.0) << figures;
+  // TPOT averages a request's 7 gaps after its first token; the same band as ITL (a late first
+  // chunk shortens it), on the median so that one stalled request cannot fail the check.
+  EXPECT_GE(summary.tpot_ms.median, 0.75 * 20.0) << figures;
+  EXPECT_LE(summary.tpot_ms.median, 20.0 + 15.0) << figures;
   // Closed loop with 4 workers and 8 equal requests: two waves, so the run takes at least two
   // requests' worth of time and no more than four (slack for a busy machine).
   double one_request = 0.040 + 7 * 0.020;
@@ -318,16 +321,21 @@ TEST_F(LoadgenServerTest, OpenLoopPoissonSendsExactlyNOnSchedule) {
   EXPECT_EQ(backend.submitted.load(), 24);
   EXPECT_EQ(result.summary.completed, 24);
   EXPECT_EQ(result.summary.total_output_tokens, 48);
+  // Sent at its arrival time (sleep_until never wakes early), and not much later: the workers
+  // outnumber the requests in flight, so nothing queues behind a slow request. Lateness is
+  // then only thread wake-up latency: the median must be small, a single late wake-up on a
+  // loaded machine may not exceed half a second.
+  std::vector<double> lateness;
   for (size_t i = 0; i < plan.size(); ++i) {
-    // Sent at its arrival time (sleep_until never wakes early), and not much later: the
-    // workers outnumber the requests in flight, so nothing queues behind a slow request.
-    EXPECT_GE(result.records[i].start_s, plan[i].arrival_s);
-    EXPECT_LE(result.records[i].start_s, plan[i].arrival_s + 0.1);
+    EXPECT_GE(result.records[i].start_s, plan[i].arrival_s) << i;
+    lateness.push_back(result.records[i].start_s - plan[i].arrival_s);
   }
+  EXPECT_LE(percentile(lateness, 50), 0.020);
+  EXPECT_LE(percentile(lateness, 100), 0.5);
   EXPECT_GE(result.summary.duration_s, plan.back().arrival_s);
 }
 
-TEST(ServerProcess, ParsesListeningLine) {
+TEST(LoadgenServerProcess, ParsesListeningLine) {
   EXPECT_EQ(parse_listening_url("keel: listening on http://127.0.0.1:43211"),
             "http://127.0.0.1:43211");
   EXPECT_EQ(parse_listening_url("[info] listening on http://127.0.0.1:8000/ (2 threads)"),
@@ -337,7 +345,7 @@ TEST(ServerProcess, ParsesListeningLine) {
   EXPECT_EQ(parse_listening_url("listening on http://localhost"), "");  // no port
 }
 
-TEST(ServerProcess, ReadsUrlThenStopsWithSigterm) {
+TEST(LoadgenServerProcess, ReadsUrlThenStopsWithSigterm) {
   // A stand-in for `keel serve`: chatter, the announcement, more output, then exit 0 on TERM.
   ServerProcess child({"/bin/sh", "-c",
                        "trap 'exit 0' TERM; echo loading; echo 'listening on "
