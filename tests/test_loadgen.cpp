@@ -260,6 +260,22 @@ TEST_F(LoadgenServerTest, ShortOutputIsCountedFromWhatCameBack) {
   }
 }
 
+// Chat streams open with a role-only chunk and close with a finish_reason chunk; neither is a
+// token. Also: keel accepts (and ignores) vLLM's ignore_eos.
+TEST_F(LoadgenServerTest, ChatStreamCountsOnlyTokenChunks) {
+  spec.endpoint = "/v1/chat/completions";
+  spec.ignore_eos = true;
+  spec.concurrency = 2;
+  spec.num_prompts = 4;
+  LoadResult result = run_load(spec);
+  EXPECT_EQ(result.summary.completed, 4)
+      << (result.summary.errors.empty() ? "" : result.summary.errors[0]);
+  for (const RequestRecord& record : result.records) {
+    EXPECT_EQ(record.completion_tokens, 8);
+    EXPECT_EQ(record.chunk_times_s.size(), 8u);
+  }
+}
+
 TEST_F(LoadgenServerTest, NonStreamingUsesUsageAndTtftIsE2e) {
   backend.first_delay_ms = 10;
   backend.gap_ms = 5;
