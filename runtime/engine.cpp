@@ -59,6 +59,29 @@ int32_t argmax(const float* logits, int64_t vocab) {
   return best;
 }
 
+// Host memory broadcast on any backend: NCCL communicators take device pointers only, so
+// device backends stage the bytes through device memory.
+void broadcast_host(Backend& backend, comm::Communicator& communicator, void* data, size_t bytes) {
+  if (bytes == 0) return;
+  if (backend.device() == Device::kCpu) {
+    communicator.broadcast(data, bytes, 0);
+    return;
+  }
+  DeviceArray staging = backend.allocate_bytes(bytes);
+  backend.copy_from_host(data, bytes, staging.data());
+  communicator.broadcast(staging.data(), bytes, 0);
+  backend.copy_to_host(staging.data(), bytes, data);
+}
+
+// The step header every rank receives first: what follows and how big it is.
+struct StepHeader {
+  int32_t kind = 0;
+  int32_t num_tokens = 0;
+  int32_t num_logits_rows = 0;
+  int32_t num_table_entries = 0;
+  int64_t max_blocks_per_seq = 0;
+};
+
 }  // namespace
 
 Engine::Engine(const std::string& model_dir, const EngineOptions& options)
@@ -243,7 +266,8 @@ void Engine::run_rank(int tp_rank, comm::Communicator& communicator, const Gener
       }
     }
     // The leader's choice is the one every rank continues with.
-    communicator.broadcast(next_tokens.data(), next_tokens.size() * sizeof(int32_t), 0);
+    broadcast_host(model.backend(), communicator, next_tokens.data(),
+                   next_tokens.size() * sizeof(int32_t));
     if (leader) {
       for (int64_t prompt = 0; prompt < num_prompts; ++prompt)
         result.tokens[static_cast<size_t>(prompt)].push_back(
@@ -290,9 +314,88 @@ void Engine::run_rank(int tp_rank, comm::Communicator& communicator, const Gener
   }
   // The replicated router must have made identical decisions on every rank.
   uint64_t leader_fingerprint = model.routing_fingerprint();
-  communicator.broadcast(&leader_fingerprint, sizeof(leader_fingerprint), 0);
+  broadcast_host(backend, communicator, &leader_fingerprint, sizeof(leader_fingerprint));
   KEEL_CHECK(leader_fingerprint == model.routing_fingerprint(), "rank ", tp_rank,
              " routed tokens differently from rank 0: the replicated router saw different bits");
+}
+
+int64_t Engine::kv_block_bytes(int64_t block_size) const {
+  return ranks_.front()->kv_block_bytes(block_size);
+}
+
+void Engine::serve(StepSource* source, const ServeOptions& options) {
+  if (options.num_kv_blocks < 1 || options.block_size < 1)
+    throw_error("serve: need at least one KV block of at least one position, got ",
+                options.num_kv_blocks, " blocks of ", options.block_size);
+  if (is_leader_process() && source == nullptr) throw_error("serve: the leader needs a source");
+  if (options_.process_communicator != nullptr) {
+    serve_rank(local_ranks_.front(), *options_.process_communicator, source, options);
+    return;
+  }
+  comm::ThreadCommOptions comm_options;
+  comm_options.timeout = std::chrono::milliseconds(options_.collective_timeout_ms);
+  comm::ThreadGroup group(tp_size_, comm_options);
+  run_on_ranks(tp_size_, &group, [&](int tp_rank) {
+    auto communicator = group.communicator(tp_rank);
+    serve_rank(tp_rank, *communicator, source, options);
+  });
+}
+
+void Engine::serve_rank(int tp_rank, comm::Communicator& communicator, StepSource* source,
+                        const ServeOptions& options) {
+  RankModel& model = local_model(tp_rank);
+  Backend& backend = model.backend();
+  const bool leader = tp_rank == 0;
+  KvPool pool = model.make_kv_pool(options.num_kv_blocks, options.block_size);
+  ServeStep step;
+  std::vector<float> logits;
+  std::vector<int32_t> payload;
+  for (;;) {
+    StepHeader header;
+    if (leader) {
+      source->next_step(step);
+      const StepBatch& batch = step.batch;
+      header.kind = static_cast<int32_t>(step.kind);
+      header.num_tokens = static_cast<int32_t>(batch.token_ids.size());
+      header.num_logits_rows = static_cast<int32_t>(batch.logits_rows.size());
+      header.num_table_entries = static_cast<int32_t>(batch.block_tables.size());
+      header.max_blocks_per_seq = batch.max_blocks_per_seq;
+    }
+    broadcast_host(backend, communicator, &header, sizeof(header));
+    const auto kind = static_cast<ServeStep::Kind>(header.kind);
+    if (kind == ServeStep::Kind::kStop) break;
+    if (kind == ServeStep::Kind::kIdle) continue;
+    // One payload: token ids, positions, cache rows, logits rows, block tables.
+    const size_t num_tokens = static_cast<size_t>(header.num_tokens);
+    const size_t num_rows = static_cast<size_t>(header.num_logits_rows);
+    const size_t num_entries = static_cast<size_t>(header.num_table_entries);
+    payload.resize(3 * num_tokens + num_rows + num_entries);
+    StepBatch& batch = step.batch;
+    if (leader) {
+      auto out = payload.begin();
+      out = std::copy(batch.token_ids.begin(), batch.token_ids.end(), out);
+      out = std::copy(batch.positions.begin(), batch.positions.end(), out);
+      out = std::copy(batch.cache_idx.begin(), batch.cache_idx.end(), out);
+      out = std::copy(batch.logits_rows.begin(), batch.logits_rows.end(), out);
+      std::copy(batch.block_tables.begin(), batch.block_tables.end(), out);
+    }
+    broadcast_host(backend, communicator, payload.data(), payload.size() * sizeof(int32_t));
+    if (!leader) {
+      auto in = payload.begin();
+      auto take = [&in](std::vector<int32_t>& field, size_t count) {
+        field.assign(in, in + static_cast<std::ptrdiff_t>(count));
+        in += static_cast<std::ptrdiff_t>(count);
+      };
+      take(batch.token_ids, num_tokens);
+      take(batch.positions, num_tokens);
+      take(batch.cache_idx, num_tokens);
+      take(batch.logits_rows, num_rows);
+      take(batch.block_tables, num_entries);
+      batch.max_blocks_per_seq = header.max_blocks_per_seq;
+    }
+    model.forward(batch, pool, communicator, logits);
+    if (leader) source->on_step_done(logits);
+  }
 }
 
 std::vector<std::vector<int32_t>> synthetic_prompts(int64_t count, int64_t vocab_size,

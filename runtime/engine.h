@@ -62,6 +62,31 @@ struct GenerateResult {
   int64_t num_decode_steps = 0;
 };
 
+// Serving (runtime/serving): the TP group runs steps planned on the leader, in lock-step. Each
+// iteration the leader asks its StepSource for a step, broadcasts it to every rank (one fixed
+// header, then one int32 payload), all ranks run the forward pass over their shard of the paged
+// KV pool, and the leader hands the logits back to the source. With nothing to do the source
+// returns kIdle after a short wait, which keeps idle ranks inside collective timeouts.
+struct ServeStep {
+  enum class Kind : int32_t { kRun = 0, kIdle = 1, kStop = 2 };
+  Kind kind = Kind::kIdle;
+  StepBatch batch;
+};
+
+class StepSource {
+ public:
+  virtual ~StepSource() = default;
+  // Fills the next step. Called on the leader rank's thread only.
+  virtual void next_step(ServeStep& step) = 0;
+  // Logits [batch.logits_rows, vocab] of the kRun step just executed (bits identical on ranks).
+  virtual void on_step_done(const std::vector<float>& logits) = 0;
+};
+
+struct ServeOptions {
+  int64_t num_kv_blocks = 0;  // per rank; each rank holds its KV heads of every block
+  int64_t block_size = 16;
+};
+
 class Engine {
  public:
   // Loads config.json and the weights of `model_dir`, sharded over options.tp_size ranks.
@@ -70,6 +95,14 @@ class Engine {
   ~Engine();
 
   GenerateResult generate(const GenerateRequest& request);
+
+  // Runs serving steps until the source says kStop. Thread ranks: the whole group runs inside
+  // this call. Process ranks: every process calls it; the leader (rank 0) passes its source,
+  // the others nullptr and follow. Throws (after stopping the group) if a step fails.
+  void serve(StepSource* source, const ServeOptions& options);
+  // Bytes of one KV block of `block_size` positions on the first rank of this process.
+  int64_t kv_block_bytes(int64_t block_size) const;
+  bool is_leader_process() const { return local_ranks_.front() == 0; }
 
   const ModelConfig& config() const { return config_; }
   int tp_size() const { return tp_size_; }
@@ -82,6 +115,8 @@ class Engine {
   void run_rank(int tp_rank, comm::Communicator& communicator, const GenerateRequest& request,
                 GenerateResult& result);
   RankModel& local_model(int tp_rank);
+  void serve_rank(int tp_rank, comm::Communicator& communicator, StepSource* source,
+                  const ServeOptions& options);
 
   ModelConfig config_;
   EngineOptions options_;

@@ -1,7 +1,10 @@
 // The keel command line: gen-model, generate. Errors print one line naming what is wrong and
 // exit non-zero; nothing here aborts on bad input.
+#include <csignal>
 #include <cstdio>
 #include <iostream>
+#include <random>
+#include <thread>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -18,6 +21,9 @@
 #include "runtime/engine.h"
 #include "runtime/gen_model.h"
 #include "runtime/logging.h"
+#include "runtime/server/http_server.h"
+#include "runtime/serving/serve_config.h"
+#include "runtime/serving/serving_engine.h"
 
 namespace {
 
@@ -41,6 +47,12 @@ usage:
       without a CUDA device it exits with an error saying why.
       --batch-with N batches the prompt with N synthetic prompts (the prompt goes last);
       tokens and the digest are the prompt's own.
+  keel serve --config configs/serve/NAME.yaml [--host H] [--port P] [--model DIR] [--verbose]
+      OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models,
+      /health, /metrics) with continuous batching over a paged KV cache. Prints
+      "keel serve: listening on http://HOST:PORT ..." once ready (--port 0: any free port).
+      SIGTERM/SIGINT: stop accepting, finish in-flight requests (drain_timeout_s), exit 0.
+      Under mpirun (mpirun -np 4 keel serve --config F) rank 0 serves HTTP and leads the steps.
 )";
 
 // Flags of one subcommand: "--name value" pairs and bare switches; unknown flags are errors.
@@ -106,6 +118,50 @@ std::vector<int32_t> parse_ids(const std::string& text) {
   return ids;
 }
 
+// Under mpirun every process is one rank; without it the ranks are threads of this process.
+struct ProcessRanks {
+  std::unique_ptr<keel::comm::MpiSession> mpi_session;
+  std::unique_ptr<keel::comm::Communicator> process_comm;
+
+  // Starts process ranks when launched by mpirun (or for CUDA); false: use thread ranks.
+  bool start(keel::EngineOptions& options) {
+    if (!keel::comm::mpi_launched() && options.device != keel::Device::kCuda) return false;
+    // CUDA ranks are processes too (one GPU each, NCCL bootstrapped over MPI); a single GPU
+    // without mpirun is an MPI singleton of size 1.
+    mpi_session = std::make_unique<keel::comm::MpiSession>();
+    if (options.device == keel::Device::kCuda) {
+#ifdef KEEL_WITH_CUDA
+      options.cuda_device = keel::comm::mpi_node_local_rank(MPI_COMM_WORLD);
+      keel::comm::NcclCommOptions nccl_options;
+      nccl_options.timeout = std::chrono::milliseconds(options.collective_timeout_ms);
+      process_comm = std::make_unique<keel::comm::NcclCommunicator>(
+          MPI_COMM_WORLD, options.cuda_device, nccl_options);
+#endif
+    } else {
+      keel::comm::MpiCommOptions mpi_options;
+      mpi_options.timeout = std::chrono::milliseconds(options.collective_timeout_ms);
+      process_comm = std::make_unique<keel::comm::MpiCommunicator>(MPI_COMM_WORLD, mpi_options);
+    }
+    keel::set_current_rank(process_comm->rank());
+    options.process_communicator = process_comm.get();
+    return true;
+  }
+
+  template <typename Fn>
+  int run_or_abort(const char* command, Fn&& fn) {
+    try {
+      return fn();
+    } catch (const std::exception& error) {
+      // Peers are inside collectives waiting for this rank: end the whole job now.
+      std::fprintf(stderr, "keel %s: rank %d: error: %s\n", command, process_comm->rank(),
+                   error.what());
+      std::fflush(stderr);
+      MPI_Abort(MPI_COMM_WORLD, 1);
+      return 1;
+    }
+  }
+};
+
 int run_generate(const Flags& flags, keel::Deployment& deployment);
 
 int gen_model(int argc, char** argv) {
@@ -148,38 +204,10 @@ int generate(int argc, char** argv) {
       throw_error("--backend cuda: no CUDA device: ", reason);
   }
 
-  // Under mpirun every process is one rank; without it the ranks are threads of this process.
-  std::unique_ptr<keel::comm::MpiSession> mpi_session;
-  std::unique_ptr<keel::comm::Communicator> process_comm;
-  if (keel::comm::mpi_launched() || options.device == keel::Device::kCuda) {
-    // CUDA ranks are processes too (one GPU each, NCCL bootstrapped over MPI); a single GPU
-    // without mpirun is an MPI singleton of size 1.
-    mpi_session = std::make_unique<keel::comm::MpiSession>();
-    if (options.device == keel::Device::kCuda) {
-#ifdef KEEL_WITH_CUDA
-      options.cuda_device = keel::comm::mpi_node_local_rank(MPI_COMM_WORLD);
-      keel::comm::NcclCommOptions nccl_options;
-      nccl_options.timeout = std::chrono::milliseconds(options.collective_timeout_ms);
-      process_comm = std::make_unique<keel::comm::NcclCommunicator>(
-          MPI_COMM_WORLD, options.cuda_device, nccl_options);
-#endif
-    } else {
-      keel::comm::MpiCommOptions mpi_options;
-      mpi_options.timeout = std::chrono::milliseconds(options.collective_timeout_ms);
-      process_comm = std::make_unique<keel::comm::MpiCommunicator>(MPI_COMM_WORLD, mpi_options);
-    }
-    keel::set_current_rank(process_comm->rank());
-    options.process_communicator = process_comm.get();
+  ProcessRanks ranks;
+  if (ranks.start(options)) {
     if (!flags.has("--tp") && !deployment.tp_given) options.tp_size = 0;
-    try {
-      return run_generate(flags, deployment);
-    } catch (const std::exception& error) {
-      // Peers are inside collectives waiting for this rank: end the whole job now.
-      std::fprintf(stderr, "keel generate: rank %d: error: %s\n", process_comm->rank(),
-                   error.what());
-      std::fflush(stderr);
-      MPI_Abort(MPI_COMM_WORLD, 1);
-    }
+    return ranks.run_or_abort("generate", [&] { return run_generate(flags, deployment); });
   }
   return run_generate(flags, deployment);
 }
@@ -263,6 +291,135 @@ int run_generate(const Flags& flags, keel::Deployment& deployment) {
   return 0;
 }
 
+int run_serve(keel::ServeConfig& config);
+
+int serve(int argc, char** argv) {
+  Flags flags(argc, argv, 2, {"--config", "--host", "--port", "--model"}, {"--verbose"});
+  keel::init_logging(flags.has("--verbose"));
+  if (!flags.has("--config")) throw_error("serve needs --config FILE (see configs/serve/)");
+  keel::ServeConfig config = keel::load_serve_config(flags.get("--config"));
+  if (flags.has("--model")) config.model_dir = flags.get("--model");
+  if (flags.has("--host")) config.host = flags.get("--host");
+  if (flags.has("--port")) {
+    int64_t port = flags.integer("--port", 0);
+    if (port < 0 || port > 65535) throw_error("--port must be in [0, 65535]");
+    config.port = static_cast<int>(port);
+  }
+  keel::EngineOptions& options = config.engine;
+  if (options.device == keel::Device::kCuda) {
+    std::string reason;
+    if (keel::cuda_device_count(&reason) == 0) throw_error("backend cuda: no CUDA device: ", reason);
+  }
+  ProcessRanks ranks;
+  if (ranks.start(options)) {
+    if (!config.tp_given) options.tp_size = 0;
+    return ranks.run_or_abort("serve", [&] { return run_serve(config); });
+  }
+  return run_serve(config);
+}
+
+// Prometheus text for GET /metrics: the serving gauges and counters (the telemetry issue adds
+// per-expert and latency series).
+std::string serving_metrics(const keel::ServingStats& stats, const std::string& model_name) {
+  std::string out;
+  auto add = [&](const char* name, const char* type, const char* help, double value) {
+    out += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " " + type + "\n";
+    out += std::string(name) + "{model_name=\"" + model_name + "\"} " + std::to_string(value) + "\n";
+  };
+  add("keel_num_requests_running", "gauge", "Requests in the running batch.",
+      static_cast<double>(stats.running));
+  add("keel_num_requests_waiting", "gauge", "Requests waiting for admission.",
+      static_cast<double>(stats.waiting));
+  add("keel_kv_cache_usage_perc", "gauge", "Fraction of KV blocks in use (0 to 1).",
+      stats.kv_blocks_total > 0
+          ? static_cast<double>(stats.kv_blocks_used) / static_cast<double>(stats.kv_blocks_total)
+          : 0.0);
+  add("keel_num_preemptions_total", "counter", "Sequences preempted (recompute).",
+      static_cast<double>(stats.preemptions));
+  add("keel_prompt_tokens_total", "counter", "Prompt tokens admitted.",
+      static_cast<double>(stats.prompt_tokens));
+  add("keel_generation_tokens_total", "counter", "Tokens generated.",
+      static_cast<double>(stats.generated_tokens));
+  add("keel_request_success_total", "counter", "Requests finished (stop or length).",
+      static_cast<double>(stats.requests_finished));
+  add("keel_request_aborted_total", "counter", "Requests cancelled (client gone or drain).",
+      static_cast<double>(stats.requests_aborted));
+  add("keel_engine_steps_total", "counter", "Engine steps run.", static_cast<double>(stats.steps));
+  return out;
+}
+
+int run_serve(keel::ServeConfig& config) {
+  keel::Engine engine(config.model_dir, config.engine);
+  keel::ServeOptions serve_options;
+  serve_options.block_size = config.block_size;
+  serve_options.num_kv_blocks =
+      config.num_kv_blocks > 0
+          ? config.num_kv_blocks
+          : std::max<int64_t>(1, config.kv_cache_mb * 1024 * 1024 /
+                                     engine.kv_block_bytes(config.block_size));
+  if (!engine.is_leader_process()) {
+    // mpirun forwards SIGTERM to every rank; only the leader drains, the others follow its
+    // steps until it broadcasts the stop.
+    std::signal(SIGTERM, SIG_IGN);
+    std::signal(SIGINT, SIG_IGN);
+    engine.serve(nullptr, serve_options);
+    return 0;
+  }
+  keel::ServingConfig serving_config;
+  serving_config.model_name = config.model_name;
+  serving_config.max_model_len = config.max_model_len;
+  serving_config.scheduler.num_kv_blocks = static_cast<int32_t>(serve_options.num_kv_blocks);
+  serving_config.scheduler.block_size = static_cast<int32_t>(config.block_size);
+  serving_config.scheduler.max_num_batched_tokens = config.max_num_batched_tokens;
+  serving_config.scheduler.max_num_seqs = config.max_num_seqs;
+  serving_config.scheduler.enable_prefix_caching = config.prefix_caching;
+  serving_config.max_waiting = config.max_waiting;
+  serving_config.seed_base = std::random_device{}();
+  keel::ServingEngine serving(engine, config.model_dir, serving_config);
+
+  keel::server::HttpServerConfig http_config;
+  http_config.host = config.host;
+  http_config.port = static_cast<uint16_t>(config.port);
+  http_config.threads = config.http_threads;
+  http_config.max_body_bytes = static_cast<size_t>(config.max_body_kb) * 1024;
+  http_config.chat_template = serving.chat_template();
+  const std::string model_name = serving.model_name();
+  http_config.metrics = [&serving, model_name] {
+    return serving_metrics(serving.stats(), model_name);
+  };
+  keel::server::HttpServer http(http_config, serving);
+  http.start();
+  http.catch_signals();
+  std::printf(
+      "keel serve: listening on http://%s:%u (model %s, tp %d, %s ranks, determinism %s, %lld KV "
+      "blocks of %lld per rank)\n",
+      config.host.c_str(), static_cast<unsigned>(http.port()), model_name.c_str(), engine.tp_size(),
+      config.engine.process_communicator != nullptr ? "mpi" : "thread",
+      std::string(keel::determinism_name(config.determinism)).c_str(),
+      static_cast<long long>(serve_options.num_kv_blocks),
+      static_cast<long long>(config.block_size));
+  std::fflush(stdout);
+
+  const auto drain_timeout = std::chrono::milliseconds(static_cast<int64_t>(config.drain_timeout_s * 1000));
+  std::thread signal_waiter([&] {
+    http.run_until_signal(drain_timeout);
+    serving.request_stop();
+  });
+  int exit_code = 0;
+  try {
+    engine.serve(&serving, serve_options);
+  } catch (const std::exception& error) {
+    spdlog::error("the engine failed: {}", error.what());
+    std::fprintf(stderr, "keel serve: error: the engine failed: %s\n", error.what());
+    serving.set_failed(error.what());
+    exit_code = 1;
+    std::raise(SIGTERM);  // ends run_until_signal: drain what can be drained, then exit
+  }
+  signal_waiter.join();
+  std::printf("keel serve: stopped\n");
+  return exit_code;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -274,6 +431,7 @@ int main(int argc, char** argv) {
   try {
     if (command == "gen-model") return gen_model(argc, argv);
     if (command == "generate") return generate(argc, argv);
+    if (command == "serve") return serve(argc, argv);
     if (command == "--help" || command == "-h" || command == "help") {
       std::cout << kUsage;
       return 0;

@@ -75,6 +75,15 @@ class TokenSink {
   virtual bool cancelled() const = 0;
 };
 
+// A client error detected while parsing: becomes an OpenAI error body with HTTP status.
+struct RequestError {
+  int status = 400;
+  std::string message;
+  std::string type = "invalid_request_error";
+  std::string param;  // the offending field, empty when none
+  std::string code;
+};
+
 struct BackendHealth {
   bool healthy = true;
   std::string detail;  // shown in /health and in 503 bodies
@@ -89,15 +98,10 @@ class GenerationBackend {
   // the server answers 429 with Retry-After. Must not block on generation.
   virtual bool try_submit(CompletionRequest request, std::shared_ptr<TokenSink> sink) = 0;
   virtual BackendHealth health() const = 0;
-};
-
-// A client error detected while parsing: becomes an OpenAI error body with HTTP status.
-struct RequestError {
-  int status = 400;
-  std::string message;
-  std::string type = "invalid_request_error";
-  std::string param;  // the offending field, empty when none
-  std::string code;
+  // Called with each parsed request before try_submit, on a server thread: a backend may
+  // tokenize prompt_text into prompt_tokens and reject what only it can judge (a prompt longer
+  // than the context, a text prompt without a tokenizer) with a 4xx. Default: accept.
+  virtual std::optional<RequestError> prepare(CompletionRequest& /*request*/) { return std::nullopt; }
 };
 
 // Renders chat messages into one prompt string. Default: ChatML.

@@ -87,6 +87,8 @@ struct HttpServer::Impl {
   std::unordered_map<uint64_t, std::weak_ptr<Session>> sessions;
 
   net::io_context ioc;
+  // SIGINT/SIGTERM watcher, installed by catch_signals() (or run_until_signal()).
+  std::unique_ptr<net::signal_set> signals;
   std::optional<net::executor_work_guard<net::io_context::executor_type>> work;
   std::optional<tcp::acceptor> acceptor;
   std::vector<std::thread> threads;
@@ -385,6 +387,11 @@ class Session : public std::enable_shared_from_this<Session> {
       request.prompt_text = server_.config.chat_template
                                 ? server_.config.chat_template(request.messages)
                                 : render_chatml(request.messages);
+    }
+    // The backend tokenizes and checks what only it can (prompt length against the context).
+    if (auto error = server_.backend.prepare(request)) {
+      send_error(*error);
+      return;
     }
     request_ = request;
     completion_id_ = random_id(endpoint == Endpoint::kChatCompletions ? "chatcmpl-" : "cmpl-");
@@ -877,13 +884,17 @@ bool HttpServer::drain(std::chrono::milliseconds timeout) {
   return clean;
 }
 
+void HttpServer::catch_signals() {
+  if (!impl_->signals) impl_->signals = std::make_unique<net::signal_set>(impl_->ioc, SIGINT, SIGTERM);
+}
+
 void HttpServer::run_until_signal(std::chrono::milliseconds drain_timeout) {
   Impl& impl = *impl_;
+  catch_signals();
   std::mutex mutex;
   std::condition_variable cv;
   bool signalled = false;
-  net::signal_set signals(impl.ioc, SIGINT, SIGTERM);
-  signals.async_wait([&](const beast::error_code& ec, int signal_number) {
+  impl.signals->async_wait([&](const beast::error_code& ec, int signal_number) {
     if (ec) return;
     spdlog::info("server: signal {}, draining", signal_number);
     {
@@ -898,7 +909,7 @@ void HttpServer::run_until_signal(std::chrono::milliseconds drain_timeout) {
   }
   drain(drain_timeout);
   beast::error_code ignored;
-  signals.cancel(ignored);
+  impl.signals->cancel(ignored);
 }
 
 int HttpServer::in_flight() const {

@@ -61,6 +61,9 @@ class HttpServer {
   // server's threads.
   bool drain(std::chrono::milliseconds timeout);
 
+  // Takes over SIGINT and SIGTERM now (a signal that arrives before run_until_signal waits is
+  // then kept for it, not fatal). Call after start().
+  void catch_signals();
   // Blocks the caller until SIGTERM or SIGINT, then stop_accepting() + drain(timeout). Lets
   // main() return 0 after a graceful shutdown.
   void run_until_signal(std::chrono::milliseconds drain_timeout);

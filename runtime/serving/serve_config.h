@@ -1,0 +1,55 @@
+// A serving config file (configs/serve/*.yaml): the deployment plus the server's limits.
+//   model: checkpoint directory (relative paths are relative to the file)
+//   model_name: name clients must send (default: the directory's name)
+//   tp: 1 | 2 | 4 (thread ranks; under mpirun the process count)
+//   placement: contiguous | round_robin      combine: fp32 | round_per_expert
+//   determinism: batch_invariant | fast
+//       batch_invariant: fixed_order all-reduce (+ canonical GEMMs on CUDA): a request's tokens
+//       and logprobs are bit-identical whatever else is batched with it.
+//       fast: the backend's native all-reduce (+ cuBLAS on CUDA): bits may change with batch
+//       composition (see README, "Determinism at the API").
+//   backend: cpu | cuda
+//   host: 127.0.0.1    port: 8000
+//   max_model_len: 0 (= max_position_embeddings)
+//   block_size: 16     num_kv_blocks: N | kv_cache_mb: M (per rank; one of them)
+//   max_num_seqs: 64   max_num_batched_tokens: 512    prefix_caching: false
+//   max_waiting: 256   (queued requests beyond which new ones get 429)
+//   drain_timeout_s: 30   collective_timeout_ms: 120000   http_threads: 2
+//   max_body_kb: 4096
+// Unknown keys and bad values are errors naming the file and the key.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "runtime/engine.h"
+
+namespace keel {
+
+enum class Determinism : uint8_t { kBatchInvariant, kFast };
+std::string_view determinism_name(Determinism determinism);
+
+struct ServeConfig {
+  std::string model_dir;
+  std::string model_name;
+  bool tp_given = false;
+  EngineOptions engine;
+  Determinism determinism = Determinism::kBatchInvariant;
+  std::string host = "127.0.0.1";
+  int port = 8000;
+  int64_t max_model_len = 0;
+  int64_t block_size = 16;
+  int64_t num_kv_blocks = 0;  // 0: from kv_cache_mb
+  int64_t kv_cache_mb = 256;
+  int64_t max_num_seqs = 64;
+  int64_t max_num_batched_tokens = 512;
+  bool prefix_caching = false;
+  int64_t max_waiting = 256;
+  double drain_timeout_s = 30;
+  int http_threads = 2;
+  int64_t max_body_kb = 4096;
+};
+
+ServeConfig load_serve_config(const std::string& path);
+
+}  // namespace keel

@@ -1,0 +1,143 @@
+// The serving backend: connects the HTTP layer (runtime/server) to the engine.
+//
+// Design:
+//  - Server threads call prepare() (tokenize, check lengths) and try_submit() (queue); nothing
+//    there blocks on generation. The queue is the only state they share with the engine, under
+//    one mutex.
+//  - The leader rank's thread runs the StepSource side: it moves queued requests into the
+//    BatchScheduler (scheduler/, continuous batching over the paged KV block manager), turns
+//    each StepPlan into a StepBatch (block tables included) that Engine::serve broadcasts to all
+//    ranks, and after the step samples every sequence that asked for logits, detokenizes
+//    incrementally, applies stop strings and streams to the request's TokenSink. The scheduler
+//    and every per-request state are touched by that thread only.
+//  - Sampling is keel::sampling: a pure function of (logits row, params, position), with the
+//    position the absolute position of the sampled token, so a request's samples never depend
+//    on its batch-mates. With batch_invariant determinism the logits rows themselves are
+//    batch-invariant (fixed_order all-reduce, canonical GEMMs, attention in position order),
+//    hence the whole response is.
+//  - A sink that reports cancelled() (client gone, drain deadline) is aborted at the next step:
+//    its KV blocks return to the pool at once.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "runtime/engine.h"
+#include "runtime/sampling/sampler.h"
+#include "runtime/server/api.h"
+#include "runtime/tokenizer/chat_template.h"
+#include "runtime/tokenizer/tokenizer.h"
+#include "scheduler/batch_scheduler.h"
+
+namespace keel {
+
+struct ServingConfig {
+  std::string model_name;      // what /v1/models reports and requests must name
+  int64_t max_model_len = 0;   // context limit; 0 = the model's max_position_embeddings
+  SchedulerConfig scheduler;   // num_kv_blocks must be set
+  int64_t max_waiting = 256;   // queued (not yet running) requests beyond which submit says 429
+  uint64_t seed_base = 0;      // seeds of requests that bring none: hash(seed_base, request #)
+};
+
+// Counters for /metrics, tests and shutdown; readable from any thread.
+struct ServingStats {
+  int64_t waiting = 0;
+  int64_t running = 0;
+  int64_t kv_blocks_used = 0;
+  int64_t kv_blocks_total = 0;
+  int64_t requests_finished = 0;
+  int64_t requests_aborted = 0;
+  int64_t preemptions = 0;
+  int64_t steps = 0;
+  int64_t prompt_tokens = 0;
+  int64_t generated_tokens = 0;
+};
+
+class ServingEngine final : public server::GenerationBackend, public StepSource {
+ public:
+  // Loads tokenizer.json and tokenizer_config.json (chat template) from model_dir; throws
+  // keel::Error when the model has no tokenizer.json.
+  ServingEngine(const Engine& engine, const std::string& model_dir, ServingConfig config);
+  ~ServingEngine() override;
+
+  // server::GenerationBackend
+  std::string model_name() const override { return config_.model_name; }
+  int max_context() const override { return static_cast<int>(max_context_); }
+  std::optional<server::RequestError> prepare(server::CompletionRequest& request) override;
+  bool try_submit(server::CompletionRequest request,
+                  std::shared_ptr<server::TokenSink> sink) override;
+  server::BackendHealth health() const override;
+
+  // StepSource (leader thread only)
+  void next_step(ServeStep& step) override;
+  void on_step_done(const std::vector<float>& logits) override;
+
+  // The chat template for the HTTP layer (the model's, or ChatML).
+  server::ChatTemplate chat_template() const;
+  const ChatTemplateInfo& chat_template_info() const { return template_; }
+
+  // Refuse new requests; the step loop returns kStop once nothing is queued or running (the HTTP
+  // server's drain has already finished or cancelled what was in flight).
+  void request_stop();
+  // Marks the backend unhealthy once the step loop has died (call only after Engine::serve
+  // returned or threw): queued and running requests get an error at once; /health and new
+  // requests then answer 503.
+  void set_failed(const std::string& reason);
+  ServingStats stats() const;
+
+ private:
+  struct Incoming {
+    server::CompletionRequest request;
+    std::shared_ptr<server::TokenSink> sink;
+  };
+  struct Live {
+    std::shared_ptr<server::TokenSink> sink;
+    sampling::SamplingParams params;
+    int64_t prompt_len = 0;
+    int64_t max_new_tokens = 0;
+    int64_t num_generated = 0;
+    std::unique_ptr<StreamDecoder> decoder;
+    std::vector<std::string> stop;
+    std::string held;  // decoded text not yet sent: it may be the start of a stop string
+    bool ended = false;
+  };
+
+  void admit(Incoming incoming);
+  // Streams one sampled token of `live`; returns true when a stop string ended the request.
+  bool emit(Live& live, const sampling::SampleResult& sample, bool is_last);
+  void finish(int64_t seq_id, Live& live, const std::string& reason);
+  void publish_stats();
+
+  const int64_t vocab_size_;
+  ServingConfig config_;
+  int64_t max_context_ = 0;
+  Tokenizer tokenizer_;
+  ChatTemplateInfo template_;
+  std::vector<int32_t> stop_token_ids_;
+  std::vector<int32_t> untokenizable_ids_;  // masked to -inf before sampling
+
+  // Shared with server threads.
+  mutable std::mutex mutex_;
+  std::condition_variable wakeup_;
+  std::vector<Incoming> incoming_;
+  bool stopping_ = false;
+  std::string failure_;
+  ServingStats stats_;
+
+  // Leader thread only.
+  BatchScheduler scheduler_;
+  std::map<int64_t, Live> live_;
+  int64_t next_seq_id_ = 0;
+  StepPlan plan_;
+  ServingStats local_stats_;
+  std::vector<float> masked_;
+};
+
+}  // namespace keel
