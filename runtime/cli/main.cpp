@@ -1,5 +1,7 @@
 // The keel command line: gen-model, generate. Errors print one line naming what is wrong and
 // exit non-zero; nothing here aborts on bad input.
+#include <unistd.h>
+
 #include <csignal>
 #include <cstdio>
 #include <iostream>
@@ -324,7 +326,9 @@ std::string serving_metrics(const keel::ServingStats& stats, const std::string& 
   std::string out;
   auto add = [&](const char* name, const char* type, const char* help, double value) {
     out += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " " + type + "\n";
-    out += std::string(name) + "{model_name=\"" + model_name + "\"} " + std::to_string(value) + "\n";
+    char number[32];
+    std::snprintf(number, sizeof(number), "%.9g", value);
+    out += std::string(name) + "{model_name=\"" + model_name + "\"} " + number + "\n";
   };
   add("keel_num_requests_running", "gauge", "Requests in the running batch.",
       static_cast<double>(stats.running));
@@ -391,9 +395,10 @@ int run_serve(keel::ServeConfig& config) {
   http.start();
   http.catch_signals();
   std::printf(
-      "keel serve: listening on http://%s:%u (model %s, tp %d, %s ranks, determinism %s, %lld KV "
-      "blocks of %lld per rank)\n",
-      config.host.c_str(), static_cast<unsigned>(http.port()), model_name.c_str(), engine.tp_size(),
+      "keel serve: listening on http://%s:%u (pid %d, model %s, tp %d, %s ranks, determinism %s, "
+      "%lld KV blocks of %lld per rank)\n",
+      config.host.c_str(), static_cast<unsigned>(http.port()), static_cast<int>(::getpid()),
+      model_name.c_str(), engine.tp_size(),
       config.engine.process_communicator != nullptr ? "mpi" : "thread",
       std::string(keel::determinism_name(config.determinism)).c_str(),
       static_cast<long long>(serve_options.num_kv_blocks),

@@ -43,6 +43,7 @@ struct CompletionRequest {
   // leaves it out of the text, reporting finish_reason "stop".
   std::vector<std::string> stop;
   bool stream = false;
+  bool ignore_eos = false;  // vLLM extension: generate max_tokens even past end-of-sequence
   bool include_usage_in_stream = false;  // stream_options.include_usage
   bool logprobs = false;
   int top_logprobs = 0;  // number of alternatives per position when logprobs is on

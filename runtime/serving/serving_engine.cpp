@@ -235,7 +235,8 @@ void ServingEngine::admit(Incoming incoming) {
   scheduled.seq_id = seq_id;
   scheduled.prompt_token_ids = std::move(*request.prompt_tokens);
   scheduled.max_new_tokens = request.max_tokens;
-  scheduled.stop_token_ids = stop_token_ids_;
+  if (!request.ignore_eos) scheduled.stop_token_ids = stop_token_ids_;
+  live.ignore_eos = request.ignore_eos;
   try {
     scheduler_.add_request(std::move(scheduled));
   } catch (const Error& error) {
@@ -357,8 +358,9 @@ void ServingEngine::on_step_done(const std::vector<float>& logits) {
     sampled.push_back(sample.token);
     ++live.num_generated;
     ++local_stats_.generated_tokens;
-    const bool is_stop_token = std::binary_search(stop_token_ids_.begin(), stop_token_ids_.end(),
-                                                  sample.token);
+    const bool is_stop_token =
+        !live.ignore_eos &&
+        std::binary_search(stop_token_ids_.begin(), stop_token_ids_.end(), sample.token);
     const bool is_last = is_stop_token || live.num_generated >= live.max_new_tokens;
     if (emit(live, sample, is_last)) stopped_by_string.push_back(seq_id);
   }

@@ -106,6 +106,7 @@ class ServingEngine final : public server::GenerationBackend, public StepSource 
     std::unique_ptr<StreamDecoder> decoder;
     std::vector<std::string> stop;
     std::string held;  // decoded text not yet sent: it may be the start of a stop string
+    bool ignore_eos = false;
     bool ended = false;
   };
 

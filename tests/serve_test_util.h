@@ -1,0 +1,241 @@
+// Helpers for end-to-end serving tests: a `keel serve` child process (thread ranks or under
+// mpirun) and a minimal blocking HTTP/1.1 client on real sockets.
+#pragma once
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace keel::serve_test {
+
+// A `keel serve ...` child. Its stdout+stderr are drained by a thread (a full pipe would stall
+// the server); the constructor waits for the "listening on http://HOST:PORT" line.
+class ServerProcess {
+ public:
+  explicit ServerProcess(const std::vector<std::string>& argv,
+                         std::chrono::seconds startup_timeout = std::chrono::seconds(120)) {
+    int fds[2];
+    if (pipe(fds) != 0) throw std::runtime_error("pipe failed");
+    pid_ = fork();
+    if (pid_ == 0) {
+      dup2(fds[1], STDOUT_FILENO);
+      dup2(fds[1], STDERR_FILENO);
+      close(fds[0]);
+      close(fds[1]);
+      setpgid(0, 0);  // its own group: a test failure can kill mpirun and its ranks together
+      std::vector<char*> args;
+      for (const std::string& arg : argv) args.push_back(const_cast<char*>(arg.c_str()));
+      args.push_back(nullptr);
+      execvp(args[0], args.data());
+      _exit(127);
+    }
+    close(fds[1]);
+    reader_ = std::thread([this, fd = fds[0]] {
+      char buffer[4096];
+      ssize_t bytes;
+      while ((bytes = read(fd, buffer, sizeof(buffer))) > 0) {
+        std::lock_guard lock(mutex_);
+        output_.append(buffer, static_cast<size_t>(bytes));
+      }
+      close(fd);
+    });
+    const auto deadline = std::chrono::steady_clock::now() + startup_timeout;
+    while (std::chrono::steady_clock::now() < deadline) {
+      {
+        std::lock_guard lock(mutex_);
+        const std::string marker = "listening on http://127.0.0.1:";
+        size_t at = output_.find(marker);
+        if (at != std::string::npos && output_.find('\n', at) != std::string::npos) {
+          port_ = std::stoi(output_.substr(at + marker.size()));
+          size_t pid_at = output_.find("(pid ", at);
+          if (pid_at != std::string::npos) leader_pid_ = std::stoi(output_.substr(pid_at + 5));
+          return;
+        }
+      }
+      int status = 0;
+      if (waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        reader_.join();
+        throw std::runtime_error("keel serve exited before listening:\n" + output());
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    throw std::runtime_error("keel serve did not start listening in time:\n" + output());
+  }
+  ~ServerProcess() {
+    if (pid_ > 0) {
+      kill(-pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+    if (reader_.joinable()) reader_.join();
+  }
+  ServerProcess(const ServerProcess&) = delete;
+  ServerProcess& operator=(const ServerProcess&) = delete;
+
+  int port() const { return port_; }
+  // SIGTERM to the serving process (under mpirun: rank 0, the leader, which drains and then
+  // stops the other ranks; mpirun itself would tear the job down instead).
+  void terminate() const { kill(leader_pid_ > 0 ? leader_pid_ : pid_, SIGTERM); }
+  // Waits for exit (up to `timeout`, then SIGKILL); returns the exit code, 128+signal if killed.
+  int wait(std::chrono::seconds timeout = std::chrono::seconds(60)) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    int status = 0;
+    while (waitpid(pid_, &status, WNOHANG) == 0) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        kill(-pid_, SIGKILL);
+        waitpid(pid_, &status, 0);
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    pid_ = -1;
+    if (reader_.joinable()) reader_.join();
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  }
+  std::string output() const {
+    std::lock_guard lock(mutex_);
+    return output_;
+  }
+
+ private:
+  pid_t pid_ = -1;
+  int port_ = 0;
+  pid_t leader_pid_ = -1;
+  std::thread reader_;
+  mutable std::mutex mutex_;
+  std::string output_;
+};
+
+inline int connect_to(int port) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return -1;
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(static_cast<uint16_t>(port));
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) {
+    close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+inline bool send_all(int fd, const std::string& data) {
+  size_t sent = 0;
+  while (sent < data.size()) {
+    ssize_t bytes = send(fd, data.data() + sent, data.size() - sent, MSG_NOSIGNAL);
+    if (bytes <= 0) return false;
+    sent += static_cast<size_t>(bytes);
+  }
+  return true;
+}
+
+inline std::string request_text(const std::string& method, const std::string& path,
+                                const std::string& body) {
+  std::string text = method + " " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n";
+  if (!body.empty() || method == "POST")
+    text += "Content-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) +
+            "\r\n";
+  return text + "\r\n" + body;
+}
+
+struct HttpResponse {
+  int status = 0;  // 0: no response (connection failed)
+  std::map<std::string, std::string> headers;  // lower-case names
+  std::string body;                            // de-chunked
+};
+
+inline std::string dechunk(const std::string& raw) {
+  std::string body;
+  size_t at = 0;
+  while (at < raw.size()) {
+    size_t line_end = raw.find("\r\n", at);
+    if (line_end == std::string::npos) break;
+    size_t size = std::stoul(raw.substr(at, line_end - at), nullptr, 16);
+    if (size == 0) break;
+    body += raw.substr(line_end + 2, size);
+    at = line_end + 2 + size + 2;
+  }
+  return body;
+}
+
+inline HttpResponse parse_response(const std::string& raw) {
+  HttpResponse response;
+  size_t head_end = raw.find("\r\n\r\n");
+  if (head_end == std::string::npos || raw.size() < 12) return response;
+  response.status = std::stoi(raw.substr(9, 3));
+  size_t line = raw.find("\r\n") + 2;
+  while (line < head_end) {
+    size_t end = raw.find("\r\n", line);
+    std::string header = raw.substr(line, end - line);
+    size_t colon = header.find(':');
+    if (colon != std::string::npos) {
+      std::string name = header.substr(0, colon);
+      for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      std::string value = header.substr(colon + 1);
+      value.erase(0, value.find_first_not_of(' '));
+      response.headers[name] = value;
+    }
+    line = end + 2;
+  }
+  std::string body = raw.substr(head_end + 4);
+  auto chunked = response.headers.find("transfer-encoding");
+  response.body = chunked != response.headers.end() && chunked->second == "chunked"
+                      ? dechunk(body)
+                      : body;
+  return response;
+}
+
+// One request on its own connection (Connection: close); reads until the server closes.
+inline HttpResponse http(int port, const std::string& method, const std::string& path,
+                         const std::string& body = "") {
+  int fd = connect_to(port);
+  if (fd < 0) return {};
+  send_all(fd, request_text(method, path, body));
+  std::string raw;
+  char buffer[8192];
+  ssize_t bytes;
+  while ((bytes = recv(fd, buffer, sizeof(buffer), 0)) > 0)
+    raw.append(buffer, static_cast<size_t>(bytes));
+  close(fd);
+  return parse_response(raw);
+}
+
+inline HttpResponse post(int port, const std::string& path, const std::string& body) {
+  return http(port, "POST", path, body);
+}
+
+// The JSON payloads of an SSE body's "data: ..." events, without the final [DONE].
+inline std::vector<std::string> sse_events(const std::string& body, bool* saw_done = nullptr) {
+  std::vector<std::string> events;
+  size_t at = 0;
+  while ((at = body.find("data: ", at)) != std::string::npos) {
+    size_t end = body.find("\n\n", at);
+    std::string payload = body.substr(at + 6, end == std::string::npos ? std::string::npos
+                                                                      : end - at - 6);
+    if (payload == "[DONE]") {
+      if (saw_done != nullptr) *saw_done = true;
+    } else {
+      events.push_back(payload);
+    }
+    if (end == std::string::npos) break;
+    at = end + 2;
+  }
+  return events;
+}
+
+}  // namespace keel::serve_test

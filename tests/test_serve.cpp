@@ -1,0 +1,360 @@
+// `keel serve` end to end, on real sockets (127.0.0.1), with the synthetic tiny-chat model:
+//  - batch_invariant determinism at the API: one seeded, sampled request with logprobs returns
+//    the same text, tokens and logprob bits alone, amid 16 concurrent requests, with a different
+//    chunked-prefill budget and block size, streamed, and on 4 MPI ranks instead of 4 threads;
+//  - errors only the backend can judge (prompt longer than the context, ids outside the vocab);
+//  - stop strings; chat through the model's template; a client disconnect frees the request's
+//    KV blocks; overload answers 429 with Retry-After and drops nothing it accepted; SIGTERM
+//    drains in-flight streams and exits 0; curl as an independent client.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "runtime/gen_model.h"
+#include "serve_test_util.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using namespace keel::serve_test;
+
+const std::string kKeel = std::string(KEEL_BINARY_DIR) + "/bin/keel";
+
+struct Scratch {
+  std::string path = std::string(KEEL_BINARY_DIR) + "/test-serve/pid-" + std::to_string(::getpid());
+  Scratch() { fs::create_directories(path); }
+  ~Scratch() {
+    std::error_code ignored;
+    fs::remove_all(path, ignored);
+  }
+};
+
+const std::string& scratch() {
+  static Scratch dir;
+  return dir.path;
+}
+
+const std::string& model_dir() {
+  static const std::string dir = [] {
+    std::string out = scratch() + "/tiny-chat";
+    keel::generate_model(keel::load_model_preset(keel::find_model_preset("tiny-chat")), {}, out);
+    return out;
+  }();
+  return dir;
+}
+
+// A serve config: the tiny-chat model on 4 ranks, batch_invariant, plus `extra` YAML lines.
+std::string write_config(const std::string& name, const std::string& extra) {
+  std::string path = scratch() + "/" + name + ".yaml";
+  std::ofstream file(path);
+  file << "model: " << model_dir() << "\nmodel_name: tiny\ntp: 4\nplacement: round_robin\n"
+       << "determinism: batch_invariant\nport: 0\ncollective_timeout_ms: 60000\n"
+       << "drain_timeout_s: 60\n"
+       << extra;
+  return path;
+}
+
+std::vector<std::string> serve_args(const std::string& config) {
+  return {kKeel, "serve", "--config", config};
+}
+
+// The probe: sampled (temperature, top-p, seed), with top logprobs, a prompt long enough to be
+// cut into several prefill chunks by a small budget.
+const std::string kProbe = json{
+    {"prompt",
+     "The river runs past the mill and under the old stone bridge, where the town keeps its "
+     "boats in winter and its lanterns in summer."},
+    {"max_tokens", 24},
+    {"temperature", 0.9},
+    {"top_p", 0.95},
+    {"seed", 1234},
+    {"logprobs", 3},
+    {"ignore_eos", true}}.dump();
+
+// What must be bit-identical: text, token strings, and every logprob as printed (the printed
+// double is the exact value of the fp32 logprob, so equal strings mean equal bits).
+std::string essence(const HttpResponse& response) {
+  if (response.status != 200) return "HTTP " + std::to_string(response.status) + ": " + response.body;
+  json body = json::parse(response.body);
+  const json& choice = body["choices"][0];
+  return choice["text"].dump() + "\n" + choice["logprobs"].dump() + "\n" +
+         choice["finish_reason"].dump() + "\n" + body["usage"].dump();
+}
+
+// A batch-mate: a different prompt, length, seed and sampling each.
+std::string mate_request(int index, bool stream) {
+  std::string prompt;
+  for (int word = 0; word <= index % 7; ++word) prompt += "stone water lantern " + std::to_string(index);
+  return json{{"prompt", prompt},
+              {"max_tokens", 16 + index % 3 * 8},
+              {"temperature", index % 2 == 0 ? 0.0 : 0.7},
+              {"seed", index},
+              {"stream", stream},
+              {"ignore_eos", true}}
+      .dump();
+}
+
+// The probe amid 16 concurrent requests: the mates start first, the probe joins a running batch.
+std::string probe_amid_mates(int port) {
+  std::vector<std::thread> mates;
+  std::atomic<int> mate_ok{0};
+  for (int index = 0; index < 16; ++index)
+    mates.emplace_back([&, index] {
+      HttpResponse response = post(port, "/v1/completions", mate_request(index, index % 3 == 0));
+      if (response.status == 200) ++mate_ok;
+    });
+  std::this_thread::sleep_for(std::chrono::milliseconds(30));
+  HttpResponse probe = post(port, "/v1/completions", kProbe);
+  for (std::thread& mate : mates) mate.join();
+  EXPECT_EQ(mate_ok.load(), 16);
+  return essence(probe);
+}
+
+double metric(int port, const std::string& name) {
+  HttpResponse response = http(port, "GET", "/metrics");
+  size_t at = response.body.find("\n" + name + "{");
+  if (at == std::string::npos) return -1;
+  size_t space = response.body.find("} ", at);
+  return std::stod(response.body.substr(space + 2));
+}
+
+class Serve : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    server_ = new ServerProcess(serve_args(write_config("main", "max_num_batched_tokens: 256\n")));
+  }
+  static void TearDownTestSuite() {
+    delete server_;
+    server_ = nullptr;
+  }
+  static int port() { return server_->port(); }
+  static ServerProcess* server_;
+};
+ServerProcess* Serve::server_ = nullptr;
+
+TEST_F(Serve, SameSeededRequestHasIdenticalBitsAloneAmidSixteenAndStreamed) {
+  const std::string alone = essence(post(port(), "/v1/completions", kProbe));
+  ASSERT_NE(alone.find("\"length\""), std::string::npos) << alone;
+  EXPECT_EQ(essence(post(port(), "/v1/completions", kProbe)), alone) << "same request twice";
+  EXPECT_EQ(probe_amid_mates(port()), alone) << "amid 16 concurrent requests";
+
+  // Streaming: the deltas concatenate to the same text, with the same token logprobs.
+  json streamed = json::parse(kProbe);
+  streamed["stream"] = true;
+  HttpResponse response = post(port(), "/v1/completions", streamed.dump());
+  ASSERT_EQ(response.status, 200);
+  bool done = false;
+  std::string text;
+  json token_logprobs = json::array();
+  for (const std::string& event : sse_events(response.body, &done)) {
+    json chunk = json::parse(event);
+    for (const json& choice : chunk["choices"]) {
+      text += choice["text"].get<std::string>();
+      if (choice.contains("logprobs") && !choice["logprobs"].is_null())
+        for (const json& logprob : choice["logprobs"]["token_logprobs"]) token_logprobs.push_back(logprob);
+    }
+  }
+  EXPECT_TRUE(done);
+  json reference = json::parse(post(port(), "/v1/completions", kProbe).body)["choices"][0];
+  EXPECT_EQ(text, reference["text"].get<std::string>());
+  EXPECT_EQ(token_logprobs.dump(), reference["logprobs"]["token_logprobs"].dump());
+}
+
+TEST_F(Serve, DifferentPrefillBudgetBlockSizeAndMpiRanksGiveIdenticalBits) {
+  const std::string alone = essence(post(port(), "/v1/completions", kProbe));
+  {
+    // Prefill cut into chunks of at most 5 tokens, blocks of 4 positions: chunk and block
+    // boundaries fall elsewhere; attention still sums positions in order.
+    ServerProcess chunked(serve_args(write_config(
+        "chunked", "max_num_batched_tokens: 5\nblock_size: 4\nnum_kv_blocks: 512\n")));
+    EXPECT_EQ(essence(post(chunked.port(), "/v1/completions", kProbe)), alone) << "budget 5";
+    EXPECT_EQ(probe_amid_mates(chunked.port()), alone) << "budget 5, amid 16";
+  }
+  {
+    ServerProcess mpi({std::string(KEEL_MPIEXEC), "--allow-run-as-root", "--oversubscribe", "-np",
+                       "4", kKeel, "serve", "--config", write_config("mpi", "")});
+    EXPECT_EQ(essence(post(mpi.port(), "/v1/completions", kProbe)), alone) << "4 MPI ranks";
+    EXPECT_EQ(probe_amid_mates(mpi.port()), alone) << "4 MPI ranks, amid 16";
+    mpi.terminate();
+    EXPECT_EQ(mpi.wait(), 0) << mpi.output();
+  }
+}
+
+TEST_F(Serve, BackendRejectsWhatOnlyItCanJudgeWith400) {
+  std::string long_prompt;
+  for (int i = 0; i < 1500; ++i) long_prompt += "lantern ";
+  HttpResponse too_long = post(port(), "/v1/completions",
+                               json{{"prompt", long_prompt}, {"max_tokens", 4}}.dump());
+  EXPECT_EQ(too_long.status, 400) << too_long.body;
+  EXPECT_EQ(json::parse(too_long.body)["error"]["param"], "prompt");
+  EXPECT_NE(too_long.body.find("context is 4096"), std::string::npos) << too_long.body;
+
+  HttpResponse bad_id = post(port(), "/v1/completions",
+                             json{{"prompt", {1, 2, 5000}}, {"max_tokens", 4}}.dump());
+  EXPECT_EQ(bad_id.status, 400) << bad_id.body;
+  EXPECT_NE(bad_id.body.find("5000"), std::string::npos);
+
+  HttpResponse wrong_model = post(port(), "/v1/completions",
+                                  json{{"prompt", "hi"}, {"model", "gpt-9"}}.dump());
+  EXPECT_EQ(wrong_model.status, 404);
+  // The server is still fine.
+  EXPECT_EQ(post(port(), "/v1/completions", kProbe).status, 200);
+}
+
+TEST_F(Serve, StopStringEndsTheTextBeforeIt) {
+  json greedy = {{"prompt", "the bridge"}, {"max_tokens", 40}, {"temperature", 0},
+                 {"ignore_eos", true}};
+  HttpResponse full = post(port(), "/v1/completions", greedy.dump());
+  ASSERT_EQ(full.status, 200);
+  const std::string text = json::parse(full.body)["choices"][0]["text"];
+  ASSERT_GT(text.size(), 12u) << text;
+  const std::string stop = text.substr(text.size() / 2, 3);
+  greedy["stop"] = stop;
+  json stopped = json::parse(post(port(), "/v1/completions", greedy.dump()).body)["choices"][0];
+  EXPECT_EQ(stopped["text"], text.substr(0, text.find(stop)));
+  EXPECT_EQ(stopped["finish_reason"], "stop");
+}
+
+TEST_F(Serve, ChatUsesTheModelTemplateAndModelsListsTheModel) {
+  HttpResponse models = http(port(), "GET", "/v1/models");
+  ASSERT_EQ(models.status, 200);
+  EXPECT_EQ(json::parse(models.body)["data"][0]["id"], "tiny");
+  HttpResponse chat = post(port(), "/v1/chat/completions",
+                           json{{"messages", {{{"role", "user"}, {"content", "hi"}}}},
+                                {"max_tokens", 5},
+                                {"temperature", 0}}
+                               .dump());
+  ASSERT_EQ(chat.status, 200) << chat.body;
+  json body = json::parse(chat.body);
+  EXPECT_EQ(body["object"], "chat.completion");
+  // ChatML: <|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n with the special tokens as
+  // single ids: more than the 2 tokens "hi" alone would be, fewer than spelling them in bytes.
+  const int prompt_tokens = body["usage"]["prompt_tokens"];
+  EXPECT_GE(prompt_tokens, 7);
+  EXPECT_LE(prompt_tokens, 16);
+}
+
+TEST_F(Serve, ClientDisconnectMidStreamFreesItsBlocks) {
+  int fd = connect_to(port());
+  ASSERT_GE(fd, 0);
+  ASSERT_TRUE(send_all(fd, request_text("POST", "/v1/completions",
+                                        json{{"prompt", "a long walk"},
+                                             {"max_tokens", 3000},
+                                             {"stream", true},
+                                             {"ignore_eos", true}}
+                                            .dump())));
+  char buffer[4096];
+  std::string seen;
+  while (seen.find("data: ") == std::string::npos) {
+    ssize_t bytes = recv(fd, buffer, sizeof(buffer), 0);
+    ASSERT_GT(bytes, 0);
+    seen.append(buffer, static_cast<size_t>(bytes));
+  }
+  const double aborted_before = metric(port(), "keel_request_aborted_total");
+  EXPECT_GT(metric(port(), "keel_kv_cache_usage_perc"), 0.0);
+  close(fd);
+  // The next steps notice the hang-up, abort the request and free its blocks.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (std::chrono::steady_clock::now() < deadline &&
+         (metric(port(), "keel_kv_cache_usage_perc") != 0.0 ||
+          metric(port(), "keel_num_requests_running") != 0.0))
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_EQ(metric(port(), "keel_kv_cache_usage_perc"), 0.0);
+  EXPECT_EQ(metric(port(), "keel_num_requests_running"), 0.0);
+  EXPECT_EQ(metric(port(), "keel_request_aborted_total"), aborted_before + 1);
+}
+
+TEST_F(Serve, CurlStreamsAChat) {
+  const std::string command =
+      "curl -sS -N --max-time 60 http://127.0.0.1:" + std::to_string(port()) +
+      "/v1/chat/completions -H 'Content-Type: application/json' -d '{\"messages\":[{\"role\":"
+      "\"user\",\"content\":\"hello\"}],\"max_tokens\":6,\"stream\":true,\"ignore_eos\":true}'";
+  FILE* pipe = popen(command.c_str(), "r");
+  ASSERT_NE(pipe, nullptr);
+  std::string output;
+  char buffer[4096];
+  size_t bytes;
+  while ((bytes = fread(buffer, 1, sizeof(buffer), pipe)) > 0) output.append(buffer, bytes);
+  ASSERT_EQ(pclose(pipe), 0) << output;
+  bool done = false;
+  std::vector<std::string> events = sse_events(output, &done);
+  EXPECT_TRUE(done) << output;
+  // A role chunk, 6 content chunks, a finish chunk.
+  ASSERT_EQ(events.size(), 8u) << output;
+  EXPECT_EQ(json::parse(events.back())["choices"][0]["finish_reason"], "length");
+}
+
+TEST(ServeAlone, OverloadAnswers429AndKeepsEveryAcceptedRequest) {
+  ServerProcess server(serve_args(
+      write_config("overload", "max_num_seqs: 1\nmax_waiting: 2\n")));
+  std::vector<std::thread> clients;
+  std::vector<HttpResponse> responses(8);
+  for (size_t index = 0; index < responses.size(); ++index)
+    clients.emplace_back([&, index] {
+      responses[index] = post(server.port(), "/v1/completions",
+                               json{{"prompt", "queue " + std::to_string(index)},
+                                    {"max_tokens", 200},
+                                    {"ignore_eos", true}}
+                                   .dump());
+    });
+  for (std::thread& client : clients) client.join();
+  int accepted = 0, refused = 0;
+  for (const HttpResponse& response : responses) {
+    if (response.status == 200) {
+      ++accepted;
+      EXPECT_EQ(json::parse(response.body)["usage"]["completion_tokens"], 200);
+    } else {
+      ASSERT_EQ(response.status, 429) << response.body;
+      EXPECT_EQ(response.headers.count("retry-after"), 1u);
+      EXPECT_EQ(json::parse(response.body)["error"]["type"], "rate_limit_error");
+      ++refused;
+    }
+  }
+  EXPECT_GE(accepted, 2);  // the first two always fit (one running or queued, one waiting)
+  EXPECT_GE(refused, 1);
+  EXPECT_EQ(accepted + refused, 8);
+}
+
+TEST(ServeAlone, SigtermDrainsInFlightStreamsAndExitsZero) {
+  ServerProcess server(serve_args(write_config("drain", "")));
+  int fd = connect_to(server.port());
+  ASSERT_GE(fd, 0);
+  ASSERT_TRUE(send_all(fd, request_text("POST", "/v1/completions",
+                                        json{{"prompt", "keep going"},
+                                             {"max_tokens", 200},
+                                             {"stream", true},
+                                             {"ignore_eos", true}}
+                                            .dump())));
+  std::string raw;
+  char buffer[8192];
+  while (raw.find("data: ") == std::string::npos) {
+    ssize_t bytes = recv(fd, buffer, sizeof(buffer), 0);
+    ASSERT_GT(bytes, 0);
+    raw.append(buffer, static_cast<size_t>(bytes));
+  }
+  server.terminate();
+  ssize_t bytes;
+  while ((bytes = recv(fd, buffer, sizeof(buffer), 0)) > 0) raw.append(buffer, static_cast<size_t>(bytes));
+  close(fd);
+  EXPECT_EQ(server.wait(), 0) << server.output();
+  HttpResponse response = parse_response(raw);
+  bool done = false;
+  std::vector<std::string> events = sse_events(response.body, &done);
+  EXPECT_TRUE(done);
+  ASSERT_FALSE(events.empty());
+  EXPECT_EQ(json::parse(events.back())["choices"][0]["finish_reason"], "length") << events.back();
+  int tokens = 0;
+  for (const std::string& event : events)
+    if (json::parse(event)["choices"][0]["finish_reason"].is_null()) ++tokens;
+  EXPECT_EQ(tokens, 200);
+  EXPECT_LT(connect_to(server.port()), 0) << "the listener is closed after the drain";
+}
+
+}  // namespace
