@@ -428,7 +428,7 @@ Summary::Stats stats_ms(const std::vector<double>& seconds) {
   stats.mean = sum / static_cast<double>(ms.size());
   double squares = 0;
   for (double v : ms) squares += (v - stats.mean) * (v - stats.mean);
-  stats.std = std::sqrt(squares / static_cast<double>(ms.size()));  // numpy.std: ddof 0
+  stats.stddev = std::sqrt(squares / static_cast<double>(ms.size()));  // numpy.std: ddof 0
   stats.median = percentile(ms, 50);
   stats.p90 = percentile(ms, 90);
   stats.p99 = percentile(ms, 99);
@@ -452,10 +452,10 @@ std::vector<PlannedRequest> plan_requests(const LoadSpec& spec) {
     request.max_tokens = uniform_int(rng, spec.output_len_min, spec.output_len_max);
     for (int i = 0; i < input_len; ++i)
       request.prompt.push_back(uniform_int(rng, 0, spec.vocab_hint - 1));
-    // Poisson process: exponential gaps with mean 1/rate; the first request also waits one
-    // gap, as in vLLM, so the arrival process is memoryless from the start.
-    if (spec.request_rate > 0) arrival += -std::log(1.0 - unit_interval(rng)) / spec.request_rate;
+    // Poisson process: exponential gaps with mean 1/rate. As in vLLM's benchmark_serving, the
+    // first request goes at once and each later one one gap after its predecessor.
     request.arrival_s = arrival;
+    if (spec.request_rate > 0) arrival += -std::log(1.0 - unit_interval(rng)) / spec.request_rate;
   }
   return plan;
 }
@@ -561,7 +561,7 @@ json summary_json(const Summary& summary) {
   auto add = [&](const std::string& name, const Summary::Stats& stats) {
     out["mean_" + name + "_ms"] = stats.mean;
     out["median_" + name + "_ms"] = stats.median;
-    out["std_" + name + "_ms"] = stats.std;
+    out["std_" + name + "_ms"] = stats.stddev;
     out["p90_" + name + "_ms"] = stats.p90;
     out["p99_" + name + "_ms"] = stats.p99;
   };

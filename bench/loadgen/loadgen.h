@@ -85,7 +85,7 @@ struct Summary {
   double output_throughput = 0.0;   // output tokens / duration
   double total_token_throughput = 0.0;
   struct Stats {
-    double mean = 0, median = 0, p90 = 0, p99 = 0, std = 0;
+    double mean = 0, median = 0, p90 = 0, p99 = 0, stddev = 0;
   };
   Stats ttft_ms, tpot_ms, itl_ms, e2el_ms;
   std::vector<std::string> errors;  // the first few distinct error texts
