@@ -34,6 +34,7 @@ struct Options {
   LoadSpec spec;
   bool json_only = false;
   bool num_prompts_set = false;
+  bool ignore_eos_set = false;
   // Server mode.
   std::string keel_binary;
   std::string config_fast;
@@ -70,7 +71,10 @@ const char* kUsage =
     "        [--server-arg ARG]... [--startup-timeout S] [--warmup N] [load flags]\n"
     "load flags: --num-prompts N (default max(4*C, 16)) --input-len L|MIN:MAX (64)\n"
     "  --output-len L|MIN:MAX (64) --endpoint /v1/completions --model NAME --vocab N (1000)\n"
-    "  --seed S --temperature T --no-stream --ignore-eos --max-workers N --timeout S --json\n";
+    "  --seed S --temperature T --no-stream --ignore-eos | --no-ignore-eos --max-workers N\n"
+    "  --timeout S --json\n"
+    "--ignore-eos (\"ignore_eos\": true, exact output lengths) is the default with --keel: both\n"
+    "modes then do the same work, and the output token counts are checked.\n";
 
 Options parse_options(int argc, char** argv) {
   Options options;
@@ -114,6 +118,10 @@ Options parse_options(int argc, char** argv) {
       spec.stream = false;
     } else if (flag == "--ignore-eos") {
       spec.ignore_eos = true;
+      options.ignore_eos_set = true;
+    } else if (flag == "--no-ignore-eos") {
+      spec.ignore_eos = false;
+      options.ignore_eos_set = true;
     } else if (flag == "--timeout") {
       spec.request_timeout_s = std::stod(value());
     } else if (flag == "--json") {
@@ -146,6 +154,9 @@ Options parse_options(int argc, char** argv) {
     throw std::invalid_argument("--keel needs --config-fast and --config-invariant");
   if (server_mode && options.concurrency_list.empty())
     throw std::invalid_argument("--concurrency-list is empty");
+  // keel honours ignore_eos; without it the two modes could stop at different EOS tokens and
+  // the throughput ratio would compare different amounts of work.
+  if (server_mode && !options.ignore_eos_set) options.spec.ignore_eos = true;
   return options;
 }
 
@@ -231,6 +242,20 @@ int run_with_servers(const Options& options) {
         entry["mode"] = mode.name;
         entry["concurrency"] = concurrency;
         entry["num_prompts"] = spec.num_prompts;
+        if (spec.ignore_eos) {
+          // Every request must have produced exactly its max_tokens.
+          int64_t expected = 0;
+          for (const auto& planned : keel::loadgen::plan_requests(spec))
+            expected += planned.max_tokens;
+          bool exact = result.summary.failed == 0 && result.summary.total_output_tokens == expected;
+          entry["exact_output_lengths"] = exact;
+          if (!exact) {
+            std::cerr << "bench/serve: " << mode.name << " c=" << concurrency << ": "
+                      << result.summary.total_output_tokens << " output tokens, expected "
+                      << expected << "\n";
+            ok = false;
+          }
+        }
         report["results"].push_back(entry);
         throughput[mode.name][concurrency] = result.summary.output_throughput;
         if (result.summary.failed > 0) ok = false;
@@ -257,6 +282,8 @@ int run_with_servers(const Options& options) {
   LoadSpec load = options.spec;
   load.url.clear();
   report["load"] = keel::loadgen::spec_json(load);
+  report["load"].erase("url");  // one per server, under "servers"
+  report["load"]["concurrency"] = options.concurrency_list;
   report["load"]["num_prompts"] =
       options.num_prompts_set ? json(options.spec.num_prompts) : json("max(4*concurrency, 16)");
   report["ok"] = ok;
