@@ -97,8 +97,8 @@ struct LoadResult {
   Summary summary;
 };
 
-// Runs the load to completion (every request succeeds or fails). Throws keel-style
-// std::runtime_error only for an unusable spec (bad URL, non-positive counts).
+// Runs the load to completion: every request ends as a success or a recorded failure. Throws
+// std::runtime_error only for an unusable spec (bad URL, unresolvable host, bad lengths).
 LoadResult run_load(const LoadSpec& spec);
 
 // numpy.percentile(values, q) with the default method "linear": sorted values a[0..n-1],
