@@ -172,9 +172,14 @@ TEST_F(Serve, DifferentPrefillBudgetBlockSizeAndMpiRanksGiveIdenticalBits) {
   {
     // Prefill cut into chunks of at most 5 tokens, blocks of 4 positions: chunk and block
     // boundaries fall elsewhere; attention still sums positions in order.
+    // Prefix caching on: the second run reuses the first run's cached prompt blocks instead of
+    // recomputing them, which must not change a bit either.
     ServerProcess chunked(serve_args(write_config(
-        "chunked", "max_num_batched_tokens: 5\nblock_size: 4\nnum_kv_blocks: 512\n")));
+        "chunked",
+        "max_num_batched_tokens: 5\nblock_size: 4\nnum_kv_blocks: 512\nprefix_caching: true\n")));
     EXPECT_EQ(essence(post(chunked.port(), "/v1/completions", kProbe)), alone) << "budget 5";
+    EXPECT_EQ(essence(post(chunked.port(), "/v1/completions", kProbe)), alone)
+        << "budget 5, prompt blocks from the prefix cache";
     EXPECT_EQ(probe_amid_mates(chunked.port()), alone) << "budget 5, amid 16";
   }
   {
