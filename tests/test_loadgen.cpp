@@ -1,8 +1,9 @@
 // keel_loadgen tests: percentile() against hand-computed numpy "linear" values, the seeded
-// load plan, and whole loads over real sockets against keel's HttpServer wired to a fake
-// backend whose token count and timing are known (first-token delay, fixed gap between
-// tokens, injected errors, a backend that never answers). Also the child-process helper that
-// bench_serve uses to run `keel serve`, with a shell script standing in for keel.
+// load plan, the ABBA run order bench_serve interleaves its two servers with, and whole loads
+// over real sockets against keel's HttpServer wired to a fake backend whose token count and
+// timing are known (first-token delay, fixed gap between tokens, injected errors, a backend
+// that never answers). Also the child-process helper that bench_serve uses to run
+// `keel serve`, with a shell script standing in for keel.
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -353,6 +354,28 @@ TEST_F(LoadgenServerTest, OpenLoopPoissonSendsExactlyNOnSchedule) {
   EXPECT_LE(percentile(lateness, 50), 0.020);
   EXPECT_LE(percentile(lateness, 100), 0.5);
   EXPECT_GE(result.summary.duration_s, plan.back().arrival_s);
+}
+
+TEST(LoadgenAbba, AlternatesWhichArmGoesFirst) {
+  EXPECT_TRUE(abba_schedule(0).empty());
+  std::vector<ScheduledRun> expected = {{0, 0, 0}, {0, 1, 1}, {1, 1, 0},
+                                        {1, 0, 1}, {2, 0, 0}, {2, 1, 1}};
+  EXPECT_EQ(abba_schedule(3), expected);
+  // Over an even number of rounds each arm is first equally often, and the mean execution
+  // slot of both arms is the same, so a linear drift cancels exactly.
+  std::vector<ScheduledRun> four = abba_schedule(4);
+  ASSERT_EQ(four.size(), 8u);
+  double slot_sum[2] = {0, 0};
+  int firsts[2] = {0, 0};
+  for (size_t slot = 0; slot < four.size(); ++slot) {
+    EXPECT_EQ(four[slot].round, static_cast<int>(slot / 2));
+    EXPECT_EQ(four[slot].position, static_cast<int>(slot % 2));
+    slot_sum[four[slot].arm] += slot;
+    if (four[slot].position == 0) ++firsts[four[slot].arm];
+  }
+  EXPECT_EQ(slot_sum[0], slot_sum[1]);
+  EXPECT_EQ(firsts[0], 2);
+  EXPECT_EQ(firsts[1], 2);
 }
 
 TEST(LoadgenServerProcess, ParsesListeningLine) {

@@ -621,6 +621,16 @@ std::string summary_table(const Summary& summary, const std::string& title) {
 
 // ---- ServerProcess ----
 
+std::vector<ScheduledRun> abba_schedule(int rounds) {
+  std::vector<ScheduledRun> runs;
+  for (int round = 0; round < rounds; ++round) {
+    int first = round % 2;  // A first in even rounds, B first in odd ones
+    runs.push_back({round, first, 0});
+    runs.push_back({round, 1 - first, 1});
+  }
+  return runs;
+}
+
 std::string parse_listening_url(const std::string& line) {
   const std::string marker = "listening on http://";
   size_t at = line.find(marker);

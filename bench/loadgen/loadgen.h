@@ -139,6 +139,18 @@ class ServerProcess {
   std::thread drainer_;
 };
 
+// An interleaved comparison of two arms (0 = A, 1 = B) over `rounds` rounds, for a machine
+// whose speed drifts: each round runs both arms back to back, A first in even rounds and B
+// first in odd ones (A B, B A, A B, ...), so a drift that is linear over two rounds adds the
+// same to both arms. The runs in execution order; `position` is 0 for a round's first run.
+struct ScheduledRun {
+  int round = 0;
+  int arm = 0;
+  int position = 0;
+  bool operator==(const ScheduledRun&) const = default;
+};
+std::vector<ScheduledRun> abba_schedule(int rounds);
+
 // "listening on http://127.0.0.1:PORT" anywhere in `line` -> "http://127.0.0.1:PORT"; empty
 // when the line does not announce a listener.
 std::string parse_listening_url(const std::string& line);
