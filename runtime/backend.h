@@ -113,10 +113,13 @@ class Backend {
                          const int32_t* kv_head_of_q, const int32_t* positions,
                          const int32_t* cache_idx, int64_t num_rows, int64_t layer_idx,
                          const KvPoolView& pool, float scale, float* out) = 0;
-  // Router: softmax + top-k (ties to the lower id) [+ renormalise] per row.
+  // Router: softmax + top-k (ties to the lower id) [+ renormalise] per row. forced_ids
+  // ([rows][top_k], nullable): router replay, the selection is given and only weights and
+  // margins are computed (math::route_top_k_token).
   virtual void route_top_k(const float* logits, int64_t num_rows, int64_t num_experts,
                            int64_t top_k, bool normalize, int32_t* expert_ids,
-                           float* expert_weights, float* margins) = 0;
+                           float* expert_weights, float* margins,
+                           const int32_t* forced_ids) = 0;
   // dst[r, :] = src[routes[r].token_idx, :] (the per-expert batches of a packing, or any row
   // selection written as routes).
   virtual void permute_rows(const float* src, const PackedRoute* routes, int64_t num_rows,

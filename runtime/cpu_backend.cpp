@@ -115,13 +115,14 @@ class CpuBackend final : public Backend {
     }
   }
   void route_top_k(const float* logits, int64_t num_rows, int64_t num_experts, int64_t top_k,
-                   bool normalize, int32_t* expert_ids, float* expert_weights,
-                   float* margins) override {
+                   bool normalize, int32_t* expert_ids, float* expert_weights, float* margins,
+                   const int32_t* forced_ids) override {
     probs_.resize(static_cast<size_t>(num_experts));
     for (int64_t row = 0; row < num_rows; ++row)
       margins[row] =
           cpu::route_top_k(logits + row * num_experts, num_experts, top_k, normalize, probs_.data(),
-                           expert_ids + row * top_k, expert_weights + row * top_k)
+                           expert_ids + row * top_k, expert_weights + row * top_k,
+                           forced_ids == nullptr ? nullptr : forced_ids + row * top_k)
               .margin;
   }
   void permute_rows(const float* src, const PackedRoute* routes, int64_t num_rows, int64_t width,

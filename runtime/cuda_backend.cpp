@@ -118,11 +118,11 @@ class CudaBackend final : public Backend {
                     num_q_heads * pool.head_dim);
   }
   void route_top_k(const float* logits, int64_t num_rows, int64_t num_experts, int64_t top_k,
-                   bool normalize, int32_t* expert_ids, float* expert_weights,
-                   float* margins) override {
+                   bool normalize, int32_t* expert_ids, float* expert_weights, float* margins,
+                   const int32_t* forced_ids) override {
     float* probs = scratch(probs_, static_cast<size_t>(num_rows * num_experts));
     cuda::route_top_k(logits, num_rows, num_experts, top_k, normalize, probs, expert_ids,
-                      expert_weights, margins);
+                      expert_weights, margins, nullptr, forced_ids);
   }
   void permute_rows(const float* src, const PackedRoute* routes, int64_t num_rows, int64_t width,
                     float* dst) override {

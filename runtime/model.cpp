@@ -9,6 +9,7 @@
 #include "runtime/model.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 
@@ -27,7 +28,25 @@ CombinePrecision parse_combine_precision(std::string_view name) {
   throw_error("unknown expert-combine precision '", name, "' (expected fp32 or round_per_expert)");
 }
 
+std::string_view phase_name(Phase phase) {
+  switch (phase) {
+    case Phase::kAttention: return "attention";
+    case Phase::kAllReduce: return "allreduce";
+    case Phase::kRouter: return "router";
+    case Phase::kPack: return "pack";
+    case Phase::kExperts: return "experts";
+    case Phase::kCombine: return "combine";
+    case Phase::kOther: return "other";
+  }
+  return "other";
+}
+
 namespace {
+
+double steady_seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 
 template <typename T>
 void ensure_size(std::vector<T>& buffer, size_t size) {
@@ -236,6 +255,7 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
     layer.o_proj = to_device(backend, o_shard);
 
     layer.is_moe = config.layer_is_moe[static_cast<size_t>(layer_idx)];
+    if (layer.is_moe) ++num_moe_layers_;
     if (!layer.is_moe) {
       const std::string mlp = prefix + "mlp.";
       const int64_t inter = config.intermediate_size;
@@ -422,24 +442,65 @@ void RankModel::forward(const StepBatch& batch, KvPool& pool, comm::Communicator
                                  upload(batch.block_tables, block_tables_),
                                  max_blocks};
 
-  backend_.embed(embed_.data.data(), embed_.dtype(), config_.vocab_size, hidden, token_ids,
-                 num_tokens, hidden_states);
+  // Router replay: the forced choices of every MoE layer, checked here so kernels can trust them.
+  const int32_t* forced_routes = nullptr;
+  if (!batch.forced_routes.empty()) {
+    const size_t expected = static_cast<size_t>(num_moe_layers_ * num_tokens * config_.top_k);
+    if (batch.forced_routes.size() != expected)
+      throw_error("rank ", tp_rank_, ": router replay gives ", batch.forced_routes.size(),
+                  " expert ids for ", num_tokens, " tokens x ", num_moe_layers_, " MoE layers x top_k ",
+                  config_.top_k, " (", expected, " expected)");
+    for (size_t pair = 0; pair < batch.forced_routes.size(); ++pair) {
+      const int32_t expert = batch.forced_routes[pair];
+      const size_t first_slot = pair - pair % static_cast<size_t>(config_.top_k);
+      bool repeated = false;
+      for (size_t slot = first_slot; slot < pair; ++slot) repeated |= batch.forced_routes[slot] == expert;
+      if (expert < 0 || expert >= config_.num_experts || repeated)
+        throw_error("rank ", tp_rank_, ": router replay: expert id ", expert,
+                    " is out of range or repeated within a token's top-k");
+    }
+    forced_routes = upload(batch.forced_routes, forced_routes_);
+  }
+  if (observe_) {
+    observation_.phase_seconds.fill(0.0);
+    observation_.expert_seconds.assign(
+        static_cast<size_t>(config_.num_layers * config_.num_experts), 0.0f);
+    observation_.route_ids.clear();
+    observation_.route_weights.clear();
+    observation_.margins.clear();
+    observation_.trace.clear();
+  }
+
+  timed(Phase::kOther, -1, [&] {
+    backend_.embed(embed_.data.data(), embed_.dtype(), config_.vocab_size, hidden, token_ids,
+                   num_tokens, hidden_states);
+  });
   const float eps = static_cast<float>(config_.rms_norm_eps);
+  int64_t moe_idx = 0;
   for (int64_t layer_idx = 0; layer_idx < config_.num_layers; ++layer_idx) {
     LayerWeights& layer = layers_[static_cast<size_t>(layer_idx)];
-    backend_.rms_norm(hidden_states, layer.input_norm.f32(), eps, num_tokens, hidden, normed);
-    attention(layer_idx, num_tokens, view);
-    comm.all_reduce(partial, activations, options_.reduce);
-    backend_.add(hidden_states, partial, static_cast<int64_t>(activations));
-
-    backend_.rms_norm(hidden_states, layer.post_norm.f32(), eps, num_tokens, hidden, normed);
+    timed(Phase::kOther, layer_idx, [&] {
+      backend_.rms_norm(hidden_states, layer.input_norm.f32(), eps, num_tokens, hidden, normed);
+    });
+    timed(Phase::kAttention, layer_idx, [&] { attention(layer_idx, num_tokens, view); });
+    timed(Phase::kAllReduce, layer_idx,
+          [&] { comm.all_reduce(partial, activations, options_.reduce); });
+    timed(Phase::kOther, layer_idx, [&] {
+      backend_.add(hidden_states, partial, static_cast<int64_t>(activations));
+      backend_.rms_norm(hidden_states, layer.post_norm.f32(), eps, num_tokens, hidden, normed);
+    });
     if (layer.is_moe) {
-      moe(layer_idx, num_tokens);
+      moe(layer_idx, num_tokens,
+          forced_routes == nullptr ? nullptr : forced_routes + moe_idx * num_tokens * config_.top_k);
+      ++moe_idx;
     } else {
-      dense_mlp(layer.shared, layer.shared_width, num_tokens, partial);
+      timed(Phase::kOther, layer_idx,
+            [&] { dense_mlp(layer.shared, layer.shared_width, num_tokens, partial); });
     }
-    comm.all_reduce(partial, activations, options_.reduce);
-    backend_.add(hidden_states, partial, static_cast<int64_t>(activations));
+    timed(Phase::kAllReduce, layer_idx,
+          [&] { comm.all_reduce(partial, activations, options_.reduce); });
+    timed(Phase::kOther, layer_idx,
+          [&] { backend_.add(hidden_states, partial, static_cast<int64_t>(activations)); });
   }
 
   // Final norm and vocab-parallel lm_head only on the rows whose logits are wanted.
@@ -449,16 +510,20 @@ void RankModel::forward(const StepBatch& batch, KvPool& pool, comm::Communicator
   host_logits_routes_.resize(batch.logits_rows.size());
   for (size_t row = 0; row < batch.logits_rows.size(); ++row)
     host_logits_routes_[row] = PackedRoute{batch.logits_rows[row], 0};
-  const PackedRoute* rows = upload_routes(host_logits_routes_, logits_rows_);
   float* lm_in = scratch(lm_in_, static_cast<size_t>(num_rows * hidden));
-  backend_.permute_rows(hidden_states, rows, num_rows, hidden, lm_in);
-  backend_.rms_norm(lm_in, final_norm_.f32(), eps, num_rows, hidden, lm_in);
   float* local_logits = scratch(local_logits_, static_cast<size_t>(num_rows * vocab_chunk_));
-  backend_.gemm(lm_in, lm_head_.data.data(), lm_head_.dtype(), local_logits, num_rows, vocab_chunk_,
-                hidden);
+  timed(Phase::kOther, -1, [&] {
+    const PackedRoute* rows = upload_routes(host_logits_routes_, logits_rows_);
+    backend_.permute_rows(hidden_states, rows, num_rows, hidden, lm_in);
+    backend_.rms_norm(lm_in, final_norm_.f32(), eps, num_rows, hidden, lm_in);
+    backend_.gemm(lm_in, lm_head_.data.data(), lm_head_.dtype(), local_logits, num_rows,
+                  vocab_chunk_, hidden);
+  });
   const size_t gathered_count = static_cast<size_t>(num_rows * vocab_chunk_ * tp_size_);
   float* gathered = scratch(gathered_logits_, gathered_count);
-  comm.all_gather(local_logits, static_cast<size_t>(num_rows * vocab_chunk_), gathered);
+  timed(Phase::kAllReduce, -1, [&] {
+    comm.all_gather(local_logits, static_cast<size_t>(num_rows * vocab_chunk_), gathered);
+  });
   host_gathered_logits_.resize(gathered_count);
   backend_.copy_to_host(gathered, gathered_count * sizeof(float), host_gathered_logits_.data());
   const int64_t vocab = config_.vocab_size;
@@ -516,7 +581,7 @@ void RankModel::dense_mlp(const ExpertWeights& weights, int64_t width, int64_t n
                 config_.hidden_size, width);
 }
 
-void RankModel::moe(int64_t layer_idx, int64_t num_tokens) {
+void RankModel::moe(int64_t layer_idx, int64_t num_tokens, const int32_t* forced_routes) {
   LayerWeights& layer = layers_[static_cast<size_t>(layer_idx)];
   const int64_t hidden = config_.hidden_size;
   const int64_t num_experts = config_.num_experts;
@@ -529,62 +594,109 @@ void RankModel::moe(int64_t layer_idx, int64_t num_tokens) {
   int32_t* route_ids = scratch_i32(route_ids_, num_pairs);
   float* route_weights = scratch(route_weights_, num_pairs);
   float* margins = scratch(route_margins_, static_cast<size_t>(num_tokens));
-  backend_.gemm(normed_.f32(), layer.router.data.data(), layer.router.dtype(), router_logits,
-                num_tokens, num_experts, hidden);
-  backend_.route_top_k(router_logits, num_tokens, num_experts, top_k, config_.norm_topk_prob,
-                       route_ids, route_weights, margins);
-  host_route_ids_.resize(num_pairs);
-  backend_.copy_to_host(route_ids, num_pairs * sizeof(int32_t), host_route_ids_.data());
+  timed(Phase::kRouter, layer_idx, [&] {
+    backend_.gemm(normed_.f32(), layer.router.data.data(), layer.router.dtype(), router_logits,
+                  num_tokens, num_experts, hidden);
+    backend_.route_top_k(router_logits, num_tokens, num_experts, top_k, config_.norm_topk_prob,
+                         route_ids, route_weights, margins, forced_routes);
+    host_route_ids_.resize(num_pairs);
+    backend_.copy_to_host(route_ids, num_pairs * sizeof(int32_t), host_route_ids_.data());
+  });
   std::vector<int64_t>& counts = expert_counts_[static_cast<size_t>(layer_idx)];
   for (int32_t expert : host_route_ids_) {
     ++counts[static_cast<size_t>(expert)];
     routing_fingerprint_ =
         (routing_fingerprint_ ^ static_cast<uint64_t>(expert)) * 0x100000001b3ull;
   }
+  if (observe_) {
+    // Appended layer after layer: [moe layer][token][slot].
+    observation_.route_ids.insert(observation_.route_ids.end(), host_route_ids_.begin(),
+                                  host_route_ids_.end());
+    const size_t margins_at = observation_.margins.size();
+    observation_.margins.resize(margins_at + static_cast<size_t>(num_tokens));
+    backend_.copy_to_host(margins, static_cast<size_t>(num_tokens) * sizeof(float),
+                          observation_.margins.data() + margins_at);
+    if (capture_routing_) {
+      const size_t weights_at = observation_.route_weights.size();
+      observation_.route_weights.resize(weights_at + num_pairs);
+      backend_.copy_to_host(route_weights, num_pairs * sizeof(float),
+                            observation_.route_weights.data() + weights_at);
+    }
+  }
 
   // Pack this rank's (token, slot) pairs per expert (host policy), then run each expert once
   // over its contiguous row range of the packed buffers: gate_up, silu*mul, down.
-  pack_routes(host_route_ids_.data(), num_tokens, top_k, layer.expert_to_local, packing_);
-  const int64_t num_rows = static_cast<int64_t>(packing_.routes.size());
-  const PackedRoute* routes = upload_routes(packing_.routes, packed_routes_);
-  float* expert_in = scratch(expert_in_, static_cast<size_t>(num_rows * hidden));
+  int64_t num_rows = 0;
+  const PackedRoute* routes = nullptr;
+  float* expert_in = nullptr;
+  timed(Phase::kPack, layer_idx, [&] {
+    pack_routes(host_route_ids_.data(), num_tokens, top_k, layer.expert_to_local, packing_);
+    num_rows = static_cast<int64_t>(packing_.routes.size());
+    routes = upload_routes(packing_.routes, packed_routes_);
+    expert_in = scratch(expert_in_, static_cast<size_t>(num_rows * hidden));
+    backend_.permute_rows(normed_.f32(), routes, num_rows, hidden, expert_in);
+  });
   float* mid = scratch(expert_mid_, static_cast<size_t>(num_rows * 2 * inter));
   float* act = scratch(expert_act_, static_cast<size_t>(num_rows * inter));
   float* expert_out = scratch(expert_out_, static_cast<size_t>(num_rows * hidden));
   int32_t* slot_rows = scratch_i32(slot_rows_, num_pairs);
-  backend_.permute_rows(normed_.f32(), routes, num_rows, hidden, expert_in);
   for (size_t local = 0; local < layer.experts.size(); ++local) {
     int64_t batch_rows = packing_.num_tokens_of(local);
     if (batch_rows == 0) continue;
     int64_t first = packing_.offsets[local];
     const ExpertWeights& expert = layer.experts[local];
-    expert_seconds_[static_cast<size_t>(layer_idx)][static_cast<size_t>(
-        packing_.local_expert_ids[local])] += backend_.timed_seconds([&] {
+    const int32_t expert_id = packing_.local_expert_ids[local];
+    const double start = observe_ ? steady_seconds() : 0.0;
+    const double seconds = backend_.timed_seconds([&] {
       backend_.gemm(expert_in + first * hidden, expert.gate_up.data.data(), expert.gate_up.dtype(),
                     mid + first * 2 * inter, batch_rows, 2 * inter, hidden);
       backend_.silu_mul(mid + first * 2 * inter, batch_rows, inter, act + first * inter);
       backend_.gemm(act + first * inter, expert.down.data.data(), expert.down.dtype(),
                     expert_out + first * hidden, batch_rows, hidden, inter);
     });
+    expert_seconds_[static_cast<size_t>(layer_idx)][static_cast<size_t>(expert_id)] += seconds;
+    if (observe_) {
+      observation_.expert_seconds[static_cast<size_t>(layer_idx * num_experts + expert_id)] +=
+          static_cast<float>(seconds);
+      observation_.phase_seconds[static_cast<size_t>(Phase::kExperts)] += seconds;
+      if (trace_)
+        observation_.trace.push_back({Phase::kExperts, static_cast<int32_t>(layer_idx), expert_id,
+                                      start, seconds});
+    }
   }
-  backend_.slot_rows(routes, num_rows, num_tokens, top_k, slot_rows);
+  timed(Phase::kPack, layer_idx,
+        [&] { backend_.slot_rows(routes, num_rows, num_tokens, top_k, slot_rows); });
 
-  const float* shared = nullptr;
-  const float* shared_gate_logits = nullptr;
-  if (config_.shared_expert_intermediate_size > 0) {
-    float* shared_out = scratch(shared_out_, static_cast<size_t>(num_tokens * hidden));
-    dense_mlp(layer.shared, layer.shared_width, num_tokens, shared_out);
-    float* gate_logits = scratch(shared_gate_logits_, static_cast<size_t>(num_tokens));
-    backend_.gemm(normed_.f32(), layer.shared_gate.data.data(), layer.shared_gate.dtype(),
-                  gate_logits, num_tokens, 1, hidden);
-    shared = shared_out;
-    shared_gate_logits = gate_logits;
+  timed(Phase::kCombine, layer_idx, [&] {
+    const float* shared = nullptr;
+    const float* shared_gate_logits = nullptr;
+    if (config_.shared_expert_intermediate_size > 0) {
+      float* shared_out = scratch(shared_out_, static_cast<size_t>(num_tokens * hidden));
+      dense_mlp(layer.shared, layer.shared_width, num_tokens, shared_out);
+      float* gate_logits = scratch(shared_gate_logits_, static_cast<size_t>(num_tokens));
+      backend_.gemm(normed_.f32(), layer.shared_gate.data.data(), layer.shared_gate.dtype(),
+                    gate_logits, num_tokens, 1, hidden);
+      shared = shared_out;
+      shared_gate_logits = gate_logits;
+    }
+    // Canonical combine: per token, local experts in slot order, then the gated shared expert.
+    DType round_dtype =
+        options_.combine == CombinePrecision::kRoundPerExpert ? expert_dtype_ : DType::kF32;
+    backend_.moe_combine(expert_out, hidden, slot_rows, route_weights, num_tokens, top_k,
+                         round_dtype, shared, shared_gate_logits, partial_.f32());
+  });
+}
+
+template <typename Fn>
+void RankModel::timed(Phase phase, int64_t layer, Fn&& work) {
+  if (!observe_) {
+    work();
+    return;
   }
-  // Canonical combine: per token, local experts in slot order, then the gated shared expert.
-  DType round_dtype =
-      options_.combine == CombinePrecision::kRoundPerExpert ? expert_dtype_ : DType::kF32;
-  backend_.moe_combine(expert_out, hidden, slot_rows, route_weights, num_tokens, top_k, round_dtype,
-                       shared, shared_gate_logits, partial_.f32());
+  const double start = steady_seconds();
+  const double seconds = backend_.timed_seconds(work);
+  observation_.phase_seconds[static_cast<size_t>(phase)] += seconds;
+  if (trace_) observation_.trace.push_back({phase, static_cast<int32_t>(layer), -1, start, seconds});
 }
 
 }  // namespace keel

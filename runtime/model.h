@@ -13,8 +13,10 @@
 // replicated activations; nowhere else.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <memory>
+#include <string_view>
 #include <vector>
 
 #include "comm/communicator.h"
@@ -82,11 +84,49 @@ struct StepBatch {
   std::vector<int32_t> logits_rows;  // token rows whose logits are wanted, in output order
   std::vector<int32_t> block_tables;
   int64_t max_blocks_per_seq = 0;
+  // Router replay: when non-empty, [moe layer (increasing)][token][top_k] expert ids every MoE
+  // layer must use instead of its own top-k (weights still come from this step's router).
+  std::vector<int32_t> forced_routes;
 
   // Gives every one of num_seqs sequences its own run of blocks: sequence s holds blocks
   // [s * blocks_per_seq, (s + 1) * blocks_per_seq), enough for `capacity` positions (what
   // generate() uses; the server takes block tables from the block manager instead).
   void set_contiguous_block_tables(int64_t num_seqs, int64_t capacity, int64_t block_size);
+};
+
+// Phases of a forward step, timed per rank when telemetry is on (Backend::timed_seconds: steady
+// clock on CPU, CUDA events on GPU). kAttention includes the QKV/O projections; kRouter the
+// router GEMM, top-k and the copy of the choices to the host; kPack the packing, permutation and
+// slot map; kExperts the expert GEMMs; kCombine the shared expert and the combine; kAllReduce
+// the two all-reduces per layer and the logits all-gather; kOther embedding, norms, dense MLPs,
+// final norm and lm_head.
+enum class Phase : uint8_t { kAttention, kAllReduce, kRouter, kPack, kExperts, kCombine, kOther };
+inline constexpr int kNumPhases = 7;
+std::string_view phase_name(Phase phase);
+
+// One timed span of a step on one rank, for traces: layer -1 outside layers, expert -1 unless
+// the span is one expert's GEMMs. start_s is on the process's steady clock.
+struct TraceEvent {
+  Phase phase = Phase::kOther;
+  int32_t layer = -1;
+  int32_t expert = -1;
+  double start_s = 0;
+  double seconds = 0;
+};
+
+// What one forward step observed on this rank (RankModel::set_observing). Written only by the
+// rank's own thread during forward(); read after it (the engine reads other thread ranks' only
+// after a collective that orders the writes before the reads).
+struct StepObservation {
+  std::array<double, kNumPhases> phase_seconds{};
+  std::vector<float> expert_seconds;  // [layer * num_experts + expert], experts of this rank
+  // This step's routing (identical on every rank): [moe layer][token][top_k] ids and weights,
+  // [moe layer][token] margins (k-th minus (k+1)-th router probability). Ids always; weights
+  // only with capture_routing; margins always.
+  std::vector<int32_t> route_ids;
+  std::vector<float> route_weights;
+  std::vector<float> margins;
+  std::vector<TraceEvent> trace;  // when tracing
 };
 
 struct RankOptions {
@@ -123,6 +163,17 @@ class RankModel {
   // Running hash of every routing decision this rank made. The router is replicated, so all
   // ranks must agree; the engine checks this after every generate call.
   uint64_t routing_fingerprint() const { return routing_fingerprint_; }
+
+  // Telemetry for the next steps: phase and expert timings, margins and routing ids (observe),
+  // routing weights too (capture_routing), and per-span trace events (trace). Off: forward()
+  // takes no clock readings and copies nothing extra.
+  void set_observing(bool observe, bool capture_routing, bool trace) {
+    observe_ = observe || trace || capture_routing;
+    capture_routing_ = capture_routing;
+    trace_ = trace;
+  }
+  // What the last forward() observed (empty fields when not observing).
+  const StepObservation& observation() const { return observation_; }
   int64_t weight_bytes() const;
 
  private:
@@ -133,7 +184,11 @@ class RankModel {
   const PackedRoute* upload_routes(const std::vector<PackedRoute>& host, DeviceArray& array);
 
   void attention(int64_t layer_idx, int64_t num_tokens, const Backend::KvPoolView& view);
-  void moe(int64_t layer_idx, int64_t num_tokens);
+  // forced_routes: this layer's [token][top_k] replayed choices (device), or nullptr.
+  void moe(int64_t layer_idx, int64_t num_tokens, const int32_t* forced_routes);
+  // Runs `work`, timed into `phase` (and a trace event) when observing.
+  template <typename Fn>
+  void timed(Phase phase, int64_t layer, Fn&& work);
   void dense_mlp(const ExpertWeights& weights, int64_t width, int64_t num_tokens, float* out);
 
   const ModelConfig& config_;
@@ -158,11 +213,17 @@ class RankModel {
   ExpertCounts expert_counts_;
   std::vector<std::vector<double>> expert_seconds_;
   uint64_t routing_fingerprint_ = 0;
+  bool observe_ = false;
+  bool capture_routing_ = false;
+  bool trace_ = false;
+  StepObservation observation_;
+  int64_t num_moe_layers_ = 0;
 
   // Device scratch, grown as needed and reused across steps.
   DeviceArray hidden_, normed_, qkv_, attn_out_, partial_, router_logits_, route_weights_,
       route_margins_, expert_in_, expert_mid_, expert_act_, expert_out_, shared_out_,
       shared_gate_logits_, lm_in_, local_logits_, gathered_logits_;
+  DeviceArray forced_routes_;
   DeviceArray token_ids_, positions_, cache_idx_, block_tables_, logits_rows_, route_ids_, packed_routes_,
       slot_rows_;
   // Host copies of what host-side policy needs.

@@ -43,12 +43,12 @@ void softmax(float* row, int64_t width) {
 
 RouteResult route_top_k(const float* router_logits, int64_t num_experts, int64_t top_k,
                         bool normalize, float* probs_scratch, int32_t* expert_ids,
-                        float* expert_weights) {
+                        float* expert_weights, const int32_t* forced_ids) {
   // Selection by repeated scans: k is small (<= 10), E is at most a few hundred. A strict '>'
   // keeps the lowest id among equal probabilities, the documented tie rule.
   RouteResult result;
   result.margin = math::route_top_k_token(router_logits, num_experts, top_k, normalize,
-                                          probs_scratch, expert_ids, expert_weights);
+                                          probs_scratch, expert_ids, expert_weights, forced_ids);
   return result;
 }
 

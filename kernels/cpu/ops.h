@@ -43,7 +43,7 @@ struct RouteResult {
 };
 RouteResult route_top_k(const float* router_logits, int64_t num_experts, int64_t top_k,
                         bool normalize, float* probs_scratch, int32_t* expert_ids,
-                        float* expert_weights);
+                        float* expert_weights, const int32_t* forced_ids = nullptr);
 
 // Causal attention of one query token against positions [0, num_positions) of a KV cache.
 // q: [num_q_heads, head_dim]; k_cache/v_cache: [num_kv_heads, capacity, head_dim];

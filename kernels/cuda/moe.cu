@@ -29,13 +29,15 @@ using detail::require;
 
 __global__ void route_top_k_kernel(const float* logits, int64_t num_tokens, int64_t num_experts,
                                    int64_t top_k, bool normalize, float* probs_scratch,
-                                   int32_t* expert_ids, float* expert_weights, float* margins) {
+                                   int32_t* expert_ids, float* expert_weights, float* margins,
+                                   const int32_t* forced_ids) {
   for (int64_t token = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; token < num_tokens;
        token += int64_t{gridDim.x} * blockDim.x) {
     margins[token] =
         math::route_top_k_token(logits + token * num_experts, num_experts, top_k, normalize,
                                 probs_scratch + token * num_experts, expert_ids + token * top_k,
-                                expert_weights + token * top_k);
+                                expert_weights + token * top_k,
+                                forced_ids == nullptr ? nullptr : forced_ids + token * top_k);
   }
 }
 
@@ -79,7 +81,7 @@ __global__ void combine_kernel(const float* expert_out, int64_t hidden, const in
 
 void route_top_k(const float* logits, int64_t num_tokens, int64_t num_experts, int64_t top_k,
                  bool normalize, float* probs_scratch, int32_t* expert_ids, float* expert_weights,
-                 float* margins, cudaStream_t stream) {
+                 float* margins, cudaStream_t stream, const int32_t* forced_ids) {
   require(num_tokens >= 0 && num_experts > 0 && top_k > 0 && top_k <= num_experts,
           "route_top_k: bad shape tokens=", num_tokens, " experts=", num_experts, " top_k=", top_k);
   if (num_tokens == 0) return;
@@ -89,7 +91,7 @@ void route_top_k(const float* logits, int64_t num_tokens, int64_t num_experts, i
   constexpr int kThreads = 64;
   route_top_k_kernel<<<grid_for(num_tokens, kThreads), kThreads, 0, stream>>>(
       logits, num_tokens, num_experts, top_k, normalize, probs_scratch, expert_ids, expert_weights,
-      margins);
+      margins, forced_ids);
   KEEL_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -38,6 +38,7 @@ struct DeviceRoute {
   int32_t slot_idx = 0;
 };
 
+// forced_ids (device, [tokens, top_k], nullable): router replay, see math::route_top_k_token.
 // Per token t: math::route_top_k_token on logits[t, :] (one thread per token; E and k are small).
 // probs_scratch: [num_tokens, num_experts]; outputs [num_tokens, top_k] and margins[num_tokens].
 // Same operations as cpu::route_top_k; probabilities differ only through expf, so the
@@ -45,7 +46,8 @@ struct DeviceRoute {
 // tells how close a token came to such a tie).
 void route_top_k(const float* logits, int64_t num_tokens, int64_t num_experts, int64_t top_k,
                  bool normalize, float* probs_scratch, int32_t* expert_ids, float* expert_weights,
-                 float* margins, cudaStream_t stream = nullptr);
+                 float* margins, cudaStream_t stream = nullptr,
+                 const int32_t* forced_ids = nullptr);
 
 // The router: logits [num_tokens, num_experts] = x [num_tokens, hidden] (row stride hidden) times
 // the router weight [num_experts, hidden] in `w_dtype` through gemm_canonical, then route_top_k.

@@ -110,12 +110,20 @@ KEEL_HD inline void softmax_row(float* row, int64_t width) {
 // a strict '>' keeping the lowest id among equal probabilities; margin = p[k-th] - p[(k+1)-th]
 // of the unnormalised probabilities (0 when top_k == num_experts); with `normalize` the
 // selected weights are divided by their sequential sum. Returns the margin.
+// Router replay: with `forced_ids` (top_k distinct ids) the selection is those experts in that
+// slot order instead of the scans; weights and margin are computed from this token's own
+// probabilities exactly as for a selection the scans made.
 KEEL_HD inline float route_top_k_token(const float* logits, int64_t num_experts, int64_t top_k,
                                        bool normalize, float* probs, int32_t* expert_ids,
-                                       float* expert_weights) {
+                                       float* expert_weights, const int32_t* forced_ids = nullptr) {
   for (int64_t expert = 0; expert < num_experts; ++expert) probs[expert] = logits[expert];
   softmax_row(probs, num_experts);
   for (int64_t slot = 0; slot < top_k; ++slot) {
+    if (forced_ids != nullptr) {
+      expert_ids[slot] = forced_ids[slot];
+      expert_weights[slot] = probs[forced_ids[slot]];
+      continue;
+    }
     int32_t best = -1;
     for (int64_t expert = 0; expert < num_experts; ++expert) {
       bool taken = false;
