@@ -1,0 +1,154 @@
+// `keel routes diff|stats|replay` (routes_cmd.h).
+//
+// Design note. Thin: parse flags, read the files with RoutingReader, call the pure analyses and
+// print either the JSON renderer's output (one object on stdout, for scripts) or the text
+// tables. Stats use the placement the header names when it can be computed from the header
+// (contiguous, round_robin), so rank balance comes for free on ordinary runs.
+#include "runtime/cli/routes_cmd.h"
+
+#include <cstdlib>
+#include <exception>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "kernels/base/check.h"
+#include "runtime/routing/analysis.h"
+#include "runtime/routing/routing_file.h"
+
+namespace keel {
+namespace {
+
+constexpr const char* kRoutesUsage = R"(usage:
+  keel routes diff A B [--json]
+      Compare two routing files request by request (paired by request_id, else by order):
+      first divergence (request, position, layer, both sides' experts and margins), expert-set
+      flips, slot-order-only and score-only differences per layer, requests whose outputs differ.
+      Exit 0 identical, 1 differs, 2 error.
+  keel routes stats FILE [--epsilon 1e-4] [--top-pairs 10] [--json]
+      Per-layer expert load and balance (and per-rank balance for contiguous / round_robin
+      placements), most co-activated expert pairs, near-tie rate (margin < epsilon) and margin
+      percentiles. Exit 0, or 2 on error.
+  keel routes replay ...
+      Provided by the engine (see keel routes replay --help).
+)";
+
+constexpr const char* kReplayMessage =
+    "keel routes replay: replay is provided by the engine (see keel routes replay --help)\n";
+
+struct Args {
+  std::vector<std::string> positional;
+  bool json = false;
+  double epsilon = 1e-4;
+  size_t top_pairs = 10;
+};
+
+double parse_double(const std::string& flag, const std::string& text) {
+  char* end = nullptr;
+  const double value = std::strtod(text.c_str(), &end);
+  if (text.empty() || *end != '\0') throw_error(flag, " wants a number, got '", text, "'");
+  return value;
+}
+
+Args parse_args(int argc, char** argv, int first) {
+  Args args;
+  for (int i = first; i < argc; ++i) {
+    const std::string arg = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) throw_error(arg, " needs a value");
+      return argv[++i];
+    };
+    if (arg == "--json") {
+      args.json = true;
+    } else if (arg == "--epsilon") {
+      args.epsilon = parse_double(arg, value());
+    } else if (arg == "--top-pairs") {
+      const double n = parse_double(arg, value());
+      if (n < 0 || n != static_cast<double>(static_cast<size_t>(n))) {
+        throw_error("--top-pairs wants a non-negative integer");
+      }
+      args.top_pairs = static_cast<size_t>(n);
+    } else if (arg.size() > 1 && arg[0] == '-') {
+      throw_error("unknown argument '", arg, "' (see keel routes --help)");
+    } else {
+      args.positional.push_back(arg);
+    }
+  }
+  return args;
+}
+
+int run_diff(const Args& args) {
+  if (args.positional.size() != 2) throw_error("diff wants two files (keel routes diff A B)");
+  const RoutingFile a = read_routing_file(args.positional[0]);
+  const RoutingFile b = read_routing_file(args.positional[1]);
+  const RoutingDiff diff = diff_routing(a, b);
+  if (args.json) {
+    nlohmann::json out = routing_diff_to_json(diff);
+    out["a"] = args.positional[0];
+    out["b"] = args.positional[1];
+    std::cout << out.dump(2) << "\n";
+  } else {
+    std::cout << "a: " << args.positional[0] << "\nb: " << args.positional[1] << "\n"
+              << render_routing_diff_text(diff);
+  }
+  return diff.identical() ? 0 : 1;
+}
+
+int run_stats(const Args& args) {
+  if (args.positional.size() != 1) throw_error("stats wants one file (keel routes stats FILE)");
+  const RoutingFile file = read_routing_file(args.positional[0]);
+  RoutingStatsOptions options;
+  options.expert_ranks = placement_from_header(file.header);
+  options.top_pairs = args.top_pairs;
+  const RoutingStats stats = routing_stats(file, args.epsilon, options);
+  if (args.json) {
+    nlohmann::json out = routing_stats_to_json(stats);
+    out["file"] = args.positional[0];
+    out["model"] = file.header.model;
+    out["placement"] = file.header.placement;
+    std::cout << out.dump(2) << "\n";
+  } else {
+    std::cout << "file: " << args.positional[0] << " (model " << file.header.model << ", "
+              << file.header.reduce << ", placement " << file.header.placement << ", tp "
+              << file.header.tp << ")\n"
+              << render_routing_stats_text(stats);
+  }
+  return 0;
+}
+
+}  // namespace
+
+int routes_command(int argc, char** argv) {
+  if (argc < 3) {
+    std::cerr << kRoutesUsage;
+    return 2;
+  }
+  const std::string sub = argv[2];
+  if (sub == "--help" || sub == "-h" || sub == "help") {
+    std::cout << kRoutesUsage;
+    return 0;
+  }
+  if (sub == "replay") {
+    std::cerr << kReplayMessage;
+    return 2;
+  }
+  try {
+    for (int i = 3; i < argc; ++i) {
+      const std::string arg = argv[i];
+      if (arg == "--help" || arg == "-h") {
+        std::cout << kRoutesUsage;
+        return 0;
+      }
+    }
+    const Args args = parse_args(argc, argv, 3);
+    if (sub == "diff") return run_diff(args);
+    if (sub == "stats") return run_stats(args);
+    std::cerr << "keel routes: unknown subcommand '" << sub << "'\n" << kRoutesUsage;
+    return 2;
+  } catch (const std::exception& error) {
+    std::cerr << "keel routes " << sub << ": error: " << error.what() << "\n";
+    return 2;
+  }
+}
+
+}  // namespace keel
