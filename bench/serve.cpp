@@ -40,8 +40,8 @@
 #include <string>
 #include <vector>
 
-#include "bench/loadgen/loadgen.h"
 #include "bench/machine.h"
+#include "runtime/loadgen/loadgen.h"
 
 namespace {
 

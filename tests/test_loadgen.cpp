@@ -14,7 +14,7 @@
 #include <thread>
 #include <vector>
 
-#include "bench/loadgen/loadgen.h"
+#include "runtime/loadgen/loadgen.h"
 #include "runtime/server/api.h"
 #include "runtime/server/http_server.h"
 

@@ -7,7 +7,7 @@
 //  - A keep-alive connection the server has closed while idle shows up as EOF/reset on the
 //    first write or header read; that request is retried once on a fresh connection (and its
 //    start time reset) rather than counted as a server failure.
-#include "bench/loadgen/loadgen.h"
+#include "runtime/loadgen/loadgen.h"
 
 #include <fcntl.h>
 #include <poll.h>
@@ -26,11 +26,13 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
+#include <fstream>
 #include <iomanip>
 #include <iostream>
 #include <limits>
 #include <map>
 #include <mutex>
+#include <numbers>
 #include <random>
 #include <set>
 #include <sstream>
@@ -147,7 +149,14 @@ struct ResponseState {
   bool usage = false;
   int prompt_tokens = 0;
   int completion_tokens = 0;
+  std::string id;  // the first "id" seen
 };
+
+void read_id(const json& body, ResponseState& state) {
+  if (!state.id.empty()) return;
+  if (auto id = body.find("id"); id != body.end() && id->is_string())
+    state.id = id->get<std::string>();
+}
 
 void read_usage(const json& usage, ResponseState& state) {
   if (!usage.is_object()) return;
@@ -200,6 +209,7 @@ void handle_event(const std::string& event, Clock::time_point at, ResponseState&
     }
     return;
   }
+  read_id(chunk, state);
   if (auto usage = chunk.find("usage"); usage != chunk.end()) read_usage(*usage, state);
   auto choices = chunk.find("choices");
   if (choices == chunk.end() || !choices->is_array() || choices->empty()) return;
@@ -234,15 +244,28 @@ class SseSplitter {
   std::string pending_;
 };
 
+// Without usage from the server: token ids sent, or for text the whitespace-separated words
+// (an approximation; keel and vLLM both report usage when asked).
+int sent_prompt_length(const PlannedRequest& planned) {
+  if (!planned.text_prompt) return static_cast<int>(planned.prompt.size());
+  std::istringstream words(planned.prompt_text);
+  int count = 0;
+  for (std::string word; words >> word;) ++count;
+  return count;
+}
+
 std::string request_body(const LoadSpec& spec, const PlannedRequest& planned) {
   json body;
   if (!spec.model.empty()) body["model"] = spec.model;
   if (spec.endpoint.find("chat") != std::string::npos) {
     // Chat has no token-id prompt form: ids become words, so input length is approximate.
-    std::string content;
-    for (int32_t id : planned.prompt)
-      content += (content.empty() ? "w" : " w") + std::to_string(id);
+    std::string content = planned.prompt_text;
+    if (!planned.text_prompt)
+      for (int32_t id : planned.prompt)
+        content += (content.empty() ? "w" : " w") + std::to_string(id);
     body["messages"] = json::array({{{"role", "user"}, {"content", content}}});
+  } else if (planned.text_prompt) {
+    body["prompt"] = planned.prompt_text;
   } else {
     body["prompt"] = planned.prompt;
   }
@@ -398,12 +421,13 @@ class Client {
                            : parsed["error"].value("message", parsed["error"].dump());
         return;
       }
+      read_id(parsed, state);
       if (auto usage = parsed.find("usage"); usage != parsed.end()) read_usage(*usage, state);
       record.ttft_s = record.e2el_s;
     }
     record.usage_reported = state.usage;
-    record.prompt_tokens =
-        state.usage ? state.prompt_tokens : static_cast<int>(planned.prompt.size());
+    record.response_id = state.id;
+    record.prompt_tokens = state.usage ? state.prompt_tokens : sent_prompt_length(planned);
     record.completion_tokens = state.usage ? state.completion_tokens : state.token_chunks;
     record.success = true;
   }
@@ -417,6 +441,29 @@ class Client {
   tcp::socket socket_;
   beast::flat_buffer buffer_;
 };
+
+// One redraw of the progress line: "\r 37/100 [=======>     ] 37% 2 failed 12.3s" (carriage
+// return, no newline until the last, so a terminal shows one updating line).
+void print_progress(int finished, int failed, int total, double elapsed_s, bool last) {
+  int width = 30;
+  int filled = total > 0 ? finished * width / total : width;
+  std::ostringstream line;
+  line << "\r" << std::setw(6) << finished << "/" << total << " [";
+  for (int i = 0; i < width; ++i) line << (i < filled ? '=' : (i == filled ? '>' : ' '));
+  line << "] " << std::setw(3) << (total > 0 ? finished * 100 / total : 100) << "% ";
+  if (failed > 0) line << failed << " failed ";
+  line << std::fixed << std::setprecision(1) << elapsed_s << "s";
+  if (last) line << "\n";
+  std::cerr << line.str() << std::flush;
+}
+
+// The gap before the next arrival: gamma with shape b and scale 1/(rate b), so the mean is
+// 1/rate whatever b. b = 1 keeps the plain exponential inverse-CDF draw (one RNG draw per gap)
+// so seeded Poisson plans stay what they were before burstiness existed.
+double next_gap(std::mt19937_64& rng, const LoadSpec& spec) {
+  if (spec.burstiness == 1.0) return -std::log(1.0 - unit_interval(rng)) / spec.request_rate;
+  return sample_gamma(rng, spec.burstiness, 1.0 / (spec.request_rate * spec.burstiness));
+}
 
 Summary::Stats stats_ms(const std::vector<double>& seconds) {
   Summary::Stats stats;
@@ -432,13 +479,90 @@ Summary::Stats stats_ms(const std::vector<double>& seconds) {
   stats.median = percentile(ms, 50);
   stats.p90 = percentile(ms, 90);
   stats.p99 = percentile(ms, 99);
+  stats.p99_9 = percentile(ms, 99.9);
   return stats;
 }
 
 }  // namespace
 
+double sample_gamma(std::mt19937_64& rng, double shape, double scale) {
+  if (!(shape > 0) || !(scale > 0))
+    throw std::runtime_error("loadgen: gamma needs shape, scale > 0");
+  // shape < 1: gamma(shape) = gamma(shape + 1) * U^(1/shape) (Marsaglia-Tsang's own remedy).
+  double boost = 1.0;
+  if (shape < 1.0) {
+    boost = std::pow(1.0 - unit_interval(rng), 1.0 / shape);
+    shape += 1.0;
+  }
+  double d = shape - 1.0 / 3.0;
+  double c = 1.0 / std::sqrt(9.0 * d);
+  for (;;) {
+    // Box-Muller: one standard normal from two uniforms (1 - u keeps log away from 0).
+    double u1 = 1.0 - unit_interval(rng), u2 = unit_interval(rng);
+    double x = std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * std::numbers::pi * u2);
+    double v = 1.0 + c * x;
+    if (v <= 0) continue;
+    v = v * v * v;
+    double u = 1.0 - unit_interval(rng);
+    if (std::log(u) < 0.5 * x * x + d - d * v + d * std::log(v)) return d * v * boost * scale;
+  }
+}
+
+std::vector<PlannedRequest> load_dataset(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw std::runtime_error("loadgen: cannot open dataset " + path);
+  std::vector<PlannedRequest> out;
+  int line_no = 0;
+  for (std::string line; std::getline(in, line);) {
+    ++line_no;
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;  // blank lines
+    std::string where = path + ":" + std::to_string(line_no) + ": ";
+    json entry = json::parse(line, nullptr, false);
+    if (entry.is_discarded() || !entry.is_object())
+      throw std::runtime_error("loadgen: " + where + "not a JSON object");
+    PlannedRequest request;
+    auto prompt = entry.find("prompt");
+    if (prompt == entry.end()) throw std::runtime_error("loadgen: " + where + "no \"prompt\"");
+    if (prompt->is_string()) {
+      request.text_prompt = true;
+      request.prompt_text = prompt->get<std::string>();
+    } else if (prompt->is_array() && !prompt->empty()) {
+      for (const json& id : *prompt) {
+        if (!id.is_number_integer())
+          throw std::runtime_error("loadgen: " + where + "\"prompt\" ids must be integers");
+        request.prompt.push_back(id.get<int32_t>());
+      }
+    } else {
+      throw std::runtime_error("loadgen: " + where +
+                               "\"prompt\" must be a string or a non-empty list of token ids");
+    }
+    auto output_len = entry.find("output_len");
+    if (output_len == entry.end() || !output_len->is_number_integer() ||
+        output_len->get<int64_t>() < 1)
+      throw std::runtime_error("loadgen: " + where + "\"output_len\" must be an integer >= 1");
+    request.max_tokens = output_len->get<int>();
+    out.push_back(std::move(request));
+  }
+  if (out.empty()) throw std::runtime_error("loadgen: dataset " + path + " has no requests");
+  return out;
+}
+
 std::vector<PlannedRequest> plan_requests(const LoadSpec& spec) {
   if (spec.num_prompts < 0) throw std::runtime_error("loadgen: num_prompts < 0");
+  if (spec.request_rate > 0 && !(spec.burstiness > 0))
+    throw std::runtime_error("loadgen: burstiness must be > 0");
+  if (!spec.dataset.empty()) {
+    std::vector<PlannedRequest> entries = load_dataset(spec.dataset);
+    std::mt19937_64 rng(spec.seed);
+    std::vector<PlannedRequest> plan;
+    double arrival = 0.0;
+    for (int i = 0; i < spec.num_prompts; ++i) {
+      plan.push_back(entries[static_cast<size_t>(i) % entries.size()]);
+      plan.back().arrival_s = arrival;
+      if (spec.request_rate > 0) arrival += next_gap(rng, spec);
+    }
+    return plan;
+  }
   if (spec.input_len_min < 1 || spec.input_len_max < spec.input_len_min)
     throw std::runtime_error("loadgen: need 1 <= input_len_min <= input_len_max");
   if (spec.output_len_min < 1 || spec.output_len_max < spec.output_len_min)
@@ -452,10 +576,10 @@ std::vector<PlannedRequest> plan_requests(const LoadSpec& spec) {
     request.max_tokens = uniform_int(rng, spec.output_len_min, spec.output_len_max);
     for (int i = 0; i < input_len; ++i)
       request.prompt.push_back(uniform_int(rng, 0, spec.vocab_hint - 1));
-    // Poisson process: exponential gaps with mean 1/rate. As in vLLM's benchmark_serving, the
-    // first request goes at once and each later one one gap after its predecessor.
+    // As in vLLM's benchmark_serving, the first request goes at once and each later one one
+    // gap after its predecessor.
     request.arrival_s = arrival;
-    if (spec.request_rate > 0) arrival += -std::log(1.0 - unit_interval(rng)) / spec.request_rate;
+    if (spec.request_rate > 0) arrival += next_gap(rng, spec);
   }
   return plan;
 }
@@ -480,9 +604,21 @@ LoadResult run_load(const LoadSpec& spec) {
           : std::min(spec.num_prompts, spec.concurrency);
   result.records.resize(plan.size());
   std::atomic<int> next{0};
+  std::atomic<int> finished{0}, failed{0};
   Watchdog watchdog;
   Clock::time_point t0 = Clock::now();
   {
+    // Declared before the workers so it is joined after them and prints the final state.
+    std::jthread progress;
+    if (spec.progress)
+      progress = std::jthread([&](std::stop_token stop) {
+        for (bool last = false; !last;) {
+          last = stop.stop_requested();
+          print_progress(finished, failed, static_cast<int>(plan.size()),
+                         seconds_between(t0, Clock::now()), last);
+          if (!last) std::this_thread::sleep_for(std::chrono::milliseconds(200));
+        }
+      });
     std::vector<std::jthread> threads;
     for (int w = 0; w < workers; ++w) {
       threads.emplace_back([&] {
@@ -494,9 +630,13 @@ LoadResult run_load(const LoadSpec& spec) {
                                           std::chrono::duration_cast<Clock::duration>(
                                               std::chrono::duration<double>(planned.arrival_s)));
           result.records[static_cast<size_t>(i)] = client.execute(i, planned);
+          if (!result.records[static_cast<size_t>(i)].success) ++failed;
+          ++finished;
         }
       });
     }
+    for (std::jthread& thread : threads) thread.join();
+    if (progress.joinable()) progress.request_stop();
   }
   double duration = seconds_between(t0, Clock::now());
   result.summary = summarize(result.records, duration);
@@ -513,7 +653,52 @@ double percentile(std::vector<double> values, double q) {
   return values[lo] + fraction * (values[hi] - values[lo]);
 }
 
-Summary summarize(const std::vector<RequestRecord>& records, double duration_s) {
+Slo parse_slo(const std::vector<std::string>& items) {
+  Slo slo;
+  for (const std::string& item : items) {
+    size_t colon = item.find(':');
+    std::string key = item.substr(0, colon);
+    double value = 0;
+    try {
+      size_t used = 0;
+      if (colon == std::string::npos) throw std::invalid_argument("no value");
+      value = std::stod(item.substr(colon + 1), &used);
+      if (used != item.size() - colon - 1) throw std::invalid_argument("trailing text");
+    } catch (const std::exception&) {
+      throw std::runtime_error("goodput: expected KEY:MS (e.g. ttft:300), got '" + item + "'");
+    }
+    if (!(value > 0)) throw std::runtime_error("goodput: " + key + " must be > 0 ms");
+    if (key == "ttft") {
+      slo.ttft_ms = value;
+    } else if (key == "tpot") {
+      slo.tpot_ms = value;
+    } else if (key == "e2el") {
+      slo.e2el_ms = value;
+    } else {
+      throw std::runtime_error("goodput: unknown SLO '" + key + "' (ttft, tpot, e2el)");
+    }
+  }
+  return slo;
+}
+
+namespace {
+double tpot_s(const RequestRecord& record) {
+  return record.completion_tokens > 1
+             ? (record.e2el_s - record.ttft_s) / (record.completion_tokens - 1)
+             : 0.0;
+}
+}  // namespace
+
+bool meets_slo(const RequestRecord& record, const Slo& slo) {
+  if (!record.success) return false;
+  // vLLM compares SLO >= measured (both in seconds): equality is good.
+  if (slo.ttft_ms && record.ttft_s * 1e3 > *slo.ttft_ms) return false;
+  if (slo.tpot_ms && tpot_s(record) * 1e3 > *slo.tpot_ms) return false;
+  if (slo.e2el_ms && record.e2el_s * 1e3 > *slo.e2el_ms) return false;
+  return true;
+}
+
+Summary summarize(const std::vector<RequestRecord>& records, double duration_s, const Slo& slo) {
   Summary summary;
   summary.duration_s = duration_s;
   std::vector<double> ttft, tpot, itl, e2el;
@@ -526,6 +711,7 @@ Summary summarize(const std::vector<RequestRecord>& records, double duration_s) 
       continue;
     }
     ++summary.completed;
+    if (slo.any() && meets_slo(record, slo)) ++summary.good_completed;
     summary.total_input_tokens += record.prompt_tokens;
     summary.total_output_tokens += record.completion_tokens;
     ttft.push_back(record.ttft_s);
@@ -536,6 +722,8 @@ Summary summarize(const std::vector<RequestRecord>& records, double duration_s) 
     for (size_t i = 1; i < record.chunk_times_s.size(); ++i)
       itl.push_back(record.chunk_times_s[i] - record.chunk_times_s[i - 1]);
   }
+  if (slo.any())
+    summary.request_goodput = duration_s > 0 ? summary.good_completed / duration_s : 0.0;
   if (duration_s > 0) {
     summary.request_throughput = summary.completed / duration_s;
     summary.output_throughput = static_cast<double>(summary.total_output_tokens) / duration_s;
@@ -557,13 +745,16 @@ json summary_json(const Summary& summary) {
               {"total_output_tokens", summary.total_output_tokens},
               {"request_throughput", summary.request_throughput},
               {"output_throughput", summary.output_throughput},
-              {"total_token_throughput", summary.total_token_throughput}};
+              {"total_token_throughput", summary.total_token_throughput},
+              {"request_goodput",
+               summary.request_goodput ? json(*summary.request_goodput) : json(nullptr)}};
   auto add = [&](const std::string& name, const Summary::Stats& stats) {
     out["mean_" + name + "_ms"] = stats.mean;
     out["median_" + name + "_ms"] = stats.median;
     out["std_" + name + "_ms"] = stats.stddev;
     out["p90_" + name + "_ms"] = stats.p90;
     out["p99_" + name + "_ms"] = stats.p99;
+    out["p99.9_" + name + "_ms"] = stats.p99_9;
   };
   add("ttft", summary.ttft_ms);
   add("tpot", summary.tpot_ms);
@@ -573,12 +764,41 @@ json summary_json(const Summary& summary) {
   return out;
 }
 
+json records_json(const std::vector<RequestRecord>& records) {
+  json input_lens = json::array(), output_lens = json::array(), ttfts = json::array(),
+       itls = json::array(), errors = json::array(), ids = json::array(), e2els = json::array(),
+       tpots = json::array(), starts = json::array(), success = json::array();
+  for (const RequestRecord& record : records) {
+    bool ok = record.success;
+    input_lens.push_back(ok ? record.prompt_tokens : 0);
+    output_lens.push_back(ok ? record.completion_tokens : 0);
+    ttfts.push_back(ok ? record.ttft_s : 0.0);
+    json gaps = json::array();
+    if (ok)
+      for (size_t i = 1; i < record.chunk_times_s.size(); ++i)
+        gaps.push_back(record.chunk_times_s[i] - record.chunk_times_s[i - 1]);
+    itls.push_back(std::move(gaps));
+    errors.push_back(record.error);
+    ids.push_back(record.response_id);
+    e2els.push_back(ok ? record.e2el_s : 0.0);
+    tpots.push_back(ok ? tpot_s(record) : 0.0);
+    starts.push_back(record.start_s);
+    success.push_back(ok);
+  }
+  return {
+      {"input_lens", input_lens}, {"output_lens", output_lens}, {"ttfts", ttfts}, {"itls", itls},
+      {"errors", errors},         {"request_ids", ids},         {"e2els", e2els}, {"tpots", tpots},
+      {"start_times", starts},    {"success", success}};
+}
+
 json spec_json(const LoadSpec& spec) {
   return {{"url", spec.url},
           {"endpoint", spec.endpoint},
           {"model", spec.model},
           {"concurrency", spec.request_rate > 0 ? 0 : spec.concurrency},
           {"request_rate", spec.request_rate},
+          {"burstiness", spec.burstiness},
+          {"dataset", spec.dataset},
           {"num_prompts", spec.num_prompts},
           {"input_len", {spec.input_len_min, spec.input_len_max}},
           {"output_len", {spec.output_len_min, spec.output_len_max}},
@@ -603,6 +823,7 @@ std::string summary_table(const Summary& summary, const std::string& title) {
   row("Total generated tokens:", summary.total_output_tokens);
   row("Request throughput (req/s):", summary.request_throughput);
   row("Output token throughput (tok/s):", summary.output_throughput);
+  if (summary.request_goodput) row("Request goodput (req/s):", *summary.request_goodput);
   row("Total token throughput (tok/s):", summary.total_token_throughput);
   auto block = [&](const std::string& label, const std::string& name, const Summary::Stats& stats) {
     out << "---------- " << label << " ----------\n";
@@ -610,6 +831,7 @@ std::string summary_table(const Summary& summary, const std::string& title) {
     row("Median " + name + " (ms):", stats.median);
     row("P90 " + name + " (ms):", stats.p90);
     row("P99 " + name + " (ms):", stats.p99);
+    row("P99.9 " + name + " (ms):", stats.p99_9);
   };
   block("Time to First Token", "TTFT", summary.ttft_ms);
   block("Time per Output Token (excl. 1st token)", "TPOT", summary.tpot_ms);
@@ -759,6 +981,39 @@ int ServerProcess::stop(std::chrono::milliseconds timeout) {
   if (stdout_fd_ >= 0) ::close(stdout_fd_);
   stdout_fd_ = -1;
   return result;
+}
+
+HttpResponse http_get(const std::string& url, double timeout_s) {
+  Target target = parse_url(url);
+  std::string rest = url.substr(std::string("http://").size());
+  size_t slash = rest.find('/');
+  std::string path = slash == std::string::npos ? "/" : rest.substr(slash);
+  net::io_context ioc;
+  tcp::resolver resolver(ioc);
+  beast::error_code ec;
+  auto endpoints = resolver.resolve(target.host, target.port, ec);
+  if (ec) throw std::runtime_error("GET " + url + ": resolve: " + ec.message());
+  tcp::socket socket(ioc);
+  net::connect(socket, endpoints, ec);
+  if (ec) throw std::runtime_error("GET " + url + ": connect: " + ec.message());
+  // The same watchdog as the load's requests: synchronous reads cannot time out by themselves.
+  Watchdog watchdog;
+  watchdog.arm(socket.native_handle(),
+               Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                  std::chrono::duration<double>(timeout_s)));
+  http::request<http::empty_body> request{http::verb::get, path, 11};
+  request.set(http::field::host, target.host + ":" + target.port);
+  request.set(http::field::accept, "application/json");
+  request.keep_alive(false);
+  http::write(socket, request, ec);
+  beast::flat_buffer buffer;
+  http::response_parser<http::string_body> parser;
+  parser.body_limit(std::numeric_limits<std::uint64_t>::max());  // see attempt_once
+  if (!ec) http::read(socket, buffer, parser, ec);
+  watchdog.disarm(socket.native_handle());
+  if (ec) throw std::runtime_error("GET " + url + ": " + ec.message());
+  socket.shutdown(tcp::socket::shutdown_both, ec);
+  return {static_cast<int>(parser.get().result_int()), parser.get().body()};
 }
 
 }  // namespace keel::loadgen
