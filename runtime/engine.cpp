@@ -80,7 +80,10 @@ struct StepHeader {
   int32_t num_logits_rows = 0;
   int32_t num_table_entries = 0;
   int64_t max_blocks_per_seq = 0;
+  int32_t num_forced_routes = 0;
+  int32_t flags = 0;  // kObserve | kCaptureRouting | kTrace
 };
+constexpr int32_t kObserve = 1, kCaptureRouting = 2, kTrace = 4;
 
 }  // namespace
 
@@ -341,6 +344,43 @@ void Engine::serve(StepSource* source, const ServeOptions& options) {
   });
 }
 
+void Engine::gather_observations(int tp_rank, comm::Communicator& communicator,
+                                 RankModel& model, StepOutput& output) {
+  // Every rank's phase seconds and expert seconds in one all-gather of floats (a few KB; expert
+  // seconds per step fit a float's precision): [tp][phases + layers * experts].
+  const StepObservation& observation = model.observation();
+  const size_t expert_count = observation.expert_seconds.size();
+  const size_t width = kNumPhases + expert_count;
+  std::vector<float> mine(width);
+  for (int phase = 0; phase < kNumPhases; ++phase)
+    mine[static_cast<size_t>(phase)] = static_cast<float>(observation.phase_seconds[static_cast<size_t>(phase)]);
+  std::copy(observation.expert_seconds.begin(), observation.expert_seconds.end(),
+            mine.begin() + kNumPhases);
+  Backend& backend = model.backend();
+  DeviceArray send = backend.allocate(DType::kF32, width);
+  DeviceArray receive = backend.allocate(DType::kF32, width * static_cast<size_t>(tp_size_));
+  backend.copy_from_host(mine.data(), width * sizeof(float), send.data());
+  communicator.all_gather(send.f32(), width, receive.f32());
+  if (tp_rank != 0) return;
+  std::vector<float> all(width * static_cast<size_t>(tp_size_));
+  backend.copy_to_host(receive.data(), all.size() * sizeof(float), all.data());
+  output.rank_phase_seconds.assign(static_cast<size_t>(tp_size_), {});
+  output.expert_seconds.assign(expert_count, 0.0f);
+  for (int rank = 0; rank < tp_size_; ++rank) {
+    const float* row = all.data() + static_cast<size_t>(rank) * width;
+    for (int phase = 0; phase < kNumPhases; ++phase)
+      output.rank_phase_seconds[static_cast<size_t>(rank)][static_cast<size_t>(phase)] = row[phase];
+    for (size_t index = 0; index < expert_count; ++index)
+      output.expert_seconds[index] += row[kNumPhases + index];
+  }
+  // Thread ranks wrote their events before the all-gather above, which orders them before
+  // these reads; process ranks' events stay in their processes.
+  output.rank_traces.assign(static_cast<size_t>(tp_size_), {});
+  for (size_t local_idx = 0; local_idx < local_ranks_.size(); ++local_idx)
+    output.rank_traces[static_cast<size_t>(local_ranks_[local_idx])] =
+        ranks_[local_idx]->observation().trace;
+}
+
 void Engine::serve_rank(int tp_rank, comm::Communicator& communicator, StepSource* source,
                         const ServeOptions& options) {
   RankModel& model = local_model(tp_rank);
@@ -350,6 +390,7 @@ void Engine::serve_rank(int tp_rank, comm::Communicator& communicator, StepSourc
   ServeStep step;
   std::vector<float> logits;
   std::vector<int32_t> payload;
+  StepOutput output;
   for (;;) {
     StepHeader header;
     if (leader) {
@@ -360,16 +401,20 @@ void Engine::serve_rank(int tp_rank, comm::Communicator& communicator, StepSourc
       header.num_logits_rows = static_cast<int32_t>(batch.logits_rows.size());
       header.num_table_entries = static_cast<int32_t>(batch.block_tables.size());
       header.max_blocks_per_seq = batch.max_blocks_per_seq;
+      header.num_forced_routes = static_cast<int32_t>(batch.forced_routes.size());
+      header.flags = (step.observe ? kObserve : 0) | (step.capture_routing ? kCaptureRouting : 0) |
+                     (step.trace ? kTrace : 0);
     }
     broadcast_host(backend, communicator, &header, sizeof(header));
     const auto kind = static_cast<ServeStep::Kind>(header.kind);
     if (kind == ServeStep::Kind::kStop) break;
     if (kind == ServeStep::Kind::kIdle) continue;
-    // One payload: token ids, positions, cache rows, logits rows, block tables.
+    // One payload: token ids, positions, cache rows, logits rows, block tables, forced routes.
     const size_t num_tokens = static_cast<size_t>(header.num_tokens);
     const size_t num_rows = static_cast<size_t>(header.num_logits_rows);
     const size_t num_entries = static_cast<size_t>(header.num_table_entries);
-    payload.resize(3 * num_tokens + num_rows + num_entries);
+    const size_t num_forced = static_cast<size_t>(header.num_forced_routes);
+    payload.resize(3 * num_tokens + num_rows + num_entries + num_forced);
     StepBatch& batch = step.batch;
     if (leader) {
       auto out = payload.begin();
@@ -377,7 +422,8 @@ void Engine::serve_rank(int tp_rank, comm::Communicator& communicator, StepSourc
       out = std::copy(batch.positions.begin(), batch.positions.end(), out);
       out = std::copy(batch.cache_idx.begin(), batch.cache_idx.end(), out);
       out = std::copy(batch.logits_rows.begin(), batch.logits_rows.end(), out);
-      std::copy(batch.block_tables.begin(), batch.block_tables.end(), out);
+      out = std::copy(batch.block_tables.begin(), batch.block_tables.end(), out);
+      std::copy(batch.forced_routes.begin(), batch.forced_routes.end(), out);
     }
     broadcast_host(backend, communicator, payload.data(), payload.size() * sizeof(int32_t));
     if (!leader) {
@@ -391,10 +437,19 @@ void Engine::serve_rank(int tp_rank, comm::Communicator& communicator, StepSourc
       take(batch.cache_idx, num_tokens);
       take(batch.logits_rows, num_rows);
       take(batch.block_tables, num_entries);
+      take(batch.forced_routes, num_forced);
       batch.max_blocks_per_seq = header.max_blocks_per_seq;
     }
+    const bool observe = (header.flags & kObserve) != 0;
+    model.set_observing(observe, (header.flags & kCaptureRouting) != 0,
+                        (header.flags & kTrace) != 0);
     model.forward(batch, pool, communicator, logits);
-    if (leader) source->on_step_done(logits);
+    if (observe) gather_observations(tp_rank, communicator, model, output);
+    if (leader) {
+      output.logits = &logits;
+      output.observation = observe ? &model.observation() : nullptr;
+      source->on_step_done(output);
+    }
   }
 }
 

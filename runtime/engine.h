@@ -71,6 +71,23 @@ struct ServeStep {
   enum class Kind : int32_t { kRun = 0, kIdle = 1, kStop = 2 };
   Kind kind = Kind::kIdle;
   StepBatch batch;
+  // Telemetry for this step on every rank (RankModel::set_observing).
+  bool observe = false;
+  bool capture_routing = false;
+  bool trace = false;
+};
+
+// What a kRun step produced, handed to the leader's source.
+struct StepOutput {
+  const std::vector<float>* logits = nullptr;  // [batch.logits_rows, vocab]
+  // With observe: the leader's observation (routing and margins are replicated, so the leader's
+  // are everyone's), every rank's phase seconds, and expert seconds summed over ranks (each
+  // expert runs on one rank). With trace: each rank's trace events where this process can see
+  // them (thread ranks: all; process ranks: the leader's only).
+  const StepObservation* observation = nullptr;
+  std::vector<std::array<double, kNumPhases>> rank_phase_seconds;  // [tp]
+  std::vector<float> expert_seconds;                                // [layer * num_experts + e]
+  std::vector<std::vector<TraceEvent>> rank_traces;                 // [tp]
 };
 
 class StepSource {
@@ -78,8 +95,8 @@ class StepSource {
   virtual ~StepSource() = default;
   // Fills the next step. Called on the leader rank's thread only.
   virtual void next_step(ServeStep& step) = 0;
-  // Logits [batch.logits_rows, vocab] of the kRun step just executed (bits identical on ranks).
-  virtual void on_step_done(const std::vector<float>& logits) = 0;
+  // The kRun step just executed (logits bits identical on all ranks).
+  virtual void on_step_done(const StepOutput& output) = 0;
 };
 
 struct ServeOptions {
@@ -105,6 +122,7 @@ class Engine {
   bool is_leader_process() const { return local_ranks_.front() == 0; }
 
   const ModelConfig& config() const { return config_; }
+  const ExpertPlacement& placement() const { return *placement_; }
   int tp_size() const { return tp_size_; }
   const EngineOptions& options() const { return options_; }
   // Weight bytes held by the first rank that lives in this process.
@@ -117,6 +135,9 @@ class Engine {
   RankModel& local_model(int tp_rank);
   void serve_rank(int tp_rank, comm::Communicator& communicator, StepSource* source,
                   const ServeOptions& options);
+  // After an observed step: every rank contributes; the leader fills `output`.
+  void gather_observations(int tp_rank, comm::Communicator& communicator, RankModel& model,
+                           StepOutput& output);
 
   ModelConfig config_;
   EngineOptions options_;

@@ -263,7 +263,8 @@ TEST_F(Serve, ClientDisconnectMidStreamFreesItsBlocks) {
     seen.append(buffer, static_cast<size_t>(bytes));
   }
   const double aborted_before = metric(port(), "keel_request_aborted_total");
-  EXPECT_GT(metric(port(), "keel_kv_cache_usage_perc"), 0.0);
+  EXPECT_GT(metric(port(), "keel_kv_cache_usage_perc"), 0.0)
+      << seen << "\n" << http(port(), "GET", "/metrics").body.substr(0, 2000);
   close(fd);
   // The next steps notice the hang-up, abort the request and free its blocks.
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
@@ -273,7 +274,8 @@ TEST_F(Serve, ClientDisconnectMidStreamFreesItsBlocks) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   EXPECT_EQ(metric(port(), "keel_kv_cache_usage_perc"), 0.0);
   EXPECT_EQ(metric(port(), "keel_num_requests_running"), 0.0);
-  EXPECT_EQ(metric(port(), "keel_request_aborted_total"), aborted_before + 1);
+  EXPECT_EQ(metric(port(), "keel_request_aborted_total"), aborted_before + 1)
+      << seen << "\n" << http(port(), "GET", "/metrics").body.substr(0, 2000);
 }
 
 TEST_F(Serve, CurlStreamsAChat) {

@@ -288,7 +288,7 @@ std::string experts_table(const json& telemetry, const std::vector<LayerRow>& ro
   out << std::left << std::setw(6) << "layer" << std::right << std::setw(10) << "tokens"
       << std::setw(9) << "balanced" << std::setw(10) << "imbalance" << std::setw(11) << "near-ties"
       << "  " << std::left << std::setw(34) << "hottest (id:tokens:share)"
-      << "slowest (id:p99 ms)\n";
+      << "  slowest (id:p99 ms)\n";
   for (const LayerRow& row : rows) {
     std::string hot, slow;
     for (const ExpertTokens& e : row.hottest)
@@ -298,8 +298,8 @@ std::string experts_table(const json& telemetry, const std::vector<LayerRow>& ro
       slow += (slow.empty() ? "" : " ") + std::to_string(e.expert) + ":" + fixed(e.p99_s * 1e3, 3);
     out << std::left << std::setw(6) << row.layer << std::right << std::setw(10) << row.tokens
         << std::setw(9) << fixed(row.balancedness, 3) << std::setw(10) << fixed(row.imbalance, 3)
-        << std::setw(11) << row.near_ties << "  " << std::left << std::setw(34) << hot << slow
-        << "\n";
+        << std::setw(11) << row.near_ties << "  " << std::left << std::setw(34) << hot << "  "
+        << slow << "\n";
   }
   return out.str();
 }

@@ -22,6 +22,8 @@
 #include "runtime/deployment.h"
 #include "runtime/engine.h"
 #include "runtime/gen_model.h"
+#include "runtime/cli/client_cmds.h"
+#include "runtime/cli/routes_cmd.h"
 #include "runtime/logging.h"
 #include "runtime/server/http_server.h"
 #include "runtime/serving/serve_config.h"
@@ -55,6 +57,20 @@ usage:
       "keel serve: listening on http://HOST:PORT ..." once ready (--port 0: any free port).
       SIGTERM/SIGINT: stop accepting, finish in-flight requests (drain_timeout_s), exit 0.
       Under mpirun (mpirun -np 4 keel serve --config F) rank 0 serves HTTP and leads the steps.
+      Telemetry: GET /metrics (Prometheus), /v1/telemetry/experts|requests|steps,
+      POST /v1/profile/start|stop (Chrome trace); "return_routing": true in a request.
+  keel bench serve --url URL (--rate R [--burstiness B] | --concurrency C) --num-prompts N
+                   --input-len L|MIN:MAX --output-len L|MIN:MAX [--dataset JSONL] [--seed S]
+                   [--goodput ttft:MS tpot:MS] [--save-json F] [--plot PNG] [--ignore-eos]
+      Load generator for any OpenAI-compatible server (vLLM's metric names).
+  keel experts --url URL [--top N] [--png FILE] [--json]
+      Per-layer expert load, balance, near-ties and slowest experts of a running server.
+  keel profile tail --url URL [--percentile 99] [--save F] [--json]
+      Why the slowest requests were slow: queueing, prefill, slow phases, all-reduce stalls,
+      hot experts, preemptions, ranked by contribution.
+  keel routes diff A B | stats FILE | replay FILE --config serve.yaml
+      Routing records: first divergence and flip counts; per-expert load, co-activation,
+      near-tie rate; re-run with the recorded experts forced and check the bits.
 )";
 
 // Flags of one subcommand: "--name value" pairs and bare switches; unknown flags are errors.
@@ -320,38 +336,6 @@ int serve(int argc, char** argv) {
   return run_serve(config);
 }
 
-// Prometheus text for GET /metrics: the serving gauges and counters (the telemetry issue adds
-// per-expert and latency series).
-std::string serving_metrics(const keel::ServingStats& stats, const std::string& model_name) {
-  std::string out;
-  auto add = [&](const char* name, const char* type, const char* help, double value) {
-    out += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " " + type + "\n";
-    char number[32];
-    std::snprintf(number, sizeof(number), "%.9g", value);
-    out += std::string(name) + "{model_name=\"" + model_name + "\"} " + number + "\n";
-  };
-  add("keel_num_requests_running", "gauge", "Requests in the running batch.",
-      static_cast<double>(stats.running));
-  add("keel_num_requests_waiting", "gauge", "Requests waiting for admission.",
-      static_cast<double>(stats.waiting));
-  add("keel_kv_cache_usage_perc", "gauge", "Fraction of KV blocks in use (0 to 1).",
-      stats.kv_blocks_total > 0
-          ? static_cast<double>(stats.kv_blocks_used) / static_cast<double>(stats.kv_blocks_total)
-          : 0.0);
-  add("keel_num_preemptions_total", "counter", "Sequences preempted (recompute).",
-      static_cast<double>(stats.preemptions));
-  add("keel_prompt_tokens_total", "counter", "Prompt tokens admitted.",
-      static_cast<double>(stats.prompt_tokens));
-  add("keel_generation_tokens_total", "counter", "Tokens generated.",
-      static_cast<double>(stats.generated_tokens));
-  add("keel_request_success_total", "counter", "Requests finished (stop or length).",
-      static_cast<double>(stats.requests_finished));
-  add("keel_request_aborted_total", "counter", "Requests cancelled (client gone or drain).",
-      static_cast<double>(stats.requests_aborted));
-  add("keel_engine_steps_total", "counter", "Engine steps run.", static_cast<double>(stats.steps));
-  return out;
-}
-
 int run_serve(keel::ServeConfig& config) {
   keel::Engine engine(config.model_dir, config.engine);
   keel::ServeOptions serve_options;
@@ -388,8 +372,10 @@ int run_serve(keel::ServeConfig& config) {
   http_config.max_body_bytes = static_cast<size_t>(config.max_body_kb) * 1024;
   http_config.chat_template = serving.chat_template();
   const std::string model_name = serving.model_name();
-  http_config.metrics = [&serving, model_name] {
-    return serving_metrics(serving.stats(), model_name);
+  http_config.metrics = [&serving] { return serving.prometheus(); };
+  http_config.extra_routes = [&serving](const std::string& method, const std::string& path,
+                                        const std::string& query, const std::string& body) {
+    return serving.handle_route(method, path, query, body);
   };
   keel::server::HttpServer http(http_config, serving);
   http.start();
@@ -437,6 +423,10 @@ int main(int argc, char** argv) {
     if (command == "gen-model") return gen_model(argc, argv);
     if (command == "generate") return generate(argc, argv);
     if (command == "serve") return serve(argc, argv);
+    if (command == "bench") return keel::bench_serve_command(argc, argv);
+    if (command == "experts") return keel::experts_command(argc, argv);
+    if (command == "profile") return keel::profile_command(argc, argv);
+    if (command == "routes") return keel::routes_command(argc, argv);
     if (command == "--help" || command == "-h" || command == "help") {
       std::cout << kUsage;
       return 0;

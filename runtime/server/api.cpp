@@ -246,6 +246,7 @@ std::optional<RequestError> parse_completion_request(const std::string& body_tex
   }
   if (auto error = read_bool(body, "stream", out.stream)) return error;
   if (auto error = read_bool(body, "ignore_eos", out.ignore_eos)) return error;
+  if (auto error = read_bool(body, "return_routing", out.return_routing)) return error;
   if (auto it = body.find("stream_options"); it != body.end() && !it->is_null()) {
     if (!it->is_object()) return field_error("stream_options", "must be an object");
     if (auto error = read_bool(*it, "include_usage", out.include_usage_in_stream)) {

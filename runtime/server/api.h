@@ -44,6 +44,8 @@ struct CompletionRequest {
   std::vector<std::string> stop;
   bool stream = false;
   bool ignore_eos = false;  // vLLM extension: generate max_tokens even past end-of-sequence
+  bool return_routing = false;  // keel extension: the response carries "routed_experts"
+  std::string request_id;       // the response id ("cmpl-..."), set by the server
   bool include_usage_in_stream = false;  // stream_options.include_usage
   bool logprobs = false;
   int top_logprobs = 0;  // number of alternatives per position when logprobs is on
@@ -71,6 +73,13 @@ class TokenSink {
                         const std::vector<TopLogprob>& top_logprobs) = 0;
   // finish_reason: "stop" (EOS or stop string) or "length" (max_tokens / context).
   virtual void on_finish(const std::string& finish_reason, Usage usage) = 0;
+  // on_finish with fields to add to the response's choice (e.g. "routed_experts"); sinks that
+  // cannot carry them just finish.
+  virtual void on_finish_with(const std::string& finish_reason, Usage usage,
+                              nlohmann::json choice_fields) {
+    (void)choice_fields;
+    on_finish(finish_reason, usage);
+  }
   virtual void on_error(const std::string& message) = 0;
   // True once the client went away (or the server is shutting down the request).
   virtual bool cancelled() const = 0;

@@ -112,6 +112,8 @@ class SessionSink : public TokenSink {
   void on_token(const std::string& text_delta, int32_t token_id, float logprob,
                 const std::vector<TopLogprob>& top_logprobs) override;
   void on_finish(const std::string& finish_reason, Usage usage) override;
+  void on_finish_with(const std::string& finish_reason, Usage usage,
+                      json choice_fields) override;
   void on_error(const std::string& message) override;
   bool cancelled() const override { return cancelled_->load(std::memory_order_acquire); }
 
@@ -190,7 +192,8 @@ class Session : public std::enable_shared_from_this<Session> {
     }
   }
 
-  void finish(const std::string& finish_reason, Usage usage) {
+  void finish(const std::string& finish_reason, Usage usage,
+              const json& choice_fields = json::object()) {
     if (state_ != State::kGenerating) return;
     json usage_json = {{"prompt_tokens", usage.prompt_tokens},
                        {"completion_tokens", usage.completion_tokens},
@@ -202,6 +205,7 @@ class Session : public std::enable_shared_from_this<Session> {
       } else {
         choice["text"] = "";
       }
+      for (const auto& [key, value] : choice_fields.items()) choice[key] = value;
       enqueue(event(dump(chunk_envelope(json::array({choice})))));
       if (request_.include_usage_in_stream) {
         json last = chunk_envelope(json::array());
@@ -218,6 +222,7 @@ class Session : public std::enable_shared_from_this<Session> {
     } else {
       choice["text"] = text_;
     }
+    for (const auto& [key, value] : choice_fields.items()) choice[key] = value;
     json body = {{"id", completion_id_},
                  {"object", is_chat() ? "chat.completion" : "text_completion"},
                  {"created", created_},
@@ -304,7 +309,11 @@ class Session : public std::enable_shared_from_this<Session> {
     version_ = req.version();
     keep_alive_ = req.keep_alive() && server_.accepting.load();
     std::string target(req.target());
-    if (auto query = target.find('?'); query != std::string::npos) target.resize(query);
+    std::string query_string;
+    if (auto query = target.find('?'); query != std::string::npos) {
+      query_string = target.substr(query + 1);
+      target.resize(query);
+    }
     while (target.size() > 1 && target.back() == '/') target.pop_back();
 
     auto require = [&](http::verb verb) {
@@ -344,6 +353,19 @@ class Session : public std::enable_shared_from_this<Session> {
         if (!require(http::verb::get)) return;
         std::string text = server_.config.metrics ? server_.config.metrics() : std::string();
         send(http::status::ok, std::move(text), "text/plain; version=0.0.4");
+      } else if (auto extra = server_.config.extra_routes
+                                  ? server_.config.extra_routes(std::string(req.method_string()),
+                                                                target, query_string, req.body())
+                                  : std::nullopt) {
+        if (extra->status >= 400) {
+          RequestError error = make_error(extra->status, extra->body,
+                                          extra->status >= 500 ? "server_error"
+                                                               : "invalid_request_error");
+          send_error(error);
+        } else {
+          send(static_cast<http::status>(extra->status), std::move(extra->body),
+               extra->content_type);
+        }
       } else {
         send_error(
             make_error(404, "no endpoint " + target, "invalid_request_error", "unknown_url"));
@@ -393,8 +415,9 @@ class Session : public std::enable_shared_from_this<Session> {
       send_error(*error);
       return;
     }
-    request_ = request;
     completion_id_ = random_id(endpoint == Endpoint::kChatCompletions ? "chatcmpl-" : "cmpl-");
+    request.request_id = completion_id_;
+    request_ = request;
     created_ = static_cast<int64_t>(std::time(nullptr));
     text_.clear();
     completion_tokens_ = 0;
@@ -733,6 +756,14 @@ void SessionSink::on_token(const std::string& text_delta, int32_t token_id, floa
 void SessionSink::on_finish(const std::string& finish_reason, Usage usage) {
   ended_ = true;
   deliver([finish_reason, usage](Session& session) { session.finish(finish_reason, usage); });
+}
+
+void SessionSink::on_finish_with(const std::string& finish_reason, Usage usage,
+                                 json choice_fields) {
+  ended_ = true;
+  deliver([finish_reason, usage, fields = std::move(choice_fields)](Session& session) {
+    session.finish(finish_reason, usage, fields);
+  });
 }
 
 void SessionSink::on_error(const std::string& message) {

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "runtime/server/api.h"
@@ -40,6 +41,17 @@ struct HttpServerConfig {
   int retry_after_seconds = 1;           // Retry-After on 429 and 503
   ChatTemplate chat_template;            // empty: ChatML
   std::function<std::string()> metrics;  // GET /metrics body (Prometheus text); empty: ""
+  // Further routes (telemetry, profiling): called for any target the server does not serve
+  // itself, with the method, the path, the query string (after '?') and the body. nullopt:
+  // 404. A thrown exception becomes a 500.
+  struct ExtraResponse {
+    int status = 200;
+    std::string body;
+    std::string content_type = "application/json";
+  };
+  std::function<std::optional<ExtraResponse>(const std::string& method, const std::string& path,
+                                             const std::string& query, const std::string& body)>
+      extra_routes;
 };
 
 class HttpServer {

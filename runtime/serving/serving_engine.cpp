@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <ctime>
+#include <limits>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -98,6 +100,11 @@ ServingEngine::ServingEngine(const Engine& engine, const std::string& model_dir,
     if (!tokenizer_.id_to_token(id)) untokenizable_ids_.push_back(id);
   stats_.kv_blocks_total = config_.scheduler.num_kv_blocks;
   local_stats_ = stats_;
+  top_k_ = engine.config().top_k;
+  for (bool is_moe : engine.config().layer_is_moe) num_moe_layers_ += is_moe ? 1 : 0;
+  telemetry_ = std::make_unique<ServingTelemetry>(engine.config(), engine.placement(),
+                                                  engine.tp_size(), config_.model_name,
+                                                  config_.telemetry_options);
   spdlog::info("serving {}: context {}, {} KV blocks of {}, chat template {}", config_.model_name,
                max_context_, config_.scheduler.num_kv_blocks, config_.scheduler.block_size,
                template_.family);
@@ -168,7 +175,7 @@ bool ServingEngine::try_submit(server::CompletionRequest request,
     std::lock_guard lock(mutex_);
     if (stopping_ || !failure_.empty()) return false;
     if (static_cast<int64_t>(incoming_.size()) + stats_.waiting >= config_.max_waiting) return false;
-    incoming_.push_back(Incoming{std::move(request), std::move(sink)});
+    incoming_.push_back(Incoming{std::move(request), std::move(sink), telemetry_->now_s()});
   }
   wakeup_.notify_one();
   return true;
@@ -231,6 +238,9 @@ void ServingEngine::admit(Incoming incoming) {
   live.max_new_tokens = request.max_tokens;
   live.decoder = std::make_unique<StreamDecoder>(tokenizer_, /*skip_special_tokens=*/true);
   live.stop = std::move(request.stop);
+  live.request_id = request.request_id;
+  live.arrival_s = incoming.arrival_s;
+  live.return_routing = request.return_routing;
   Request scheduled;
   scheduled.seq_id = seq_id;
   scheduled.prompt_token_ids = std::move(*request.prompt_tokens);
@@ -248,6 +258,7 @@ void ServingEngine::admit(Incoming incoming) {
 }
 
 void ServingEngine::next_step(ServeStep& step) {
+  const double schedule_start = telemetry_->now_s();
   std::vector<Incoming> arrived;
   bool stopping = false;
   {
@@ -301,6 +312,22 @@ void ServingEngine::next_step(ServeStep& step) {
       batch.logits_rows.push_back(static_cast<int32_t>(batch.token_ids.size()) - 1);
   }
   step.kind = ServeStep::Kind::kRun;
+  ++step_id_;
+  step_start_s_ = telemetry_->now_s();
+  schedule_s_ = step_start_s_ - schedule_start;
+  step.observe = config_.telemetry;
+  step.capture_routing = false;
+  for (size_t seq = 0; seq < plan_.num_seqs(); ++seq) {
+    Live& live = live_.at(plan_.seq_ids[seq]);
+    if (live.first_step < 0) {
+      live.first_step = step_id_;
+      live.first_scheduled_s = step_start_s_;
+    }
+    live.last_step = step_id_;
+    step.capture_routing |= live.return_routing;
+  }
+  step.observe |= step.capture_routing;
+  step.trace = telemetry_->tracing();
 }
 
 bool ServingEngine::emit(Live& live, const sampling::SampleResult& sample, bool is_last) {
@@ -329,14 +356,88 @@ bool ServingEngine::emit(Live& live, const sampling::SampleResult& sample, bool 
 }
 
 void ServingEngine::finish(int64_t seq_id, Live& live, const std::string& reason) {
-  (void)seq_id;
   live.ended = true;
-  live.sink->on_finish(reason, server::Usage{static_cast<int>(live.prompt_len),
-                                             static_cast<int>(live.num_generated)});
+  const server::Usage usage{static_cast<int>(live.prompt_len), static_cast<int>(live.num_generated)};
+  if (live.return_routing) {
+    // (tokens, moe layers, top_k) as vLLM/SGLang's routed_experts, plus weights and margins;
+    // rows for every position whose forward pass ran (prompt and generated, not the last token).
+    nlohmann::json ids = nlohmann::json::array(), weights = nlohmann::json::array(),
+                   margins = nlohmann::json::array();
+    const size_t k = static_cast<size_t>(top_k_);
+    for (const RoutingRows& rows : live.routing) {
+      nlohmann::json token_ids = nlohmann::json::array(), token_weights = nlohmann::json::array();
+      for (size_t layer = 0; layer * k < rows.ids.size(); ++layer) {
+        token_ids.push_back(std::vector<int32_t>(rows.ids.begin() + static_cast<ptrdiff_t>(layer * k),
+                                                 rows.ids.begin() + static_cast<ptrdiff_t>((layer + 1) * k)));
+        token_weights.push_back(
+            std::vector<float>(rows.weights.begin() + static_cast<ptrdiff_t>(layer * k),
+                               rows.weights.begin() + static_cast<ptrdiff_t>((layer + 1) * k)));
+      }
+      ids.push_back(std::move(token_ids));
+      weights.push_back(std::move(token_weights));
+      margins.push_back(rows.margins);
+    }
+    live.sink->on_finish_with(
+        reason, usage,
+        {{"routed_experts", ids}, {"routed_expert_weights", weights}, {"router_margins", margins}});
+  } else {
+    live.sink->on_finish(reason, usage);
+  }
   ++local_stats_.requests_finished;
+  RequestRecord record;
+  record.id = live.request_id;
+  record.seq_id = seq_id;
+  record.arrival_s = live.arrival_s;
+  record.queue_s = live.first_scheduled_s >= 0 ? live.first_scheduled_s - live.arrival_s : 0.0;
+  record.ttft_s = live.token_times_s.empty() ? 0.0 : live.token_times_s.front() - live.arrival_s;
+  record.e2e_s = telemetry_->now_s() - live.arrival_s;
+  record.prompt_tokens = live.prompt_len;
+  record.completion_tokens = live.num_generated;
+  record.first_step = live.first_step;
+  record.last_step = live.last_step;
+  record.finish_reason = reason;
+  record.token_times_s = std::move(live.token_times_s);
+  telemetry_->on_request(record);
 }
 
-void ServingEngine::on_step_done(const std::vector<float>& logits) {
+void ServingEngine::record_routing(const StepOutput& output) {
+  const StepObservation* observation = output.observation;
+  if (observation == nullptr || observation->route_weights.empty()) return;
+  const size_t k = static_cast<size_t>(top_k_);
+  const size_t num_layers = static_cast<size_t>(num_moe_layers_);
+  const size_t num_tokens = static_cast<size_t>(plan_.num_scheduled_tokens);
+  for (size_t seq = 0; seq < plan_.num_seqs(); ++seq) {
+    Live& live = live_.at(plan_.seq_ids[seq]);
+    if (!live.return_routing) continue;
+    auto positions = plan_.positions_of(seq);
+    const size_t first_row = static_cast<size_t>(plan_.token_offsets[seq]);
+    for (size_t token = 0; token < positions.size(); ++token) {
+      const size_t row = first_row + token;
+      const size_t position = static_cast<size_t>(positions[token]);
+      if (live.routing.size() <= position) live.routing.resize(position + 1);
+      RoutingRows& rows = live.routing[position];  // a recompute after preemption overwrites
+      rows.ids.clear();
+      rows.weights.clear();
+      rows.margins.clear();
+      for (size_t layer = 0; layer < num_layers; ++layer) {
+        const size_t at = (layer * num_tokens + row) * k;
+        rows.ids.insert(rows.ids.end(), observation->route_ids.begin() + static_cast<ptrdiff_t>(at),
+                        observation->route_ids.begin() + static_cast<ptrdiff_t>(at + k));
+        rows.weights.insert(rows.weights.end(),
+                            observation->route_weights.begin() + static_cast<ptrdiff_t>(at),
+                            observation->route_weights.begin() + static_cast<ptrdiff_t>(at + k));
+        rows.margins.push_back(observation->margins[layer * num_tokens + row]);
+      }
+    }
+  }
+}
+
+void ServingEngine::on_step_done(const StepOutput& output) {
+  const std::vector<float>& logits = *output.logits;
+  const double sampling_start = telemetry_->now_s();
+  record_routing(output);
+  std::vector<std::string> step_request_ids;
+  for (int64_t seq_id : plan_.seq_ids) step_request_ids.push_back(live_.at(seq_id).request_id);
   std::vector<int32_t> sampled;
   std::vector<int64_t> stopped_by_string;
   size_t row = 0;
@@ -362,6 +463,7 @@ void ServingEngine::on_step_done(const std::vector<float>& logits) {
         !live.ignore_eos &&
         std::binary_search(stop_token_ids_.begin(), stop_token_ids_.end(), sample.token);
     const bool is_last = is_stop_token || live.num_generated >= live.max_new_tokens;
+    live.token_times_s.push_back(telemetry_->now_s());
     if (emit(live, sample, is_last)) stopped_by_string.push_back(seq_id);
   }
   KEEL_CHECK(row * static_cast<size_t>(vocab_size_) == logits.size(), "step returned ",
@@ -387,6 +489,137 @@ void ServingEngine::on_step_done(const std::vector<float>& logits) {
   }
   ++local_stats_.steps;
   publish_stats();
+
+  StepRecord record;
+  record.id = step_id_;
+  record.start_s = step_start_s_;
+  const double now = telemetry_->now_s();
+  record.sampling_s = now - sampling_start;
+  record.seconds = now - step_start_s_;
+  record.schedule_s = schedule_s_;
+  record.num_seqs = static_cast<int64_t>(plan_.num_seqs());
+  record.num_tokens = plan_.num_scheduled_tokens;
+  for (size_t seq = 0; seq < plan_.num_seqs(); ++seq) {
+    const int64_t count = plan_.token_offsets[seq + 1] - plan_.token_offsets[seq];
+    if (!plan_.needs_logits[seq] || count > 1) record.num_prefill_tokens += count;
+  }
+  record.kv_blocks_used = local_stats_.kv_blocks_used;
+  record.preemptions = plan_.num_preemptions;
+  record.seq_ids = plan_.seq_ids;
+  record.request_ids = std::move(step_request_ids);
+  telemetry_->on_step(record, output);
+}
+
+std::string ServingEngine::prometheus() const {
+  const ServingStats stats = this->stats();
+  telemetry::PromText out;
+  const telemetry::Labels model = {{"model_name", config_.model_name}};
+  auto add = [&](const char* name, telemetry::MetricType type, const char* help, auto value) {
+    out.family(name, type, help);
+    out.value(name, model, value);
+  };
+  using telemetry::MetricType;
+  add("keel_num_requests_running", MetricType::kGauge, "Requests in the running batch.",
+      stats.running);
+  add("keel_num_requests_waiting", MetricType::kGauge, "Requests waiting for admission.",
+      stats.waiting);
+  add("keel_kv_cache_usage_perc", MetricType::kGauge, "Fraction of KV blocks in use (0 to 1).",
+      stats.kv_blocks_total > 0
+          ? static_cast<double>(stats.kv_blocks_used) / static_cast<double>(stats.kv_blocks_total)
+          : 0.0);
+  add("keel_kv_blocks_used", MetricType::kGauge, "KV blocks in use (per rank).",
+      stats.kv_blocks_used);
+  add("keel_num_preemptions_total", MetricType::kCounter, "Sequences preempted (recompute).",
+      stats.preemptions);
+  add("keel_prompt_tokens_total", MetricType::kCounter, "Prompt tokens admitted.",
+      stats.prompt_tokens);
+  add("keel_generation_tokens_total", MetricType::kCounter, "Tokens generated.",
+      stats.generated_tokens);
+  add("keel_request_success_total", MetricType::kCounter, "Requests finished (stop or length).",
+      stats.requests_finished);
+  add("keel_request_aborted_total", MetricType::kCounter,
+      "Requests cancelled (client gone or drain).", stats.requests_aborted);
+  add("keel_engine_steps_total", MetricType::kCounter, "Engine steps run.", stats.steps);
+  telemetry_->append_prometheus(out);
+  return out.str();
+}
+
+namespace {
+
+// "a=1&b=2" -> value of `key`, or `fallback`.
+int64_t query_int(const std::string& query, const std::string& key, int64_t fallback) {
+  size_t at = 0;
+  while (at < query.size()) {
+    size_t end = query.find('&', at);
+    if (end == std::string::npos) end = query.size();
+    const std::string pair = query.substr(at, end - at);
+    if (pair.rfind(key + "=", 0) == 0) {
+      try {
+        return std::stoll(pair.substr(key.size() + 1));
+      } catch (const std::exception&) {
+        throw_error("query parameter '", key, "' must be an integer, got '",
+                    pair.substr(key.size() + 1), "'");
+      }
+    }
+    at = end + 1;
+  }
+  return fallback;
+}
+
+}  // namespace
+
+std::optional<server::HttpServerConfig::ExtraResponse> ServingEngine::handle_route(
+    const std::string& method, const std::string& path, const std::string& query,
+    const std::string& body) {
+  using Response = server::HttpServerConfig::ExtraResponse;
+  auto json_response = [](const nlohmann::json& value) { return Response{200, value.dump()}; };
+  auto method_error = [&](const char* allowed) {
+    return Response{405, "method " + method + " not allowed on " + path + "; use " + allowed};
+  };
+  try {
+    if (path == "/v1/telemetry/experts") {
+      if (method != "GET") return method_error("GET");
+      return json_response(telemetry_->experts_json());
+    }
+    if (path == "/v1/telemetry/requests") {
+      if (method != "GET") return method_error("GET");
+      const int64_t limit = query_int(query, "limit", 1000);
+      if (limit < 1) return Response{400, "query parameter 'limit' must be >= 1"};
+      return json_response(telemetry_->requests_json(static_cast<size_t>(limit)));
+    }
+    if (path == "/v1/telemetry/steps") {
+      if (method != "GET") return method_error("GET");
+      return json_response(telemetry_->steps_json(
+          query_int(query, "first", 0), query_int(query, "last", std::numeric_limits<int64_t>::max())));
+    }
+    if (path == "/v1/profile/start") {
+      if (method != "POST") return method_error("POST");
+      telemetry_->start_trace();
+      return json_response({{"tracing", true}});
+    }
+    if (path == "/v1/profile/stop") {
+      if (method != "POST") return method_error("POST");
+      if (!telemetry_->tracing()) return Response{409, "no profile is running; POST /v1/profile/start first"};
+      std::string trace_path;
+      if (!body.empty()) {
+        nlohmann::json request = nlohmann::json::parse(body, nullptr, false);
+        if (request.is_discarded() || !request.is_object())
+          return Response{400, "body must be a JSON object like {\"path\": \"trace.json\"}"};
+        if (request.contains("path")) {
+          if (!request["path"].is_string()) return Response{400, "'path' must be a string"};
+          trace_path = request["path"].get<std::string>();
+        }
+      }
+      if (trace_path.empty())
+        trace_path = config_.trace_dir + "/keel-trace-" +
+                     std::to_string(static_cast<int64_t>(std::time(nullptr))) + ".json";
+      const size_t spans = telemetry_->stop_trace(trace_path);
+      return json_response({{"path", trace_path}, {"spans", spans}});
+    }
+  } catch (const Error& error) {
+    return Response{400, error.what()};
+  }
+  return std::nullopt;
 }
 
 }  // namespace keel

@@ -32,6 +32,8 @@
 #include "runtime/engine.h"
 #include "runtime/sampling/sampler.h"
 #include "runtime/server/api.h"
+#include "runtime/server/http_server.h"
+#include "runtime/serving/serving_telemetry.h"
 #include "runtime/tokenizer/chat_template.h"
 #include "runtime/tokenizer/tokenizer.h"
 #include "scheduler/batch_scheduler.h"
@@ -44,6 +46,9 @@ struct ServingConfig {
   SchedulerConfig scheduler;   // num_kv_blocks must be set
   int64_t max_waiting = 256;   // queued (not yet running) requests beyond which submit says 429
   uint64_t seed_base = 0;      // seeds of requests that bring none: hash(seed_base, request #)
+  bool telemetry = true;       // per-step phase/expert timings and routing statistics
+  TelemetryConfig telemetry_options;
+  std::string trace_dir = ".";  // where POST /v1/profile/stop writes traces without a path
 };
 
 // Counters for /metrics, tests and shutdown; readable from any thread.
@@ -77,7 +82,19 @@ class ServingEngine final : public server::GenerationBackend, public StepSource 
 
   // StepSource (leader thread only)
   void next_step(ServeStep& step) override;
-  void on_step_done(const std::vector<float>& logits) override;
+  void on_step_done(const StepOutput& output) override;
+
+  // GET /metrics: serving counters plus the telemetry's metric families (Prometheus text).
+  std::string prometheus() const;
+  // Telemetry and profiling routes for HttpServerConfig::extra_routes:
+  //   GET /v1/telemetry/experts, GET /v1/telemetry/requests?limit=N,
+  //   GET /v1/telemetry/steps?first=A&last=B, POST /v1/profile/start, POST /v1/profile/stop
+  //   (body {"path": FILE} optional) -> {"path", "spans"}.
+  std::optional<server::HttpServerConfig::ExtraResponse> handle_route(const std::string& method,
+                                                                      const std::string& path,
+                                                                      const std::string& query,
+                                                                      const std::string& body);
+  ServingTelemetry& telemetry() { return *telemetry_; }
 
   // The chat template for the HTTP layer (the model's, or ChatML).
   server::ChatTemplate chat_template() const;
@@ -96,6 +113,13 @@ class ServingEngine final : public server::GenerationBackend, public StepSource 
   struct Incoming {
     server::CompletionRequest request;
     std::shared_ptr<server::TokenSink> sink;
+    double arrival_s = 0;
+  };
+  // One token position's routing: [moe layer][slot] ids and weights, [moe layer] margins.
+  struct RoutingRows {
+    std::vector<int32_t> ids;
+    std::vector<float> weights;
+    std::vector<float> margins;
   };
   struct Live {
     std::shared_ptr<server::TokenSink> sink;
@@ -108,6 +132,15 @@ class ServingEngine final : public server::GenerationBackend, public StepSource 
     std::string held;  // decoded text not yet sent: it may be the start of a stop string
     bool ignore_eos = false;
     bool ended = false;
+    // Telemetry.
+    std::string request_id;
+    double arrival_s = 0;
+    double first_scheduled_s = -1;
+    int64_t first_step = -1;
+    int64_t last_step = -1;
+    std::vector<double> token_times_s;
+    bool return_routing = false;
+    std::vector<RoutingRows> routing;  // by absolute position
   };
 
   void admit(Incoming incoming);
@@ -115,6 +148,8 @@ class ServingEngine final : public server::GenerationBackend, public StepSource 
   bool emit(Live& live, const sampling::SampleResult& sample, bool is_last);
   void finish(int64_t seq_id, Live& live, const std::string& reason);
   void publish_stats();
+  void record_routing(const StepOutput& output);
+  void finish_request(int64_t seq_id, Live& live, const std::string& reason);
 
   const int64_t vocab_size_;
   ServingConfig config_;
@@ -139,6 +174,13 @@ class ServingEngine final : public server::GenerationBackend, public StepSource 
   StepPlan plan_;
   ServingStats local_stats_;
   std::vector<float> masked_;
+  // Telemetry (leader thread, except what ServingTelemetry guards itself).
+  std::unique_ptr<ServingTelemetry> telemetry_;
+  int64_t step_id_ = 0;
+  double step_start_s_ = 0;
+  double schedule_s_ = 0;
+  int64_t num_moe_layers_ = 0;
+  int64_t top_k_ = 0;
 };
 
 }  // namespace keel

@@ -1,0 +1,137 @@
+// Server-side telemetry: what the leader learns from every step and request, folded into
+// Prometheus metrics, JSON snapshots (experts, recent requests, recent steps), periodic JSONL
+// dumps and Chrome traces.
+//
+// Design:
+//  - Ranks collect without locks: each rank's forward pass writes its own StepObservation
+//    (runtime/model.h); the engine all-gathers phase and expert seconds once per step and the
+//    leader folds them in here (Engine::serve, StepOutput). Routing and margins are replicated,
+//    so the leader's copy is everyone's.
+//  - One mutex guards the folded state: the leader takes it once per step and once per finished
+//    request; HTTP threads take it to render /metrics and the JSON endpoints. Nothing on a rank's
+//    hot path waits for it.
+//  - Step and request records live in bounded rings (the most recent N), so memory is bounded
+//    whatever the uptime; `keel profile tail` joins them by step id.
+//  - Names follow vLLM's (keel_ prefix, seconds, histograms with millisecond-resolving buckets).
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <fstream>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "runtime/engine.h"
+#include "runtime/telemetry/metrics.h"
+#include "runtime/telemetry/trace.h"
+
+namespace keel {
+
+struct TelemetryConfig {
+  double near_tie_epsilon = 1e-4;  // router margins below this count as near-ties
+  size_t step_ring = 8192;         // step records kept for /v1/telemetry/steps
+  size_t request_ring = 4096;      // finished-request records kept for /v1/telemetry/requests
+  std::string dump_dir;            // periodic JSONL dumps; empty: off
+  double dump_interval_s = 10;
+};
+
+// One step as the leader saw it (times in seconds since the telemetry started).
+struct StepRecord {
+  int64_t id = 0;
+  double start_s = 0;
+  double seconds = 0;
+  double schedule_s = 0;  // planning before the step (leader)
+  double sampling_s = 0;  // sampling + streaming after it (leader)
+  int64_t num_seqs = 0;
+  int64_t num_tokens = 0;
+  int64_t num_prefill_tokens = 0;  // tokens of sequences that did not ask for logits + prompt
+  int64_t kv_blocks_used = 0;
+  int64_t preemptions = 0;
+  std::vector<int64_t> seq_ids;
+  std::vector<std::string> request_ids;
+};
+
+// A finished request (times in seconds since the telemetry started; intervals in seconds).
+struct RequestRecord {
+  std::string id;
+  int64_t seq_id = 0;
+  double arrival_s = 0;
+  double queue_s = 0;  // arrival to its first scheduled step
+  double ttft_s = 0;   // arrival to its first token
+  double e2e_s = 0;
+  int64_t prompt_tokens = 0;
+  int64_t completion_tokens = 0;
+  int64_t preemptions = 0;
+  int64_t first_step = -1;
+  int64_t last_step = -1;
+  std::string finish_reason;
+  std::vector<double> token_times_s;  // each token's emission time (for ITL / TPOT)
+};
+
+class ServingTelemetry {
+ public:
+  ServingTelemetry(const ModelConfig& config, const ExpertPlacement& placement, int tp_size,
+                   std::string model_name, TelemetryConfig options);
+  ~ServingTelemetry();
+
+  double now_s() const;  // seconds since construction (steady clock)
+
+  // Leader thread.
+  void on_step(const StepRecord& step, const StepOutput& output);
+  void on_request(const RequestRecord& request);
+  // Starts/stops a Chrome trace of every rank's phases and expert GEMMs (thread ranks: all
+  // ranks; MPI: the leader's). stop writes the file and returns the number of spans.
+  void start_trace();
+  bool tracing() const;
+  size_t stop_trace(const std::string& path);
+
+  // Any thread.
+  void append_prometheus(telemetry::PromText& out) const;
+  nlohmann::json experts_json() const;
+  nlohmann::json requests_json(size_t limit) const;
+  nlohmann::json steps_json(int64_t first, int64_t last) const;
+
+ private:
+  void maybe_dump_locked(double now);
+
+  const int64_t num_layers_;
+  const int64_t num_experts_;
+  const int64_t top_k_;
+  const int tp_size_;
+  const std::string model_name_;
+  const TelemetryConfig options_;
+  std::vector<int64_t> moe_layers_;
+  std::vector<std::vector<int>> expert_rank_;  // [layer][expert] (empty for dense layers)
+  const double epoch_;
+
+  mutable std::mutex mutex_;
+  // Per (layer, expert): tokens routed, compute-time histogram; per layer: margins, near-ties.
+  std::vector<int64_t> expert_tokens_;                 // [layer * E + e]
+  std::vector<telemetry::Histogram> expert_seconds_;   // [layer * E + e]
+  std::vector<double> expert_seconds_total_;           // [layer * E + e]
+  std::vector<telemetry::Histogram> router_margin_;    // [moe layer]
+  std::vector<int64_t> near_ties_;                     // [moe layer]
+  // Per step.
+  std::vector<telemetry::Histogram> phase_seconds_;    // [rank * (phases + 2) + phase]
+  telemetry::Histogram step_seconds_;
+  telemetry::Histogram batch_seqs_;
+  telemetry::Histogram batch_tokens_;
+  // Per request (vLLM's set).
+  telemetry::Histogram queue_time_, ttft_, itl_, tpot_, e2e_, prompt_tokens_, generation_tokens_;
+  int64_t steps_total_ = 0;
+  std::deque<StepRecord> steps_;
+  std::deque<nlohmann::json> step_details_;  // parallel to steps_: phases and hot experts
+  std::deque<RequestRecord> requests_;
+  // Tracing.
+  bool tracing_ = false;
+  std::vector<telemetry::TraceSpan> trace_spans_;
+  // Dumps.
+  double last_dump_s_ = 0;
+  std::unique_ptr<std::ofstream> dump_file_;
+};
+
+}  // namespace keel
