@@ -26,6 +26,7 @@
 #include "runtime/cli/routes_cmd.h"
 #include "runtime/logging.h"
 #include "runtime/server/http_server.h"
+#include "runtime/serving/replay.h"
 #include "runtime/serving/serve_config.h"
 #include "runtime/serving/serving_engine.h"
 
@@ -363,6 +364,23 @@ int run_serve(keel::ServeConfig& config) {
   serving_config.scheduler.enable_prefix_caching = config.prefix_caching;
   serving_config.max_waiting = config.max_waiting;
   serving_config.seed_base = std::random_device{}();
+  serving_config.telemetry = config.telemetry;
+  serving_config.telemetry_options.near_tie_epsilon = config.near_tie_epsilon;
+  serving_config.telemetry_options.dump_dir = config.telemetry_dump_dir;
+  serving_config.telemetry_options.dump_interval_s = config.telemetry_dump_interval_s;
+  serving_config.trace_dir = config.trace_dir;
+  serving_config.routing_capture_path = config.routing_capture;
+  {
+    keel::RoutingFileHeader& header = serving_config.routing_header;
+    header.model_dir = config.model_dir;
+    header.architecture = engine.config().architecture_name;
+    header.placement = std::string(keel::placement_kind_name(config.engine.placement.kind));
+    header.reduce = std::string(keel::comm::reduce_algo_name(config.engine.reduce));
+    header.determinism = std::string(keel::determinism_name(config.determinism));
+    header.dtype = std::string(keel::dtype_name(engine.config().dtype));
+    header.combine = std::string(keel::combine_precision_name(config.engine.combine));
+    header.git_revision = KEEL_GIT_REVISION;
+  }
   keel::ServingEngine serving(engine, config.model_dir, serving_config);
 
   keel::server::HttpServerConfig http_config;
@@ -411,6 +429,77 @@ int run_serve(keel::ServeConfig& config) {
   return exit_code;
 }
 
+// keel routes replay FILE --model DIR [--tp N] [--no-force] [--json]
+int routes_replay(int argc, char** argv) {
+  if (argc < 4) throw_error("routes replay needs a routing file: keel routes replay FILE --model DIR");
+  const std::string path = argv[3];
+  Flags flags(argc, argv, 4, {"--model", "--tp", "--collective-timeout-ms"},
+              {"--no-force", "--json", "--verbose"});
+  keel::init_logging(flags.has("--verbose"));
+  keel::RoutingFile file = keel::read_routing_file(path);
+  const keel::RoutingFileHeader& header = file.header;
+  std::string model_dir = flags.get("--model", header.model_dir);
+  if (model_dir.empty()) throw_error("routes replay: ", path, " names no model_dir; pass --model DIR");
+  keel::EngineOptions options;
+  options.tp_size = static_cast<int>(flags.integer("--tp", header.tp));
+  options.collective_timeout_ms = flags.integer("--collective-timeout-ms", 120000);
+  // Replay on the recorded configuration: the reduction and placement are part of the bits.
+  if (!header.reduce.empty()) options.reduce = keel::comm::parse_reduce_algo(header.reduce);
+  if (!header.placement.empty())
+    options.placement.kind = keel::parse_placement_kind(header.placement);
+  if (!header.combine.empty()) options.combine = keel::parse_combine_precision(header.combine);
+  auto run = [&]() -> int {
+    keel::Engine engine(model_dir, options);
+    keel::ReplayOptions replay_options;
+    replay_options.force_routes = !flags.has("--no-force");
+    replay_options.masked_ids = keel::untokenizable_ids(model_dir, engine.config().vocab_size);
+    std::vector<keel::ReplayOutcome> outcomes = keel::replay_routing(engine, file, replay_options);
+    if (!engine.is_leader_process()) return 0;
+    int reproduced = 0;
+    nlohmann::json requests = nlohmann::json::array();
+    for (const keel::ReplayOutcome& outcome : outcomes) {
+      const bool ok = outcome.tokens_match && outcome.digest_match;
+      reproduced += ok ? 1 : 0;
+      requests.push_back({{"request_id", outcome.request_id},
+                          {"tokens_match", outcome.tokens_match},
+                          {"logits_digest_match", outcome.digest_match},
+                          {"first_mismatch", outcome.first_mismatch},
+                          {"reproduced", ok}});
+    }
+    const bool all = reproduced == static_cast<int>(outcomes.size());
+    if (flags.has("--json")) {
+      std::cout << nlohmann::json{{"file", path},
+                                  {"forced_routes", replay_options.force_routes},
+                                  {"requests", requests},
+                                  {"reproduced", reproduced},
+                                  {"total", outcomes.size()},
+                                  {"all_reproduced", all}}
+                       .dump()
+                << std::endl;
+    } else {
+      for (const auto& request : requests)
+        std::printf("%-28s tokens %s, logits %s%s\n",
+                    request["request_id"].get<std::string>().c_str(),
+                    request["tokens_match"].get<bool>() ? "identical" : "DIFFER",
+                    request["logits_digest_match"].get<bool>() ? "bit-identical" : "DIFFER",
+                    request["first_mismatch"].get<int64_t>() >= 0
+                        ? (" (first differing token " +
+                           std::to_string(request["first_mismatch"].get<int64_t>()) + ")")
+                              .c_str()
+                        : "");
+      std::printf("%d of %zu requests reproduced bit for bit (%s routes)\n", reproduced,
+                  outcomes.size(), replay_options.force_routes ? "forced" : "free");
+    }
+    return all ? 0 : 1;
+  };
+  ProcessRanks ranks;
+  if (ranks.start(options)) {
+    options.tp_size = 0;
+    return ranks.run_or_abort("routes replay", run);
+  }
+  return run();
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -426,6 +515,8 @@ int main(int argc, char** argv) {
     if (command == "bench") return keel::bench_serve_command(argc, argv);
     if (command == "experts") return keel::experts_command(argc, argv);
     if (command == "profile") return keel::profile_command(argc, argv);
+    if (command == "routes" && argc > 2 && std::string(argv[2]) == "replay")
+      return routes_replay(argc, argv);
     if (command == "routes") return keel::routes_command(argc, argv);
     if (command == "--help" || command == "-h" || command == "help") {
       std::cout << kUsage;

@@ -30,7 +30,8 @@ ServeConfig load_serve_config(const std::string& path) {
                        "backend", "host", "port", "max_model_len", "block_size", "num_kv_blocks",
                        "kv_cache_mb", "max_num_seqs", "max_num_batched_tokens", "prefix_caching",
                        "max_waiting", "drain_timeout_s", "collective_timeout_ms", "http_threads",
-                       "max_body_kb"},
+                       "max_body_kb", "telemetry", "near_tie_epsilon", "telemetry_dump_dir",
+                       "telemetry_dump_interval_s", "trace_dir", "routing_capture"},
                       path);
   ServeConfig config;
   config.engine.collective_timeout_ms = 120000;
@@ -102,6 +103,17 @@ ServeConfig load_serve_config(const std::string& path) {
   if (root["http_threads"]) config.http_threads = bounded<int>(root, "http_threads", path, 1, 64);
   if (root["max_body_kb"])
     config.max_body_kb = bounded<int64_t>(root, "max_body_kb", path, 1, int64_t{1} << 20);
+  if (root["telemetry"]) config.telemetry = yaml_value<bool>(root, "telemetry", path);
+  if (root["near_tie_epsilon"])
+    config.near_tie_epsilon = bounded<double>(root, "near_tie_epsilon", path, 0.0, 1.0);
+  if (root["telemetry_dump_dir"])
+    config.telemetry_dump_dir = yaml_value<std::string>(root, "telemetry_dump_dir", path);
+  if (root["telemetry_dump_interval_s"])
+    config.telemetry_dump_interval_s =
+        bounded<double>(root, "telemetry_dump_interval_s", path, 0.01, 86400.0);
+  if (root["trace_dir"]) config.trace_dir = yaml_value<std::string>(root, "trace_dir", path);
+  if (root["routing_capture"])
+    config.routing_capture = yaml_value<std::string>(root, "routing_capture", path);
   return config;
 }
 

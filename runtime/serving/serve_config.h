@@ -16,6 +16,13 @@
 //   max_waiting: 256   (queued requests beyond which new ones get 429)
 //   drain_timeout_s: 30   collective_timeout_ms: 120000   http_threads: 2
 //   max_body_kb: 4096
+// Telemetry (README, "Telemetry"):
+//   telemetry: true              per-step phase/expert timings and routing statistics
+//   near_tie_epsilon: 1.0e-4     router margins below this count as near-ties
+//   telemetry_dump_dir: DIR      periodic JSONL snapshots (keel-telemetry.jsonl); unset: off
+//   telemetry_dump_interval_s: 10
+//   trace_dir: .                 where POST /v1/profile/stop writes traces without a path
+//   routing_capture: FILE        append every finished request's routing record to FILE
 // Unknown keys and bad values are errors naming the file and the key.
 #pragma once
 
@@ -48,6 +55,12 @@ struct ServeConfig {
   double drain_timeout_s = 30;
   int http_threads = 2;
   int64_t max_body_kb = 4096;
+  bool telemetry = true;
+  double near_tie_epsilon = 1e-4;
+  std::string telemetry_dump_dir;
+  double telemetry_dump_interval_s = 10;
+  std::string trace_dir = ".";
+  std::string routing_capture;
 };
 
 ServeConfig load_serve_config(const std::string& path);

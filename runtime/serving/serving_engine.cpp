@@ -105,6 +105,21 @@ ServingEngine::ServingEngine(const Engine& engine, const std::string& model_dir,
   telemetry_ = std::make_unique<ServingTelemetry>(engine.config(), engine.placement(),
                                                   engine.tp_size(), config_.model_name,
                                                   config_.telemetry_options);
+  if (!config_.routing_capture_path.empty()) {
+    RoutingFileHeader& header = config_.routing_header;
+    header.model = config_.model_name;
+    header.num_layers = engine.config().num_layers;
+    header.moe_layers.clear();
+    for (int64_t layer = 0; layer < engine.config().num_layers; ++layer)
+      if (engine.config().layer_is_moe[static_cast<size_t>(layer)])
+        header.moe_layers.push_back(static_cast<int32_t>(layer));
+    header.num_experts = engine.config().num_experts;
+    header.top_k = engine.config().top_k;
+    header.tp = engine.tp_size();
+    header.created_unix = static_cast<int64_t>(std::time(nullptr));
+    routing_writer_ = std::make_unique<RoutingWriter>(config_.routing_capture_path, header);
+    spdlog::info("capturing routing records to {}", config_.routing_capture_path);
+  }
   spdlog::info("serving {}: context {}, {} KV blocks of {}, chat template {}", config_.model_name,
                max_context_, config_.scheduler.num_kv_blocks, config_.scheduler.block_size,
                template_.family);
@@ -240,7 +255,12 @@ void ServingEngine::admit(Incoming incoming) {
   live.stop = std::move(request.stop);
   live.request_id = request.request_id;
   live.arrival_s = incoming.arrival_s;
-  live.return_routing = request.return_routing;
+  live.return_routing = request.return_routing || routing_writer_ != nullptr;
+  if (routing_writer_) {
+    live.prompt_token_ids = *request.prompt_tokens;
+    live.logits_digest = std::make_unique<Sha256>();
+  }
+  live.want_routing_field = request.return_routing;
   Request scheduled;
   scheduled.seq_id = seq_id;
   scheduled.prompt_token_ids = std::move(*request.prompt_tokens);
@@ -326,6 +346,7 @@ void ServingEngine::next_step(ServeStep& step) {
     live.last_step = step_id_;
     step.capture_routing |= live.return_routing;
   }
+  step.capture_routing |= routing_writer_ != nullptr;
   step.observe |= step.capture_routing;
   step.trace = telemetry_->tracing();
 }
@@ -358,7 +379,8 @@ bool ServingEngine::emit(Live& live, const sampling::SampleResult& sample, bool 
 void ServingEngine::finish(int64_t seq_id, Live& live, const std::string& reason) {
   live.ended = true;
   const server::Usage usage{static_cast<int>(live.prompt_len), static_cast<int>(live.num_generated)};
-  if (live.return_routing) {
+  if (routing_writer_ && reason != "error") write_routing_record(seq_id, live);
+  if (live.want_routing_field) {
     // (tokens, moe layers, top_k) as vLLM/SGLang's routed_experts, plus weights and margins;
     // rows for every position whose forward pass ran (prompt and generated, not the last token).
     nlohmann::json ids = nlohmann::json::array(), weights = nlohmann::json::array(),
@@ -398,6 +420,32 @@ void ServingEngine::finish(int64_t seq_id, Live& live, const std::string& reason
   record.finish_reason = reason;
   record.token_times_s = std::move(live.token_times_s);
   telemetry_->on_request(record);
+}
+
+void ServingEngine::write_routing_record(int64_t seq_id, Live& live) {
+  RoutingRecord record;
+  record.request_id = live.request_id;
+  record.seq_id = seq_id;
+  record.prompt_token_ids = live.prompt_token_ids;
+  record.output_token_ids = live.output_token_ids;
+  record.sampling.temperature = live.params.temperature;
+  record.sampling.top_p = live.params.top_p;
+  record.sampling.top_k = live.params.top_k;
+  record.sampling.seed = live.params.seed;
+  record.logits_digest = live.logits_digest ? live.logits_digest->finish_hex() : "";
+  // Rows for every position whose forward ran: the prompt and all outputs but the last.
+  record.num_tokens = static_cast<int64_t>(live.routing.size());
+  for (const RoutingRows& rows : live.routing) {
+    record.expert_ids.insert(record.expert_ids.end(), rows.ids.begin(), rows.ids.end());
+    record.weights.insert(record.weights.end(), rows.weights.begin(), rows.weights.end());
+    record.margins.insert(record.margins.end(), rows.margins.begin(), rows.margins.end());
+  }
+  try {
+    routing_writer_->append(record);
+    routing_writer_->flush();
+  } catch (const Error& error) {
+    spdlog::error("routing capture: {}", error.what());
+  }
 }
 
 void ServingEngine::record_routing(const StepOutput& output) {
@@ -459,6 +507,10 @@ void ServingEngine::on_step_done(const StepOutput& output) {
     sampled.push_back(sample.token);
     ++live.num_generated;
     ++local_stats_.generated_tokens;
+    if (live.logits_digest) {
+      live.logits_digest->update(row_logits, static_cast<size_t>(vocab_size_) * sizeof(float));
+      live.output_token_ids.push_back(sample.token);
+    }
     const bool is_stop_token =
         !live.ignore_eos &&
         std::binary_search(stop_token_ids_.begin(), stop_token_ids_.end(), sample.token);

@@ -30,6 +30,8 @@
 #include <vector>
 
 #include "runtime/engine.h"
+#include "runtime/routing/routing_file.h"
+#include "runtime/sha256.h"
 #include "runtime/sampling/sampler.h"
 #include "runtime/server/api.h"
 #include "runtime/server/http_server.h"
@@ -49,6 +51,10 @@ struct ServingConfig {
   bool telemetry = true;       // per-step phase/expert timings and routing statistics
   TelemetryConfig telemetry_options;
   std::string trace_dir = ".";  // where POST /v1/profile/stop writes traces without a path
+  // Server-wide routing capture (runtime/routing/routing_file.h): every finished request's
+  // prompt, output, sampling, logits digest and per-token routing appended to this file.
+  std::string routing_capture_path;
+  RoutingFileHeader routing_header;  // model/placement/reduce/... for the capture file
 };
 
 // Counters for /metrics, tests and shutdown; readable from any thread.
@@ -139,8 +145,13 @@ class ServingEngine final : public server::GenerationBackend, public StepSource 
     int64_t first_step = -1;
     int64_t last_step = -1;
     std::vector<double> token_times_s;
-    bool return_routing = false;
+    bool return_routing = false;       // rows are recorded (for the response or the capture)
+    bool want_routing_field = false;   // the response carries them
     std::vector<RoutingRows> routing;  // by absolute position
+    // Capture (routing records): what replay needs to re-run the request.
+    std::vector<int32_t> prompt_token_ids;
+    std::vector<int32_t> output_token_ids;
+    std::unique_ptr<Sha256> logits_digest;
   };
 
   void admit(Incoming incoming);
@@ -149,6 +160,7 @@ class ServingEngine final : public server::GenerationBackend, public StepSource 
   void finish(int64_t seq_id, Live& live, const std::string& reason);
   void publish_stats();
   void record_routing(const StepOutput& output);
+  void write_routing_record(int64_t seq_id, Live& live);
   void finish_request(int64_t seq_id, Live& live, const std::string& reason);
 
   const int64_t vocab_size_;
@@ -181,6 +193,7 @@ class ServingEngine final : public server::GenerationBackend, public StepSource 
   double schedule_s_ = 0;
   int64_t num_moe_layers_ = 0;
   int64_t top_k_ = 0;
+  std::unique_ptr<RoutingWriter> routing_writer_;
 };
 
 }  // namespace keel
