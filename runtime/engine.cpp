@@ -175,6 +175,7 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
     result.prompt_logits.resize(static_cast<size_t>(num_prompts));
     result.step_logits.resize(static_cast<size_t>(num_prompts));
   }
+  if (request.trace) result.rank_traces.resize(static_cast<size_t>(tp_size_));
   ExpertCounts counts_before = local_model(local_ranks_.front()).expert_counts();
   if (options_.process_communicator != nullptr) {
     run_rank(local_ranks_.front(), *options_.process_communicator, request, result);
@@ -245,7 +246,14 @@ void Engine::run_rank(int tp_rank, comm::Communicator& communicator, const Gener
       if (!fault_.hang) std::raise(SIGKILL);
       std::this_thread::sleep_for(std::chrono::hours(24));
     }
+    model.set_observing(false, false, request.trace);
     model.forward(batch, pool, communicator, logits);
+    if (request.trace) {
+      // Each rank appends to its own slot only.
+      const auto& events = model.observation().trace;
+      auto& mine = result.rank_traces[static_cast<size_t>(tp_rank)];
+      mine.insert(mine.end(), events.begin(), events.end());
+    }
     if (leader) {
       for (int64_t prompt = 0; prompt < num_prompts; ++prompt) {
         int64_t row =

@@ -42,6 +42,8 @@ struct GenerateRequest {
   int64_t digest_prompt_idx = 0;
   // Keep every prompt position's logits and every step's logits for every prompt (tests).
   bool keep_all_logits = false;
+  // Record every rank's phase and expert-GEMM spans (GenerateResult::rank_traces).
+  bool trace = false;
 };
 
 struct GenerateResult {
@@ -60,6 +62,8 @@ struct GenerateResult {
   double decode_seconds = 0;
   int64_t num_prompt_tokens = 0;
   int64_t num_decode_steps = 0;
+  // With trace: [tp rank] the spans of every step, for the ranks in this process.
+  std::vector<std::vector<TraceEvent>> rank_traces;
 };
 
 // Serving (runtime/serving): the TP group runs steps planned on the leader, in lock-step. Each

@@ -29,6 +29,7 @@
 #include "runtime/serving/replay.h"
 #include "runtime/serving/serve_config.h"
 #include "runtime/serving/serving_engine.h"
+#include "runtime/telemetry/trace.h"
 
 namespace {
 
@@ -43,7 +44,7 @@ usage:
                 [--reduce native|fixed_order] [--placement contiguous|round_robin|explicit]
                 [--combine fp32|round_per_expert] [--prompt-ids 1,2,3] [--max-tokens N]
                 [--batch-with N] [--collective-timeout-ms MS] [--backend cpu|cuda] [--json]
-                [--verbose]
+                [--trace FILE] [--verbose]
       Greedy generation on thread ranks, or one rank per process when started by mpirun:
         mpirun -np 4 keel generate --model DIR --reduce fixed_order --json
       A collective that waits over --collective-timeout-ms (default 120000; 0 = forever) for
@@ -203,7 +204,7 @@ int generate(int argc, char** argv) {
   Flags flags(
       argc, argv, 2,
       {"--model", "--config", "--tp", "--reduce", "--placement", "--combine", "--prompt-ids",
-       "--max-tokens", "--batch-with", "--collective-timeout-ms", "--backend"},
+       "--max-tokens", "--batch-with", "--collective-timeout-ms", "--backend", "--trace"},
       {"--json", "--verbose"});
   keel::init_logging(flags.has("--verbose"));
   keel::Deployment deployment;
@@ -253,10 +254,33 @@ int run_generate(const Flags& flags, keel::Deployment& deployment) {
   request.prompts = keel::synthetic_prompts(batch_with, engine.config().vocab_size, 7);
   request.prompts.push_back(parse_ids(flags.get("--prompt-ids", "1,2,3")));
   request.digest_prompt_idx = batch_with;
+  request.trace = flags.has("--trace");
   spdlog::info("model {} on tp={} reduce={} placement={}", deployment.model_dir, engine.tp_size(),
                keel::comm::reduce_algo_name(options.reduce),
                keel::placement_kind_name(options.placement.kind));
   keel::GenerateResult result = engine.generate(request);
+  if (request.trace) {
+    // One file per process: thread ranks all land in it; under mpirun each rank writes
+    // FILE.rankN.json with its own track.
+    std::vector<keel::telemetry::TraceSpan> spans;
+    for (size_t rank = 0; rank < result.rank_traces.size(); ++rank)
+      for (const keel::TraceEvent& event : result.rank_traces[rank]) {
+        keel::telemetry::TraceSpan span;
+        span.rank = static_cast<int32_t>(rank);
+        span.name = event.expert >= 0 ? "expert " + std::to_string(event.expert)
+                                      : std::string(keel::phase_name(event.phase));
+        span.category = event.phase == keel::Phase::kAllReduce ? "comm" : "compute";
+        span.start_us = event.start_s * 1e6;
+        span.dur_us = event.seconds * 1e6;
+        span.args = {{"layer", event.layer}};
+        spans.push_back(std::move(span));
+      }
+    std::string path = flags.get("--trace");
+    if (options.process_communicator != nullptr)
+      path += ".rank" + std::to_string(options.process_communicator->rank()) + ".json";
+    keel::telemetry::write_chrome_trace(path, spans, "keel generate");
+    spdlog::info("wrote {} trace spans to {}", spans.size(), path);
+  }
   if (!result.is_leader) return 0;  // process ranks other than 0 print nothing
 
   double decode_tokens =
