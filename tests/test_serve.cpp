@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <filesystem>
+#include <set>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "runtime/gen_model.h"
+#include "runtime/routing/routing_file.h"
 #include "serve_test_util.h"
 
 namespace {
@@ -296,6 +298,174 @@ TEST_F(Serve, CurlStreamsAChat) {
   // A role chunk, 6 content chunks, a finish chunk.
   ASSERT_EQ(events.size(), 8u) << output;
   EXPECT_EQ(json::parse(events.back())["choices"][0]["finish_reason"], "length");
+}
+
+// Telemetry ground truth: the per-expert counters move by exactly the routing the request itself
+// reports (every forward position of prompt and output, every MoE layer, every slot), and the
+// near-tie counter by exactly its margins under epsilon.
+TEST_F(Serve, ExpertCountersMatchTheRequestsOwnRoutingExactly) {
+  const json before = json::parse(http(port(), "GET", "/v1/telemetry/experts").body);
+  HttpResponse response = post(port(), "/v1/completions",
+                               json{{"prompt", "count every expert"},
+                                    {"max_tokens", 9},
+                                    {"temperature", 0},
+                                    {"ignore_eos", true},
+                                    {"return_routing", true}}
+                                   .dump());
+  ASSERT_EQ(response.status, 200) << response.body;
+  const json after = json::parse(http(port(), "GET", "/v1/telemetry/experts").body);
+  const json choice = json::parse(response.body)["choices"][0];
+  const json& routed = choice["routed_experts"];  // [token][moe layer][slot]
+  const json& margins = choice["router_margins"];  // [token][moe layer]
+  const int prompt_tokens = json::parse(response.body)["usage"]["prompt_tokens"];
+  ASSERT_EQ(routed.size(), static_cast<size_t>(prompt_tokens + 9 - 1));
+  const size_t num_experts = after["num_experts"];
+  const double epsilon = after["near_tie_epsilon"];
+  for (size_t layer = 0; layer < after["layers"].size(); ++layer) {
+    std::vector<int64_t> expected(num_experts, 0);
+    int64_t expected_near_ties = 0;
+    for (size_t token = 0; token < routed.size(); ++token) {
+      for (const json& expert : routed[token][layer]) ++expected[expert.get<size_t>()];
+      if (margins[token][layer].get<double>() < epsilon) ++expected_near_ties;
+    }
+    for (size_t expert = 0; expert < num_experts; ++expert)
+      EXPECT_EQ(after["layers"][layer]["tokens"][expert].get<int64_t>() -
+                    before["layers"][layer]["tokens"][expert].get<int64_t>(),
+                expected[expert])
+          << "layer " << layer << " expert " << expert;
+    EXPECT_EQ(after["layers"][layer]["near_ties"].get<int64_t>() -
+                  before["layers"][layer]["near_ties"].get<int64_t>(),
+              expected_near_ties);
+  }
+  // The request and the steps that served it are joinable by id.
+  const std::string id = json::parse(response.body)["id"];
+  const json requests = json::parse(http(port(), "GET", "/v1/telemetry/requests?limit=5").body);
+  const json* record = nullptr;
+  for (const json& request : requests["requests"])
+    if (request["id"] == id) record = &request;
+  ASSERT_NE(record, nullptr) << requests.dump();
+  EXPECT_EQ((*record)["completion_tokens"], 9);
+  EXPECT_LE((*record)["ttft_s"].get<double>(), (*record)["e2e_s"].get<double>());
+  const json steps = json::parse(
+      http(port(), "GET",
+           "/v1/telemetry/steps?first=" + std::to_string((*record)["first_step"].get<int64_t>()) +
+               "&last=" + std::to_string((*record)["last_step"].get<int64_t>()))
+          .body);
+  int64_t steps_with_request = 0;
+  for (const json& step : steps["steps"]) {
+    for (const json& request_id : step["request_ids"]) steps_with_request += request_id == id;
+    EXPECT_EQ(step["phases"]["attention"].size(), 4u);  // one entry per rank
+  }
+  EXPECT_EQ(steps_with_request, 9);  // one prefill step (budget 256) + 8 decode steps
+}
+
+TEST_F(Serve, MetricsPassPromtool) {
+  ASSERT_EQ(post(port(), "/v1/completions", kProbe).status, 200);
+  HttpResponse metrics = http(port(), "GET", "/metrics");
+  ASSERT_EQ(metrics.status, 200);
+  for (const char* family :
+       {"keel_expert_tokens_total", "keel_expert_seconds_bucket", "keel_moe_balancedness",
+        "keel_router_margin_bucket", "keel_router_near_ties_total", "keel_step_phase_seconds_bucket",
+        "keel_time_to_first_token_seconds_bucket", "keel_inter_token_latency_seconds_bucket",
+        "keel_e2e_request_latency_seconds_bucket", "keel_request_queue_time_seconds_bucket"})
+    EXPECT_NE(metrics.body.find(family), std::string::npos) << family;
+  const std::string path = scratch() + "/metrics.txt";
+  std::ofstream(path) << metrics.body;
+  FILE* pipe = popen(("promtool check metrics < " + path + " 2>&1").c_str(), "r");
+  ASSERT_NE(pipe, nullptr);
+  std::string output;
+  char buffer[4096];
+  size_t bytes;
+  while ((bytes = fread(buffer, 1, sizeof(buffer), pipe)) > 0) output.append(buffer, bytes);
+  const int status = pclose(pipe);
+  ASSERT_NE(WEXITSTATUS(status), 127)
+      << "promtool not found: install Debian's prometheus package (scripts/setup does)";
+  EXPECT_EQ(status, 0) << output;
+  EXPECT_EQ(output, "") << "promtool lint findings";
+}
+
+TEST_F(Serve, ProfileWritesAChromeTraceWithOneTrackPerRank) {
+  ASSERT_EQ(http(port(), "POST", "/v1/profile/start").status, 200);
+  ASSERT_EQ(post(port(), "/v1/completions", kProbe).status, 200);
+  const std::string path = scratch() + "/trace.json";
+  HttpResponse stop = post(port(), "/v1/profile/stop", json{{"path", path}}.dump());
+  ASSERT_EQ(stop.status, 200) << stop.body;
+  EXPECT_GT(json::parse(stop.body)["spans"].get<int64_t>(), 0);
+  EXPECT_EQ(post(port(), "/v1/profile/stop", "").status, 409);  // nothing running any more
+  std::ifstream file(path);
+  const json trace = json::parse(file);
+  std::set<int> ranks;
+  bool expert_span = false, allreduce_span = false;
+  for (const json& event : trace["traceEvents"]) {
+    if (event["ph"] != "X") continue;
+    ranks.insert(event["tid"].get<int>());
+    expert_span |= event["name"].get<std::string>().rfind("expert ", 0) == 0;
+    allreduce_span |= event["name"] == "allreduce";
+  }
+  EXPECT_EQ(ranks, (std::set<int>{0, 1, 2, 3}));
+  EXPECT_TRUE(expert_span);
+  EXPECT_TRUE(allreduce_span);
+}
+
+std::string run_command(const std::string& command, int* exit_code) {
+  FILE* pipe = popen((command + " 2>&1").c_str(), "r");
+  std::string output;
+  char buffer[4096];
+  size_t bytes;
+  while ((bytes = fread(buffer, 1, sizeof(buffer), pipe)) > 0) output.append(buffer, bytes);
+  const int status = pclose(pipe);
+  *exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128;
+  return output;
+}
+
+// Capture every request's routing to a file, then replay it: forcing the recorded experts (and,
+// separately, letting the router choose) reproduces every token and the logits digest; a record
+// whose experts were altered does not.
+TEST(ServeAlone, CapturedRoutingReplaysBitForBit) {
+  const std::string capture = scratch() + "/capture.keelrt";
+  {
+    ServerProcess server(
+        serve_args(write_config("capture", "routing_capture: " + capture + "\n")));
+    for (int index = 0; index < 3; ++index)
+      ASSERT_EQ(post(server.port(), "/v1/completions", mate_request(index, index == 1)).status,
+                200);
+    ASSERT_EQ(post(server.port(), "/v1/completions", kProbe).status, 200);
+    server.terminate();
+    ASSERT_EQ(server.wait(), 0) << server.output();
+  }
+  int exit_code = -1;
+  std::string output = run_command(kKeel + " routes replay " + capture + " --json", &exit_code);
+  ASSERT_EQ(exit_code, 0) << output;
+  json report = json::parse(output.substr(output.find('{')));
+  EXPECT_EQ(report["total"], 4);
+  EXPECT_TRUE(report["all_reproduced"].get<bool>());
+  output = run_command(kKeel + " routes replay " + capture + " --no-force --json", &exit_code);
+  EXPECT_EQ(exit_code, 0) << output;
+  output = run_command(kKeel + " routes diff " + capture + " " + capture + " --json", &exit_code);
+  EXPECT_EQ(exit_code, 0) << output;
+
+  // Force a different expert into every row of the probe: replay must notice.
+  keel::RoutingFile file = keel::read_routing_file(capture);
+  keel::RoutingRecord& probe = file.records.back();
+  const int64_t experts = file.header.num_experts;
+  for (size_t slot = 0; slot < probe.expert_ids.size(); slot += file.header.top_k) {
+    // Replace the first choice by an expert not among the token's others.
+    int32_t replacement = (probe.expert_ids[slot] + 1) % static_cast<int32_t>(experts);
+    auto taken = [&](int32_t id) {
+      for (int64_t k = 1; k < file.header.top_k; ++k)
+        if (probe.expert_ids[slot + static_cast<size_t>(k)] == id) return true;
+      return false;
+    };
+    while (taken(replacement)) replacement = (replacement + 1) % static_cast<int32_t>(experts);
+    probe.expert_ids[slot] = replacement;
+  }
+  const std::string altered = scratch() + "/altered.keelrt";
+  keel::write_routing_file(altered, file);
+  output = run_command(kKeel + " routes replay " + altered + " --json", &exit_code);
+  EXPECT_EQ(exit_code, 1) << output;
+  report = json::parse(output.substr(output.find('{')));
+  EXPECT_EQ(report["reproduced"], 3);
+  EXPECT_FALSE(report["requests"][3]["reproduced"].get<bool>());
 }
 
 TEST(ServeAlone, OverloadAnswers429AndKeepsEveryAcceptedRequest) {
