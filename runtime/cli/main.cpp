@@ -4,6 +4,7 @@
 
 #include <csignal>
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 #include <random>
 #include <thread>
@@ -26,6 +27,7 @@
 #include "runtime/cli/routes_cmd.h"
 #include "runtime/logging.h"
 #include "runtime/server/http_server.h"
+#include "runtime/serving/calibrate.h"
 #include "runtime/serving/replay.h"
 #include "runtime/serving/serve_config.h"
 #include "runtime/serving/serving_engine.h"
@@ -70,7 +72,11 @@ usage:
   keel profile tail --url URL [--percentile 99] [--save F] [--json]
       Why the slowest requests were slow: queueing, prefill, slow phases, all-reduce stalls,
       hot experts, preemptions, ranked by contribution.
-  keel routes diff A B | stats FILE | replay FILE --config serve.yaml
+  keel calibrate --config serve.yaml --out FILE [--decode-list 1,2,4,8,16,32]
+                 [--prefill-list 0,64,256] [--context-list 64,512] [--repeats 5]
+      Measure this deployment's engine step times on a grid of step shapes (the file
+      keel simulate --calibration interpolates).
+  keel routes diff A B | stats FILE | replay FILE [--model DIR]
       Routing records: first divergence and flip counts; per-expert load, co-activation,
       near-tie rate; re-run with the recorded experts forced and check the bits.
 )";
@@ -453,6 +459,54 @@ int run_serve(keel::ServeConfig& config) {
   return exit_code;
 }
 
+std::vector<int64_t> parse_list(const std::string& flag, const std::string& text) {
+  std::vector<int64_t> values;
+  for (int32_t value : parse_ids(text)) values.push_back(value);
+  if (values.empty()) throw_error(flag, " needs a comma-separated list of integers");
+  return values;
+}
+
+// keel calibrate --config serve.yaml --out FILE [--decode-list ..] [--prefill-list ..]
+//                [--context-list ..] [--repeats N]
+int calibrate(int argc, char** argv) {
+  Flags flags(argc, argv, 2,
+              {"--config", "--out", "--model", "--decode-list", "--prefill-list", "--context-list",
+               "--repeats", "--block-size"},
+              {"--verbose"});
+  keel::init_logging(flags.has("--verbose"));
+  if (!flags.has("--config") || !flags.has("--out"))
+    throw_error("calibrate needs --config serve.yaml (the deployment to measure) and --out FILE");
+  keel::ServeConfig config = keel::load_serve_config(flags.get("--config"));
+  if (flags.has("--model")) config.model_dir = flags.get("--model");
+  keel::CalibrationGrid grid;
+  if (flags.has("--decode-list")) grid.decode = parse_list("--decode-list", flags.get("--decode-list"));
+  if (flags.has("--prefill-list"))
+    grid.prefill = parse_list("--prefill-list", flags.get("--prefill-list"));
+  if (flags.has("--context-list"))
+    grid.context = parse_list("--context-list", flags.get("--context-list"));
+  grid.repeats = flags.integer("--repeats", grid.repeats);
+  grid.block_size = flags.integer("--block-size", config.block_size);
+  auto run = [&]() -> int {
+    keel::Engine engine(config.model_dir, config.engine);
+    nlohmann::json calibration = keel::calibrate_engine(engine, grid);
+    if (!engine.is_leader_process()) return 0;
+    calibration["serve_config"] = flags.get("--config");
+    calibration["determinism"] = std::string(keel::determinism_name(config.determinism));
+    std::ofstream out(flags.get("--out"));
+    out << calibration.dump(1) << "\n";
+    if (!out) throw_error("calibrate: cannot write ", flags.get("--out"));
+    std::printf("wrote %s: %zu step shapes, expert share %.3f\n", flags.get("--out").c_str(),
+                calibration["points"].size(), calibration.value("expert_fraction", 0.0));
+    return 0;
+  };
+  ProcessRanks ranks;
+  if (ranks.start(config.engine)) {
+    if (!config.tp_given) config.engine.tp_size = 0;
+    return ranks.run_or_abort("calibrate", run);
+  }
+  return run();
+}
+
 // keel routes replay FILE --model DIR [--tp N] [--no-force] [--json]
 int routes_replay(int argc, char** argv) {
   if (argc < 4) throw_error("routes replay needs a routing file: keel routes replay FILE --model DIR");
@@ -539,6 +593,7 @@ int main(int argc, char** argv) {
     if (command == "bench") return keel::bench_serve_command(argc, argv);
     if (command == "experts") return keel::experts_command(argc, argv);
     if (command == "profile") return keel::profile_command(argc, argv);
+    if (command == "calibrate") return calibrate(argc, argv);
     if (command == "routes" && argc > 2 && std::string(argv[2]) == "replay")
       return routes_replay(argc, argv);
     if (command == "routes") return keel::routes_command(argc, argv);

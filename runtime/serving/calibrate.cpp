@@ -1,0 +1,174 @@
+#include "runtime/serving/calibrate.h"
+
+#include <algorithm>
+#include <chrono>
+#include <ctime>
+
+#include "kernels/base/check.h"
+
+namespace keel {
+
+namespace {
+
+double now_seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+struct GridPoint {
+  int64_t decode = 0;
+  int64_t prefill = 0;
+  int64_t context = 0;
+};
+
+class CalibrationSource final : public StepSource {
+ public:
+  CalibrationSource(std::vector<GridPoint> points, int64_t repeats, int64_t block_size,
+                    int32_t token_id)
+      : points_(std::move(points)),
+        repeats_(repeats),
+        block_size_(block_size),
+        token_id_(token_id),
+        times_(points_.size()),
+        expert_share_(points_.size()) {}
+
+  void next_step(ServeStep& step) override {
+    step = ServeStep{};
+    if (point_ >= points_.size()) {
+      step.kind = ServeStep::Kind::kStop;
+      return;
+    }
+    const GridPoint& point = points_[point_];
+    StepBatch& batch = step.batch;
+    const int64_t decode_blocks = (point.context + block_size_ - 1) / block_size_;
+    const int64_t prefill_blocks = (point.prefill + block_size_ - 1) / block_size_;
+    const int64_t num_seqs = point.decode + (point.prefill > 0 ? 1 : 0);
+    batch.max_blocks_per_seq = std::max<int64_t>({decode_blocks, prefill_blocks, 1});
+    batch.block_tables.assign(static_cast<size_t>(num_seqs * batch.max_blocks_per_seq), -1);
+    int32_t next_block = 0;
+    for (int64_t seq = 0; seq < num_seqs; ++seq) {
+      const bool is_prefill = seq == point.decode;
+      const int64_t blocks = is_prefill ? prefill_blocks : decode_blocks;
+      for (int64_t block = 0; block < blocks; ++block)
+        batch.block_tables[static_cast<size_t>(seq * batch.max_blocks_per_seq + block)] =
+            next_block++;
+      if (is_prefill) {
+        for (int64_t position = 0; position < point.prefill; ++position) {
+          batch.token_ids.push_back(token_id_);
+          batch.positions.push_back(static_cast<int32_t>(position));
+          batch.cache_idx.push_back(static_cast<int32_t>(seq));
+        }
+      } else {
+        batch.token_ids.push_back(token_id_);
+        batch.positions.push_back(static_cast<int32_t>(point.context - 1));
+        batch.cache_idx.push_back(static_cast<int32_t>(seq));
+      }
+      batch.logits_rows.push_back(static_cast<int32_t>(batch.token_ids.size()) - 1);
+    }
+    step.kind = ServeStep::Kind::kRun;
+    step.observe = true;  // phase timers give the expert share; the server runs with them on
+    start_ = now_seconds();
+  }
+
+  void on_step_done(const StepOutput& output) override {
+    const double seconds = now_seconds() - start_;
+    if (run_ > 0) {  // run 0 warms up
+      times_[point_].push_back(seconds);
+      if (!output.rank_phase_seconds.empty()) {
+        double total = 0;
+        for (double phase : output.rank_phase_seconds.front()) total += phase;
+        const double experts =
+            output.rank_phase_seconds.front()[static_cast<size_t>(Phase::kExperts)];
+        if (total > 0) expert_share_[point_].push_back(experts / total);
+      }
+    }
+    if (++run_ > repeats_) {
+      run_ = 0;
+      ++point_;
+    }
+  }
+
+  int64_t blocks_needed() const {
+    int64_t most = 1;
+    for (const GridPoint& point : points_) {
+      const int64_t decode_blocks = (point.context + block_size_ - 1) / block_size_;
+      const int64_t prefill_blocks = (point.prefill + block_size_ - 1) / block_size_;
+      most = std::max(most, point.decode * decode_blocks + prefill_blocks);
+    }
+    return most;
+  }
+
+  nlohmann::json result(const Engine& engine) const {
+    nlohmann::json points = nlohmann::json::array();
+    std::vector<double> shares;
+    for (size_t index = 0; index < points_.size(); ++index) {
+      std::vector<double> times = times_[index];
+      std::sort(times.begin(), times.end());
+      const double median = times[times.size() / 2];
+      const GridPoint& point = points_[index];
+      points.push_back({{"num_decode_tokens", point.decode},
+                        {"num_prefill_tokens", point.prefill},
+                        {"kv_tokens_read", point.decode * point.context + point.prefill},
+                        {"num_seqs", point.decode + (point.prefill > 0 ? 1 : 0)},
+                        {"context", point.context},
+                        {"step_s", median},
+                        {"min_step_s", times.front()},
+                        {"max_step_s", times.back()},
+                        {"samples", times.size()}});
+      shares.insert(shares.end(), expert_share_[index].begin(), expert_share_[index].end());
+    }
+    std::sort(shares.begin(), shares.end());
+    nlohmann::json out = {{"format", "keel-calibration"},
+                          {"version", 1},
+                          {"model", engine.config().architecture_name},
+                          {"tp", engine.tp_size()},
+                          {"reduce", comm::reduce_algo_name(engine.options().reduce)},
+                          {"backend", device_name(engine.options().device)},
+                          {"created_unix", static_cast<int64_t>(std::time(nullptr))},
+                          {"extrapolation", "linear"},
+                          {"points", points}};
+    if (!shares.empty()) out["expert_fraction"] = shares[shares.size() / 2];
+    return out;
+  }
+
+ private:
+  std::vector<GridPoint> points_;
+  int64_t repeats_;
+  int64_t block_size_;
+  int32_t token_id_;
+  size_t point_ = 0;
+  int64_t run_ = 0;
+  double start_ = 0;
+  std::vector<std::vector<double>> times_;
+  std::vector<std::vector<double>> expert_share_;
+};
+
+}  // namespace
+
+nlohmann::json calibrate_engine(Engine& engine, const CalibrationGrid& grid) {
+  if (grid.repeats < 1) throw_error("calibrate: repeats must be >= 1");
+  std::vector<GridPoint> points;
+  for (int64_t decode : grid.decode)
+    for (int64_t prefill : grid.prefill)
+      for (int64_t context : grid.context) {
+        if (decode < 0 || prefill < 0 || context < 1 || decode + prefill == 0)
+          throw_error("calibrate: bad grid point decode ", decode, " prefill ", prefill,
+                      " context ", context);
+        if (context > engine.config().max_position_embeddings ||
+            prefill > engine.config().max_position_embeddings)
+          throw_error("calibrate: context ", std::max(context, prefill),
+                      " exceeds max_position_embeddings ",
+                      engine.config().max_position_embeddings);
+        // Without decode sequences the context axis means nothing: measure it once.
+        if (decode == 0 && context != grid.context.front()) continue;
+        points.push_back({decode, prefill, context});
+      }
+  CalibrationSource source(points, grid.repeats, grid.block_size, 1);
+  ServeOptions options;
+  options.block_size = grid.block_size;
+  options.num_kv_blocks = source.blocks_needed();
+  engine.serve(engine.is_leader_process() ? &source : nullptr, options);
+  return engine.is_leader_process() ? source.result(engine) : nlohmann::json();
+}
+
+}  // namespace keel

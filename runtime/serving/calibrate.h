@@ -1,0 +1,36 @@
+// keel calibrate: measure keel's own engine step times on a grid of step shapes and write the
+// calibration file keel simulate interpolates (format: runtime/simulation/cost_model.h).
+//
+// Each grid point is one synthetic step driven through Engine::serve, exactly as the server
+// drives steps (header + payload broadcast, forward on every rank, logits gathered to the
+// leader): `decode` sequences feeding one token each at context `context` (their earlier KV
+// slots exist in the pool; their contents do not matter for time) plus, when `prefill` > 0, one
+// sequence feeding a `prefill`-token chunk from position 0. The step's time is measured on the
+// leader from the end of planning to the logits in hand; the point's value is the median of
+// `repeats` runs after one warm-up. kv_tokens_read = decode * context + prefill (the
+// simulator's definition: sum over sequences of last position + 1). The expert share of a step
+// (for the simulator's MoE skew model) comes from the ranks' phase timers.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "runtime/engine.h"
+
+namespace keel {
+
+struct CalibrationGrid {
+  std::vector<int64_t> decode = {1, 2, 4, 8, 16, 32};
+  std::vector<int64_t> prefill = {0, 64, 256};
+  std::vector<int64_t> context = {64, 512};
+  int64_t repeats = 5;
+  int64_t block_size = 16;
+};
+
+// Runs the grid (every process of the group must call it; only the leader's result is filled)
+// and returns the calibration JSON (format "keel-calibration", version 1).
+nlohmann::json calibrate_engine(Engine& engine, const CalibrationGrid& grid);
+
+}  // namespace keel
