@@ -1,0 +1,228 @@
+// Step-time models for keel simulate: the linear baseline and the calibration-table
+// interpolator. Format and interpolation rules are documented in cost_model.h.
+#include "runtime/simulation/cost_model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <limits>
+#include <set>
+#include <tuple>
+
+#include "kernels/base/check.h"
+
+namespace keel::sim {
+
+std::optional<double> expert_fraction_of(const StepCostModel& model) {
+  if (const auto* source = dynamic_cast<const ExpertShareSource*>(&model))
+    return source->expert_fraction();
+  return std::nullopt;
+}
+
+namespace {
+
+void check_fraction(const std::optional<double>& fraction, const std::string& where) {
+  if (fraction && !(*fraction >= 0.0 && *fraction <= 1.0))
+    throw_error(where, ": expert_fraction must be in [0, 1], got ", *fraction);
+}
+
+// Index i of the interval [axis[i], axis[i+1]] used for x, and the fractional offset in it
+// (outside [0, 1] when x is outside the axis range). A single-value axis gives (0, 0).
+std::pair<size_t, double> locate(const std::vector<double>& axis, double x) {
+  if (axis.size() == 1) return {0, 0.0};
+  size_t i = static_cast<size_t>(std::upper_bound(axis.begin(), axis.end(), x) - axis.begin());
+  i = std::clamp<size_t>(i == 0 ? 0 : i - 1, 0, axis.size() - 2);
+  return {i, (x - axis[i]) / (axis[i + 1] - axis[i])};
+}
+
+}  // namespace
+
+LinearCostModel::LinearCostModel(double base_s, double per_token_s, double per_kv_token_s,
+                                 std::optional<double> expert_fraction)
+    : base_s_(base_s),
+      per_token_s_(per_token_s),
+      per_kv_token_s_(per_kv_token_s),
+      expert_fraction_(expert_fraction) {
+  if (!(base_s >= 0 && per_token_s >= 0 && per_kv_token_s >= 0) ||
+      base_s + per_token_s + per_kv_token_s <= 0)
+    throw_error("linear cost model: coefficients must be >= 0 and not all 0");
+  check_fraction(expert_fraction, "linear cost model");
+}
+
+double LinearCostModel::step_seconds(const StepShape& shape) const {
+  return base_s_ +
+         per_token_s_ * static_cast<double>(shape.num_decode_tokens + shape.num_prefill_tokens) +
+         per_kv_token_s_ * static_cast<double>(shape.kv_tokens_read);
+}
+
+CalibratedCostModel::CalibratedCostModel(std::vector<CalibrationPoint> points,
+                                         Extrapolation extrapolation,
+                                         std::optional<double> expert_fraction)
+    : points_(std::move(points)), extrapolation_(extrapolation), expert_fraction_(expert_fraction) {
+  if (points_.empty()) throw_error("calibration: no points");
+  check_fraction(expert_fraction, "calibration");
+  std::array<std::set<double>, 3> values;
+  min_step_s_ = std::numeric_limits<double>::infinity();
+  for (const CalibrationPoint& point : points_) {
+    if (!(point.step_s > 0) || !std::isfinite(point.step_s))
+      throw_error("calibration: step_s must be a finite number > 0, got ", point.step_s);
+    if (point.num_decode_tokens < 0 || point.num_prefill_tokens < 0 || point.kv_tokens_read < 0)
+      throw_error("calibration: negative coordinate");
+    values[0].insert(static_cast<double>(point.num_decode_tokens));
+    values[1].insert(static_cast<double>(point.num_prefill_tokens));
+    values[2].insert(static_cast<double>(point.kv_tokens_read));
+    min_step_s_ = std::min(min_step_s_, point.step_s);
+  }
+  for (size_t a = 0; a < 3; ++a) axes_[a].assign(values[a].begin(), values[a].end());
+  grid_.assign(axes_[0].size() * axes_[1].size() * axes_[2].size(),
+               std::numeric_limits<double>::quiet_NaN());
+  auto index_of = [&](size_t a, int64_t v) {
+    return static_cast<size_t>(
+        std::lower_bound(axes_[a].begin(), axes_[a].end(), static_cast<double>(v)) -
+        axes_[a].begin());
+  };
+  for (const CalibrationPoint& point : points_) {
+    size_t cell = (index_of(0, point.num_decode_tokens) * axes_[1].size() +
+                   index_of(1, point.num_prefill_tokens)) *
+                      axes_[2].size() +
+                  index_of(2, point.kv_tokens_read);
+    if (!std::isnan(grid_[cell]))
+      throw_error("calibration: duplicate point (num_decode_tokens ", point.num_decode_tokens,
+                  ", num_prefill_tokens ", point.num_prefill_tokens, ", kv_tokens_read ",
+                  point.kv_tokens_read, ")");
+    grid_[cell] = point.step_s;
+  }
+}
+
+double CalibratedCostModel::at(size_t d, size_t p, size_t k) const {
+  return grid_[(d * axes_[1].size() + p) * axes_[2].size() + k];
+}
+
+double CalibratedCostModel::step_seconds(const StepShape& shape) const {
+  std::array<double, 3> query = {static_cast<double>(shape.num_decode_tokens),
+                                 static_cast<double>(shape.num_prefill_tokens),
+                                 static_cast<double>(shape.kv_tokens_read)};
+  std::array<size_t, 3> cell{};
+  std::array<double, 3> frac{};
+  for (size_t a = 0; a < 3; ++a) {
+    if (extrapolation_ == Extrapolation::kClamp)
+      query[a] = std::clamp(query[a], axes_[a].front(), axes_[a].back());
+    std::tie(cell[a], frac[a]) = locate(axes_[a], query[a]);
+  }
+  double value = 0.0;
+  bool complete = true;
+  for (int corner = 0; corner < 8 && complete; ++corner) {
+    std::array<size_t, 3> idx{};
+    double weight = 1.0;
+    for (size_t a = 0; a < 3; ++a) {
+      const bool upper = (corner >> a) & 1;
+      if (axes_[a].size() == 1) {
+        if (upper) weight = 0.0;
+        idx[a] = 0;
+        continue;
+      }
+      idx[a] = cell[a] + (upper ? 1 : 0);
+      weight *= upper ? frac[a] : 1.0 - frac[a];
+    }
+    if (weight == 0.0) continue;
+    const double v = at(idx[0], idx[1], idx[2]);
+    if (std::isnan(v)) complete = false;
+    value += weight * v;
+  }
+  if (!complete) {
+    // Nearest measured point in fractional grid-index units.
+    double best = std::numeric_limits<double>::infinity();
+    std::array<double, 3> position{};
+    for (size_t a = 0; a < 3; ++a)
+      position[a] = static_cast<double>(cell[a]) + (axes_[a].size() == 1 ? 0.0 : frac[a]);
+    for (size_t d = 0; d < axes_[0].size(); ++d)
+      for (size_t p = 0; p < axes_[1].size(); ++p)
+        for (size_t k = 0; k < axes_[2].size(); ++k) {
+          const double v = at(d, p, k);
+          if (std::isnan(v)) continue;
+          const double dist = std::pow(position[0] - static_cast<double>(d), 2) +
+                              std::pow(position[1] - static_cast<double>(p), 2) +
+                              std::pow(position[2] - static_cast<double>(k), 2);
+          if (dist < best) {
+            best = dist;
+            value = v;
+          }
+        }
+  }
+  return std::max(value, min_step_s_);
+}
+
+CalibratedCostModel CalibratedCostModel::from_json(const nlohmann::json& json,
+                                                   const std::string& where) {
+  if (!json.is_object()) throw_error(where, ": a calibration file is a JSON object");
+  if (json.value("format", std::string()) != "keel-calibration")
+    throw_error(where, ": \"format\" must be \"keel-calibration\"");
+  if (!json.contains("version") || !json["version"].is_number_integer() || json["version"] != 1)
+    throw_error(where, ": unsupported calibration \"version\" (this keel reads 1)");
+  std::optional<double> fraction;
+  if (json.contains("expert_fraction")) {
+    if (!json["expert_fraction"].is_number())
+      throw_error(where, ": \"expert_fraction\" must be a number");
+    fraction = json["expert_fraction"].get<double>();
+  }
+  Extrapolation extrapolation = Extrapolation::kLinear;
+  if (json.contains("extrapolation")) {
+    const std::string mode =
+        json["extrapolation"].is_string() ? json["extrapolation"].get<std::string>() : "";
+    if (mode == "clamp")
+      extrapolation = Extrapolation::kClamp;
+    else if (mode != "linear")
+      throw_error(where, ": \"extrapolation\" must be \"linear\" or \"clamp\"");
+  }
+  if (!json.contains("points") || !json["points"].is_array())
+    throw_error(where, ": \"points\" must be an array");
+  std::vector<CalibrationPoint> points;
+  size_t index = 0;
+  for (const auto& entry : json["points"]) {
+    auto integer = [&](const char* key) -> int64_t {
+      if (!entry.is_object() || !entry.contains(key) || !entry[key].is_number_integer())
+        throw_error(where, ": points[", index, "]: \"", key, "\" must be an integer");
+      return entry[key].get<int64_t>();
+    };
+    CalibrationPoint point;
+    point.num_decode_tokens = integer("num_decode_tokens");
+    point.num_prefill_tokens = integer("num_prefill_tokens");
+    point.kv_tokens_read = integer("kv_tokens_read");
+    if (!entry.contains("step_s") || !entry["step_s"].is_number())
+      throw_error(where, ": points[", index, "]: \"step_s\" must be a number");
+    point.step_s = entry["step_s"].get<double>();
+    points.push_back(point);
+    ++index;
+  }
+  try {
+    return CalibratedCostModel(std::move(points), extrapolation, fraction);
+  } catch (const Error& error) {
+    throw_error(where, ": ", error.what());
+  }
+}
+
+CalibratedCostModel CalibratedCostModel::load(const std::string& path) {
+  std::ifstream file(path);
+  if (!file) throw_error("cannot open calibration file ", path);
+  nlohmann::json json = nlohmann::json::parse(file, nullptr, /*allow_exceptions=*/false);
+  if (json.is_discarded()) throw_error("calibration file ", path, ": not valid JSON");
+  return from_json(json, "calibration file " + path);
+}
+
+nlohmann::json CalibratedCostModel::to_json() const {
+  nlohmann::json points = nlohmann::json::array();
+  for (const CalibrationPoint& point : points_)
+    points.push_back({{"num_decode_tokens", point.num_decode_tokens},
+                      {"num_prefill_tokens", point.num_prefill_tokens},
+                      {"kv_tokens_read", point.kv_tokens_read},
+                      {"step_s", point.step_s}});
+  nlohmann::json out = {
+      {"format", "keel-calibration"},
+      {"version", 1},
+      {"extrapolation", extrapolation_ == Extrapolation::kClamp ? "clamp" : "linear"},
+      {"points", points}};
+  if (expert_fraction_) out["expert_fraction"] = *expert_fraction_;
+  return out;
+}
+
+}  // namespace keel::sim

@@ -1,0 +1,138 @@
+// Step-time models for the serving simulator (keel simulate).
+//
+// Design note. The simulator asks one question per engine step: how long does a step of this
+// shape take? StepShape / StepCostModel are the interface `keel plan` (runtime/planning/
+// perf_model.h) provides; until that header is wired in, the same two types are declared here.
+// Configure with -DKEEL_SIMULATION_USE_PERF_MODEL=ON (which defines the macro of the same
+// name) to take them from perf_model.h instead; nothing else changes.
+//
+// StepShape, as the simulator fills it from a StepPlan (see simulator.h):
+//   num_seqs            sequences in the step
+//   num_decode_tokens   sequences fed exactly one token (decode)
+//   num_prefill_tokens  tokens of the other sequences (prefill chunks, recompute after
+//                       preemption)
+//   kv_tokens_read      sum over sequences of (last position fed + 1): the context each
+//                       sequence's attention reads from the KV cache in this step
+//
+// Two models live here:
+//   LinearCostModel     step_s = base + per_token * (decode + prefill tokens)
+//                              + per_kv_token * kv_tokens_read   (a hand-computable baseline)
+//   CalibratedCostModel interpolation over measured step times (`keel calibrate` writes the file)
+//
+// ---------------------------------------------------------------------------------------------
+// Calibration file format (JSON), version 1:
+//   {
+//     "format": "keel-calibration",          required, exactly this string
+//     "version": 1,                          required
+//     "expert_fraction": 0.55,               optional, in [0, 1]: share of step time spent in
+//                                            routed-expert GEMMs (the simulator's MoE skew
+//                                            factor scales this share; see simulator.h)
+//     "extrapolation": "linear",             optional: "linear" (default) or "clamp"
+//     "points": [                            required, >= 1 measured steps
+//       {"num_decode_tokens": 8, "num_prefill_tokens": 0, "kv_tokens_read": 4096,
+//        "step_s": 0.0123,                   required, seconds (> 0): the median is advised
+//        ...}                                other keys (num_seqs, samples, p90_step_s, ...)
+//     ],                                     are kept for humans and ignored
+//     ...                                    any other top-level keys (model, tp, backend,
+//   }                                        git_revision, created_unix) are ignored
+// The grid's axes are the sorted distinct values of each of the three coordinates over all
+// points; a (decode, prefill, kv) combination appears at most once. Cells need not all be
+// measured.
+//
+// Interpolation (CalibratedCostModel::step_seconds): per axis, the query's cell is the grid
+// interval [a_i, a_{i+1}] holding it (the first/last interval outside the axis range; an axis
+// with a single value contributes weight 1 to it). When all 2^3 corners of that cell were
+// measured the result is trilinear interpolation; outside the grid the same formula
+// extrapolates linearly from the edge cell ("linear") or the query is clamped to the axis range
+// first ("clamp"). When some corner is missing the value of the nearest measured point is used,
+// distance measured in grid-index units (fractional index along each axis). The result is
+// never below the smallest measured step time.
+// ---------------------------------------------------------------------------------------------
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#if defined(KEEL_SIMULATION_USE_PERF_MODEL)
+#include "runtime/planning/perf_model.h"
+#else
+namespace keel {
+struct StepShape {
+  int64_t num_seqs = 0;
+  int64_t num_decode_tokens = 0;
+  int64_t num_prefill_tokens = 0;
+  int64_t kv_tokens_read = 0;
+};
+class StepCostModel {
+ public:
+  virtual ~StepCostModel() = default;
+  virtual double step_seconds(const StepShape& shape) const = 0;
+};
+}  // namespace keel
+#endif
+
+namespace keel::sim {
+
+// Implemented by cost models that know which share of a step the routed experts take.
+class ExpertShareSource {
+ public:
+  virtual ~ExpertShareSource() = default;
+  virtual std::optional<double> expert_fraction() const = 0;
+};
+// The model's expert fraction when it exposes one (ExpertShareSource), else nullopt.
+std::optional<double> expert_fraction_of(const StepCostModel& model);
+
+class LinearCostModel : public StepCostModel, public ExpertShareSource {
+ public:
+  LinearCostModel(double base_s, double per_token_s, double per_kv_token_s,
+                  std::optional<double> expert_fraction = std::nullopt);
+  double step_seconds(const StepShape& shape) const override;
+  std::optional<double> expert_fraction() const override { return expert_fraction_; }
+
+ private:
+  double base_s_, per_token_s_, per_kv_token_s_;
+  std::optional<double> expert_fraction_;
+};
+
+struct CalibrationPoint {
+  int64_t num_decode_tokens = 0;
+  int64_t num_prefill_tokens = 0;
+  int64_t kv_tokens_read = 0;
+  double step_s = 0.0;
+};
+
+class CalibratedCostModel : public StepCostModel, public ExpertShareSource {
+ public:
+  enum class Extrapolation : uint8_t { kLinear, kClamp };
+  // Throws keel::Error for no points, duplicates, non-positive or non-finite times.
+  CalibratedCostModel(std::vector<CalibrationPoint> points,
+                      Extrapolation extrapolation = Extrapolation::kLinear,
+                      std::optional<double> expert_fraction = std::nullopt);
+  // Parses the format above; `where` prefixes error messages (e.g. the file name).
+  static CalibratedCostModel from_json(const nlohmann::json& json, const std::string& where);
+  // Throws keel::Error naming the file on a read or format error.
+  static CalibratedCostModel load(const std::string& path);
+  nlohmann::json to_json() const;
+
+  double step_seconds(const StepShape& shape) const override;
+  std::optional<double> expert_fraction() const override { return expert_fraction_; }
+  const std::vector<CalibrationPoint>& points() const { return points_; }
+
+ private:
+  double at(size_t d, size_t p, size_t k) const;  // NaN when unmeasured
+  std::vector<CalibrationPoint> points_;
+  std::array<std::vector<double>, 3> axes_;  // decode, prefill, kv
+  std::vector<double> grid_;                 // [d][p][k], NaN = unmeasured
+  Extrapolation extrapolation_;
+  std::optional<double> expert_fraction_;
+  double min_step_s_ = 0.0;
+};
+
+}  // namespace keel::sim
