@@ -24,6 +24,7 @@
 #include "runtime/engine.h"
 #include "runtime/gen_model.h"
 #include "runtime/cli/client_cmds.h"
+#include "runtime/cli/plan_cmd.h"
 #include "runtime/cli/routes_cmd.h"
 #include "runtime/logging.h"
 #include "runtime/server/http_server.h"
@@ -72,6 +73,11 @@ usage:
   keel profile tail --url URL [--percentile 99] [--save F] [--json]
       Why the slowest requests were slow: queueing, prefill, slow phases, all-reduce stalls,
       hot experts, preemptions, ranked by contribution.
+  keel plan --model configs/models/qwen3.5-397b-a17b.yaml
+            --hardware configs/hardware/4x-rtx-pro-6000.yaml --quant nvfp4 --tp 4
+            --context 32768 [--kv-dtype fp8] [--prompt-len N] [--json] (see keel plan --help)
+      Does it fit, how many sequences at that context, decode tok/s vs batch, prefill/TTFT,
+      and the bottleneck of each regime, with the arithmetic shown.
   keel calibrate --config serve.yaml --out FILE [--decode-list 1,2,4,8,16,32]
                  [--prefill-list 0,64,256] [--context-list 64,512] [--repeats 5]
       Measure this deployment's engine step times on a grid of step shapes (the file
@@ -594,6 +600,7 @@ int main(int argc, char** argv) {
     if (command == "experts") return keel::experts_command(argc, argv);
     if (command == "profile") return keel::profile_command(argc, argv);
     if (command == "calibrate") return calibrate(argc, argv);
+    if (command == "plan") return keel::plan_command(argc, argv);
     if (command == "routes" && argc > 2 && std::string(argv[2]) == "replay")
       return routes_replay(argc, argv);
     if (command == "routes") return keel::routes_command(argc, argv);
