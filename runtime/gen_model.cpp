@@ -4,6 +4,7 @@
 #include <array>
 #include <cctype>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -57,6 +58,31 @@ TensorToWrite random_tensor(const std::string& name, std::vector<int64_t> shape,
   return tensor;
 }
 
+// ModelPreset::near_tie_layer: the router [E, H] as float32 (values as stored in its dtype),
+// then row 2i + 1 = row 2i + gap * std * u for i < pairs, u uniform in [-1, 1) from the stream
+// "<name>.near_tie". Float32 because a 16-bit weight cannot hold a gap near float rounding.
+TensorToWrite engineer_near_ties(const TensorToWrite& router, int64_t pairs, double gap,
+                                 double std_dev, uint64_t seed) {
+  const int64_t rows = router.shape[0], cols = router.shape[1];
+  std::vector<float> values(static_cast<size_t>(rows * cols));
+  for (size_t i = 0; i < values.size(); ++i)
+    values[i] = load_as_f32(router.bytes.data(), router.dtype, i);
+  const uint64_t key = hash_name(router.name + ".near_tie", seed);
+  for (int64_t pair = 0; pair < pairs; ++pair) {
+    const float* row_a = values.data() + 2 * pair * cols;
+    float* row_b = values.data() + (2 * pair + 1) * cols;
+    for (int64_t j = 0; j < cols; ++j) {
+      uint64_t bits = splitmix64(key + static_cast<uint64_t>(pair * cols + j));
+      double unit = static_cast<double>(bits >> 40) / 8388608.0 - 1.0;  // [-1, 1)
+      row_b[j] = static_cast<float>(static_cast<double>(row_a[j]) + gap * std_dev * unit);
+    }
+  }
+  TensorToWrite out{router.name, DType::kF32, router.shape, {}};
+  out.bytes.resize(values.size() * sizeof(float));
+  std::memcpy(out.bytes.data(), values.data(), out.bytes.size());
+  return out;
+}
+
 const char* torch_dtype_name(DType dtype) {
   switch (dtype) {
     case DType::kF32:
@@ -105,6 +131,10 @@ nlohmann::json config_json(const ModelPreset& preset) {
     }
   }
   config["keel_synthetic_preset"] = preset.name;
+  if (preset.near_tie_layer >= 0)
+    config["keel_near_tie"] = {{"layer", preset.near_tie_layer},
+                               {"gap", preset.near_tie_gap},
+                               {"pairs", preset.near_tie_pairs}};
   return config;
 }
 
@@ -466,7 +496,10 @@ ModelPreset load_model_preset(const std::string& path) {
                        "rms_norm_eps",
                        "max_position_embeddings",
                        "dtype",
-                       "router_scale"},
+                       "router_scale",
+                       "near_tie_layer",
+                       "near_tie_gap",
+                       "near_tie_pairs"},
                       path);
   ModelPreset preset;
   preset.name = std::filesystem::path(path).stem().string();
@@ -504,6 +537,21 @@ ModelPreset load_model_preset(const std::string& path) {
   if (root["rope_theta"]) preset.rope_theta = yaml_value<double>(root, "rope_theta", path);
   if (root["rms_norm_eps"]) preset.rms_norm_eps = yaml_value<double>(root, "rms_norm_eps", path);
   if (root["router_scale"]) preset.router_scale = yaml_value<double>(root, "router_scale", path);
+  if (root["near_tie_layer"]) {
+    preset.near_tie_layer = yaml_value<int64_t>(root, "near_tie_layer", path);
+    if (preset.near_tie_layer < 0 || preset.near_tie_layer >= preset.num_hidden_layers)
+      throw_error(path, ": key 'near_tie_layer' must be in [0, num_hidden_layers)");
+  }
+  if (root["near_tie_gap"]) {
+    preset.near_tie_gap = yaml_value<double>(root, "near_tie_gap", path);
+    if (!(preset.near_tie_gap >= 0.0 && preset.near_tie_gap <= 1.0))
+      throw_error(path, ": key 'near_tie_gap' must be in [0, 1]");
+  }
+  if (root["near_tie_pairs"]) {
+    preset.near_tie_pairs = yaml_value<int64_t>(root, "near_tie_pairs", path);
+    if (preset.near_tie_pairs < 1 || 2 * preset.near_tie_pairs > preset.num_experts)
+      throw_error(path, ": key 'near_tie_pairs' must be in [1, num_experts / 2]");
+  }
   if (root["dtype"]) {
     std::string dtype = yaml_value<std::string>(root, "dtype", path);
     if (dtype == "float32")
@@ -585,8 +633,12 @@ void generate_model(const ModelPreset& preset, const GenModelOptions& options,
     }
     std::string moe = prefix + (mixtral ? "block_sparse_moe." : "mlp.");
     const int64_t inter = preset.moe_intermediate_size;
-    add(random_tensor(moe + "gate.weight", {preset.num_experts, hidden}, dtype,
-                      preset.router_scale * proj_std, 0.0, seed));
+    TensorToWrite router = random_tensor(moe + "gate.weight", {preset.num_experts, hidden}, dtype,
+                                         preset.router_scale * proj_std, 0.0, seed);
+    if (layer == preset.near_tie_layer)
+      router = engineer_near_ties(router, preset.near_tie_pairs, preset.near_tie_gap,
+                                  preset.router_scale * proj_std, seed);
+    add(std::move(router));
     const double down_std = 0.5 / std::sqrt(static_cast<double>(inter));
     for (int64_t expert = 0; expert < preset.num_experts; ++expert) {
       std::string name = moe + "experts." + std::to_string(expert) + ".";

@@ -33,6 +33,28 @@ struct ModelPreset {
   DType dtype = DType::kBF16;
   double router_scale = 1.0;  // multiplies the router init std (larger: clearer routing)
 
+  // Engineered router near-ties (off unless near_tie_layer >= 0), for demonstrating routing
+  // flips from last-bit changes (tests/test_near_tie.cpp). In MoE layer `near_tie_layer` the
+  // router rows of experts (2i, 2i+1), i < near_tie_pairs, are made nearly identical:
+  //   row[2i+1][j] = row[2i][j] + near_tie_gap * router_std * u_j,  u_j uniform in [-1, 1)
+  // (u from its own stream "<router name>.near_tie", router_std = router_scale / sqrt(hidden)),
+  // so the two logits differ by about near_tie_gap * router_std * sqrt(hidden / 3) for a unit-RMS
+  // input. With a gap around 1e-7 that is the size of float rounding in the logit dot products:
+  // whenever such a pair holds the k-th and (k+1)-th places (over half of the tokens with
+  // tiny-near-tie.yaml's 6 pairs of 16 experts, top-4), rounding decides between its two
+  // experts (margins ~1e-8, often exactly 0: a tie broken to the lower id), and a last-bit change
+  // in the hidden state (another all-reduce summation order) can flip it. A 16-bit dtype cannot
+  // hold such a gap (bf16 has 8 mantissa bits), so the engineered router tensor alone is written in
+  // float32: its rows 2i and the unpaired rows hold exactly the values the preset dtype would have
+  // stored. Every other tensor is unchanged; the whole checkpoint stays a pure function of (preset,
+  // seed).
+  //   near_tie_layer: L   (default -1: off; 0 <= L < num_hidden_layers)
+  //   near_tie_gap: G     (default 1.0e-7; 0 <= G <= 1; 0 gives exact ties, never flipped)
+  //   near_tie_pairs: P   (default 1; 1 <= P <= num_experts / 2)
+  int64_t near_tie_layer = -1;
+  double near_tie_gap = 1e-7;
+  int64_t near_tie_pairs = 1;
+
   int64_t num_parameters() const;
 };
 
