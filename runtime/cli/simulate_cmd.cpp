@@ -27,6 +27,11 @@
 
 #include "kernels/base/check.h"
 #include "runtime/simulation/simulator.h"
+#if defined(KEEL_SIMULATION_USE_PERF_MODEL)
+#include "runtime/planning/hardware_spec.h"
+#include "runtime/planning/model_spec.h"
+#include "runtime/planning/quant.h"
+#endif
 
 #ifndef KEEL_SOURCE_DIR
 #define KEEL_SOURCE_DIR "."
@@ -256,7 +261,8 @@ int run(int argc, char** argv) {
   if (args.has("--slo")) config.slo = loadgen::parse_slo(args.all("--slo"));
 
   // Cost model.
-  std::unique_ptr<StepCostModel> cost;
+  std::unique_ptr<sim::StepCostModel> cost;
+  [[maybe_unused]] bool roofline = false;  // built below, once the MoE skew factor is known
   json cost_json;
   const std::string cost_kind =
       args.get("--cost", args.has("--calibration") ? "calibration" : "linear");
@@ -277,12 +283,19 @@ int run(int argc, char** argv) {
                  {"per_token_ms", per_token_ms},
                  {"per_kv_token_us", per_kv_us}};
   } else if (cost_kind == "roofline") {
-    // HOOK(roofline): when runtime/planning (keel plan) lands, build it here from --model,
-    // --hardware, --quant and --tp with make_roofline_cost_model(...) (perf_model.h) and build
-    // keel_simulation with -DKEEL_SIMULATION_USE_PERF_MODEL=ON.
+#if defined(KEEL_SIMULATION_USE_PERF_MODEL)
+    if (!args.has("--model") || !args.has("--hardware") || !args.has("--quant"))
+      throw UsageError("--cost roofline needs --model M.yaml --hardware H.yaml --quant Q");
+    roofline = true;
+    cost_json = {{"kind", "roofline"},
+                 {"model", args.get("--model")},
+                 {"hardware", args.get("--hardware")},
+                 {"quant", args.get("--quant")}};
+#else
     throw UsageError(
-        "--cost roofline needs the planner (runtime/planning, `keel plan`), which this "
-        "build does not have yet; use --calibration FILE or --cost linear");
+        "--cost roofline needs the planner (runtime/planning), which this build "
+        "does not have; use --calibration FILE or --cost linear");
+#endif
   } else {
     throw UsageError("--cost must be linear or roofline (or give --calibration FILE)");
   }
@@ -306,6 +319,23 @@ int run(int argc, char** argv) {
     config.moe_factor = sim::moe_slowdown_factor(loads, placement, tp, redundant);
   else if (redundant > 0)
     throw UsageError("--redundant-experts needs --zipf or --routing-trace");
+#if defined(KEEL_SIMULATION_USE_PERF_MODEL)
+  if (roofline) {
+    // The roofline prices expert reads on the busiest rank itself (PlanOptions::
+    // expert_imbalance), so the skew factor goes there instead of the expert_fraction split.
+    planning::PlanOptions options;
+    options.max_num_batched_tokens = config.scheduler.max_num_batched_tokens;
+    options.max_num_seqs = config.scheduler.max_num_seqs;
+    options.expert_imbalance = config.moe_factor;
+    cost = planning::make_roofline_cost_model(planning::load_model_spec(args.get("--model")),
+                                              planning::load_hardware_spec(args.get("--hardware")),
+                                              planning::quant_from_name(args.get("--quant")), tp,
+                                              options);
+    cost_json["expert_imbalance"] = config.moe_factor;
+    config.moe_factor = 1.0;
+  }
+#endif
+  if (!cost) throw std::logic_error("no cost model");
 
   // Workload.
   sim::WorkloadSpec workload;

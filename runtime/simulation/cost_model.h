@@ -2,9 +2,9 @@
 //
 // Design note. The simulator asks one question per engine step: how long does a step of this
 // shape take? StepShape / StepCostModel are the interface `keel plan` (runtime/planning/
-// perf_model.h) provides; until that header is wired in, the same two types are declared here.
-// Configure with -DKEEL_SIMULATION_USE_PERF_MODEL=ON (which defines the macro of the same
-// name) to take them from perf_model.h instead; nothing else changes.
+// perf_model.h, namespace keel::planning) provides. When the build has keel_planning,
+// runtime/simulation/CMakeLists.txt defines KEEL_SIMULATION_USE_PERF_MODEL and they are taken
+// from perf_model.h (aliased into keel::sim); without it the same two types are declared here.
 //
 // StepShape, as the simulator fills it from a StepPlan (see simulator.h):
 //   num_seqs            sequences in the step
@@ -62,8 +62,12 @@
 
 #if defined(KEEL_SIMULATION_USE_PERF_MODEL)
 #include "runtime/planning/perf_model.h"
+namespace keel::sim {
+using planning::StepCostModel;
+using planning::StepShape;
+}  // namespace keel::sim
 #else
-namespace keel {
+namespace keel::sim {
 struct StepShape {
   int64_t num_seqs = 0;
   int64_t num_decode_tokens = 0;
@@ -75,7 +79,7 @@ class StepCostModel {
   virtual ~StepCostModel() = default;
   virtual double step_seconds(const StepShape& shape) const = 0;
 };
-}  // namespace keel
+}  // namespace keel::sim
 #endif
 
 namespace keel::sim {

@@ -390,7 +390,7 @@ SimulationResult simulate(const std::vector<SimRequest>& requests, const Simulat
                   " waiting and ", scheduler.num_running(), " running requests");
     }
     if (config.on_plan) config.on_plan(plan, t);
-    StepShape shape;
+    StepShape shape{};
     shape.num_seqs = static_cast<int64_t>(plan.num_seqs());
     size_t num_logits = 0;
     for (size_t seq = 0; seq < plan.num_seqs(); ++seq) {
