@@ -25,6 +25,7 @@
 #include "runtime/gen_model.h"
 #include "runtime/cli/client_cmds.h"
 #include "runtime/cli/plan_cmd.h"
+#include "runtime/cli/simulate_cmd.h"
 #include "runtime/cli/routes_cmd.h"
 #include "runtime/logging.h"
 #include "runtime/server/http_server.h"
@@ -78,6 +79,12 @@ usage:
             --context 32768 [--kv-dtype fp8] [--prompt-len N] [--json] (see keel plan --help)
       Does it fit, how many sequences at that context, decode tok/s vs batch, prefill/TTFT,
       and the bottleneck of each regime, with the arithmetic shown.
+  keel simulate --config serve.yaml (--calibration FILE | --cost roofline --model M --hardware H
+                --quant Q | --cost linear ...) (--rate R [--burstiness B] --num-requests N
+                --input-len DIST --output-len DIST | --trace FILE) [--zipf S | --routing-trace F]
+                [--placement P] [--redundant-experts R] [--slo ttft:MS tpot:MS]
+                [--sweep-rate MIN:MAX] [--json] [--save-json F] [--plot PNG]
+      Discrete-event serving simulation through keel's own scheduler and KV block manager.
   keel calibrate --config serve.yaml --out FILE [--decode-list 1,2,4,8,16,32]
                  [--prefill-list 0,64,256] [--context-list 64,512] [--repeats 5]
       Measure this deployment's engine step times on a grid of step shapes (the file
@@ -601,6 +608,7 @@ int main(int argc, char** argv) {
     if (command == "profile") return keel::profile_command(argc, argv);
     if (command == "calibrate") return calibrate(argc, argv);
     if (command == "plan") return keel::plan_command(argc, argv);
+    if (command == "simulate") return keel::simulate_command(argc, argv);
     if (command == "routes" && argc > 2 && std::string(argv[2]) == "replay")
       return routes_replay(argc, argv);
     if (command == "routes") return keel::routes_command(argc, argv);

@@ -1,0 +1,187 @@
+// bench_sim_validate: does `keel simulate`, calibrated on keel's own engine, predict keel's own
+// measured serving latencies? Prints predicted vs measured side by side (goal: within 10%).
+//
+// Method:
+//  1. `keel calibrate --config CFG` measures engine step times on a grid of step shapes (or
+//     --calibration FILE reuses a file).
+//  2. `keel serve --config CFG` runs; for each held-out load (open loop, Poisson arrivals at rate
+//     R, fixed prompt/output lengths, ignore_eos) the load generator records every request's
+//     send time, TTFT, inter-token gaps and end.
+//  3. The simulator replays exactly those arrivals (the recorded send times and lengths) through
+//     the real BatchScheduler with the same limits, with step times from the calibration.
+//  4. For each load: TTFT p50/p99, ITL p50/p99, TPOT p50 and output throughput, measured vs
+//     predicted, and the relative error.
+// The loads are "held out": their rates and the resulting step shapes are not calibration
+// points (calibration runs isolated synthetic steps, not loads).
+//
+// JSON on stdout: machine, calibration file, per load {measured, predicted, error}; a table on
+// stderr.
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "bench/machine.h"
+#include "runtime/loadgen/loadgen.h"
+#include "runtime/serving/serve_config.h"
+#include "runtime/simulation/cost_model.h"
+#include "runtime/simulation/simulator.h"
+
+namespace {
+
+using json = nlohmann::json;
+
+struct Args {
+  std::string keel = "build/bin/keel";
+  std::string config = "configs/serve/demo.yaml";
+  std::string calibration;
+  std::vector<double> rates = {0.5, 1.5, 3.0};
+  int num_requests = 40;
+  int input_len = 64;
+  int output_len = 64;
+  uint64_t seed = 7;
+};
+
+std::vector<double> parse_rates(const std::string& text) {
+  std::vector<double> rates;
+  size_t start = 0;
+  while (start <= text.size()) {
+    size_t comma = text.find(',', start);
+    rates.push_back(std::stod(text.substr(start, comma == std::string::npos ? comma : comma - start)));
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  return rates;
+}
+
+Args parse_args(int argc, char** argv) {
+  Args args;
+  for (int i = 1; i < argc; ++i) {
+    std::string flag = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) throw std::runtime_error(flag + " needs a value");
+      return argv[++i];
+    };
+    if (flag == "--keel") args.keel = value();
+    else if (flag == "--config") args.config = value();
+    else if (flag == "--calibration") args.calibration = value();
+    else if (flag == "--rates") args.rates = parse_rates(value());
+    else if (flag == "--num-requests") args.num_requests = std::stoi(value());
+    else if (flag == "--input-len") args.input_len = std::stoi(value());
+    else if (flag == "--output-len") args.output_len = std::stoi(value());
+    else if (flag == "--seed") args.seed = std::stoull(value());
+    else throw std::runtime_error("unknown flag " + flag);
+  }
+  return args;
+}
+
+int run_command(const std::string& command) {
+  std::cerr << "bench/sim_validate: " << command << "\n";
+  return std::system(command.c_str());
+}
+
+double relative_error(double predicted, double measured) {
+  return measured != 0 ? (predicted - measured) / measured : 0.0;
+}
+
+json compare(const keel::loadgen::Summary& measured, const keel::loadgen::Summary& predicted) {
+  auto row = [&](double m, double p) {
+    return json{{"measured", m}, {"predicted", p}, {"error", relative_error(p, m)}};
+  };
+  return {{"median_ttft_ms", row(measured.ttft_ms.median, predicted.ttft_ms.median)},
+          {"p99_ttft_ms", row(measured.ttft_ms.p99, predicted.ttft_ms.p99)},
+          {"median_itl_ms", row(measured.itl_ms.median, predicted.itl_ms.median)},
+          {"p99_itl_ms", row(measured.itl_ms.p99, predicted.itl_ms.p99)},
+          {"median_tpot_ms", row(measured.tpot_ms.median, predicted.tpot_ms.median)},
+          {"output_throughput", row(measured.output_throughput, predicted.output_throughput)}};
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    Args args = parse_args(argc, argv);
+    const double load_before = keel::bench::one_minute_load_average();
+    if (args.calibration.empty()) {
+      args.calibration =
+          (std::filesystem::temp_directory_path() / "keel-sim-validate-calibration.json").string();
+      // Shapes the loads produce: decodes up to the batch cap, prefill chunks up to the budget.
+      const std::string command = args.keel + " calibrate --config " + args.config + " --out " +
+                                  args.calibration +
+                                  " --decode-list 1,2,4,8,16,32,64 --prefill-list 0,64,128,256,512"
+                                  " --context-list 64,128 --repeats 3 >&2";
+      if (run_command(command) != 0) throw std::runtime_error("keel calibrate failed");
+    }
+    keel::sim::CalibratedCostModel cost = keel::sim::CalibratedCostModel::load(args.calibration);
+    keel::ServeConfig serve = keel::load_serve_config(args.config);
+
+    keel::sim::SimulationConfig sim_config;
+    sim_config.scheduler.block_size = static_cast<int32_t>(serve.block_size);
+    // The demo pool (kv_cache_mb) holds thousands of blocks; these loads never fill it. The
+    // prediction reports its preemptions so a too-small assumption would show.
+    sim_config.scheduler.num_kv_blocks =
+        static_cast<int32_t>(serve.num_kv_blocks > 0 ? serve.num_kv_blocks : 8192);
+    sim_config.scheduler.max_num_seqs = serve.max_num_seqs;
+    sim_config.scheduler.max_num_batched_tokens = serve.max_num_batched_tokens;
+    sim_config.max_waiting = serve.max_waiting;
+
+    keel::loadgen::ServerProcess server({args.keel, "serve", "--config", args.config, "--port", "0"});
+    const std::string url = server.start(std::chrono::minutes(5));
+    json loads = json::array();
+    std::fprintf(stderr, "%-6s %-16s %10s %10s %8s\n", "rate", "metric", "measured", "predicted",
+                 "error");
+    bool all_within = true;
+    for (double rate : args.rates) {
+      keel::loadgen::LoadSpec spec;
+      spec.url = url;
+      spec.request_rate = rate;
+      spec.num_prompts = args.num_requests;
+      spec.input_len_min = spec.input_len_max = args.input_len;
+      spec.output_len_min = spec.output_len_max = args.output_len;
+      spec.ignore_eos = true;
+      spec.seed = args.seed;
+      keel::loadgen::LoadResult measured = keel::loadgen::run_load(spec);
+      if (measured.summary.failed > 0)
+        throw std::runtime_error("load at rate " + std::to_string(rate) + ": " +
+                                 std::to_string(measured.summary.failed) + " requests failed");
+      std::vector<keel::sim::SimRequest> requests;
+      for (const auto& record : measured.records)
+        requests.push_back({record.start_s, record.prompt_tokens, record.completion_tokens});
+      keel::sim::SimulationResult predicted = keel::sim::simulate(requests, sim_config, cost);
+      json comparison = compare(measured.summary, predicted.summary);
+      for (const auto& [metric, values] : comparison.items()) {
+        std::fprintf(stderr, "%-6.2f %-16s %10.2f %10.2f %+7.1f%%\n", rate, metric.c_str(),
+                     values["measured"].get<double>(), values["predicted"].get<double>(),
+                     100 * values["error"].get<double>());
+        if (metric != "p99_itl_ms" && std::abs(values["error"].get<double>()) > 0.10)
+          all_within = false;
+      }
+      loads.push_back({{"rate", rate},
+                       {"num_requests", args.num_requests},
+                       {"comparison", comparison},
+                       {"predicted_preemptions", predicted.preemptions},
+                       {"predicted_rejected", predicted.rejected}});
+    }
+    const int server_status = server.stop(std::chrono::seconds(60));
+    json out = {{"benchmark", "sim_validate"},
+                {"machine",
+                 {{"name", keel::bench::machine_name()},
+                  {"load_average_before", load_before},
+                  {"load_average_after", keel::bench::one_minute_load_average()}}},
+                {"config", args.config},
+                {"calibration", args.calibration},
+                {"input_len", args.input_len},
+                {"output_len", args.output_len},
+                {"loads", loads},
+                {"server_exit_status", server_status},
+                {"within_10_percent_except_p99_itl", all_within}};
+    std::cout << out.dump(1) << std::endl;
+    return server_status == 0 ? 0 : 1;
+  } catch (const std::exception& error) {
+    std::cerr << "bench/sim_validate: error: " << error.what() << "\n";
+    return 2;
+  }
+}
