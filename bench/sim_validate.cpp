@@ -111,7 +111,7 @@ int main(int argc, char** argv) {
       // Shapes the loads produce: decodes up to the batch cap, prefill chunks up to the budget.
       const std::string command = args.keel + " calibrate --config " + args.config + " --out " +
                                   args.calibration +
-                                  " --decode-list 1,2,4,8,16,32,64 --prefill-list 0,64,128,256,512"
+                                  " --decode-list 0,1,2,4,8,16,32,64 --prefill-list 0,64,128,256,512"
                                   " --context-list 64,128 --repeats 3 >&2";
       if (run_command(command) != 0) throw std::runtime_error("keel calibrate failed");
     }

@@ -151,7 +151,8 @@ nlohmann::json calibrate_engine(Engine& engine, const CalibrationGrid& grid) {
   for (int64_t decode : grid.decode)
     for (int64_t prefill : grid.prefill)
       for (int64_t context : grid.context) {
-        if (decode < 0 || prefill < 0 || context < 1 || decode + prefill == 0)
+        if (decode + prefill == 0) continue;  // an empty step
+        if (decode < 0 || prefill < 0 || context < 1)
           throw_error("calibrate: bad grid point decode ", decode, " prefill ", prefill,
                       " context ", context);
         if (context > engine.config().max_position_embeddings ||

@@ -92,10 +92,44 @@ CalibratedCostModel::CalibratedCostModel(std::vector<CalibrationPoint> points,
                   point.kv_tokens_read, ")");
     grid_[cell] = point.step_s;
   }
+  // kv slope: per (decode, prefill) node measured at two or more kv values, the time difference
+  // between its extreme kv points per KV token; the median over nodes, floored at 0.
+  std::vector<double> slopes;
+  for (size_t d = 0; d < axes_[0].size(); ++d)
+    for (size_t p = 0; p < axes_[1].size(); ++p) {
+      size_t first = axes_[2].size(), last = 0;
+      for (size_t k = 0; k < axes_[2].size(); ++k)
+        if (!std::isnan(at(d, p, k))) {
+          first = std::min(first, k);
+          last = k;
+        }
+      if (first < last)
+        slopes.push_back((at(d, p, last) - at(d, p, first)) / (axes_[2][last] - axes_[2][first]));
+    }
+  if (!slopes.empty()) {
+    std::sort(slopes.begin(), slopes.end());
+    kv_slope_ = std::max(0.0, slopes[slopes.size() / 2]);
+  }
 }
 
 double CalibratedCostModel::at(size_t d, size_t p, size_t k) const {
   return grid_[(d * axes_[1].size() + p) * axes_[2].size() + k];
+}
+
+double CalibratedCostModel::node_at(size_t d, size_t p, double kv) const {
+  // The node's measured point nearest in kv, moved along the kv slope.
+  double best_distance = std::numeric_limits<double>::infinity();
+  double value = std::numeric_limits<double>::quiet_NaN();
+  for (size_t k = 0; k < axes_[2].size(); ++k) {
+    const double v = at(d, p, k);
+    if (std::isnan(v)) continue;
+    const double distance = std::abs(axes_[2][k] - kv);
+    if (distance < best_distance) {
+      best_distance = distance;
+      value = v + kv_slope_ * (kv - axes_[2][k]);
+    }
+  }
+  return value;
 }
 
 double CalibratedCostModel::step_seconds(const StepShape& shape) const {
@@ -128,6 +162,33 @@ double CalibratedCostModel::step_seconds(const StepShape& shape) const {
     const double v = at(idx[0], idx[1], idx[2]);
     if (std::isnan(v)) complete = false;
     value += weight * v;
+  }
+  if (!complete) {
+    // A calibration grid is rarely complete in kv: a step's KV reads follow from its decode
+    // batch and contexts, so (decode, prefill) nodes are measured at their own kv values. Then
+    // interpolate bilinearly over (decode, prefill) with each node moved to the query's kv by
+    // the fitted kv slope (kv_slope_).
+    double bilinear = 0.0;
+    bool nodes_complete = true;
+    for (int corner = 0; corner < 4 && nodes_complete; ++corner) {
+      double weight = 1.0;
+      std::array<size_t, 2> idx{};
+      for (size_t a = 0; a < 2; ++a) {
+        const bool upper = (corner >> a) & 1;
+        if (axes_[a].size() == 1) {
+          if (upper) weight = 0.0;
+          idx[a] = 0;
+          continue;
+        }
+        idx[a] = cell[a] + (upper ? 1 : 0);
+        weight *= upper ? frac[a] : 1.0 - frac[a];
+      }
+      if (weight == 0.0) continue;
+      const double v = node_at(idx[0], idx[1], query[2]);
+      if (std::isnan(v)) nodes_complete = false;
+      bilinear += weight * v;
+    }
+    if (nodes_complete) return std::max(bilinear, min_step_s_);
   }
   if (!complete) {
     // Nearest measured point in fractional grid-index units.

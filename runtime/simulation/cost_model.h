@@ -44,9 +44,14 @@
 // with a single value contributes weight 1 to it). When all 2^3 corners of that cell were
 // measured the result is trilinear interpolation; outside the grid the same formula
 // extrapolates linearly from the edge cell ("linear") or the query is clamped to the axis range
-// first ("clamp"). When some corner is missing the value of the nearest measured point is used,
-// distance measured in grid-index units (fractional index along each axis). The result is
-// never below the smallest measured step time.
+// first ("clamp"). When some corner is missing (the usual case for grids from keel calibrate,
+// whose kv values follow from decode x context + prefill) the result is bilinear over the
+// (decode, prefill) cell, each corner node taken at its measured point nearest in kv and moved
+// to the query's kv along the kv slope (the median over nodes measured at two or more kv values
+// of their time difference per KV token, floored at 0). When a corner node has no measured
+// point at all, the value of the nearest measured point is used, distance measured in
+// grid-index units (fractional index along each axis). The result is never below the smallest
+// measured step time.
 // ---------------------------------------------------------------------------------------------
 #pragma once
 
@@ -131,6 +136,10 @@ class CalibratedCostModel : public StepCostModel, public ExpertShareSource {
 
  private:
   double at(size_t d, size_t p, size_t k) const;  // NaN when unmeasured
+  // The (decode, prefill) node's time at kv: its measured point nearest in kv plus kv_slope_
+  // times the kv difference; NaN when the node has no measured point.
+  double node_at(size_t d, size_t p, double kv) const;
+  double kv_slope_ = 0.0;  // seconds per KV token read: median over nodes measured at 2+ kv
   std::vector<CalibrationPoint> points_;
   std::array<std::vector<double>, 3> axes_;  // decode, prefill, kv
   std::vector<double> grid_;                 // [d][p][k], NaN = unmeasured
