@@ -5,6 +5,7 @@
 #include <ctime>
 
 #include "kernels/base/check.h"
+#include "runtime/sampling/sampler.h"
 
 namespace keel {
 
@@ -24,11 +25,11 @@ struct GridPoint {
 class CalibrationSource final : public StepSource {
  public:
   CalibrationSource(std::vector<GridPoint> points, int64_t repeats, int64_t block_size,
-                    int32_t token_id)
+                    int64_t vocab_size)
       : points_(std::move(points)),
         repeats_(repeats),
         block_size_(block_size),
-        token_id_(token_id),
+        vocab_size_(vocab_size),
         times_(points_.size()),
         expert_share_(points_.size()) {}
 
@@ -54,12 +55,12 @@ class CalibrationSource final : public StepSource {
             next_block++;
       if (is_prefill) {
         for (int64_t position = 0; position < point.prefill; ++position) {
-          batch.token_ids.push_back(token_id_);
+          batch.token_ids.push_back(token_of(seq, position));
           batch.positions.push_back(static_cast<int32_t>(position));
           batch.cache_idx.push_back(static_cast<int32_t>(seq));
         }
       } else {
-        batch.token_ids.push_back(token_id_);
+        batch.token_ids.push_back(token_of(seq, point.context - 1));
         batch.positions.push_back(static_cast<int32_t>(point.context - 1));
         batch.cache_idx.push_back(static_cast<int32_t>(seq));
       }
@@ -71,6 +72,14 @@ class CalibrationSource final : public StepSource {
   }
 
   void on_step_done(const StepOutput& output) override {
+    // The server samples every row that asked for logits before the next step: so does this.
+    sampling::SamplingParams greedy;
+    greedy.temperature = 0.0f;
+    const size_t rows = output.logits->size() / static_cast<size_t>(vocab_size_);
+    for (size_t row = 0; row < rows; ++row)
+      sampled_ ^= sampling::sample(output.logits->data() + row * static_cast<size_t>(vocab_size_),
+                                   vocab_size_, greedy, 0)
+                      .token;
     const double seconds = now_seconds() - start_;
     if (run_ > 0) {  // run 0 warms up
       times_[point_].push_back(seconds);
@@ -86,6 +95,17 @@ class CalibrationSource final : public StepSource {
       run_ = 0;
       ++point_;
     }
+  }
+
+  // Varied tokens, as real traffic has: identical tokens would route every sequence to the
+  // same experts and make a decode batch look cheaper than it is.
+  int32_t token_of(int64_t seq, int64_t position) const {
+    uint64_t hash = static_cast<uint64_t>(seq) * 0x9e3779b97f4a7c15ull +
+                    static_cast<uint64_t>(position) * 0xbf58476d1ce4e5b9ull + 0x94d049bb133111ebull;
+    hash ^= hash >> 31;
+    hash *= 0xd6e8feb86659fd93ull;
+    hash ^= hash >> 29;
+    return static_cast<int32_t>(hash % static_cast<uint64_t>(vocab_size_));
   }
 
   int64_t blocks_needed() const {
@@ -135,7 +155,8 @@ class CalibrationSource final : public StepSource {
   std::vector<GridPoint> points_;
   int64_t repeats_;
   int64_t block_size_;
-  int32_t token_id_;
+  int64_t vocab_size_;
+  int32_t sampled_ = 0;  // keeps the sampling from being optimised away
   size_t point_ = 0;
   int64_t run_ = 0;
   double start_ = 0;
@@ -164,7 +185,7 @@ nlohmann::json calibrate_engine(Engine& engine, const CalibrationGrid& grid) {
         if (decode == 0 && context != grid.context.front()) continue;
         points.push_back({decode, prefill, context});
       }
-  CalibrationSource source(points, grid.repeats, grid.block_size, 1);
+  CalibrationSource source(points, grid.repeats, grid.block_size, engine.config().vocab_size);
   ServeOptions options;
   options.block_size = grid.block_size;
   options.num_kv_blocks = source.blocks_needed();

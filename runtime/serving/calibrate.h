@@ -9,7 +9,10 @@
 // leader from the end of planning to the logits in hand; the point's value is the median of
 // `repeats` runs after one warm-up. kv_tokens_read = decode * context + prefill (the
 // simulator's definition: sum over sequences of last position + 1). The expert share of a step
-// (for the simulator's MoE skew model) comes from the ranks' phase timers.
+// (for the simulator's MoE skew model) comes from the ranks' phase timers. Token ids vary by
+// (sequence, position) so a decode batch touches as many distinct experts as real traffic does
+// (identical tokens would route every sequence to the same experts and make batches look
+// cheap), and every logits row is sampled (greedy, with its logprob) as the server does.
 #pragma once
 
 #include <cstdint>
