@@ -369,6 +369,7 @@ TEST_F(Serve, MetricsPassPromtool) {
         "keel_time_to_first_token_seconds_bucket", "keel_inter_token_latency_seconds_bucket",
         "keel_e2e_request_latency_seconds_bucket", "keel_request_queue_time_seconds_bucket"})
     EXPECT_NE(metrics.body.find(family), std::string::npos) << family;
+  EXPECT_NE(metrics.body.find("phase=\"allreduce\",algo=\"fixed_order\""), std::string::npos);
   const std::string path = scratch() + "/metrics.txt";
   std::ofstream(path) << metrics.body;
   FILE* pipe = popen(("promtool check metrics < " + path + " 2>&1").c_str(), "r");
@@ -466,6 +467,43 @@ TEST(ServeAlone, CapturedRoutingReplaysBitForBit) {
   report = json::parse(output.substr(output.find('{')));
   EXPECT_EQ(report["reproduced"], 3);
   EXPECT_FALSE(report["requests"][3]["reproduced"].get<bool>());
+}
+
+// Periodic JSONL dumps land in the configured directory; keel generate --trace writes a Chrome
+// trace with one track per thread rank.
+TEST(ServeAlone, TelemetryDumpsAndGenerateTrace) {
+  const std::string dump_dir = scratch() + "/dumps";
+  {
+    ServerProcess server(serve_args(write_config(
+        "dumps", "telemetry_dump_dir: " + dump_dir + "\ntelemetry_dump_interval_s: 0.01\n")));
+    ASSERT_EQ(post(server.port(), "/v1/completions", kProbe).status, 200);
+    server.terminate();
+    ASSERT_EQ(server.wait(), 0) << server.output();
+  }
+  std::ifstream dump(dump_dir + "/keel-telemetry.jsonl");
+  std::string line;
+  int lines = 0;
+  json last;
+  while (std::getline(dump, line)) {
+    last = json::parse(line);
+    ++lines;
+  }
+  EXPECT_GE(lines, 2) << "one line per 10 ms interval over 24+ steps";
+  EXPECT_GT(last["steps_total"].get<int64_t>(), 0);
+  EXPECT_FALSE(last["expert_tokens"].empty());
+
+  const std::string trace = scratch() + "/generate-trace.json";
+  int exit_code = -1;
+  std::string output = run_command(kKeel + " generate --model " + model_dir() +
+                                       " --tp 4 --max-tokens 3 --trace " + trace,
+                                   &exit_code);
+  ASSERT_EQ(exit_code, 0) << output;
+  std::ifstream file(trace);
+  const json events = json::parse(file)["traceEvents"];
+  std::set<int> ranks;
+  for (const json& event : events)
+    if (event["ph"] == "X") ranks.insert(event["tid"].get<int>());
+  EXPECT_EQ(ranks, (std::set<int>{0, 1, 2, 3}));
 }
 
 TEST(ServeAlone, OverloadAnswers429AndKeepsEveryAcceptedRequest) {

@@ -411,6 +411,8 @@ int run_serve(keel::ServeConfig& config) {
   serving_config.telemetry_options.near_tie_epsilon = config.near_tie_epsilon;
   serving_config.telemetry_options.dump_dir = config.telemetry_dump_dir;
   serving_config.telemetry_options.dump_interval_s = config.telemetry_dump_interval_s;
+  serving_config.telemetry_options.reduce_algorithm =
+      std::string(keel::comm::reduce_algo_name(config.engine.reduce));
   serving_config.trace_dir = config.trace_dir;
   serving_config.routing_capture_path = config.routing_capture;
   {

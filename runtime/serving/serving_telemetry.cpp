@@ -291,8 +291,11 @@ void ServingTelemetry::append_prometheus(telemetry::PromText& out) const {
   for (int rank = 0; rank < tp_size_; ++rank)
     for (int phase = 0; phase < kStepPhases; ++phase) {
       if (rank != 0 && phase >= kNumPhases) continue;
-      out.histogram("keel_step_phase_seconds",
-                    with({{"rank", std::to_string(rank)}, {"phase", step_phase_name(phase)}}),
+      Labels labels = with({{"rank", std::to_string(rank)}, {"phase", step_phase_name(phase)}});
+      // The all-reduce phase carries its algorithm (the "all-reduce by algorithm").
+      if (phase == static_cast<int>(Phase::kAllReduce) && !options_.reduce_algorithm.empty())
+        labels.push_back({"algo", options_.reduce_algorithm});
+      out.histogram("keel_step_phase_seconds", labels,
                     phase_seconds_[static_cast<size_t>(rank * kStepPhases + phase)]);
     }
   out.family("keel_step_seconds", MetricType::kHistogram, "Wall time of one engine step.");

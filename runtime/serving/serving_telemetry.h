@@ -37,6 +37,7 @@ struct TelemetryConfig {
   size_t request_ring = 4096;      // finished-request records kept for /v1/telemetry/requests
   std::string dump_dir;            // periodic JSONL dumps; empty: off
   double dump_interval_s = 10;
+  std::string reduce_algorithm;  // labels the allreduce phase ("fixed_order" / "native")
 };
 
 // One step as the leader saw it (times in seconds since the telemetry started).
