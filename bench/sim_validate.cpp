@@ -3,7 +3,8 @@
 //
 // Method:
 //  1. `keel calibrate --config CFG` measures engine step times on a grid of step shapes (or
-//     --calibration FILE reuses a file).
+//     --calibration FILE reuses a file; or --calibrate-load R serves a calibration load at rate R
+//     first and calibrates from the server's own step records, `keel calibrate --from-url`).
 //  2. `keel serve --config CFG` runs; for each held-out load (open loop, Poisson arrivals at rate
 //     R, fixed prompt/output lengths, ignore_eos) the load generator records every request's
 //     send time, TTFT, inter-token gaps and end.
@@ -38,6 +39,7 @@ struct Args {
   std::string keel = "build/bin/keel";
   std::string config = "configs/serve/demo.yaml";
   std::string calibration;
+  double calibrate_load_rate = 0;  // > 0: calibrate from the server's steps under this load
   std::vector<double> rates = {0.5, 1.5, 3.0};
   int num_requests = 40;
   int input_len = 64;
@@ -68,6 +70,7 @@ Args parse_args(int argc, char** argv) {
     if (flag == "--keel") args.keel = value();
     else if (flag == "--config") args.config = value();
     else if (flag == "--calibration") args.calibration = value();
+    else if (flag == "--calibrate-load") args.calibrate_load_rate = std::stod(value());
     else if (flag == "--rates") args.rates = parse_rates(value());
     else if (flag == "--num-requests") args.num_requests = std::stoi(value());
     else if (flag == "--input-len") args.input_len = std::stoi(value());
@@ -105,7 +108,8 @@ int main(int argc, char** argv) {
   try {
     Args args = parse_args(argc, argv);
     const double load_before = keel::bench::one_minute_load_average();
-    if (args.calibration.empty()) {
+    const bool from_server = args.calibration.empty() && args.calibrate_load_rate > 0;
+    if (args.calibration.empty() && !from_server) {
       args.calibration =
           (std::filesystem::temp_directory_path() / "keel-sim-validate-calibration.json").string();
       // Shapes the loads produce: decodes up to the batch cap, prefill chunks up to the budget.
@@ -115,7 +119,6 @@ int main(int argc, char** argv) {
                                   " --context-list 64,128 --repeats 3 >&2";
       if (run_command(command) != 0) throw std::runtime_error("keel calibrate failed");
     }
-    keel::sim::CalibratedCostModel cost = keel::sim::CalibratedCostModel::load(args.calibration);
     keel::ServeConfig serve = keel::load_serve_config(args.config);
 
     keel::sim::SimulationConfig sim_config;
@@ -130,11 +133,7 @@ int main(int argc, char** argv) {
 
     keel::loadgen::ServerProcess server({args.keel, "serve", "--config", args.config, "--port", "0"});
     const std::string url = server.start(std::chrono::minutes(5));
-    json loads = json::array();
-    std::fprintf(stderr, "%-6s %-16s %10s %10s %8s\n", "rate", "metric", "measured", "predicted",
-                 "error");
-    bool all_within = true;
-    for (double rate : args.rates) {
+    auto make_spec = [&](double rate, uint64_t seed) {
       keel::loadgen::LoadSpec spec;
       spec.url = url;
       spec.request_rate = rate;
@@ -142,8 +141,28 @@ int main(int argc, char** argv) {
       spec.input_len_min = spec.input_len_max = args.input_len;
       spec.output_len_min = spec.output_len_max = args.output_len;
       spec.ignore_eos = true;
-      spec.seed = args.seed;
-      keel::loadgen::LoadResult measured = keel::loadgen::run_load(spec);
+      spec.seed = seed;
+      return spec;
+    };
+    if (from_server) {
+      // A calibration load at its own rate (not one of the held-out rates), then the step
+      // shapes the server recorded while serving it.
+      keel::loadgen::LoadResult warm = keel::loadgen::run_load(make_spec(args.calibrate_load_rate, args.seed + 1000));
+      if (warm.summary.failed > 0) throw std::runtime_error("calibration load: requests failed");
+      args.calibration =
+          (std::filesystem::temp_directory_path() / "keel-sim-validate-served-calibration.json")
+              .string();
+      if (run_command(args.keel + " calibrate --from-url " + url + " --out " + args.calibration +
+                      " >&2") != 0)
+        throw std::runtime_error("keel calibrate --from-url failed");
+    }
+    keel::sim::CalibratedCostModel cost = keel::sim::CalibratedCostModel::load(args.calibration);
+    json loads = json::array();
+    std::fprintf(stderr, "%-6s %-16s %10s %10s %8s\n", "rate", "metric", "measured", "predicted",
+                 "error");
+    bool all_within = true;
+    for (double rate : args.rates) {
+      keel::loadgen::LoadResult measured = keel::loadgen::run_load(make_spec(rate, args.seed));
       if (measured.summary.failed > 0)
         throw std::runtime_error("load at rate " + std::to_string(rate) + ": " +
                                  std::to_string(measured.summary.failed) + " requests failed");
@@ -173,6 +192,9 @@ int main(int argc, char** argv) {
                   {"load_average_after", keel::bench::one_minute_load_average()}}},
                 {"config", args.config},
                 {"calibration", args.calibration},
+                {"calibration_source", from_server ? "served steps at rate " +
+                                                         std::to_string(args.calibrate_load_rate)
+                                                   : "keel calibrate grid"},
                 {"input_len", args.input_len},
                 {"output_len", args.output_len},
                 {"loads", loads},

@@ -11,6 +11,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <tuple>
 #include <string>
 #include <vector>
 
@@ -26,6 +27,7 @@
 #include "runtime/cli/client_cmds.h"
 #include "runtime/cli/plan_cmd.h"
 #include "runtime/cli/simulate_cmd.h"
+#include "runtime/loadgen/loadgen.h"
 #include "runtime/cli/routes_cmd.h"
 #include "runtime/logging.h"
 #include "runtime/server/http_server.h"
@@ -89,6 +91,8 @@ usage:
                  [--prefill-list 0,64,256] [--context-list 64,512] [--repeats 5]
       Measure this deployment's engine step times on a grid of step shapes (the file
       keel simulate --calibration interpolates).
+  keel calibrate --from-url URL --out FILE [--min-samples 3]
+      The same file from a running keel server's own step records (its steps as served).
   keel routes diff A B | stats FILE | replay FILE [--model DIR]
       Routing records: first divergence and flip counts; per-expert load, co-activation,
       near-tie rate; re-run with the recorded experts forced and check the bits.
@@ -483,12 +487,68 @@ std::vector<int64_t> parse_list(const std::string& flag, const std::string& text
 
 // keel calibrate --config serve.yaml --out FILE [--decode-list ..] [--prefill-list ..]
 //                [--context-list ..] [--repeats N]
+// keel calibrate --from-url URL --out FILE: the calibration from a live server's own step
+// records (/v1/telemetry/steps): what its steps really took under the load it just served,
+// sampling, streaming and every thread competing for the cores included.
+int calibrate_from_server(const Flags& flags) {
+  const std::string url = flags.get("--from-url");
+  keel::loadgen::HttpResponse response = keel::loadgen::http_get(url + "/v1/telemetry/steps");
+  if (response.status != 200)
+    throw_error("calibrate: GET ", url, "/v1/telemetry/steps answered ", response.status);
+  const nlohmann::json steps = nlohmann::json::parse(response.body)["steps"];
+  // One point per (decode tokens, prefill tokens): the median step time and the median KV
+  // tokens read of the steps of that shape.
+  std::map<std::pair<int64_t, int64_t>, std::pair<std::vector<double>, std::vector<int64_t>>> shapes;
+  for (const auto& step : steps) {
+    if (!step.contains("kv_tokens_read")) throw_error("calibrate: the server is too old (no kv_tokens_read)");
+    auto& [times, kv] = shapes[{step["num_decode_tokens"].get<int64_t>(),
+                                step["num_prefill_tokens"].get<int64_t>()}];
+    times.push_back(step["seconds"].get<double>());
+    kv.push_back(step["kv_tokens_read"].get<int64_t>());
+  }
+  const int64_t min_samples = flags.integer("--min-samples", 3);
+  nlohmann::json points = nlohmann::json::array();
+  std::set<std::tuple<int64_t, int64_t, int64_t>> taken;
+  for (auto& [shape, samples] : shapes) {
+    auto& [times, kv] = samples;
+    if (static_cast<int64_t>(times.size()) < min_samples) continue;
+    std::sort(times.begin(), times.end());
+    std::sort(kv.begin(), kv.end());
+    const int64_t median_kv = kv[kv.size() / 2];
+    if (!taken.insert({shape.first, shape.second, median_kv}).second) continue;
+    points.push_back({{"num_decode_tokens", shape.first},
+                      {"num_prefill_tokens", shape.second},
+                      {"kv_tokens_read", median_kv},
+                      {"step_s", times[times.size() / 2]},
+                      {"samples", times.size()}});
+  }
+  if (points.empty())
+    throw_error("calibrate: ", url, " has no step shape seen ", min_samples,
+                " times; serve some load first");
+  nlohmann::json calibration = {{"format", "keel-calibration"},
+                                {"version", 1},
+                                {"source", url + "/v1/telemetry/steps"},
+                                {"extrapolation", "linear"},
+                                {"created_unix", static_cast<int64_t>(std::time(nullptr))},
+                                {"points", points}};
+  std::ofstream out(flags.get("--out"));
+  out << calibration.dump(1) << "\n";
+  if (!out) throw_error("calibrate: cannot write ", flags.get("--out"));
+  std::printf("wrote %s: %zu step shapes from %zu served steps\n", flags.get("--out").c_str(),
+              points.size(), steps.size());
+  return 0;
+}
+
 int calibrate(int argc, char** argv) {
   Flags flags(argc, argv, 2,
               {"--config", "--out", "--model", "--decode-list", "--prefill-list", "--context-list",
-               "--repeats", "--block-size"},
+               "--repeats", "--block-size", "--from-url", "--min-samples"},
               {"--verbose"});
   keel::init_logging(flags.has("--verbose"));
+  if (flags.has("--from-url")) {
+    if (!flags.has("--out")) throw_error("calibrate --from-url needs --out FILE");
+    return calibrate_from_server(flags);
+  }
   if (!flags.has("--config") || !flags.has("--out"))
     throw_error("calibrate needs --config serve.yaml (the deployment to measure) and --out FILE");
   keel::ServeConfig config = keel::load_serve_config(flags.get("--config"));

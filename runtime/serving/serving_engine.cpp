@@ -553,7 +553,12 @@ void ServingEngine::on_step_done(const StepOutput& output) {
   record.num_tokens = plan_.num_scheduled_tokens;
   for (size_t seq = 0; seq < plan_.num_seqs(); ++seq) {
     const int64_t count = plan_.token_offsets[seq + 1] - plan_.token_offsets[seq];
-    if (!plan_.needs_logits[seq] || count > 1) record.num_prefill_tokens += count;
+    // As keel simulate counts them: a sequence fed exactly one token is a decode token.
+    if (count == 1)
+      record.num_decode_tokens += 1;
+    else
+      record.num_prefill_tokens += count;
+    record.kv_tokens_read += plan_.positions_of(seq).back() + 1;
   }
   record.kv_blocks_used = local_stats_.kv_blocks_used;
   record.preemptions = plan_.num_preemptions;

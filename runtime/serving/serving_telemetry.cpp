@@ -413,6 +413,8 @@ nlohmann::json ServingTelemetry::steps_json(int64_t first, int64_t last) const {
                             {"num_seqs", step.num_seqs},
                             {"num_tokens", step.num_tokens},
                             {"num_prefill_tokens", step.num_prefill_tokens},
+                            {"num_decode_tokens", step.num_decode_tokens},
+                            {"kv_tokens_read", step.kv_tokens_read},
                             {"kv_blocks_used", step.kv_blocks_used},
                             {"preemptions", step.preemptions},
                             {"sampling_s", step.sampling_s},

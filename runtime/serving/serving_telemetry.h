@@ -49,7 +49,9 @@ struct StepRecord {
   double sampling_s = 0;  // sampling + streaming after it (leader)
   int64_t num_seqs = 0;
   int64_t num_tokens = 0;
-  int64_t num_prefill_tokens = 0;  // tokens of sequences that did not ask for logits + prompt
+  int64_t num_prefill_tokens = 0;  // tokens of sequences fed more than one token, or no logits
+  int64_t num_decode_tokens = 0;   // sequences fed exactly one token that asked for logits
+  int64_t kv_tokens_read = 0;      // sum over sequences of (last position fed + 1)
   int64_t kv_blocks_used = 0;
   int64_t preemptions = 0;
   std::vector<int64_t> seq_ids;
