@@ -91,7 +91,7 @@ usage:
                  [--prefill-list 0,64,256] [--context-list 64,512] [--repeats 5]
       Measure this deployment's engine step times on a grid of step shapes (the file
       keel simulate --calibration interpolates).
-  keel calibrate --from-url URL --out FILE [--min-samples 3]
+  keel calibrate --from-url URL --out FILE [--min-samples 1]
       The same file from a running keel server's own step records (its steps as served).
   keel routes diff A B | stats FILE | replay FILE [--model DIR]
       Routing records: first divergence and flip counts; per-expert load, co-activation,
@@ -506,7 +506,7 @@ int calibrate_from_server(const Flags& flags) {
     times.push_back(step["seconds"].get<double>());
     kv.push_back(step["kv_tokens_read"].get<int64_t>());
   }
-  const int64_t min_samples = flags.integer("--min-samples", 3);
+  const int64_t min_samples = flags.integer("--min-samples", 1);
   nlohmann::json points = nlohmann::json::array();
   std::set<std::tuple<int64_t, int64_t, int64_t>> taken;
   for (auto& [shape, samples] : shapes) {
