@@ -52,7 +52,8 @@ std::vector<double> parse_rates(const std::string& text) {
   size_t start = 0;
   while (start <= text.size()) {
     size_t comma = text.find(',', start);
-    rates.push_back(std::stod(text.substr(start, comma == std::string::npos ? comma : comma - start)));
+    rates.push_back(
+        std::stod(text.substr(start, comma == std::string::npos ? comma : comma - start)));
     if (comma == std::string::npos) break;
     start = comma + 1;
   }
@@ -67,16 +68,26 @@ Args parse_args(int argc, char** argv) {
       if (i + 1 >= argc) throw std::runtime_error(flag + " needs a value");
       return argv[++i];
     };
-    if (flag == "--keel") args.keel = value();
-    else if (flag == "--config") args.config = value();
-    else if (flag == "--calibration") args.calibration = value();
-    else if (flag == "--calibrate-load") args.calibrate_load_rate = std::stod(value());
-    else if (flag == "--rates") args.rates = parse_rates(value());
-    else if (flag == "--num-requests") args.num_requests = std::stoi(value());
-    else if (flag == "--input-len") args.input_len = std::stoi(value());
-    else if (flag == "--output-len") args.output_len = std::stoi(value());
-    else if (flag == "--seed") args.seed = std::stoull(value());
-    else throw std::runtime_error("unknown flag " + flag);
+    if (flag == "--keel")
+      args.keel = value();
+    else if (flag == "--config")
+      args.config = value();
+    else if (flag == "--calibration")
+      args.calibration = value();
+    else if (flag == "--calibrate-load")
+      args.calibrate_load_rate = std::stod(value());
+    else if (flag == "--rates")
+      args.rates = parse_rates(value());
+    else if (flag == "--num-requests")
+      args.num_requests = std::stoi(value());
+    else if (flag == "--input-len")
+      args.input_len = std::stoi(value());
+    else if (flag == "--output-len")
+      args.output_len = std::stoi(value());
+    else if (flag == "--seed")
+      args.seed = std::stoull(value());
+    else
+      throw std::runtime_error("unknown flag " + flag);
   }
   return args;
 }
@@ -113,10 +124,10 @@ int main(int argc, char** argv) {
       args.calibration =
           (std::filesystem::temp_directory_path() / "keel-sim-validate-calibration.json").string();
       // Shapes the loads produce: decodes up to the batch cap, prefill chunks up to the budget.
-      const std::string command = args.keel + " calibrate --config " + args.config + " --out " +
-                                  args.calibration +
-                                  " --decode-list 0,1,2,4,8,16,32,64 --prefill-list 0,64,128,256,512"
-                                  " --context-list 64,128 --repeats 3 >&2";
+      const std::string command =
+          args.keel + " calibrate --config " + args.config + " --out " + args.calibration +
+          " --decode-list 0,1,2,4,8,16,32,64 --prefill-list 0,64,128,256,512"
+          " --context-list 64,128 --repeats 3 >&2";
       if (run_command(command) != 0) throw std::runtime_error("keel calibrate failed");
     }
     keel::ServeConfig serve = keel::load_serve_config(args.config);
@@ -131,7 +142,8 @@ int main(int argc, char** argv) {
     sim_config.scheduler.max_num_batched_tokens = serve.max_num_batched_tokens;
     sim_config.max_waiting = serve.max_waiting;
 
-    keel::loadgen::ServerProcess server({args.keel, "serve", "--config", args.config, "--port", "0"});
+    keel::loadgen::ServerProcess server(
+        {args.keel, "serve", "--config", args.config, "--port", "0"});
     const std::string url = server.start(std::chrono::minutes(5));
     auto make_spec = [&](double rate, uint64_t seed) {
       keel::loadgen::LoadSpec spec;
@@ -147,7 +159,8 @@ int main(int argc, char** argv) {
     if (from_server) {
       // A calibration load at its own rate (not one of the held-out rates), then the step
       // shapes the server recorded while serving it.
-      keel::loadgen::LoadResult warm = keel::loadgen::run_load(make_spec(args.calibrate_load_rate, args.seed + 1000));
+      keel::loadgen::LoadResult warm =
+          keel::loadgen::run_load(make_spec(args.calibrate_load_rate, args.seed + 1000));
       if (warm.summary.failed > 0) throw std::runtime_error("calibration load: requests failed");
       args.calibration =
           (std::filesystem::temp_directory_path() / "keel-sim-validate-served-calibration.json")
@@ -192,9 +205,9 @@ int main(int argc, char** argv) {
                   {"load_average_after", keel::bench::one_minute_load_average()}}},
                 {"config", args.config},
                 {"calibration", args.calibration},
-                {"calibration_source", from_server ? "served steps at rate " +
-                                                         std::to_string(args.calibrate_load_rate)
-                                                   : "keel calibrate grid"},
+                {"calibration_source",
+                 from_server ? "served steps at rate " + std::to_string(args.calibrate_load_rate)
+                             : "keel calibrate grid"},
                 {"input_len", args.input_len},
                 {"output_len", args.output_len},
                 {"loads", loads},

@@ -216,8 +216,8 @@ void Engine::run_rank(int tp_rank, comm::Communicator& communicator, const Gener
   const int64_t capacity = max_prompt + request.max_new_tokens;
   StepBatch batch;
   batch.set_contiguous_block_tables(num_prompts, capacity, kGenerateBlockSize);
-  KvPool pool = model.make_kv_pool(static_cast<int64_t>(batch.block_tables.size()),
-                                   kGenerateBlockSize);
+  KvPool pool =
+      model.make_kv_pool(static_cast<int64_t>(batch.block_tables.size()), kGenerateBlockSize);
   const std::vector<std::vector<double>> seconds_before = model.expert_seconds();
 
   // Prefill: all prompts in one step; logits for every position only when asked.
@@ -352,8 +352,8 @@ void Engine::serve(StepSource* source, const ServeOptions& options) {
   });
 }
 
-void Engine::gather_observations(int tp_rank, comm::Communicator& communicator,
-                                 RankModel& model, StepOutput& output) {
+void Engine::gather_observations(int tp_rank, comm::Communicator& communicator, RankModel& model,
+                                 StepOutput& output) {
   // Every rank's phase seconds and expert seconds in one all-gather of floats (a few KB; expert
   // seconds per step fit a float's precision): [tp][phases + layers * experts].
   const StepObservation& observation = model.observation();
@@ -361,7 +361,8 @@ void Engine::gather_observations(int tp_rank, comm::Communicator& communicator,
   const size_t width = kNumPhases + expert_count;
   std::vector<float> mine(width);
   for (int phase = 0; phase < kNumPhases; ++phase)
-    mine[static_cast<size_t>(phase)] = static_cast<float>(observation.phase_seconds[static_cast<size_t>(phase)]);
+    mine[static_cast<size_t>(phase)] =
+        static_cast<float>(observation.phase_seconds[static_cast<size_t>(phase)]);
   std::copy(observation.expert_seconds.begin(), observation.expert_seconds.end(),
             mine.begin() + kNumPhases);
   Backend& backend = model.backend();

@@ -90,8 +90,8 @@ struct StepOutput {
   // them (thread ranks: all; process ranks: the leader's only).
   const StepObservation* observation = nullptr;
   std::vector<std::array<double, kNumPhases>> rank_phase_seconds;  // [tp]
-  std::vector<float> expert_seconds;                                // [layer * num_experts + e]
-  std::vector<std::vector<TraceEvent>> rank_traces;                 // [tp]
+  std::vector<float> expert_seconds;                               // [layer * num_experts + e]
+  std::vector<std::vector<TraceEvent>> rank_traces;                // [tp]
 };
 
 class StepSource {

@@ -30,13 +30,20 @@ CombinePrecision parse_combine_precision(std::string_view name) {
 
 std::string_view phase_name(Phase phase) {
   switch (phase) {
-    case Phase::kAttention: return "attention";
-    case Phase::kAllReduce: return "allreduce";
-    case Phase::kRouter: return "router";
-    case Phase::kPack: return "pack";
-    case Phase::kExperts: return "experts";
-    case Phase::kCombine: return "combine";
-    case Phase::kOther: return "other";
+    case Phase::kAttention:
+      return "attention";
+    case Phase::kAllReduce:
+      return "allreduce";
+    case Phase::kRouter:
+      return "router";
+    case Phase::kPack:
+      return "pack";
+    case Phase::kExperts:
+      return "experts";
+    case Phase::kCombine:
+      return "combine";
+    case Phase::kOther:
+      return "other";
   }
   return "other";
 }
@@ -44,8 +51,7 @@ std::string_view phase_name(Phase phase) {
 namespace {
 
 double steady_seconds() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 template <typename T>
@@ -432,14 +438,10 @@ void RankModel::forward(const StepBatch& batch, KvPool& pool, comm::Communicator
   const int32_t* token_ids = upload(batch.token_ids, token_ids_);
   upload(batch.positions, positions_);
   upload(batch.cache_idx, cache_idx_);
-  const Backend::KvPoolView view{pool.k.f32(),
-                                 pool.v.f32(),
-                                 config_.num_layers,
-                                 pool.num_blocks,
-                                 kv_heads_local_,
-                                 pool.block_size,
-                                 config_.head_dim,
-                                 upload(batch.block_tables, block_tables_),
+  const Backend::KvPoolView view{pool.k.f32(),       pool.v.f32(),
+                                 config_.num_layers, pool.num_blocks,
+                                 kv_heads_local_,    pool.block_size,
+                                 config_.head_dim,   upload(batch.block_tables, block_tables_),
                                  max_blocks};
 
   // Router replay: the forced choices of every MoE layer, checked here so kernels can trust them.
@@ -448,13 +450,14 @@ void RankModel::forward(const StepBatch& batch, KvPool& pool, comm::Communicator
     const size_t expected = static_cast<size_t>(num_moe_layers_ * num_tokens * config_.top_k);
     if (batch.forced_routes.size() != expected)
       throw_error("rank ", tp_rank_, ": router replay gives ", batch.forced_routes.size(),
-                  " expert ids for ", num_tokens, " tokens x ", num_moe_layers_, " MoE layers x top_k ",
-                  config_.top_k, " (", expected, " expected)");
+                  " expert ids for ", num_tokens, " tokens x ", num_moe_layers_,
+                  " MoE layers x top_k ", config_.top_k, " (", expected, " expected)");
     for (size_t pair = 0; pair < batch.forced_routes.size(); ++pair) {
       const int32_t expert = batch.forced_routes[pair];
       const size_t first_slot = pair - pair % static_cast<size_t>(config_.top_k);
       bool repeated = false;
-      for (size_t slot = first_slot; slot < pair; ++slot) repeated |= batch.forced_routes[slot] == expert;
+      for (size_t slot = first_slot; slot < pair; ++slot)
+        repeated |= batch.forced_routes[slot] == expert;
       if (expert < 0 || expert >= config_.num_experts || repeated)
         throw_error("rank ", tp_rank_, ": router replay: expert id ", expert,
                     " is out of range or repeated within a token's top-k");
@@ -491,7 +494,8 @@ void RankModel::forward(const StepBatch& batch, KvPool& pool, comm::Communicator
     });
     if (layer.is_moe) {
       moe(layer_idx, num_tokens,
-          forced_routes == nullptr ? nullptr : forced_routes + moe_idx * num_tokens * config_.top_k);
+          forced_routes == nullptr ? nullptr
+                                   : forced_routes + moe_idx * num_tokens * config_.top_k);
       ++moe_idx;
     } else {
       timed(Phase::kOther, layer_idx,
@@ -537,8 +541,7 @@ void RankModel::forward(const StepBatch& batch, KvPool& pool, comm::Communicator
   }
 }
 
-void RankModel::attention(int64_t layer_idx, int64_t num_tokens,
-                          const Backend::KvPoolView& view) {
+void RankModel::attention(int64_t layer_idx, int64_t num_tokens, const Backend::KvPoolView& view) {
   LayerWeights& layer = layers_[static_cast<size_t>(layer_idx)];
   const int64_t head_dim = config_.head_dim;
   const int64_t q_width = q_heads_local_ * head_dim;
@@ -660,8 +663,8 @@ void RankModel::moe(int64_t layer_idx, int64_t num_tokens, const int32_t* forced
           static_cast<float>(seconds);
       observation_.phase_seconds[static_cast<size_t>(Phase::kExperts)] += seconds;
       if (trace_)
-        observation_.trace.push_back({Phase::kExperts, static_cast<int32_t>(layer_idx), expert_id,
-                                      start, seconds});
+        observation_.trace.push_back(
+            {Phase::kExperts, static_cast<int32_t>(layer_idx), expert_id, start, seconds});
     }
   }
   timed(Phase::kPack, layer_idx,
@@ -696,7 +699,8 @@ void RankModel::timed(Phase phase, int64_t layer, Fn&& work) {
   const double start = steady_seconds();
   const double seconds = backend_.timed_seconds(work);
   observation_.phase_seconds[static_cast<size_t>(phase)] += seconds;
-  if (trace_) observation_.trace.push_back({phase, static_cast<int32_t>(layer), -1, start, seconds});
+  if (trace_)
+    observation_.trace.push_back({phase, static_cast<int32_t>(layer), -1, start, seconds});
 }
 
 }  // namespace keel

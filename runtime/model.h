@@ -224,8 +224,8 @@ class RankModel {
       route_margins_, expert_in_, expert_mid_, expert_act_, expert_out_, shared_out_,
       shared_gate_logits_, lm_in_, local_logits_, gathered_logits_;
   DeviceArray forced_routes_;
-  DeviceArray token_ids_, positions_, cache_idx_, block_tables_, logits_rows_, route_ids_, packed_routes_,
-      slot_rows_;
+  DeviceArray token_ids_, positions_, cache_idx_, block_tables_, logits_rows_, route_ids_,
+      packed_routes_, slot_rows_;
   // Host copies of what host-side policy needs.
   std::vector<int32_t> host_route_ids_;
   std::vector<PackedRoute> host_logits_routes_;

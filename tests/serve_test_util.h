@@ -148,13 +148,13 @@ inline std::string request_text(const std::string& method, const std::string& pa
                                 const std::string& body) {
   std::string text = method + " " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n";
   if (!body.empty() || method == "POST")
-    text += "Content-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) +
-            "\r\n";
+    text +=
+        "Content-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) + "\r\n";
   return text + "\r\n" + body;
 }
 
 struct HttpResponse {
-  int status = 0;  // 0: no response (connection failed)
+  int status = 0;                              // 0: no response (connection failed)
   std::map<std::string, std::string> headers;  // lower-case names
   std::string body;                            // de-chunked
 };
@@ -194,9 +194,8 @@ inline HttpResponse parse_response(const std::string& raw) {
   }
   std::string body = raw.substr(head_end + 4);
   auto chunked = response.headers.find("transfer-encoding");
-  response.body = chunked != response.headers.end() && chunked->second == "chunked"
-                      ? dechunk(body)
-                      : body;
+  response.body =
+      chunked != response.headers.end() && chunked->second == "chunked" ? dechunk(body) : body;
   return response;
 }
 
@@ -225,8 +224,8 @@ inline std::vector<std::string> sse_events(const std::string& body, bool* saw_do
   size_t at = 0;
   while ((at = body.find("data: ", at)) != std::string::npos) {
     size_t end = body.find("\n\n", at);
-    std::string payload = body.substr(at + 6, end == std::string::npos ? std::string::npos
-                                                                      : end - at - 6);
+    std::string payload =
+        body.substr(at + 6, end == std::string::npos ? std::string::npos : end - at - 6);
     if (payload == "[DONE]") {
       if (saw_done != nullptr) *saw_done = true;
     } else {

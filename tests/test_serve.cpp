@@ -10,9 +10,9 @@
 
 #include <atomic>
 #include <filesystem>
-#include <set>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -83,7 +83,8 @@ const std::string kProbe = json{
 // What must be bit-identical: text, token strings, and every logprob as printed (the printed
 // double is the exact value of the fp32 logprob, so equal strings mean equal bits).
 std::string essence(const HttpResponse& response) {
-  if (response.status != 200) return "HTTP " + std::to_string(response.status) + ": " + response.body;
+  if (response.status != 200)
+    return "HTTP " + std::to_string(response.status) + ": " + response.body;
   json body = json::parse(response.body);
   const json& choice = body["choices"][0];
   return choice["text"].dump() + "\n" + choice["logprobs"].dump() + "\n" +
@@ -93,7 +94,8 @@ std::string essence(const HttpResponse& response) {
 // A batch-mate: a different prompt, length, seed and sampling each.
 std::string mate_request(int index, bool stream) {
   std::string prompt;
-  for (int word = 0; word <= index % 7; ++word) prompt += "stone water lantern " + std::to_string(index);
+  for (int word = 0; word <= index % 7; ++word)
+    prompt += "stone water lantern " + std::to_string(index);
   return json{{"prompt", prompt},
               {"max_tokens", 16 + index % 3 * 8},
               {"temperature", index % 2 == 0 ? 0.0 : 0.7},
@@ -160,7 +162,8 @@ TEST_F(Serve, SameSeededRequestHasIdenticalBitsAloneAmidSixteenAndStreamed) {
     for (const json& choice : chunk["choices"]) {
       text += choice["text"].get<std::string>();
       if (choice.contains("logprobs") && !choice["logprobs"].is_null())
-        for (const json& logprob : choice["logprobs"]["token_logprobs"]) token_logprobs.push_back(logprob);
+        for (const json& logprob : choice["logprobs"]["token_logprobs"])
+          token_logprobs.push_back(logprob);
     }
   }
   EXPECT_TRUE(done);
@@ -197,27 +200,27 @@ TEST_F(Serve, DifferentPrefillBudgetBlockSizeAndMpiRanksGiveIdenticalBits) {
 TEST_F(Serve, BackendRejectsWhatOnlyItCanJudgeWith400) {
   std::string long_prompt;
   for (int i = 0; i < 1500; ++i) long_prompt += "lantern ";
-  HttpResponse too_long = post(port(), "/v1/completions",
-                               json{{"prompt", long_prompt}, {"max_tokens", 4}}.dump());
+  HttpResponse too_long =
+      post(port(), "/v1/completions", json{{"prompt", long_prompt}, {"max_tokens", 4}}.dump());
   EXPECT_EQ(too_long.status, 400) << too_long.body;
   EXPECT_EQ(json::parse(too_long.body)["error"]["param"], "prompt");
   EXPECT_NE(too_long.body.find("context is 4096"), std::string::npos) << too_long.body;
 
-  HttpResponse bad_id = post(port(), "/v1/completions",
-                             json{{"prompt", {1, 2, 5000}}, {"max_tokens", 4}}.dump());
+  HttpResponse bad_id =
+      post(port(), "/v1/completions", json{{"prompt", {1, 2, 5000}}, {"max_tokens", 4}}.dump());
   EXPECT_EQ(bad_id.status, 400) << bad_id.body;
   EXPECT_NE(bad_id.body.find("5000"), std::string::npos);
 
-  HttpResponse wrong_model = post(port(), "/v1/completions",
-                                  json{{"prompt", "hi"}, {"model", "gpt-9"}}.dump());
+  HttpResponse wrong_model =
+      post(port(), "/v1/completions", json{{"prompt", "hi"}, {"model", "gpt-9"}}.dump());
   EXPECT_EQ(wrong_model.status, 404);
   // The server is still fine.
   EXPECT_EQ(post(port(), "/v1/completions", kProbe).status, 200);
 }
 
 TEST_F(Serve, StopStringEndsTheTextBeforeIt) {
-  json greedy = {{"prompt", "the bridge"}, {"max_tokens", 40}, {"temperature", 0},
-                 {"ignore_eos", true}};
+  json greedy = {
+      {"prompt", "the bridge"}, {"max_tokens", 40}, {"temperature", 0}, {"ignore_eos", true}};
   HttpResponse full = post(port(), "/v1/completions", greedy.dump());
   ASSERT_EQ(full.status, 200);
   const std::string text = json::parse(full.body)["choices"][0]["text"];
@@ -266,7 +269,8 @@ TEST_F(Serve, ClientDisconnectMidStreamFreesItsBlocks) {
   }
   const double aborted_before = metric(port(), "keel_request_aborted_total");
   EXPECT_GT(metric(port(), "keel_kv_cache_usage_perc"), 0.0)
-      << seen << "\n" << http(port(), "GET", "/metrics").body.substr(0, 2000);
+      << seen << "\n"
+      << http(port(), "GET", "/metrics").body.substr(0, 2000);
   close(fd);
   // The next steps notice the hang-up, abort the request and free its blocks.
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
@@ -277,7 +281,8 @@ TEST_F(Serve, ClientDisconnectMidStreamFreesItsBlocks) {
   EXPECT_EQ(metric(port(), "keel_kv_cache_usage_perc"), 0.0);
   EXPECT_EQ(metric(port(), "keel_num_requests_running"), 0.0);
   EXPECT_EQ(metric(port(), "keel_request_aborted_total"), aborted_before + 1)
-      << seen << "\n" << http(port(), "GET", "/metrics").body.substr(0, 2000);
+      << seen << "\n"
+      << http(port(), "GET", "/metrics").body.substr(0, 2000);
 }
 
 TEST_F(Serve, CurlStreamsAChat) {
@@ -315,7 +320,7 @@ TEST_F(Serve, ExpertCountersMatchTheRequestsOwnRoutingExactly) {
   ASSERT_EQ(response.status, 200) << response.body;
   const json after = json::parse(http(port(), "GET", "/v1/telemetry/experts").body);
   const json choice = json::parse(response.body)["choices"][0];
-  const json& routed = choice["routed_experts"];  // [token][moe layer][slot]
+  const json& routed = choice["routed_experts"];   // [token][moe layer][slot]
   const json& margins = choice["router_margins"];  // [token][moe layer]
   const int prompt_tokens = json::parse(response.body)["usage"]["prompt_tokens"];
   ASSERT_EQ(routed.size(), static_cast<size_t>(prompt_tokens + 9 - 1));
@@ -365,9 +370,10 @@ TEST_F(Serve, MetricsPassPromtool) {
   ASSERT_EQ(metrics.status, 200);
   for (const char* family :
        {"keel_expert_tokens_total", "keel_expert_seconds_bucket", "keel_moe_balancedness",
-        "keel_router_margin_bucket", "keel_router_near_ties_total", "keel_step_phase_seconds_bucket",
-        "keel_time_to_first_token_seconds_bucket", "keel_inter_token_latency_seconds_bucket",
-        "keel_e2e_request_latency_seconds_bucket", "keel_request_queue_time_seconds_bucket"})
+        "keel_router_margin_bucket", "keel_router_near_ties_total",
+        "keel_step_phase_seconds_bucket", "keel_time_to_first_token_seconds_bucket",
+        "keel_inter_token_latency_seconds_bucket", "keel_e2e_request_latency_seconds_bucket",
+        "keel_request_queue_time_seconds_bucket"})
     EXPECT_NE(metrics.body.find(family), std::string::npos) << family;
   EXPECT_NE(metrics.body.find("phase=\"allreduce\",algo=\"fixed_order\""), std::string::npos);
   const std::string path = scratch() + "/metrics.txt";
@@ -425,8 +431,7 @@ std::string run_command(const std::string& command, int* exit_code) {
 TEST(ServeAlone, CapturedRoutingReplaysBitForBit) {
   const std::string capture = scratch() + "/capture.keelrt";
   {
-    ServerProcess server(
-        serve_args(write_config("capture", "routing_capture: " + capture + "\n")));
+    ServerProcess server(serve_args(write_config("capture", "routing_capture: " + capture + "\n")));
     for (int index = 0; index < 3; ++index)
       ASSERT_EQ(post(server.port(), "/v1/completions", mate_request(index, index == 1)).status,
                 200);
@@ -494,9 +499,9 @@ TEST(ServeAlone, TelemetryDumpsAndGenerateTrace) {
 
   const std::string trace = scratch() + "/generate-trace.json";
   int exit_code = -1;
-  std::string output = run_command(kKeel + " generate --model " + model_dir() +
-                                       " --tp 4 --max-tokens 3 --trace " + trace,
-                                   &exit_code);
+  std::string output = run_command(
+      kKeel + " generate --model " + model_dir() + " --tp 4 --max-tokens 3 --trace " + trace,
+      &exit_code);
   ASSERT_EQ(exit_code, 0) << output;
   std::ifstream file(trace);
   const json events = json::parse(file)["traceEvents"];
@@ -507,17 +512,16 @@ TEST(ServeAlone, TelemetryDumpsAndGenerateTrace) {
 }
 
 TEST(ServeAlone, OverloadAnswers429AndKeepsEveryAcceptedRequest) {
-  ServerProcess server(serve_args(
-      write_config("overload", "max_num_seqs: 1\nmax_waiting: 2\n")));
+  ServerProcess server(serve_args(write_config("overload", "max_num_seqs: 1\nmax_waiting: 2\n")));
   std::vector<std::thread> clients;
   std::vector<HttpResponse> responses(8);
   for (size_t index = 0; index < responses.size(); ++index)
     clients.emplace_back([&, index] {
       responses[index] = post(server.port(), "/v1/completions",
-                               json{{"prompt", "queue " + std::to_string(index)},
-                                    {"max_tokens", 200},
-                                    {"ignore_eos", true}}
-                                   .dump());
+                              json{{"prompt", "queue " + std::to_string(index)},
+                                   {"max_tokens", 200},
+                                   {"ignore_eos", true}}
+                                  .dump());
     });
   for (std::thread& client : clients) client.join();
   int accepted = 0, refused = 0;
@@ -556,7 +560,8 @@ TEST(ServeAlone, SigtermDrainsInFlightStreamsAndExitsZero) {
   }
   server.terminate();
   ssize_t bytes;
-  while ((bytes = recv(fd, buffer, sizeof(buffer), 0)) > 0) raw.append(buffer, static_cast<size_t>(bytes));
+  while ((bytes = recv(fd, buffer, sizeof(buffer), 0)) > 0)
+    raw.append(buffer, static_cast<size_t>(bytes));
   close(fd);
   EXPECT_EQ(server.wait(), 0) << server.output();
   HttpResponse response = parse_response(raw);

@@ -6,13 +6,13 @@
 #include <cstdio>
 #include <fstream>
 #include <iostream>
-#include <random>
-#include <thread>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <random>
 #include <set>
-#include <tuple>
 #include <string>
+#include <thread>
+#include <tuple>
 #include <vector>
 
 #include "comm/mpi_comm.h"
@@ -21,14 +21,14 @@
 #endif
 #include "kernels/base/check.h"
 #include "kernels/cpu/gemm.h"
+#include "runtime/cli/client_cmds.h"
+#include "runtime/cli/plan_cmd.h"
+#include "runtime/cli/routes_cmd.h"
+#include "runtime/cli/simulate_cmd.h"
 #include "runtime/deployment.h"
 #include "runtime/engine.h"
 #include "runtime/gen_model.h"
-#include "runtime/cli/client_cmds.h"
-#include "runtime/cli/plan_cmd.h"
-#include "runtime/cli/simulate_cmd.h"
 #include "runtime/loadgen/loadgen.h"
-#include "runtime/cli/routes_cmd.h"
 #include "runtime/logging.h"
 #include "runtime/server/http_server.h"
 #include "runtime/serving/calibrate.h"
@@ -374,7 +374,8 @@ int serve(int argc, char** argv) {
   keel::EngineOptions& options = config.engine;
   if (options.device == keel::Device::kCuda) {
     std::string reason;
-    if (keel::cuda_device_count(&reason) == 0) throw_error("backend cuda: no CUDA device: ", reason);
+    if (keel::cuda_device_count(&reason) == 0)
+      throw_error("backend cuda: no CUDA device: ", reason);
   }
   ProcessRanks ranks;
   if (ranks.start(options)) {
@@ -389,10 +390,9 @@ int run_serve(keel::ServeConfig& config) {
   keel::ServeOptions serve_options;
   serve_options.block_size = config.block_size;
   serve_options.num_kv_blocks =
-      config.num_kv_blocks > 0
-          ? config.num_kv_blocks
-          : std::max<int64_t>(1, config.kv_cache_mb * 1024 * 1024 /
-                                     engine.kv_block_bytes(config.block_size));
+      config.num_kv_blocks > 0 ? config.num_kv_blocks
+                               : std::max<int64_t>(1, config.kv_cache_mb * 1024 * 1024 /
+                                                          engine.kv_block_bytes(config.block_size));
   if (!engine.is_leader_process()) {
     // mpirun forwards SIGTERM to every rank; only the leader drains, the others follow its
     // steps until it broadcasts the stop.
@@ -458,7 +458,8 @@ int run_serve(keel::ServeConfig& config) {
       static_cast<long long>(config.block_size));
   std::fflush(stdout);
 
-  const auto drain_timeout = std::chrono::milliseconds(static_cast<int64_t>(config.drain_timeout_s * 1000));
+  const auto drain_timeout =
+      std::chrono::milliseconds(static_cast<int64_t>(config.drain_timeout_s * 1000));
   std::thread signal_waiter([&] {
     http.run_until_signal(drain_timeout);
     serving.request_stop();
@@ -498,9 +499,11 @@ int calibrate_from_server(const Flags& flags) {
   const nlohmann::json steps = nlohmann::json::parse(response.body)["steps"];
   // One point per (decode tokens, prefill tokens): the median step time and the median KV
   // tokens read of the steps of that shape.
-  std::map<std::pair<int64_t, int64_t>, std::pair<std::vector<double>, std::vector<int64_t>>> shapes;
+  std::map<std::pair<int64_t, int64_t>, std::pair<std::vector<double>, std::vector<int64_t>>>
+      shapes;
   for (const auto& step : steps) {
-    if (!step.contains("kv_tokens_read")) throw_error("calibrate: the server is too old (no kv_tokens_read)");
+    if (!step.contains("kv_tokens_read"))
+      throw_error("calibrate: the server is too old (no kv_tokens_read)");
     auto& [times, kv] = shapes[{step["num_decode_tokens"].get<int64_t>(),
                                 step["num_prefill_tokens"].get<int64_t>()}];
     times.push_back(step["seconds"].get<double>());
@@ -554,7 +557,8 @@ int calibrate(int argc, char** argv) {
   keel::ServeConfig config = keel::load_serve_config(flags.get("--config"));
   if (flags.has("--model")) config.model_dir = flags.get("--model");
   keel::CalibrationGrid grid;
-  if (flags.has("--decode-list")) grid.decode = parse_list("--decode-list", flags.get("--decode-list"));
+  if (flags.has("--decode-list"))
+    grid.decode = parse_list("--decode-list", flags.get("--decode-list"));
   if (flags.has("--prefill-list"))
     grid.prefill = parse_list("--prefill-list", flags.get("--prefill-list"));
   if (flags.has("--context-list"))
@@ -584,7 +588,8 @@ int calibrate(int argc, char** argv) {
 
 // keel routes replay FILE --model DIR [--tp N] [--no-force] [--json]
 int routes_replay(int argc, char** argv) {
-  if (argc < 4) throw_error("routes replay needs a routing file: keel routes replay FILE --model DIR");
+  if (argc < 4)
+    throw_error("routes replay needs a routing file: keel routes replay FILE --model DIR");
   const std::string path = argv[3];
   Flags flags(argc, argv, 4, {"--model", "--tp", "--collective-timeout-ms"},
               {"--no-force", "--json", "--verbose"});
@@ -592,7 +597,8 @@ int routes_replay(int argc, char** argv) {
   keel::RoutingFile file = keel::read_routing_file(path);
   const keel::RoutingFileHeader& header = file.header;
   std::string model_dir = flags.get("--model", header.model_dir);
-  if (model_dir.empty()) throw_error("routes replay: ", path, " names no model_dir; pass --model DIR");
+  if (model_dir.empty())
+    throw_error("routes replay: ", path, " names no model_dir; pass --model DIR");
   keel::EngineOptions options;
   options.tp_size = static_cast<int>(flags.integer("--tp", header.tp));
   options.collective_timeout_ms = flags.integer("--collective-timeout-ms", 120000);

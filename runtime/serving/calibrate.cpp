@@ -12,8 +12,7 @@ namespace keel {
 namespace {
 
 double now_seconds() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 struct GridPoint {
@@ -179,8 +178,7 @@ nlohmann::json calibrate_engine(Engine& engine, const CalibrationGrid& grid) {
         if (context > engine.config().max_position_embeddings ||
             prefill > engine.config().max_position_embeddings)
           throw_error("calibrate: context ", std::max(context, prefill),
-                      " exceeds max_position_embeddings ",
-                      engine.config().max_position_embeddings);
+                      " exceeds max_position_embeddings ", engine.config().max_position_embeddings);
         // Without decode sequences the context axis means nothing: measure it once.
         if (decode == 0 && context != grid.context.front()) continue;
         points.push_back({decode, prefill, context});

@@ -36,8 +36,8 @@ class ReplaySource final : public StepSource {
       tokens = {outcomes_.back().tokens.back()};
       first_position = fed_;
     }
-    const int64_t capacity = static_cast<int64_t>(record.prompt_token_ids.size() +
-                                                  record.output_token_ids.size()) + 1;
+    const int64_t capacity =
+        static_cast<int64_t>(record.prompt_token_ids.size() + record.output_token_ids.size()) + 1;
     batch.set_contiguous_block_tables(1, capacity, kBlockSize);
     for (size_t i = 0; i < tokens.size(); ++i) {
       batch.token_ids.push_back(tokens[i]);
@@ -58,9 +58,9 @@ class ReplaySource final : public StepSource {
         for (size_t token = 0; token < tokens.size(); ++token)
           for (size_t slot = 0; slot < k; ++slot)
             batch.forced_routes[(layer * tokens.size() + token) * k + slot] =
-                record.expert_ids[RoutingRecord::slot_offset(first_position + static_cast<int64_t>(token),
-                                                             layer, num_layers,
-                                                             file_.header.top_k) +
+                record.expert_ids[RoutingRecord::slot_offset(
+                                      first_position + static_cast<int64_t>(token), layer,
+                                      num_layers, file_.header.top_k) +
                                   slot];
     }
     fed_ = first_position + static_cast<int64_t>(tokens.size());
@@ -142,8 +142,9 @@ std::vector<ReplayOutcome> replay_routing(Engine& engine, const RoutingFile& fil
                 config.top_k);
   int64_t longest = 1;
   for (const RoutingRecord& record : file.records)
-    longest = std::max<int64_t>(longest, static_cast<int64_t>(record.prompt_token_ids.size() +
-                                                              record.output_token_ids.size()) + 1);
+    longest = std::max<int64_t>(
+        longest,
+        static_cast<int64_t>(record.prompt_token_ids.size() + record.output_token_ids.size()) + 1);
   ReplaySource source(config, file, options);
   ServeOptions serve_options;
   serve_options.block_size = 16;

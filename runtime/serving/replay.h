@@ -19,16 +19,16 @@
 namespace keel {
 
 struct ReplayOptions {
-  bool force_routes = true;        // false: re-run without forcing (plain reproducibility)
+  bool force_routes = true;         // false: re-run without forcing (plain reproducibility)
   std::vector<int32_t> masked_ids;  // ids the server masked before sampling (no token text)
 };
 
 struct ReplayOutcome {
   std::string request_id;
   bool tokens_match = false;
-  bool digest_match = false;       // the record's logits_digest reproduced (false if it had none)
-  int64_t first_mismatch = -1;     // index of the first output token that differs, -1 if none
-  std::vector<int32_t> tokens;     // what the replay generated
+  bool digest_match = false;    // the record's logits_digest reproduced (false if it had none)
+  int64_t first_mismatch = -1;  // index of the first output token that differs, -1 if none
+  std::vector<int32_t> tokens;  // what the replay generated
   std::string digest;
 };
 

@@ -26,12 +26,33 @@ T bounded(const YAML::Node& root, const std::string& key, const std::string& pat
 ServeConfig load_serve_config(const std::string& path) {
   YAML::Node root = load_yaml_mapping(path);
   reject_unknown_keys(root,
-                      {"model", "model_name", "tp", "placement", "combine", "determinism",
-                       "backend", "host", "port", "max_model_len", "block_size", "num_kv_blocks",
-                       "kv_cache_mb", "max_num_seqs", "max_num_batched_tokens", "prefix_caching",
-                       "max_waiting", "drain_timeout_s", "collective_timeout_ms", "http_threads",
-                       "max_body_kb", "telemetry", "near_tie_epsilon", "telemetry_dump_dir",
-                       "telemetry_dump_interval_s", "trace_dir", "routing_capture"},
+                      {"model",
+                       "model_name",
+                       "tp",
+                       "placement",
+                       "combine",
+                       "determinism",
+                       "backend",
+                       "host",
+                       "port",
+                       "max_model_len",
+                       "block_size",
+                       "num_kv_blocks",
+                       "kv_cache_mb",
+                       "max_num_seqs",
+                       "max_num_batched_tokens",
+                       "prefix_caching",
+                       "max_waiting",
+                       "drain_timeout_s",
+                       "collective_timeout_ms",
+                       "http_threads",
+                       "max_body_kb",
+                       "telemetry",
+                       "near_tie_epsilon",
+                       "telemetry_dump_dir",
+                       "telemetry_dump_interval_s",
+                       "trace_dir",
+                       "routing_capture"},
                       path);
   ServeConfig config;
   config.engine.collective_timeout_ms = 120000;
@@ -57,8 +78,9 @@ ServeConfig load_serve_config(const std::string& path) {
     throw_error(path, ": ", error.what());
   }
   if (config.engine.placement.kind == PlacementKind::kExplicit)
-    throw_error(path, ": placement 'explicit' is for deployment files; serve configs take "
-                      "contiguous or round_robin");
+    throw_error(path,
+                ": placement 'explicit' is for deployment files; serve configs take "
+                "contiguous or round_robin");
   if (root["determinism"]) {
     const std::string name = yaml_value<std::string>(root, "determinism", path);
     if (name == "batch_invariant") {
@@ -66,8 +88,7 @@ ServeConfig load_serve_config(const std::string& path) {
     } else if (name == "fast") {
       config.determinism = Determinism::kFast;
     } else {
-      throw_error(path, ": key 'determinism' is '", name,
-                  "'; expected batch_invariant or fast");
+      throw_error(path, ": key 'determinism' is '", name, "'; expected batch_invariant or fast");
     }
   }
   config.engine.reduce = config.determinism == Determinism::kBatchInvariant
@@ -89,7 +110,8 @@ ServeConfig load_serve_config(const std::string& path) {
   if (root["max_num_batched_tokens"])
     config.max_num_batched_tokens =
         bounded<int64_t>(root, "max_num_batched_tokens", path, 1, int64_t{1} << 24);
-  if (root["prefix_caching"]) config.prefix_caching = yaml_value<bool>(root, "prefix_caching", path);
+  if (root["prefix_caching"])
+    config.prefix_caching = yaml_value<bool>(root, "prefix_caching", path);
   if (root["max_waiting"])
     config.max_waiting = bounded<int64_t>(root, "max_waiting", path, 1, int64_t{1} << 24);
   if (root["drain_timeout_s"])
@@ -98,8 +120,9 @@ ServeConfig load_serve_config(const std::string& path) {
     config.engine.collective_timeout_ms =
         bounded<int64_t>(root, "collective_timeout_ms", path, 0, int64_t{1} << 40);
   if (config.engine.collective_timeout_ms != 0 && config.engine.collective_timeout_ms < 1000)
-    throw_error(path, ": key 'collective_timeout_ms' must be 0 (forever) or >= 1000: idle ranks "
-                      "wait up to ~20 ms between heartbeats and a busy step can take longer");
+    throw_error(path,
+                ": key 'collective_timeout_ms' must be 0 (forever) or >= 1000: idle ranks "
+                "wait up to ~20 ms between heartbeats and a busy step can take longer");
   if (root["http_threads"]) config.http_threads = bounded<int>(root, "http_threads", path, 1, 64);
   if (root["max_body_kb"])
     config.max_body_kb = bounded<int64_t>(root, "max_body_kb", path, 1, int64_t{1} << 20);

@@ -1,15 +1,15 @@
 #include "runtime/serving/serving_engine.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <ctime>
-#include <limits>
-#include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 
-#include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
+#include <nlohmann/json.hpp>
 
 #include "kernels/base/check.h"
 
@@ -102,9 +102,9 @@ ServingEngine::ServingEngine(const Engine& engine, const std::string& model_dir,
   local_stats_ = stats_;
   top_k_ = engine.config().top_k;
   for (bool is_moe : engine.config().layer_is_moe) num_moe_layers_ += is_moe ? 1 : 0;
-  telemetry_ = std::make_unique<ServingTelemetry>(engine.config(), engine.placement(),
-                                                  engine.tp_size(), config_.model_name,
-                                                  config_.telemetry_options);
+  telemetry_ =
+      std::make_unique<ServingTelemetry>(engine.config(), engine.placement(), engine.tp_size(),
+                                         config_.model_name, config_.telemetry_options);
   if (!config_.routing_capture_path.empty()) {
     RoutingFileHeader& header = config_.routing_header;
     header.model = config_.model_name;
@@ -152,8 +152,8 @@ std::optional<RequestError> ServingEngine::prepare(server::CompletionRequest& re
   if (prompt.empty()) return bad_request("the prompt is empty after tokenization", prompt_param);
   for (int32_t id : prompt)
     if (id < 0 || id >= vocab_size_)
-      return bad_request("prompt token id " + std::to_string(id) + " is outside the vocabulary [0, " +
-                             std::to_string(vocab_size_) + ")",
+      return bad_request("prompt token id " + std::to_string(id) +
+                             " is outside the vocabulary [0, " + std::to_string(vocab_size_) + ")",
                          prompt_param);
   const int64_t prompt_len = static_cast<int64_t>(prompt.size());
   if (prompt_len >= max_context_)
@@ -170,7 +170,8 @@ std::optional<RequestError> ServingEngine::prepare(server::CompletionRequest& re
     return bad_request("the prompt needs " + std::to_string(prompt_len + 1) +
                            " KV slots; the whole cache holds " + std::to_string(pool_tokens),
                        prompt_param);
-  request.max_tokens = static_cast<int>(std::min<int64_t>(request.max_tokens, pool_tokens - prompt_len));
+  request.max_tokens =
+      static_cast<int>(std::min<int64_t>(request.max_tokens, pool_tokens - prompt_len));
   sampling::SamplingParams params;
   params.temperature = request.temperature;
   params.top_p = request.top_p;
@@ -189,7 +190,8 @@ bool ServingEngine::try_submit(server::CompletionRequest request,
   {
     std::lock_guard lock(mutex_);
     if (stopping_ || !failure_.empty()) return false;
-    if (static_cast<int64_t>(incoming_.size()) + stats_.waiting >= config_.max_waiting) return false;
+    if (static_cast<int64_t>(incoming_.size()) + stats_.waiting >= config_.max_waiting)
+      return false;
     incoming_.push_back(Incoming{std::move(request), std::move(sink), telemetry_->now_s()});
   }
   wakeup_.notify_one();
@@ -314,7 +316,8 @@ void ServingEngine::next_step(ServeStep& step) {
   StepBatch& batch = step.batch;
   int64_t max_blocks = 1;
   for (size_t seq = 0; seq < plan_.num_seqs(); ++seq)
-    max_blocks = std::max<int64_t>(max_blocks, static_cast<int64_t>(plan_.block_table_of(seq).size()));
+    max_blocks =
+        std::max<int64_t>(max_blocks, static_cast<int64_t>(plan_.block_table_of(seq).size()));
   batch.max_blocks_per_seq = max_blocks;
   batch.block_tables.assign(plan_.num_seqs() * static_cast<size_t>(max_blocks), -1);
   for (size_t seq = 0; seq < plan_.num_seqs(); ++seq) {
@@ -378,7 +381,23 @@ bool ServingEngine::emit(Live& live, const sampling::SampleResult& sample, bool 
 
 void ServingEngine::finish(int64_t seq_id, Live& live, const std::string& reason) {
   live.ended = true;
-  const server::Usage usage{static_cast<int>(live.prompt_len), static_cast<int>(live.num_generated)};
+  // Telemetry first: a client that reads /v1/telemetry right after its response must find it.
+  RequestRecord record;
+  record.id = live.request_id;
+  record.seq_id = seq_id;
+  record.arrival_s = live.arrival_s;
+  record.queue_s = live.first_scheduled_s >= 0 ? live.first_scheduled_s - live.arrival_s : 0.0;
+  record.ttft_s = live.token_times_s.empty() ? 0.0 : live.token_times_s.front() - live.arrival_s;
+  record.e2e_s = telemetry_->now_s() - live.arrival_s;
+  record.prompt_tokens = live.prompt_len;
+  record.completion_tokens = live.num_generated;
+  record.first_step = live.first_step;
+  record.last_step = live.last_step;
+  record.finish_reason = reason;
+  record.token_times_s = live.token_times_s;
+  telemetry_->on_request(record);
+  const server::Usage usage{static_cast<int>(live.prompt_len),
+                            static_cast<int>(live.num_generated)};
   if (routing_writer_ && reason != "error") write_routing_record(seq_id, live);
   if (live.want_routing_field) {
     // (tokens, moe layers, top_k) as vLLM/SGLang's routed_experts, plus weights and margins;
@@ -389,8 +408,9 @@ void ServingEngine::finish(int64_t seq_id, Live& live, const std::string& reason
     for (const RoutingRows& rows : live.routing) {
       nlohmann::json token_ids = nlohmann::json::array(), token_weights = nlohmann::json::array();
       for (size_t layer = 0; layer * k < rows.ids.size(); ++layer) {
-        token_ids.push_back(std::vector<int32_t>(rows.ids.begin() + static_cast<ptrdiff_t>(layer * k),
-                                                 rows.ids.begin() + static_cast<ptrdiff_t>((layer + 1) * k)));
+        token_ids.push_back(
+            std::vector<int32_t>(rows.ids.begin() + static_cast<ptrdiff_t>(layer * k),
+                                 rows.ids.begin() + static_cast<ptrdiff_t>((layer + 1) * k)));
         token_weights.push_back(
             std::vector<float>(rows.weights.begin() + static_cast<ptrdiff_t>(layer * k),
                                rows.weights.begin() + static_cast<ptrdiff_t>((layer + 1) * k)));
@@ -406,20 +426,6 @@ void ServingEngine::finish(int64_t seq_id, Live& live, const std::string& reason
     live.sink->on_finish(reason, usage);
   }
   ++local_stats_.requests_finished;
-  RequestRecord record;
-  record.id = live.request_id;
-  record.seq_id = seq_id;
-  record.arrival_s = live.arrival_s;
-  record.queue_s = live.first_scheduled_s >= 0 ? live.first_scheduled_s - live.arrival_s : 0.0;
-  record.ttft_s = live.token_times_s.empty() ? 0.0 : live.token_times_s.front() - live.arrival_s;
-  record.e2e_s = telemetry_->now_s() - live.arrival_s;
-  record.prompt_tokens = live.prompt_len;
-  record.completion_tokens = live.num_generated;
-  record.first_step = live.first_step;
-  record.last_step = live.last_step;
-  record.finish_reason = reason;
-  record.token_times_s = std::move(live.token_times_s);
-  telemetry_->on_request(record);
 }
 
 void ServingEngine::write_routing_record(int64_t seq_id, Live& live) {
@@ -520,6 +526,31 @@ void ServingEngine::on_step_done(const StepOutput& output) {
   }
   KEEL_CHECK(row * static_cast<size_t>(vocab_size_) == logits.size(), "step returned ",
              logits.size(), " logits for ", row, " rows");
+  // The step's telemetry before any request of it finishes: a client reading /v1/telemetry right
+  // after its response finds the steps that served it.
+  StepRecord record;
+  record.id = step_id_;
+  record.start_s = step_start_s_;
+  const double now = telemetry_->now_s();
+  record.sampling_s = now - sampling_start;
+  record.seconds = now - step_start_s_;
+  record.schedule_s = schedule_s_;
+  record.num_seqs = static_cast<int64_t>(plan_.num_seqs());
+  record.num_tokens = plan_.num_scheduled_tokens;
+  for (size_t seq = 0; seq < plan_.num_seqs(); ++seq) {
+    const int64_t count = plan_.token_offsets[seq + 1] - plan_.token_offsets[seq];
+    // As keel simulate counts them: a sequence fed exactly one token is a decode token.
+    if (count == 1)
+      record.num_decode_tokens += 1;
+    else
+      record.num_prefill_tokens += count;
+    record.kv_tokens_read += plan_.positions_of(seq).back() + 1;
+  }
+  record.kv_blocks_used = scheduler_.block_manager().num_used_blocks();
+  record.preemptions = plan_.num_preemptions;
+  record.seq_ids = plan_.seq_ids;
+  record.request_ids = std::move(step_request_ids);
+  telemetry_->on_step(record, output);
   scheduler_.on_step_done(sampled);
   for (int64_t seq_id : stopped_by_string) {
     Live& live = live_.at(seq_id);
@@ -541,30 +572,6 @@ void ServingEngine::on_step_done(const StepOutput& output) {
   }
   ++local_stats_.steps;
   publish_stats();
-
-  StepRecord record;
-  record.id = step_id_;
-  record.start_s = step_start_s_;
-  const double now = telemetry_->now_s();
-  record.sampling_s = now - sampling_start;
-  record.seconds = now - step_start_s_;
-  record.schedule_s = schedule_s_;
-  record.num_seqs = static_cast<int64_t>(plan_.num_seqs());
-  record.num_tokens = plan_.num_scheduled_tokens;
-  for (size_t seq = 0; seq < plan_.num_seqs(); ++seq) {
-    const int64_t count = plan_.token_offsets[seq + 1] - plan_.token_offsets[seq];
-    // As keel simulate counts them: a sequence fed exactly one token is a decode token.
-    if (count == 1)
-      record.num_decode_tokens += 1;
-    else
-      record.num_prefill_tokens += count;
-    record.kv_tokens_read += plan_.positions_of(seq).back() + 1;
-  }
-  record.kv_blocks_used = local_stats_.kv_blocks_used;
-  record.preemptions = plan_.num_preemptions;
-  record.seq_ids = plan_.seq_ids;
-  record.request_ids = std::move(step_request_ids);
-  telemetry_->on_step(record, output);
 }
 
 std::string ServingEngine::prometheus() const {
@@ -646,8 +653,9 @@ std::optional<server::HttpServerConfig::ExtraResponse> ServingEngine::handle_rou
     }
     if (path == "/v1/telemetry/steps") {
       if (method != "GET") return method_error("GET");
-      return json_response(telemetry_->steps_json(
-          query_int(query, "first", 0), query_int(query, "last", std::numeric_limits<int64_t>::max())));
+      return json_response(
+          telemetry_->steps_json(query_int(query, "first", 0),
+                                 query_int(query, "last", std::numeric_limits<int64_t>::max())));
     }
     if (path == "/v1/profile/start") {
       if (method != "POST") return method_error("POST");
@@ -656,7 +664,8 @@ std::optional<server::HttpServerConfig::ExtraResponse> ServingEngine::handle_rou
     }
     if (path == "/v1/profile/stop") {
       if (method != "POST") return method_error("POST");
-      if (!telemetry_->tracing()) return Response{409, "no profile is running; POST /v1/profile/start first"};
+      if (!telemetry_->tracing())
+        return Response{409, "no profile is running; POST /v1/profile/start first"};
       std::string trace_path;
       if (!body.empty()) {
         nlohmann::json request = nlohmann::json::parse(body, nullptr, false);

@@ -31,11 +31,11 @@
 
 #include "runtime/engine.h"
 #include "runtime/routing/routing_file.h"
-#include "runtime/sha256.h"
 #include "runtime/sampling/sampler.h"
 #include "runtime/server/api.h"
 #include "runtime/server/http_server.h"
 #include "runtime/serving/serving_telemetry.h"
+#include "runtime/sha256.h"
 #include "runtime/tokenizer/chat_template.h"
 #include "runtime/tokenizer/tokenizer.h"
 #include "scheduler/batch_scheduler.h"
@@ -43,12 +43,12 @@
 namespace keel {
 
 struct ServingConfig {
-  std::string model_name;      // what /v1/models reports and requests must name
-  int64_t max_model_len = 0;   // context limit; 0 = the model's max_position_embeddings
-  SchedulerConfig scheduler;   // num_kv_blocks must be set
-  int64_t max_waiting = 256;   // queued (not yet running) requests beyond which submit says 429
-  uint64_t seed_base = 0;      // seeds of requests that bring none: hash(seed_base, request #)
-  bool telemetry = true;       // per-step phase/expert timings and routing statistics
+  std::string model_name;     // what /v1/models reports and requests must name
+  int64_t max_model_len = 0;  // context limit; 0 = the model's max_position_embeddings
+  SchedulerConfig scheduler;  // num_kv_blocks must be set
+  int64_t max_waiting = 256;  // queued (not yet running) requests beyond which submit says 429
+  uint64_t seed_base = 0;     // seeds of requests that bring none: hash(seed_base, request #)
+  bool telemetry = true;      // per-step phase/expert timings and routing statistics
   TelemetryConfig telemetry_options;
   std::string trace_dir = ".";  // where POST /v1/profile/stop writes traces without a path
   // Server-wide routing capture (runtime/routing/routing_file.h): every finished request's

@@ -15,8 +15,7 @@ using telemetry::Labels;
 using telemetry::MetricType;
 
 double steady_now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 // Phases recorded per rank: the forward pass's, then the leader's own two.
@@ -38,13 +37,17 @@ void push_bounded(std::deque<T>& ring, T value, size_t limit) {
 
 std::string category_of(Phase phase) {
   switch (phase) {
-    case Phase::kAttention: return "attn";
-    case Phase::kAllReduce: return "comm";
+    case Phase::kAttention:
+      return "attn";
+    case Phase::kAllReduce:
+      return "comm";
     case Phase::kRouter:
     case Phase::kPack:
     case Phase::kExperts:
-    case Phase::kCombine: return "moe";
-    case Phase::kOther: return "other";
+    case Phase::kCombine:
+      return "moe";
+    case Phase::kOther:
+      return "other";
   }
   return "other";
 }
@@ -95,7 +98,9 @@ ServingTelemetry::ServingTelemetry(const ModelConfig& config, const ExpertPlacem
 
 ServingTelemetry::~ServingTelemetry() = default;
 
-double ServingTelemetry::now_s() const { return steady_now() - epoch_; }
+double ServingTelemetry::now_s() const {
+  return steady_now() - epoch_;
+}
 
 void ServingTelemetry::on_step(const StepRecord& step, const StepOutput& output) {
   std::lock_guard lock(mutex_);
@@ -141,17 +146,19 @@ void ServingTelemetry::on_step(const StepRecord& step, const StepOutput& output)
       hot.push_back({static_cast<int64_t>(cell) / num_experts_,
                      static_cast<int64_t>(cell) % num_experts_, seconds});
     }
-    std::partial_sort(hot.begin(), hot.begin() + std::min<ptrdiff_t>(3, std::ssize(hot)),
-                      hot.end(), [](const Hot& a, const Hot& b) { return a.seconds > b.seconds; });
+    std::partial_sort(hot.begin(), hot.begin() + std::min<ptrdiff_t>(3, std::ssize(hot)), hot.end(),
+                      [](const Hot& a, const Hot& b) { return a.seconds > b.seconds; });
     nlohmann::json hot_json = nlohmann::json::array();
     for (size_t i = 0; i < std::min<size_t>(3, hot.size()); ++i) {
       const Hot& entry = hot[i];
       hot_json.push_back(
           {{"layer", entry.layer},
            {"expert", entry.expert},
-           {"rank", expert_rank_[static_cast<size_t>(entry.layer)][static_cast<size_t>(entry.expert)]},
+           {"rank",
+            expert_rank_[static_cast<size_t>(entry.layer)][static_cast<size_t>(entry.expert)]},
            {"seconds", entry.seconds},
-           {"tokens", step_tokens[static_cast<size_t>(entry.layer * num_experts_ + entry.expert)]}});
+           {"tokens",
+            step_tokens[static_cast<size_t>(entry.layer * num_experts_ + entry.expert)]}});
     }
     details["hot_experts"] = hot_json;
     nlohmann::json phases = nlohmann::json::object();
@@ -251,7 +258,8 @@ void ServingTelemetry::append_prometheus(telemetry::PromText& out) const {
       const std::string rank =
           std::to_string(expert_rank_[static_cast<size_t>(layer)][static_cast<size_t>(expert)]);
       out.value("keel_expert_tokens_total",
-                with({{"layer", std::to_string(layer)}, {"expert", std::to_string(expert)},
+                with({{"layer", std::to_string(layer)},
+                      {"expert", std::to_string(expert)},
                       {"rank", rank}}),
                 expert_tokens_[cell]);
       out.histogram("keel_expert_seconds",
@@ -355,19 +363,18 @@ nlohmann::json ServingTelemetry::experts_json() const {
     }
     const double mean = sum / tp_size_;
     const Histogram& margins = router_margin_[moe_idx];
-    layers.push_back(
-        {{"layer", layer},
-         {"moe", true},
-         {"tokens", tokens},
-         {"tokens_per_rank", per_rank},
-         {"balancedness", max_tokens > 0 ? mean / max_tokens : 1.0},
-         {"imbalance", mean > 0 ? (max_tokens - mean) / mean : 0.0},
-         {"near_ties", near_ties_[moe_idx]},
-         {"margin",
-          {{"p50", margins.count() > 0 ? margins.quantile(0.5) : 0.0},
-           {"p99", margins.count() > 0 ? margins.quantile(0.99) : 0.0},
-           {"count", margins.count()}}},
-         {"expert_seconds", {{"total", total}, {"p50", p50}, {"p99", p99}}}});
+    layers.push_back({{"layer", layer},
+                      {"moe", true},
+                      {"tokens", tokens},
+                      {"tokens_per_rank", per_rank},
+                      {"balancedness", max_tokens > 0 ? mean / max_tokens : 1.0},
+                      {"imbalance", mean > 0 ? (max_tokens - mean) / mean : 0.0},
+                      {"near_ties", near_ties_[moe_idx]},
+                      {"margin",
+                       {{"p50", margins.count() > 0 ? margins.quantile(0.5) : 0.0},
+                        {"p99", margins.count() > 0 ? margins.quantile(0.99) : 0.0},
+                        {"count", margins.count()}}},
+                      {"expert_seconds", {{"total", total}, {"p50", p50}, {"p99", p99}}}});
   }
   return {{"model", model_name_},
           {"num_layers", num_layers_},

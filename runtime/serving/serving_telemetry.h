@@ -113,13 +113,13 @@ class ServingTelemetry {
 
   mutable std::mutex mutex_;
   // Per (layer, expert): tokens routed, compute-time histogram; per layer: margins, near-ties.
-  std::vector<int64_t> expert_tokens_;                 // [layer * E + e]
-  std::vector<telemetry::Histogram> expert_seconds_;   // [layer * E + e]
-  std::vector<double> expert_seconds_total_;           // [layer * E + e]
-  std::vector<telemetry::Histogram> router_margin_;    // [moe layer]
-  std::vector<int64_t> near_ties_;                     // [moe layer]
+  std::vector<int64_t> expert_tokens_;                // [layer * E + e]
+  std::vector<telemetry::Histogram> expert_seconds_;  // [layer * E + e]
+  std::vector<double> expert_seconds_total_;          // [layer * E + e]
+  std::vector<telemetry::Histogram> router_margin_;   // [moe layer]
+  std::vector<int64_t> near_ties_;                    // [moe layer]
   // Per step.
-  std::vector<telemetry::Histogram> phase_seconds_;    // [rank * (phases + 2) + phase]
+  std::vector<telemetry::Histogram> phase_seconds_;  // [rank * (phases + 2) + phase]
   telemetry::Histogram step_seconds_;
   telemetry::Histogram batch_seqs_;
   telemetry::Histogram batch_tokens_;
