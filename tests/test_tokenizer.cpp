@@ -212,18 +212,27 @@ TEST(Tokenizer, MergesAsSpaceSeparatedStringsLoadTheSame) {
   }
 }
 
-TEST(Tokenizer, EncodesOneMegabyteQuickly) {
+// Encoding time must grow linearly with the text, not quadratically: 1 MB against 256 KB of the
+// same text in one run (a ratio, so machine speed and sanitizers cancel; linear is 4x, quadratic
+// 16x; 10x leaves room for noise). Absolute speed belongs in bench/, not here.
+TEST(Tokenizer, EncodingTimeGrowsLinearlyWithTheText) {
   Tokenizer tokenizer = load_fixture("qwen_bpe");
   std::string paragraph =
       "The quick brown fox jumps over the lazy dog. It's 2024, and we're serving 128 experts "
       "with 3.14159 probability!\n\tdef main():\n        return 42\n";
+  auto encode_seconds = [&](size_t bytes, std::vector<int32_t>& ids, std::string& text) {
+    text.clear();
+    while (text.size() < bytes) text += paragraph;
+    auto start = std::chrono::steady_clock::now();
+    ids = tokenizer.encode(text);
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
+  std::vector<int32_t> ids;
   std::string text;
-  while (text.size() < (1u << 20)) text += paragraph;
-  auto start = std::chrono::steady_clock::now();
-  auto ids = tokenizer.encode(text);
-  double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double quarter = encode_seconds(1u << 18, ids, text);
+  const double whole = encode_seconds(1u << 20, ids, text);
   EXPECT_GT(ids.size(), text.size() / 10);
-  EXPECT_LT(seconds, 1.0) << "1 MB took " << seconds << " s";
+  EXPECT_LT(whole, 10 * quarter) << "256 KB took " << quarter << " s, 1 MB took " << whole << " s";
   EXPECT_EQ(tokenizer.decode(ids), text);
 }
 
