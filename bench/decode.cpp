@@ -34,18 +34,6 @@ struct Options {
   keel::comm::ReduceAlgo reduce = keel::comm::ReduceAlgo::kFixedOrder;
 };
 
-std::vector<int> parse_list(const std::string& text) {
-  std::vector<int> values;
-  size_t start = 0;
-  while (start < text.size()) {
-    size_t comma = text.find(',', start);
-    values.push_back(std::stoi(text.substr(start, comma - start)));
-    if (comma == std::string::npos) break;
-    start = comma + 1;
-  }
-  return values;
-}
-
 Options parse_options(int argc, char** argv) {
   Options options;
   for (int i = 1; i < argc; ++i) {
@@ -57,9 +45,9 @@ Options parse_options(int argc, char** argv) {
     if (flag == "--model")
       options.model_dir = value();
     else if (flag == "--tp-list")
-      options.tp_list = parse_list(value());
+      options.tp_list = keel::bench::parse_int_list(value());
     else if (flag == "--batch-list")
-      options.batch_list = parse_list(value());
+      options.batch_list = keel::bench::parse_int_list(value());
     else if (flag == "--decode-steps")
       options.decode_steps = std::stoll(value());
     else if (flag == "--prompt-length")

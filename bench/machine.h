@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <string>
+#include <vector>
 
 namespace keel::bench {
 
@@ -38,5 +39,8 @@ class LargeBuffer {
 // `bytes`-sized buffer (much larger than the last-level cache) with the widest vector loads
 // the CPU has and several independent accumulators; best of 8 passes after a warm-up pass.
 double measure_read_bandwidth_gbs(size_t bytes, int num_threads);
+
+// "1,4,16" -> {1, 4, 16}: the list flags every benchmark takes (--tp-list, --batch-list, ...).
+std::vector<int> parse_int_list(const std::string& text);
 
 }  // namespace keel::bench

@@ -64,18 +64,6 @@ struct Options {
   int rounds = 3;  // ABBA rounds per concurrency
 };
 
-std::vector<int> parse_list(const std::string& text) {
-  std::vector<int> values;
-  size_t start = 0;
-  while (start < text.size()) {
-    size_t comma = text.find(',', start);
-    values.push_back(std::stoi(text.substr(start, comma - start)));
-    if (comma == std::string::npos) break;
-    start = comma + 1;
-  }
-  return values;
-}
-
 // "L" (fixed) or "MIN:MAX" (uniform).
 void parse_range(const std::string& text, int& lo, int& hi) {
   size_t colon = text.find(':');
@@ -153,7 +141,7 @@ Options parse_options(int argc, char** argv) {
     } else if (flag == "--config-invariant") {
       options.config_invariant = value();
     } else if (flag == "--concurrency-list") {
-      options.concurrency_list = parse_list(value());
+      options.concurrency_list = keel::bench::parse_int_list(value());
     } else if (flag == "--server-arg") {
       options.server_args.push_back(value());
     } else if (flag == "--startup-timeout") {

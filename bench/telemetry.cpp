@@ -59,18 +59,6 @@ struct Options {
   int64_t block_size = 16;
 };
 
-std::vector<int> parse_list(const std::string& text) {
-  std::vector<int> values;
-  size_t start = 0;
-  while (start < text.size()) {
-    size_t comma = text.find(',', start);
-    values.push_back(std::stoi(text.substr(start, comma - start)));
-    if (comma == std::string::npos) break;
-    start = comma + 1;
-  }
-  return values;
-}
-
 Options parse_options(int argc, char** argv) {
   Options options;
   for (int i = 1; i < argc; ++i) {
@@ -86,7 +74,7 @@ Options parse_options(int argc, char** argv) {
     else if (flag == "--batch")
       options.batch_list = {std::stoi(value())};
     else if (flag == "--batch-list")
-      options.batch_list = parse_list(value());
+      options.batch_list = keel::bench::parse_int_list(value());
     else if (flag == "--decode-steps")
       options.decode_steps = std::stoll(value());
     else if (flag == "--prompt-length")

@@ -353,7 +353,7 @@ void Engine::serve(StepSource* source, const ServeOptions& options) {
 }
 
 void Engine::gather_observations(int tp_rank, comm::Communicator& communicator, RankModel& model,
-                                 StepOutput& output) {
+                                 GatherScratch& scratch, StepOutput& output) {
   // Every rank's phase seconds and expert seconds in one all-gather of floats (a few KB; expert
   // seconds per step fit a float's precision): [tp][phases + layers * experts].
   const StepObservation& observation = model.observation();
@@ -366,8 +366,13 @@ void Engine::gather_observations(int tp_rank, comm::Communicator& communicator, 
   std::copy(observation.expert_seconds.begin(), observation.expert_seconds.end(),
             mine.begin() + kNumPhases);
   Backend& backend = model.backend();
-  DeviceArray send = backend.allocate(DType::kF32, width);
-  DeviceArray receive = backend.allocate(DType::kF32, width * static_cast<size_t>(tp_size_));
+  // Reused across steps (the width is fixed by the model); allocated on the first observed step.
+  if (scratch.send.nbytes() < width * sizeof(float)) {
+    scratch.send = backend.allocate(DType::kF32, width);
+    scratch.receive = backend.allocate(DType::kF32, width * static_cast<size_t>(tp_size_));
+  }
+  DeviceArray& send = scratch.send;
+  DeviceArray& receive = scratch.receive;
   backend.copy_from_host(mine.data(), width * sizeof(float), send.data());
   communicator.all_gather(send.f32(), width, receive.f32());
   if (tp_rank != 0) return;
@@ -400,6 +405,7 @@ void Engine::serve_rank(int tp_rank, comm::Communicator& communicator, StepSourc
   std::vector<float> logits;
   std::vector<int32_t> payload;
   StepOutput output;
+  GatherScratch gather_scratch;
   for (;;) {
     StepHeader header;
     if (leader) {
@@ -453,7 +459,7 @@ void Engine::serve_rank(int tp_rank, comm::Communicator& communicator, StepSourc
     model.set_observing(observe, (header.flags & kCaptureRouting) != 0,
                         (header.flags & kTrace) != 0);
     model.forward(batch, pool, communicator, logits);
-    if (observe) gather_observations(tp_rank, communicator, model, output);
+    if (observe) gather_observations(tp_rank, communicator, model, gather_scratch, output);
     if (leader) {
       output.logits = &logits;
       output.observation = observe ? &model.observation() : nullptr;

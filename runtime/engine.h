@@ -140,8 +140,11 @@ class Engine {
   void serve_rank(int tp_rank, comm::Communicator& communicator, StepSource* source,
                   const ServeOptions& options);
   // After an observed step: every rank contributes; the leader fills `output`.
+  struct GatherScratch {  // device buffers of the per-step all-gather, reused across steps
+    DeviceArray send, receive;
+  };
   void gather_observations(int tp_rank, comm::Communicator& communicator, RankModel& model,
-                           StepOutput& output);
+                           GatherScratch& scratch, StepOutput& output);
 
   ModelConfig config_;
   EngineOptions options_;

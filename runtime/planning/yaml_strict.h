@@ -1,5 +1,5 @@
-// Strict YAML helpers for planning presets (the runtime/yaml_util.h pattern, copied so that
-// keel_planning does not link keel_runtime): unknown keys are errors naming the file and key.
+// Strict YAML helpers for planning presets: runtime/yaml_util.h's loader and unknown-key check
+// (keel_yaml, which keel_planning links without the engine), plus optional/required readers.
 #pragma once
 
 #include <yaml-cpp/yaml.h>
@@ -8,32 +8,12 @@
 #include <string>
 
 #include "kernels/base/check.h"
+#include "runtime/yaml_util.h"
 
 namespace keel::planning::detail {
 
-inline YAML::Node load_yaml_mapping(const std::string& path) {
-  YAML::Node root;
-  try {
-    root = YAML::LoadFile(path);
-  } catch (const YAML::BadFile&) {
-    throw_error("cannot open YAML file ", path);
-  } catch (const YAML::Exception& error) {
-    throw_error(path, ": invalid YAML: ", error.what());
-  }
-  if (!root.IsMap()) throw_error(path, ": expected a mapping of keys to values at the top level");
-  return root;
-}
-
-inline void reject_unknown_keys(const YAML::Node& node, const std::set<std::string>& known,
-                                const std::string& where) {
-  for (const auto& entry : node) {
-    std::string key = entry.first.as<std::string>();
-    if (known.count(key)) continue;
-    std::string list;
-    for (const std::string& name : known) list += (list.empty() ? "" : ", ") + name;
-    throw_error(where, ": unknown key '", key, "' (known keys: ", list, ")");
-  }
-}
+using keel::load_yaml_mapping;
+using keel::reject_unknown_keys;
 
 // Reads node[key] into `out` when present; a wrong type is an error naming the file and key.
 template <typename T>
