@@ -96,7 +96,16 @@ ServingTelemetry::ServingTelemetry(const ModelConfig& config, const ExpertPlacem
   }
 }
 
-ServingTelemetry::~ServingTelemetry() = default;
+ServingTelemetry::~ServingTelemetry() {
+  // A closing line, so the file always ends with the final totals however short the run was.
+  if (!dump_file_) return;
+  try {
+    std::lock_guard<std::mutex> lock(mutex_);
+    write_dump_locked(now_s());
+  } catch (const std::exception&) {
+    // Nothing useful to do with a failed last write while shutting down.
+  }
+}
 
 double ServingTelemetry::now_s() const {
   return steady_now() - epoch_;
@@ -439,6 +448,10 @@ nlohmann::json ServingTelemetry::steps_json(int64_t first, int64_t last) const {
 
 void ServingTelemetry::maybe_dump_locked(double now) {
   if (!dump_file_ || now - last_dump_s_ < options_.dump_interval_s) return;
+  write_dump_locked(now);
+}
+
+void ServingTelemetry::write_dump_locked(double now) {
   last_dump_s_ = now;
   // One JSON line per interval: cumulative expert counts, margins and request latencies.
   nlohmann::json line = {{"time_s", now},

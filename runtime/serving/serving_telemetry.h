@@ -100,6 +100,7 @@ class ServingTelemetry {
 
  private:
   void maybe_dump_locked(double now);
+  void write_dump_locked(double now);
 
   const int64_t num_layers_;
   const int64_t num_experts_;
