@@ -19,6 +19,7 @@
 
 #include "runtime/gen_model.h"
 #include "runtime/routing/routing_file.h"
+#include "runtime/simulation/cost_model.h"
 #include "serve_test_util.h"
 
 namespace {
@@ -119,6 +120,17 @@ std::string probe_amid_mates(int port) {
   for (std::thread& mate : mates) mate.join();
   EXPECT_EQ(mate_ok.load(), 16);
   return essence(probe);
+}
+
+std::string run_command(const std::string& command, int* exit_code) {
+  FILE* pipe = popen((command + " 2>&1").c_str(), "r");
+  std::string output;
+  char buffer[4096];
+  size_t bytes;
+  while ((bytes = fread(buffer, 1, sizeof(buffer), pipe)) > 0) output.append(buffer, bytes);
+  const int status = pclose(pipe);
+  *exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128;
+  return output;
 }
 
 double metric(int port, const std::string& name) {
@@ -364,6 +376,55 @@ TEST_F(Serve, ExpertCountersMatchTheRequestsOwnRoutingExactly) {
   EXPECT_EQ(steps_with_request, 9);  // one prefill step (budget 256) + 8 decode steps
 }
 
+// Steps that follow each other without an idle wait carry the serving overhead between them
+// (gap_before_s = this start - previous end), and keel calibrate --from-url folds that overhead
+// into each step's cost; a step after an idle wait has no gap.
+TEST_F(Serve, StepGapsAreTheOverheadBetweenBackToBackStepsAndCalibrationCountsThem) {
+  const json before = json::parse(http(port(), "GET", "/v1/telemetry/steps").body);
+  // Idle long enough (> the 20 ms idle wait) that the next request starts after a wait.
+  std::this_thread::sleep_for(std::chrono::milliseconds(60));
+  HttpResponse response =
+      post(port(), "/v1/completions",
+           json{{"prompt", "gap probe"}, {"max_tokens", 6}, {"ignore_eos", true}}.dump());
+  ASSERT_EQ(response.status, 200) << response.body;
+  const json steps = json::parse(http(port(), "GET", "/v1/telemetry/steps").body)["steps"];
+  const int64_t last_before =
+      before["steps"].empty() ? -1 : before["steps"].back()["id"].get<int64_t>();
+  std::vector<json> served;
+  for (const json& step : steps)
+    if (step["id"].get<int64_t>() > last_before) served.push_back(step);
+  ASSERT_EQ(served.size(), 6u);  // one prefill step + 5 decode steps, alone on the server
+  EXPECT_TRUE(served[0]["gap_before_s"].is_null()) << "the first step follows an idle wait";
+  for (size_t i = 1; i < served.size(); ++i) {
+    ASSERT_FALSE(served[i]["gap_before_s"].is_null()) << "step " << i << " ran back to back";
+    const double previous_end =
+        served[i - 1]["start_s"].get<double>() + served[i - 1]["seconds"].get<double>();
+    EXPECT_NEAR(served[i]["gap_before_s"].get<double>(),
+                served[i]["start_s"].get<double>() - previous_end, 1e-9);
+    EXPECT_GE(served[i]["gap_before_s"].get<double>(), 0.0);
+  }
+  const std::string calibration = scratch() + "/served-calibration.json";
+  int exit_code = -1;
+  const std::string output =
+      run_command(kKeel + " calibrate --from-url http://127.0.0.1:" + std::to_string(port()) +
+                      " --out " + calibration,
+                  &exit_code);
+  ASSERT_EQ(exit_code, 0) << output;
+  std::ifstream file(calibration);
+  const json written = json::parse(file);
+  EXPECT_GE(written["median_gap_s"].get<double>(), 0.0);
+  // Every point costs at least the fastest served step of its shape plus nothing negative.
+  for (const json& point : written["points"]) {
+    double fastest = 1e30;
+    for (const json& step : steps)
+      if (step["num_decode_tokens"] == point["num_decode_tokens"] &&
+          step["num_prefill_tokens"] == point["num_prefill_tokens"])
+        fastest = std::min(fastest, step["seconds"].get<double>());
+    EXPECT_GE(point["step_s"].get<double>(), fastest) << point.dump();
+  }
+  EXPECT_NO_THROW(keel::sim::CalibratedCostModel::load(calibration));
+}
+
 TEST_F(Serve, MetricsPassPromtool) {
   ASSERT_EQ(post(port(), "/v1/completions", kProbe).status, 200);
   HttpResponse metrics = http(port(), "GET", "/metrics");
@@ -412,17 +473,6 @@ TEST_F(Serve, ProfileWritesAChromeTraceWithOneTrackPerRank) {
   EXPECT_EQ(ranks, (std::set<int>{0, 1, 2, 3}));
   EXPECT_TRUE(expert_span);
   EXPECT_TRUE(allreduce_span);
-}
-
-std::string run_command(const std::string& command, int* exit_code) {
-  FILE* pipe = popen((command + " 2>&1").c_str(), "r");
-  std::string output;
-  char buffer[4096];
-  size_t bytes;
-  while ((bytes = fread(buffer, 1, sizeof(buffer), pipe)) > 0) output.append(buffer, bytes);
-  const int status = pclose(pipe);
-  *exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128;
-  return output;
 }
 
 // Capture every request's routing to a file, then replay it: forcing the recorded experts (and,

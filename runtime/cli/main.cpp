@@ -497,16 +497,31 @@ int calibrate_from_server(const Flags& flags) {
   if (response.status != 200)
     throw_error("calibrate: GET ", url, "/v1/telemetry/steps answered ", response.status);
   const nlohmann::json steps = nlohmann::json::parse(response.body)["steps"];
+  // A step costs the simulator its own time plus the serving overhead until the next step
+  // starts (finishing requests, telemetry, admission and planning): the gap before the next
+  // step when the engine went straight on. A step followed by an idle wait gets the median of
+  // the gaps seen.
+  std::vector<double> gaps;
+  std::map<int64_t, double> gap_after;  // step id -> gap before the step id + 1
+  for (const auto& step : steps) {
+    if (!step.contains("kv_tokens_read") || !step.contains("gap_before_s"))
+      throw_error("calibrate: the server is too old (no kv_tokens_read or gap_before_s)");
+    if (step["gap_before_s"].is_null()) continue;
+    gaps.push_back(step["gap_before_s"].get<double>());
+    gap_after[step["id"].get<int64_t>() - 1] = gaps.back();
+  }
+  std::sort(gaps.begin(), gaps.end());
+  const double median_gap = gaps.empty() ? 0.0 : gaps[gaps.size() / 2];
   // One point per (decode tokens, prefill tokens): the median step time and the median KV
   // tokens read of the steps of that shape.
   std::map<std::pair<int64_t, int64_t>, std::pair<std::vector<double>, std::vector<int64_t>>>
       shapes;
   for (const auto& step : steps) {
-    if (!step.contains("kv_tokens_read"))
-      throw_error("calibrate: the server is too old (no kv_tokens_read)");
     auto& [times, kv] = shapes[{step["num_decode_tokens"].get<int64_t>(),
                                 step["num_prefill_tokens"].get<int64_t>()}];
-    times.push_back(step["seconds"].get<double>());
+    auto gap = gap_after.find(step["id"].get<int64_t>());
+    times.push_back(step["seconds"].get<double>() +
+                    (gap != gap_after.end() ? gap->second : median_gap));
     kv.push_back(step["kv_tokens_read"].get<int64_t>());
   }
   const int64_t min_samples = flags.integer("--min-samples", 1);
@@ -531,6 +546,7 @@ int calibrate_from_server(const Flags& flags) {
   nlohmann::json calibration = {{"format", "keel-calibration"},
                                 {"version", 1},
                                 {"source", url + "/v1/telemetry/steps"},
+                                {"median_gap_s", median_gap},
                                 {"extrapolation", "linear"},
                                 {"created_unix", static_cast<int64_t>(std::time(nullptr))},
                                 {"points", points}};

@@ -285,8 +285,10 @@ void ServingEngine::next_step(ServeStep& step) {
   bool stopping = false;
   {
     std::unique_lock lock(mutex_);
-    if (incoming_.empty() && !stopping_ && !scheduler_.has_unfinished())
+    if (incoming_.empty() && !stopping_ && !scheduler_.has_unfinished()) {
+      idle_since_last_step_ = true;
       wakeup_.wait_for(lock, kIdleWait);
+    }
     arrived.swap(incoming_);
     stopping = stopping_;
   }
@@ -309,6 +311,7 @@ void ServingEngine::next_step(ServeStep& step) {
     // Nothing fits this step (the head of the queue waits for blocks that running sequences
     // will free); no step is in flight.
     publish_stats();
+    idle_since_last_step_ = true;
     step.kind = ServeStep::Kind::kIdle;
     return;
   }
@@ -535,6 +538,13 @@ void ServingEngine::on_step_done(const StepOutput& output) {
   record.sampling_s = now - sampling_start;
   record.seconds = now - step_start_s_;
   record.schedule_s = schedule_s_;
+  // Back to back with the previous step: everything between the two (the previous step's
+  // telemetry and finishing, this step's admission and planning) is serving overhead a
+  // simulator has to count.
+  record.gap_before_s =
+      idle_since_last_step_ || last_step_end_s_ < 0 ? -1.0 : step_start_s_ - last_step_end_s_;
+  idle_since_last_step_ = false;
+  last_step_end_s_ = now;
   record.num_seqs = static_cast<int64_t>(plan_.num_seqs());
   record.num_tokens = plan_.num_scheduled_tokens;
   for (size_t seq = 0; seq < plan_.num_seqs(); ++seq) {

@@ -191,6 +191,8 @@ class ServingEngine final : public server::GenerationBackend, public StepSource 
   int64_t step_id_ = 0;
   double step_start_s_ = 0;
   double schedule_s_ = 0;
+  bool idle_since_last_step_ = true;  // the engine waited for work since the last step
+  double last_step_end_s_ = -1;
   int64_t num_moe_layers_ = 0;
   int64_t top_k_ = 0;
   std::unique_ptr<RoutingWriter> routing_writer_;

@@ -423,20 +423,23 @@ nlohmann::json ServingTelemetry::steps_json(int64_t first, int64_t last) const {
   for (size_t i = 0; i < steps_.size(); ++i) {
     const StepRecord& step = steps_[i];
     if (step.id < first || step.id > last) continue;
-    nlohmann::json entry = {{"id", step.id},
-                            {"start_s", step.start_s},
-                            {"seconds", step.seconds},
-                            {"num_seqs", step.num_seqs},
-                            {"num_tokens", step.num_tokens},
-                            {"num_prefill_tokens", step.num_prefill_tokens},
-                            {"num_decode_tokens", step.num_decode_tokens},
-                            {"kv_tokens_read", step.kv_tokens_read},
-                            {"kv_blocks_used", step.kv_blocks_used},
-                            {"preemptions", step.preemptions},
-                            {"sampling_s", step.sampling_s},
-                            {"schedule_s", step.schedule_s},
-                            {"seq_ids", step.seq_ids},
-                            {"request_ids", step.request_ids}};
+    nlohmann::json entry = {
+        {"id", step.id},
+        {"start_s", step.start_s},
+        {"seconds", step.seconds},
+        {"num_seqs", step.num_seqs},
+        {"num_tokens", step.num_tokens},
+        {"num_prefill_tokens", step.num_prefill_tokens},
+        {"num_decode_tokens", step.num_decode_tokens},
+        {"kv_tokens_read", step.kv_tokens_read},
+        {"kv_blocks_used", step.kv_blocks_used},
+        {"preemptions", step.preemptions},
+        {"sampling_s", step.sampling_s},
+        {"schedule_s", step.schedule_s},
+        {"gap_before_s",
+         step.gap_before_s >= 0 ? nlohmann::json(step.gap_before_s) : nlohmann::json(nullptr)},
+        {"seq_ids", step.seq_ids},
+        {"request_ids", step.request_ids}};
     const nlohmann::json& details = step_details_[i];
     entry["phases"] = details.contains("phases") ? details["phases"] : nlohmann::json::object();
     entry["hot_experts"] =

@@ -47,6 +47,9 @@ struct StepRecord {
   double seconds = 0;
   double schedule_s = 0;  // planning before the step (leader)
   double sampling_s = 0;  // sampling + streaming after it (leader)
+  // Time from the previous step's end to this step's start when the engine went straight on
+  // (no idle wait between them); -1 after an idle wait or for the first step.
+  double gap_before_s = -1;
   int64_t num_seqs = 0;
   int64_t num_tokens = 0;
   int64_t num_prefill_tokens = 0;  // tokens of sequences fed more than one token, or no logits
