@@ -3,13 +3,18 @@
 //
 // Method:
 //  1. `keel calibrate --config CFG` measures engine step times on a grid of step shapes (or
-//     --calibration FILE reuses a file; or --calibrate-load R serves a calibration load at rate R
-//     first and calibrates from the server's own step records, `keel calibrate --from-url`).
+//     --calibration FILE reuses a file; or --calibrate-load R1[,R2..] serves calibration loads
+//     at those rates first and calibrates from the server's own step records, `keel calibrate
+//     --from-url --first-step` after the warm-up, step medians plus their jitter).
+//     The server first serves --warmup requests one at a time (first-touch of weights and the
+//     KV pool; never measured).
 //  2. `keel serve --config CFG` runs; for each held-out load (open loop, Poisson arrivals at rate
 //     R, fixed prompt/output lengths, ignore_eos) the load generator records every request's
 //     send time, TTFT, inter-token gaps and end.
 //  3. The simulator replays exactly those arrivals (the recorded send times and lengths) through
-//     the real BatchScheduler with the same limits, with step times from the calibration.
+//     the real BatchScheduler with the same limits, with step times from the calibration; with
+//     step jitter in the calibration, --sim-runs runs with different jitter seeds and each
+//     predicted metric is the median over them.
 //  4. For each load: TTFT p50/p99, ITL p50/p99, TPOT p50 and output throughput, measured vs
 //     predicted, and the relative error.
 // The loads are "held out": their rates and the resulting step shapes are not calibration
@@ -17,6 +22,7 @@
 //
 // JSON on stdout: machine, calibration file, per load {measured, predicted, error}; a table on
 // stderr.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -39,7 +45,9 @@ struct Args {
   std::string keel = "build/bin/keel";
   std::string config = "configs/serve/demo.yaml";
   std::string calibration;
-  double calibrate_load_rate = 0;  // > 0: calibrate from the server's steps under this load
+  std::vector<double> calibrate_load_rates;  // non-empty: calibrate from the server's steps
+  int warmup = 2;
+  int sim_runs = 9;
   std::vector<double> rates = {0.5, 1.5, 3.0};
   int num_requests = 40;
   int input_len = 64;
@@ -75,7 +83,11 @@ Args parse_args(int argc, char** argv) {
     else if (flag == "--calibration")
       args.calibration = value();
     else if (flag == "--calibrate-load")
-      args.calibrate_load_rate = std::stod(value());
+      args.calibrate_load_rates = parse_rates(value());
+    else if (flag == "--warmup")
+      args.warmup = std::stoi(value());
+    else if (flag == "--sim-runs")
+      args.sim_runs = std::max(1, std::stoi(value()));
     else if (flag == "--rates")
       args.rates = parse_rates(value());
     else if (flag == "--num-requests")
@@ -101,16 +113,32 @@ double relative_error(double predicted, double measured) {
   return measured != 0 ? (predicted - measured) / measured : 0.0;
 }
 
-json compare(const keel::loadgen::Summary& measured, const keel::loadgen::Summary& predicted) {
-  auto row = [&](double m, double p) {
-    return json{{"measured", m}, {"predicted", p}, {"error", relative_error(p, m)}};
+// Predicted value of a metric: the median over the simulation runs.
+json compare(const keel::loadgen::Summary& measured,
+             const std::vector<keel::loadgen::Summary>& predicted) {
+  auto row = [&](double m, auto metric) {
+    std::vector<double> values;
+    for (const keel::loadgen::Summary& run : predicted) values.push_back(metric(run));
+    std::sort(values.begin(), values.end());
+    const double p = values[values.size() / 2];
+    return json{{"measured", m},
+                {"predicted", p},
+                {"predicted_min", values.front()},
+                {"predicted_max", values.back()},
+                {"error", relative_error(p, m)}};
   };
-  return {{"median_ttft_ms", row(measured.ttft_ms.median, predicted.ttft_ms.median)},
-          {"p99_ttft_ms", row(measured.ttft_ms.p99, predicted.ttft_ms.p99)},
-          {"median_itl_ms", row(measured.itl_ms.median, predicted.itl_ms.median)},
-          {"p99_itl_ms", row(measured.itl_ms.p99, predicted.itl_ms.p99)},
-          {"median_tpot_ms", row(measured.tpot_ms.median, predicted.tpot_ms.median)},
-          {"output_throughput", row(measured.output_throughput, predicted.output_throughput)}};
+  using Summary = keel::loadgen::Summary;
+  return {
+      {"median_ttft_ms",
+       row(measured.ttft_ms.median, [](const Summary& s) { return s.ttft_ms.median; })},
+      {"p99_ttft_ms", row(measured.ttft_ms.p99, [](const Summary& s) { return s.ttft_ms.p99; })},
+      {"median_itl_ms",
+       row(measured.itl_ms.median, [](const Summary& s) { return s.itl_ms.median; })},
+      {"p99_itl_ms", row(measured.itl_ms.p99, [](const Summary& s) { return s.itl_ms.p99; })},
+      {"median_tpot_ms",
+       row(measured.tpot_ms.median, [](const Summary& s) { return s.tpot_ms.median; })},
+      {"output_throughput",
+       row(measured.output_throughput, [](const Summary& s) { return s.output_throughput; })}};
 }
 
 }  // namespace
@@ -119,7 +147,7 @@ int main(int argc, char** argv) {
   try {
     Args args = parse_args(argc, argv);
     const double load_before = keel::bench::one_minute_load_average();
-    const bool from_server = args.calibration.empty() && args.calibrate_load_rate > 0;
+    const bool from_server = args.calibration.empty() && !args.calibrate_load_rates.empty();
     if (args.calibration.empty() && !from_server) {
       args.calibration =
           (std::filesystem::temp_directory_path() / "keel-sim-validate-calibration.json").string();
@@ -156,17 +184,30 @@ int main(int argc, char** argv) {
       spec.seed = seed;
       return spec;
     };
+    if (args.warmup > 0) {
+      keel::loadgen::LoadSpec warmup = make_spec(0, args.seed + 2000);
+      warmup.concurrency = 1;
+      warmup.num_prompts = args.warmup;
+      if (keel::loadgen::run_load(warmup).summary.failed > 0)
+        throw std::runtime_error("warm-up requests failed");
+    }
     if (from_server) {
-      // A calibration load at its own rate (not one of the held-out rates), then the step
-      // shapes the server recorded while serving it.
-      keel::loadgen::LoadResult warm =
-          keel::loadgen::run_load(make_spec(args.calibrate_load_rate, args.seed + 1000));
-      if (warm.summary.failed > 0) throw std::runtime_error("calibration load: requests failed");
+      // The first step after the warm-up: calibration uses only the calibration loads' steps.
+      const json steps =
+          json::parse(keel::loadgen::http_get(url + "/v1/telemetry/steps").body)["steps"];
+      const int64_t first_step = steps.empty() ? 0 : steps.back()["id"].get<int64_t>() + 1;
+      // Calibration loads at their own rates (not the held-out rates) and seeds, then the step
+      // shapes the server recorded while serving them.
+      for (size_t i = 0; i < args.calibrate_load_rates.size(); ++i) {
+        keel::loadgen::LoadResult load =
+            keel::loadgen::run_load(make_spec(args.calibrate_load_rates[i], args.seed + 1000 + i));
+        if (load.summary.failed > 0) throw std::runtime_error("calibration load: requests failed");
+      }
       args.calibration =
           (std::filesystem::temp_directory_path() / "keel-sim-validate-served-calibration.json")
               .string();
-      if (run_command(args.keel + " calibrate --from-url " + url + " --out " + args.calibration +
-                      " >&2") != 0)
+      if (run_command(args.keel + " calibrate --from-url " + url + " --first-step " +
+                      std::to_string(first_step) + " --out " + args.calibration + " >&2") != 0)
         throw std::runtime_error("keel calibrate --from-url failed");
     }
     keel::sim::CalibratedCostModel cost = keel::sim::CalibratedCostModel::load(args.calibration);
@@ -182,8 +223,17 @@ int main(int argc, char** argv) {
       std::vector<keel::sim::SimRequest> requests;
       for (const auto& record : measured.records)
         requests.push_back({record.start_s, record.prompt_tokens, record.completion_tokens});
-      keel::sim::SimulationResult predicted = keel::sim::simulate(requests, sim_config, cost);
-      json comparison = compare(measured.summary, predicted.summary);
+      std::vector<keel::loadgen::Summary> predicted;
+      int64_t preemptions = 0, rejected = 0;
+      const int runs = cost.step_jitter() ? args.sim_runs : 1;
+      for (int run = 0; run < runs; ++run) {
+        sim_config.jitter_seed = static_cast<uint64_t>(run) + 1;
+        keel::sim::SimulationResult result = keel::sim::simulate(requests, sim_config, cost);
+        predicted.push_back(result.summary);
+        preemptions = std::max(preemptions, result.preemptions);
+        rejected = std::max(rejected, result.rejected);
+      }
+      json comparison = compare(measured.summary, predicted);
       for (const auto& [metric, values] : comparison.items()) {
         std::fprintf(stderr, "%-6.2f %-16s %10.2f %10.2f %+7.1f%%\n", rate, metric.c_str(),
                      values["measured"].get<double>(), values["predicted"].get<double>(),
@@ -194,8 +244,9 @@ int main(int argc, char** argv) {
       loads.push_back({{"rate", rate},
                        {"num_requests", args.num_requests},
                        {"comparison", comparison},
-                       {"predicted_preemptions", predicted.preemptions},
-                       {"predicted_rejected", predicted.rejected}});
+                       {"simulation_runs", runs},
+                       {"predicted_preemptions", preemptions},
+                       {"predicted_rejected", rejected}});
     }
     const int server_status = server.stop(std::chrono::seconds(60));
     json out = {{"benchmark", "sim_validate"},
@@ -206,8 +257,8 @@ int main(int argc, char** argv) {
                 {"config", args.config},
                 {"calibration", args.calibration},
                 {"calibration_source",
-                 from_server ? "served steps at rate " + std::to_string(args.calibrate_load_rate)
-                             : "keel calibrate grid"},
+                 from_server ? "served steps of the calibration loads" : "keel calibrate grid"},
+                {"calibrate_load_rates", args.calibrate_load_rates},
                 {"input_len", args.input_len},
                 {"output_len", args.output_len},
                 {"loads", loads},

@@ -16,8 +16,10 @@
 #include <thread>
 #include <vector>
 
+#include "kernels/base/check.h"
 #include "runtime/engine.h"
 #include "runtime/gen_model.h"
+#include "runtime/serving/calibrate.h"
 #include "runtime/serving/serving_engine.h"
 #include "runtime/simulation/cost_model.h"
 #include "runtime/simulation/simulator.h"
@@ -148,6 +150,71 @@ TEST(SimulatorVsEngine, SameArrivalsGiveTheSameStepsUnderPreemption) {
   const std::vector<Step> simulated = simulated_steps(config, load);
   ASSERT_FALSE(engine.empty());
   EXPECT_EQ(engine, simulated);
+}
+
+// keel calibrate --from-url's arithmetic on hand-made step records: costs include the gap to the
+// next back-to-back step (the median gap when an idle wait followed), one point per shape with
+// the median cost, and the jitter table of cost / shape median with its lag-1 correlation.
+json served_step(int64_t id, int64_t decode, int64_t prefill, double seconds, double gap) {
+  return {{"id", id},
+          {"num_decode_tokens", decode},
+          {"num_prefill_tokens", prefill},
+          {"kv_tokens_read", decode * 100 + prefill},
+          {"seconds", seconds},
+          {"gap_before_s", gap >= 0 ? json(gap) : json(nullptr)}};
+}
+
+TEST(CalibrationFromServedSteps, CostsPointsAndJitterByHand) {
+  json steps = json::array();
+  // 120 decode steps of one sequence, back to back with 1 ms gaps, costs cycling 10/20/30 ms.
+  for (int64_t id = 1; id <= 120; ++id)
+    steps.push_back(served_step(id, 1, 0, 0.009 + 0.01 * ((id - 1) % 3), id == 1 ? -1 : 0.001));
+  // Two prefill steps: the first back to back with the last decode step, the second after an
+  // idle wait (so the first gets the median gap, 1 ms, and so does the last).
+  steps.push_back(served_step(121, 0, 64, 0.100, 0.001));
+  steps.push_back(served_step(122, 0, 64, 0.200, -1));
+  const json calibration = keel::calibration_from_served_steps(steps, 1);
+  ASSERT_EQ(calibration["points"].size(), 2u);
+  for (const json& point : calibration["points"]) {
+    if (point["num_prefill_tokens"] == 0) {
+      EXPECT_EQ(point["num_decode_tokens"], 1);
+      EXPECT_NEAR(point["step_s"].get<double>(), 0.020, 1e-12);  // median of 40 x 10/20/30 ms
+      EXPECT_EQ(point["kv_tokens_read"], 100);
+      EXPECT_EQ(point["samples"], 120);
+    } else {
+      EXPECT_NEAR(point["step_s"].get<double>(), 0.201, 1e-12);  // upper median of 101, 201 ms
+      EXPECT_EQ(point["samples"], 2);
+    }
+  }
+  EXPECT_NEAR(calibration["median_gap_s"].get<double>(), 0.001, 1e-15);
+  // Jitter from the 120 decode steps only (the prefill shape has fewer than 5): ratios 0.5, 1,
+  // 1.5, 40 each; quantile q is the sorted ratio at round(q * 119).
+  const json& jitter = calibration["step_jitter"];
+  ASSERT_EQ(jitter["ratio_quantiles"].size(), 101u);
+  EXPECT_NEAR(jitter["ratio_quantiles"][0].get<double>(), 0.5, 1e-12);
+  EXPECT_NEAR(jitter["ratio_quantiles"][33].get<double>(), 0.5, 1e-12);   // index 39
+  EXPECT_NEAR(jitter["ratio_quantiles"][34].get<double>(), 1.0, 1e-12);   // index 40
+  EXPECT_NEAR(jitter["ratio_quantiles"][50].get<double>(), 1.0, 1e-12);   // index 60
+  EXPECT_NEAR(jitter["ratio_quantiles"][100].get<double>(), 1.5, 1e-12);  // index 119
+  // A period-3 cycle has lag-1 autocorrelation -0.5: clamped to 0.
+  EXPECT_EQ(jitter["lag1_correlation"].get<double>(), 0.0);
+  EXPECT_NO_THROW(keel::sim::CalibratedCostModel::from_json(calibration, "served"));
+
+  // Slow steps in one run: 60 fast then 60 slow steps correlate strongly (only one of 119
+  // pairs straddles the change): clamped to at most 0.99.
+  json runs = json::array();
+  for (int64_t id = 1; id <= 120; ++id)
+    runs.push_back(served_step(id, 2, 0, id <= 60 ? 0.010 : 0.030, id == 1 ? -1 : 0.0));
+  const double correlation =
+      keel::calibration_from_served_steps(runs, 1)["step_jitter"]["lag1_correlation"];
+  EXPECT_GT(correlation, 0.9);
+  EXPECT_LE(correlation, 0.99);
+
+  // Too few samples of every shape, and records without the fields, are errors.
+  EXPECT_THROW(keel::calibration_from_served_steps(steps, 1000), keel::Error);
+  json old = steps;
+  old[3].erase("gap_before_s");
+  EXPECT_THROW(keel::calibration_from_served_steps(old, 1), keel::Error);
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <numeric>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -319,6 +320,95 @@ TEST(Simulate, CalibratedModelInterpolates) {
   nlohmann::json with_fraction = json;
   with_fraction["expert_fraction"] = 0.7;
   EXPECT_EQ(expert_fraction_of(CalibratedCostModel::from_json(with_fraction, "f")), 0.7);
+}
+
+// Step jitter: the ratio table is read at evenly spaced quantiles, malformed tables are named,
+// a table of ones changes nothing, a constant ratio scales every step exactly, and a spread
+// table keeps the busy time's mean ratio near the table's mean (the copula has the table's
+// marginal distribution) while the same seed reproduces the run.
+TEST(Simulate, StepJitterScalesStepsByTheMeasuredRatios) {
+  StepJitter table{{0.5, 1.0, 2.0}, 0.0};
+  EXPECT_DOUBLE_EQ(table.ratio_at(0.0), 0.5);
+  EXPECT_DOUBLE_EQ(table.ratio_at(0.25), 0.75);
+  EXPECT_DOUBLE_EQ(table.ratio_at(0.5), 1.0);
+  EXPECT_DOUBLE_EQ(table.ratio_at(0.75), 1.5);
+  EXPECT_DOUBLE_EQ(table.ratio_at(1.0), 2.0);
+  EXPECT_THROW(validate_step_jitter({{1.0}, 0.0}, "one"), Error);
+  EXPECT_THROW(validate_step_jitter({{1.0, 0.9}, 0.0}, "decreasing"), Error);
+  EXPECT_THROW(validate_step_jitter({{0.0, 1.0}, 0.0}, "zero"), Error);
+  EXPECT_THROW(validate_step_jitter({{1.0, 1.1}, 1.0}, "correlation"), Error);
+
+  const LinearCostModel linear(2e-3, 1e-4, 0.0);
+  std::vector<CalibrationPoint> points;
+  for (int64_t d : {0, 64})
+    for (int64_t p : {0, 512}) points.push_back({d, p, 0, linear.step_seconds({0, d, p, 0})});
+  const std::vector<SimRequest> requests = workload(4.0, 200, "32:96", "16:48", 5);
+  const SimulationConfig config = small_config(4096);
+  auto run = [&](std::optional<StepJitter> jitter, uint64_t seed = 1) {
+    CalibratedCostModel model(points);
+    model.set_step_jitter(std::move(jitter));
+    SimulationConfig seeded = config;
+    seeded.jitter_seed = seed;
+    return simulate(requests, seeded, model);
+  };
+  const SimulationResult plain = run(std::nullopt);
+  const SimulationResult ones = run(StepJitter{{1.0, 1.0}, 0.5});
+  EXPECT_EQ(ones.num_steps, plain.num_steps);
+  EXPECT_DOUBLE_EQ(ones.busy_s, plain.busy_s);
+  EXPECT_DOUBLE_EQ(ones.summary.itl_ms.median, plain.summary.itl_ms.median);
+
+  // Twice every step time, with the arrivals scaled by 2 as well: the same plans, every
+  // latency exactly doubled.
+  std::vector<SimRequest> slow_requests = requests;
+  for (SimRequest& request : slow_requests) request.arrival_s *= 2;
+  CalibratedCostModel doubled(points);
+  doubled.set_step_jitter(StepJitter{{2.0, 2.0}, 0.9});
+  const SimulationResult twice = simulate(slow_requests, config, doubled);
+  EXPECT_EQ(twice.num_steps, plain.num_steps);
+  EXPECT_NEAR(twice.busy_s, 2 * plain.busy_s, 1e-9);
+  EXPECT_NEAR(twice.summary.ttft_ms.p99, 2 * plain.summary.ttft_ms.p99, 1e-6);
+  EXPECT_NEAR(twice.summary.itl_ms.median, 2 * plain.summary.itl_ms.median, 1e-6);
+
+  // Uniform ratios on [0.5, 1.5] (mean 1): over the run's steps the busy time per step stays
+  // within 5% of the plain run's; the standard error of a mean of n >= 1000 uniform ratios
+  // (sd 0.29) is under 1%, so 5% leaves room for the steps' unequal lengths. The same seed
+  // gives the same run; another seed another one.
+  const StepJitter uniform{{0.5, 1.5}, 0.0};
+  const SimulationResult spread = run(uniform, 7);
+  ASSERT_GE(spread.num_steps, 1000);
+  EXPECT_NEAR(spread.busy_s / spread.num_steps, plain.busy_s / plain.num_steps,
+              0.05 * plain.busy_s / plain.num_steps);
+  EXPECT_DOUBLE_EQ(run(uniform, 7).busy_s, spread.busy_s);
+  EXPECT_NE(run(uniform, 8).busy_s, spread.busy_s);
+  // Jitter stretches the tail: one request alone decodes 300 tokens, so every gap is one decode
+  // step; without jitter the gaps differ only by the KV term (0 here), with it p99/p50 of the
+  // gaps follows the table (1.49 / 1.0 for uniform [0.5, 1.5]; 299 draws put the sample p50
+  // within +-0.06 of 1 and p99 above 1.4 with overwhelming odds).
+  const std::vector<SimRequest> alone = {{0.0, 16, 300}};
+  CalibratedCostModel lone_model(points);
+  EXPECT_NEAR(simulate(alone, config, lone_model).summary.itl_ms.p99 /
+                  simulate(alone, config, lone_model).summary.itl_ms.median,
+              1.0, 1e-9);
+  lone_model.set_step_jitter(uniform);
+  SimulationConfig seeded = config;
+  seeded.jitter_seed = 3;
+  const SimulationResult lone = simulate(alone, seeded, lone_model);
+  EXPECT_GT(lone.summary.itl_ms.p99 / lone.summary.itl_ms.median, 1.3);
+  EXPECT_NEAR(lone.summary.itl_ms.median /
+                  simulate(alone, config, CalibratedCostModel(points)).summary.itl_ms.median,
+              1.0, 0.1);
+  SimulationConfig off = config;
+  off.step_jitter = false;
+  CalibratedCostModel with_table(points);
+  with_table.set_step_jitter(uniform);
+  EXPECT_DOUBLE_EQ(simulate(requests, off, with_table).busy_s, plain.busy_s);
+
+  // The JSON form round-trips and is checked.
+  nlohmann::json json = with_table.to_json();
+  EXPECT_EQ(CalibratedCostModel::from_json(json, "t").step_jitter()->ratio_quantiles,
+            uniform.ratio_quantiles);
+  json["step_jitter"]["ratio_quantiles"] = {1.2, 1.1};
+  EXPECT_THROW(CalibratedCostModel::from_json(json, "t"), Error);
 }
 
 TEST(Simulate, LengthDistributions) {

@@ -91,7 +91,7 @@ usage:
                  [--prefill-list 0,64,256] [--context-list 64,512] [--repeats 5]
       Measure this deployment's engine step times on a grid of step shapes (the file
       keel simulate --calibration interpolates).
-  keel calibrate --from-url URL --out FILE [--min-samples 1]
+  keel calibrate --from-url URL --out FILE [--min-samples 1] [--first-step ID]
       The same file from a running keel server's own step records (its steps as served).
   keel routes diff A B | stats FILE | replay FILE [--model DIR]
       Routing records: first divergence and flip counts; per-expert load, co-activation,
@@ -496,72 +496,28 @@ int calibrate_from_server(const Flags& flags) {
   keel::loadgen::HttpResponse response = keel::loadgen::http_get(url + "/v1/telemetry/steps");
   if (response.status != 200)
     throw_error("calibrate: GET ", url, "/v1/telemetry/steps answered ", response.status);
-  const nlohmann::json steps = nlohmann::json::parse(response.body)["steps"];
-  // A step costs the simulator its own time plus the serving overhead until the next step
-  // starts (finishing requests, telemetry, admission and planning): the gap before the next
-  // step when the engine went straight on. A step followed by an idle wait gets the median of
-  // the gaps seen.
-  std::vector<double> gaps;
-  std::map<int64_t, double> gap_after;  // step id -> gap before the step id + 1
-  for (const auto& step : steps) {
-    if (!step.contains("kv_tokens_read") || !step.contains("gap_before_s"))
-      throw_error("calibrate: the server is too old (no kv_tokens_read or gap_before_s)");
-    if (step["gap_before_s"].is_null()) continue;
-    gaps.push_back(step["gap_before_s"].get<double>());
-    gap_after[step["id"].get<int64_t>() - 1] = gaps.back();
-  }
-  std::sort(gaps.begin(), gaps.end());
-  const double median_gap = gaps.empty() ? 0.0 : gaps[gaps.size() / 2];
-  // One point per (decode tokens, prefill tokens): the median step time and the median KV
-  // tokens read of the steps of that shape.
-  std::map<std::pair<int64_t, int64_t>, std::pair<std::vector<double>, std::vector<int64_t>>>
-      shapes;
-  for (const auto& step : steps) {
-    auto& [times, kv] = shapes[{step["num_decode_tokens"].get<int64_t>(),
-                                step["num_prefill_tokens"].get<int64_t>()}];
-    auto gap = gap_after.find(step["id"].get<int64_t>());
-    times.push_back(step["seconds"].get<double>() +
-                    (gap != gap_after.end() ? gap->second : median_gap));
-    kv.push_back(step["kv_tokens_read"].get<int64_t>());
-  }
-  const int64_t min_samples = flags.integer("--min-samples", 1);
-  nlohmann::json points = nlohmann::json::array();
-  std::set<std::tuple<int64_t, int64_t, int64_t>> taken;
-  for (auto& [shape, samples] : shapes) {
-    auto& [times, kv] = samples;
-    if (static_cast<int64_t>(times.size()) < min_samples) continue;
-    std::sort(times.begin(), times.end());
-    std::sort(kv.begin(), kv.end());
-    const int64_t median_kv = kv[kv.size() / 2];
-    if (!taken.insert({shape.first, shape.second, median_kv}).second) continue;
-    points.push_back({{"num_decode_tokens", shape.first},
-                      {"num_prefill_tokens", shape.second},
-                      {"kv_tokens_read", median_kv},
-                      {"step_s", times[times.size() / 2]},
-                      {"samples", times.size()}});
-  }
-  if (points.empty())
-    throw_error("calibrate: ", url, " has no step shape seen ", min_samples,
-                " times; serve some load first");
-  nlohmann::json calibration = {{"format", "keel-calibration"},
-                                {"version", 1},
-                                {"source", url + "/v1/telemetry/steps"},
-                                {"median_gap_s", median_gap},
-                                {"extrapolation", "linear"},
-                                {"created_unix", static_cast<int64_t>(std::time(nullptr))},
-                                {"points", points}};
+  const int64_t first_step = flags.integer("--first-step", 0);
+  const nlohmann::json body = nlohmann::json::parse(response.body);
+  nlohmann::json steps = nlohmann::json::array();
+  for (const auto& step : body.at("steps"))
+    if (step["id"].get<int64_t>() >= first_step) steps.push_back(step);
+  nlohmann::json calibration =
+      keel::calibration_from_served_steps(steps, flags.integer("--min-samples", 1));
+  calibration["source"] = url + "/v1/telemetry/steps";
+  calibration["first_step"] = first_step;
   std::ofstream out(flags.get("--out"));
   out << calibration.dump(1) << "\n";
   if (!out) throw_error("calibrate: cannot write ", flags.get("--out"));
-  std::printf("wrote %s: %zu step shapes from %zu served steps\n", flags.get("--out").c_str(),
-              points.size(), steps.size());
+  std::printf("wrote %s: %zu step shapes from %zu served steps%s\n", flags.get("--out").c_str(),
+              calibration["points"].size(), steps.size(),
+              calibration.contains("step_jitter") ? " (with step jitter)" : "");
   return 0;
 }
 
 int calibrate(int argc, char** argv) {
   Flags flags(argc, argv, 2,
               {"--config", "--out", "--model", "--decode-list", "--prefill-list", "--context-list",
-               "--repeats", "--block-size", "--from-url", "--min-samples"},
+               "--repeats", "--block-size", "--from-url", "--min-samples", "--first-step"},
               {"--verbose"});
   keel::init_logging(flags.has("--verbose"));
   if (flags.has("--from-url")) {

@@ -2,7 +2,12 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <ctime>
+#include <limits>
+#include <map>
+#include <set>
+#include <tuple>
 
 #include "kernels/base/check.h"
 #include "runtime/sampling/sampler.h"
@@ -189,6 +194,119 @@ nlohmann::json calibrate_engine(Engine& engine, const CalibrationGrid& grid) {
   options.num_kv_blocks = source.blocks_needed();
   engine.serve(engine.is_leader_process() ? &source : nullptr, options);
   return engine.is_leader_process() ? source.result(engine) : nlohmann::json();
+}
+
+// Steps of a served load -> calibration (see calibrate.h). Shapes and costs as the simulator
+// counts them (runtime/simulation/simulator.h).
+nlohmann::json calibration_from_served_steps(const nlohmann::json& steps, int64_t min_samples) {
+  // A step costs the simulator its own time plus the serving overhead until the next step
+  // starts (finishing requests, telemetry, admission and planning): the gap before the next
+  // step when the engine went straight on. A step followed by an idle wait gets the median of
+  // the gaps seen.
+  std::vector<double> gaps;
+  std::map<int64_t, double> gap_after;  // step id -> gap before the step id + 1
+  for (const auto& step : steps) {
+    if (!step.contains("kv_tokens_read") || !step.contains("gap_before_s"))
+      throw_error("calibrate: step ", step.value("id", int64_t{-1}),
+                  " has no kv_tokens_read or gap_before_s (a server that is too old?)");
+    if (step["gap_before_s"].is_null()) continue;
+    gaps.push_back(step["gap_before_s"].get<double>());
+    gap_after[step["id"].get<int64_t>() - 1] = gaps.back();
+  }
+  std::sort(gaps.begin(), gaps.end());
+  const double median_gap = gaps.empty() ? 0.0 : gaps[gaps.size() / 2];
+  // One point per (decode tokens, prefill tokens): the median step time and the median KV
+  // tokens read of the steps of that shape.
+  std::map<std::pair<int64_t, int64_t>, std::pair<std::vector<double>, std::vector<int64_t>>>
+      shapes;
+  std::vector<std::pair<int64_t, int64_t>> shape_of_step;
+  std::vector<double> cost_of_step;
+  for (const auto& step : steps) {
+    shape_of_step.emplace_back(step["num_decode_tokens"].get<int64_t>(),
+                               step["num_prefill_tokens"].get<int64_t>());
+    auto& [times, kv] = shapes[shape_of_step.back()];
+    auto gap = gap_after.find(step["id"].get<int64_t>());
+    cost_of_step.push_back(step["seconds"].get<double>() +
+                           (gap != gap_after.end() ? gap->second : median_gap));
+    times.push_back(cost_of_step.back());
+    kv.push_back(step["kv_tokens_read"].get<int64_t>());
+  }
+  // Step jitter (runtime/simulation/cost_model.h): each step's cost over the median of its
+  // shape, for shapes seen often enough that the median means something.
+  constexpr size_t kJitterMinShapeSamples = 5;
+  std::map<std::pair<int64_t, int64_t>, double> shape_median;
+  for (const auto& [shape, samples] : shapes) {
+    if (samples.first.size() < kJitterMinShapeSamples) continue;
+    std::vector<double> sorted = samples.first;
+    std::sort(sorted.begin(), sorted.end());
+    shape_median[shape] = sorted[sorted.size() / 2];
+  }
+  std::vector<double> log_ratios(steps.size(), std::numeric_limits<double>::quiet_NaN());
+  std::vector<double> ratios;
+  for (size_t i = 0; i < steps.size(); ++i) {
+    auto median = shape_median.find(shape_of_step[i]);
+    if (median == shape_median.end()) continue;
+    ratios.push_back(cost_of_step[i] / median->second);
+    log_ratios[i] = std::log(ratios.back());
+  }
+  nlohmann::json jitter;
+  constexpr size_t kJitterMinSteps = 100;
+  if (ratios.size() >= kJitterMinSteps) {
+    std::sort(ratios.begin(), ratios.end());
+    std::vector<double> quantiles;
+    constexpr int kQuantiles = 100;
+    for (int q = 0; q <= kQuantiles; ++q)
+      quantiles.push_back(ratios[static_cast<size_t>(std::lround(
+          q / static_cast<double>(kQuantiles) * static_cast<double>(ratios.size() - 1)))]);
+    // Lag-1 correlation of log ratios over consecutive step ids.
+    std::vector<std::pair<double, double>> pairs;
+    for (size_t i = 1; i < steps.size(); ++i)
+      if (!std::isnan(log_ratios[i - 1]) && !std::isnan(log_ratios[i]) &&
+          steps[i]["id"].get<int64_t>() == steps[i - 1]["id"].get<int64_t>() + 1)
+        pairs.emplace_back(log_ratios[i - 1], log_ratios[i]);
+    double correlation = 0.0;
+    if (pairs.size() >= 2) {
+      double mean_a = 0, mean_b = 0;
+      for (const auto& [a, b] : pairs) mean_a += a, mean_b += b;
+      mean_a /= static_cast<double>(pairs.size());
+      mean_b /= static_cast<double>(pairs.size());
+      double cov = 0, var_a = 0, var_b = 0;
+      for (const auto& [a, b] : pairs) {
+        cov += (a - mean_a) * (b - mean_b);
+        var_a += (a - mean_a) * (a - mean_a);
+        var_b += (b - mean_b) * (b - mean_b);
+      }
+      if (var_a > 0 && var_b > 0) correlation = cov / std::sqrt(var_a * var_b);
+    }
+    jitter = {{"ratio_quantiles", quantiles},
+              {"lag1_correlation", std::clamp(correlation, 0.0, 0.99)},
+              {"steps", ratios.size()}};
+  }
+  nlohmann::json points = nlohmann::json::array();
+  std::set<std::tuple<int64_t, int64_t, int64_t>> taken;
+  for (auto& [shape, samples] : shapes) {
+    auto& [times, kv] = samples;
+    if (static_cast<int64_t>(times.size()) < min_samples) continue;
+    std::sort(times.begin(), times.end());
+    std::sort(kv.begin(), kv.end());
+    const int64_t median_kv = kv[kv.size() / 2];
+    if (!taken.insert({shape.first, shape.second, median_kv}).second) continue;
+    points.push_back({{"num_decode_tokens", shape.first},
+                      {"num_prefill_tokens", shape.second},
+                      {"kv_tokens_read", median_kv},
+                      {"step_s", times[times.size() / 2]},
+                      {"samples", times.size()}});
+  }
+  if (points.empty())
+    throw_error("calibrate: no step shape seen ", min_samples, " times; serve some load first");
+  nlohmann::json calibration = {{"format", "keel-calibration"},
+                                {"version", 1},
+                                {"median_gap_s", median_gap},
+                                {"extrapolation", "linear"},
+                                {"created_unix", static_cast<int64_t>(std::time(nullptr))},
+                                {"points", points}};
+  if (!jitter.is_null()) calibration["step_jitter"] = jitter;
+  return calibration;
 }
 
 }  // namespace keel

@@ -36,4 +36,18 @@ struct CalibrationGrid {
 // and returns the calibration JSON (format "keel-calibration", version 1).
 nlohmann::json calibrate_engine(Engine& engine, const CalibrationGrid& grid);
 
+// The calibration from a server's own step records (the "steps" array of /v1/telemetry/steps,
+// in id order; `keel calibrate --from-url`): what its steps really took under the load it
+// served, sampling, streaming and every thread competing for the cores included.
+//  - A step's cost is its time plus the gap before the next step when the engine went straight
+//    on (serving overhead between steps: finishing, telemetry, admission, planning); a step
+//    followed by an idle wait gets the median gap.
+//  - One point per (decode tokens, prefill tokens) seen >= min_samples times: the median cost
+//    and the median KV tokens read of those steps.
+//  - step_jitter (format in runtime/simulation/cost_model.h) when >= 100 steps belong to shapes
+//    seen >= 5 times: quantiles q = 0, 0.01, .., 1 of cost / median cost of the step's shape,
+//    and the lag-1 correlation of consecutive steps' log ratios (clamped to [0, 0.99]).
+// Throws keel::Error when a record lacks a field or no shape has min_samples steps.
+nlohmann::json calibration_from_served_steps(const nlohmann::json& steps, int64_t min_samples);
+
 }  // namespace keel

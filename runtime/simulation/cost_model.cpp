@@ -19,6 +19,28 @@ std::optional<double> expert_fraction_of(const StepCostModel& model) {
   return std::nullopt;
 }
 
+double StepJitter::ratio_at(double u) const {
+  const double position = std::clamp(u, 0.0, 1.0) * static_cast<double>(ratio_quantiles.size() - 1);
+  const size_t below = std::min(static_cast<size_t>(position), ratio_quantiles.size() - 2);
+  const double frac = position - static_cast<double>(below);
+  return ratio_quantiles[below] + frac * (ratio_quantiles[below + 1] - ratio_quantiles[below]);
+}
+
+void validate_step_jitter(const StepJitter& jitter, const std::string& where) {
+  if (jitter.ratio_quantiles.size() < 2)
+    throw_error(where, ": step_jitter.ratio_quantiles needs at least 2 values");
+  for (size_t i = 0; i < jitter.ratio_quantiles.size(); ++i) {
+    const double ratio = jitter.ratio_quantiles[i];
+    if (!(ratio > 0) || !std::isfinite(ratio))
+      throw_error(where, ": step_jitter.ratio_quantiles[", i, "] must be a finite number > 0");
+    if (i > 0 && ratio < jitter.ratio_quantiles[i - 1])
+      throw_error(where, ": step_jitter.ratio_quantiles must be nondecreasing (index ", i, ")");
+  }
+  if (!(jitter.lag1_correlation >= 0.0 && jitter.lag1_correlation < 1.0))
+    throw_error(where, ": step_jitter.lag1_correlation must be in [0, 1), got ",
+                jitter.lag1_correlation);
+}
+
 namespace {
 
 void check_fraction(const std::optional<double>& fraction, const std::string& where) {
@@ -110,6 +132,11 @@ CalibratedCostModel::CalibratedCostModel(std::vector<CalibrationPoint> points,
     std::sort(slopes.begin(), slopes.end());
     kv_slope_ = std::max(0.0, slopes[slopes.size() / 2]);
   }
+}
+
+void CalibratedCostModel::set_step_jitter(std::optional<StepJitter> jitter) {
+  if (jitter) validate_step_jitter(*jitter, "calibration");
+  step_jitter_ = std::move(jitter);
 }
 
 double CalibratedCostModel::at(size_t d, size_t p, size_t k) const {
@@ -237,6 +264,25 @@ CalibratedCostModel CalibratedCostModel::from_json(const nlohmann::json& json,
   }
   if (!json.contains("points") || !json["points"].is_array())
     throw_error(where, ": \"points\" must be an array");
+  std::optional<StepJitter> jitter;
+  if (json.contains("step_jitter")) {
+    const nlohmann::json& entry = json["step_jitter"];
+    if (!entry.is_object() || !entry.contains("ratio_quantiles") ||
+        !entry["ratio_quantiles"].is_array())
+      throw_error(where, ": \"step_jitter\" must be an object with a \"ratio_quantiles\" array");
+    StepJitter parsed;
+    for (const auto& value : entry["ratio_quantiles"]) {
+      if (!value.is_number()) throw_error(where, ": step_jitter.ratio_quantiles must hold numbers");
+      parsed.ratio_quantiles.push_back(value.get<double>());
+    }
+    if (entry.contains("lag1_correlation")) {
+      if (!entry["lag1_correlation"].is_number())
+        throw_error(where, ": step_jitter.lag1_correlation must be a number");
+      parsed.lag1_correlation = entry["lag1_correlation"].get<double>();
+    }
+    validate_step_jitter(parsed, where);
+    jitter = std::move(parsed);
+  }
   std::vector<CalibrationPoint> points;
   size_t index = 0;
   for (const auto& entry : json["points"]) {
@@ -256,7 +302,9 @@ CalibratedCostModel CalibratedCostModel::from_json(const nlohmann::json& json,
     ++index;
   }
   try {
-    return CalibratedCostModel(std::move(points), extrapolation, fraction);
+    CalibratedCostModel model(std::move(points), extrapolation, fraction);
+    model.set_step_jitter(std::move(jitter));
+    return model;
   } catch (const Error& error) {
     throw_error(where, ": ", error.what());
   }
@@ -283,6 +331,9 @@ nlohmann::json CalibratedCostModel::to_json() const {
       {"extrapolation", extrapolation_ == Extrapolation::kClamp ? "clamp" : "linear"},
       {"points", points}};
   if (expert_fraction_) out["expert_fraction"] = *expert_fraction_;
+  if (step_jitter_)
+    out["step_jitter"] = {{"ratio_quantiles", step_jitter_->ratio_quantiles},
+                          {"lag1_correlation", step_jitter_->lag1_correlation}};
   return out;
 }
 

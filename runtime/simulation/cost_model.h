@@ -28,6 +28,12 @@
 //                                            routed-expert GEMMs (the simulator's MoE skew
 //                                            factor scales this share; see simulator.h)
 //     "extrapolation": "linear",             optional: "linear" (default) or "clamp"
+//     "step_jitter": {                       optional: how served steps scatter around their
+//       "ratio_quantiles": [0.76, ..., 1.9], shape's median: >= 2 nondecreasing ratios > 0,
+//                                            evenly spaced quantiles from q=0 to q=1 of (step
+//                                            time / median time of steps of that shape)
+//       "lag1_correlation": 0.6              in [0, 1): correlation of consecutive steps'
+//     },                                     log ratios (slow steps come in runs)
 //     "points": [                            required, >= 1 measured steps
 //       {"num_decode_tokens": 8, "num_prefill_tokens": 0, "kv_tokens_read": 4096,
 //        "step_s": 0.0123,                   required, seconds (> 0): the median is advised
@@ -98,6 +104,18 @@ class ExpertShareSource {
 // The model's expert fraction when it exposes one (ExpertShareSource), else nullopt.
 std::optional<double> expert_fraction_of(const StepCostModel& model);
 
+// Step-to-step scatter of real step times around the model's (median) time, measured from a
+// server's own steps (keel calibrate --from-url). The simulator multiplies each step's time by
+// a ratio drawn from this distribution, consecutive draws correlated (see simulator.h).
+struct StepJitter {
+  std::vector<double> ratio_quantiles;  // evenly spaced quantiles q = 0..1, nondecreasing, > 0
+  double lag1_correlation = 0.0;        // of consecutive log ratios, in [0, 1)
+  // The ratio at quantile u in [0, 1], linear between the stored quantiles.
+  double ratio_at(double u) const;
+};
+// Throws keel::Error naming `where` when the jitter is malformed.
+void validate_step_jitter(const StepJitter& jitter, const std::string& where);
+
 class LinearCostModel : public StepCostModel, public ExpertShareSource {
  public:
   LinearCostModel(double base_s, double per_token_s, double per_kv_token_s,
@@ -133,6 +151,8 @@ class CalibratedCostModel : public StepCostModel, public ExpertShareSource {
   double step_seconds(const StepShape& shape) const override;
   std::optional<double> expert_fraction() const override { return expert_fraction_; }
   const std::vector<CalibrationPoint>& points() const { return points_; }
+  const std::optional<StepJitter>& step_jitter() const { return step_jitter_; }
+  void set_step_jitter(std::optional<StepJitter> jitter);
 
  private:
   double at(size_t d, size_t p, size_t k) const;  // NaN when unmeasured
@@ -145,6 +165,7 @@ class CalibratedCostModel : public StepCostModel, public ExpertShareSource {
   std::vector<double> grid_;                 // [d][p][k], NaN = unmeasured
   Extrapolation extrapolation_;
   std::optional<double> expert_fraction_;
+  std::optional<StepJitter> step_jitter_;
   double min_step_s_ = 0.0;
 };
 

@@ -324,6 +324,18 @@ SimulationResult simulate(const std::vector<SimRequest>& requests, const Simulat
       config.expert_fraction ? *config.expert_fraction : expert_fraction_of(cost).value_or(0.5);
   const double step_scale =
       (1.0 - result.expert_fraction) + result.expert_fraction * config.moe_factor;
+  const auto* calibrated = dynamic_cast<const CalibratedCostModel*>(&cost);
+  const StepJitter* jitter = config.step_jitter && calibrated && calibrated->step_jitter()
+                                 ? &*calibrated->step_jitter()
+                                 : nullptr;
+  std::mt19937_64 jitter_rng(config.jitter_seed);
+  std::normal_distribution<double> standard_normal;
+  double jitter_z = standard_normal(jitter_rng);
+  auto next_jitter = [&]() {
+    const double rho = jitter->lag1_correlation;
+    jitter_z = rho * jitter_z + std::sqrt(1.0 - rho * rho) * standard_normal(jitter_rng);
+    return jitter->ratio_at(0.5 * std::erfc(-jitter_z / std::sqrt(2.0)));
+  };
   const size_t n = requests.size();
   result.records.resize(n);
   std::vector<size_t> order(n);
@@ -407,7 +419,7 @@ SimulationResult simulate(const std::vector<SimRequest>& requests, const Simulat
       num_logits += plan.needs_logits[seq] ? 1 : 0;
     }
     const double kv_usage = scheduler.block_manager().num_used_blocks() / num_blocks;
-    const double dt = cost.step_seconds(shape) * step_scale;
+    const double dt = cost.step_seconds(shape) * step_scale * (jitter ? next_jitter() : 1.0);
     if (!(dt > 0) || !std::isfinite(dt))
       throw_error("simulate: the cost model gave a step time of ", dt, " s");
     t += dt;

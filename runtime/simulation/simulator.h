@@ -39,6 +39,15 @@
 // hottest experts as DeepSeek's EPLB (repeatedly the expert with the highest load per replica
 // gets one more replica; its load is split evenly over its replicas). R > 0 needs balanced.
 //
+// Step jitter. A calibration measured from served steps carries the scatter of real step times
+// around their shape's median (StepJitter: quantiles of the ratio, and the lag-1 correlation of
+// consecutive log ratios, since slow steps on a shared machine come in runs). With it (and
+// SimulationConfig::step_jitter on) step i's time is multiplied by ratio_at(Phi(z_i)), where
+// z_i = rho z_{i-1} + sqrt(1 - rho^2) n_i, n_i standard normal from a mt19937_64 seeded with
+// jitter_seed, z_0 ~ N(0, 1): a Gaussian copula, so the ratios have exactly the measured
+// marginal distribution and correlation about rho. Without jitter every step of a shape takes
+// the model's median time, which predicts medians well and tails (p99) too short.
+//
 // Metrics are computed by keel's own load generator code (loadgen::summarize) from per-request
 // records built like `keel bench serve`'s, so the JSON keys and definitions (TTFT, TPOT, ITL,
 // E2EL, goodput) are exactly those of `keel bench serve --save-json` (vLLM's names).
@@ -121,6 +130,9 @@ struct SimulationConfig {
   double moe_factor = 1.0;  // F
   std::optional<double> expert_fraction;
   loadgen::Slo slo;
+  // Multiply step times by the cost model's StepJitter when it has one (see the top).
+  bool step_jitter = true;
+  uint64_t jitter_seed = 1;
   // Time-series samples kept in the result (evenly thinned from the per-step samples).
   size_t max_series_points = 2000;
   // Called with every non-empty plan and the simulated time its step starts (tests).
