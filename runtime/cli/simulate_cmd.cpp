@@ -51,7 +51,7 @@ const char* kUsage =
     "         [--num-kv-blocks N | --kv-block-bytes B] [--max-num-seqs N]\n"
     "         [--max-num-batched-tokens N] [--max-waiting N]\n"
     "         [--cost linear [--base-ms A] [--per-token-ms B] [--per-kv-token-us C]\n"
-    "          | --calibration FILE] [--expert-fraction F]\n"
+    "          | --calibration FILE [--no-jitter]] [--expert-fraction F]\n"
     "         (--rate R [--burstiness B] [--num-requests N] [--input-len DIST]\n"
     "          [--output-len DIST] | --trace FILE)\n"
     "         [--zipf S [--num-experts E] [--moe-layers L] | --routing-trace FILE]\n"
@@ -197,7 +197,7 @@ void write_file(const std::string& path, const std::string& text) {
 }
 
 int run(int argc, char** argv) {
-  const Args args(argc, argv, 2, {"--json"},
+  const Args args(argc, argv, 2, {"--json", "--no-jitter"},
                   {"--config",
                    "--block-size",
                    "--num-kv-blocks",
@@ -307,6 +307,8 @@ int run(int argc, char** argv) {
       sim::parse_sim_placement(args.get("--placement", serve.placement));
   const int64_t redundant = args.integer("--redundant-experts", 0);
   const uint64_t seed = static_cast<uint64_t>(args.integer("--seed", 0));
+  config.jitter_seed = seed + 1;
+  config.step_jitter = !args.has("--no-jitter");
   sim::ExpertLoads loads;
   if (args.has("--zipf") && args.has("--routing-trace"))
     throw UsageError("--zipf and --routing-trace exclude each other");
