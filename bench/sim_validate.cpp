@@ -21,6 +21,10 @@
 //     calibrate --from-url --first-step` over just that load; not a prediction: it separates
 //     the simulator's own error from step-time change), and the step-time drift: how much
 //     slower the load's steps ran than the calibration's, shape for shape.
+//  --save-dir DIR keeps DIR/steps.json (every step record) and DIR/load-N.json (each load as
+//  `keel bench serve --save-json` writes it, with its first/last step ids), so calibrations and
+//  simulations can be redone offline: `keel calibrate --from-steps DIR/steps.json --first-step A
+//  --last-step B`, `keel simulate --trace DIR/load-N.json --calibration FILE`.
 // The loads are "held out": their rates and the resulting step shapes are not calibration
 // points (calibration runs isolated synthetic steps, not loads).
 //
@@ -53,6 +57,7 @@ struct Args {
   std::vector<double> calibrate_load_rates;  // non-empty: calibrate from the server's steps
   int warmup = 2;
   int sim_runs = 9;
+  std::string save_dir;  // non-empty: keep the step records and each load's requests
   std::vector<double> rates = {0.5, 1.5, 3.0};
   int num_requests = 40;
   int input_len = 64;
@@ -91,6 +96,8 @@ Args parse_args(int argc, char** argv) {
       args.calibrate_load_rates = parse_rates(value());
     else if (flag == "--warmup")
       args.warmup = std::stoi(value());
+    else if (flag == "--save-dir")
+      args.save_dir = value();
     else if (flag == "--sim-runs")
       args.sim_runs = std::max(1, std::stoi(value()));
     else if (flag == "--rates")
@@ -118,6 +125,12 @@ json read_json(const std::string& path) {
   std::ifstream file(path);
   if (!file) throw std::runtime_error("cannot read " + path);
   return json::parse(file);
+}
+
+void write_json(const std::string& path, const json& value) {
+  std::ofstream file(path);
+  file << value.dump(1) << "\n";
+  if (!file) throw std::runtime_error("cannot write " + path);
 }
 
 // The id the server's next step will have.
@@ -185,6 +198,7 @@ json compare(const keel::loadgen::Summary& measured,
 int main(int argc, char** argv) {
   try {
     Args args = parse_args(argc, argv);
+    if (!args.save_dir.empty()) std::filesystem::create_directories(args.save_dir);
     const double load_before = keel::bench::one_minute_load_average();
     const bool from_server = args.calibration.empty() && !args.calibrate_load_rates.empty();
     if (args.calibration.empty() && !from_server) {
@@ -305,6 +319,16 @@ int main(int argc, char** argv) {
       }
       std::fprintf(stderr, "%-6.2f step times of this load vs the calibration: %+.1f%%\n", rate,
                    100 * drift);
+      if (!args.save_dir.empty()) {
+        // A `keel bench serve --save-json` file: `keel simulate --trace` replays it.
+        json saved = keel::loadgen::summary_json(measured.summary);
+        saved["summary_errors"] = saved["errors"];
+        saved.update(keel::loadgen::records_json(measured.records));
+        saved["load"] = keel::loadgen::spec_json(make_spec(rate, args.seed));
+        saved["first_step"] = first_step;
+        saved["last_step"] = next_step_id(url) - 1;
+        write_json(args.save_dir + "/load-" + std::to_string(loads.size()) + ".json", saved);
+      }
       loads.push_back({{"rate", rate},
                        {"num_requests", args.num_requests},
                        {"comparison", comparison},
@@ -314,6 +338,9 @@ int main(int argc, char** argv) {
                        {"predicted_preemptions", preemptions},
                        {"predicted_rejected", rejected}});
     }
+    if (!args.save_dir.empty())
+      write_json(args.save_dir + "/steps.json",
+                 json::parse(keel::loadgen::http_get(url + "/v1/telemetry/steps").body));
     const int server_status = server.stop(std::chrono::seconds(60));
     json out = {{"benchmark", "sim_validate"},
                 {"machine",

@@ -19,6 +19,7 @@
 
 #include "runtime/gen_model.h"
 #include "runtime/routing/routing_file.h"
+#include "runtime/serving/calibrate.h"
 #include "runtime/simulation/cost_model.h"
 #include "serve_test_util.h"
 
@@ -423,6 +424,26 @@ TEST_F(Serve, StepGapsAreTheOverheadBetweenBackToBackStepsAndCalibrationCountsTh
     EXPECT_GE(point["step_s"].get<double>(), fastest) << point.dump();
   }
   EXPECT_NO_THROW(keel::sim::CalibratedCostModel::load(calibration));
+
+  // The same offline from a saved answer, limited to this request's steps.
+  const std::string saved = scratch() + "/saved-steps.json";
+  std::ofstream(saved) << json{{"steps", steps}}.dump();
+  const std::string offline = scratch() + "/offline-calibration.json";
+  const int64_t first = served.front()["id"], last = served.back()["id"];
+  const std::string offline_output = run_command(
+      kKeel + " calibrate --from-steps " + saved + " --first-step " + std::to_string(first) +
+          " --last-step " + std::to_string(last) + " --out " + offline,
+      &exit_code);
+  ASSERT_EQ(exit_code, 0) << offline_output;
+  std::ifstream offline_file(offline);
+  EXPECT_EQ(json::parse(offline_file)["points"],
+            keel::calibration_from_served_steps(json(served), 1)["points"]);
+  const std::string bad = scratch() + "/not-steps.json";
+  std::ofstream(bad) << "{\"requests\": []}";
+  const std::string bad_output =
+      run_command(kKeel + " calibrate --from-steps " + bad + " --out " + offline, &exit_code);
+  EXPECT_NE(exit_code, 0);
+  EXPECT_NE(bad_output.find("no \"steps\" array"), std::string::npos) << bad_output;
 }
 
 TEST_F(Serve, MetricsPassPromtool) {

@@ -6,6 +6,8 @@
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <iterator>
+#include <limits>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -91,7 +93,8 @@ usage:
                  [--prefill-list 0,64,256] [--context-list 64,512] [--repeats 5]
       Measure this deployment's engine step times on a grid of step shapes (the file
       keel simulate --calibration interpolates).
-  keel calibrate --from-url URL --out FILE [--min-samples 1] [--first-step ID]
+  keel calibrate (--from-url URL | --from-steps FILE) --out FILE [--min-samples 1]
+                 [--first-step ID] [--last-step ID]
       The same file from a running keel server's own step records (its steps as served).
   keel routes diff A B | stats FILE | replay FILE [--model DIR]
       Routing records: first divergence and flip counts; per-expert load, co-activation,
@@ -491,19 +494,34 @@ std::vector<int64_t> parse_list(const std::string& flag, const std::string& text
 // keel calibrate --from-url URL --out FILE: the calibration from a live server's own step
 // records (/v1/telemetry/steps): what its steps really took under the load it just served,
 // sampling, streaming and every thread competing for the cores included.
+// keel calibrate --from-steps FILE: the same from a saved /v1/telemetry/steps answer.
 int calibrate_from_server(const Flags& flags) {
-  const std::string url = flags.get("--from-url");
-  keel::loadgen::HttpResponse response = keel::loadgen::http_get(url + "/v1/telemetry/steps");
-  if (response.status != 200)
-    throw_error("calibrate: GET ", url, "/v1/telemetry/steps answered ", response.status);
+  std::string source, text;
+  if (flags.has("--from-url")) {
+    source = flags.get("--from-url") + "/v1/telemetry/steps";
+    keel::loadgen::HttpResponse response = keel::loadgen::http_get(source);
+    if (response.status != 200)
+      throw_error("calibrate: GET ", source, " answered ", response.status);
+    text = std::move(response.body);
+  } else {
+    source = flags.get("--from-steps");
+    std::ifstream file(source);
+    if (!file) throw_error("calibrate: cannot read ", source);
+    text.assign(std::istreambuf_iterator<char>(file), {});
+  }
+  const nlohmann::json body = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (body.is_discarded() || !body.contains("steps") || !body["steps"].is_array())
+    throw_error("calibrate: ", source, " is not a /v1/telemetry/steps answer (no \"steps\" array)");
   const int64_t first_step = flags.integer("--first-step", 0);
-  const nlohmann::json body = nlohmann::json::parse(response.body);
+  const int64_t last_step = flags.integer("--last-step", std::numeric_limits<int64_t>::max());
   nlohmann::json steps = nlohmann::json::array();
-  for (const auto& step : body.at("steps"))
-    if (step["id"].get<int64_t>() >= first_step) steps.push_back(step);
+  for (const auto& step : body["steps"]) {
+    const int64_t id = step.value("id", int64_t{-1});
+    if (id >= first_step && id <= last_step) steps.push_back(step);
+  }
   nlohmann::json calibration =
       keel::calibration_from_served_steps(steps, flags.integer("--min-samples", 1));
-  calibration["source"] = url + "/v1/telemetry/steps";
+  calibration["source"] = source;
   calibration["first_step"] = first_step;
   std::ofstream out(flags.get("--out"));
   out << calibration.dump(1) << "\n";
@@ -517,11 +535,14 @@ int calibrate_from_server(const Flags& flags) {
 int calibrate(int argc, char** argv) {
   Flags flags(argc, argv, 2,
               {"--config", "--out", "--model", "--decode-list", "--prefill-list", "--context-list",
-               "--repeats", "--block-size", "--from-url", "--min-samples", "--first-step"},
+               "--repeats", "--block-size", "--from-url", "--min-samples", "--first-step",
+               "--last-step", "--from-steps"},
               {"--verbose"});
   keel::init_logging(flags.has("--verbose"));
-  if (flags.has("--from-url")) {
-    if (!flags.has("--out")) throw_error("calibrate --from-url needs --out FILE");
+  if (flags.has("--from-url") || flags.has("--from-steps")) {
+    if (flags.has("--from-url") && flags.has("--from-steps"))
+      throw_error("calibrate: give --from-url or --from-steps, not both");
+    if (!flags.has("--out")) throw_error("calibrate --from-url/--from-steps needs --out FILE");
     return calibrate_from_server(flags);
   }
   if (!flags.has("--config") || !flags.has("--out"))
