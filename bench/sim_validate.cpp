@@ -21,7 +21,8 @@
 //     calibrate --from-url --first-step` over just that load; not a prediction: it separates
 //     the simulator's own error from step-time change), and the step-time drift: how much
 //     slower the load's steps ran than the calibration's, shape for shape.
-//  --save-dir DIR keeps DIR/steps.json (every step record) and DIR/load-N.json (each load as
+//  --save-dir DIR keeps DIR/calibration-steps.json and DIR/steps.json (the server's step records
+//  after the calibration loads and at the end) and DIR/load-N.json (each load as
 //  `keel bench serve --save-json` writes it, with its first/last step ids), so calibrations and
 //  simulations can be redone offline: `keel calibrate --from-steps DIR/steps.json --first-step A
 //  --last-step B`, `keel simulate --trace DIR/load-N.json --calibration FILE`.
@@ -256,6 +257,9 @@ int main(int argc, char** argv) {
             keel::loadgen::run_load(make_spec(args.calibrate_load_rates[i], args.seed + 1000 + i));
         if (load.summary.failed > 0) throw std::runtime_error("calibration load: requests failed");
       }
+      if (!args.save_dir.empty())  // now: the server keeps only its last 8192 step records
+        write_json(args.save_dir + "/calibration-steps.json",
+                   json::parse(keel::loadgen::http_get(url + "/v1/telemetry/steps").body));
       args.calibration =
           (std::filesystem::temp_directory_path() / "keel-sim-validate-served-calibration.json")
               .string();

@@ -210,6 +210,22 @@ TEST(CalibrationFromServedSteps, CostsPointsAndJitterByHand) {
   EXPECT_GT(correlation, 0.9);
   EXPECT_LE(correlation, 0.99);
 
+  // Prefill shapes take the weighted line through their medians: (0, 64) 100 ms x 6,
+  // (1, 64) one 200 ms outlier, (2, 64) 120 ms x 6. Sums: w 13, wx 13, wy 1.52, wxx 25,
+  // wxy 1.64; slope (13 * 1.64 - 13 * 1.52) / (13 * 25 - 13^2) = 0.01 s per decode token,
+  // intercept (1.52 - 0.13) / 13. No gaps (every step after an idle wait): cost = seconds.
+  json prefills = json::array();
+  int64_t id = 1;
+  for (int i = 0; i < 6; ++i) prefills.push_back(served_step(id++, 0, 64, 0.100, -1));
+  prefills.push_back(served_step(id++, 1, 64, 0.200, -1));
+  for (int i = 0; i < 6; ++i) prefills.push_back(served_step(id++, 2, 64, 0.120, -1));
+  const double intercept = (1.52 - 0.13) / 13;
+  for (const json& point : keel::calibration_from_served_steps(prefills, 1)["points"]) {
+    const double decode = point["num_decode_tokens"].get<double>();
+    EXPECT_NEAR(point["step_s"].get<double>(), intercept + 0.01 * decode, 1e-12) << point;
+    EXPECT_NEAR(point["median_s"].get<double>(), decode == 1 ? 0.2 : 0.1 + 0.01 * decode, 1e-12);
+  }
+
   // Too few samples of every shape, and records without the fields, are errors.
   EXPECT_THROW(keel::calibration_from_served_steps(steps, 1000), keel::Error);
   json old = steps;

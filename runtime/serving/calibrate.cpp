@@ -282,6 +282,35 @@ nlohmann::json calibration_from_served_steps(const nlohmann::json& steps, int64_
               {"lag1_correlation", std::clamp(correlation, 0.0, 0.99)},
               {"steps", ratios.size()}};
   }
+  // Steps with a prefill chunk are rare (one per request) and spread over many decode counts,
+  // so their per-shape medians rest on a few correlated samples. For each prefill count seen at
+  // >= 2 decode counts with >= kMinPrefillSamples steps in all, the points take the line
+  // a + b * decode fitted by least squares through the shapes' medians, weighted by their
+  // sample counts (a prefill step's time is close to linear in the decode tokens riding along).
+  constexpr size_t kMinPrefillSamples = 10;
+  std::map<int64_t, std::pair<double, double>> prefill_line;  // prefill count -> (a, b)
+  {
+    std::map<int64_t, std::vector<std::tuple<double, double, double>>> by_prefill;  // d, t, w
+    for (auto& [shape, samples] : shapes) {
+      if (shape.second == 0) continue;
+      std::vector<double> sorted = samples.first;
+      std::sort(sorted.begin(), sorted.end());
+      by_prefill[shape.second].emplace_back(static_cast<double>(shape.first),
+                                            sorted[sorted.size() / 2],
+                                            static_cast<double>(sorted.size()));
+    }
+    for (const auto& [prefill, nodes] : by_prefill) {
+      double w = 0, wx = 0, wy = 0, wxx = 0, wxy = 0;
+      for (const auto& [x, y, weight] : nodes) {
+        w += weight, wx += weight * x, wy += weight * y;
+        wxx += weight * x * x, wxy += weight * x * y;
+      }
+      const double denominator = w * wxx - wx * wx;
+      if (nodes.size() < 2 || w < kMinPrefillSamples || denominator <= 0) continue;
+      const double slope = (w * wxy - wx * wy) / denominator;
+      prefill_line[prefill] = {(wy - slope * wx) / w, slope};
+    }
+  }
   nlohmann::json points = nlohmann::json::array();
   std::set<std::tuple<int64_t, int64_t, int64_t>> taken;
   for (auto& [shape, samples] : shapes) {
@@ -291,10 +320,18 @@ nlohmann::json calibration_from_served_steps(const nlohmann::json& steps, int64_
     std::sort(kv.begin(), kv.end());
     const int64_t median_kv = kv[kv.size() / 2];
     if (!taken.insert({shape.first, shape.second, median_kv}).second) continue;
+    const double median = times[times.size() / 2];
+    double step_s = median;
+    if (auto line = prefill_line.find(shape.second); line != prefill_line.end()) {
+      const double fitted =
+          line->second.first + line->second.second * static_cast<double>(shape.first);
+      if (fitted > 0) step_s = fitted;
+    }
     points.push_back({{"num_decode_tokens", shape.first},
                       {"num_prefill_tokens", shape.second},
                       {"kv_tokens_read", median_kv},
-                      {"step_s", times[times.size() / 2]},
+                      {"step_s", step_s},
+                      {"median_s", median},
                       {"samples", times.size()}});
   }
   if (points.empty())

@@ -43,7 +43,11 @@ nlohmann::json calibrate_engine(Engine& engine, const CalibrationGrid& grid);
 //    on (serving overhead between steps: finishing, telemetry, admission, planning); a step
 //    followed by an idle wait gets the median gap.
 //  - One point per (decode tokens, prefill tokens) seen >= min_samples times: the median cost
-//    and the median KV tokens read of those steps.
+//    and the median KV tokens read of those steps ("median_s", "samples"). Points with a
+//    prefill chunk take as "step_s" the weighted least-squares line over decode tokens through
+//    the medians of all shapes with that prefill count (weights: sample counts) when that count
+//    was seen at >= 2 decode counts in >= 10 steps: such steps are few per shape, and their
+//    medians scatter more than the line does.
 //  - step_jitter (format in runtime/simulation/cost_model.h) when >= 100 steps belong to shapes
 //    seen >= 5 times: quantiles q = 0, 0.01, .., 1 of cost / median cost of the step's shape,
 //    and the lag-1 correlation of consecutive steps' log ratios (clamped to [0, 0.99]).
