@@ -220,7 +220,8 @@ TEST(CalibrationFromServedSteps, CostsPointsAndJitterByHand) {
   prefills.push_back(served_step(id++, 1, 64, 0.200, -1));
   for (int i = 0; i < 6; ++i) prefills.push_back(served_step(id++, 2, 64, 0.120, -1));
   const double intercept = (1.52 - 0.13) / 13;
-  for (const json& point : keel::calibration_from_served_steps(prefills, 1)["points"]) {
+  const json fitted = keel::calibration_from_served_steps(prefills, 1);
+  for (const json& point : fitted["points"]) {
     const double decode = point["num_decode_tokens"].get<double>();
     EXPECT_NEAR(point["step_s"].get<double>(), intercept + 0.01 * decode, 1e-12) << point;
     EXPECT_NEAR(point["median_s"].get<double>(), decode == 1 ? 0.2 : 0.1 + 0.01 * decode, 1e-12);
