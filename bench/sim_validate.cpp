@@ -280,20 +280,22 @@ int main(int argc, char** argv) {
       std::vector<keel::sim::SimRequest> requests;
       for (const auto& record : measured.records)
         requests.push_back({record.start_s, record.prompt_tokens, record.completion_tokens});
+      // The most preemptions / rejections of the prediction's runs (not the diagnostic's).
       int64_t preemptions = 0, rejected = 0;
-      auto simulate_runs = [&](const keel::sim::CalibratedCostModel& model) {
+      auto simulate_runs = [&](const keel::sim::CalibratedCostModel& model, bool tally) {
         std::vector<keel::loadgen::Summary> summaries;
         const int runs = model.step_jitter() ? args.sim_runs : 1;
         for (int run = 0; run < runs; ++run) {
           sim_config.jitter_seed = static_cast<uint64_t>(run) + 1;
           keel::sim::SimulationResult result = keel::sim::simulate(requests, sim_config, model);
           summaries.push_back(result.summary);
+          if (!tally) continue;
           preemptions = std::max(preemptions, result.preemptions);
           rejected = std::max(rejected, result.rejected);
         }
         return summaries;
       };
-      const std::vector<keel::loadgen::Summary> predicted = simulate_runs(cost);
+      const std::vector<keel::loadgen::Summary> predicted = simulate_runs(cost, true);
       json comparison = compare(measured.summary, predicted);
       // Diagnostic, not a prediction: the same simulation with this load's own step times (a
       // calibration from its served steps). Its error is the simulator's (scheduling, queueing,
@@ -307,9 +309,10 @@ int main(int argc, char** argv) {
                       std::to_string(first_step) + " --out " + own_path + " >&2") != 0)
         throw std::runtime_error("keel calibrate --from-url (the load's own steps) failed");
       const json own_calibration = read_json(own_path);
-      const json replay = compare(
-          measured.summary,
-          simulate_runs(keel::sim::CalibratedCostModel::from_json(own_calibration, own_path)));
+      const json replay =
+          compare(measured.summary,
+                  simulate_runs(
+                      keel::sim::CalibratedCostModel::from_json(own_calibration, own_path), false));
       const double drift = step_time_drift(calibration_points, own_calibration["points"]);
       std::fprintf(stderr, "%-6s %-18s %10s %10s %8s %10s %8s\n", "rate", "metric", "measured",
                    "predicted", "error", "own-steps", "error");
