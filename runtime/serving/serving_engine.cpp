@@ -355,6 +355,9 @@ void ServingEngine::next_step(ServeStep& step) {
   step.capture_routing |= routing_writer_ != nullptr;
   step.observe |= step.capture_routing;
   step.trace = telemetry_->tracing();
+  // /metrics shows this step's admissions and blocks before any client hears of the step: a
+  // client that read its first token and then asks /metrics finds its request running.
+  publish_stats();
 }
 
 bool ServingEngine::emit(Live& live, const sampling::SampleResult& sample, bool is_last) {
@@ -401,6 +404,10 @@ void ServingEngine::finish(int64_t seq_id, Live& live, const std::string& reason
   telemetry_->on_request(record);
   const server::Usage usage{static_cast<int>(live.prompt_len),
                             static_cast<int>(live.num_generated)};
+  // Counted and published before the client hears: a client that reads /metrics right after
+  // its response finds it counted.
+  ++local_stats_.requests_finished;
+  publish_stats();
   if (routing_writer_ && reason != "error") write_routing_record(seq_id, live);
   if (live.want_routing_field) {
     // (tokens, moe layers, top_k) as vLLM/SGLang's routed_experts, plus weights and margins;
@@ -428,7 +435,6 @@ void ServingEngine::finish(int64_t seq_id, Live& live, const std::string& reason
   } else {
     live.sink->on_finish(reason, usage);
   }
-  ++local_stats_.requests_finished;
 }
 
 void ServingEngine::write_routing_record(int64_t seq_id, Live& live) {
