@@ -1,7 +1,7 @@
 // keel simulate (runtime/simulation): conservation, hand-computed latencies, identity of the
 // scheduler's plans with a hand-driven BatchScheduler, MoE skew and placement factors, the
-// calibration table, the rate sweep against a hand-computable saturation rate, speed of a
-// 10,000-request run, and the CLI end to end.
+// calibration table, the rate sweep against a hand-computable saturation rate, a 10,000-request
+// run (its speed: bench/simulate), and the CLI end to end.
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -234,7 +234,7 @@ TEST(Simulate, ZipfSkewSlowsStepsAndPlacementHelps) {
   EXPECT_GT(open_slow.summary.e2el_ms.p99, open_even.summary.e2el_ms.p99);
 }
 
-TEST(Simulate, TenThousandRequestsInSeconds) {
+TEST(Simulate, TenThousandRequestsAreAllAccountedForAndRepeatable) {
   const auto requests = workload(40.0, 10000, "lognormal:512:256", "lognormal:128:64", 42);
   SimulationConfig config = small_config(16384, 128, 2048);
   const LinearCostModel cost(0.008, 2e-5, 2e-8);
@@ -245,8 +245,13 @@ TEST(Simulate, TenThousandRequestsInSeconds) {
   std::printf("10,000 requests: %.3f s wall, %lld steps, simulated %.1f s, %d completed\n", seconds,
               static_cast<long long>(result.num_steps), result.summary.duration_s,
               result.summary.completed);
+  // Speed is bench/simulate's to measure; here the size: every one of 10,000 requests is
+  // accounted for and the run is the same step for step when repeated.
   EXPECT_EQ(result.summary.completed + result.summary.failed, 10000);
-  EXPECT_LT(seconds, 10.0);
+  const SimulationResult again = simulate(requests, config, cost);
+  EXPECT_EQ(again.num_steps, result.num_steps);
+  EXPECT_EQ(again.summary.completed, result.summary.completed);
+  EXPECT_EQ(again.busy_s, result.busy_s);
 }
 
 // Constant 10 ms steps, 8 sequences at once, prompt 1 and 10 output tokens: a request holds a
