@@ -298,6 +298,21 @@ TEST_F(Serve, ClientDisconnectMidStreamFreesItsBlocks) {
       << http(port(), "GET", "/metrics").body.substr(0, 2000);
 }
 
+// Counters are published before the client hears: read right after a response, /metrics
+// already counts it (no polling; the engine publishes before it hands the response over).
+TEST_F(Serve, MetricsCountAResponseBeforeItsClientHasIt) {
+  for (int round = 0; round < 3; ++round) {
+    const double success_before = metric(port(), "keel_request_success_total");
+    const double generated_before = metric(port(), "keel_generation_tokens_total");
+    HttpResponse response =
+        post(port(), "/v1/completions",
+             json{{"prompt", "count me"}, {"max_tokens", 4}, {"ignore_eos", true}}.dump());
+    ASSERT_EQ(response.status, 200) << response.body;
+    EXPECT_EQ(metric(port(), "keel_request_success_total"), success_before + 1);
+    EXPECT_EQ(metric(port(), "keel_generation_tokens_total"), generated_before + 4);
+  }
+}
+
 TEST_F(Serve, CurlStreamsAChat) {
   const std::string command =
       "curl -sS -N --max-time 60 http://127.0.0.1:" + std::to_string(port()) +
