@@ -3,6 +3,7 @@
 // limit.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
@@ -45,6 +46,7 @@ class FakeBackend : public GenerationBackend {
   bool try_submit(CompletionRequest request, std::shared_ptr<TokenSink> sink) override {
     if (active.load() >= queue_limit.load()) return false;
     ++active;
+    ++submitted;
     std::lock_guard lock(mutex_);
     last_request_ = request;
     workers_.emplace_back([this, request = std::move(request), sink = std::move(sink)] {
@@ -65,6 +67,8 @@ class FakeBackend : public GenerationBackend {
   std::atomic<bool> healthy{true};
   std::atomic<bool> fail{false};
   std::atomic<bool> drop{false};
+  std::atomic<bool> tag_with_prompt{false};
+  std::atomic<int> submitted{0};
   std::atomic<int> active{0};
   std::atomic<int> cancellations{0};
 
@@ -84,9 +88,12 @@ class FakeBackend : public GenerationBackend {
         return;
       }
       if (delay_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms.load()));
-      std::vector<TopLogprob> top = {{" t" + std::to_string(produced), 100 + produced, -0.25f},
-                                     {" x", 7, -2.0f}};
-      sink.on_token(" t" + std::to_string(produced), 100 + produced, -0.25f, top);
+      // With tag_with_prompt the text names the prompt, so a batch's choices can be told apart.
+      const std::string text =
+          (tag_with_prompt ? " " + request.prompt_text + ":" : std::string(" t")) +
+          std::to_string(produced);
+      std::vector<TopLogprob> top = {{text, 100 + produced, -0.25f}, {" x", 7, -2.0f}};
+      sink.on_token(text, 100 + produced, -0.25f, top);
       ++produced;
     }
     sink.on_finish(produced == request.max_tokens ? "length" : "stop",
@@ -421,7 +428,11 @@ TEST_F(HttpTest, ValidationErrorsNameTheField) {
   expect_error(send(port, http::verb::post, completions, "[1,2]"), 400, "object");
   expect_error(post(port, completions, json::object()), 400, "prompt");
   expect_error(post(port, completions, {{"prompt", 5}}), 400, "prompt");
-  expect_error(post(port, completions, {{"prompt", {"a", "b"}}}), 400, "prompt");
+  expect_error(post(port, completions, {{"prompt", {"a", 5}}}), 400, "prompt[1]");
+  expect_error(post(port, completions, {{"prompt", json::array({json::array({1, 2}), json::array()})}}),
+               400, "prompt[1]");
+  expect_error(post(port, completions, {{"prompt", std::vector<std::string>(65, "p")}}), 400,
+               "limit of 64");
   expect_error(post(port, completions, {{"prompt", {1, -2}}}), 400, "prompt");
   expect_error(post(port, completions, {{"prompt", "x"}, {"max_tokens", "ten"}}), 400,
                "max_tokens");
@@ -496,6 +507,93 @@ TEST_F(HttpTest, GarbageIsRefusedWithoutCrashing) {
   http::read(socket, buffer, res);
   EXPECT_EQ(res.result_int(), 400);
   EXPECT_EQ(send(port, http::verb::get, "/health").status, 200);
+}
+
+// A list of prompts is a batch: one choice per prompt, in prompt order, each generated as a
+// request of its own; usage sums them.
+TEST_F(HttpTest, PromptBatchAnswersOneChoicePerPrompt) {
+  backend.tag_with_prompt = true;
+  Reply reply = post(port, "/v1/completions",
+                     {{"prompt", {"ab", "cde", "f"}}, {"max_tokens", 2}, {"logprobs", 1}});
+  ASSERT_EQ(reply.status, 200) << reply.body;
+  json body = reply.json_body();
+  ASSERT_EQ(body["choices"].size(), 3u);
+  const std::vector<std::string> prompts = {"ab", "cde", "f"};
+  for (size_t index = 0; index < 3; ++index) {
+    const json& choice = body["choices"][index];
+    EXPECT_EQ(choice["index"], index);
+    const std::string first = " " + prompts[index] + ":0";
+    EXPECT_EQ(choice["text"], first + " " + prompts[index] + ":1");
+    EXPECT_EQ(choice["finish_reason"], "length");
+    // Offsets count from each choice's own text.
+    EXPECT_EQ(choice["logprobs"]["text_offset"], json({0, first.size()}));
+  }
+  EXPECT_EQ(body["usage"]["prompt_tokens"], 2 + 3 + 1);
+  EXPECT_EQ(body["usage"]["completion_tokens"], 6);
+  EXPECT_EQ(body["usage"]["total_tokens"], 12);
+  EXPECT_EQ(backend.submitted.load(), 3);
+
+  // Token-id prompts batch too.
+  Reply ids = post(port, "/v1/completions",
+                   {{"prompt", json::array({json::array({1, 2}), json::array({3})})},
+                    {"max_tokens", 1}});
+  ASSERT_EQ(ids.status, 200) << ids.body;
+  EXPECT_EQ(ids.json_body()["choices"].size(), 2u);
+  EXPECT_EQ(ids.json_body()["usage"]["prompt_tokens"], 3);
+}
+
+TEST_F(HttpTest, PromptBatchStreamsEveryChoiceThenOneDone) {
+  backend.tag_with_prompt = true;
+  backend.delay_ms = 1;
+  Reply reply = post(port, "/v1/completions",
+                     {{"prompt", {"ab", "cde"}},
+                      {"max_tokens", 3},
+                      {"stream", true},
+                      {"stream_options", {{"include_usage", true}}}});
+  ASSERT_EQ(reply.status, 200) << reply.body;
+  std::vector<std::string> events = sse_payloads(reply.body);
+  ASSERT_FALSE(events.empty());
+  EXPECT_EQ(events.back(), "[DONE]");
+  EXPECT_EQ(std::count(events.begin(), events.end(), "[DONE]"), 1);
+  std::map<int, std::string> text;
+  std::map<int, int> finishes;
+  int usage_chunks = 0;
+  for (size_t i = 0; i + 1 < events.size(); ++i) {
+    json chunk = json::parse(events[i]);
+    if (chunk["choices"].empty()) {
+      ++usage_chunks;
+      EXPECT_EQ(i + 2, events.size()) << "usage comes last, once every prompt finished";
+      EXPECT_EQ(chunk["usage"]["prompt_tokens"], 5);
+      EXPECT_EQ(chunk["usage"]["completion_tokens"], 6);
+      continue;
+    }
+    const json& choice = chunk["choices"][0];
+    const int index = choice["index"];
+    text[index] += choice["text"].get<std::string>();
+    if (!choice["finish_reason"].is_null()) ++finishes[index];
+  }
+  EXPECT_EQ(usage_chunks, 1);
+  EXPECT_EQ(text[0], " ab:0 ab:1 ab:2");
+  EXPECT_EQ(text[1], " cde:0 cde:1 cde:2");
+  EXPECT_EQ(finishes, (std::map<int, int>{{0, 1}, {1, 1}}));
+}
+
+// The queue takes the batch's first prompt but not its second: 429 for the whole request, and
+// the prompt already queued is cancelled rather than left generating for nobody.
+TEST_F(HttpTest, PromptBatchThatDoesNotFitIs429AndCancelsWhatWasQueued) {
+  backend.queue_limit = 1;
+  backend.delay_ms = 5;
+  Reply reply = post(port, "/v1/completions", {{"prompt", {"a", "b"}}, {"max_tokens", 200}});
+  expect_error(reply, 429, "queue");
+  EXPECT_TRUE(wait_for([&] { return backend.cancellations.load() == 1; }));
+  EXPECT_TRUE(wait_for([&] { return backend.active.load() == 0 && server->in_flight() == 0; }));
+}
+
+// One prompt failing fails the response (500) and stops the batch's other prompts.
+TEST_F(HttpTest, PromptBatchWithAFailingPromptIs500) {
+  backend.fail = true;
+  expect_error(post(port, "/v1/completions", {{"prompt", {"a", "b"}}}), 500, "expert rank crashed");
+  EXPECT_TRUE(wait_for([&] { return backend.active.load() == 0 && server->in_flight() == 0; }));
 }
 
 TEST_F(HttpTest, QueueFullIs429WithRetryAfter) {

@@ -313,6 +313,47 @@ TEST_F(Serve, MetricsCountAResponseBeforeItsClientHasIt) {
   }
 }
 
+// A batch of prompts in one request: choice i is bit for bit what prompt i returns alone with
+// the same seed (sampling keyed by (seed, position), batch-invariant kernels), and each prompt
+// is a request of its own in the telemetry, under the response's id with "-i".
+TEST_F(Serve, PromptBatchGivesEachPromptsOwnBits) {
+  const std::vector<std::string> prompts = {"the mill by the river", "lanterns in summer",
+                                            "a stone bridge and its boats"};
+  json request = {{"max_tokens", 12}, {"temperature", 0.8}, {"seed", 77},
+                  {"logprobs", 2},    {"ignore_eos", true}};
+  std::vector<json> alone;
+  for (const std::string& prompt : prompts) {
+    json single = request;
+    single["prompt"] = prompt;
+    HttpResponse response = post(port(), "/v1/completions", single.dump());
+    ASSERT_EQ(response.status, 200) << response.body;
+    alone.push_back(json::parse(response.body));
+  }
+  json batch = request;
+  batch["prompt"] = prompts;
+  HttpResponse response = post(port(), "/v1/completions", batch.dump());
+  ASSERT_EQ(response.status, 200) << response.body;
+  const json body = json::parse(response.body);
+  ASSERT_EQ(body["choices"].size(), prompts.size());
+  int64_t prompt_tokens = 0;
+  for (size_t index = 0; index < prompts.size(); ++index) {
+    const json& choice = body["choices"][index];
+    const json& single = alone[index]["choices"][0];
+    EXPECT_EQ(choice["index"], index);
+    EXPECT_EQ(choice["text"], single["text"]) << "prompt " << index;
+    // nlohmann prints floats round-trip exactly, so equal dumps are equal bits.
+    EXPECT_EQ(choice["logprobs"].dump(), single["logprobs"].dump()) << "prompt " << index;
+    prompt_tokens += alone[index]["usage"]["prompt_tokens"].get<int64_t>();
+  }
+  EXPECT_EQ(body["usage"]["prompt_tokens"], prompt_tokens);
+  EXPECT_EQ(body["usage"]["completion_tokens"], 12 * 3);
+  const std::string id = body["id"];
+  const json requests = json::parse(http(port(), "GET", "/v1/telemetry/requests?limit=3").body);
+  std::set<std::string> ids;
+  for (const json& record : requests["requests"]) ids.insert(record["id"].get<std::string>());
+  EXPECT_EQ(ids, (std::set<std::string>{id + "-0", id + "-1", id + "-2"}));
+}
+
 TEST_F(Serve, CurlStreamsAChat) {
   const std::string command =
       "curl -sS -N --max-time 60 http://127.0.0.1:" + std::to_string(port()) +

@@ -81,8 +81,8 @@ std::optional<RequestError> read_token_ids(const json& list, const std::string& 
   return std::nullopt;
 }
 
-// prompt: "text" | [ids...] | ["text"] | [[ids...]] (batches of more than one are refused:
-// this server answers one prompt per request, like n == 1).
+// prompt: "text" | [ids...] | ["text", ...] | [[ids...], ...]. A list of several prompts is a
+// batch: each runs as a request of its own (choice i answers prompt i).
 std::optional<RequestError> read_prompt(const json& body, CompletionRequest& out) {
   auto it = body.find("prompt");
   if (it == body.end() || it->is_null()) return field_error("prompt", "is required");
@@ -92,25 +92,43 @@ std::optional<RequestError> read_prompt(const json& body, CompletionRequest& out
     return std::nullopt;
   }
   if (!prompt.is_array()) {
-    return field_error("prompt", "must be a string, a list of token ids, or a list of one string");
+    return field_error("prompt",
+                       "must be a string, a list of token ids, or a list of strings or of "
+                       "token id lists");
   }
   if (prompt.empty()) return field_error("prompt", "must not be empty");
-  if (prompt[0].is_string() || prompt[0].is_array()) {
-    if (prompt.size() != 1)
-      return field_error("prompt", "only one prompt per request is supported");
-    if (prompt[0].is_string()) {
-      out.prompt_text = prompt[0].get<std::string>();
-      return std::nullopt;
-    }
+  if (!prompt[0].is_string() && !prompt[0].is_array()) {
     std::vector<int32_t> ids;
-    if (auto error = read_token_ids(prompt[0], "prompt", ids)) return error;
-    if (ids.empty()) return field_error("prompt", "must not be empty");
+    if (auto error = read_token_ids(prompt, "prompt", ids)) return error;
     out.prompt_tokens = std::move(ids);
     return std::nullopt;
   }
-  std::vector<int32_t> ids;
-  if (auto error = read_token_ids(prompt, "prompt", ids)) return error;
-  out.prompt_tokens = std::move(ids);
+  if (prompt.size() > kMaxPromptsPerRequest) {
+    return field_error("prompt", "a batch of " + std::to_string(prompt.size()) +
+                                     " prompts exceeds the limit of " +
+                                     std::to_string(kMaxPromptsPerRequest) + " per request");
+  }
+  for (size_t index = 0; index < prompt.size(); ++index) {
+    const json& item = prompt[index];
+    const std::string where = "prompt[" + std::to_string(index) + "]";
+    PromptInput input;
+    if (item.is_string()) {
+      input.text = item.get<std::string>();
+    } else if (item.is_array()) {
+      std::vector<int32_t> ids;
+      if (auto error = read_token_ids(item, where, ids)) return error;
+      if (ids.empty()) return field_error(where, "must not be empty");
+      input.tokens = std::move(ids);
+    } else {
+      return field_error(where, "must be a string or a list of token ids");
+    }
+    if (index == 0) {
+      out.prompt_text = std::move(input.text);
+      out.prompt_tokens = std::move(input.tokens);
+    } else {
+      out.more_prompts.push_back(std::move(input));
+    }
+  }
   return std::nullopt;
 }
 
@@ -211,12 +229,21 @@ std::optional<RequestError> parse_completion_request(const std::string& body_tex
       return error;
     }
   }
-  if (out.prompt_tokens) {
-    if (out.prompt_tokens->empty()) return field_error("prompt", "must not be empty");
-    if (static_cast<int64_t>(out.prompt_tokens->size()) >= context_limit) {
-      return field_error("prompt", "has " + std::to_string(out.prompt_tokens->size()) +
-                                       " tokens; the context is " + std::to_string(context_limit));
+  auto check_tokens = [&](const std::optional<std::vector<int32_t>>& tokens,
+                          const std::string& field) -> std::optional<RequestError> {
+    if (!tokens) return std::nullopt;
+    if (tokens->empty()) return field_error(field, "must not be empty");
+    if (static_cast<int64_t>(tokens->size()) >= context_limit) {
+      return field_error(field, "has " + std::to_string(tokens->size()) +
+                                    " tokens; the context is " + std::to_string(context_limit));
     }
+    return std::nullopt;
+  };
+  if (auto error = check_tokens(out.prompt_tokens, "prompt")) return error;
+  for (size_t index = 0; index < out.more_prompts.size(); ++index) {
+    if (auto error = check_tokens(out.more_prompts[index].tokens,
+                                  "prompt[" + std::to_string(index + 1) + "]"))
+      return error;
   }
   if (auto error = read_float(body, "temperature", 0.0, 2.0, false, out.temperature)) return error;
   if (auto error = read_float(body, "top_p", 0.0, 1.0, true, out.top_p)) return error;

@@ -24,6 +24,15 @@ struct ChatMessage {
 
 enum class Endpoint { kCompletions, kChatCompletions };
 
+// One prompt of a batched /v1/completions request ("prompt": ["a", "b"] or [[1, 2], [3]]).
+struct PromptInput {
+  std::optional<std::vector<int32_t>> tokens;  // the client sent token ids
+  std::string text;                            // otherwise the text
+};
+
+// Prompts one /v1/completions request may carry (each becomes a request of its own).
+inline constexpr size_t kMaxPromptsPerRequest = 64;
+
 // A parsed, validated request. Exactly one prompt form is set: prompt_tokens (the client sent
 // token ids) or prompt_text (a plain prompt, or chat messages rendered through the template;
 // the backend tokenizes it).
@@ -33,6 +42,9 @@ struct CompletionRequest {
   std::optional<std::vector<int32_t>> prompt_tokens;
   std::string prompt_text;
   std::vector<ChatMessage> messages;  // chat only; kept for backends with their own template
+  // Prompts 2..N of a batch: the server runs each as a request of its own with every other
+  // field of this one, and answers with choice i for prompt i. Empty for a single prompt.
+  std::vector<PromptInput> more_prompts;
 
   int max_tokens = 16;  // OpenAI default for /v1/completions; chat default is set by the parser
   float temperature = 1.0f;

@@ -104,9 +104,12 @@ namespace {
 // the sink without a final call, the destructor turns that into an error for the client.
 class SessionSink : public TokenSink {
  public:
-  SessionSink(std::weak_ptr<Session> session, uint64_t generation,
+  SessionSink(std::weak_ptr<Session> session, uint64_t generation, size_t choice_index,
               std::shared_ptr<std::atomic<bool>> cancelled)
-      : session_(std::move(session)), generation_(generation), cancelled_(std::move(cancelled)) {}
+      : session_(std::move(session)),
+        generation_(generation),
+        choice_index_(choice_index),
+        cancelled_(std::move(cancelled)) {}
   ~SessionSink() override;
 
   void on_token(const std::string& text_delta, int32_t token_id, float logprob,
@@ -125,6 +128,7 @@ class SessionSink : public TokenSink {
   // the sink after the server is gone) would touch freed service state.
   std::weak_ptr<Session> session_;
   uint64_t generation_;
+  size_t choice_index_;  // which prompt of the request (0 unless a batch)
   std::shared_ptr<std::atomic<bool>> cancelled_;
   bool ended_ = false;  // on_finish or on_error was called
 };
@@ -132,6 +136,15 @@ class SessionSink : public TokenSink {
 }  // namespace
 
 class Session : public std::enable_shared_from_this<Session> {
+  // What the response says for one prompt, gathered until it finishes.
+  struct Choice {
+    std::string text;        // non-streamed text so far
+    size_t text_offset = 0;  // bytes of text produced so far (logprobs' text_offset)
+    json logprobs;           // non-streamed logprobs so far
+    bool finished = false;
+    json body;  // the finished choice (non-streamed), waiting for the others
+  };
+
  public:
   Session(HttpServer::Impl& server, tcp::socket socket)
       : server_(server), stream_(std::move(socket)) {
@@ -173,13 +186,15 @@ class Session : public std::enable_shared_from_this<Session> {
   uint64_t generation() const { return generation_; }
 
   // Sink events, always on the strand.
-  void token(const std::string& delta, int32_t token_id, float logprob,
+  void token(size_t index, const std::string& delta, int32_t token_id, float logprob,
              const std::vector<TopLogprob>& top) {
     if (state_ != State::kGenerating) return;
-    ++completion_tokens_;
+    Choice& state = choices_.at(index);
     if (request_.stream) {
-      json choice = {{"index", 0}, {"logprobs", nullptr}, {"finish_reason", nullptr}};
-      if (request_.logprobs) choice["logprobs"] = logprobs_for(delta, token_id, logprob, top);
+      json choice = {{"index", index}, {"logprobs", nullptr}, {"finish_reason", nullptr}};
+      if (request_.logprobs)
+        choice["logprobs"] = logprobs_for(delta, token_id, logprob, top, state.text_offset);
+      state.text_offset += delta.size();
       if (is_chat()) {
         choice["delta"] = {{"content", delta}};
       } else {
@@ -187,19 +202,28 @@ class Session : public std::enable_shared_from_this<Session> {
       }
       enqueue(event(dump(chunk_envelope(json::array({choice})))));
     } else {
-      if (request_.logprobs) append_logprobs(delta, token_id, logprob, top);
-      text_ += delta;
+      if (request_.logprobs) append_logprobs(state, delta, token_id, logprob, top);
+      state.text += delta;
+      state.text_offset += delta.size();
     }
   }
 
-  void finish(const std::string& finish_reason, Usage usage,
+  // Prompt `index` finished; the response is complete when every prompt has.
+  void finish(size_t index, const std::string& finish_reason, Usage usage,
               const json& choice_fields = json::object()) {
     if (state_ != State::kGenerating) return;
-    json usage_json = {{"prompt_tokens", usage.prompt_tokens},
-                       {"completion_tokens", usage.completion_tokens},
-                       {"total_tokens", usage.prompt_tokens + usage.completion_tokens}};
+    Choice& state = choices_.at(index);
+    if (state.finished) return;
+    state.finished = true;
+    ++num_finished_;
+    usage_.prompt_tokens += usage.prompt_tokens;
+    usage_.completion_tokens += usage.completion_tokens;
+    const bool last = num_finished_ == choices_.size();
+    json usage_json = {{"prompt_tokens", usage_.prompt_tokens},
+                       {"completion_tokens", usage_.completion_tokens},
+                       {"total_tokens", usage_.prompt_tokens + usage_.completion_tokens}};
     if (request_.stream) {
-      json choice = {{"index", 0}, {"logprobs", nullptr}, {"finish_reason", finish_reason}};
+      json choice = {{"index", index}, {"logprobs", nullptr}, {"finish_reason", finish_reason}};
       if (is_chat()) {
         choice["delta"] = json::object();
       } else {
@@ -207,34 +231,41 @@ class Session : public std::enable_shared_from_this<Session> {
       }
       for (const auto& [key, value] : choice_fields.items()) choice[key] = value;
       enqueue(event(dump(chunk_envelope(json::array({choice})))));
+      if (!last) return;
       if (request_.include_usage_in_stream) {
-        json last = chunk_envelope(json::array());
-        last["usage"] = usage_json;
-        enqueue(event(dump(last)));
+        json usage_chunk = chunk_envelope(json::array());
+        usage_chunk["usage"] = usage_json;
+        enqueue(event(dump(usage_chunk)));
       }
       end_stream();
       return;
     }
-    json choice = {{"index", 0}, {"finish_reason", finish_reason}, {"logprobs", nullptr}};
-    if (request_.logprobs) choice["logprobs"] = accumulated_logprobs_;
+    json choice = {{"index", index}, {"finish_reason", finish_reason}, {"logprobs", nullptr}};
+    if (request_.logprobs) choice["logprobs"] = std::move(state.logprobs);
     if (is_chat()) {
-      choice["message"] = {{"role", "assistant"}, {"content", text_}};
+      choice["message"] = {{"role", "assistant"}, {"content", state.text}};
     } else {
-      choice["text"] = text_;
+      choice["text"] = state.text;
     }
     for (const auto& [key, value] : choice_fields.items()) choice[key] = value;
+    state.body = std::move(choice);
+    if (!last) return;
+    json choices = json::array();
+    for (Choice& each : choices_) choices.push_back(std::move(each.body));
     json body = {{"id", completion_id_},
                  {"object", is_chat() ? "chat.completion" : "text_completion"},
                  {"created", created_},
                  {"model", model_},
-                 {"choices", json::array({choice})},
+                 {"choices", std::move(choices)},
                  {"usage", usage_json}};
     state_ = State::kWriting;
     send(http::status::ok, dump(body));
   }
 
+  // One prompt failed: the response fails, and the batch's other prompts stop too.
   void error(const std::string& message) {
     if (state_ != State::kGenerating) return;
+    cancel_backend();
     finish_with_error(message, 500);
   }
 
@@ -410,22 +441,42 @@ class Session : public std::enable_shared_from_this<Session> {
                                 ? server_.config.chat_template(request.messages)
                                 : render_chatml(request.messages);
     }
-    // The backend tokenizes and checks what only it can (prompt length against the context).
-    if (auto error = server_.backend.prepare(request)) {
-      send_error(*error);
-      return;
-    }
     completion_id_ = random_id(endpoint == Endpoint::kChatCompletions ? "chatcmpl-" : "cmpl-");
-    request.request_id = completion_id_;
-    request_ = request;
+    // One request per prompt (a batch has several); each carries every field but its prompt.
+    std::vector<PromptInput> more_prompts = std::move(request.more_prompts);
+    request.more_prompts.clear();
+    std::vector<CompletionRequest> requests;
+    requests.push_back(request);
+    for (PromptInput& prompt : more_prompts) {
+      CompletionRequest next = request;
+      next.prompt_tokens = std::move(prompt.tokens);
+      next.prompt_text = std::move(prompt.text);
+      requests.push_back(std::move(next));
+    }
+    for (size_t index = 0; index < requests.size(); ++index) {
+      // A batch's prompts have ids of their own (telemetry, routing records) under the
+      // response's id.
+      requests[index].request_id =
+          requests.size() == 1 ? completion_id_ : completion_id_ + "-" + std::to_string(index);
+      // The backend tokenizes and checks what only it can (prompt length against the context).
+      if (auto error = server_.backend.prepare(requests[index])) {
+        if (requests.size() > 1 && error->param == "prompt") {
+          error->param = "prompt[" + std::to_string(index) + "]";
+          error->message = "prompt " + std::to_string(index) + " of the batch: " + error->message;
+        }
+        send_error(*error);
+        return;
+      }
+    }
+    request_ = requests.front();
     created_ = static_cast<int64_t>(std::time(nullptr));
-    text_.clear();
-    completion_tokens_ = 0;
-    accumulated_logprobs_ = initial_logprobs();
+    choices_.assign(requests.size(), Choice{});
+    for (Choice& choice : choices_) choice.logprobs = initial_logprobs();
+    num_finished_ = 0;
+    usage_ = Usage{};
 
     ++generation_;
     cancel_flag_ = std::make_shared<std::atomic<bool>>(false);
-    auto sink = std::make_shared<SessionSink>(weak_from_this(), generation_, cancel_flag_);
     {
       std::lock_guard lock(server_.mutex);
       ++server_.in_flight;
@@ -435,19 +486,26 @@ class Session : public std::enable_shared_from_this<Session> {
     // posted to this strand, so they run only after this handler returns.
     state_ = State::kGenerating;
     self_ = shared_from_this();
-    bool accepted = false;
-    try {
-      accepted = server_.backend.try_submit(std::move(request), sink);
-    } catch (...) {
-      abandon_generation();
-      throw;
-    }
-    if (!accepted) {
-      abandon_generation();
-      send_error(make_error(429, "the generation queue is full; retry later", "rate_limit_error",
-                            "queue_full"),
-                 true);
-      return;
+    for (size_t index = 0; index < requests.size(); ++index) {
+      // One cancel flag for the batch: a hang-up or a failed prompt stops them all.
+      auto sink =
+          std::make_shared<SessionSink>(weak_from_this(), generation_, index, cancel_flag_);
+      bool accepted = false;
+      try {
+        accepted = server_.backend.try_submit(std::move(requests[index]), sink);
+      } catch (...) {
+        abandon_generation();
+        throw;
+      }
+      if (!accepted) {
+        // Prompts already queued are cancelled with the flag (their blocks freed at the
+        // engine's next step); the client retries the whole request.
+        abandon_generation();
+        send_error(make_error(429, "the generation queue is full; retry later",
+                              "rate_limit_error", "queue_full"),
+                   true);
+        return;
+      }
     }
     stream_.expires_never();  // generation time is not bounded by the request timeout
     if (request_.stream) {
@@ -569,7 +627,7 @@ class Session : public std::enable_shared_from_this<Session> {
 
   // One position's logprobs in the endpoint's format.
   json logprobs_for(const std::string& delta, int32_t, float logprob,
-                    const std::vector<TopLogprob>& top) const {
+                    const std::vector<TopLogprob>& top, size_t text_offset) const {
     json entry = initial_logprobs();
     if (is_chat()) {
       json alternatives = json::array();
@@ -590,16 +648,16 @@ class Session : public std::enable_shared_from_this<Session> {
       entry["tokens"].push_back(delta);
       entry["token_logprobs"].push_back(logprob);
       entry["top_logprobs"].push_back(alternatives);
-      entry["text_offset"].push_back(text_.size());
+      entry["text_offset"].push_back(text_offset);
     }
     return entry;
   }
 
-  void append_logprobs(const std::string& delta, int32_t token_id, float logprob,
+  void append_logprobs(Choice& choice, const std::string& delta, int32_t token_id, float logprob,
                        const std::vector<TopLogprob>& top) {
-    json entry = logprobs_for(delta, token_id, logprob, top);
+    json entry = logprobs_for(delta, token_id, logprob, top, choice.text_offset);
     for (auto& [key, values] : entry.items()) {
-      for (auto& value : values) accumulated_logprobs_[key].push_back(std::move(value));
+      for (auto& value : values) choice.logprobs[key].push_back(std::move(value));
     }
   }
 
@@ -720,9 +778,10 @@ class Session : public std::enable_shared_from_this<Session> {
   std::string completion_id_;
   std::string model_;
   int64_t created_ = 0;
-  std::string text_;
-  int completion_tokens_ = 0;
-  json accumulated_logprobs_;
+  // One per prompt of the request (one unless a /v1/completions batch).
+  std::vector<Choice> choices_;
+  size_t num_finished_ = 0;
+  Usage usage_;  // summed over the finished prompts
 };
 
 namespace {
@@ -748,21 +807,24 @@ SessionSink::~SessionSink() {
 
 void SessionSink::on_token(const std::string& text_delta, int32_t token_id, float logprob,
                            const std::vector<TopLogprob>& top_logprobs) {
-  deliver([text_delta, token_id, logprob, top_logprobs](Session& session) {
-    session.token(text_delta, token_id, logprob, top_logprobs);
+  deliver([index = choice_index_, text_delta, token_id, logprob, top_logprobs](Session& session) {
+    session.token(index, text_delta, token_id, logprob, top_logprobs);
   });
 }
 
 void SessionSink::on_finish(const std::string& finish_reason, Usage usage) {
   ended_ = true;
-  deliver([finish_reason, usage](Session& session) { session.finish(finish_reason, usage); });
+  deliver([index = choice_index_, finish_reason, usage](Session& session) {
+    session.finish(index, finish_reason, usage);
+  });
 }
 
 void SessionSink::on_finish_with(const std::string& finish_reason, Usage usage,
                                  json choice_fields) {
   ended_ = true;
-  deliver([finish_reason, usage, fields = std::move(choice_fields)](Session& session) {
-    session.finish(finish_reason, usage, fields);
+  deliver([index = choice_index_, finish_reason, usage,
+           fields = std::move(choice_fields)](Session& session) {
+    session.finish(index, finish_reason, usage, fields);
   });
 }
 
