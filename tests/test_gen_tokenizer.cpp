@@ -28,8 +28,12 @@ std::string read_text(const std::string& path) {
   return contents.str();
 }
 
+// Under the running test's name: ctest runs each test as its own process, in parallel, so
+// a directory shared between tests (as "small" once was) is rewritten under a reader's feet.
 std::string scratch_dir(const std::string& name) {
-  std::string dir = std::string(KEEL_BINARY_DIR) + "/test_gen_tokenizer/" + name;
+  const ::testing::TestInfo* test = ::testing::UnitTest::GetInstance()->current_test_info();
+  std::string dir = std::string(KEEL_BINARY_DIR) + "/test_gen_tokenizer/" +
+                    (test != nullptr ? test->name() : "no_test") + "/" + name;
   fs::remove_all(dir);
   fs::create_directories(dir);
   return dir;
@@ -39,8 +43,8 @@ ModelPreset small_preset() {
   return load_model_preset(find_model_preset("small"));
 }
 
-// One shared generation for the read-only tests (the small preset: vocab 32000, so the full
-// 2000-merge budget applies and the text's pair counts decide where learning stops).
+// One generation per test process for the read-only tests (the small preset: vocab 32000, so the
+// full 2000-merge budget applies and the text's pair counts decide where learning stops).
 const std::string& small_dir() {
   static const std::string dir = [] {
     std::string path = scratch_dir("small");

@@ -2,6 +2,7 @@
 // (tests/fixtures/tokenizers/make_tokenizer_fixtures.py): ids, decode, round trips,
 // streaming decode, and the errors for unsupported or malformed tokenizer.json files.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <filesystem>
@@ -312,7 +313,8 @@ TEST_F(BadTokenizerTest, UnsupportedNormalizerAndDecoder) {
 }
 
 TEST_F(BadTokenizerTest, NotJson) {
-  std::filesystem::path path = std::filesystem::temp_directory_path() / "keel_not_json.json";
+  std::filesystem::path path = std::filesystem::temp_directory_path() /
+                               ("keel_not_json_" + std::to_string(::getpid()) + ".json");
   {
     std::ofstream file(path);
     file << "{ not json";
