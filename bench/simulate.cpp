@@ -94,18 +94,18 @@ int main(int argc, char** argv) {
   std::vector<double> sorted = wall_s;
   std::sort(sorted.begin(), sorted.end());
   const double median_s = sorted[sorted.size() / 2];
-  nlohmann::json out = {{"bench", "simulate"},
-                        {"machine", keel::bench::machine_name()},
-                        {"load_average_1m", keel::bench::one_minute_load_average()},
-                        {"num_requests", options.num_requests},
-                        {"rate", options.rate},
-                        {"num_steps", steps},
-                        {"completed", completed},
-                        {"wall_s", wall_s},
-                        {"median_wall_s", median_s},
-                        {"simulated_requests_per_s", static_cast<double>(options.num_requests) /
-                                                         median_s},
-                        {"deterministic_and_conserved", consistent}};
+  nlohmann::json out = {
+      {"bench", "simulate"},
+      {"machine", keel::bench::machine_name()},
+      {"load_average_1m", keel::bench::one_minute_load_average()},
+      {"num_requests", options.num_requests},
+      {"rate", options.rate},
+      {"num_steps", steps},
+      {"completed", completed},
+      {"wall_s", wall_s},
+      {"median_wall_s", median_s},
+      {"simulated_requests_per_s", static_cast<double>(options.num_requests) / median_s},
+      {"deterministic_and_conserved", consistent}};
   std::cout << out.dump(2) << "\n";
   return consistent ? 0 : 1;
 }

@@ -429,8 +429,9 @@ TEST_F(HttpTest, ValidationErrorsNameTheField) {
   expect_error(post(port, completions, json::object()), 400, "prompt");
   expect_error(post(port, completions, {{"prompt", 5}}), 400, "prompt");
   expect_error(post(port, completions, {{"prompt", {"a", 5}}}), 400, "prompt[1]");
-  expect_error(post(port, completions, {{"prompt", json::array({json::array({1, 2}), json::array()})}}),
-               400, "prompt[1]");
+  expect_error(
+      post(port, completions, {{"prompt", json::array({json::array({1, 2}), json::array()})}}), 400,
+      "prompt[1]");
   expect_error(post(port, completions, {{"prompt", std::vector<std::string>(65, "p")}}), 400,
                "limit of 64");
   expect_error(post(port, completions, {{"prompt", {1, -2}}}), 400, "prompt");
@@ -534,9 +535,9 @@ TEST_F(HttpTest, PromptBatchAnswersOneChoicePerPrompt) {
   EXPECT_EQ(backend.submitted.load(), 3);
 
   // Token-id prompts batch too.
-  Reply ids = post(port, "/v1/completions",
-                   {{"prompt", json::array({json::array({1, 2}), json::array({3})})},
-                    {"max_tokens", 1}});
+  Reply ids =
+      post(port, "/v1/completions",
+           {{"prompt", json::array({json::array({1, 2}), json::array({3})})}, {"max_tokens", 1}});
   ASSERT_EQ(ids.status, 200) << ids.body;
   EXPECT_EQ(ids.json_body()["choices"].size(), 2u);
   EXPECT_EQ(ids.json_body()["usage"]["prompt_tokens"], 3);

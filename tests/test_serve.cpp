@@ -319,8 +319,11 @@ TEST_F(Serve, MetricsCountAResponseBeforeItsClientHasIt) {
 TEST_F(Serve, PromptBatchGivesEachPromptsOwnBits) {
   const std::vector<std::string> prompts = {"the mill by the river", "lanterns in summer",
                                             "a stone bridge and its boats"};
-  json request = {{"max_tokens", 12}, {"temperature", 0.8}, {"seed", 77},
-                  {"logprobs", 2},    {"ignore_eos", true}};
+  json request = {{"max_tokens", 12},
+                  {"temperature", 0.8},
+                  {"seed", 77},
+                  {"logprobs", 2},
+                  {"ignore_eos", true}};
   std::vector<json> alone;
   for (const std::string& prompt : prompts) {
     json single = request;

@@ -55,7 +55,7 @@ struct CompletionRequest {
   // leaves it out of the text, reporting finish_reason "stop".
   std::vector<std::string> stop;
   bool stream = false;
-  bool ignore_eos = false;  // vLLM extension: generate max_tokens even past end-of-sequence
+  bool ignore_eos = false;      // vLLM extension: generate max_tokens even past end-of-sequence
   bool return_routing = false;  // keel extension: the response carries "routed_experts"
   std::string request_id;       // the response id ("cmpl-..."), set by the server
   bool include_usage_in_stream = false;  // stream_options.include_usage
@@ -123,7 +123,9 @@ class GenerationBackend {
   // Called with each parsed request before try_submit, on a server thread: a backend may
   // tokenize prompt_text into prompt_tokens and reject what only it can judge (a prompt longer
   // than the context, a text prompt without a tokenizer) with a 4xx. Default: accept.
-  virtual std::optional<RequestError> prepare(CompletionRequest& /*request*/) { return std::nullopt; }
+  virtual std::optional<RequestError> prepare(CompletionRequest& /*request*/) {
+    return std::nullopt;
+  }
 };
 
 // Renders chat messages into one prompt string. Default: ChatML.

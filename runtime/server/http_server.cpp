@@ -115,8 +115,7 @@ class SessionSink : public TokenSink {
   void on_token(const std::string& text_delta, int32_t token_id, float logprob,
                 const std::vector<TopLogprob>& top_logprobs) override;
   void on_finish(const std::string& finish_reason, Usage usage) override;
-  void on_finish_with(const std::string& finish_reason, Usage usage,
-                      json choice_fields) override;
+  void on_finish_with(const std::string& finish_reason, Usage usage, json choice_fields) override;
   void on_error(const std::string& message) override;
   bool cancelled() const override { return cancelled_->load(std::memory_order_acquire); }
 
@@ -389,9 +388,9 @@ class Session : public std::enable_shared_from_this<Session> {
                                                                 target, query_string, req.body())
                                   : std::nullopt) {
         if (extra->status >= 400) {
-          RequestError error = make_error(extra->status, extra->body,
-                                          extra->status >= 500 ? "server_error"
-                                                               : "invalid_request_error");
+          RequestError error =
+              make_error(extra->status, extra->body,
+                         extra->status >= 500 ? "server_error" : "invalid_request_error");
           send_error(error);
         } else {
           send(static_cast<http::status>(extra->status), std::move(extra->body),
@@ -488,8 +487,7 @@ class Session : public std::enable_shared_from_this<Session> {
     self_ = shared_from_this();
     for (size_t index = 0; index < requests.size(); ++index) {
       // One cancel flag for the batch: a hang-up or a failed prompt stops them all.
-      auto sink =
-          std::make_shared<SessionSink>(weak_from_this(), generation_, index, cancel_flag_);
+      auto sink = std::make_shared<SessionSink>(weak_from_this(), generation_, index, cancel_flag_);
       bool accepted = false;
       try {
         accepted = server_.backend.try_submit(std::move(requests[index]), sink);
@@ -501,8 +499,8 @@ class Session : public std::enable_shared_from_this<Session> {
         // Prompts already queued are cancelled with the flag (their blocks freed at the
         // engine's next step); the client retries the whole request.
         abandon_generation();
-        send_error(make_error(429, "the generation queue is full; retry later",
-                              "rate_limit_error", "queue_full"),
+        send_error(make_error(429, "the generation queue is full; retry later", "rate_limit_error",
+                              "queue_full"),
                    true);
         return;
       }
@@ -822,10 +820,8 @@ void SessionSink::on_finish(const std::string& finish_reason, Usage usage) {
 void SessionSink::on_finish_with(const std::string& finish_reason, Usage usage,
                                  json choice_fields) {
   ended_ = true;
-  deliver([index = choice_index_, finish_reason, usage,
-           fields = std::move(choice_fields)](Session& session) {
-    session.finish(index, finish_reason, usage, fields);
-  });
+  deliver([index = choice_index_, finish_reason, usage, fields = std::move(choice_fields)](
+              Session& session) { session.finish(index, finish_reason, usage, fields); });
 }
 
 void SessionSink::on_error(const std::string& message) {
@@ -978,7 +974,8 @@ bool HttpServer::drain(std::chrono::milliseconds timeout) {
 }
 
 void HttpServer::catch_signals() {
-  if (!impl_->signals) impl_->signals = std::make_unique<net::signal_set>(impl_->ioc, SIGINT, SIGTERM);
+  if (!impl_->signals)
+    impl_->signals = std::make_unique<net::signal_set>(impl_->ioc, SIGINT, SIGTERM);
 }
 
 void HttpServer::run_until_signal(std::chrono::milliseconds drain_timeout) {
