@@ -549,6 +549,7 @@ TEST_F(HttpTest, PromptBatchStreamsEveryChoiceThenOneDone) {
   Reply reply = post(port, "/v1/completions",
                      {{"prompt", {"ab", "cde"}},
                       {"max_tokens", 3},
+                      {"logprobs", 1},
                       {"stream", true},
                       {"stream_options", {{"include_usage", true}}}});
   ASSERT_EQ(reply.status, 200) << reply.body;
@@ -570,6 +571,10 @@ TEST_F(HttpTest, PromptBatchStreamsEveryChoiceThenOneDone) {
     }
     const json& choice = chunk["choices"][0];
     const int index = choice["index"];
+    if (choice["finish_reason"].is_null()) {
+      // A token chunk's text_offset is where its text starts in its own choice's text.
+      EXPECT_EQ(choice["logprobs"]["text_offset"], json({text[index].size()})) << events[i];
+    }
     text[index] += choice["text"].get<std::string>();
     if (!choice["finish_reason"].is_null()) ++finishes[index];
   }
