@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -37,17 +38,26 @@ Options parse(int argc, char** argv) {
       }
       return argv[++i];
     };
-    if (arg == "--num-requests") {
-      options.num_requests = std::stoll(value());
-    } else if (arg == "--rate") {
-      options.rate = std::stod(value());
-    } else if (arg == "--runs") {
-      options.runs = std::stoi(value());
-    } else {
-      std::cerr << "usage: simulate [--num-requests N] [--rate R] [--runs K]\n"
-                << "simulate bench: unknown option " << arg << "\n";
+    try {
+      if (arg == "--num-requests") {
+        options.num_requests = std::stoll(value());
+        continue;
+      }
+      if (arg == "--rate") {
+        options.rate = std::stod(value());
+        continue;
+      }
+      if (arg == "--runs") {
+        options.runs = std::stoi(value());
+        continue;
+      }
+    } catch (const std::logic_error&) {  // std::invalid_argument, std::out_of_range
+      std::cerr << "simulate bench: " << arg << " needs a number, got '" << argv[i] << "'\n";
       std::exit(2);
     }
+    std::cerr << "usage: simulate [--num-requests N] [--rate R] [--runs K]\n"
+              << "simulate bench: unknown option " << arg << "\n";
+    std::exit(2);
   }
   if (options.num_requests < 1 || options.rate <= 0 || options.runs < 1) {
     std::cerr << "simulate bench: --num-requests, --rate and --runs must be positive\n";
