@@ -4,8 +4,9 @@
 // memory of that backend's device (activations fp32, weights in their storage dtype), and the
 // communicator a rank uses must take the same kind of pointer (thread/MPI: host, NCCL: device).
 //
-// Host-side policy stays on the host: routing decisions are copied to the host for packing
-// (scheduler/packing.h), and logits are copied to the host for sampling.
+// The MoE dispatch (pack, gather, expert FFNs, combine) runs on the device too: a forward step
+// copies nothing to the host between the embedding and the logits (RankModel::forward copies the
+// logits, then the step's routing, once per step).
 #pragma once
 
 #include <cstdint>
@@ -15,7 +16,7 @@
 #include <string_view>
 
 #include "kernels/base/dtype.h"
-#include "scheduler/packing.h"
+#include "kernels/math/moe_math.h"
 
 namespace keel {
 
@@ -118,16 +119,54 @@ class Backend {
   // margins are computed (math::route_top_k_token).
   virtual void route_top_k(const float* logits, int64_t num_rows, int64_t num_experts,
                            int64_t top_k, bool normalize, int32_t* expert_ids,
-                           float* expert_weights, float* margins,
-                           const int32_t* forced_ids) = 0;
-  // dst[r, :] = src[routes[r].token_idx, :] (the per-expert batches of a packing, or any row
-  // selection written as routes).
-  virtual void permute_rows(const float* src, const PackedRoute* routes, int64_t num_rows,
+                           float* expert_weights, float* margins, const int32_t* forced_ids) = 0;
+  // dst[r, :] = src[routes[r].token_idx, :] for r in [0, num_rows) (a row selection, e.g. the
+  // rows whose logits a step wants).
+  virtual void permute_rows(const float* src, const math::PackedRoute* routes, int64_t num_rows,
                             int64_t width, float* dst) = 0;
-  // slot_rows[t * top_k + s] = r for routes[r] == (t, s); -1 for slots whose expert lives on
-  // another rank.
-  virtual void slot_rows(const PackedRoute* routes, int64_t num_rows, int64_t num_tokens,
-                         int64_t top_k, int32_t* slot_rows) = 0;
+
+  // MoE dispatch of one layer (kernels/math/moe_math.h). moe_pack sorts the router's choices
+  // expert_ids [num_tokens, top_k] stably by local expert (expert_to_local [num_experts], -1 for
+  // experts on other ranks, device memory) into offsets [num_local + 1], routes (capacity
+  // num_tokens * top_k) and slot_rows [num_tokens * top_k]. How many rows each expert got stays
+  // in device memory: the ops below read it there, so no host round trip is needed.
+  virtual void moe_pack(const int32_t* expert_ids, int64_t num_tokens, int64_t top_k,
+                        const int32_t* expert_to_local, int64_t num_experts, int64_t num_local,
+                        int32_t* offsets, math::PackedRoute* routes, int32_t* slot_rows) = 0;
+  struct MoeDispatch {
+    const int32_t* offsets = nullptr;
+    const math::PackedRoute* routes = nullptr;
+    const int32_t* slot_rows = nullptr;
+    int64_t num_local = 0;
+    int64_t num_tokens = 0;
+    int64_t top_k = 0;
+    int64_t max_rows() const { return num_tokens * top_k; }
+  };
+  // expert_in[r, :] = x[routes[r].token_idx, :] for every packed row r < offsets[num_local].
+  virtual void moe_gather(const float* x, int64_t width, const MoeDispatch& dispatch,
+                          float* expert_in) = 0;
+  // The local experts' weights: device tables [num_local] of pointers to each expert's gate_up
+  // [2 * inter, hidden] (gate rows, then up rows) and down [hidden, inter] matrices.
+  struct ExpertTable {
+    const void* const* gate_up = nullptr;
+    const void* const* down = nullptr;
+    DType dtype = DType::kF32;
+    int64_t hidden = 0;
+    int64_t inter = 0;
+  };
+  // Per local expert (host arrays [num_local], filled only when given): seconds in its FFN and
+  // the steady-clock second it started (0 for experts without rows).
+  struct ExpertTimes {
+    double* seconds = nullptr;
+    double* start_s = nullptr;
+  };
+  // Every local expert's FFN over its packed rows: mid = expert_in * gate_up^T, act = silu(gate)
+  // * up, expert_out = act * down^T; canonical GEMMs, so every row's bits are its own. mid [max
+  // rows, 2 * inter] and act [max rows, inter] are scratch. With `times` the experts are timed
+  // one by one (on CUDA: events around each expert's kernels, waited for; telemetry's cost).
+  virtual void moe_experts(const float* expert_in, const MoeDispatch& dispatch,
+                           const ExpertTable& experts, float* mid, float* act, float* expert_out,
+                           const ExpertTimes* times) = 0;
   // out[r, i] = silu(gate_up[r, i]) * gate_up[r, width + i]
   virtual void silu_mul(const float* gate_up, int64_t num_rows, int64_t width, float* out) = 0;
   // Canonical MoE combine per token t: out[t] = sum over slots s in order with

@@ -8,6 +8,7 @@
 
 #include "kernels/base/check.h"
 #include "kernels/cpu/gemm.h"
+#include "kernels/cpu/moe.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/math/ops_math.h"
 #include "runtime/backend.h"
@@ -125,17 +126,43 @@ class CpuBackend final : public Backend {
                            forced_ids == nullptr ? nullptr : forced_ids + row * top_k)
               .margin;
   }
-  void permute_rows(const float* src, const PackedRoute* routes, int64_t num_rows, int64_t width,
-                    float* dst) override {
-    for (int64_t row = 0; row < num_rows; ++row)
-      std::copy_n(src + int64_t{routes[row].token_idx} * width, width, dst + row * width);
+  void permute_rows(const float* src, const math::PackedRoute* routes, int64_t num_rows,
+                    int64_t width, float* dst) override {
+    cpu::gather_rows(src, routes, num_rows, width, dst);
   }
-  void slot_rows(const PackedRoute* routes, int64_t num_rows, int64_t num_tokens, int64_t top_k,
-                 int32_t* slot_rows) override {
-    std::fill(slot_rows, slot_rows + num_tokens * top_k, -1);
-    for (int64_t row = 0; row < num_rows; ++row)
-      slot_rows[int64_t{routes[row].token_idx} * top_k + routes[row].slot_idx] =
-          static_cast<int32_t>(row);
+  void moe_pack(const int32_t* expert_ids, int64_t num_tokens, int64_t top_k,
+                const int32_t* expert_to_local, int64_t num_experts, int64_t num_local,
+                int32_t* offsets, math::PackedRoute* routes, int32_t* slot_rows) override {
+    cpu::moe_pack(expert_ids, num_tokens, top_k, expert_to_local, num_experts, num_local, offsets,
+                  routes, slot_rows);
+  }
+  void moe_gather(const float* x, int64_t width, const MoeDispatch& dispatch,
+                  float* expert_in) override {
+    cpu::gather_rows(x, dispatch.routes, dispatch.offsets[dispatch.num_local], width, expert_in);
+  }
+  void moe_experts(const float* expert_in, const MoeDispatch& dispatch, const ExpertTable& experts,
+                   float* mid, float* act, float* expert_out, const ExpertTimes* times) override {
+    const int64_t hidden = experts.hidden;
+    const int64_t inter = experts.inter;
+    for (int64_t local = 0; local < dispatch.num_local; ++local) {
+      const int64_t first = dispatch.offsets[local];
+      const int64_t num_rows = dispatch.offsets[local + 1] - first;
+      auto run = [&] {
+        cpu::expert_ffn(expert_in + first * hidden, num_rows, hidden, inter, experts.gate_up[local],
+                        experts.down[local], experts.dtype, mid + first * 2 * inter,
+                        act + first * inter, expert_out + first * hidden);
+      };
+      if (times == nullptr || num_rows == 0) {
+        run();
+        if (times != nullptr) record_time(*times, local, 0.0, 0.0);
+        continue;
+      }
+      const auto start = std::chrono::steady_clock::now();
+      run();
+      const auto stop = std::chrono::steady_clock::now();
+      record_time(*times, local, std::chrono::duration<double>(start.time_since_epoch()).count(),
+                  std::chrono::duration<double>(stop - start).count());
+    }
   }
   void silu_mul(const float* gate_up, int64_t num_rows, int64_t width, float* out) override {
     for (int64_t row = 0; row < num_rows; ++row)
@@ -146,27 +173,9 @@ class CpuBackend final : public Backend {
                    const float* expert_weights, int64_t num_tokens, int64_t top_k,
                    DType round_dtype, const float* shared, const float* shared_gate_logits,
                    float* out) override {
-    for (int64_t token = 0; token < num_tokens; ++token) {
-      float* out_row = out + token * width;
-      std::fill(out_row, out_row + width, 0.0f);
-      for (int64_t slot = 0; slot < top_k; ++slot) {
-        int32_t row = slot_rows[token * top_k + slot];
-        if (row < 0) continue;
-        float weight = expert_weights[token * top_k + slot];
-        const float* expert_row = expert_out + int64_t{row} * width;
-        if (round_dtype != DType::kF32) {
-          for (int64_t i = 0; i < width; ++i)
-            out_row[i] += round_to_dtype(weight * expert_row[i], round_dtype);
-        } else {
-          for (int64_t i = 0; i < width; ++i) out_row[i] += weight * expert_row[i];
-        }
-      }
-      if (shared != nullptr) {
-        float gate = cpu::sigmoid(shared_gate_logits[token]);
-        const float* shared_row = shared + token * width;
-        for (int64_t i = 0; i < width; ++i) out_row[i] += gate * shared_row[i];
-      }
-    }
+    cpu::moe_combine(expert_out, width, slot_rows, expert_weights, num_tokens, top_k,
+                     math::CombinePrecisionArgs{round_dtype != DType::kF32, round_dtype}, shared,
+                     shared_gate_logits, out);
   }
   void add(float* dst, const float* src, int64_t count) override {
     for (int64_t i = 0; i < count; ++i) dst[i] += src[i];
@@ -185,6 +194,10 @@ class CpuBackend final : public Backend {
     if (data == nullptr) throw_error("out of host memory allocating ", nbytes, " bytes");
     std::memset(data, 0, padded);
     return data;
+  }
+  static void record_time(const ExpertTimes& times, int64_t local, double start_s, double seconds) {
+    if (times.start_s != nullptr) times.start_s[local] = start_s;
+    if (times.seconds != nullptr) times.seconds[local] = seconds;
   }
   static math::PagedKvRows paged_rows(const KvPoolView& pool, const float* base, int64_t seq,
                                       int64_t layer, int64_t kv_head) {

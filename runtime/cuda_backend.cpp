@@ -1,14 +1,15 @@
 // The CUDA backend: each Backend op is one launcher of kernels/cuda on the default stream
 // (NCCL collectives wait for that stream), over device memory from cudaMalloc. The math of
 // every kernel is the shared host-device code in kernels/math; kernels/math/README.md lists
-// which ops are bit-identical to the CPU backend (GEMM, norms, RoPE via a host-computed table,
-// copies, the combine without shared expert) and which are within ulps (anything using expf:
-// softmax, SiLU, attention, sigmoid).
+// which ops are bit-identical to the CPU backend. The MoE dispatch (pack, gather, grouped expert
+// GEMMs, combine) stays on the device: a step's only device-to-host copies are the logits and,
+// after them, the step's routing (runtime/model.cpp).
 //
 // Compiled and linked wherever nvcc exists; run only where a GPU does (not in CI).
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <chrono>
 #include <vector>
 
 #include "kernels/base/check.h"
@@ -111,8 +112,7 @@ class CudaBackend final : public Backend {
                  const int32_t* kv_head_of_q, const int32_t* positions, const int32_t* cache_idx,
                  int64_t num_rows, int64_t layer_idx, const KvPoolView& pool, float scale,
                  float* out) override {
-    float* scores =
-        scratch(scores_, static_cast<size_t>(num_rows * num_q_heads * pool.capacity()));
+    float* scores = scratch(scores_, static_cast<size_t>(num_rows * num_q_heads * pool.capacity()));
     cuda::attention(rows, row_stride, num_rows, num_q_heads, kv_head_of_q,
                     layer_pool(pool, layer_idx), positions, cache_idx, scale, scores, out,
                     num_q_heads * pool.head_dim);
@@ -124,13 +124,48 @@ class CudaBackend final : public Backend {
     cuda::route_top_k(logits, num_rows, num_experts, top_k, normalize, probs, expert_ids,
                       expert_weights, margins, nullptr, forced_ids);
   }
-  void permute_rows(const float* src, const PackedRoute* routes, int64_t num_rows, int64_t width,
-                    float* dst) override {
-    cuda::moe_permute(src, width, width, device_routes(routes), num_rows, dst);
+  void permute_rows(const float* src, const math::PackedRoute* routes, int64_t num_rows,
+                    int64_t width, float* dst) override {
+    if (num_rows == 0) return;
+    // The rows [0, num_rows) as one group: offsets {0, num_rows} in device memory.
+    const int32_t bounds[2] = {0, static_cast<int32_t>(num_rows)};
+    int32_t* offsets = scratch_i32(row_bounds_, 2);
+    copy_from_host(bounds, sizeof(bounds), offsets);
+    cuda::moe_gather(src, width, width, routes, offsets, 1, num_rows, dst);
   }
-  void slot_rows(const PackedRoute* routes, int64_t num_rows, int64_t num_tokens, int64_t top_k,
-                 int32_t* slot_rows) override {
-    cuda::moe_slot_rows(device_routes(routes), num_rows, num_tokens, top_k, slot_rows);
+  void moe_pack(const int32_t* expert_ids, int64_t num_tokens, int64_t top_k,
+                const int32_t* expert_to_local, int64_t /*num_experts*/, int64_t num_local,
+                int32_t* offsets, math::PackedRoute* routes, int32_t* slot_rows) override {
+    cuda::moe_pack(expert_ids, num_tokens, top_k, expert_to_local, num_local, offsets, routes,
+                   slot_rows);
+  }
+  void moe_gather(const float* x, int64_t width, const MoeDispatch& dispatch,
+                  float* expert_in) override {
+    cuda::moe_gather(x, width, width, dispatch.routes, dispatch.offsets, dispatch.num_local,
+                     dispatch.max_rows(), expert_in);
+  }
+  // Untimed: three launches for all local experts, row counts read on the device. Timed
+  // (telemetry asked): the offsets come to the host (a copy and a wait telemetry pays for) and
+  // each non-empty expert runs the same kernels alone between events. Same kernels, same bits.
+  void moe_experts(const float* expert_in, const MoeDispatch& dispatch, const ExpertTable& experts,
+                   float* mid, float* act, float* expert_out, const ExpertTimes* times) override {
+    if (times == nullptr) {
+      run_experts(expert_in, dispatch, experts, 0, dispatch.num_local, mid, act, expert_out);
+      return;
+    }
+    host_offsets_.resize(static_cast<size_t>(dispatch.num_local + 1));
+    copy_to_host(dispatch.offsets, host_offsets_.size() * sizeof(int32_t), host_offsets_.data());
+    for (int64_t local = 0; local < dispatch.num_local; ++local) {
+      double start_s = 0, seconds = 0;
+      if (host_offsets_[static_cast<size_t>(local) + 1] >
+          host_offsets_[static_cast<size_t>(local)]) {
+        start_s = steady_seconds();
+        seconds = timed_seconds(
+            [&] { run_experts(expert_in, dispatch, experts, local, 1, mid, act, expert_out); });
+      }
+      if (times->start_s != nullptr) times->start_s[local] = start_s;
+      if (times->seconds != nullptr) times->seconds[local] = seconds;
+    }
   }
   void silu_mul(const float* gate_up, int64_t num_rows, int64_t width, float* out) override {
     cuda::silu_mul(gate_up, gate_up + width, 2 * width, num_rows, width, out, width);
@@ -173,12 +208,40 @@ class CudaBackend final : public Backend {
     KEEL_CUDA_CHECK(cudaMemset(data, 0, std::max<size_t>(nbytes, 64)));
     return data;
   }
-  // PackedRoute and DeviceRoute are the same two int32s (checked below).
-  static const cuda::DeviceRoute* device_routes(const PackedRoute* routes) {
-    static_assert(sizeof(PackedRoute) == sizeof(cuda::DeviceRoute) &&
-                  offsetof(PackedRoute, token_idx) == offsetof(cuda::DeviceRoute, token_idx) &&
-                  offsetof(PackedRoute, slot_idx) == offsetof(cuda::DeviceRoute, slot_idx));
-    return reinterpret_cast<const cuda::DeviceRoute*>(routes);
+  static double steady_seconds() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+  }
+  // Local experts [first, first + count): gate_up, silu*mul and down over their packed rows.
+  void run_experts(const float* expert_in, const MoeDispatch& dispatch, const ExpertTable& experts,
+                   int64_t first, int64_t count, float* mid, float* act, float* expert_out) {
+    const int64_t hidden = experts.hidden;
+    const int64_t inter = experts.inter;
+    const int32_t* offsets = dispatch.offsets + first;
+    cuda::GroupedGemmArgs gate_up{expert_in,
+                                  hidden,
+                                  experts.gate_up + first,
+                                  experts.dtype,
+                                  hidden,
+                                  mid,
+                                  2 * inter,
+                                  offsets,
+                                  count,
+                                  dispatch.num_tokens,
+                                  dispatch.max_rows(),
+                                  2 * inter,
+                                  hidden};
+    cuda::gemm_canonical_grouped(gate_up);
+    cuda::moe_silu_mul(mid, offsets, count, dispatch.max_rows(), inter, act);
+    cuda::GroupedGemmArgs down{
+        act,     inter, experts.down + first, experts.dtype,       inter,  expert_out, hidden,
+        offsets, count, dispatch.num_tokens,  dispatch.max_rows(), hidden, inter};
+    cuda::gemm_canonical_grouped(down);
+  }
+  int32_t* scratch_i32(cuda::DeviceBuffer& buffer, size_t count) {
+    if (buffer.bytes() < count * sizeof(int32_t))
+      buffer = cuda::DeviceBuffer(count * sizeof(int32_t));
+    return buffer.as<int32_t>();
   }
   // One layer of the engine's paged pool [layer][block][kv_heads][block_size][head_dim] in the
   // kernels' per-layer view.
@@ -206,7 +269,8 @@ class CudaBackend final : public Backend {
   std::unique_ptr<cuda::CublasGemm> cublas_;
   cudaEvent_t start_event_ = nullptr;
   cudaEvent_t stop_event_ = nullptr;
-  cuda::DeviceBuffer scores_, probs_, rope_table_;
+  cuda::DeviceBuffer scores_, probs_, rope_table_, row_bounds_;
+  std::vector<int32_t> host_offsets_;
   double rope_theta_ = 0;
   int64_t rope_rotary_dim_ = 0;
   int64_t rope_positions_ = 0;

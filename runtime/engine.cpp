@@ -247,6 +247,7 @@ void Engine::run_rank(int tp_rank, comm::Communicator& communicator, const Gener
       std::this_thread::sleep_for(std::chrono::hours(24));
     }
     model.set_observing(false, false, request.trace);
+    model.set_expert_timing(true);  // generate() reports every expert's seconds
     model.forward(batch, pool, communicator, logits);
     if (request.trace) {
       // Each rank appends to its own slot only.

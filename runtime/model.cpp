@@ -101,6 +101,14 @@ DeviceArray to_device(Backend& backend, const std::vector<int32_t>& host) {
   return array;
 }
 
+// A table of device pointers in device memory (what the grouped expert kernels index by local
+// expert); the pointers are the backend's own, so the table is only read there.
+DeviceArray pointer_table(Backend& backend, const std::vector<const void*>& pointers) {
+  DeviceArray array = backend.allocate_bytes(pointers.size() * sizeof(const void*));
+  backend.copy_from_host(pointers.data(), pointers.size() * sizeof(const void*), array.data());
+  return array;
+}
+
 // Copies rows [row0, row0 + num_rows) and columns [col0, col0 + num_cols) of a matrix view
 // (for a 3-D view, of its slice `outer`) into `dst` starting at row `dst_row`.
 void copy_block(const TensorView& view, int64_t outer, int64_t row0, int64_t num_rows, int64_t col0,
@@ -261,7 +269,10 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
     layer.o_proj = to_device(backend, o_shard);
 
     layer.is_moe = config.layer_is_moe[static_cast<size_t>(layer_idx)];
-    if (layer.is_moe) ++num_moe_layers_;
+    if (layer.is_moe) {
+      ++num_moe_layers_;
+      moe_layer_ids_.push_back(layer_idx);
+    }
     if (!layer.is_moe) {
       const std::string mlp = prefix + "mlp.";
       const int64_t inter = config.intermediate_size;
@@ -287,7 +298,7 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
     const TensorView& router = checkpoint.get(moe + "gate.weight", {num_experts, hidden});
     layer.router = load_matrix(backend, router, 0, num_experts, num_experts);
 
-    layer.expert_to_local.assign(static_cast<size_t>(num_experts), -1);
+    std::vector<int32_t> expert_to_local(static_cast<size_t>(num_experts), -1);
     const TensorView* fused_gate_up = checkpoint.find(moe + "experts.gate_up_proj");
     const TensorView* fused_down = nullptr;
     if (fused_gate_up != nullptr) {
@@ -296,8 +307,8 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
       fused_down = &checkpoint.get(moe + "experts.down_proj", {num_experts, hidden, inter});
     }
     for (int32_t expert : placement.local_experts(layer_idx, tp_rank)) {
-      layer.expert_to_local[static_cast<size_t>(expert)] =
-          static_cast<int32_t>(layer.experts.size());
+      expert_to_local[static_cast<size_t>(expert)] = static_cast<int32_t>(layer.experts.size());
+      layer.local_expert_ids.push_back(expert);
       MlpViews views;
       if (fused_gate_up != nullptr) {
         views = MlpViews{fused_gate_up, nullptr, fused_down, expert};
@@ -314,6 +325,14 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
       layer.experts.push_back(load_mlp(backend, views, inter, hidden, 0, inter));
       expert_dtype_ = layer.experts.back().gate_up.dtype();
     }
+    layer.expert_to_local = to_device(backend, expert_to_local);
+    std::vector<const void*> gate_up_pointers, down_pointers;
+    for (const ExpertWeights& expert : layer.experts) {
+      gate_up_pointers.push_back(expert.gate_up.data.data());
+      down_pointers.push_back(expert.down.data.data());
+    }
+    layer.gate_up_table = pointer_table(backend, gate_up_pointers);
+    layer.down_table = pointer_table(backend, down_pointers);
 
     if (config.shared_expert_intermediate_size > 0) {
       const int64_t shared_inter = config.shared_expert_intermediate_size;
@@ -384,12 +403,12 @@ int32_t* RankModel::scratch_i32(DeviceArray& array, size_t count) {
   return array.i32();
 }
 
-const PackedRoute* RankModel::upload_routes(const std::vector<PackedRoute>& host,
-                                            DeviceArray& array) {
-  static_assert(sizeof(PackedRoute) == 2 * sizeof(int32_t));
+const math::PackedRoute* RankModel::upload_routes(const std::vector<math::PackedRoute>& host,
+                                                  DeviceArray& array) {
+  static_assert(sizeof(math::PackedRoute) == 2 * sizeof(int32_t));
   int32_t* device = scratch_i32(array, 2 * host.size());
-  backend_.copy_from_host(host.data(), host.size() * sizeof(PackedRoute), device);
-  return reinterpret_cast<const PackedRoute*>(device);
+  backend_.copy_from_host(host.data(), host.size() * sizeof(math::PackedRoute), device);
+  return reinterpret_cast<const math::PackedRoute*>(device);
 }
 
 int32_t* RankModel::upload(const std::vector<int32_t>& host, DeviceArray& array) {
@@ -493,7 +512,7 @@ void RankModel::forward(const StepBatch& batch, KvPool& pool, comm::Communicator
       backend_.rms_norm(hidden_states, layer.post_norm.f32(), eps, num_tokens, hidden, normed);
     });
     if (layer.is_moe) {
-      moe(layer_idx, num_tokens,
+      moe(layer_idx, moe_idx, num_tokens,
           forced_routes == nullptr ? nullptr
                                    : forced_routes + moe_idx * num_tokens * config_.top_k);
       ++moe_idx;
@@ -513,11 +532,11 @@ void RankModel::forward(const StepBatch& batch, KvPool& pool, comm::Communicator
     KEEL_CHECK(row >= 0 && row < num_tokens, "logits row ", row);
   host_logits_routes_.resize(batch.logits_rows.size());
   for (size_t row = 0; row < batch.logits_rows.size(); ++row)
-    host_logits_routes_[row] = PackedRoute{batch.logits_rows[row], 0};
+    host_logits_routes_[row] = math::PackedRoute{batch.logits_rows[row], 0};
   float* lm_in = scratch(lm_in_, static_cast<size_t>(num_rows * hidden));
   float* local_logits = scratch(local_logits_, static_cast<size_t>(num_rows * vocab_chunk_));
   timed(Phase::kOther, -1, [&] {
-    const PackedRoute* rows = upload_routes(host_logits_routes_, logits_rows_);
+    const math::PackedRoute* rows = upload_routes(host_logits_routes_, logits_rows_);
     backend_.permute_rows(hidden_states, rows, num_rows, hidden, lm_in);
     backend_.rms_norm(lm_in, final_norm_.f32(), eps, num_rows, hidden, lm_in);
     backend_.gemm(lm_in, lm_head_.data.data(), lm_head_.dtype(), local_logits, num_rows,
@@ -538,6 +557,36 @@ void RankModel::forward(const StepBatch& batch, KvPool& pool, comm::Communicator
     for (int64_t row = 0; row < num_rows; ++row)
       std::copy_n(host_gathered_logits_.data() + (rank * num_rows + row) * vocab_chunk_, count,
                   logits.data() + row * vocab + vocab_begin);
+  }
+  fold_step_routing(num_tokens);
+}
+
+void RankModel::fold_step_routing(int64_t num_tokens) {
+  const size_t num_pairs = static_cast<size_t>(num_tokens * config_.top_k);
+  const size_t slab_pairs = static_cast<size_t>(num_moe_layers_) * num_pairs;
+  host_route_ids_.resize(slab_pairs);
+  if (slab_pairs == 0) return;
+  backend_.copy_to_host(route_ids_.data(), slab_pairs * sizeof(int32_t), host_route_ids_.data());
+  for (int64_t moe_idx = 0; moe_idx < num_moe_layers_; ++moe_idx) {
+    std::vector<int64_t>& counts =
+        expert_counts_[static_cast<size_t>(moe_layer_ids_[static_cast<size_t>(moe_idx)])];
+    for (size_t pair = 0; pair < num_pairs; ++pair) {
+      const int32_t expert = host_route_ids_[static_cast<size_t>(moe_idx) * num_pairs + pair];
+      ++counts[static_cast<size_t>(expert)];
+      routing_fingerprint_ =
+          (routing_fingerprint_ ^ static_cast<uint64_t>(expert)) * 0x100000001b3ull;
+    }
+  }
+  if (!observe_) return;
+  // [moe layer][token][slot], as the slabs hold them.
+  observation_.route_ids = host_route_ids_;
+  observation_.margins.resize(static_cast<size_t>(num_moe_layers_ * num_tokens));
+  backend_.copy_to_host(route_margins_.data(), observation_.margins.size() * sizeof(float),
+                        observation_.margins.data());
+  if (capture_routing_) {
+    observation_.route_weights.resize(slab_pairs);
+    backend_.copy_to_host(route_weights_.data(), slab_pairs * sizeof(float),
+                          observation_.route_weights.data());
   }
 }
 
@@ -584,91 +633,80 @@ void RankModel::dense_mlp(const ExpertWeights& weights, int64_t width, int64_t n
                 config_.hidden_size, width);
 }
 
-void RankModel::moe(int64_t layer_idx, int64_t num_tokens, const int32_t* forced_routes) {
+void RankModel::moe(int64_t layer_idx, int64_t moe_idx, int64_t num_tokens,
+                    const int32_t* forced_routes) {
   LayerWeights& layer = layers_[static_cast<size_t>(layer_idx)];
   const int64_t hidden = config_.hidden_size;
   const int64_t num_experts = config_.num_experts;
   const int64_t top_k = config_.top_k;
   const int64_t inter = config_.moe_intermediate_size;
+  const int64_t num_local = static_cast<int64_t>(layer.experts.size());
   const size_t num_pairs = static_cast<size_t>(num_tokens * top_k);
+  const size_t slab_pairs = static_cast<size_t>(num_moe_layers_) * num_pairs;
 
   // Router: replicated, and its input rows are all-reduced bits, so every rank picks the same.
+  // Its choices go into this layer's slice of the step's routing slabs, on the device.
   float* router_logits = scratch(router_logits_, static_cast<size_t>(num_tokens * num_experts));
-  int32_t* route_ids = scratch_i32(route_ids_, num_pairs);
-  float* route_weights = scratch(route_weights_, num_pairs);
-  float* margins = scratch(route_margins_, static_cast<size_t>(num_tokens));
+  int32_t* route_ids = scratch_i32(route_ids_, slab_pairs) + moe_idx * num_pairs;
+  float* route_weights = scratch(route_weights_, slab_pairs) + moe_idx * num_pairs;
+  float* margins = scratch(route_margins_, static_cast<size_t>(num_moe_layers_ * num_tokens)) +
+                   moe_idx * num_tokens;
   timed(Phase::kRouter, layer_idx, [&] {
     backend_.gemm(normed_.f32(), layer.router.data.data(), layer.router.dtype(), router_logits,
                   num_tokens, num_experts, hidden);
     backend_.route_top_k(router_logits, num_tokens, num_experts, top_k, config_.norm_topk_prob,
                          route_ids, route_weights, margins, forced_routes);
-    host_route_ids_.resize(num_pairs);
-    backend_.copy_to_host(route_ids, num_pairs * sizeof(int32_t), host_route_ids_.data());
   });
-  std::vector<int64_t>& counts = expert_counts_[static_cast<size_t>(layer_idx)];
-  for (int32_t expert : host_route_ids_) {
-    ++counts[static_cast<size_t>(expert)];
-    routing_fingerprint_ =
-        (routing_fingerprint_ ^ static_cast<uint64_t>(expert)) * 0x100000001b3ull;
-  }
-  if (observe_) {
-    // Appended layer after layer: [moe layer][token][slot].
-    observation_.route_ids.insert(observation_.route_ids.end(), host_route_ids_.begin(),
-                                  host_route_ids_.end());
-    const size_t margins_at = observation_.margins.size();
-    observation_.margins.resize(margins_at + static_cast<size_t>(num_tokens));
-    backend_.copy_to_host(margins, static_cast<size_t>(num_tokens) * sizeof(float),
-                          observation_.margins.data() + margins_at);
-    if (capture_routing_) {
-      const size_t weights_at = observation_.route_weights.size();
-      observation_.route_weights.resize(weights_at + num_pairs);
-      backend_.copy_to_host(route_weights, num_pairs * sizeof(float),
-                            observation_.route_weights.data() + weights_at);
-    }
-  }
 
-  // Pack this rank's (token, slot) pairs per expert (host policy), then run each expert once
-  // over its contiguous row range of the packed buffers: gate_up, silu*mul, down.
-  int64_t num_rows = 0;
-  const PackedRoute* routes = nullptr;
-  float* expert_in = nullptr;
+  // Pack this rank's (token, slot) pairs per local expert on the device, gather their rows, then
+  // every local expert runs once over its contiguous row range: gate_up, silu*mul, down.
+  Backend::MoeDispatch dispatch;
+  dispatch.num_local = num_local;
+  dispatch.num_tokens = num_tokens;
+  dispatch.top_k = top_k;
+  const int64_t max_rows = dispatch.max_rows();
+  float* expert_in = scratch(expert_in_, static_cast<size_t>(max_rows * hidden));
   timed(Phase::kPack, layer_idx, [&] {
-    pack_routes(host_route_ids_.data(), num_tokens, top_k, layer.expert_to_local, packing_);
-    num_rows = static_cast<int64_t>(packing_.routes.size());
-    routes = upload_routes(packing_.routes, packed_routes_);
-    expert_in = scratch(expert_in_, static_cast<size_t>(num_rows * hidden));
-    backend_.permute_rows(normed_.f32(), routes, num_rows, hidden, expert_in);
+    int32_t* offsets = scratch_i32(pack_offsets_, static_cast<size_t>(num_local + 1));
+    auto* routes = reinterpret_cast<math::PackedRoute*>(scratch_i32(packed_routes_, 2 * num_pairs));
+    int32_t* slot_rows = scratch_i32(slot_rows_, num_pairs);
+    backend_.moe_pack(route_ids, num_tokens, top_k, layer.expert_to_local.i32(), num_experts,
+                      num_local, offsets, routes, slot_rows);
+    dispatch.offsets = offsets;
+    dispatch.routes = routes;
+    dispatch.slot_rows = slot_rows;
+    backend_.moe_gather(normed_.f32(), hidden, dispatch, expert_in);
   });
-  float* mid = scratch(expert_mid_, static_cast<size_t>(num_rows * 2 * inter));
-  float* act = scratch(expert_act_, static_cast<size_t>(num_rows * inter));
-  float* expert_out = scratch(expert_out_, static_cast<size_t>(num_rows * hidden));
-  int32_t* slot_rows = scratch_i32(slot_rows_, num_pairs);
-  for (size_t local = 0; local < layer.experts.size(); ++local) {
-    int64_t batch_rows = packing_.num_tokens_of(local);
-    if (batch_rows == 0) continue;
-    int64_t first = packing_.offsets[local];
-    const ExpertWeights& expert = layer.experts[local];
-    const int32_t expert_id = packing_.local_expert_ids[local];
-    const double start = observe_ ? steady_seconds() : 0.0;
-    const double seconds = backend_.timed_seconds([&] {
-      backend_.gemm(expert_in + first * hidden, expert.gate_up.data.data(), expert.gate_up.dtype(),
-                    mid + first * 2 * inter, batch_rows, 2 * inter, hidden);
-      backend_.silu_mul(mid + first * 2 * inter, batch_rows, inter, act + first * inter);
-      backend_.gemm(act + first * inter, expert.down.data.data(), expert.down.dtype(),
-                    expert_out + first * hidden, batch_rows, hidden, inter);
-    });
-    expert_seconds_[static_cast<size_t>(layer_idx)][static_cast<size_t>(expert_id)] += seconds;
-    if (observe_) {
+  float* mid = scratch(expert_mid_, static_cast<size_t>(max_rows * 2 * inter));
+  float* act = scratch(expert_act_, static_cast<size_t>(max_rows * inter));
+  float* expert_out = scratch(expert_out_, static_cast<size_t>(max_rows * hidden));
+  Backend::ExpertTable table;
+  table.gate_up = static_cast<const void* const*>(layer.gate_up_table.data());
+  table.down = static_cast<const void* const*>(layer.down_table.data());
+  table.dtype = num_local > 0 ? layer.experts.front().gate_up.dtype() : expert_dtype_;
+  table.hidden = hidden;
+  table.inter = inter;
+  if (observe_ || time_experts_) {
+    host_expert_seconds_.assign(static_cast<size_t>(num_local), 0.0);
+    host_expert_starts_.assign(static_cast<size_t>(num_local), 0.0);
+    const Backend::ExpertTimes times{host_expert_seconds_.data(), host_expert_starts_.data()};
+    backend_.moe_experts(expert_in, dispatch, table, mid, act, expert_out, &times);
+    for (int64_t local = 0; local < num_local; ++local) {
+      const double seconds = host_expert_seconds_[static_cast<size_t>(local)];
+      if (seconds == 0.0) continue;
+      const int32_t expert_id = layer.local_expert_ids[static_cast<size_t>(local)];
+      expert_seconds_[static_cast<size_t>(layer_idx)][static_cast<size_t>(expert_id)] += seconds;
+      if (!observe_) continue;
       observation_.expert_seconds[static_cast<size_t>(layer_idx * num_experts + expert_id)] +=
           static_cast<float>(seconds);
       observation_.phase_seconds[static_cast<size_t>(Phase::kExperts)] += seconds;
       if (trace_)
-        observation_.trace.push_back(
-            {Phase::kExperts, static_cast<int32_t>(layer_idx), expert_id, start, seconds});
+        observation_.trace.push_back({Phase::kExperts, static_cast<int32_t>(layer_idx), expert_id,
+                                      host_expert_starts_[static_cast<size_t>(local)], seconds});
     }
+  } else {
+    backend_.moe_experts(expert_in, dispatch, table, mid, act, expert_out, nullptr);
   }
-  timed(Phase::kPack, layer_idx,
-        [&] { backend_.slot_rows(routes, num_rows, num_tokens, top_k, slot_rows); });
 
   timed(Phase::kCombine, layer_idx, [&] {
     const float* shared = nullptr;
@@ -685,7 +723,7 @@ void RankModel::moe(int64_t layer_idx, int64_t num_tokens, const int32_t* forced
     // Canonical combine: per token, local experts in slot order, then the gated shared expert.
     DType round_dtype =
         options_.combine == CombinePrecision::kRoundPerExpert ? expert_dtype_ : DType::kF32;
-    backend_.moe_combine(expert_out, hidden, slot_rows, route_weights, num_tokens, top_k,
+    backend_.moe_combine(expert_out, hidden, dispatch.slot_rows, route_weights, num_tokens, top_k,
                          round_dtype, shared, shared_gate_logits, partial_.f32());
   });
 }

@@ -23,7 +23,6 @@
 #include "runtime/backend.h"
 #include "runtime/checkpoint.h"
 #include "runtime/model_config.h"
-#include "scheduler/packing.h"
 #include "scheduler/placement.h"
 
 namespace keel {
@@ -55,12 +54,14 @@ struct LayerWeights {
   DeviceArray k_norm;
   Matrix o_proj;  // [H, q_local * head_dim]
   bool is_moe = false;
-  Matrix router;                         // [E, H]
-  std::vector<ExpertWeights> experts;    // local experts, ascending expert id
-  std::vector<int32_t> expert_to_local;  // [E] -> local index or -1 (host, for packing)
-  ExpertWeights shared;                  // shared expert or dense MLP shard (I / tp wide)
-  int64_t shared_width = 0;              // local intermediate width of `shared`
-  Matrix shared_gate;                    // [1, H] sigmoid gate of the shared expert
+  Matrix router;                          // [E, H]
+  std::vector<ExpertWeights> experts;     // local experts, ascending expert id
+  std::vector<int32_t> local_expert_ids;  // [num local] -> expert id (host, for telemetry)
+  DeviceArray expert_to_local;            // int32 [E] -> local index or -1 (for moe_pack)
+  DeviceArray gate_up_table, down_table;  // [num local] device pointers to the experts' weights
+  ExpertWeights shared;                   // shared expert or dense MLP shard (I / tp wide)
+  int64_t shared_width = 0;               // local intermediate width of `shared`
+  Matrix shared_gate;                     // [1, H] sigmoid gate of the shared expert
 };
 
 // This rank's paged KV pool: k and v as [num_layers][num_blocks][kv_local][block_size][head_dim]
@@ -96,8 +97,8 @@ struct StepBatch {
 
 // Phases of a forward step, timed per rank when telemetry is on (Backend::timed_seconds: steady
 // clock on CPU, CUDA events on GPU). kAttention includes the QKV/O projections; kRouter the
-// router GEMM, top-k and the copy of the choices to the host; kPack the packing, permutation and
-// slot map; kExperts the expert GEMMs; kCombine the shared expert and the combine; kAllReduce
+// router GEMM and top-k; kPack the packing (with the slot map) and the gather of expert rows;
+// kExperts the expert FFNs; kCombine the shared expert and the combine; kAllReduce
 // the two all-reduces per layer and the logits all-gather; kOther embedding, norms, dense MLPs,
 // final norm and lm_head.
 enum class Phase : uint8_t { kAttention, kAllReduce, kRouter, kPack, kExperts, kCombine, kOther };
@@ -172,6 +173,9 @@ class RankModel {
     capture_routing_ = capture_routing;
     trace_ = trace;
   }
+  // Time every local expert's FFN into expert_seconds() even when not observing (generate()
+  // reports them). On CUDA this waits for each expert's events.
+  void set_expert_timing(bool on) { time_experts_ = on; }
   // What the last forward() observed (empty fields when not observing).
   const StepObservation& observation() const { return observation_; }
   int64_t weight_bytes() const;
@@ -181,11 +185,15 @@ class RankModel {
   float* scratch(DeviceArray& array, size_t count);
   int32_t* scratch_i32(DeviceArray& array, size_t count);
   int32_t* upload(const std::vector<int32_t>& host, DeviceArray& array);
-  const PackedRoute* upload_routes(const std::vector<PackedRoute>& host, DeviceArray& array);
+  const math::PackedRoute* upload_routes(const std::vector<math::PackedRoute>& host,
+                                         DeviceArray& array);
 
   void attention(int64_t layer_idx, int64_t num_tokens, const Backend::KvPoolView& view);
-  // forced_routes: this layer's [token][top_k] replayed choices (device), or nullptr.
-  void moe(int64_t layer_idx, int64_t num_tokens, const int32_t* forced_routes);
+  // forced_routes: this layer's [token][top_k] replayed choices (device), or nullptr. moe_idx:
+  // the layer's index among MoE layers (its slice of the step's routing slabs).
+  void moe(int64_t layer_idx, int64_t moe_idx, int64_t num_tokens, const int32_t* forced_routes);
+  // After the logits: the step's routing to the host, once (counts, fingerprint, observation).
+  void fold_step_routing(int64_t num_tokens);
   // Runs `work`, timed into `phase` (and a trace event) when observing.
   template <typename Fn>
   void timed(Phase phase, int64_t layer, Fn&& work);
@@ -216,21 +224,25 @@ class RankModel {
   bool observe_ = false;
   bool capture_routing_ = false;
   bool trace_ = false;
+  bool time_experts_ = false;
   StepObservation observation_;
   int64_t num_moe_layers_ = 0;
+  std::vector<int64_t> moe_layer_ids_;  // [moe idx] -> layer idx
 
   // Device scratch, grown as needed and reused across steps.
+  // route_ids_, route_weights_ and route_margins_ are the step's routing slabs: [moe layer]
+  // [token][top_k] (margins [moe layer][token]), copied to the host once after the logits.
   DeviceArray hidden_, normed_, qkv_, attn_out_, partial_, router_logits_, route_weights_,
       route_margins_, expert_in_, expert_mid_, expert_act_, expert_out_, shared_out_,
       shared_gate_logits_, lm_in_, local_logits_, gathered_logits_;
   DeviceArray forced_routes_;
   DeviceArray token_ids_, positions_, cache_idx_, block_tables_, logits_rows_, route_ids_,
-      packed_routes_, slot_rows_;
-  // Host copies of what host-side policy needs.
+      pack_offsets_, packed_routes_, slot_rows_;
+  // Host copies: the logits, and the step's routing for counts, fingerprint and telemetry.
   std::vector<int32_t> host_route_ids_;
-  std::vector<PackedRoute> host_logits_routes_;
+  std::vector<math::PackedRoute> host_logits_routes_;
   std::vector<float> host_gathered_logits_;
-  ExpertPacking packing_;
+  std::vector<double> host_expert_seconds_, host_expert_starts_;
 };
 
 }  // namespace keel

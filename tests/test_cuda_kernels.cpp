@@ -27,13 +27,13 @@
 #include "kernels/base/check.h"
 #include "kernels/base/dtype.h"
 #include "kernels/cpu/gemm.h"
+#include "kernels/cpu/moe.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cuda/device.h"
 #include "kernels/cuda/device_buffer.h"
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/moe.h"
 #include "kernels/cuda/ops.h"
-#include "scheduler/packing.h"
 
 namespace keel {
 namespace {
@@ -44,10 +44,7 @@ using cuda::to_host;
 
 constexpr double kUnitRoundoff = 0x1p-24;
 
-static_assert(sizeof(cuda::DeviceRoute) == sizeof(PackedRoute) &&
-                  offsetof(cuda::DeviceRoute, token_idx) == offsetof(PackedRoute, token_idx) &&
-                  offsetof(cuda::DeviceRoute, slot_idx) == offsetof(PackedRoute, slot_idx),
-              "host packing uploads as DeviceRoute");
+using math::PackedRoute;
 
 class CudaKernels : public ::testing::Test {
  protected:
@@ -308,7 +305,8 @@ TEST_F(CudaKernels, KvAppendAndAttentionMatchCpuWithinExpTolerance) {
   const int64_t block_size = 16, blocks_per_seq = capacity / block_size;
   const std::vector<int32_t> block_tables = {4, 1, 3, 0, 5, 2};  // [num_caches][blocks_per_seq]
   auto paged_index = [&](int64_t seq, int64_t h, int64_t pos, int64_t d) {
-    const int64_t block = block_tables[static_cast<size_t>(seq * blocks_per_seq + pos / block_size)];
+    const int64_t block =
+        block_tables[static_cast<size_t>(seq * blocks_per_seq + pos / block_size)];
     return ((block * kv_heads + h) * block_size + pos % block_size) * head_dim + d;
   };
   auto to_paged = [&](const std::vector<float>& contiguous) {
@@ -318,7 +316,8 @@ TEST_F(CudaKernels, KvAppendAndAttentionMatchCpuWithinExpTolerance) {
         for (int64_t pos = 0; pos < capacity; ++pos)
           for (int64_t d = 0; d < head_dim; ++d)
             paged[static_cast<size_t>(paged_index(seq, h, pos, d))] =
-                contiguous[static_cast<size_t>(seq * cache_floats + (h * capacity + pos) * head_dim + d)];
+                contiguous[static_cast<size_t>(seq * cache_floats +
+                                               (h * capacity + pos) * head_dim + d)];
     return paged;
   };
   DeviceBuffer qkv_device = to_device(qkv);
@@ -486,19 +485,23 @@ TEST_F(CudaKernels, AddsAreBitIdentical) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// MoE: host counting sort (as scheduler's pack_routes), permute, per-expert "expert" outputs,
-// slot map and combine; against runtime/model.cpp's loop restated.
+// MoE: the device pack against cpu::moe_pack (identical arrays), the gather, the grouped
+// expert GEMM against cpu::gemm per expert, and the combine against runtime/model.cpp's loop.
 
 struct MoeCase {
   int64_t tokens = 13, top_k = 4, experts = 10, hidden = 70;
   std::vector<int32_t> expert_ids;       // [tokens, top_k], distinct per token
   std::vector<float> route_weights;      // [tokens, top_k]
   std::vector<int32_t> expert_to_local;  // [experts] -> local index or -1
-  std::vector<PackedRoute> routes;       // packed, local experts back to back
+  int64_t num_local = 0;
+  std::vector<int32_t> offsets;     // cpu::moe_pack's output
+  std::vector<PackedRoute> routes;  // packed, local experts back to back
+  std::vector<int32_t> slot_rows;   // [tokens, top_k]
 };
 
-MoeCase make_moe_case(std::mt19937& rng) {
+MoeCase make_moe_case(std::mt19937& rng, int64_t tokens = 13) {
   MoeCase c;
+  c.tokens = tokens;
   for (int64_t t = 0; t < c.tokens; ++t) {
     std::vector<int32_t> order(c.experts);
     std::iota(order.begin(), order.end(), 0);
@@ -506,19 +509,84 @@ MoeCase make_moe_case(std::mt19937& rng) {
     c.expert_ids.insert(c.expert_ids.end(), order.begin(), order.begin() + c.top_k);
   }
   c.route_weights = random_floats(rng, static_cast<size_t>(c.tokens * c.top_k), 0.0f, 1.0f);
-  int32_t next_local = 0;
   for (int64_t e = 0; e < c.experts; ++e)
-    c.expert_to_local.push_back(e % 3 == 1 ? -1 : next_local++);
-  // Stable counting sort by local expert, pairs in (token, slot) order within each.
-  for (int32_t local = 0; local < next_local; ++local)
-    for (int64_t t = 0; t < c.tokens; ++t)
-      for (int64_t s = 0; s < c.top_k; ++s)
-        if (c.expert_to_local[c.expert_ids[t * c.top_k + s]] == local)
-          c.routes.push_back(PackedRoute{static_cast<int32_t>(t), static_cast<int32_t>(s)});
+    c.expert_to_local.push_back(e % 3 == 1 ? -1 : static_cast<int32_t>(c.num_local++));
+  c.offsets.assign(static_cast<size_t>(c.num_local + 1), 0);
+  c.routes.assign(static_cast<size_t>(c.tokens * c.top_k), PackedRoute{});
+  c.slot_rows.assign(static_cast<size_t>(c.tokens * c.top_k), 0);
+  cpu::moe_pack(c.expert_ids.data(), c.tokens, c.top_k, c.expert_to_local.data(), c.experts,
+                c.num_local, c.offsets.data(), c.routes.data(), c.slot_rows.data());
+  c.routes.resize(static_cast<size_t>(c.offsets.back()));
   return c;
 }
 
-TEST_F(CudaKernels, MoePermuteSlotRowsAndCombineAreBitIdentical) {
+TEST_F(CudaKernels, MoePackMatchesTheCpuSortExactly) {
+  std::mt19937 rng(5);
+  // Sizes around the pack's tile of 256 pairs, and a prefill-sized batch.
+  for (int64_t tokens : {int64_t{0}, int64_t{1}, int64_t{63}, int64_t{64}, int64_t{65},
+                         int64_t{300}, int64_t{2048}}) {
+    MoeCase c = make_moe_case(rng, tokens);
+    DeviceBuffer ids = to_device(c.expert_ids), to_local = to_device(c.expert_to_local);
+    DeviceBuffer offsets(static_cast<size_t>(c.num_local + 1) * sizeof(int32_t));
+    DeviceBuffer routes(std::max<size_t>(1, c.expert_ids.size()) * sizeof(PackedRoute));
+    DeviceBuffer slot_rows(std::max<size_t>(1, c.expert_ids.size()) * sizeof(int32_t));
+    cuda::moe_pack(ids.as<int32_t>(), c.tokens, c.top_k, to_local.as<int32_t>(), c.num_local,
+                   offsets.as<int32_t>(), routes.as<PackedRoute>(), slot_rows.as<int32_t>());
+    SCOPED_TRACE(testing::Message() << "tokens " << tokens);
+    EXPECT_EQ(to_host<int32_t>(offsets, c.offsets.size()), c.offsets);
+    EXPECT_EQ(to_host<int32_t>(slot_rows, c.slot_rows.size()), c.slot_rows);
+    std::vector<int32_t> packed(c.routes.size() * 2), expected;
+    routes.download(packed.data(), packed.size() * sizeof(int32_t));
+    for (const PackedRoute& route : c.routes) {
+      expected.push_back(route.token_idx);
+      expected.push_back(route.slot_idx);
+    }
+    EXPECT_EQ(packed, expected);
+  }
+}
+
+TEST_F(CudaKernels, GroupedExpertGemmEqualsTheCpuGemmPerExpert) {
+  std::mt19937 rng(9);
+  MoeCase c = make_moe_case(rng, 40);
+  const int64_t rows = c.offsets.back(), n = 37, k = 70;
+  std::vector<float> x = random_floats(rng, static_cast<size_t>(rows * k), -2, 2);
+  std::vector<std::vector<float>> weights;
+  std::vector<DeviceBuffer> weight_buffers;
+  std::vector<const void*> table;
+  for (int64_t local = 0; local < c.num_local; ++local) {
+    weights.push_back(random_floats(rng, static_cast<size_t>(n * k), -1, 1));
+    weight_buffers.push_back(to_device(weights.back()));
+    table.push_back(weight_buffers.back().data());
+  }
+  DeviceBuffer table_device(table.size() * sizeof(const void*));
+  table_device.upload(table.data(), table.size() * sizeof(const void*));
+  DeviceBuffer x_device = to_device(x), offsets = to_device(c.offsets);
+  DeviceBuffer y(static_cast<size_t>(std::max<int64_t>(1, rows * n)) * sizeof(float));
+  cuda::GroupedGemmArgs args{x_device.as<float>(),
+                             k,
+                             static_cast<const void* const*>(table_device.data()),
+                             DType::kF32,
+                             k,
+                             y.as<float>(),
+                             n,
+                             offsets.as<int32_t>(),
+                             c.num_local,
+                             c.tokens,
+                             c.tokens * c.top_k,
+                             n,
+                             k};
+  cuda::gemm_canonical_grouped(args);
+  std::vector<float> expected(static_cast<size_t>(rows * n));
+  for (int64_t local = 0; local < c.num_local; ++local) {
+    const int64_t first = c.offsets[local], count = c.offsets[local + 1] - first;
+    if (count > 0)
+      cpu::gemm(x.data() + first * k, weights[local].data(), DType::kF32,
+                expected.data() + first * n, count, n, k);
+  }
+  EXPECT_TRUE(same_bits(to_host<float>(y, expected.size()), expected));
+}
+
+TEST_F(CudaKernels, MoeGatherAndCombineAreBitIdentical) {
   std::mt19937 rng(11);
   MoeCase c = make_moe_case(rng);
   const int64_t rows = static_cast<int64_t>(c.routes.size());
@@ -526,11 +594,12 @@ TEST_F(CudaKernels, MoePermuteSlotRowsAndCombineAreBitIdentical) {
   DeviceBuffer normed_device = to_device(normed);
   DeviceBuffer routes_device(c.routes.size() * sizeof(PackedRoute));
   routes_device.upload(c.routes.data(), c.routes.size() * sizeof(PackedRoute));
-  const auto* routes = routes_device.as<cuda::DeviceRoute>();
+  DeviceBuffer offsets_device = to_device(c.offsets);
 
-  DeviceBuffer expert_in(static_cast<size_t>(rows * c.hidden) * sizeof(float));
-  cuda::moe_permute(normed_device.as<float>(), c.hidden, c.hidden, routes, rows,
-                    expert_in.as<float>());
+  DeviceBuffer expert_in(static_cast<size_t>(c.tokens * c.top_k * c.hidden) * sizeof(float));
+  cuda::moe_gather(normed_device.as<float>(), c.hidden, c.hidden, routes_device.as<PackedRoute>(),
+                   offsets_device.as<int32_t>(), c.num_local, c.tokens * c.top_k,
+                   expert_in.as<float>());
   std::vector<float> expected_in;
   for (const PackedRoute& route : c.routes)
     expected_in.insert(expected_in.end(), normed.begin() + route.token_idx * c.hidden,
@@ -545,11 +614,7 @@ TEST_F(CudaKernels, MoePermuteSlotRowsAndCombineAreBitIdentical) {
     std::copy_n(expert_out.begin() + r * c.hidden, c.hidden, slot_out.begin() + pair * c.hidden);
   }
   DeviceBuffer expert_out_device = to_device(expert_out);
-  DeviceBuffer slot_rows(static_cast<size_t>(c.tokens * c.top_k) * sizeof(int32_t));
-  cuda::moe_slot_rows(routes, rows, c.tokens, c.top_k, slot_rows.as<int32_t>());
-  const std::vector<int32_t> slot_rows_host = to_host<int32_t>(slot_rows, c.tokens * c.top_k);
-  for (int64_t pair = 0; pair < c.tokens * c.top_k; ++pair)
-    EXPECT_EQ(slot_rows_host[pair] >= 0, c.expert_to_local[c.expert_ids[pair]] >= 0);
+  DeviceBuffer slot_rows = to_device(c.slot_rows);
 
   DeviceBuffer weights_device = to_device(c.route_weights);
   DeviceBuffer out(static_cast<size_t>(c.tokens * c.hidden) * sizeof(float));

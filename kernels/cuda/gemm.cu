@@ -11,6 +11,11 @@
 // the result does not depend on the tiling, on M or on N. Shared rows are padded to 65 floats
 // so that the 16 threads of a row reading different w rows hit different banks.
 //
+// Grouped canonical kernel (the MoE experts): grid (ceil(N / 16), row tiles, groups); group g
+// multiplies its rows [offsets[g], offsets[g + 1]) of x by its own weight w_table[g], reading
+// the offsets on the device, so the host never learns how many rows each group has. Each tile is
+// the plain kernel's tile, so a row's bits equal gemm_canonical's (and the CPU's) on that row.
+//
 // cuBLAS path. Row-major y = x w^T is column-major y^T = w^T' x^T': cublasGemmEx with
 // op(A) = T on w ([K, N] column-major, lda = ldw), op(B) = N on x ([K, M], ldb = ldx),
 // C = y ([N, M], ldc = ldy); compute CUBLAS_COMPUTE_32F, algo CUBLAS_GEMM_DEFAULT, default math
@@ -18,6 +23,7 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <utility>
 
 #include "kernels/cuda/cuda_check.h"
@@ -39,16 +45,16 @@ constexpr int kSlabPadded = kSlab + 1;
 
 static_assert(kTile * kTile == kThreadsPerBlock, "one thread per output of a tile");
 
+// One 16 x 16 output tile at (m0, n0) of y = x w^T over rows [0, m): the body shared by the plain
+// and the grouped kernel. Every thread of the block must call it (it synchronises the block).
 template <typename Loader, typename Element>
-__global__ void gemm_canonical_kernel(const float* x, int64_t ldx, const void* w, int64_t ldw,
-                                      float* y, int64_t ldy, int64_t m, int64_t n, int64_t k) {
-  __shared__ float x_slab[kTile][kSlabPadded];
-  __shared__ float w_slab[kTile][kSlabPadded];
+__device__ void canonical_tile(const float* x, int64_t ldx, const void* w, int64_t ldw, float* y,
+                               int64_t ldy, int64_t m, int64_t n, int64_t k, int64_t m0, int64_t n0,
+                               float (&x_slab)[kTile][kSlabPadded],
+                               float (&w_slab)[kTile][kSlabPadded]) {
   const int tx = threadIdx.x;
   const int ty = threadIdx.y;
   const int thread = ty * kTile + tx;
-  const int64_t m0 = int64_t{blockIdx.y} * kTile;
-  const int64_t n0 = int64_t{blockIdx.x} * kTile;
   const auto* w_elements = static_cast<const Element*>(w);
 
   float lanes[math::kCanonicalLanes] = {};
@@ -71,6 +77,34 @@ __global__ void gemm_canonical_kernel(const float* x, int64_t ldx, const void* w
     __syncthreads();
   }
   if (m0 + ty < m && n0 + tx < n) y[(m0 + ty) * ldy + n0 + tx] = math::canonical_fold(lanes);
+}
+
+template <typename Loader, typename Element>
+__global__ void gemm_canonical_kernel(const float* x, int64_t ldx, const void* w, int64_t ldw,
+                                      float* y, int64_t ldy, int64_t m, int64_t n, int64_t k) {
+  __shared__ float x_slab[kTile][kSlabPadded];
+  __shared__ float w_slab[kTile][kSlabPadded];
+  canonical_tile<Loader, Element>(x, ldx, w, ldw, y, ldy, m, n, k, int64_t{blockIdx.y} * kTile,
+                                  int64_t{blockIdx.x} * kTile, x_slab, w_slab);
+}
+
+// Grouped: blockIdx.z is the group; its rows [offsets[g], offsets[g + 1]) are read here, on the
+// device, and the block strides over their tiles (the row count is uniform within the block, so
+// every thread runs the same number of tiles).
+template <typename Loader, typename Element>
+__global__ void gemm_canonical_grouped_kernel(const float* x, int64_t ldx,
+                                              const void* const* w_table, int64_t ldw, float* y,
+                                              int64_t ldy, const int32_t* offsets, int64_t n,
+                                              int64_t k) {
+  __shared__ float x_slab[kTile][kSlabPadded];
+  __shared__ float w_slab[kTile][kSlabPadded];
+  const int64_t group = blockIdx.z;
+  const int64_t first_row = offsets[group];
+  const int64_t num_rows = offsets[group + 1] - first_row;
+  for (int64_t m0 = int64_t{blockIdx.y} * kTile; m0 < num_rows; m0 += int64_t{gridDim.y} * kTile)
+    canonical_tile<Loader, Element>(x + first_row * ldx, ldx, w_table[group], ldw,
+                                    y + first_row * ldy, ldy, num_rows, n, k, m0,
+                                    int64_t{blockIdx.x} * kTile, x_slab, w_slab);
 }
 
 __global__ void fill_zero_rows_kernel(float* y, int64_t ldy, int64_t m, int64_t n) {
@@ -176,6 +210,47 @@ void gemm_canonical(const GemmArgs& args, cudaStream_t stream) {
     case DType::kF16:
       gemm_canonical_kernel<math::LoadF16, uint16_t><<<grid, block, 0, stream>>>(
           args.x, args.ldx, args.w, args.ldw, args.y, args.ldy, args.m, args.n, args.k);
+      break;
+  }
+  KEEL_CUDA_CHECK(cudaGetLastError());
+}
+
+void gemm_canonical_grouped(const GroupedGemmArgs& args, cudaStream_t stream) {
+  require(
+      args.w_dtype == DType::kF32 || args.w_dtype == DType::kBF16 || args.w_dtype == DType::kF16,
+      "gemm_canonical_grouped: unknown weight dtype ", static_cast<int>(args.w_dtype));
+  require(args.num_groups >= 0 && args.n > 0 && args.k > 0 && args.max_group_rows >= 0 &&
+              args.total_rows_bound >= 0,
+          "gemm_canonical_grouped: bad shape groups=", args.num_groups, " n=", args.n,
+          " k=", args.k);
+  require(args.ldx >= args.k && args.ldw >= args.k && args.ldy >= args.n,
+          "gemm_canonical_grouped: leading dimension below k=", args.k, " or n=", args.n);
+  require(args.num_groups <= 65535, "gemm_canonical_grouped: ", args.num_groups,
+          " groups exceed the grid's z dimension");
+  if (args.num_groups == 0 || args.max_group_rows == 0) return;
+  require(
+      args.x != nullptr && args.w_table != nullptr && args.y != nullptr && args.offsets != nullptr,
+      "gemm_canonical_grouped: null pointer");
+  // Enough row tiles per group for an even spread of the bound; a hot group's blocks stride.
+  const int64_t max_tiles = (args.max_group_rows + kTile - 1) / kTile;
+  const int64_t mean_tiles =
+      (args.total_rows_bound + args.num_groups * kTile - 1) / (args.num_groups * kTile);
+  const int64_t row_tiles = std::clamp<int64_t>(mean_tiles, 1, std::min<int64_t>(max_tiles, 65535));
+  const dim3 grid(static_cast<unsigned>((args.n + kTile - 1) / kTile),
+                  static_cast<unsigned>(row_tiles), static_cast<unsigned>(args.num_groups));
+  const dim3 block(kTile, kTile);
+  switch (args.w_dtype) {
+    case DType::kF32:
+      gemm_canonical_grouped_kernel<math::LoadF32, float><<<grid, block, 0, stream>>>(
+          args.x, args.ldx, args.w_table, args.ldw, args.y, args.ldy, args.offsets, args.n, args.k);
+      break;
+    case DType::kBF16:
+      gemm_canonical_grouped_kernel<math::LoadBF16, uint16_t><<<grid, block, 0, stream>>>(
+          args.x, args.ldx, args.w_table, args.ldw, args.y, args.ldy, args.offsets, args.n, args.k);
+      break;
+    case DType::kF16:
+      gemm_canonical_grouped_kernel<math::LoadF16, uint16_t><<<grid, block, 0, stream>>>(
+          args.x, args.ldx, args.w_table, args.ldw, args.y, args.ldy, args.offsets, args.n, args.k);
       break;
   }
   KEEL_CUDA_CHECK(cudaGetLastError());

@@ -32,6 +32,28 @@ using GemmArgs = math::GemmArgs;
 // accumulators one canonical chunk (16 k values) at a time. Throws keel::Error on bad shapes.
 void gemm_canonical(const GemmArgs& args, cudaStream_t stream = nullptr);
 
+// Grouped canonical GEMM: for each group g < num_groups, rows [offsets[g], offsets[g + 1]) of y
+// = the same rows of x times w_table[g]^T (w_table: device array of device pointers, one weight
+// [n, k] in w_dtype per group; offsets: device int32 [num_groups + 1], read on the device only).
+// max_group_rows bounds every group's row count (MoE: the number of tokens) and
+// total_rows_bound the sum (tokens * top_k); they size the grid. Row bits equal gemm_canonical's.
+struct GroupedGemmArgs {
+  const float* x = nullptr;
+  int64_t ldx = 0;
+  const void* const* w_table = nullptr;
+  DType w_dtype = DType::kF32;
+  int64_t ldw = 0;
+  float* y = nullptr;
+  int64_t ldy = 0;
+  const int32_t* offsets = nullptr;
+  int64_t num_groups = 0;
+  int64_t max_group_rows = 0;
+  int64_t total_rows_bound = 0;
+  int64_t n = 0;
+  int64_t k = 0;
+};
+void gemm_canonical_grouped(const GroupedGemmArgs& args, cudaStream_t stream = nullptr);
+
 // How CublasGemm feeds bf16/f16 weights to cuBLAS, which has no fp32 x half-precision GEMM:
 enum class CublasInputs : uint8_t {
   // Widen w to fp32 in a workspace, then an fp32 GEMM: every product is exact, only the

@@ -4,10 +4,18 @@
 //  - logits / probs_scratch [tokens, E]; expert_ids (int32) / expert_weights [tokens, top_k];
 //    margins [tokens]. route_top_k runs one thread per token: the repeated-scan selection and
 //    the sequential softmax of math::route_top_k_token, nothing reordered.
-//  - routes (DeviceRoute) [rows]: the host counting sort's output, local experts back to back.
-//    moe_permute: one block per packed row, threads over hidden, a plain copy.
-//  - slot_rows (int32) [tokens, top_k]: filled with -1 by cudaMemsetAsync (0xff bytes), then
-//    one thread per packed row writes its index.
+//  - moe_pack: ONE block of kPackThreads threads. (1) Shared counters count each local
+//    expert's pairs (atomicAdd of integers: order-free, exact). (2) Thread 0 writes the counts
+//    into offsets and runs math::pack_prefix_sum; the counters become per-expert cursors.
+//    (3) Pairs go in tiles of kPackThreads, in (token, slot) order: a thread's packed row is its
+//    expert's cursor plus the number of earlier pairs of the tile with the same expert (a scan
+//    of the tile in shared memory), which is exactly the sequential sort's placement; the last
+//    pair of each expert in the tile then advances that cursor. Work O(pairs * kPackThreads)
+//    scalar steps spread over the block: microseconds at decode sizes; a multi-block sort is the
+//    upgrade path for long prefills. Local experts are limited by shared memory (12288).
+//  - routes (math::PackedRoute) [rows]: local experts back to back. moe_gather: one block per
+//    possible packed row, threads over width; rows past offsets[num_groups] return at once.
+//  - moe_silu_mul: grid-stride over max_rows * width, rows past the packed count skipped.
 //  - moe_combine: one block per token, threads over hidden; each element adds its slots in
 //    slot order (math::combine_element) and then the gated shared expert.
 #include <cuda_runtime.h>
@@ -41,23 +49,76 @@ __global__ void route_top_k_kernel(const float* logits, int64_t num_tokens, int6
   }
 }
 
-__global__ void permute_kernel(const float* x, int64_t x_stride, int64_t hidden,
-                               const DeviceRoute* routes, float* expert_in) {
-  const int64_t row = blockIdx.x;
-  const float* src = x + int64_t{routes[row].token_idx} * x_stride;
-  float* dst = expert_in + row * hidden;
-  for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = src[i];
+constexpr int kPackThreads = 256;
+constexpr int64_t kMaxPackLocalExperts = 12288;  // int32 cursors in 48 KiB of shared memory
+
+__global__ void pack_kernel(const int32_t* expert_ids, int64_t num_pairs, int64_t top_k,
+                            const int32_t* expert_to_local, int64_t num_local, int32_t* offsets,
+                            math::PackedRoute* routes, int32_t* slot_rows) {
+  extern __shared__ int32_t cursor[];  // [num_local]: counts, then next free row per expert
+  __shared__ int32_t tile[kPackThreads];
+  const int thread = threadIdx.x;
+  for (int64_t local = thread; local < num_local; local += kPackThreads) cursor[local] = 0;
+  __syncthreads();
+  for (int64_t pair = thread; pair < num_pairs; pair += kPackThreads) {
+    const int32_t local = math::local_expert_of(expert_to_local, expert_ids[pair]);
+    if (local >= 0) atomicAdd(&cursor[local], 1);
+  }
+  __syncthreads();
+  if (thread == 0) {
+    offsets[0] = 0;
+    for (int64_t local = 0; local < num_local; ++local) offsets[local + 1] = cursor[local];
+    math::pack_prefix_sum(offsets, num_local);
+    for (int64_t local = 0; local < num_local; ++local) cursor[local] = offsets[local];
+  }
+  __syncthreads();
+  for (int64_t base = 0; base < num_pairs; base += kPackThreads) {
+    const int64_t pair = base + thread;
+    const int32_t local =
+        pair < num_pairs ? math::local_expert_of(expert_to_local, expert_ids[pair]) : -1;
+    tile[thread] = local;
+    __syncthreads();
+    int32_t rank = 0;
+    bool last_of_expert = true;
+    if (local >= 0) {
+      for (int other = 0; other < kPackThreads; ++other) {
+        if (tile[other] != local) continue;
+        if (other < thread) ++rank;
+        if (other > thread) last_of_expert = false;
+      }
+      const int32_t row = cursor[local] + rank;
+      routes[row] = math::packed_route_of_pair(pair, top_k);
+      slot_rows[pair] = row;
+    } else if (pair < num_pairs) {
+      slot_rows[pair] = -1;
+    }
+    __syncthreads();  // every cursor read of this tile before any advance
+    if (local >= 0 && last_of_expert) cursor[local] += rank + 1;
+    __syncthreads();
+  }
 }
 
-__global__ void slot_rows_kernel(const DeviceRoute* routes, int64_t num_rows, int64_t num_tokens,
-                                 int64_t top_k, int32_t* slot_rows) {
-  for (int64_t row = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; row < num_rows;
-       row += int64_t{gridDim.x} * blockDim.x) {
-    const DeviceRoute route = routes[row];
-    if (route.token_idx < 0 || route.token_idx >= num_tokens || route.slot_idx < 0 ||
-        route.slot_idx >= top_k)
-      continue;
-    slot_rows[int64_t{route.token_idx} * top_k + route.slot_idx] = static_cast<int32_t>(row);
+__global__ void gather_kernel(const float* x, int64_t x_stride, int64_t width,
+                              const math::PackedRoute* routes, const int32_t* offsets,
+                              int64_t num_groups, float* expert_in) {
+  const int64_t row = offsets[0] + int64_t{blockIdx.x};
+  if (row >= offsets[num_groups]) return;
+  const float* src = x + int64_t{routes[row].token_idx} * x_stride;
+  float* dst = expert_in + row * width;
+  for (int64_t i = threadIdx.x; i < width; i += blockDim.x) dst[i] = src[i];
+}
+
+__global__ void packed_silu_mul_kernel(const float* mid, const int32_t* offsets, int64_t num_groups,
+                                       int64_t max_rows, int64_t width, float* act) {
+  const int64_t first_row = offsets[0];
+  const int64_t num_rows = min(offsets[num_groups] - first_row, max_rows);
+  const int64_t total = num_rows * width;
+  for (int64_t index = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; index < total;
+       index += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t row = first_row + index / width;
+    const int64_t i = index % width;
+    act[row * width + i] =
+        math::silu_mul(mid[row * 2 * width + i], mid[row * 2 * width + width + i]);
   }
 }
 
@@ -106,29 +167,45 @@ void router(const float* x, int64_t num_tokens, int64_t hidden, const void* rout
               expert_weights, margins, stream);
 }
 
-void moe_permute(const float* x, int64_t x_stride, int64_t hidden, const DeviceRoute* routes,
-                 int64_t num_rows, float* expert_in, cudaStream_t stream) {
-  require(num_rows >= 0 && hidden > 0 && x_stride >= hidden,
-          "moe_permute: bad shape rows=", num_rows, " hidden=", hidden, " x_stride=", x_stride);
-  if (num_rows == 0) return;
-  require(x != nullptr && routes != nullptr && expert_in != nullptr, "moe_permute: null pointer");
-  permute_kernel<<<grid_for_rows(num_rows, "moe_permute"), kThreadsPerBlock, 0, stream>>>(
-      x, x_stride, hidden, routes, expert_in);
+void moe_pack(const int32_t* expert_ids, int64_t num_tokens, int64_t top_k,
+              const int32_t* expert_to_local, int64_t num_local, int32_t* offsets,
+              math::PackedRoute* routes, int32_t* slot_rows, cudaStream_t stream) {
+  require(num_tokens >= 0 && top_k > 0 && num_local >= 0, "moe_pack: bad shape tokens=", num_tokens,
+          " top_k=", top_k, " local experts=", num_local);
+  require(num_local <= kMaxPackLocalExperts, "moe_pack: ", num_local, " local experts exceed the ",
+          kMaxPackLocalExperts, " one block can count");
+  require(offsets != nullptr, "moe_pack: null offsets");
+  require(num_tokens == 0 || (expert_ids != nullptr && expert_to_local != nullptr &&
+                              routes != nullptr && slot_rows != nullptr),
+          "moe_pack: null pointer");
+  const size_t shared_bytes = static_cast<size_t>(num_local) * sizeof(int32_t);
+  pack_kernel<<<1, kPackThreads, shared_bytes, stream>>>(expert_ids, num_tokens * top_k, top_k,
+                                                         expert_to_local, num_local, offsets,
+                                                         routes, slot_rows);
   KEEL_CUDA_CHECK(cudaGetLastError());
 }
 
-void moe_slot_rows(const DeviceRoute* routes, int64_t num_rows, int64_t num_tokens, int64_t top_k,
-                   int32_t* slot_rows, cudaStream_t stream) {
-  require(num_rows >= 0 && num_tokens >= 0 && top_k > 0 && num_rows <= num_tokens * top_k,
-          "moe_slot_rows: bad shape rows=", num_rows, " tokens=", num_tokens, " top_k=", top_k);
-  if (num_tokens == 0) return;
-  require(slot_rows != nullptr && (num_rows == 0 || routes != nullptr),
-          "moe_slot_rows: null pointer");
-  KEEL_CUDA_CHECK(cudaMemsetAsync(
-      slot_rows, 0xff, static_cast<size_t>(num_tokens * top_k) * sizeof(int32_t), stream));
-  if (num_rows == 0) return;
-  slot_rows_kernel<<<grid_for(num_rows), kThreadsPerBlock, 0, stream>>>(
-      routes, num_rows, num_tokens, top_k, slot_rows);
+void moe_gather(const float* x, int64_t x_stride, int64_t width, const math::PackedRoute* routes,
+                const int32_t* offsets, int64_t num_groups, int64_t max_rows, float* expert_in,
+                cudaStream_t stream) {
+  require(max_rows >= 0 && width > 0 && x_stride >= width && num_groups >= 0,
+          "moe_gather: bad shape rows=", max_rows, " width=", width, " x_stride=", x_stride);
+  if (max_rows == 0 || num_groups == 0) return;
+  require(x != nullptr && routes != nullptr && offsets != nullptr && expert_in != nullptr,
+          "moe_gather: null pointer");
+  gather_kernel<<<grid_for_rows(max_rows, "moe_gather"), kThreadsPerBlock, 0, stream>>>(
+      x, x_stride, width, routes, offsets, num_groups, expert_in);
+  KEEL_CUDA_CHECK(cudaGetLastError());
+}
+
+void moe_silu_mul(const float* mid, const int32_t* offsets, int64_t num_groups, int64_t max_rows,
+                  int64_t width, float* act, cudaStream_t stream) {
+  require(max_rows >= 0 && width > 0 && num_groups >= 0, "moe_silu_mul: bad shape rows=", max_rows,
+          " width=", width);
+  if (max_rows == 0 || num_groups == 0) return;
+  require(mid != nullptr && offsets != nullptr && act != nullptr, "moe_silu_mul: null pointer");
+  packed_silu_mul_kernel<<<grid_for(max_rows * width), kThreadsPerBlock, 0, stream>>>(
+      mid, offsets, num_groups, max_rows, width, act);
   KEEL_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -1,24 +1,17 @@
-// CUDA launchers for the MoE block: router top-k, permutation of token rows into per-expert
-// batches, and the canonical un-permute + combine.
+// CUDA launchers for the MoE block: router top-k, the device pack (stable counting sort), the
+// gather of packed rows, SiLU*mul over packed rows, and the canonical un-permute + combine. Types
+// and layouts: kernels/math/moe_math.h; the CPU reference: kernels/cpu/moe.h.
 //
-// Flow of one MoE layer on the GPU (device pointers throughout):
+// Flow of one MoE layer on the GPU (device pointers throughout, no host round trip):
 //   1. router(): logits = gemm_canonical(normed, router weight) (bit-identical to the CPU),
 //      then route_top_k() per token -> expert_ids, expert_weights, margins [tokens, top_k].
-//   2. Counting sort into per-expert batches: ON THE HOST for now. The engine copies
-//      expert_ids back and runs scheduler's pack_routes (a stable counting sort, O(tokens * k));
-//      its routes (keel::PackedRoute, same layout as DeviceRoute) and offsets go back up. This
-//      costs one small device-to-host copy and sync per MoE layer; a device counting sort can
-//      replace it without changing any result, since the packing order is fixed by the sort's
-//      stability, not by who runs it.
-//   3. moe_permute(): expert_in[r] = normed[routes[r].token_idx] for all packed rows (local
-//      experts back to back, in local-expert order: expert e's rows are
-//      [offsets[e], offsets[e+1])). Each expert then runs its GEMMs on its row range.
-//   4. moe_slot_rows(): slot_rows[t * top_k + s] = packed row of (t, s), or -1 when that
-//      slot's expert is not on this rank.
-//   5. moe_combine(): per token, math::combine_element over slots in slot order, then the
-//      gated shared expert. Bit-identical to the CPU combine when there is no shared expert
-//      (with or without round_per_expert); the shared-expert gate uses expf (sigmoid), so with
-//      a shared expert the result is close, not identical (see kernels/math/README.md).
+//   2. moe_pack(): expert_ids -> offsets [num_local + 1], routes, slot_rows; the same arrays as
+//      cpu::moe_pack (stability fixes them), computed in one block.
+//   3. moe_gather(): expert_in[r] = normed[routes[r].token_idx] for every packed row, the row
+//      count read from offsets on the device.
+//   4. The experts: gemm_canonical_grouped (gate_up), moe_silu_mul, gemm_canonical_grouped (down).
+//   5. moe_combine(): per token, math::combine_element over slots in slot order, then the gated
+//      shared expert.
 // C++17 (included from .cu files and from C++20 tests alike).
 #pragma once
 
@@ -30,13 +23,6 @@
 #include "kernels/math/moe_math.h"
 
 namespace keel::cuda {
-
-// One packed (token, slot) pair; the layout of keel::PackedRoute (scheduler/packing.h), so the
-// host packing uploads as is.
-struct DeviceRoute {
-  int32_t token_idx = 0;
-  int32_t slot_idx = 0;
-};
 
 // forced_ids (device, [tokens, top_k], nullable): router replay, see math::route_top_k_token.
 // Per token t: math::route_top_k_token on logits[t, :] (one thread per token; E and k are small).
@@ -56,15 +42,25 @@ void router(const float* x, int64_t num_tokens, int64_t hidden, const void* rout
             float* probs_scratch, int32_t* expert_ids, float* expert_weights, float* margins,
             cudaStream_t stream = nullptr);
 
-// expert_in[r, :] = x[routes[r].token_idx, :] for r in [0, num_rows); x rows at stride x_stride,
-// expert_in dense [num_rows, hidden]. A copy: bit-identical.
-void moe_permute(const float* x, int64_t x_stride, int64_t hidden, const DeviceRoute* routes,
-                 int64_t num_rows, float* expert_in, cudaStream_t stream = nullptr);
+// The stable counting sort of kernels/math/moe_math.h in one block: expert_ids [num_tokens,
+// top_k], expert_to_local [num_experts] -> offsets [num_local + 1], routes (capacity num_tokens *
+// top_k), slot_rows [num_tokens * top_k]. Identical arrays to cpu::moe_pack. Expert ids must be
+// in range (the router's output or a replay checked on the host).
+void moe_pack(const int32_t* expert_ids, int64_t num_tokens, int64_t top_k,
+              const int32_t* expert_to_local, int64_t num_local, int32_t* offsets,
+              math::PackedRoute* routes, int32_t* slot_rows, cudaStream_t stream = nullptr);
 
-// slot_rows [num_tokens * top_k] = -1, then slot_rows[routes[r].token_idx * top_k +
-// routes[r].slot_idx] = r. Routes outside [0, num_tokens) x [0, top_k) are ignored.
-void moe_slot_rows(const DeviceRoute* routes, int64_t num_rows, int64_t num_tokens, int64_t top_k,
-                   int32_t* slot_rows, cudaStream_t stream = nullptr);
+// expert_in[r, :] = x[routes[r].token_idx, :] for r in [offsets[0], offsets[num_groups]) (read on
+// the device; at most max_rows rows). x rows at stride x_stride, expert_in dense [rows, width]
+// indexed by the packed row. A copy: bit-identical.
+void moe_gather(const float* x, int64_t x_stride, int64_t width, const math::PackedRoute* routes,
+                const int32_t* offsets, int64_t num_groups, int64_t max_rows, float* expert_in,
+                cudaStream_t stream = nullptr);
+
+// act[r, i] = silu(mid[r, i]) * mid[r, width + i] for packed rows r in [offsets[0],
+// offsets[num_groups]) (at most max_rows); mid [rows, 2 * width], act [rows, width].
+void moe_silu_mul(const float* mid, const int32_t* offsets, int64_t num_groups, int64_t max_rows,
+                  int64_t width, float* act, cudaStream_t stream = nullptr);
 
 // Optional shared expert: out [num_tokens, hidden] and the logits of its sigmoid gate
 // [num_tokens] (the [1, H] shared_gate GEMM). Both null when the model has none.

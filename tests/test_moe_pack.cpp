@@ -1,7 +1,8 @@
-// Tests for token packing (scheduler/packing.h). Packing is checked against a direct reading of
-// the router output rather than a second implementation: every (token, slot) pair routed to a
-// local expert appears exactly once, in that expert's range, in increasing (token, slot) order;
-// pairs routed elsewhere never appear; per-expert counts equal a direct count.
+// Tests for the MoE pack (kernels/cpu/moe.h, the stable counting sort of kernels/math/moe_math.h).
+// Packing is checked against a direct reading of the router output rather than a second
+// implementation: every (token, slot) pair routed to a local expert appears exactly once, in that
+// expert's range, in increasing (token, slot) order; pairs routed elsewhere never appear;
+// per-expert counts equal a direct count; slot_rows points every local pair at its packed row.
 
 #include <gtest/gtest.h>
 
@@ -12,10 +13,43 @@
 #include <utility>
 #include <vector>
 
-#include "scheduler/packing.h"
+#include "kernels/cpu/moe.h"
 
 namespace keel {
 namespace {
+
+using math::PackedRoute;
+
+// What cpu::moe_pack writes, in host vectors, with the local expert ids the offsets refer to.
+struct ExpertPacking {
+  std::vector<int32_t> local_expert_ids;
+  std::vector<int64_t> offsets;
+  std::vector<PackedRoute> routes;
+  std::vector<int32_t> slot_rows;
+  int64_t num_tokens_of(size_t local_idx) const {
+    return offsets[local_idx + 1] - offsets[local_idx];
+  }
+};
+
+// Runs cpu::moe_pack into `packing`, whose storage may hold a previous call's (larger) results:
+// arrays are sized for the worst case and filled with junk first, so stale data would show.
+void pack_routes(const int32_t* expert_ids, int64_t num_tokens, int64_t top_k,
+                 const std::vector<int32_t>& expert_to_local, ExpertPacking& packing) {
+  packing.local_expert_ids.clear();
+  for (size_t expert = 0; expert < expert_to_local.size(); ++expert)
+    if (expert_to_local[expert] >= 0)
+      packing.local_expert_ids.push_back(static_cast<int32_t>(expert));
+  const int64_t num_local = static_cast<int64_t>(packing.local_expert_ids.size());
+  const size_t num_pairs = static_cast<size_t>(num_tokens * top_k);
+  std::vector<int32_t> offsets(static_cast<size_t>(num_local + 1), 12345);
+  packing.routes.assign(num_pairs, PackedRoute{-7, -7});
+  packing.slot_rows.assign(num_pairs, 999);
+  cpu::moe_pack(expert_ids, num_tokens, top_k, expert_to_local.data(),
+                static_cast<int64_t>(expert_to_local.size()), num_local, offsets.data(),
+                packing.routes.data(), packing.slot_rows.data());
+  packing.offsets.assign(offsets.begin(), offsets.end());
+  packing.routes.resize(static_cast<size_t>(offsets.back()));
+}
 
 // expert_to_local for a set of local experts: local index i for the i-th smallest local expert
 // id (the ascending order ExpertPlacement::local_experts produces), -1 for all others.
@@ -87,6 +121,20 @@ void expect_correct_packing(const std::vector<int32_t>& expert_ids, int64_t num_
     }
   }
   EXPECT_EQ(seen_pairs, expected_pairs);
+
+  // slot_rows: the packed row of every local pair, -1 for the others.
+  ASSERT_EQ(packing.slot_rows.size(), static_cast<size_t>(num_tokens * top_k));
+  for (int64_t pair = 0; pair < num_tokens * top_k; ++pair) {
+    const int32_t row = packing.slot_rows[static_cast<size_t>(pair)];
+    if (expert_to_local[static_cast<size_t>(expert_ids[static_cast<size_t>(pair)])] < 0) {
+      EXPECT_EQ(row, -1) << "pair " << pair;
+      continue;
+    }
+    ASSERT_GE(row, 0) << "pair " << pair;
+    ASSERT_LT(row, static_cast<int32_t>(packing.routes.size()));
+    EXPECT_EQ(packing.routes[static_cast<size_t>(row)].token_idx, pair / top_k);
+    EXPECT_EQ(packing.routes[static_cast<size_t>(row)].slot_idx, pair % top_k);
+  }
 }
 
 // Router output like the real router's: top_k distinct experts per token, in random order.
@@ -113,7 +161,7 @@ std::vector<int32_t> random_local_experts(std::mt19937& rng, int64_t num_experts
   return experts;
 }
 
-TEST(Packing, RandomRoutingsArePackedCorrectly) {
+TEST(MoePack, RandomRoutingsArePackedCorrectly) {
   for (uint32_t seed : {1u, 2u, 3u, 17u, 12345u}) {
     std::mt19937 rng(seed);
     for (int trial = 0; trial < 60; ++trial) {
@@ -134,7 +182,7 @@ TEST(Packing, RandomRoutingsArePackedCorrectly) {
   }
 }
 
-TEST(Packing, ConcreteExample) {
+TEST(MoePack, ConcreteExample) {
   // 4 tokens, top_k 2, experts 0..5; this rank holds experts 1, 3 and 4.
   const std::vector<int32_t> expert_ids = {3, 1,  // token 0
                                            0, 3,  // token 1
@@ -157,7 +205,7 @@ TEST(Packing, ConcreteExample) {
   }
 }
 
-TEST(Packing, AllTokensOnOneExpert) {
+TEST(MoePack, AllTokensOnOneExpert) {
   const int64_t num_tokens = 150, num_experts = 16;
   for (int64_t top_k : {1, 4}) {
     // Expert 9 is every token's choice in slot top_k - 1; other slots use experts 0..top_k-2.
@@ -180,7 +228,7 @@ TEST(Packing, AllTokensOnOneExpert) {
   }
 }
 
-TEST(Packing, ExpertsWithZeroTokensGetEmptyRanges) {
+TEST(MoePack, ExpertsWithZeroTokensGetEmptyRanges) {
   // Only experts 2 and 5 are ever chosen; local experts 0, 3, 7 get empty ranges in between.
   std::mt19937 rng(5);
   std::vector<int32_t> expert_ids;
@@ -195,7 +243,7 @@ TEST(Packing, ExpertsWithZeroTokensGetEmptyRanges) {
   EXPECT_EQ(packing.num_tokens_of(1) + packing.num_tokens_of(3), 50);
 }
 
-TEST(Packing, NoLocalExperts) {
+TEST(MoePack, NoLocalExperts) {
   std::mt19937 rng(6);
   const std::vector<int32_t> expert_ids = random_routing(rng, 40, 4, 32);
   const std::vector<int32_t> expert_to_local(32, -1);
@@ -207,7 +255,7 @@ TEST(Packing, NoLocalExperts) {
   EXPECT_TRUE(packing.routes.empty());
 }
 
-TEST(Packing, ZeroTokens) {
+TEST(MoePack, ZeroTokens) {
   const std::vector<int32_t> expert_to_local = make_expert_to_local(16, {1, 4, 9});
   ExpertPacking packing;
   pack_routes(nullptr, 0, 8, expert_to_local, packing);
@@ -216,9 +264,9 @@ TEST(Packing, ZeroTokens) {
   EXPECT_TRUE(packing.routes.empty());
 }
 
-TEST(Packing, ReusedPackingHasNoStaleData) {
-  // pack_routes reuses the packing's storage; a call must give exactly what a fresh packing
-  // gives, whether the previous call was larger or smaller, and with a different local set.
+TEST(MoePack, ReusedPackingHasNoStaleData) {
+  // The pack reuses scratch that held a previous step's (larger or smaller) packing; a call must
+  // give exactly what a fresh packing gives, with a different local set too.
   std::mt19937 rng(77);
   ExpertPacking reused;
   const int64_t num_tokens_sequence[] = {200, 3, 0, 120, 1, 200, 17};
@@ -245,7 +293,7 @@ TEST(Packing, ReusedPackingHasNoStaleData) {
   }
 }
 
-TEST(PackingDeathTest, OutOfRangeExpertIdAborts) {
+TEST(MoePackDeathTest, OutOfRangeExpertIdAborts) {
   // A router id outside [0, num_experts) is an invariant violation (KEEL_CHECK), not data.
   const std::vector<int32_t> expert_ids = {0, 1, 8, 2};
   const std::vector<int32_t> expert_to_local = make_expert_to_local(8, {0, 1});
