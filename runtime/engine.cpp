@@ -1,7 +1,6 @@
 #include "runtime/engine.h"
 
 #include <chrono>
-#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
@@ -103,16 +102,6 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options)
     for (int tp_rank = 0; tp_rank < tp_size_; ++tp_rank) local_ranks_.push_back(tp_rank);
   }
   options_.tp_size = tp_size_;
-  if (const char* fault = std::getenv("KEEL_TEST_FAULT")) {
-    // Test hook for the dead/hung-rank tests: "rank:step:kill" or "rank:step:hang".
-    char action[8] = {};
-    long long step = -1;
-    if (std::sscanf(fault, "%d:%lld:%7s", &fault_.tp_rank, &step, action) != 3 ||
-        (std::string(action) != "kill" && std::string(action) != "hang"))
-      throw_error("KEEL_TEST_FAULT must be rank:step:kill|hang, got '", fault, "'");
-    fault_.step = step;
-    fault_.hang = std::string(action) == "hang";
-  }
   checkpoint_ = std::make_unique<Checkpoint>(Checkpoint::open(model_dir));
   placement_ = std::make_unique<ExpertPlacement>(
       ExpertPlacement::build(options.placement, config_.num_layers, config_.num_experts, tp_size_));
@@ -240,12 +229,8 @@ void Engine::run_rank(int tp_rank, comm::Communicator& communicator, const Gener
   std::vector<int32_t> next_tokens(static_cast<size_t>(num_prompts));
   auto start = Clock::now();
   for (int64_t step = 0; step < request.max_new_tokens; ++step) {
-    if (tp_rank == fault_.tp_rank && step == fault_.step) {
-      spdlog::warn("KEEL_TEST_FAULT: rank {} {} at step {}", tp_rank,
-                   fault_.hang ? "hangs" : "dies", step);
-      if (!fault_.hang) std::raise(SIGKILL);
-      std::this_thread::sleep_for(std::chrono::hours(24));
-    }
+    if (options_.test_hooks != nullptr && options_.test_hooks->before_generate_step)
+      options_.test_hooks->before_generate_step(tp_rank, step);
     model.set_observing(false, false, request.trace);
     model.set_expert_timing(true);  // generate() reports every expert's seconds
     model.forward(batch, pool, communicator, logits);

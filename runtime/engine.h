@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -16,6 +17,13 @@
 #include "scheduler/placement.h"
 
 namespace keel {
+
+// Seams for tests only (never set by the CLI, configs or environment variables): the production
+// engine has no way to kill or hang itself.
+struct EngineTestHooks {
+  // Called on every rank before each generate() step; a fault test kills or hangs a rank here.
+  std::function<void(int tp_rank, int64_t step)> before_generate_step;
+};
 
 struct EngineOptions {
   // Thread ranks: tp_size threads in this process. Process ranks: set `process_communicator`
@@ -33,6 +41,7 @@ struct EngineOptions {
   comm::ReduceAlgo reduce = comm::ReduceAlgo::kFixedOrder;
   PlacementSpec placement;
   CombinePrecision combine = CombinePrecision::kFp32;
+  const EngineTestHooks* test_hooks = nullptr;  // tests only; must outlive the engine
 };
 
 struct GenerateRequest {
@@ -154,11 +163,6 @@ class Engine {
   std::vector<int> local_ranks_;                    // tp ranks that live in this process
   std::vector<std::unique_ptr<Backend>> backends_;  // parallel to local_ranks_
   std::vector<std::unique_ptr<RankModel>> ranks_;   // parallel to local_ranks_
-  struct Fault {                                    // KEEL_TEST_FAULT=rank:step:kill|hang
-    int tp_rank = -1;
-    int64_t step = -1;
-    bool hang = false;
-  } fault_;
 };
 
 // Deterministic synthetic prompts for --batch-with: `count` prompts with lengths in [2, 12]

@@ -39,6 +39,8 @@ RunResult run(const std::string& command) {
 }
 
 const std::string kKeel = std::string(KEEL_BINARY_DIR) + "/bin/keel";
+// Test-only launcher whose rank dies or hangs on cue (tests/fault_rank_main.cpp).
+const std::string kFaultRank = std::string(KEEL_BINARY_DIR) + "/tests/keel_fault_rank";
 const std::string kMpirun = std::string(KEEL_MPIEXEC) + " --allow-run-as-root --oversubscribe";
 
 struct ScratchDir {
@@ -119,10 +121,9 @@ INSTANTIATE_TEST_SUITE_P(Checkpoints, MpiMatchesThreads,
 
 TEST(MpiFaults, HungRankTimesOutWithAClearErrorOnTheSurvivors) {
   std::string model = model_path("tiny");
-  RunResult result =
-      run(kMpirun + " -np 4 -x KEEL_TEST_FAULT=2:3:hang " + kKeel + " generate --model " + model +
-          " --max-tokens 8 --collective-timeout-ms 3000");
+  RunResult result = run(kMpirun + " -np 4 " + kFaultRank + " " + model + " 2 3 hang 3000 8");
   EXPECT_NE(result.exit_code, 0) << result.output;
+  EXPECT_NE(result.output.find("rank 2 hangs at step 3"), std::string::npos) << result.output;
   // Every survivor (ranks 0, 1, 3) names itself; the hung rank says nothing.
   for (int rank : {0, 1, 3})
     EXPECT_NE(result.output.find("[keel rank " + std::to_string(rank) + "] FATAL: all_reduce"),
@@ -137,10 +138,9 @@ TEST(MpiFaults, HungRankTimesOutWithAClearErrorOnTheSurvivors) {
 
 TEST(MpiFaults, DeadRankEndsTheJobWithNonZeroExit) {
   std::string model = model_path("tiny");
-  RunResult result =
-      run(kMpirun + " -np 4 -x KEEL_TEST_FAULT=1:2:kill " + kKeel + " generate --model " + model +
-          " --max-tokens 8 --collective-timeout-ms 5000");
+  RunResult result = run(kMpirun + " -np 4 " + kFaultRank + " " + model + " 1 2 kill 5000 8");
   EXPECT_NE(result.exit_code, 0) << result.output;
+  EXPECT_NE(result.output.find("rank 1 dies at step 2"), std::string::npos) << result.output;
   EXPECT_LT(result.seconds, 120) << result.output;
 }
 
