@@ -4,24 +4,21 @@
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <thread>
 
 #include <spdlog/spdlog.h>
 #include "comm/thread_comm.h"
 #include "kernels/base/check.h"
+#include "runtime/generate_source.h"
 #include "runtime/sha256.h"
 
 namespace keel {
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-constexpr int64_t kGenerateBlockSize = 16;
-
-double seconds_since(Clock::time_point start) {
-  return std::chrono::duration<double>(Clock::now() - start).count();
-}
+constexpr int32_t kGenerateBlockSize = 16;
 
 // Runs fn(tp_rank) on one thread per rank. When a rank throws, the group is aborted so the
 // other ranks' pending collectives throw instead of waiting forever; the first error is
@@ -49,13 +46,6 @@ void run_on_ranks(int tp_size, comm::ThreadGroup* group, Fn&& fn) {
   threads.clear();
   set_current_rank(caller_rank);
   if (first_error) std::rethrow_exception(first_error);
-}
-
-int32_t argmax(const float* logits, int64_t vocab) {
-  int32_t best = 0;
-  for (int64_t i = 1; i < vocab; ++i)
-    if (logits[i] > logits[best]) best = static_cast<int32_t>(i);
-  return best;
 }
 
 // Host memory broadcast on any backend: NCCL communicators take device pointers only, so
@@ -164,22 +154,31 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
     result.prompt_logits.resize(static_cast<size_t>(num_prompts));
     result.step_logits.resize(static_cast<size_t>(num_prompts));
   }
+  if (request.time_experts)
+    result.expert_seconds.assign(static_cast<size_t>(config_.num_layers),
+                                 std::vector<double>(static_cast<size_t>(config_.num_experts)));
   if (request.trace) result.rank_traces.resize(static_cast<size_t>(tp_size_));
   ExpertCounts counts_before = local_model(local_ranks_.front()).expert_counts();
-  if (options_.process_communicator != nullptr) {
-    run_rank(local_ranks_.front(), *options_.process_communicator, request, result);
-  } else {
-    comm::ThreadCommOptions comm_options;
-    comm_options.timeout = std::chrono::milliseconds(options_.collective_timeout_ms);
-    comm::ThreadGroup group(tp_size_, comm_options);
-    run_on_ranks(tp_size_, &group, [&](int tp_rank) {
-      auto communicator = group.communicator(tp_rank);
-      run_rank(tp_rank, *communicator, request, result);
-    });
-  }
-  result.is_leader = local_ranks_.front() == 0;
-  // Every rank routes every token identically (replicated router, checked in run_rank), so
-  // this process's counts are the counts; report this call's share only.
+  // The serving step loop, scheduler and sampler: the leader's source plans every step.
+  const SchedulerConfig scheduler = generate_scheduler_config(request, kGenerateBlockSize);
+  ServeOptions serve_options;
+  serve_options.num_kv_blocks = scheduler.num_kv_blocks;
+  serve_options.block_size = scheduler.block_size;
+  std::unique_ptr<GenerateSource> source;
+  if (is_leader_process())
+    source = std::make_unique<GenerateSource>(request, config_.vocab_size, scheduler, result);
+  own_traces_.assign(local_ranks_.size(), {});
+  keep_own_traces_ = request.trace;
+  serve(source.get(), serve_options);
+  keep_own_traces_ = false;
+  if (source != nullptr) source->finish();
+  // Process ranks other than the leader see only their own spans (the leader's source gets its
+  // own process's); thread ranks are all in the leader's.
+  if (request.trace && !is_leader_process())
+    result.rank_traces[static_cast<size_t>(local_ranks_.front())] = std::move(own_traces_.front());
+  result.is_leader = is_leader_process();
+  // Every rank routes every token identically (replicated router, checked when serve stops),
+  // so this process's counts are the counts; report this call's share only.
   result.expert_counts = local_model(local_ranks_.front()).expert_counts();
   for (size_t layer = 0; layer < result.expert_counts.size(); ++layer)
     for (size_t expert = 0; expert < result.expert_counts[layer].size(); ++expert)
@@ -188,132 +187,6 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
     result.num_prompt_tokens += static_cast<int64_t>(prompt.size());
   result.num_decode_steps = request.max_new_tokens - 1;
   return result;
-}
-
-void Engine::run_rank(int tp_rank, comm::Communicator& communicator, const GenerateRequest& request,
-                      GenerateResult& result) {
-  RankModel& model = local_model(tp_rank);
-  const int64_t num_prompts = static_cast<int64_t>(request.prompts.size());
-  const int64_t vocab = config_.vocab_size;
-  const bool leader = tp_rank == 0;
-  int64_t max_prompt = 0;
-  for (const auto& prompt : request.prompts)
-    max_prompt = std::max<int64_t>(max_prompt, static_cast<int64_t>(prompt.size()));
-  // Each prompt gets its own run of blocks, so generate() needs no block manager; the bits
-  // are those of any other block assignment (attention reads positions in order, wherever
-  // they are stored).
-  const int64_t capacity = max_prompt + request.max_new_tokens;
-  StepBatch batch;
-  batch.set_contiguous_block_tables(num_prompts, capacity, kGenerateBlockSize);
-  KvPool pool =
-      model.make_kv_pool(static_cast<int64_t>(batch.block_tables.size()), kGenerateBlockSize);
-  const std::vector<std::vector<double>> seconds_before = model.expert_seconds();
-
-  // Prefill: all prompts in one step; logits for every position only when asked.
-  std::vector<int64_t> last_row(static_cast<size_t>(num_prompts));
-  for (int64_t prompt = 0; prompt < num_prompts; ++prompt) {
-    const auto& ids = request.prompts[static_cast<size_t>(prompt)];
-    for (size_t pos = 0; pos < ids.size(); ++pos) {
-      if (request.keep_all_logits)
-        batch.logits_rows.push_back(static_cast<int32_t>(batch.token_ids.size()));
-      batch.token_ids.push_back(ids[pos]);
-      batch.positions.push_back(static_cast<int32_t>(pos));
-      batch.cache_idx.push_back(static_cast<int32_t>(prompt));
-    }
-    last_row[static_cast<size_t>(prompt)] = static_cast<int64_t>(batch.token_ids.size()) - 1;
-    if (!request.keep_all_logits)
-      batch.logits_rows.push_back(static_cast<int32_t>(last_row[static_cast<size_t>(prompt)]));
-  }
-  Sha256 digest;
-  std::vector<float> logits;
-  std::vector<int32_t> next_tokens(static_cast<size_t>(num_prompts));
-  auto start = Clock::now();
-  for (int64_t step = 0; step < request.max_new_tokens; ++step) {
-    if (options_.test_hooks != nullptr && options_.test_hooks->before_generate_step)
-      options_.test_hooks->before_generate_step(tp_rank, step);
-    model.set_observing(false, false, request.trace);
-    model.set_expert_timing(true);  // generate() reports every expert's seconds
-    model.forward(batch, pool, communicator, logits);
-    if (request.trace) {
-      // Each rank appends to its own slot only.
-      const auto& events = model.observation().trace;
-      auto& mine = result.rank_traces[static_cast<size_t>(tp_rank)];
-      mine.insert(mine.end(), events.begin(), events.end());
-    }
-    if (leader) {
-      for (int64_t prompt = 0; prompt < num_prompts; ++prompt) {
-        int64_t row =
-            step == 0 && request.keep_all_logits ? last_row[static_cast<size_t>(prompt)] : prompt;
-        const float* row_logits = logits.data() + row * vocab;
-        next_tokens[static_cast<size_t>(prompt)] = argmax(row_logits, vocab);
-        if (prompt == request.digest_prompt_idx)
-          digest.update(row_logits, static_cast<size_t>(vocab) * sizeof(float));
-        if (request.keep_all_logits) {
-          result.step_logits[static_cast<size_t>(prompt)].emplace_back(row_logits,
-                                                                       row_logits + vocab);
-          if (step == 0) {
-            int64_t first =
-                last_row[static_cast<size_t>(prompt)] -
-                static_cast<int64_t>(request.prompts[static_cast<size_t>(prompt)].size()) + 1;
-            for (int64_t r = first; r <= last_row[static_cast<size_t>(prompt)]; ++r)
-              result.prompt_logits[static_cast<size_t>(prompt)].emplace_back(
-                  logits.data() + r * vocab, logits.data() + (r + 1) * vocab);
-          }
-        }
-      }
-    }
-    // The leader's choice is the one every rank continues with.
-    broadcast_host(model.backend(), communicator, next_tokens.data(),
-                   next_tokens.size() * sizeof(int32_t));
-    if (leader) {
-      for (int64_t prompt = 0; prompt < num_prompts; ++prompt)
-        result.tokens[static_cast<size_t>(prompt)].push_back(
-            next_tokens[static_cast<size_t>(prompt)]);
-      if (step == 0) {
-        result.prefill_seconds = seconds_since(start);
-        start = Clock::now();
-      }
-    }
-    if (step + 1 == request.max_new_tokens) break;
-    // Next step: one token per sequence at its next position.
-    batch.token_ids.assign(next_tokens.begin(), next_tokens.end());
-    batch.positions.clear();
-    batch.cache_idx.clear();
-    batch.logits_rows.clear();
-    for (int64_t prompt = 0; prompt < num_prompts; ++prompt) {
-      batch.positions.push_back(
-          static_cast<int32_t>(request.prompts[static_cast<size_t>(prompt)].size() + step));
-      batch.cache_idx.push_back(static_cast<int32_t>(prompt));
-      batch.logits_rows.push_back(static_cast<int32_t>(prompt));
-    }
-  }
-  if (leader) {
-    result.decode_seconds = seconds_since(start);
-    result.logits_digest = digest.finish_hex();
-  }
-  // Expert timings: each expert lives on one rank, so a sum over ranks merges them.
-  const size_t num_experts = static_cast<size_t>(config_.num_experts);
-  std::vector<float> seconds(static_cast<size_t>(config_.num_layers) * num_experts);
-  for (size_t layer = 0; layer < seconds_before.size(); ++layer)
-    for (size_t expert = 0; expert < num_experts; ++expert)
-      seconds[layer * num_experts + expert] =
-          static_cast<float>(model.expert_seconds()[layer][expert] - seconds_before[layer][expert]);
-  Backend& backend = model.backend();
-  DeviceArray device_seconds = backend.allocate(DType::kF32, seconds.size());
-  backend.copy_from_host(seconds.data(), seconds.size() * sizeof(float), device_seconds.data());
-  communicator.all_reduce(device_seconds.f32(), seconds.size(), comm::ReduceAlgo::kFixedOrder);
-  backend.copy_to_host(device_seconds.data(), seconds.size() * sizeof(float), seconds.data());
-  if (leader) {
-    result.expert_seconds.assign(seconds_before.size(), std::vector<double>(num_experts));
-    for (size_t layer = 0; layer < seconds_before.size(); ++layer)
-      for (size_t expert = 0; expert < num_experts; ++expert)
-        result.expert_seconds[layer][expert] = seconds[layer * num_experts + expert];
-  }
-  // The replicated router must have made identical decisions on every rank.
-  uint64_t leader_fingerprint = model.routing_fingerprint();
-  broadcast_host(backend, communicator, &leader_fingerprint, sizeof(leader_fingerprint));
-  KEEL_CHECK(leader_fingerprint == model.routing_fingerprint(), "rank ", tp_rank,
-             " routed tokens differently from rank 0: the replicated router saw different bits");
 }
 
 int64_t Engine::kv_block_bytes(int64_t block_size) const {
@@ -392,6 +265,7 @@ void Engine::serve_rank(int tp_rank, comm::Communicator& communicator, StepSourc
   std::vector<int32_t> payload;
   StepOutput output;
   GatherScratch gather_scratch;
+  int64_t run_steps = 0;
   for (;;) {
     StepHeader header;
     if (leader) {
@@ -408,7 +282,15 @@ void Engine::serve_rank(int tp_rank, comm::Communicator& communicator, StepSourc
     }
     broadcast_host(backend, communicator, &header, sizeof(header));
     const auto kind = static_cast<ServeStep::Kind>(header.kind);
-    if (kind == ServeStep::Kind::kStop) break;
+    if (kind == ServeStep::Kind::kStop) {
+      // The replicated router must have made identical decisions on every rank.
+      uint64_t leader_fingerprint = model.routing_fingerprint();
+      broadcast_host(backend, communicator, &leader_fingerprint, sizeof(leader_fingerprint));
+      KEEL_CHECK(leader_fingerprint == model.routing_fingerprint(), "rank ", tp_rank,
+                 " routed tokens differently from rank 0: the replicated router saw different "
+                 "bits");
+      break;
+    }
     if (kind == ServeStep::Kind::kIdle) continue;
     // One payload: token ids, positions, cache rows, logits rows, block tables, forced routes.
     const size_t num_tokens = static_cast<size_t>(header.num_tokens);
@@ -441,11 +323,18 @@ void Engine::serve_rank(int tp_rank, comm::Communicator& communicator, StepSourc
       take(batch.forced_routes, num_forced);
       batch.max_blocks_per_seq = header.max_blocks_per_seq;
     }
+    if (options_.test_hooks != nullptr && options_.test_hooks->before_step)
+      options_.test_hooks->before_step(tp_rank, run_steps);
+    ++run_steps;
     const bool observe = (header.flags & kObserve) != 0;
     model.set_observing(observe, (header.flags & kCaptureRouting) != 0,
                         (header.flags & kTrace) != 0);
     model.forward(batch, pool, communicator, logits);
     if (observe) gather_observations(tp_rank, communicator, model, gather_scratch, output);
+    if (keep_own_traces_ && !is_leader_process()) {
+      const auto& events = model.observation().trace;
+      own_traces_.front().insert(own_traces_.front().end(), events.begin(), events.end());
+    }
     if (leader) {
       output.logits = &logits;
       output.observation = observe ? &model.observation() : nullptr;

@@ -21,8 +21,9 @@ namespace keel {
 // Seams for tests only (never set by the CLI, configs or environment variables): the production
 // engine has no way to kill or hang itself.
 struct EngineTestHooks {
-  // Called on every rank before each generate() step; a fault test kills or hangs a rank here.
-  std::function<void(int tp_rank, int64_t step)> before_generate_step;
+  // Called on every rank before each step it runs (generate and serve; idle steps not counted);
+  // a fault test kills or hangs a rank here.
+  std::function<void(int tp_rank, int64_t step)> before_step;
 };
 
 struct EngineOptions {
@@ -53,10 +54,13 @@ struct GenerateRequest {
   bool keep_all_logits = false;
   // Record every rank's phase and expert-GEMM spans (GenerateResult::rank_traces).
   bool trace = false;
+  // Time every expert's FFN (GenerateResult::expert_seconds): telemetry observes every step,
+  // which on CUDA waits for each expert's events. Off for pure speed runs (bench/decode).
+  bool time_experts = true;
 };
 
 struct GenerateResult {
-  std::vector<std::vector<int32_t>> tokens;  // generated ids per prompt (greedy)
+  std::vector<std::vector<int32_t>> tokens;  // generated ids per prompt (greedy sampling)
   // SHA-256 over the fp32 bits of every step's logits of prompt digest_prompt_idx, in order.
   std::string logits_digest;
   ExpertCounts expert_counts;  // [layer][expert] tokens routed, all prompts and steps
@@ -142,9 +146,6 @@ class Engine {
   int64_t weight_bytes_per_rank() const;
 
  private:
-  // Runs one rank's side of generate(); `result` is written only by the leader.
-  void run_rank(int tp_rank, comm::Communicator& communicator, const GenerateRequest& request,
-                GenerateResult& result);
   RankModel& local_model(int tp_rank);
   void serve_rank(int tp_rank, comm::Communicator& communicator, StepSource* source,
                   const ServeOptions& options);
@@ -163,6 +164,9 @@ class Engine {
   std::vector<int> local_ranks_;                    // tp ranks that live in this process
   std::vector<std::unique_ptr<Backend>> backends_;  // parallel to local_ranks_
   std::vector<std::unique_ptr<RankModel>> ranks_;   // parallel to local_ranks_
+  // generate() with tracing on process ranks: a non-leader process's own spans.
+  bool keep_own_traces_ = false;
+  std::vector<std::vector<TraceEvent>> own_traces_;
 };
 
 // Deterministic synthetic prompts for --batch-with: `count` prompts with lengths in [2, 12]

@@ -35,7 +35,7 @@ int main(int argc, char** argv) {
   keel::comm::MpiCommunicator communicator(MPI_COMM_WORLD, comm_options);
   keel::set_current_rank(communicator.rank());
   keel::EngineTestHooks hooks;
-  hooks.before_generate_step = [&](int tp_rank, int64_t step) {
+  hooks.before_step = [&](int tp_rank, int64_t step) {
     if (tp_rank != fault_rank || step != fault_step) return;
     std::fprintf(stderr, "keel_fault_rank: rank %d %s at step %lld\n", tp_rank,
                  action == "hang" ? "hangs" : "dies", static_cast<long long>(step));

@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "kernels/base/check.h"
+#include "runtime/step_plan.h"
 
 namespace keel {
 
@@ -315,28 +316,7 @@ void ServingEngine::next_step(ServeStep& step) {
     step.kind = ServeStep::Kind::kIdle;
     return;
   }
-  // The plan as the ranks' StepBatch: sequence i of the plan is row i of the block tables.
-  StepBatch& batch = step.batch;
-  int64_t max_blocks = 1;
-  for (size_t seq = 0; seq < plan_.num_seqs(); ++seq)
-    max_blocks =
-        std::max<int64_t>(max_blocks, static_cast<int64_t>(plan_.block_table_of(seq).size()));
-  batch.max_blocks_per_seq = max_blocks;
-  batch.block_tables.assign(plan_.num_seqs() * static_cast<size_t>(max_blocks), -1);
-  for (size_t seq = 0; seq < plan_.num_seqs(); ++seq) {
-    auto table = plan_.block_table_of(seq);
-    std::copy(table.begin(), table.end(),
-              batch.block_tables.begin() + static_cast<std::ptrdiff_t>(seq) * max_blocks);
-    auto ids = plan_.token_ids_of(seq);
-    auto positions = plan_.positions_of(seq);
-    for (size_t token = 0; token < ids.size(); ++token) {
-      batch.token_ids.push_back(ids[token]);
-      batch.positions.push_back(static_cast<int32_t>(positions[token]));
-      batch.cache_idx.push_back(static_cast<int32_t>(seq));
-    }
-    if (plan_.needs_logits[seq])
-      batch.logits_rows.push_back(static_cast<int32_t>(batch.token_ids.size()) - 1);
-  }
+  step.batch = step_batch_from_plan(plan_);
   step.kind = ServeStep::Kind::kRun;
   ++step_id_;
   step_start_s_ = telemetry_->now_s();
