@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <charconv>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <sstream>
 #include <stdexcept>
 
@@ -113,6 +115,23 @@ Flag& FlagSet::add_double(std::string name, double* target, std::string metavar,
   flag.numeric_ = true;
   flag.store_ = [target](const Flag& self, const std::string& text) {
     *target = parse_number(self.name_, text, self.min_, self.max_);
+  };
+  return flag;
+}
+
+Flag& FlagSet::add_double_list(std::string name, std::vector<double>* target, std::string metavar,
+                               std::string help) {
+  std::string default_text;
+  for (double value : *target)
+    default_text += (default_text.empty() ? "" : ",") + format_number(value);
+  Flag& flag = add(std::move(name), std::move(metavar), std::move(help), Flag::Kind::kValue,
+                   std::move(default_text));
+  flag.numeric_ = true;
+  flag.store_ = [target](const Flag& self, const std::string& text) {
+    std::vector<double> values;
+    for (const std::string& item : split_list(self.name_, text))
+      values.push_back(parse_number(self.name_, item, self.min_, self.max_));
+    *target = std::move(values);
   };
   return flag;
 }
@@ -242,6 +261,17 @@ bool FlagSet::parse(int argc, const char* const* argv, int first) {
     if (flag->required_ && flag->given_ == 0)
       throw UsageError(detail::concat(flag->name_, " is required (see ", command_, " --help)"));
   return true;
+}
+
+void FlagSet::parse_or_exit(int argc, const char* const* argv, int usage_status) {
+  try {
+    if (parse(argc, argv, 1)) return;
+    std::fputs(help().c_str(), stdout);
+    std::exit(0);
+  } catch (const UsageError& error) {
+    std::fprintf(stderr, "%s: %s\n", command_.c_str(), error.what());
+    std::exit(usage_status);
+  }
 }
 
 std::string FlagSet::help() const {

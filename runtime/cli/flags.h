@@ -136,9 +136,17 @@ class FlagSet {
     return flag;
   }
 
+  // A comma-separated list of numbers ("0.5,1.5,3"); the whole list replaces the default.
+  Flag& add_double_list(std::string name, std::vector<double>* target, std::string metavar,
+                        std::string help);
+
   // Parses argv[first, argc). Returns false when --help or -h was given (the caller prints
   // help() and exits 0), true otherwise. Throws UsageError for a bad command line.
   [[nodiscard]] bool parse(int argc, const char* const* argv, int first = 1);
+  // For programs whose main() owns the process (the bench programs): parse(), and on --help
+  // print help() to stdout and exit 0; on a bad command line print "COMMAND: MESSAGE" to
+  // stderr and exit `usage_status`.
+  void parse_or_exit(int argc, const char* const* argv, int usage_status = 2);
   // Whether the flag appeared on the command line (defaults do not count).
   bool given(std::string_view name) const;
   // Usage text: the summary, then one line per flag with its value, default and choices.
