@@ -77,7 +77,7 @@ Options parse_options(int argc, char** argv) {
   flags.add_choice("--dtype", &dtype, {"bf16", "f16", "f32"}, "weight dtype");
   flags.add_int_list("--m-list", &options.m_list, "M,...", "batch rows to time").at_least(1);
   flags.add_choice("--isa", &options.isa, {"auto", "scalar", "avx2", "avx512"}, "kernel ISA");
-  flags.add_double("--seconds", &options.seconds, "S", "timing budget per M").at_least(1e-9);
+  flags.add_double("--seconds", &options.seconds, "S", "timing budget per M").above(0);
   flags.add_int("--bw-mib", &options.bandwidth_buffer_mib, "MiB", "bandwidth buffer size")
       .at_least(1);
   flags.parse_or_exit(argc, argv);

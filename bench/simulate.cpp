@@ -35,7 +35,7 @@ Options parse(int argc, char** argv) {
                              "Simulator speed: simulated requests per wall second on a "
                              "lognormal workload.\n");
   flags.add_int("--num-requests", &options.num_requests, "N", "requests per run").at_least(1);
-  flags.add_double("--rate", &options.rate, "R", "arrival rate (req/s)").at_least(1e-9);
+  flags.add_double("--rate", &options.rate, "R", "arrival rate (req/s)").above(0);
   flags.add_int("--runs", &options.runs, "K", "timed runs").at_least(1);
   flags.parse_or_exit(argc, argv);
   return options;

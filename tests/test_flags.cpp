@@ -159,6 +159,22 @@ TEST(Flags, IntegersOutsideTheTargetTypeAreOutOfRange) {
   EXPECT_EQ(narrow, -7);
 }
 
+TEST(Flags, NumberListsAndStrictLowerBounds) {
+  std::vector<double> rates = {0.5, 1.5};
+  double seconds = 1;
+  FlagSet flags("prog");
+  flags.add_double_list("--rates", &rates, "R,...", "rates").above(0);
+  flags.add_double("--seconds", &seconds, "S", "budget").above(0);
+  EXPECT_NE(flags.help().find("rates (> 0) (default 0.5,1.5)"), std::string::npos) << flags.help();
+  EXPECT_TRUE(parse_words(flags, {"--rates=2,0.25", "--seconds", "0.001"}));
+  EXPECT_EQ(rates, (std::vector<double>{2, 0.25}));
+  EXPECT_DOUBLE_EQ(seconds, 0.001);
+  EXPECT_EQ(error_of(flags, {"--rates", "1,y"}), "--rates: 'y' is not a number");
+  EXPECT_EQ(error_of(flags, {"--rates", "1,0"}), "--rates: '0' must be > 0");
+  EXPECT_EQ(error_of(flags, {"--seconds", "0"}), "--seconds: '0' must be > 0");
+  EXPECT_EQ(error_of(flags, {"--seconds", "-1"}), "--seconds: '-1' must be > 0");
+}
+
 TEST(Flags, MissingRequiredFlagIsNamed) {
   std::string model;
   int64_t tp = 1;

@@ -33,17 +33,28 @@ bool starts_with_dashes(std::string_view text) {
 
 }  // namespace
 
+namespace {
+
+// std::from_chars over the whole of `text`, a leading '+' allowed (as strtol allows it);
+// errc::invalid_argument unless all of it is one number.
+template <typename T>
+std::errc parse_whole(std::string_view text, T& value) {
+  if (text.size() > 1 && text[0] == '+' && text[1] != '-') text.remove_prefix(1);
+  const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (text.empty() || end != text.data() + text.size()) return std::errc::invalid_argument;
+  return error;
+}
+
+}  // namespace
+
 int64_t parse_integer(std::string_view flag, std::string_view text, int64_t min, int64_t max) {
-  std::string_view digits = text;
-  if (digits.size() > 1 && digits[0] == '+' && digits[1] != '-') digits.remove_prefix(1);
   int64_t value = 0;
-  const auto [end, error] = std::from_chars(digits.data(), digits.data() + digits.size(), value);
-  const bool whole = !digits.empty() && end == digits.data() + digits.size();
-  if (error == std::errc::result_out_of_range && whole) {
+  const std::errc error = parse_whole(text, value);
+  if (error == std::errc::result_out_of_range) {
     if (text.find('-') != std::string_view::npos) throw_below(flag, text, std::to_string(min));
     throw_above(flag, text, std::to_string(max));
   }
-  if (error != std::errc() || !whole) {
+  if (error != std::errc()) {
     // Say which integers are wanted where the bound makes it a familiar kind.
     const char* kind = min == 0   ? "a non-negative integer"
                        : min == 1 ? "a positive integer"
@@ -56,12 +67,8 @@ int64_t parse_integer(std::string_view flag, std::string_view text, int64_t min,
 }
 
 double parse_number(std::string_view flag, std::string_view text, double min, double max) {
-  std::string_view digits = text;
-  if (digits.size() > 1 && digits[0] == '+' && digits[1] != '-') digits.remove_prefix(1);
   double value = 0;
-  const auto [end, error] = std::from_chars(digits.data(), digits.data() + digits.size(), value);
-  const bool whole = !digits.empty() && end == digits.data() + digits.size();
-  if (error != std::errc() || !whole || !std::isfinite(value))
+  if (parse_whole(text, value) != std::errc() || !std::isfinite(value))
     throw UsageError(detail::concat(flag, ": '", text, "' is not a number"));
   if (value < min) throw_below(flag, text, format_number(min));
   if (value > max) throw_above(flag, text, format_number(max));
@@ -71,7 +78,21 @@ double parse_number(std::string_view flag, std::string_view text, double min, do
 Flag& Flag::range(double min, double max) {
   min_ = min;
   max_ = max;
+  min_exclusive_ = false;
   return *this;
+}
+
+Flag& Flag::above(double min) {
+  min_ = min;
+  min_exclusive_ = true;
+  return *this;
+}
+
+double Flag::store_number(const std::string& text) const {
+  const double value = parse_number(name_, text, min_exclusive_ ? -INFINITY : min_, max_);
+  if (min_exclusive_ && value <= min_)
+    throw UsageError(detail::concat(name_, ": '", text, "' must be > ", format_number(min_)));
+  return value;
 }
 
 Flag& Flag::required() {
@@ -114,26 +135,16 @@ Flag& FlagSet::add_double(std::string name, double* target, std::string metavar,
                    format_number(*target));
   flag.numeric_ = true;
   flag.store_ = [target](const Flag& self, const std::string& text) {
-    *target = parse_number(self.name_, text, self.min_, self.max_);
+    *target = self.store_number(text);
   };
   return flag;
 }
 
 Flag& FlagSet::add_double_list(std::string name, std::vector<double>* target, std::string metavar,
                                std::string help) {
-  std::string default_text;
-  for (double value : *target)
-    default_text += (default_text.empty() ? "" : ",") + format_number(value);
-  Flag& flag = add(std::move(name), std::move(metavar), std::move(help), Flag::Kind::kValue,
-                   std::move(default_text));
-  flag.numeric_ = true;
-  flag.store_ = [target](const Flag& self, const std::string& text) {
-    std::vector<double> values;
-    for (const std::string& item : split_list(self.name_, text))
-      values.push_back(parse_number(self.name_, item, self.min_, self.max_));
-    *target = std::move(values);
-  };
-  return flag;
+  return add_list(
+      std::move(name), target, std::move(metavar), std::move(help), format_number,
+      [](const Flag& self, const std::string& item) { return self.store_number(item); });
 }
 
 Flag& FlagSet::add_switch(std::string name, bool* target, std::string help, bool value_when_given) {
@@ -305,7 +316,7 @@ std::string FlagSet::help() const {
     if (flag.numeric_ && std::isfinite(flag.min_) && std::isfinite(flag.max_))
       text += " [" + format_number(flag.min_) + ", " + format_number(flag.max_) + "]";
     else if (flag.numeric_ && std::isfinite(flag.min_))
-      text += " (>= " + format_number(flag.min_) + ")";
+      text += std::string(flag.min_exclusive_ ? " (> " : " (>= ") + format_number(flag.min_) + ")";
     if (flag.required_)
       text += " (required)";
     else if (!flag.default_text_.empty())

@@ -45,6 +45,8 @@ class Flag {
   // Flags whose value is a number (or a list of numbers) accept only values in [min, max].
   Flag& range(double min, double max);
   Flag& at_least(double min) { return range(min, max_); }
+  // Number flags only: values must be strictly greater than `min` (a rate, a duration).
+  Flag& above(double min);
   // parse() fails unless the flag is given (not checked when --help is asked for).
   Flag& required();
   // Runs after each occurrence is stored, for flags whose meaning depends on their order
@@ -62,6 +64,7 @@ class Flag {
   Kind kind_ = Kind::kValue;
   bool required_ = false;
   bool numeric_ = false;
+  bool min_exclusive_ = false;
   double min_ = -std::numeric_limits<double>::infinity();
   double max_ = std::numeric_limits<double>::infinity();
   int given_ = 0;
@@ -74,6 +77,7 @@ class Flag {
   int64_t int_min() const;
   template <typename T>
   int64_t int_max() const;
+  double store_number(const std::string& text) const;
   template <typename T>
   T store_integer(const std::string& text) const {
     return static_cast<T>(parse_integer(name_, text, int_min<T>(), int_max<T>()));
@@ -121,19 +125,10 @@ class FlagSet {
   Flag& add_int_list(std::string name, std::vector<T>* target, std::string metavar,
                      std::string help) {
     static_assert(std::is_integral_v<T> && !std::is_same_v<T, bool>);
-    std::string default_text;
-    for (const T& value : *target)
-      default_text += (default_text.empty() ? "" : ",") + std::to_string(value);
-    Flag& flag = add(std::move(name), std::move(metavar), std::move(help), Flag::Kind::kValue,
-                     std::move(default_text));
-    flag.numeric_ = true;
-    flag.store_ = [target](const Flag& self, const std::string& text) {
-      std::vector<T> values;
-      for (const std::string& item : split_list(self.name_, text))
-        values.push_back(self.store_integer<T>(item));
-      *target = std::move(values);
-    };
-    return flag;
+    return add_list(
+        std::move(name), target, std::move(metavar), std::move(help),
+        [](T value) { return std::to_string(value); },
+        [](const Flag& self, const std::string& item) { return self.store_integer<T>(item); });
   }
 
   // A comma-separated list of numbers ("0.5,1.5,3"); the whole list replaces the default.
@@ -156,6 +151,24 @@ class FlagSet {
   Flag& add(std::string name, std::string metavar, std::string help, Flag::Kind kind,
             std::string default_text);
   Flag* find(std::string_view name) const;
+  // A comma-separated list; `format` writes one default item, `parse_item` reads one.
+  template <typename T, typename Format, typename ParseItem>
+  Flag& add_list(std::string name, std::vector<T>* target, std::string metavar, std::string help,
+                 Format format, ParseItem parse_item) {
+    std::string default_text;
+    for (const T& value : *target)
+      default_text += (default_text.empty() ? "" : ",") + format(value);
+    Flag& flag = add(std::move(name), std::move(metavar), std::move(help), Flag::Kind::kValue,
+                     std::move(default_text));
+    flag.numeric_ = true;
+    flag.store_ = [target, parse_item](const Flag& self, const std::string& text) {
+      std::vector<T> values;
+      for (const std::string& item : split_list(self.name_, text))
+        values.push_back(parse_item(self, item));
+      *target = std::move(values);
+    };
+    return flag;
+  }
   static std::vector<std::string> split_list(const std::string& flag, const std::string& text);
 
   std::string command_;
