@@ -15,6 +15,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <map>
 #include <memory>
 #include <set>
@@ -327,15 +328,13 @@ int run(const flags::FlagSet& flags, const SimulateFlags& f) {
     std::stringstream stream(f.sweep_rate);
     for (std::string part; std::getline(stream, part, ':');) parts.push_back(part);
     if (parts.size() < 2 || parts.size() > 3) throw UsageError("--sweep-rate MIN:MAX[:STEPS]");
-    double lo = 0, hi = 0;
-    int steps = 10;
-    try {
-      lo = std::stod(parts[0]);
-      hi = std::stod(parts[1]);
-      if (parts.size() == 3) steps = std::stoi(parts[2]);
-    } catch (const std::exception&) {
-      throw UsageError("--sweep-rate MIN:MAX[:STEPS] needs numbers");
-    }
+    constexpr double kUnbounded = std::numeric_limits<double>::infinity();
+    const double lo = flags::parse_number("--sweep-rate MIN", parts[0], -kUnbounded, kUnbounded);
+    const double hi = flags::parse_number("--sweep-rate MAX", parts[1], -kUnbounded, kUnbounded);
+    const int steps =
+        parts.size() == 3
+            ? static_cast<int>(flags::parse_integer("--sweep-rate STEPS", parts[2], 1, 1000))
+            : 10;
     if (!config.slo.any()) throw UsageError("--sweep-rate needs --slo ttft:MS and/or tpot:MS");
     const sim::SweepResult sweep = sim::sweep_rate(workload, lo, hi, steps, config, *cost);
     sweep_out = sim::sweep_json(sweep);
