@@ -222,6 +222,19 @@ TEST(Flags, HelpListsEveryFlagWithItsDefault) {
   EXPECT_NE(help.find("passed on (repeatable)"), std::string::npos) << help;
 }
 
+TEST(Flags, HelpShowsWholeBoundsExactlyAndOverriddenDefaults) {
+  std::vector<int64_t> ids = {1, 2, 3};
+  int64_t port = 0;
+  FlagSet flags("prog");
+  flags.add_int_list("--ids", &ids, "1,2,3", "token ids").range(0, 2147483647);
+  flags.add_int("--port", &port, "P", "from the config file").shown_default("");
+  const std::string help = flags.help();
+  EXPECT_NE(help.find("token ids [0, 2147483647] (default 1,2,3)\n"), std::string::npos) << help;
+  EXPECT_NE(help.find("from the config file\n"), std::string::npos) << help;
+  // The longest flag still fits on its own line: no wrap, two spaces before its text.
+  EXPECT_NE(help.find("  --ids 1,2,3  token ids"), std::string::npos) << help;
+}
+
 TEST(Flags, RegisteringANameTwiceIsAProgrammingError) {
   bool a = false;
   FlagSet flags("prog");

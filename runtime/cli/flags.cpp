@@ -11,7 +11,10 @@
 namespace keel::flags {
 namespace {
 
+// Whole numbers print exactly (2147483647, not 2.14748e+09); others in the shortest usual form.
 std::string format_number(double value) {
+  if (value == std::floor(value) && std::fabs(value) < 1e18)
+    return std::to_string(static_cast<int64_t>(value));
   std::ostringstream out;
   out << value;
   return out.str();
@@ -93,6 +96,11 @@ double Flag::store_number(const std::string& text) const {
   if (min_exclusive_ && value <= min_)
     throw UsageError(detail::concat(name_, ": '", text, "' must be > ", format_number(min_)));
   return value;
+}
+
+Flag& Flag::shown_default(std::string text) {
+  default_text_ = std::move(text);
+  return *this;
 }
 
 Flag& Flag::required() {
@@ -300,10 +308,10 @@ std::string FlagSet::help() const {
     heads.push_back(std::move(head));
   }
   if (positionals_ != nullptr) width = std::max(width, positional_metavar_.size() + 2);
-  width = std::min<size_t>(width, 34);
+  width = std::min<size_t>(std::max<size_t>(width, std::string("  --help, -h").size()), 34);
   auto line = [&](const std::string& head, const std::string& text) {
     out << head;
-    if (head.size() >= width)
+    if (head.size() > width)
       out << "\n" << std::string(width + 2, ' ');
     else
       out << std::string(width + 2 - head.size(), ' ');
@@ -324,7 +332,7 @@ std::string FlagSet::help() const {
     if (flag.kind_ == Flag::Kind::kRepeated) text += " (repeatable)";
     line(heads[i], text);
   }
-  out << "  --help, -h" << std::string(width > 12 ? width - 10 : 2, ' ') << "this text\n";
+  line("  --help, -h", "this text");
   return out.str();
 }
 

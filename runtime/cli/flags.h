@@ -47,6 +47,9 @@ class Flag {
   Flag& at_least(double min) { return range(min, max_); }
   // Number flags only: values must be strictly greater than `min` (a rate, a duration).
   Flag& above(double min);
+  // What --help shows as the default ("" shows none): for a default that is not the bound
+  // variable's initial value, e.g. one read from a config file when the flag is absent.
+  Flag& shown_default(std::string text);
   // parse() fails unless the flag is given (not checked when --help is asked for).
   Flag& required();
   // Runs after each occurrence is stored, for flags whose meaning depends on their order

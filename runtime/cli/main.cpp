@@ -102,7 +102,8 @@ usage:
 )";
 
 // Flags of one subcommand, parsed by keel_flags (runtime/cli/flags.h) and queried by name;
-// fallbacks are given where a value is used because several come from a --config file.
+// fallbacks are given where a value is used because several come from a --config file (so
+// the help text states each default itself).
 class Flags {
  public:
   enum class Kind { kText, kInteger, kIdList, kSwitch };
@@ -122,11 +123,13 @@ class Flags {
           flags_.add_string(spec.name, &text_[spec.name], spec.metavar, spec.help);
           break;
         case Kind::kInteger:
-          flags_.add_int(spec.name, &integers_[spec.name], spec.metavar, spec.help);
+          flags_.add_int(spec.name, &integers_[spec.name], spec.metavar, spec.help)
+              .shown_default("");
           break;
         case Kind::kIdList:  // token ids and step-shape lists: non-negative int32 values
           flags_.add_int_list(spec.name, &lists_[spec.name], spec.metavar, spec.help)
-              .range(0, std::numeric_limits<int32_t>::max());
+              .range(0, std::numeric_limits<int32_t>::max())
+              .shown_default("");
           break;
         case Kind::kSwitch:
           flags_.add_switch(spec.name, &switches_[spec.name], spec.help);
