@@ -16,7 +16,6 @@
 #include <functional>
 #include <limits>
 #include <memory>
-#include <optional>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -45,7 +44,8 @@ class Flag {
   // Flags whose value is a number (or a list of numbers) accept only values in [min, max].
   Flag& range(double min, double max);
   Flag& at_least(double min) { return range(min, max_); }
-  // Number flags only: values must be strictly greater than `min` (a rate, a duration).
+  // add_double / add_double_list flags: values must be strictly greater than `min` (a rate,
+  // a duration).
   Flag& above(double min);
   // What --help shows as the default ("" shows none): for a default that is not the bound
   // variable's initial value, e.g. one read from a config file when the flag is absent.
