@@ -12,17 +12,15 @@
 //    Launch as: mpirun --allow-run-as-root --oversubscribe -np 4 allreduce --backend mpi
 //    Rank 0 prints the JSON (same shape as the thread backend's, plus an "mpi" object).
 //
-// Usage: allreduce [--backend thread|mpi] [--ranks N] [--min-bytes B] [--max-bytes B]
-//                  [--iters N] [--warmup N]
-//   sizes go from min to max in steps of 4x; B accepts K/M/G suffixes (binary);
-//   --iters 0 (default) picks iterations per size to keep the whole run well under a minute;
-//   with --backend mpi the ranks are the launched processes (--ranks, if given, must match).
+// Usage: allreduce --help (flags: --backend --ranks --min-bytes --max-bytes --iters --warmup);
+//   --iters 0 (default) picks iterations per size to keep the whole run well under a minute.
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <iostream>
+#include <limits>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -36,6 +34,7 @@
 #include "comm/mpi_comm.h"
 #include "comm/thread_comm.h"
 #include "kernels/base/check.h"
+#include "runtime/cli/flags.h"
 
 namespace {
 
@@ -56,10 +55,12 @@ struct Options {
   int warmup = -1;  // -1: automatic per size
 };
 
-size_t parse_bytes(std::string_view text) {
+// "4096", "4K", "64M", "1G" (binary multiples).
+size_t parse_bytes(const std::string& flag, std::string_view text) {
   size_t multiplier = 1;
-  if (!text.empty()) {
-    switch (text.back()) {
+  std::string_view digits = text;
+  if (!digits.empty()) {
+    switch (digits.back()) {
       case 'K':
       case 'k':
         multiplier = size_t{1} << 10;
@@ -75,50 +76,43 @@ size_t parse_bytes(std::string_view text) {
       default:
         break;
     }
-    if (multiplier != 1) text.remove_suffix(1);
+    if (multiplier != 1) digits.remove_suffix(1);
   }
-  size_t consumed = 0;
-  const std::string digits(text);
-  const unsigned long long value = std::stoull(digits, &consumed);
-  if (consumed != digits.size()) keel::throw_error("bad byte count '", digits, "'");
-  return static_cast<size_t>(value) * multiplier;
+  try {
+    const int64_t max = std::numeric_limits<int64_t>::max() / static_cast<int64_t>(multiplier);
+    return static_cast<size_t>(keel::flags::parse_integer(flag, digits, 0, max)) * multiplier;
+  } catch (const keel::flags::UsageError&) {
+    throw keel::flags::UsageError(flag + ": '" + std::string(text) +
+                                  "' is not a byte count (N, or N with a K, M or G suffix)");
+  }
 }
+
+constexpr const char* kUsage =
+    "usage: allreduce [flags]\n"
+    "All-reduce bus bandwidth of both algorithms (native, fixed_order), nccl-tests style.\n"
+    "Sizes go from --min-bytes to --max-bytes in steps of 4x (B accepts K/M/G suffixes);\n"
+    "--iters 0 picks iterations per size; with --backend mpi the ranks are the launched\n"
+    "processes (mpirun ... allreduce --backend mpi; --ranks, if given, must match).\n";
 
 Options parse_options(int argc, char** argv) {
   Options options;
-  for (int i = 1; i < argc; ++i) {
-    const std::string_view flag = argv[i];
-    if (i + 1 >= argc) keel::throw_error("flag ", flag, " needs a value");
-    const std::string value = argv[++i];
-    try {
-      if (flag == "--backend") {
-        if (value != "thread" && value != "mpi") {
-          keel::throw_error("--backend must be thread or mpi, got '", value, "'");
-        }
-        options.backend = value;
-      } else if (flag == "--ranks") {
-        options.num_ranks = std::stoi(value);
-        options.ranks_given = true;
-      } else if (flag == "--min-bytes") {
-        options.min_bytes = parse_bytes(value);
-      } else if (flag == "--max-bytes") {
-        options.max_bytes = parse_bytes(value);
-      } else if (flag == "--iters") {
-        options.iters = std::stoi(value);
-      } else if (flag == "--warmup") {
-        options.warmup = std::stoi(value);
-      } else {
-        keel::throw_error("unknown flag ", flag);
-      }
-    } catch (const std::logic_error&) {  // std::stoi / std::stoull parse failures
-      keel::throw_error("bad value '", value, "' for ", flag);
-    }
-  }
-  if (options.num_ranks < 1 || options.num_ranks > 8) keel::throw_error("--ranks must be 1..8");
+  std::string min_bytes = "4K", max_bytes = "64M";
+  keel::flags::FlagSet flags("allreduce", kUsage);
+  flags.add_choice("--backend", &options.backend, {"thread", "mpi"}, "rank kind");
+  flags.add_int("--ranks", &options.num_ranks, "N", "thread ranks").range(1, 8).on_set([&] {
+    options.ranks_given = true;
+  });
+  flags.add_string("--min-bytes", &min_bytes, "B", "smallest message");
+  flags.add_string("--max-bytes", &max_bytes, "B", "largest message");
+  flags.add_int("--iters", &options.iters, "N", "timed iterations per size (0: automatic)")
+      .at_least(0);
+  flags.add_int("--warmup", &options.warmup, "N", "untimed iterations per size (-1: automatic)");
+  flags.parse_or_exit(argc, argv);
+  options.min_bytes = parse_bytes("--min-bytes", min_bytes);
+  options.max_bytes = parse_bytes("--max-bytes", max_bytes);
   if (options.min_bytes < sizeof(float) || options.max_bytes < options.min_bytes) {
     keel::throw_error("need 4 <= --min-bytes <= --max-bytes");
   }
-  if (options.iters < 0) keel::throw_error("--iters must be >= 0");
   return options;
 }
 
@@ -585,10 +579,7 @@ int run_main(int argc, char** argv) {
   try {
     options = parse_options(argc, argv);
   } catch (const keel::Error& error) {
-    std::fprintf(stderr,
-                 "allreduce: %s\nusage: allreduce [--backend thread|mpi] [--ranks N] "
-                 "[--min-bytes B] [--max-bytes B] [--iters N] [--warmup N]\n",
-                 error.what());
+    std::fprintf(stderr, "allreduce: %s (see allreduce --help)\n", error.what());
     return 2;
   }
   return options.backend == "mpi" ? run_mpi_main(options) : run_thread_main(options);

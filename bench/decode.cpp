@@ -20,6 +20,7 @@
 #include "bench/machine.h"
 #include "kernels/base/check.h"
 #include "kernels/cpu/gemm.h"
+#include "runtime/cli/flags.h"
 #include "runtime/engine.h"
 #include "runtime/gen_model.h"
 
@@ -36,29 +37,20 @@ struct Options {
 
 Options parse_options(int argc, char** argv) {
   Options options;
-  for (int i = 1; i < argc; ++i) {
-    std::string flag = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) keel::throw_error("flag ", flag, " needs a value");
-      return argv[++i];
-    };
-    if (flag == "--model")
-      options.model_dir = value();
-    else if (flag == "--tp-list")
-      options.tp_list = keel::bench::parse_int_list(value());
-    else if (flag == "--batch-list")
-      options.batch_list = keel::bench::parse_int_list(value());
-    else if (flag == "--decode-steps")
-      options.decode_steps = std::stoll(value());
-    else if (flag == "--prompt-length")
-      options.prompt_length = std::stoll(value());
-    else if (flag == "--reduce")
-      options.reduce = keel::comm::parse_reduce_algo(value());
-    else
-      keel::throw_error("unknown flag ", flag,
-                        " (flags: --model DIR --tp-list 1,4 --batch-list 1,16 --decode-steps N "
-                        "--prompt-length N --reduce native|fixed_order)");
-  }
+  std::string reduce = "fixed_order";
+  keel::flags::FlagSet flags(
+      "bench/decode",
+      "usage: decode [flags]\n"
+      "Decode throughput of the synthetic small preset on thread ranks against the measured\n"
+      "memory-bandwidth roofline; checks fixed_order's batch-invariant digest.\n");
+  flags.add_string("--model", &options.model_dir, "DIR", "checkpoint (default: generated small)");
+  flags.add_int_list("--tp-list", &options.tp_list, "N,...", "tensor-parallel sizes").at_least(1);
+  flags.add_int_list("--batch-list", &options.batch_list, "B,...", "batch sizes").at_least(1);
+  flags.add_int("--decode-steps", &options.decode_steps, "N", "decode steps per run").at_least(1);
+  flags.add_int("--prompt-length", &options.prompt_length, "N", "prompt tokens").at_least(1);
+  flags.add_choice("--reduce", &reduce, {"native", "fixed_order"}, "all-reduce algorithm");
+  flags.parse_or_exit(argc, argv);
+  options.reduce = keel::comm::parse_reduce_algo(reduce);
   return options;
 }
 

@@ -11,8 +11,7 @@
 // verified bit for bit against canonical_dot; a mismatch makes the program exit with status 1.
 // Output: one JSON object on stdout; progress goes to stderr.
 //
-// Usage: gemm [--n N] [--k K] [--dtype bf16|f16|f32] [--m-list 1,2,4,...] [--isa auto|scalar|
-//             avx2|avx512] [--seconds S (timing budget per M)] [--bw-mib MiB]
+// Usage: gemm --help (flags: --n --k --dtype --m-list --isa --seconds --bw-mib).
 // GCC 12 warns about the self-initialised "undefined" vectors inside its own AVX-512 intrinsics
 // once they are inlined (GCC bug 105593); silence it for the header's lines only.
 #pragma GCC diagnostic push
@@ -31,7 +30,6 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <random>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -40,6 +38,7 @@
 #include "kernels/base/check.h"
 #include "kernels/base/dtype.h"
 #include "kernels/cpu/gemm.h"
+#include "runtime/cli/flags.h"
 
 namespace {
 
@@ -58,64 +57,30 @@ struct Options {
   int64_t bandwidth_buffer_mib = 1024;
 };
 
-[[noreturn]] void usage_error(const std::string& message) {
-  std::fprintf(stderr,
-               "gemm: %s\nusage: gemm [--n N] [--k K] [--dtype bf16|f16|f32] [--m-list 1,2,4] "
-               "[--isa auto|scalar|avx2|avx512] [--seconds S] [--bw-mib MiB]\n",
-               message.c_str());
-  std::exit(2);
-}
+constexpr const char* kUsage =
+    "usage: gemm [flags]\n"
+    "y[M, N] = x[M, K] * w[N, K]^T on one core for each M, against the core's FMA peak and\n"
+    "memory bandwidth measured in the same run. One JSON object on stdout.\n";
 
-int64_t parse_positive(const std::string& flag, const std::string& text) {
-  try {
-    size_t used = 0;
-    int64_t value = std::stoll(text, &used);
-    if (used == text.size() && value > 0) return value;
-  } catch (const std::exception&) {
-  }
-  usage_error(flag + " expects a positive integer, got '" + text + "'");
+[[noreturn]] void usage_error(const std::string& message) {
+  std::fprintf(stderr, "gemm: %s\n", message.c_str());
+  std::exit(2);
 }
 
 Options parse_options(int argc, char** argv) {
   Options options;
-  for (int i = 1; i < argc; ++i) {
-    std::string flag = argv[i];
-    if (i + 1 >= argc) usage_error("missing value after " + flag);
-    std::string value = argv[++i];
-    if (flag == "--n") {
-      options.n = parse_positive(flag, value);
-    } else if (flag == "--k") {
-      options.k = parse_positive(flag, value);
-    } else if (flag == "--dtype") {
-      if (value == "bf16")
-        options.dtype = DType::kBF16;
-      else if (value == "f16")
-        options.dtype = DType::kF16;
-      else if (value == "f32")
-        options.dtype = DType::kF32;
-      else
-        usage_error("unknown dtype '" + value + "'");
-    } else if (flag == "--m-list") {
-      options.m_list.clear();
-      std::stringstream list(value);
-      std::string item;
-      while (std::getline(list, item, ',')) options.m_list.push_back(parse_positive(flag, item));
-      if (options.m_list.empty()) usage_error("--m-list is empty");
-    } else if (flag == "--isa") {
-      options.isa = value;
-    } else if (flag == "--seconds") {
-      try {
-        options.seconds = std::stod(value);
-      } catch (const std::exception&) {
-        usage_error("--seconds expects a number");
-      }
-      if (!(options.seconds > 0)) usage_error("--seconds must be positive");
-    } else if (flag == "--bw-mib") {
-      options.bandwidth_buffer_mib = parse_positive(flag, value);
-    } else {
-      usage_error("unknown flag " + flag);
-    }
-  }
+  std::string dtype = "bf16";
+  keel::flags::FlagSet flags("gemm", kUsage);
+  flags.add_int("--n", &options.n, "N", "output features (rows of w)").at_least(1);
+  flags.add_int("--k", &options.k, "K", "input features").at_least(1);
+  flags.add_choice("--dtype", &dtype, {"bf16", "f16", "f32"}, "weight dtype");
+  flags.add_int_list("--m-list", &options.m_list, "M,...", "batch rows to time").at_least(1);
+  flags.add_choice("--isa", &options.isa, {"auto", "scalar", "avx2", "avx512"}, "kernel ISA");
+  flags.add_double("--seconds", &options.seconds, "S", "timing budget per M").above(0);
+  flags.add_int("--bw-mib", &options.bandwidth_buffer_mib, "MiB", "bandwidth buffer size")
+      .at_least(1);
+  flags.parse_or_exit(argc, argv);
+  options.dtype = dtype == "f32" ? DType::kF32 : dtype == "f16" ? DType::kF16 : DType::kBF16;
   return options;
 }
 

@@ -143,16 +143,4 @@ double measure_read_bandwidth_gbs(size_t bytes, int num_threads) {
   return static_cast<double>(buffer.bytes()) / best_seconds * 1e-9;
 }
 
-std::vector<int> parse_int_list(const std::string& text) {
-  std::vector<int> values;
-  size_t start = 0;
-  while (start < text.size()) {
-    size_t comma = text.find(',', start);
-    values.push_back(std::stoi(text.substr(start, comma - start)));
-    if (comma == std::string::npos) break;
-    start = comma + 1;
-  }
-  return values;
-}
-
 }  // namespace keel::bench

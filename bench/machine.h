@@ -40,7 +40,4 @@ class LargeBuffer {
 // the CPU has and several independent accumulators; best of 8 passes after a warm-up pass.
 double measure_read_bandwidth_gbs(size_t bytes, int num_threads);
 
-// "1,4,16" -> {1, 4, 16}: the list flags every benchmark takes (--tp-list, --batch-list, ...).
-std::vector<int> parse_int_list(const std::string& text);
-
 }  // namespace keel::bench

@@ -38,9 +38,12 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "bench/machine.h"
+#include "runtime/cli/client_cmds.h"
+#include "runtime/cli/flags.h"
 #include "runtime/loadgen/loadgen.h"
 
 namespace {
@@ -64,107 +67,72 @@ struct Options {
   int rounds = 3;  // ABBA rounds per concurrency
 };
 
-// "L" (fixed) or "MIN:MAX" (uniform).
-void parse_range(const std::string& text, int& lo, int& hi) {
-  size_t colon = text.find(':');
-  lo = std::stoi(text.substr(0, colon));
-  hi = colon == std::string::npos ? lo : std::stoi(text.substr(colon + 1));
-}
-
 const char* kUsage =
-    "usage:\n"
+    "usage (serve --help lists every flag):\n"
     "  serve --url http://HOST:PORT [--concurrency C | --rate R] [load flags]\n"
     "  serve --keel PATH --config-fast F1 --config-invariant F2 [--concurrency-list 1,8,32]\n"
-    "        [--rounds R (3)] [--server-arg ARG]... [--startup-timeout S] [--warmup N]\n"
+    "        [--rounds R] [--server-arg ARG]... [--startup-timeout S] [--warmup N]\n"
     "        [load flags]\n"
-    "load flags: --num-prompts N (default max(4*C, 16)) --input-len L|MIN:MAX (64)\n"
-    "  --output-len L|MIN:MAX (64) --endpoint /v1/completions --model NAME --vocab N (1000)\n"
-    "  --seed S --temperature T --no-stream --ignore-eos | --no-ignore-eos --max-workers N\n"
-    "  --timeout S --json\n"
-    "--ignore-eos (\"ignore_eos\": true, exact output lengths) is the default with --keel: both\n"
-    "modes then do the same work, and the output token counts are checked.\n";
+    "--num-prompts defaults to max(4*C, 16). --ignore-eos (\"ignore_eos\": true, exact output\n"
+    "lengths) is the default with --keel: both modes then do the same work, and the output\n"
+    "token counts are checked.\n";
 
 Options parse_options(int argc, char** argv) {
   Options options;
-  options.spec.url.clear();
-  options.spec.input_len_min = options.spec.input_len_max = 64;
-  options.spec.output_len_min = options.spec.output_len_max = 64;
-  for (int i = 1; i < argc; ++i) {
-    std::string flag = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) throw std::invalid_argument("flag " + flag + " needs a value");
-      return argv[++i];
-    };
-    LoadSpec& spec = options.spec;
-    if (flag == "--url") {
-      spec.url = value();
-    } else if (flag == "--endpoint") {
-      spec.endpoint = value();
-    } else if (flag == "--model") {
-      spec.model = value();
-    } else if (flag == "--concurrency") {
-      spec.concurrency = std::stoi(value());
-      spec.request_rate = 0;
-    } else if (flag == "--rate") {
-      spec.request_rate = std::stod(value());
-    } else if (flag == "--max-workers") {
-      spec.max_workers = std::stoi(value());
-    } else if (flag == "--num-prompts") {
-      spec.num_prompts = std::stoi(value());
-      options.num_prompts_set = true;
-    } else if (flag == "--input-len") {
-      parse_range(value(), spec.input_len_min, spec.input_len_max);
-    } else if (flag == "--output-len") {
-      parse_range(value(), spec.output_len_min, spec.output_len_max);
-    } else if (flag == "--vocab") {
-      spec.vocab_hint = std::stoi(value());
-    } else if (flag == "--seed") {
-      spec.seed = std::stoull(value());
-    } else if (flag == "--temperature") {
-      spec.temperature = std::stod(value());
-    } else if (flag == "--no-stream") {
-      spec.stream = false;
-    } else if (flag == "--ignore-eos") {
-      spec.ignore_eos = true;
-      options.ignore_eos_set = true;
-    } else if (flag == "--no-ignore-eos") {
-      spec.ignore_eos = false;
-      options.ignore_eos_set = true;
-    } else if (flag == "--timeout") {
-      spec.request_timeout_s = std::stod(value());
-    } else if (flag == "--json") {
-      options.json_only = true;
-    } else if (flag == "--keel") {
-      options.keel_binary = value();
-    } else if (flag == "--config-fast") {
-      options.config_fast = value();
-    } else if (flag == "--config-invariant") {
-      options.config_invariant = value();
-    } else if (flag == "--concurrency-list") {
-      options.concurrency_list = keel::bench::parse_int_list(value());
-    } else if (flag == "--server-arg") {
-      options.server_args.push_back(value());
-    } else if (flag == "--startup-timeout") {
-      options.startup_timeout_s = std::stod(value());
-    } else if (flag == "--warmup") {
-      options.warmup = std::stoi(value());
-    } else if (flag == "--rounds") {
-      options.rounds = std::stoi(value());
-    } else if (flag == "--help" || flag == "-h") {
-      std::cout << kUsage;
-      std::exit(0);
-    } else {
-      throw std::invalid_argument("unknown flag " + flag);
-    }
-  }
+  LoadSpec& spec = options.spec;
+  spec.url.clear();
+  std::string input_len = "64", output_len = "64";
+  keel::flags::FlagSet flags("bench/serve", kUsage);
+  flags.add_string("--url", &spec.url, "URL", "a running server");
+  flags.add_string("--endpoint", &spec.endpoint, "PATH", "completions endpoint");
+  flags.add_string("--model", &spec.model, "NAME", "model name sent");
+  // Order matters, as it always has: --concurrency after --rate switches to a closed loop.
+  flags.add_int("--concurrency", &spec.concurrency, "C", "closed-loop workers")
+      .at_least(1)
+      .on_set([&] { spec.request_rate = 0; });
+  flags.add_double("--rate", &spec.request_rate, "R", "open-loop requests/s").at_least(0);
+  flags.add_int("--max-workers", &spec.max_workers, "N", "open loop: most in flight").at_least(0);
+  flags.add_int("--num-prompts", &spec.num_prompts, "N", "requests per load")
+      .at_least(1)
+      .on_set([&] { options.num_prompts_set = true; });
+  flags.add_string("--input-len", &input_len, "L|MIN:MAX", "prompt tokens");
+  flags.add_string("--output-len", &output_len, "L|MIN:MAX", "output tokens");
+  flags.add_int("--vocab", &spec.vocab_hint, "N", "prompt token ids below N").at_least(1);
+  flags.add_int("--seed", &spec.seed, "S", "request plan seed");
+  flags.add_double("--temperature", &spec.temperature, "T", "sampling temperature").at_least(0);
+  flags.add_switch("--no-stream", &spec.stream, "non-streaming requests", false);
+  flags.add_switch("--ignore-eos", &spec.ignore_eos, "exact output lengths").on_set([&] {
+    options.ignore_eos_set = true;
+  });
+  flags.add_switch("--no-ignore-eos", &spec.ignore_eos, "stop at EOS", false).on_set([&] {
+    options.ignore_eos_set = true;
+  });
+  flags.add_double("--timeout", &spec.request_timeout_s, "S", "per-request timeout").at_least(0);
+  flags.add_switch("--json", &options.json_only, "only the JSON on stdout");
+  flags.add_string("--keel", &options.keel_binary, "PATH", "server mode: the keel binary");
+  flags.add_string("--config-fast", &options.config_fast, "F1", "server mode: fast config");
+  flags.add_string("--config-invariant", &options.config_invariant, "F2",
+                   "server mode: batch_invariant config");
+  flags
+      .add_int_list("--concurrency-list", &options.concurrency_list, "C,...",
+                    "server mode: concurrencies")
+      .at_least(1);
+  flags.add_repeated("--server-arg", &options.server_args, "ARG",
+                     "server mode: appended to `serve --config F --port 0`");
+  flags.add_double("--startup-timeout", &options.startup_timeout_s, "S", "server start limit")
+      .at_least(0);
+  flags.add_int("--warmup", &options.warmup, "N", "unreported requests per server").at_least(0);
+  flags.add_int("--rounds", &options.rounds, "R", "ABBA rounds per concurrency").at_least(1);
+  flags.parse_or_exit(argc, argv);
+
+  std::tie(spec.input_len_min, spec.input_len_max) = keel::clients::parse_length_range(input_len);
+  std::tie(spec.output_len_min, spec.output_len_max) =
+      keel::clients::parse_length_range(output_len);
   bool server_mode = !options.keel_binary.empty();
   if (server_mode == !options.spec.url.empty())
     throw std::invalid_argument("give exactly one of --url and --keel");
   if (server_mode && (options.config_fast.empty() || options.config_invariant.empty()))
     throw std::invalid_argument("--keel needs --config-fast and --config-invariant");
-  if (server_mode && options.concurrency_list.empty())
-    throw std::invalid_argument("--concurrency-list is empty");
-  if (options.rounds < 1) throw std::invalid_argument("--rounds must be at least 1");
   // keel honours ignore_eos; without it the two modes could stop at different EOS tokens and
   // the throughput ratio would compare different amounts of work.
   if (server_mode && !options.ignore_eos_set) options.spec.ignore_eos = true;

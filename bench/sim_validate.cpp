@@ -42,6 +42,7 @@
 #include <vector>
 
 #include "bench/machine.h"
+#include "runtime/cli/flags.h"
 #include "runtime/loadgen/loadgen.h"
 #include "runtime/serving/serve_config.h"
 #include "runtime/simulation/cost_model.h"
@@ -66,54 +67,30 @@ struct Args {
   uint64_t seed = 7;
 };
 
-std::vector<double> parse_rates(const std::string& text) {
-  std::vector<double> rates;
-  size_t start = 0;
-  while (start <= text.size()) {
-    size_t comma = text.find(',', start);
-    rates.push_back(
-        std::stod(text.substr(start, comma == std::string::npos ? comma : comma - start)));
-    if (comma == std::string::npos) break;
-    start = comma + 1;
-  }
-  return rates;
-}
-
 Args parse_args(int argc, char** argv) {
   Args args;
-  for (int i = 1; i < argc; ++i) {
-    std::string flag = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) throw std::runtime_error(flag + " needs a value");
-      return argv[++i];
-    };
-    if (flag == "--keel")
-      args.keel = value();
-    else if (flag == "--config")
-      args.config = value();
-    else if (flag == "--calibration")
-      args.calibration = value();
-    else if (flag == "--calibrate-load")
-      args.calibrate_load_rates = parse_rates(value());
-    else if (flag == "--warmup")
-      args.warmup = std::stoi(value());
-    else if (flag == "--save-dir")
-      args.save_dir = value();
-    else if (flag == "--sim-runs")
-      args.sim_runs = std::max(1, std::stoi(value()));
-    else if (flag == "--rates")
-      args.rates = parse_rates(value());
-    else if (flag == "--num-requests")
-      args.num_requests = std::stoi(value());
-    else if (flag == "--input-len")
-      args.input_len = std::stoi(value());
-    else if (flag == "--output-len")
-      args.output_len = std::stoi(value());
-    else if (flag == "--seed")
-      args.seed = std::stoull(value());
-    else
-      throw std::runtime_error("unknown flag " + flag);
-  }
+  keel::flags::FlagSet flags(
+      "bench/sim_validate",
+      "usage: sim_validate [flags]\n"
+      "Predicted (keel calibrate + keel simulate) vs measured (keel serve + keel bench serve)\n"
+      "latencies on held-out open-loop loads. Run from the repository root.\n");
+  flags.add_string("--keel", &args.keel, "BINARY", "the keel binary");
+  flags.add_string("--config", &args.config, "SERVE.yaml", "deployment to serve and calibrate");
+  flags.add_string("--calibration", &args.calibration, "FILE", "reuse this calibration");
+  flags
+      .add_double_list("--calibrate-load", &args.calibrate_load_rates, "R,...",
+                       "calibrate from the server's steps under loads at these rates")
+      .at_least(0);
+  flags.add_int("--warmup", &args.warmup, "N", "requests before measuring").at_least(0);
+  flags.add_string("--save-dir", &args.save_dir, "DIR", "keep step records and loads here");
+  flags.add_int("--sim-runs", &args.sim_runs, "N", "simulations per load (jitter seeds)");
+  flags.add_double_list("--rates", &args.rates, "R,...", "held-out load rates (req/s)").at_least(0);
+  flags.add_int("--num-requests", &args.num_requests, "N", "requests per load").at_least(1);
+  flags.add_int("--input-len", &args.input_len, "L", "prompt tokens").at_least(1);
+  flags.add_int("--output-len", &args.output_len, "L", "output tokens").at_least(1);
+  flags.add_int("--seed", &args.seed, "S", "workload seed");
+  flags.parse_or_exit(argc, argv);
+  args.sim_runs = std::max(1, args.sim_runs);  // as before: 0 or less means one run
   return args;
 }
 

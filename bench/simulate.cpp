@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "bench/machine.h"
+#include "runtime/cli/flags.h"
 #include "runtime/simulation/simulator.h"
 
 namespace {
@@ -29,40 +30,14 @@ struct Options {
 
 Options parse(int argc, char** argv) {
   Options options;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::cerr << "simulate bench: " << arg << " needs a value\n";
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    try {
-      if (arg == "--num-requests") {
-        options.num_requests = std::stoll(value());
-        continue;
-      }
-      if (arg == "--rate") {
-        options.rate = std::stod(value());
-        continue;
-      }
-      if (arg == "--runs") {
-        options.runs = std::stoi(value());
-        continue;
-      }
-    } catch (const std::logic_error&) {  // std::invalid_argument, std::out_of_range
-      std::cerr << "simulate bench: " << arg << " needs a number, got '" << argv[i] << "'\n";
-      std::exit(2);
-    }
-    std::cerr << "usage: simulate [--num-requests N] [--rate R] [--runs K]\n"
-              << "simulate bench: unknown option " << arg << "\n";
-    std::exit(2);
-  }
-  if (options.num_requests < 1 || options.rate <= 0 || options.runs < 1) {
-    std::cerr << "simulate bench: --num-requests, --rate and --runs must be positive\n";
-    std::exit(2);
-  }
+  keel::flags::FlagSet flags("simulate bench",
+                             "usage: simulate [flags]\n"
+                             "Simulator speed: simulated requests per wall second on a "
+                             "lognormal workload.\n");
+  flags.add_int("--num-requests", &options.num_requests, "N", "requests per run").at_least(1);
+  flags.add_double("--rate", &options.rate, "R", "arrival rate (req/s)").above(0);
+  flags.add_int("--runs", &options.runs, "K", "timed runs").at_least(1);
+  flags.parse_or_exit(argc, argv);
   return options;
 }
 

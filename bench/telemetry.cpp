@@ -41,6 +41,7 @@
 #include "bench/machine.h"
 #include "kernels/base/check.h"
 #include "kernels/cpu/gemm.h"
+#include "runtime/cli/flags.h"
 #include "runtime/engine.h"
 #include "runtime/gen_model.h"
 #include "runtime/sha256.h"
@@ -61,40 +62,19 @@ struct Options {
 
 Options parse_options(int argc, char** argv) {
   Options options;
-  for (int i = 1; i < argc; ++i) {
-    std::string flag = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) keel::throw_error("flag ", flag, " needs a value");
-      return argv[++i];
-    };
-    if (flag == "--model")
-      options.model_dir = value();
-    else if (flag == "--tp")
-      options.tp = std::stoi(value());
-    else if (flag == "--batch")
-      options.batch_list = {std::stoi(value())};
-    else if (flag == "--batch-list")
-      options.batch_list = keel::bench::parse_int_list(value());
-    else if (flag == "--decode-steps")
-      options.decode_steps = std::stoll(value());
-    else if (flag == "--prompt-length")
-      options.prompt_length = std::stoll(value());
-    else if (flag == "--rounds")
-      options.rounds = std::stoi(value());
-    else
-      keel::throw_error("unknown flag ", flag,
-                        " (flags: --model DIR --tp N --batch N | --batch-list 1,16 "
-                        "--decode-steps N --prompt-length N --rounds N)");
-  }
-  if (options.tp < 1) keel::throw_error("--tp must be at least 1, got ", options.tp);
-  if (options.batch_list.empty()) keel::throw_error("--batch-list is empty");
-  for (int batch : options.batch_list)
-    if (batch < 1) keel::throw_error("batch sizes must be at least 1, got ", batch);
-  if (options.decode_steps < 1)
-    keel::throw_error("--decode-steps must be at least 1, got ", options.decode_steps);
-  if (options.prompt_length < 1)
-    keel::throw_error("--prompt-length must be at least 1, got ", options.prompt_length);
-  if (options.rounds < 1) keel::throw_error("--rounds must be at least 1, got ", options.rounds);
+  keel::flags::FlagSet flags("bench/telemetry",
+                             "usage: telemetry [flags]\n"
+                             "What always-on serving telemetry costs in decode tokens/s (ABBA "
+                             "rounds), and a check that it changes no result bits.\n");
+  flags.add_string("--model", &options.model_dir, "DIR", "checkpoint (default: generated small)");
+  flags.add_int("--tp", &options.tp, "N", "thread ranks").at_least(1);
+  // --batch N is --batch-list N: both fill the same list, the later one wins.
+  flags.add_int_list("--batch", &options.batch_list, "B", "one batch size").at_least(1);
+  flags.add_int_list("--batch-list", &options.batch_list, "B,...", "batch sizes").at_least(1);
+  flags.add_int("--decode-steps", &options.decode_steps, "N", "decode steps per run").at_least(1);
+  flags.add_int("--prompt-length", &options.prompt_length, "N", "prompt tokens").at_least(1);
+  flags.add_int("--rounds", &options.rounds, "R", "ABBA pairs per batch size").at_least(1);
+  flags.parse_or_exit(argc, argv);
   return options;
 }
 

@@ -199,8 +199,7 @@ TEST(CliErrors, UnknownYamlKeyAndBadFlags) {
   expect_clean_failure("generate --config " + yaml, "unknown key 'placment'");
   expect_clean_failure("generate --model " + tiny_model() + " --tp 4 --reduce ring",
                        "unknown all-reduce algorithm 'ring'");
-  expect_clean_failure("generate --model " + tiny_model() + " --bogus 1",
-                       "unknown argument '--bogus'");
+  expect_clean_failure("generate --model " + tiny_model() + " --bogus 1", "unknown flag '--bogus'");
   expect_clean_failure("generate --model " + tiny_model() + " --prompt-ids 1,x",
                        "'x' is not a non-negative integer");
   expect_clean_failure("generate --model " + tiny_model() + " --backend tpu",
@@ -208,12 +207,44 @@ TEST(CliErrors, UnknownYamlKeyAndBadFlags) {
   // No GPU here (CI, dev machines): the CUDA backend must say so, not crash.
   expect_clean_failure("generate --model " + tiny_model() + " --backend cuda",
                        "--backend cuda: no CUDA device: ");
+  // Every command parses with keel_flags: typed values are checked when parsed, named with
+  // the flag, and --name=value is the same as --name value.
+  expect_clean_failure("generate --model " + tiny_model() + " --max-tokens=many",
+                       "--max-tokens: 'many' is not an integer");
+  expect_clean_failure("generate --model " + tiny_model() + " --tp", "--tp needs a value");
+  expect_clean_failure("serve --config x.yaml --port 99999999999999999999",
+                       "--port: '99999999999999999999' must be <= 9223372036854775807");
+  expect_clean_failure("gen-model --preset=nope --out=" + work_dir() + "/nope",
+                       "unknown model preset 'nope'");
   expect_clean_failure("gen-model --preset nope --out " + work_dir() + "/nope",
                        "unknown model preset 'nope'");
   std::string preset = work_dir() + "/bad-preset.yaml";
   std::ofstream(preset) << "vocab_size: 10\nhiden_size: 8\n";
   expect_clean_failure("gen-model --preset " + preset + " --out " + work_dir() + "/bad",
                        "unknown key 'hiden_size'");
+}
+
+TEST(CliHelp, EveryCommandListsItsFlags) {
+  const std::vector<std::pair<std::string, std::vector<std::string>>> commands = {
+      {"gen-model --help", {"--preset NAME", "--out DIR", "--max-shard-mb M"}},
+      {"generate --help", {"--model DIR", "--prompt-ids 1,2,3", "--collective-timeout-ms MS"}},
+      {"serve -h", {"--config FILE", "--port P"}},
+      {"calibrate --help", {"--decode-list", "--from-url URL", "--last-step ID"}},
+      {"routes replay --help", {"--no-force", "--tp N"}},
+      {"simulate --help", {"--num-kv-blocks N", "--slo KEY:MS ...", "--sweep-rate"}},
+      {"plan --help", {"--model M.yaml", "(required)", "--attention-bf16"}},
+      {"bench serve --help", {"--url URL", "--goodput KEY:MS ...", "--ignore-eos"}},
+      {"experts --help", {"--top N", "--png FILE"}},
+      {"profile tail --help", {"--percentile P", "[0, 100]"}},
+      {"routes stats --help", {"--epsilon E", "--top-pairs N"}}};
+  for (const auto& [args, expected] : commands) {
+    RunResult result = run_keel(args);
+    EXPECT_EQ(result.exit_code, 0) << args << ":\n" << result.output;
+    for (const std::string& text : expected)
+      EXPECT_NE(result.output.find(text), std::string::npos)
+          << args << ": no '" << text << "' in:\n"
+          << result.output;
+  }
 }
 
 }  // namespace

@@ -286,7 +286,11 @@ TEST(Cli, ErrorsExitOne) {
   CliResult bad_number = run_cli(
       {"--model", model, "--hardware", hw, "--quant", "bf16", "--tp", "two", "--context", "4096"});
   EXPECT_EQ(bad_number.code, 1);
-  EXPECT_NE(bad_number.err.find("--tp"), std::string::npos);
+  EXPECT_NE(bad_number.err.find("--tp: 'two' is not a positive integer"), std::string::npos)
+      << bad_number.err;
+  CliResult missing = run_cli({"--model", model, "--hardware", hw, "--tp=2", "--context=4096"});
+  EXPECT_EQ(missing.code, 1);
+  EXPECT_NE(missing.err.find("--quant is required"), std::string::npos) << missing.err;
   CliResult bad_quant = run_cli(
       {"--model", model, "--hardware", hw, "--quant", "int3", "--tp", "2", "--context", "4096"});
   EXPECT_EQ(bad_quant.code, 1);

@@ -605,6 +605,12 @@ TEST_F(RoutingTest, CliDiffStatsReplay) {
   EXPECT_EQ(run_routes({"stats", path("junk.keelrout")}, &out), 2);
   EXPECT_NE(out.find("bad magic"), std::string::npos) << out;
   EXPECT_EQ(run_routes({"stats", fa, "--bogus"}, &out), 2);
+  EXPECT_NE(out.find("unknown flag '--bogus'"), std::string::npos) << out;
+  // --flag=value is --flag value; a count that is not a non-negative integer is refused.
+  EXPECT_EQ(run_routes({"stats", "--epsilon=0.5", fa, "--json"}, &out), 0);
+  EXPECT_EQ(nlohmann::json::parse(out)["near_tie_epsilon"], 0.5);
+  EXPECT_EQ(run_routes({"stats", fa, "--top-pairs", "-1"}, &out), 2);
+  EXPECT_NE(out.find("--top-pairs: '-1' must be >= 0"), std::string::npos) << out;
   EXPECT_EQ(run_routes({"diff", fa}, &out), 2);
   EXPECT_EQ(run_routes({"frobnicate"}, &out), 2);
   EXPECT_EQ(run_routes({"--help"}, &out), 0);

@@ -1,6 +1,6 @@
 // keel bench serve / keel experts / keel profile tail. See client_cmds.h for the design and
 // the exact decomposition `profile tail` reports. Notes here are about mechanics:
-//  - Options are parsed by hand (as the rest of the CLI does): "--flag value" pairs, with
+//  - Flags are parsed by keel_flags (runtime/cli/flags.h), as in the rest of the CLI, with
 //    --goodput taking every following word up to the next "--" option.
 //  - Plot scripts run through std::system with shell-quoted paths; python is $KEEL_PYTHON,
 //    else python3 on PATH, else /usr/bin/python3 (Debian's python3-matplotlib installs for the
@@ -21,11 +21,11 @@
 #include <limits>
 #include <map>
 #include <optional>
-#include <set>
 #include <sstream>
 #include <stdexcept>
 #include <tuple>
 
+#include "runtime/cli/flags.h"
 #include "runtime/loadgen/loadgen.h"
 
 #ifndef KEEL_SOURCE_DIR
@@ -38,65 +38,9 @@ namespace {
 
 using json = nlohmann::json;
 
-// Thrown for bad command lines: the commands print usage and return 2.
-struct UsageError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-// "--name value" options after the command words; flags are options without a value.
-class Args {
- public:
-  Args(int argc, char** argv, int first, const std::set<std::string>& flags,
-       const std::set<std::string>& valued) {
-    for (int i = first; i < argc; ++i) {
-      std::string arg = argv[i];
-      if (flags.count(arg)) {
-        values_[arg].push_back("");
-      } else if (arg == "--goodput" && valued.count(arg)) {
-        // Multi-valued: every following word that is not an option.
-        auto& list = values_[arg];
-        while (i + 1 < argc && std::string(argv[i + 1]).rfind("--", 0) != 0)
-          list.push_back(argv[++i]);
-        if (list.empty()) throw UsageError("--goodput needs KEY:MS values");
-      } else if (valued.count(arg)) {
-        if (i + 1 >= argc) throw UsageError(arg + " needs a value");
-        values_[arg].push_back(argv[++i]);
-      } else {
-        throw UsageError("unknown option '" + arg + "'");
-      }
-    }
-  }
-  bool has(const std::string& name) const { return values_.count(name) > 0; }
-  std::string get(const std::string& name, const std::string& fallback = "") const {
-    auto it = values_.find(name);
-    return it == values_.end() ? fallback : it->second.back();
-  }
-  const std::vector<std::string>& all(const std::string& name) const {
-    static const std::vector<std::string> none;
-    auto it = values_.find(name);
-    return it == values_.end() ? none : it->second;
-  }
-  double number(const std::string& name, double fallback) const {
-    if (!has(name)) return fallback;
-    std::string text = get(name);
-    try {
-      size_t used = 0;
-      double value = std::stod(text, &used);
-      if (used == text.size()) return value;
-    } catch (const std::exception&) {
-    }
-    throw UsageError(name + " expects a number, got '" + text + "'");
-  }
-  int integer(const std::string& name, int fallback) const {
-    double value = number(name, fallback);
-    if (value != std::floor(value) || std::abs(value) > std::numeric_limits<int>::max())
-      throw UsageError(name + " expects an integer");
-    return static_cast<int>(value);
-  }
-
- private:
-  std::map<std::string, std::vector<std::string>> values_;
-};
+// Thrown for bad command lines (by keel_flags and by the commands' own checks): the commands
+// print the message and their help, and return 2.
+using flags::UsageError;
 
 std::string trim_slash(std::string url) {
   while (!url.empty() && url.back() == '/') url.pop_back();
@@ -183,11 +127,11 @@ struct TempFile {
 
 // Runs `body` with the command's error conventions (see client_cmds.h).
 template <typename Body>
-int guarded(const std::string& name, const std::string& usage, Body body) {
+int guarded(const std::string& name, const flags::FlagSet& flags, Body body) {
   try {
     return body();
   } catch (const UsageError& error) {
-    std::cerr << "keel " << name << ": " << error.what() << "\n" << usage;
+    std::cerr << "keel " << name << ": " << error.what() << "\n" << flags.help();
     return 2;
   } catch (const std::exception& error) {
     std::cerr << "keel " << name << ": error: " << error.what() << "\n";
@@ -599,29 +543,42 @@ int options_start(int argc, char** argv, const char* subcommand) {
 }  // namespace
 
 int bench_serve_command(int argc, char** argv) {
-  return clients::guarded("bench serve", kBenchUsage, [&] {
-    clients::Args args(argc, argv, options_start(argc, argv, "serve"),
-                       {"--ignore-eos", "--progress", "--help"},
-                       {"--url", "--rate", "--burstiness", "--concurrency", "--num-prompts",
-                        "--input-len", "--output-len", "--dataset", "--seed", "--goodput",
-                        "--save-json", "--plot", "--model", "--endpoint", "--vocab", "--timeout"});
-    if (args.has("--help")) {
-      std::cout << kBenchUsage;
+  loadgen::LoadSpec spec;
+  std::string input_len, output_len, save, plot;
+  int concurrency = 1;
+  std::vector<std::string> goodput;
+  flags::FlagSet flags("keel bench serve", kBenchUsage);
+  flags.add_string("--url", &spec.url, "URL", "the server").required();
+  flags.add_double("--rate", &spec.request_rate, "R", "open loop: requests/s");
+  flags.add_double("--burstiness", &spec.burstiness, "B", "with --rate: gamma shape");
+  flags.add_int("--concurrency", &concurrency, "C", "closed-loop workers, or in-flight cap");
+  flags.add_int("--num-prompts", &spec.num_prompts, "N", "requests").required();
+  flags.add_string("--input-len", &input_len, "DIST", "prompt tokens: L or MIN:MAX");
+  flags.add_string("--output-len", &output_len, "DIST", "output tokens: L or MIN:MAX");
+  flags.add_string("--dataset", &spec.dataset, "JSONL", "prompts and output lengths");
+  flags.add_int("--seed", &spec.seed, "S", "request plan seed");
+  flags.add_words("--goodput", &goodput, "KEY:MS", "SLOs: ttft:MS tpot:MS e2el:MS");
+  flags.add_string("--save-json", &save, "F", "vLLM-style result file");
+  flags.add_string("--plot", &plot, "PNG", "latency CDF (python3 + matplotlib)");
+  flags.add_string("--model", &spec.model, "M", "model name sent");
+  flags.add_string("--endpoint", &spec.endpoint, "PATH", "completions endpoint");
+  flags.add_switch("--ignore-eos", &spec.ignore_eos, "exact output lengths");
+  flags.add_int("--vocab", &spec.vocab_hint, "N", "prompt token ids below N");
+  flags.add_double("--timeout", &spec.request_timeout_s, "S", "per-request timeout");
+  flags.add_switch("--progress", &spec.progress, "progress on stderr (default when a tty)");
+  return clients::guarded("bench serve", flags, [&] {
+    if (!flags.parse(argc, argv, options_start(argc, argv, "serve"))) {
+      std::cout << flags.help();
       return 0;
     }
-    if (!args.has("--url")) throw UsageError("--url is required");
-    if (!args.has("--rate") && !args.has("--concurrency"))
+    if (!flags.given("--rate") && !flags.given("--concurrency"))
       throw UsageError("one of --rate or --concurrency is required");
-    loadgen::LoadSpec spec;
-    spec.url = clients::trim_slash(args.get("--url"));
-    spec.request_rate = args.number("--rate", 0.0);
-    if (args.has("--rate") && !(spec.request_rate > 0)) throw UsageError("--rate must be > 0");
-    spec.burstiness = args.number("--burstiness", 1.0);
+    spec.url = clients::trim_slash(spec.url);
+    if (flags.given("--rate") && !(spec.request_rate > 0)) throw UsageError("--rate must be > 0");
     if (!(spec.burstiness > 0)) throw UsageError("--burstiness must be > 0");
-    if (args.has("--burstiness") && !args.has("--rate"))
+    if (flags.given("--burstiness") && !flags.given("--rate"))
       throw UsageError("--burstiness needs --rate (it shapes open-loop arrivals)");
-    if (args.has("--concurrency")) {
-      int concurrency = args.integer("--concurrency", 1);
+    if (flags.given("--concurrency")) {
       if (concurrency < 1) throw UsageError("--concurrency must be >= 1");
       if (spec.request_rate > 0) {
         spec.max_workers = concurrency;  // vLLM's --max-concurrency with a rate
@@ -629,25 +586,15 @@ int bench_serve_command(int argc, char** argv) {
         spec.concurrency = concurrency;
       }
     }
-    spec.num_prompts = args.integer("--num-prompts", 0);
     if (spec.num_prompts < 1) throw UsageError("--num-prompts N (>= 1) is required");
-    spec.dataset = args.get("--dataset");
-    if (spec.dataset.empty() && (!args.has("--input-len") || !args.has("--output-len")))
+    if (spec.dataset.empty() && (!flags.given("--input-len") || !flags.given("--output-len")))
       throw UsageError("--input-len and --output-len are required without --dataset");
-    if (args.has("--input-len"))
-      std::tie(spec.input_len_min, spec.input_len_max) =
-          clients::parse_length_range(args.get("--input-len"));
-    if (args.has("--output-len"))
-      std::tie(spec.output_len_min, spec.output_len_max) =
-          clients::parse_length_range(args.get("--output-len"));
-    spec.seed = static_cast<uint64_t>(args.number("--seed", 0));
-    spec.model = args.get("--model");
-    spec.endpoint = args.get("--endpoint", spec.endpoint);
-    spec.ignore_eos = args.has("--ignore-eos");
-    spec.vocab_hint = args.integer("--vocab", spec.vocab_hint);
-    spec.request_timeout_s = args.number("--timeout", spec.request_timeout_s);
-    spec.progress = args.has("--progress") || ::isatty(STDERR_FILENO);
-    loadgen::Slo slo = loadgen::parse_slo(args.all("--goodput"));
+    if (flags.given("--input-len"))
+      std::tie(spec.input_len_min, spec.input_len_max) = clients::parse_length_range(input_len);
+    if (flags.given("--output-len"))
+      std::tie(spec.output_len_min, spec.output_len_max) = clients::parse_length_range(output_len);
+    spec.progress = spec.progress || ::isatty(STDERR_FILENO);
+    loadgen::Slo slo = loadgen::parse_slo(goodput);
 
     loadgen::LoadResult result = loadgen::run_load(spec);
     result.summary = loadgen::summarize(result.records, result.summary.duration_s, slo);
@@ -688,72 +635,76 @@ int bench_serve_command(int argc, char** argv) {
     out.update(per_request);
     out["load"] = loadgen::spec_json(spec);
 
-    std::string save = args.get("--save-json");
     std::optional<clients::TempFile> temp;
     if (!save.empty()) {
       clients::write_file(save, out.dump(2) + "\n");
       std::cerr << "keel bench serve: wrote " << save << "\n";
     }
-    if (args.has("--plot")) {
+    if (flags.given("--plot")) {
       if (save.empty()) {
         temp.emplace();
         clients::write_file(temp->path, out.dump() + "\n");
       }
-      clients::run_plot("plot_latency_cdf.py", save.empty() ? temp->path : save,
-                        args.get("--plot"));
-      std::cerr << "keel bench serve: wrote " << args.get("--plot") << "\n";
+      clients::run_plot("plot_latency_cdf.py", save.empty() ? temp->path : save, plot);
+      std::cerr << "keel bench serve: wrote " << plot << "\n";
     }
     return result.summary.completed > 0 ? 0 : 1;
   });
 }
 
 int experts_command(int argc, char** argv) {
-  return clients::guarded("experts", kExpertsUsage, [&] {
-    clients::Args args(argc, argv, options_start(argc, argv, nullptr), {"--json", "--help"},
-                       {"--url", "--top", "--png"});
-    if (args.has("--help")) {
-      std::cout << kExpertsUsage;
+  std::string url, png;
+  int top = 4;
+  bool as_json = false;
+  flags::FlagSet flags("keel experts", kExpertsUsage);
+  flags.add_string("--url", &url, "URL", "the server").required();
+  flags.add_int("--top", &top, "N", "hottest and slowest experts per layer");
+  flags.add_string("--png", &png, "FILE", "heatmap (python3 + matplotlib)");
+  flags.add_switch("--json", &as_json, "JSON on stdout");
+  return clients::guarded("experts", flags, [&] {
+    if (!flags.parse(argc, argv, options_start(argc, argv, nullptr))) {
+      std::cout << flags.help();
       return 0;
     }
-    if (!args.has("--url")) throw UsageError("--url is required");
-    int top = args.integer("--top", 4);
     if (top < 1) throw UsageError("--top must be >= 1");
-    json telemetry =
-        clients::get_json(clients::trim_slash(args.get("--url")) + "/v1/telemetry/experts");
+    json telemetry = clients::get_json(clients::trim_slash(url) + "/v1/telemetry/experts");
     std::vector<clients::LayerRow> rows = clients::expert_rows(telemetry, top);
-    if (args.has("--json")) {
+    if (as_json) {
       std::cout << json{{"telemetry", telemetry}, {"layers", clients::expert_rows_json(rows)}}.dump(
                        2)
                 << "\n";
     } else {
       std::cout << clients::experts_table(telemetry, rows);
     }
-    if (args.has("--png")) {
+    if (flags.given("--png")) {
       clients::TempFile temp;
       clients::write_file(temp.path, telemetry.dump() + "\n");
-      clients::run_plot("plot_expert_heatmap.py", temp.path, args.get("--png"));
-      std::cerr << "keel experts: wrote " << args.get("--png") << "\n";
+      clients::run_plot("plot_expert_heatmap.py", temp.path, png);
+      std::cerr << "keel experts: wrote " << png << "\n";
     }
     return 0;
   });
 }
 
 int profile_command(int argc, char** argv) {
-  return clients::guarded("profile tail", kProfileUsage, [&] {
-    clients::Args args(argc, argv, options_start(argc, argv, "tail"), {"--json", "--help"},
-                       {"--url", "--percentile", "--limit", "--examples", "--save"});
-    if (args.has("--help")) {
-      std::cout << kProfileUsage;
+  std::string url, save;
+  double percentile = 99.0;
+  int limit = 500, examples = 3;
+  bool as_json = false;
+  flags::FlagSet flags("keel profile tail", kProfileUsage);
+  flags.add_string("--url", &url, "URL", "the server").required();
+  flags.add_double("--percentile", &percentile, "P", "requests slower than this percentile")
+      .range(0, 100);
+  flags.add_int("--limit", &limit, "N", "most recent finished requests read").at_least(1);
+  flags.add_int("--examples", &examples, "N", "slowest requests shown");
+  flags.add_string("--save", &save, "F", "requests, steps and report as JSON");
+  flags.add_switch("--json", &as_json, "JSON on stdout");
+  return clients::guarded("profile tail", flags, [&] {
+    if (!flags.parse(argc, argv, options_start(argc, argv, "tail"))) {
+      std::cout << flags.help();
       return 0;
     }
-    if (!args.has("--url")) throw UsageError("--url is required");
-    double percentile = args.number("--percentile", 99.0);
-    if (!(percentile >= 0 && percentile <= 100))
-      throw UsageError("--percentile must be in [0, 100]");
-    int limit = args.integer("--limit", 500);
-    if (limit < 1) throw UsageError("--limit must be >= 1");
-    int examples = args.integer("--examples", 3);
-    std::string base = clients::trim_slash(args.get("--url"));
+    std::string base = clients::trim_slash(url);
     json requests =
         clients::get_json(base + "/v1/telemetry/requests?limit=" + std::to_string(limit));
     if (!requests.contains("requests") || !requests["requests"].is_array())
@@ -775,18 +726,18 @@ int profile_command(int argc, char** argv) {
                                 "&last=" + std::to_string(last));
     clients::TailReport report = clients::analyze_tail(requests, steps, percentile, examples);
     json report_json = clients::tail_report_json(report);
-    if (args.has("--json")) {
+    if (as_json) {
       std::cout << report_json.dump(2) << "\n";
     } else {
       std::cout << clients::tail_table(report);
     }
-    if (args.has("--save")) {
+    if (flags.given("--save")) {
       json saved = {{"url", base},
                     {"requests", requests["requests"]},
                     {"steps", steps.value("steps", json::array())},
                     {"report", report_json}};
-      clients::write_file(args.get("--save"), saved.dump(2) + "\n");
-      std::cerr << "keel profile tail: wrote " << args.get("--save") << "\n";
+      clients::write_file(save, saved.dump(2) + "\n");
+      std::cerr << "keel profile tail: wrote " << save << "\n";
     }
     return 0;
   });

@@ -11,7 +11,6 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <random>
-#include <set>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -24,6 +23,7 @@
 #include "kernels/base/check.h"
 #include "kernels/cpu/gemm.h"
 #include "runtime/cli/client_cmds.h"
+#include "runtime/cli/flags.h"
 #include "runtime/cli/plan_cmd.h"
 #include "runtime/cli/routes_cmd.h"
 #include "runtime/cli/simulate_cmd.h"
@@ -101,68 +101,67 @@ usage:
       near-tie rate; re-run with the recorded experts forced and check the bits.
 )";
 
-// Flags of one subcommand: "--name value" pairs and bare switches; unknown flags are errors.
+// Flags of one subcommand, parsed by keel_flags (runtime/cli/flags.h) and queried by name;
+// fallbacks are given where a value is used because several come from a --config file (so
+// the help text states each default itself).
 class Flags {
  public:
-  Flags(int argc, char** argv, int first, const std::set<std::string>& with_value,
-        const std::set<std::string>& switches) {
-    for (int i = first; i < argc; ++i) {
-      std::string arg = argv[i];
-      if (arg == "--help" || arg == "-h") {
-        std::cout << kUsage;
-        std::exit(0);
-      }
-      if (switches.count(arg)) {
-        values_[arg] = "1";
-      } else if (with_value.count(arg)) {
-        if (i + 1 >= argc) throw_error("flag ", arg, " needs a value");
-        values_[arg] = argv[++i];
-      } else {
-        throw_error("unknown argument '", arg, "' (see keel --help)");
+  enum class Kind { kText, kInteger, kIdList, kSwitch };
+  struct Spec {
+    const char* name;
+    Kind kind;
+    const char* metavar;
+    const char* help;
+  };
+
+  Flags(int argc, char** argv, int first, const std::string& command, const char* summary,
+        const std::vector<Spec>& specs)
+      : flags_(command, summary) {
+    for (const Spec& spec : specs) {
+      switch (spec.kind) {
+        case Kind::kText:
+          flags_.add_string(spec.name, &text_[spec.name], spec.metavar, spec.help);
+          break;
+        case Kind::kInteger:
+          flags_.add_int(spec.name, &integers_[spec.name], spec.metavar, spec.help)
+              .shown_default("");
+          break;
+        case Kind::kIdList:  // token ids and step-shape lists: non-negative int32 values
+          flags_.add_int_list(spec.name, &lists_[spec.name], spec.metavar, spec.help)
+              .range(0, std::numeric_limits<int32_t>::max())
+              .shown_default("");
+          break;
+        case Kind::kSwitch:
+          flags_.add_switch(spec.name, &switches_[spec.name], spec.help);
+          break;
       }
     }
+    if (!flags_.parse(argc, argv, first)) {
+      std::cout << flags_.help();
+      std::exit(0);
+    }
   }
-  bool has(const std::string& name) const { return values_.count(name) > 0; }
+  bool has(const std::string& name) const { return flags_.given(name); }
   std::string get(const std::string& name, const std::string& fallback = "") const {
-    auto it = values_.find(name);
-    return it == values_.end() ? fallback : it->second;
+    return has(name) ? text_.at(name) : fallback;
   }
   int64_t integer(const std::string& name, int64_t fallback) const {
-    if (!has(name)) return fallback;
-    const std::string& text = values_.at(name);
-    try {
-      size_t used = 0;
-      int64_t value = std::stoll(text, &used);
-      if (used == text.size()) return value;
-    } catch (const std::exception&) {
-    }
-    throw_error("flag ", name, ": '", text, "' is not an integer");
+    return has(name) ? integers_.at(name) : fallback;
+  }
+  std::vector<int64_t> list(const std::string& name, std::vector<int64_t> fallback) const {
+    return has(name) ? lists_.at(name) : fallback;
   }
 
  private:
-  std::map<std::string, std::string> values_;
+  keel::flags::FlagSet flags_;
+  // std::map: the parser holds pointers to these values, which must not move.
+  std::map<std::string, std::string> text_;
+  std::map<std::string, int64_t> integers_;
+  std::map<std::string, std::vector<int64_t>> lists_;
+  std::map<std::string, bool> switches_;
 };
 
-std::vector<int32_t> parse_ids(const std::string& text) {
-  std::vector<int32_t> ids;
-  size_t start = 0;
-  while (start <= text.size()) {
-    size_t comma = text.find(',', start);
-    std::string item =
-        text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
-    try {
-      size_t used = 0;
-      long value = std::stol(item, &used);
-      if (used != item.size() || value < 0 || value > INT32_MAX) throw std::invalid_argument(item);
-      ids.push_back(static_cast<int32_t>(value));
-    } catch (const std::exception&) {
-      throw_error("--prompt-ids: '", item, "' is not a non-negative integer token id");
-    }
-    if (comma == std::string::npos) break;
-    start = comma + 1;
-  }
-  return ids;
-}
+using Kind = Flags::Kind;
 
 // Under mpirun every process is one rank; without it the ranks are threads of this process.
 struct ProcessRanks {
@@ -211,7 +210,15 @@ struct ProcessRanks {
 int run_generate(const Flags& flags, keel::Deployment& deployment);
 
 int gen_model(int argc, char** argv) {
-  Flags flags(argc, argv, 2, {"--preset", "--out", "--seed", "--max-shard-mb"}, {"--verbose"});
+  Flags flags(argc, argv, 2, "keel gen-model",
+              "usage: keel gen-model --preset NAME --out DIR [flags]\n"
+              "Write a synthetic checkpoint (HF config.json + safetensors) from "
+              "configs/models/NAME.yaml.\n",
+              {{"--preset", Kind::kText, "NAME", "model preset (name or YAML path)"},
+               {"--out", Kind::kText, "DIR", "checkpoint directory to write"},
+               {"--seed", Kind::kInteger, "N", "weights seed (default 0)"},
+               {"--max-shard-mb", Kind::kInteger, "M", "split safetensors shards at M MiB"},
+               {"--verbose", Kind::kSwitch, "", "debug logging"}});
   if (!flags.has("--preset") || !flags.has("--out"))
     throw_error("gen-model needs --preset and --out");
   keel::ModelPreset preset =
@@ -228,10 +235,23 @@ int gen_model(int argc, char** argv) {
 
 int generate(int argc, char** argv) {
   Flags flags(
-      argc, argv, 2,
-      {"--model", "--config", "--tp", "--reduce", "--placement", "--combine", "--prompt-ids",
-       "--max-tokens", "--batch-with", "--collective-timeout-ms", "--backend", "--trace"},
-      {"--json", "--verbose"});
+      argc, argv, 2, "keel generate",
+      "usage: keel generate --model DIR [flags]\n"
+      "Greedy generation on thread ranks, or one rank per process when started by mpirun.\n",
+      {{"--model", Kind::kText, "DIR", "checkpoint (or model: in --config)"},
+       {"--config", Kind::kText, "deployment.yaml", "deployment settings"},
+       {"--tp", Kind::kInteger, "1|2|4", "tensor-parallel ranks"},
+       {"--reduce", Kind::kText, "native|fixed_order", "all-reduce algorithm"},
+       {"--placement", Kind::kText, "contiguous|round_robin|explicit", "expert placement"},
+       {"--combine", Kind::kText, "fp32|round_per_expert", "expert output combine"},
+       {"--prompt-ids", Kind::kIdList, "1,2,3", "prompt token ids (default 1,2,3)"},
+       {"--max-tokens", Kind::kInteger, "N", "tokens to generate (default 16)"},
+       {"--batch-with", Kind::kInteger, "N", "batch with N synthetic prompts, [0, 1024]"},
+       {"--collective-timeout-ms", Kind::kInteger, "MS", "0 = forever (default 120000)"},
+       {"--backend", Kind::kText, "cpu|cuda", "compute backend (default cpu)"},
+       {"--trace", Kind::kText, "FILE", "Chrome trace of the ranks"},
+       {"--json", Kind::kSwitch, "", "one JSON object on stdout"},
+       {"--verbose", Kind::kSwitch, "", "debug logging"}});
   keel::init_logging(flags.has("--verbose"));
   keel::Deployment deployment;
   if (flags.has("--config")) deployment = keel::load_deployment(flags.get("--config"));
@@ -278,7 +298,8 @@ int run_generate(const Flags& flags, keel::Deployment& deployment) {
   // then sit at the end of every activation message, where message-size-dependent reductions
   // (native all-reduce chunking) treat them differently from a batch of one.
   request.prompts = keel::synthetic_prompts(batch_with, engine.config().vocab_size, 7);
-  request.prompts.push_back(parse_ids(flags.get("--prompt-ids", "1,2,3")));
+  const std::vector<int64_t> prompt_ids = flags.list("--prompt-ids", {1, 2, 3});
+  request.prompts.emplace_back(prompt_ids.begin(), prompt_ids.end());
   request.digest_prompt_idx = batch_with;
   request.trace = flags.has("--trace");
   spdlog::info("model {} on tp={} reduce={} placement={}", deployment.model_dir, engine.tp_size(),
@@ -363,7 +384,14 @@ int run_generate(const Flags& flags, keel::Deployment& deployment) {
 int run_serve(keel::ServeConfig& config);
 
 int serve(int argc, char** argv) {
-  Flags flags(argc, argv, 2, {"--config", "--host", "--port", "--model"}, {"--verbose"});
+  Flags flags(argc, argv, 2, "keel serve",
+              "usage: keel serve --config configs/serve/NAME.yaml [flags]\n"
+              "OpenAI-compatible HTTP server with continuous batching over a paged KV cache.\n",
+              {{"--config", Kind::kText, "FILE", "serve config (configs/serve/)"},
+               {"--host", Kind::kText, "H", "listen address (config: host)"},
+               {"--port", Kind::kInteger, "P", "listen port, 0 = any free (config: port)"},
+               {"--model", Kind::kText, "DIR", "checkpoint (config: model)"},
+               {"--verbose", Kind::kSwitch, "", "debug logging"}});
   keel::init_logging(flags.has("--verbose"));
   if (!flags.has("--config")) throw_error("serve needs --config FILE (see configs/serve/)");
   keel::ServeConfig config = keel::load_serve_config(flags.get("--config"));
@@ -482,13 +510,6 @@ int run_serve(keel::ServeConfig& config) {
   return exit_code;
 }
 
-std::vector<int64_t> parse_list(const std::string& flag, const std::string& text) {
-  std::vector<int64_t> values;
-  for (int32_t value : parse_ids(text)) values.push_back(value);
-  if (values.empty()) throw_error(flag, " needs a comma-separated list of integers");
-  return values;
-}
-
 // keel calibrate --config serve.yaml --out FILE [--decode-list ..] [--prefill-list ..]
 //                [--context-list ..] [--repeats N]
 // keel calibrate --from-url URL --out FILE: the calibration from a live server's own step
@@ -533,11 +554,26 @@ int calibrate_from_server(const Flags& flags) {
 }
 
 int calibrate(int argc, char** argv) {
-  Flags flags(argc, argv, 2,
-              {"--config", "--out", "--model", "--decode-list", "--prefill-list", "--context-list",
-               "--repeats", "--block-size", "--from-url", "--min-samples", "--first-step",
-               "--last-step", "--from-steps"},
-              {"--verbose"});
+  Flags flags(
+      argc, argv, 2, "keel calibrate",
+      "usage: keel calibrate --config serve.yaml --out FILE [grid flags]\n"
+      "       keel calibrate (--from-url URL | --from-steps FILE) --out FILE [step flags]\n"
+      "Engine step times on a grid of step shapes, or from a server's own step records (the\n"
+      "file keel simulate --calibration interpolates).\n",
+      {{"--config", Kind::kText, "serve.yaml", "the deployment to measure"},
+       {"--out", Kind::kText, "FILE", "calibration file to write"},
+       {"--model", Kind::kText, "DIR", "checkpoint (config: model)"},
+       {"--decode-list", Kind::kIdList, "1,2,4,8,16,32", "decode rows per step"},
+       {"--prefill-list", Kind::kIdList, "0,64,256", "prefill tokens per step"},
+       {"--context-list", Kind::kIdList, "64,512", "context tokens"},
+       {"--repeats", Kind::kInteger, "N", "timed repeats per shape (default 5)"},
+       {"--block-size", Kind::kInteger, "N", "KV block tokens (config: block_size)"},
+       {"--from-url", Kind::kText, "URL", "a running keel server's /v1/telemetry/steps"},
+       {"--from-steps", Kind::kText, "FILE", "a saved /v1/telemetry/steps answer"},
+       {"--min-samples", Kind::kInteger, "N", "steps a shape needs (default 1)"},
+       {"--first-step", Kind::kInteger, "ID", "first step id used"},
+       {"--last-step", Kind::kInteger, "ID", "last step id used"},
+       {"--verbose", Kind::kSwitch, "", "debug logging"}});
   keel::init_logging(flags.has("--verbose"));
   if (flags.has("--from-url") || flags.has("--from-steps")) {
     if (flags.has("--from-url") && flags.has("--from-steps"))
@@ -550,12 +586,9 @@ int calibrate(int argc, char** argv) {
   keel::ServeConfig config = keel::load_serve_config(flags.get("--config"));
   if (flags.has("--model")) config.model_dir = flags.get("--model");
   keel::CalibrationGrid grid;
-  if (flags.has("--decode-list"))
-    grid.decode = parse_list("--decode-list", flags.get("--decode-list"));
-  if (flags.has("--prefill-list"))
-    grid.prefill = parse_list("--prefill-list", flags.get("--prefill-list"));
-  if (flags.has("--context-list"))
-    grid.context = parse_list("--context-list", flags.get("--context-list"));
+  grid.decode = flags.list("--decode-list", grid.decode);
+  grid.prefill = flags.list("--prefill-list", grid.prefill);
+  grid.context = flags.list("--context-list", grid.context);
   grid.repeats = flags.integer("--repeats", grid.repeats);
   grid.block_size = flags.integer("--block-size", config.block_size);
   auto run = [&]() -> int {
@@ -584,8 +617,17 @@ int routes_replay(int argc, char** argv) {
   if (argc < 4)
     throw_error("routes replay needs a routing file: keel routes replay FILE --model DIR");
   const std::string path = argv[3];
-  Flags flags(argc, argv, 4, {"--model", "--tp", "--collective-timeout-ms"},
-              {"--no-force", "--json", "--verbose"});
+  // `keel routes replay --help` (what `keel routes` points to): the help, not a file named so.
+  const bool help_first = path == "--help" || path == "-h";
+  Flags flags(argc, argv, help_first ? 3 : 4, "keel routes replay",
+              "usage: keel routes replay FILE [--model DIR] [flags]\n"
+              "Re-run recorded requests with the recorded experts forced; check the bits.\n",
+              {{"--model", Kind::kText, "DIR", "checkpoint (default: the file's model_dir)"},
+               {"--tp", Kind::kInteger, "N", "ranks (default: the file's tp)"},
+               {"--collective-timeout-ms", Kind::kInteger, "MS", "0 = forever (default 120000)"},
+               {"--no-force", Kind::kSwitch, "", "route freely instead of forcing"},
+               {"--json", Kind::kSwitch, "", "one JSON object on stdout"},
+               {"--verbose", Kind::kSwitch, "", "debug logging"}});
   keel::init_logging(flags.has("--verbose"));
   keel::RoutingFile file = keel::read_routing_file(path);
   const keel::RoutingFileHeader& header = file.header;

@@ -6,13 +6,13 @@
 // (contiguous, round_robin), so rank balance comes for free on ordinary runs.
 #include "runtime/cli/routes_cmd.h"
 
-#include <cstdlib>
 #include <exception>
 #include <iostream>
 #include <string>
 #include <vector>
 
 #include "kernels/base/check.h"
+#include "runtime/cli/flags.h"
 #include "runtime/routing/analysis.h"
 #include "runtime/routing/routing_file.h"
 
@@ -41,38 +41,20 @@ struct Args {
   bool json = false;
   double epsilon = 1e-4;
   size_t top_pairs = 10;
+  bool help = false;  // --help was given (and the help printed)
 };
 
-double parse_double(const std::string& flag, const std::string& text) {
-  char* end = nullptr;
-  const double value = std::strtod(text.c_str(), &end);
-  if (text.empty() || *end != '\0') throw_error(flag, " wants a number, got '", text, "'");
-  return value;
-}
-
-Args parse_args(int argc, char** argv, int first) {
+// Flags after `keel routes SUB`; the files are positionals.
+Args parse_args(int argc, char** argv, int first, const std::string& sub) {
   Args args;
-  for (int i = first; i < argc; ++i) {
-    const std::string arg = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) throw_error(arg, " needs a value");
-      return argv[++i];
-    };
-    if (arg == "--json") {
-      args.json = true;
-    } else if (arg == "--epsilon") {
-      args.epsilon = parse_double(arg, value());
-    } else if (arg == "--top-pairs") {
-      const double n = parse_double(arg, value());
-      if (n < 0 || n != static_cast<double>(static_cast<size_t>(n))) {
-        throw_error("--top-pairs wants a non-negative integer");
-      }
-      args.top_pairs = static_cast<size_t>(n);
-    } else if (arg.size() > 1 && arg[0] == '-') {
-      throw_error("unknown argument '", arg, "' (see keel routes --help)");
-    } else {
-      args.positional.push_back(arg);
-    }
+  flags::FlagSet flags("keel routes " + sub, kRoutesUsage);
+  flags.add_positionals(&args.positional, "FILE");
+  flags.add_switch("--json", &args.json, "one JSON object on stdout");
+  flags.add_double("--epsilon", &args.epsilon, "E", "stats: near-tie margin");
+  flags.add_int("--top-pairs", &args.top_pairs, "N", "stats: co-activated pairs shown");
+  if (!flags.parse(argc, argv, first)) {
+    std::cout << flags.help();
+    args.help = true;
   }
   return args;
 }
@@ -133,14 +115,8 @@ int routes_command(int argc, char** argv) {
     return 2;
   }
   try {
-    for (int i = 3; i < argc; ++i) {
-      const std::string arg = argv[i];
-      if (arg == "--help" || arg == "-h") {
-        std::cout << kRoutesUsage;
-        return 0;
-      }
-    }
-    const Args args = parse_args(argc, argv, 3);
+    const Args args = parse_args(argc, argv, 3, sub);
+    if (args.help) return 0;
     if (sub == "diff") return run_diff(args);
     if (sub == "stats") return run_stats(args);
     std::cerr << "keel routes: unknown subcommand '" << sub << "'\n" << kRoutesUsage;

@@ -1,8 +1,8 @@
 // keel simulate: option parsing, the serve config's scheduler settings, cost model choice,
 // output and plotting. The command line is documented in simulate_cmd.h; the model in
 // runtime/simulation/simulator.h. Mechanics:
-//  - Options are "--flag value" pairs parsed by hand as in the rest of the CLI; --slo takes
-//    every following word up to the next "--" option (as bench serve's --goodput).
+//  - Flags are parsed by keel_flags (runtime/cli/flags.h) as in the rest of the CLI; --slo
+//    takes every following word up to the next "--" option (as bench serve's --goodput).
 //  - The serve config is read with yaml-cpp directly (only the scheduler keys; the rest is
 //    ignored), so the simulator needs neither the model nor the engine.
 //  - Plots run scripts/plot_simulation.py with $KEEL_PYTHON, else python3, else
@@ -15,6 +15,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <map>
 #include <memory>
 #include <set>
@@ -26,6 +27,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include "kernels/base/check.h"
+#include "runtime/cli/flags.h"
 #include "runtime/simulation/simulator.h"
 #if defined(KEEL_SIMULATION_USE_PERF_MODEL)
 #include "runtime/planning/hardware_spec.h"
@@ -42,9 +44,7 @@ namespace {
 
 using nlohmann::json;
 
-struct UsageError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
+using flags::UsageError;
 
 const char* kUsage =
     "usage: keel simulate [--config SERVE.yaml] [--block-size N]\n"
@@ -59,60 +59,6 @@ const char* kUsage =
     "         [--slo ttft:MS tpot:MS e2el:MS] [--sweep-rate MIN:MAX[:STEPS]] [--seed S]\n"
     "         [--json] [--save-json F] [--plot PNG]\n"
     "  DIST: N (fixed) | MIN:MAX (uniform) | lognormal:MEAN:SD\n";
-
-class Args {
- public:
-  Args(int argc, char** argv, int first, const std::set<std::string>& flags,
-       const std::set<std::string>& valued) {
-    for (int i = first; i < argc; ++i) {
-      std::string arg = argv[i];
-      if (arg == "-h" || arg == "--help") throw UsageError("");
-      if (flags.count(arg)) {
-        values_[arg].push_back("");
-      } else if (arg == "--slo") {
-        auto& list = values_[arg];
-        while (i + 1 < argc && std::string(argv[i + 1]).rfind("--", 0) != 0)
-          list.push_back(argv[++i]);
-        if (list.empty()) throw UsageError("--slo needs KEY:MS values (ttft:MS tpot:MS e2el:MS)");
-      } else if (valued.count(arg)) {
-        if (i + 1 >= argc) throw UsageError(arg + " needs a value");
-        values_[arg].push_back(argv[++i]);
-      } else {
-        throw UsageError("unknown option '" + arg + "'");
-      }
-    }
-  }
-  bool has(const std::string& name) const { return values_.count(name) > 0; }
-  std::string get(const std::string& name, const std::string& fallback = "") const {
-    auto it = values_.find(name);
-    return it == values_.end() ? fallback : it->second.back();
-  }
-  const std::vector<std::string>& all(const std::string& name) const {
-    static const std::vector<std::string> none;
-    auto it = values_.find(name);
-    return it == values_.end() ? none : it->second;
-  }
-  double number(const std::string& name, double fallback) const {
-    if (!has(name)) return fallback;
-    const std::string text = get(name);
-    try {
-      size_t used = 0;
-      double value = std::stod(text, &used);
-      if (used == text.size()) return value;
-    } catch (const std::exception&) {
-    }
-    throw UsageError(name + ": '" + text + "' is not a number");
-  }
-  int64_t integer(const std::string& name, int64_t fallback) const {
-    const double value = number(name, static_cast<double>(fallback));
-    if (value != static_cast<double>(static_cast<int64_t>(value)))
-      throw UsageError(name + " must be an integer");
-    return static_cast<int64_t>(value);
-  }
-
- private:
-  std::map<std::string, std::vector<std::string>> values_;
-};
 
 // The scheduler keys of a serve config (runtime/serving/serve_config.h); others are ignored.
 struct ServeDefaults {
@@ -196,53 +142,80 @@ void write_file(const std::string& path, const std::string& text) {
   if (!out) throw_error("cannot write ", path);
 }
 
-int run(int argc, char** argv) {
-  const Args args(argc, argv, 2, {"--json", "--no-jitter"},
-                  {"--config",
-                   "--block-size",
-                   "--num-kv-blocks",
-                   "--kv-block-bytes",
-                   "--max-num-seqs",
-                   "--max-num-batched-tokens",
-                   "--max-waiting",
-                   "--cost",
-                   "--base-ms",
-                   "--per-token-ms",
-                   "--per-kv-token-us",
-                   "--calibration",
-                   "--expert-fraction",
-                   "--model",
-                   "--hardware",
-                   "--quant",
-                   "--rate",
-                   "--burstiness",
-                   "--num-requests",
-                   "--input-len",
-                   "--output-len",
-                   "--trace",
-                   "--zipf",
-                   "--num-experts",
-                   "--moe-layers",
-                   "--routing-trace",
-                   "--placement",
-                   "--redundant-experts",
-                   "--tp",
-                   "--slo",
-                   "--sweep-rate",
-                   "--seed",
-                   "--save-json",
-                   "--plot"});
+// Every flag's value; where the serve config has the setting too, the flag wins when given.
+struct SimulateFlags {
+  bool json = false, no_jitter = false;
+  std::string config, cost, calibration, model, hardware, quant,
+      input_len = "128", output_len = "128", trace, routing_trace, placement, sweep_rate, save_json,
+      plot;
+  int64_t block_size = 16, num_kv_blocks = 0, kv_block_bytes = 0, max_num_seqs = 64,
+          max_num_batched_tokens = 512, max_waiting = 256, num_requests = 1000, num_experts = 64,
+          moe_layers = 8, redundant_experts = 0, tp = 1;
+  uint64_t seed = 0;
+  double base_ms = 10.0, per_token_ms = 0.05, per_kv_token_us = 0.0, expert_fraction = 0.5,
+         rate = 0, burstiness = 1.0, zipf = 0;
+  std::vector<std::string> slo;
+};
 
+void register_flags(flags::FlagSet& flags, SimulateFlags& f) {
+  flags.add_string("--config", &f.config, "SERVE.yaml", "scheduler settings from a serve config");
+  flags.add_int("--block-size", &f.block_size, "N", "KV block tokens (config: block_size)")
+      .range(1, 1 << 20);
+  flags.add_int("--num-kv-blocks", &f.num_kv_blocks, "N", "KV pool (config: num_kv_blocks)");
+  flags.add_int("--kv-block-bytes", &f.kv_block_bytes, "B",
+                "bytes per KV block, to size the pool from kv_cache_mb");
+  flags.add_int("--max-num-seqs", &f.max_num_seqs, "N", "(config: max_num_seqs)");
+  flags.add_int("--max-num-batched-tokens", &f.max_num_batched_tokens, "N",
+                "(config: max_num_batched_tokens)");
+  flags.add_int("--max-waiting", &f.max_waiting, "N", "(config: max_waiting)");
+  flags.add_string("--cost", &f.cost, "linear|roofline", "step cost model (default linear)");
+  flags.add_double("--base-ms", &f.base_ms, "A", "linear: ms per step");
+  flags.add_double("--per-token-ms", &f.per_token_ms, "B", "linear: ms per token");
+  flags.add_double("--per-kv-token-us", &f.per_kv_token_us, "C", "linear: us per KV token");
+  flags.add_string("--calibration", &f.calibration, "FILE", "measured step times (keel calibrate)");
+  flags.add_switch("--no-jitter", &f.no_jitter, "calibration: no step jitter");
+  flags.add_double("--expert-fraction", &f.expert_fraction, "F", "expert share of step time");
+  flags.add_string("--model", &f.model, "M.yaml", "roofline: model preset");
+  flags.add_string("--hardware", &f.hardware, "H.yaml", "roofline: hardware preset");
+  flags.add_string("--quant", &f.quant, "Q", "roofline: quantization");
+  flags.add_double("--rate", &f.rate, "R", "arrivals per second");
+  flags.add_double("--burstiness", &f.burstiness, "B", "gamma arrivals shape (1: Poisson)");
+  flags.add_int("--num-requests", &f.num_requests, "N", "requests");
+  flags.add_string("--input-len", &f.input_len, "DIST", "prompt tokens");
+  flags.add_string("--output-len", &f.output_len, "DIST", "output tokens");
+  flags.add_string("--trace", &f.trace, "FILE", "replay recorded arrivals");
+  flags.add_double("--zipf", &f.zipf, "S", "Zipf-skewed expert loads");
+  flags.add_int("--num-experts", &f.num_experts, "E", "zipf: experts per layer");
+  flags.add_int("--moe-layers", &f.moe_layers, "L", "zipf: MoE layers");
+  flags.add_string("--routing-trace", &f.routing_trace, "FILE", "expert loads from a routing file");
+  flags.add_string("--placement", &f.placement, "contiguous|round_robin|balanced",
+                   "expert placement (config: placement)");
+  flags.add_int("--redundant-experts", &f.redundant_experts, "R", "replicated hot experts");
+  flags.add_int("--tp", &f.tp, "N", "ranks (config: tp)");
+  flags.add_words("--slo", &f.slo, "KEY:MS", "p99 SLOs: ttft:MS tpot:MS e2el:MS");
+  flags.add_string("--sweep-rate", &f.sweep_rate, "MIN:MAX[:STEPS]", "highest rate meeting --slo");
+  flags.add_int("--seed", &f.seed, "S", "workload and jitter seed");
+  flags.add_switch("--json", &f.json, "JSON on stdout");
+  flags.add_string("--save-json", &f.save_json, "F", "full result with per-request arrays");
+  flags.add_string("--plot", &f.plot, "PNG", "plot (python3 + matplotlib)");
+}
+
+// Returns the exit status; throws UsageError for a bad command line.
+int run(const flags::FlagSet& flags, const SimulateFlags& f) {
+  // A flag that was given, else the serve config's value.
+  auto or_config = [&](const char* name, auto flag_value, auto config_value) {
+    return flags.given(name) ? flag_value : config_value;
+  };
   // Scheduler settings: serve config, then flags.
   ServeDefaults serve;
-  if (args.has("--config")) serve = read_serve_config(args.get("--config"));
+  if (flags.given("--config")) serve = read_serve_config(f.config);
   sim::SimulationConfig config;
   config.scheduler.block_size =
-      static_cast<int32_t>(args.integer("--block-size", serve.block_size));
-  int64_t num_kv_blocks = args.integer("--num-kv-blocks", serve.num_kv_blocks);
-  if (!args.has("--num-kv-blocks") && num_kv_blocks <= 0) {
-    if (serve.kv_cache_mb > 0 && args.has("--kv-block-bytes")) {
-      const int64_t block_bytes = args.integer("--kv-block-bytes", 0);
+      static_cast<int32_t>(or_config("--block-size", f.block_size, serve.block_size));
+  int64_t num_kv_blocks = or_config("--num-kv-blocks", f.num_kv_blocks, serve.num_kv_blocks);
+  if (!flags.given("--num-kv-blocks") && num_kv_blocks <= 0) {
+    if (serve.kv_cache_mb > 0 && flags.given("--kv-block-bytes")) {
+      const int64_t block_bytes = f.kv_block_bytes;
       if (block_bytes < 1) throw UsageError("--kv-block-bytes must be >= 1");
       num_kv_blocks = std::max<int64_t>(1, serve.kv_cache_mb * 1024 * 1024 / block_bytes);
     } else {
@@ -254,28 +227,27 @@ int run(int argc, char** argv) {
   if (num_kv_blocks < 1 || num_kv_blocks > (int64_t{1} << 30))
     throw UsageError("--num-kv-blocks out of range");
   config.scheduler.num_kv_blocks = static_cast<int32_t>(num_kv_blocks);
-  config.scheduler.max_num_seqs = args.integer("--max-num-seqs", serve.max_num_seqs);
+  config.scheduler.max_num_seqs = or_config("--max-num-seqs", f.max_num_seqs, serve.max_num_seqs);
   config.scheduler.max_num_batched_tokens =
-      args.integer("--max-num-batched-tokens", serve.max_num_batched_tokens);
-  config.max_waiting = args.integer("--max-waiting", serve.max_waiting);
-  if (args.has("--slo")) config.slo = loadgen::parse_slo(args.all("--slo"));
+      or_config("--max-num-batched-tokens", f.max_num_batched_tokens, serve.max_num_batched_tokens);
+  config.max_waiting = or_config("--max-waiting", f.max_waiting, serve.max_waiting);
+  if (flags.given("--slo")) config.slo = loadgen::parse_slo(f.slo);
 
   // Cost model.
   std::unique_ptr<sim::StepCostModel> cost;
   [[maybe_unused]] bool roofline = false;  // built below, once the MoE skew factor is known
   json cost_json;
-  const std::string cost_kind =
-      args.get("--cost", args.has("--calibration") ? "calibration" : "linear");
-  if (args.has("--calibration")) {
-    if (args.has("--cost") && cost_kind != "calibration")
+  const std::string cost_kind = flags.given("--cost")          ? f.cost
+                                : flags.given("--calibration") ? "calibration"
+                                                               : "linear";
+  if (flags.given("--calibration")) {
+    if (flags.given("--cost") && cost_kind != "calibration")
       throw UsageError("--calibration and --cost " + cost_kind + " exclude each other");
-    cost = std::make_unique<sim::CalibratedCostModel>(
-        sim::CalibratedCostModel::load(args.get("--calibration")));
-    cost_json = {{"kind", "calibration"}, {"file", args.get("--calibration")}};
+    cost =
+        std::make_unique<sim::CalibratedCostModel>(sim::CalibratedCostModel::load(f.calibration));
+    cost_json = {{"kind", "calibration"}, {"file", f.calibration}};
   } else if (cost_kind == "linear") {
-    const double base_ms = args.number("--base-ms", 10.0),
-                 per_token_ms = args.number("--per-token-ms", 0.05),
-                 per_kv_us = args.number("--per-kv-token-us", 0.0);
+    const double base_ms = f.base_ms, per_token_ms = f.per_token_ms, per_kv_us = f.per_kv_token_us;
     cost =
         std::make_unique<sim::LinearCostModel>(base_ms / 1e3, per_token_ms / 1e3, per_kv_us / 1e6);
     cost_json = {{"kind", "linear"},
@@ -284,13 +256,11 @@ int run(int argc, char** argv) {
                  {"per_kv_token_us", per_kv_us}};
   } else if (cost_kind == "roofline") {
 #if defined(KEEL_SIMULATION_USE_PERF_MODEL)
-    if (!args.has("--model") || !args.has("--hardware") || !args.has("--quant"))
+    if (!flags.given("--model") || !flags.given("--hardware") || !flags.given("--quant"))
       throw UsageError("--cost roofline needs --model M.yaml --hardware H.yaml --quant Q");
     roofline = true;
-    cost_json = {{"kind", "roofline"},
-                 {"model", args.get("--model")},
-                 {"hardware", args.get("--hardware")},
-                 {"quant", args.get("--quant")}};
+    cost_json = {
+        {"kind", "roofline"}, {"model", f.model}, {"hardware", f.hardware}, {"quant", f.quant}};
 #else
     throw UsageError(
         "--cost roofline needs the planner (runtime/planning), which this build "
@@ -299,24 +269,22 @@ int run(int argc, char** argv) {
   } else {
     throw UsageError("--cost must be linear or roofline (or give --calibration FILE)");
   }
-  if (args.has("--expert-fraction")) config.expert_fraction = args.number("--expert-fraction", 0.5);
+  if (flags.given("--expert-fraction")) config.expert_fraction = f.expert_fraction;
 
   // MoE skew.
-  const int tp = static_cast<int>(args.integer("--tp", serve.tp));
+  const int tp = static_cast<int>(or_config("--tp", f.tp, serve.tp));
   const sim::SimPlacement placement =
-      sim::parse_sim_placement(args.get("--placement", serve.placement));
-  const int64_t redundant = args.integer("--redundant-experts", 0);
-  const uint64_t seed = static_cast<uint64_t>(args.integer("--seed", 0));
+      sim::parse_sim_placement(or_config("--placement", f.placement, serve.placement));
+  const int64_t redundant = f.redundant_experts;
+  const uint64_t seed = f.seed;
   config.jitter_seed = seed + 1;
-  config.step_jitter = !args.has("--no-jitter");
+  config.step_jitter = !flags.given("--no-jitter");
   sim::ExpertLoads loads;
-  if (args.has("--zipf") && args.has("--routing-trace"))
+  if (flags.given("--zipf") && flags.given("--routing-trace"))
     throw UsageError("--zipf and --routing-trace exclude each other");
-  if (args.has("--zipf"))
-    loads = sim::zipf_expert_loads(args.number("--zipf", 0), args.integer("--num-experts", 64),
-                                   args.integer("--moe-layers", 8), seed);
-  if (args.has("--routing-trace"))
-    loads = sim::routing_trace_expert_loads(args.get("--routing-trace"));
+  if (flags.given("--zipf"))
+    loads = sim::zipf_expert_loads(f.zipf, f.num_experts, f.moe_layers, seed);
+  if (flags.given("--routing-trace")) loads = sim::routing_trace_expert_loads(f.routing_trace);
   if (!loads.empty())
     config.moe_factor = sim::moe_slowdown_factor(loads, placement, tp, redundant);
   else if (redundant > 0)
@@ -329,10 +297,9 @@ int run(int argc, char** argv) {
     options.max_num_batched_tokens = config.scheduler.max_num_batched_tokens;
     options.max_num_seqs = config.scheduler.max_num_seqs;
     options.expert_imbalance = config.moe_factor;
-    cost = planning::make_roofline_cost_model(planning::load_model_spec(args.get("--model")),
-                                              planning::load_hardware_spec(args.get("--hardware")),
-                                              planning::quant_from_name(args.get("--quant")), tp,
-                                              options);
+    cost = planning::make_roofline_cost_model(planning::load_model_spec(f.model),
+                                              planning::load_hardware_spec(f.hardware),
+                                              planning::quant_from_name(f.quant), tp, options);
     cost_json["expert_imbalance"] = config.moe_factor;
     config.moe_factor = 1.0;
   }
@@ -341,16 +308,16 @@ int run(int argc, char** argv) {
 
   // Workload.
   sim::WorkloadSpec workload;
-  workload.rate = args.number("--rate", 0);
-  workload.burstiness = args.number("--burstiness", 1.0);
-  workload.num_requests = args.integer("--num-requests", 1000);
-  workload.input_len = sim::LengthDist::parse(args.get("--input-len", "128"));
-  workload.output_len = sim::LengthDist::parse(args.get("--output-len", "128"));
+  workload.rate = f.rate;
+  workload.burstiness = f.burstiness;
+  workload.num_requests = f.num_requests;
+  workload.input_len = sim::LengthDist::parse(f.input_len);
+  workload.output_len = sim::LengthDist::parse(f.output_len);
   workload.seed = seed;
-  const bool sweeping = args.has("--sweep-rate");
-  if (args.has("--trace") && (args.has("--rate") || sweeping))
+  const bool sweeping = flags.given("--sweep-rate");
+  if (flags.given("--trace") && (flags.given("--rate") || sweeping))
     throw UsageError("--trace replays recorded arrivals: it excludes --rate and --sweep-rate");
-  if (!args.has("--trace") && !args.has("--rate") && !sweeping)
+  if (!flags.given("--trace") && !flags.given("--rate") && !sweeping)
     throw UsageError("give --rate R, --trace FILE or --sweep-rate MIN:MAX");
 
   json out;
@@ -358,23 +325,21 @@ int run(int argc, char** argv) {
   sim::SimulationResult result;
   if (sweeping) {
     std::vector<std::string> parts;
-    std::stringstream stream(args.get("--sweep-rate"));
+    std::stringstream stream(f.sweep_rate);
     for (std::string part; std::getline(stream, part, ':');) parts.push_back(part);
     if (parts.size() < 2 || parts.size() > 3) throw UsageError("--sweep-rate MIN:MAX[:STEPS]");
-    double lo = 0, hi = 0;
-    int steps = 10;
-    try {
-      lo = std::stod(parts[0]);
-      hi = std::stod(parts[1]);
-      if (parts.size() == 3) steps = std::stoi(parts[2]);
-    } catch (const std::exception&) {
-      throw UsageError("--sweep-rate MIN:MAX[:STEPS] needs numbers");
-    }
+    constexpr double kUnbounded = std::numeric_limits<double>::infinity();
+    const double lo = flags::parse_number("--sweep-rate MIN", parts[0], -kUnbounded, kUnbounded);
+    const double hi = flags::parse_number("--sweep-rate MAX", parts[1], -kUnbounded, kUnbounded);
+    const int steps =
+        parts.size() == 3
+            ? static_cast<int>(flags::parse_integer("--sweep-rate STEPS", parts[2], 1, 1000))
+            : 10;
     if (!config.slo.any()) throw UsageError("--sweep-rate needs --slo ttft:MS and/or tpot:MS");
     const sim::SweepResult sweep = sim::sweep_rate(workload, lo, hi, steps, config, *cost);
     sweep_out = sim::sweep_json(sweep);
     workload.rate = sweep.max_rate ? *sweep.max_rate : lo;
-    if (!args.has("--json")) {
+    if (!flags.given("--json")) {
       std::cout << "keel simulate: rate sweep over [" << lo << ", " << hi << "] req/s, p99 SLO";
       if (config.slo.ttft_ms) std::cout << " ttft <= " << *config.slo.ttft_ms << " ms";
       if (config.slo.tpot_ms) std::cout << " tpot <= " << *config.slo.tpot_ms << " ms";
@@ -393,7 +358,7 @@ int run(int argc, char** argv) {
     }
   }
   const std::vector<sim::SimRequest> requests =
-      args.has("--trace") ? sim::load_trace(args.get("--trace")) : sim::generate_workload(workload);
+      flags.given("--trace") ? sim::load_trace(f.trace) : sim::generate_workload(workload);
   result = sim::simulate(requests, config, *cost);
 
   out = sim::result_json(result);
@@ -405,8 +370,8 @@ int run(int argc, char** argv) {
         {"max_num_batched_tokens", config.scheduler.max_num_batched_tokens},
         {"max_waiting", config.max_waiting}}},
       {"cost", cost_json},
-      {"workload", args.has("--trace")
-                       ? json{{"trace", args.get("--trace")}, {"num_requests", requests.size()}}
+      {"workload", flags.given("--trace")
+                       ? json{{"trace", f.trace}, {"num_requests", requests.size()}}
                        : json{{"rate", workload.rate},
                               {"burstiness", workload.burstiness},
                               {"num_requests", workload.num_requests},
@@ -417,20 +382,19 @@ int run(int argc, char** argv) {
        {{"placement", sim::sim_placement_name(placement)},
         {"tp", tp},
         {"redundant_experts", redundant},
-        {"zipf", args.has("--zipf") ? json(args.number("--zipf", 0)) : json(nullptr)},
-        {"routing_trace",
-         args.has("--routing-trace") ? json(args.get("--routing-trace")) : json(nullptr)},
+        {"zipf", flags.given("--zipf") ? json(f.zipf) : json(nullptr)},
+        {"routing_trace", flags.given("--routing-trace") ? json(f.routing_trace) : json(nullptr)},
         {"slowdown_factor", config.moe_factor}}}};
   if (sweeping) out["sweep"] = sweep_out;
-  if (args.has("--json"))
+  if (flags.given("--json"))
     std::cout << out.dump(2) << "\n";
   else
     std::cout << sim::result_table(result);
 
-  if (args.has("--save-json") || args.has("--plot")) {
+  if (flags.given("--save-json") || flags.given("--plot")) {
     json full = out;
     full.update(loadgen::records_json(result.records));  // per-request arrays, as bench serve
-    std::string path = args.get("--save-json");
+    std::string path = f.save_json;
     std::string temp;
     if (path.empty()) {
       temp = (std::filesystem::temp_directory_path() / "keel-simulate-XXXXXX.json").string();
@@ -440,14 +404,14 @@ int run(int argc, char** argv) {
       path = temp;
     }
     write_file(path, full.dump() + "\n");
-    if (args.has("--plot")) {
+    if (flags.given("--plot")) {
       try {
-        run_plot(path, args.get("--plot"));
+        run_plot(path, f.plot);
       } catch (...) {
         if (!temp.empty()) std::filesystem::remove(temp);
         throw;
       }
-      std::cerr << "keel simulate: wrote " << args.get("--plot") << "\n";
+      std::cerr << "keel simulate: wrote " << f.plot << "\n";
     }
     if (!temp.empty()) std::filesystem::remove(temp);
   }
@@ -457,11 +421,17 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int simulate_command(int argc, char** argv) {
+  flags::FlagSet flags("keel simulate", kUsage);
+  SimulateFlags values;
+  register_flags(flags, values);
   try {
-    return run(argc, argv);
+    if (!flags.parse(argc, argv, 2)) {
+      std::cout << flags.help();
+      return 0;
+    }
+    return run(flags, values);
   } catch (const UsageError& error) {
-    if (*error.what()) std::cerr << "keel simulate: " << error.what() << "\n";
-    std::cerr << kUsage;
+    std::cerr << "keel simulate: " << error.what() << "\n" << flags.help();
     return 2;
   } catch (const std::exception& error) {
     std::cerr << "keel simulate: " << error.what() << "\n";
