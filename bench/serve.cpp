@@ -44,7 +44,7 @@
 #include "bench/machine.h"
 #include "runtime/cli/client_cmds.h"
 #include "runtime/cli/flags.h"
-#include "runtime/loadgen/loadgen.h"
+#include "runtime/tools/loadgen/loadgen.h"
 
 namespace {
 

@@ -43,10 +43,10 @@
 
 #include "bench/machine.h"
 #include "runtime/cli/flags.h"
-#include "runtime/loadgen/loadgen.h"
+#include "runtime/tools/loadgen/loadgen.h"
 #include "runtime/serving/serve_config.h"
-#include "runtime/simulation/cost_model.h"
-#include "runtime/simulation/simulator.h"
+#include "runtime/tools/simulation/cost_model.h"
+#include "runtime/tools/simulation/simulator.h"
 
 namespace {
 

@@ -18,7 +18,7 @@
 
 #include "bench/machine.h"
 #include "runtime/cli/flags.h"
-#include "runtime/simulation/simulator.h"
+#include "runtime/tools/simulation/simulator.h"
 
 namespace {
 

@@ -14,7 +14,7 @@
 
 #include "comm/mpi_comm.h"
 #include "kernels/base/check.h"
-#include "runtime/engine.h"
+#include "runtime/engine/engine.h"
 
 int main(int argc, char** argv) {
   if (argc != 7) {

@@ -33,7 +33,7 @@
 #include <vector>
 
 #include "runtime/cli/client_cmds.h"
-#include "runtime/loadgen/loadgen.h"
+#include "runtime/tools/loadgen/loadgen.h"
 #include "runtime/server/api.h"
 #include "runtime/server/http_server.h"
 

@@ -281,7 +281,7 @@ TEST_F(CudaKernels, KvAppendAndAttentionMatchCpuWithinExpTolerance) {
       random_floats(rng, static_cast<size_t>(num_caches * cache_floats), -1, 1);
   std::vector<float> v_pool = random_floats(rng, k_pool.size(), -1, 1);
 
-  // CPU: append then attend, as runtime/model.cpp does.
+  // CPU: append then attend, as runtime/model/model.cpp does.
   std::vector<float> k_cpu = k_pool, v_cpu = v_pool;
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t h = 0; h < kv_heads; ++h)
@@ -456,7 +456,7 @@ TEST_F(CudaKernels, ArgmaxMatchesEngineRule) {
   cuda::argmax_rows(logits_device.as<float>(), rows, vocab, stride, ids_device.as<int32_t>());
   const std::vector<int32_t> ids = to_host<int32_t>(ids_device, rows);
   for (int64_t r = 0; r < rows; ++r) {
-    int32_t best = 0;  // runtime/engine.cpp's scan
+    int32_t best = 0;  // the greedy scan: the first maximum wins
     for (int64_t i = 1; i < vocab; ++i)
       if (logits[r * stride + i] > logits[r * stride + best]) best = static_cast<int32_t>(i);
     EXPECT_EQ(ids[r], best) << "row " << r;
@@ -486,7 +486,7 @@ TEST_F(CudaKernels, AddsAreBitIdentical) {
 
 // ---------------------------------------------------------------------------------------------
 // MoE: the device pack against cpu::moe_pack (identical arrays), the gather, the grouped
-// expert GEMM against cpu::gemm per expert, and the combine against runtime/model.cpp's loop.
+// expert GEMM against cpu::gemm per expert, and the combine against runtime/model/model.cpp's loop.
 
 struct MoeCase {
   int64_t tokens = 13, top_k = 4, experts = 10, hidden = 70;
@@ -620,7 +620,7 @@ TEST_F(CudaKernels, MoeGatherAndCombineAreBitIdentical) {
   DeviceBuffer out(static_cast<size_t>(c.tokens * c.hidden) * sizeof(float));
   for (bool round : {false, true}) {
     for (DType dtype : kAllDtypes) {
-      // runtime/model.cpp's combine (without a shared expert).
+      // runtime/model/model.cpp's combine (without a shared expert).
       std::vector<float> expected(static_cast<size_t>(c.tokens * c.hidden), 0.0f);
       for (int64_t t = 0; t < c.tokens; ++t)
         for (int64_t s = 0; s < c.top_k; ++s) {

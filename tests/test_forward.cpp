@@ -12,9 +12,9 @@
 #include <nlohmann/json.hpp>
 
 #include "kernels/base/check.h"
-#include "runtime/deployment.h"
-#include "runtime/engine.h"
-#include "runtime/gen_model.h"
+#include "runtime/engine/deployment.h"
+#include "runtime/engine/engine.h"
+#include "runtime/model/gen_model.h"
 
 namespace keel {
 namespace {

@@ -11,7 +11,7 @@
 #include <sstream>
 
 #include "kernels/base/check.h"
-#include "runtime/gen_model.h"
+#include "runtime/model/gen_model.h"
 #include "runtime/tokenizer/chat_template.h"
 #include "runtime/tokenizer/tokenizer.h"
 

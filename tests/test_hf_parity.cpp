@@ -8,7 +8,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
-#include "runtime/engine.h"
+#include "runtime/engine/engine.h"
 
 namespace keel {
 namespace {

@@ -19,11 +19,11 @@
 #include <vector>
 
 #include "comm/thread_comm.h"
-#include "runtime/backend.h"
-#include "runtime/checkpoint.h"
-#include "runtime/gen_model.h"
-#include "runtime/model.h"
-#include "runtime/model_config.h"
+#include "runtime/backend/backend.h"
+#include "runtime/model/checkpoint.h"
+#include "runtime/model/gen_model.h"
+#include "runtime/model/model.h"
+#include "runtime/model/model_config.h"
 #include "scheduler/placement.h"
 
 namespace keel {

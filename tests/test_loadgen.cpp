@@ -14,7 +14,7 @@
 #include <thread>
 #include <vector>
 
-#include "runtime/loadgen/loadgen.h"
+#include "runtime/tools/loadgen/loadgen.h"
 #include "runtime/server/api.h"
 #include "runtime/server/http_server.h"
 

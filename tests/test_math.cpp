@@ -287,7 +287,7 @@ TEST(SharedMath, SiluAndSigmoidMatchCpuKernels) {
   }
 }
 
-// runtime/model.cpp's combine loop, restated: slot outputs in (token, slot) rows.
+// runtime/model/model.cpp's combine loop, restated: slot outputs in (token, slot) rows.
 std::vector<float> reference_combine(const std::vector<float>& slot_out,
                                      const std::vector<float>& weights,
                                      const std::vector<bool>& local, int64_t num_tokens,
@@ -340,7 +340,7 @@ TEST(SharedMath, CombineOverPackedRowsMatchesModelLoop) {
   }
 }
 
-// The engine's greedy rule, restated (runtime/engine.cpp).
+// The greedy rule (first maximum wins), restated (runtime/sampling/sampler.cpp's argmax).
 int32_t engine_argmax(const std::vector<float>& logits) {
   int32_t best = 0;
   for (size_t i = 1; i < logits.size(); ++i)

@@ -3,8 +3,8 @@
 #include <gtest/gtest.h>
 
 #include "kernels/base/check.h"
-#include "runtime/deployment.h"
-#include "runtime/model_config.h"
+#include "runtime/engine/deployment.h"
+#include "runtime/model/model_config.h"
 
 namespace keel {
 namespace {

@@ -4,7 +4,7 @@
 // Design note. The demonstration needs three things to line up:
 //  1. Near-ties that float rounding decides. configs/models/tiny-near-tie.yaml is tiny-chat
 //     with near_tie_layer: 1 (its last MoE layer): the router rows of experts (0,1) .. (10,11)
-//     differ by ~1e-7 x router std per element (runtime/gen_model.h), so the two logits of a
+//     differ by ~1e-7 x router std per element (runtime/model/gen_model.h), so the two logits of a
 //     pair differ by about as much as the rounding error of the logit dot products themselves.
 //     Whenever such a pair holds the 4th and 5th places (measured: 73 of the probe's 128 rows),
 //     which of the two is chosen depends on the last bits of the router input. Such decisions
@@ -51,7 +51,7 @@
 #include <thread>
 #include <vector>
 
-#include "runtime/gen_model.h"
+#include "runtime/model/gen_model.h"
 #include "runtime/routing/routing_file.h"
 #include "serve_test_util.h"
 

@@ -13,7 +13,7 @@
 
 #include "kernels/base/check.h"
 #include "runtime/cli/plan_cmd.h"
-#include "runtime/planning/plan_report.h"
+#include "runtime/tools/planning/plan_report.h"
 
 using namespace keel::planning;
 

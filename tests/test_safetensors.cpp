@@ -1,5 +1,5 @@
-// Tests for the safetensors reader/writer (runtime/safetensors.h) and the checkpoint directory
-// loader (runtime/checkpoint.h): round trips, interop with the Python safetensors library,
+// Tests for the safetensors reader/writer (runtime/model/safetensors.h) and the checkpoint directory
+// loader (runtime/model/checkpoint.h): round trips, interop with the Python safetensors library,
 // every malformed-input path (each must name the file and the tensor), and sharded indexes.
 //
 // Test data is written per test into a fresh directory under the system temp directory and
@@ -20,8 +20,8 @@
 
 #include "kernels/base/check.h"
 #include "kernels/base/dtype.h"
-#include "runtime/checkpoint.h"
-#include "runtime/safetensors.h"
+#include "runtime/model/checkpoint.h"
+#include "runtime/model/safetensors.h"
 
 namespace keel {
 namespace {

@@ -17,10 +17,10 @@
 #include <thread>
 #include <vector>
 
-#include "runtime/gen_model.h"
+#include "runtime/model/gen_model.h"
 #include "runtime/routing/routing_file.h"
 #include "runtime/serving/calibrate.h"
-#include "runtime/simulation/cost_model.h"
+#include "runtime/tools/simulation/cost_model.h"
 #include "serve_test_util.h"
 
 namespace {

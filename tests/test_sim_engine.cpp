@@ -17,12 +17,12 @@
 #include <vector>
 
 #include "kernels/base/check.h"
-#include "runtime/engine.h"
-#include "runtime/gen_model.h"
+#include "runtime/engine/engine.h"
+#include "runtime/model/gen_model.h"
 #include "runtime/serving/calibrate.h"
 #include "runtime/serving/serving_engine.h"
-#include "runtime/simulation/cost_model.h"
-#include "runtime/simulation/simulator.h"
+#include "runtime/tools/simulation/cost_model.h"
+#include "runtime/tools/simulation/simulator.h"
 
 namespace {
 

@@ -18,7 +18,7 @@
 
 #include "kernels/base/check.h"
 #include "runtime/cli/simulate_cmd.h"
-#include "runtime/simulation/simulator.h"
+#include "runtime/tools/simulation/simulator.h"
 
 namespace keel::sim {
 namespace {

@@ -26,7 +26,7 @@
 #include <tuple>
 
 #include "runtime/cli/flags.h"
-#include "runtime/loadgen/loadgen.h"
+#include "runtime/tools/loadgen/loadgen.h"
 
 #ifndef KEEL_SOURCE_DIR
 #define KEEL_SOURCE_DIR "."

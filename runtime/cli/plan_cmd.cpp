@@ -6,7 +6,7 @@
 
 #include "kernels/base/check.h"
 #include "runtime/cli/flags.h"
-#include "runtime/planning/plan_report.h"
+#include "runtime/tools/planning/plan_report.h"
 
 namespace keel {
 

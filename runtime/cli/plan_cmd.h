@@ -1,4 +1,4 @@
-// `keel plan ...`: capacity planning for a model on a GPU server (runtime/planning/).
+// `keel plan ...`: capacity planning for a model on a GPU server (runtime/tools/planning/).
 //
 // Design note. The subcommand lives in its own library (keel_planning_cli) with one entry point
 // so the keel binary can dispatch to it (argv[1] == "plan") and tests can call it in-process with

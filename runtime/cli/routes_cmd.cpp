@@ -13,7 +13,7 @@
 
 #include "kernels/base/check.h"
 #include "runtime/cli/flags.h"
-#include "runtime/routing/analysis.h"
+#include "runtime/tools/routing_analysis/analysis.h"
 #include "runtime/routing/routing_file.h"
 
 namespace keel {

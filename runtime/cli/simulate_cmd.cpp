@@ -1,6 +1,6 @@
 // keel simulate: option parsing, the serve config's scheduler settings, cost model choice,
 // output and plotting. The command line is documented in simulate_cmd.h; the model in
-// runtime/simulation/simulator.h. Mechanics:
+// runtime/tools/simulation/simulator.h. Mechanics:
 //  - Flags are parsed by keel_flags (runtime/cli/flags.h) as in the rest of the CLI; --slo
 //    takes every following word up to the next "--" option (as bench serve's --goodput).
 //  - The serve config is read with yaml-cpp directly (only the scheduler keys; the rest is
@@ -28,11 +28,11 @@
 
 #include "kernels/base/check.h"
 #include "runtime/cli/flags.h"
-#include "runtime/simulation/simulator.h"
+#include "runtime/tools/simulation/simulator.h"
 #if defined(KEEL_SIMULATION_USE_PERF_MODEL)
-#include "runtime/planning/hardware_spec.h"
-#include "runtime/planning/model_spec.h"
-#include "runtime/planning/quant.h"
+#include "runtime/tools/planning/hardware_spec.h"
+#include "runtime/tools/planning/model_spec.h"
+#include "runtime/tools/planning/quant.h"
 #endif
 
 #ifndef KEEL_SOURCE_DIR

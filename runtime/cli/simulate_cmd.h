@@ -1,5 +1,5 @@
 // `keel simulate`: discrete-event simulation of serving over keel's real scheduler
-// (runtime/simulation/simulator.h has the model; cost_model.h the calibration file format).
+// (runtime/tools/simulation/simulator.h has the model; cost_model.h the calibration file format).
 //
 // Design note. One entry point in its own library (keel_simulation_cli) so the keel binary
 // dispatches to it (argv[1] == "simulate") and tests call it in-process with a fake argv. It

@@ -197,7 +197,7 @@ nlohmann::json calibrate_engine(Engine& engine, const CalibrationGrid& grid) {
 }
 
 // Steps of a served load -> calibration (see calibrate.h). Shapes and costs as the simulator
-// counts them (runtime/simulation/simulator.h).
+// counts them (runtime/tools/simulation/simulator.h).
 nlohmann::json calibration_from_served_steps(const nlohmann::json& steps, int64_t min_samples) {
   // A step costs the simulator its own time plus the serving overhead until the next step
   // starts (finishing requests, telemetry, admission and planning): the gap before the next
@@ -231,7 +231,7 @@ nlohmann::json calibration_from_served_steps(const nlohmann::json& steps, int64_
     times.push_back(cost_of_step.back());
     kv.push_back(step["kv_tokens_read"].get<int64_t>());
   }
-  // Step jitter (runtime/simulation/cost_model.h): each step's cost over the median of its
+  // Step jitter (runtime/tools/simulation/cost_model.h): each step's cost over the median of its
   // shape, for shapes seen often enough that the median means something.
   constexpr size_t kJitterMinShapeSamples = 5;
   std::map<std::pair<int64_t, int64_t>, double> shape_median;

@@ -1,5 +1,5 @@
 // keel calibrate: measure keel's own engine step times on a grid of step shapes and write the
-// calibration file keel simulate interpolates (format: runtime/simulation/cost_model.h).
+// calibration file keel simulate interpolates (format: runtime/tools/simulation/cost_model.h).
 //
 // Each grid point is one synthetic step driven through Engine::serve, exactly as the server
 // drives steps (header + payload broadcast, forward on every rank, logits gathered to the
@@ -20,7 +20,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "runtime/engine.h"
+#include "runtime/engine/engine.h"
 
 namespace keel {
 
@@ -48,7 +48,7 @@ nlohmann::json calibrate_engine(Engine& engine, const CalibrationGrid& grid);
 //    the medians of all shapes with that prefill count (weights: sample counts) when that count
 //    was seen at >= 2 decode counts in >= 10 steps: such steps are few per shape, and their
 //    medians scatter more than the line does.
-//  - step_jitter (format in runtime/simulation/cost_model.h) when >= 100 steps belong to shapes
+//  - step_jitter (format in runtime/tools/simulation/cost_model.h) when >= 100 steps belong to shapes
 //    seen >= 5 times: quantiles q = 0, 0.01, .., 1 of cost / median cost of the step's shape,
 //    and the lag-1 correlation of consecutive steps' log ratios (clamped to [0, 0.99]).
 // Throws keel::Error when a record lacks a field or no shape has min_samples steps.

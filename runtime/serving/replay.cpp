@@ -5,7 +5,7 @@
 
 #include "kernels/base/check.h"
 #include "runtime/sampling/sampler.h"
-#include "runtime/sha256.h"
+#include "runtime/common/sha256.h"
 #include "runtime/tokenizer/tokenizer.h"
 
 namespace keel {

@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "runtime/engine.h"
+#include "runtime/engine/engine.h"
 #include "runtime/routing/routing_file.h"
 
 namespace keel {

@@ -2,7 +2,7 @@
 
 #include <filesystem>
 
-#include "runtime/yaml_util.h"
+#include "runtime/common/yaml_util.h"
 
 namespace keel {
 

@@ -29,7 +29,7 @@
 #include <cstdint>
 #include <string>
 
-#include "runtime/engine.h"
+#include "runtime/engine/engine.h"
 
 namespace keel {
 

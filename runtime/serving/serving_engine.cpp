@@ -12,7 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "kernels/base/check.h"
-#include "runtime/step_plan.h"
+#include "runtime/engine/step_plan.h"
 
 namespace keel {
 

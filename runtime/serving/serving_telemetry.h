@@ -4,7 +4,7 @@
 //
 // Design:
 //  - Ranks collect without locks: each rank's forward pass writes its own StepObservation
-//    (runtime/model.h); the engine all-gathers phase and expert seconds once per step and the
+//    (runtime/model/model.h); the engine all-gathers phase and expert seconds once per step and the
 //    leader folds them in here (Engine::serve, StepOutput). Routing and margins are replicated,
 //    so the leader's copy is everyone's.
 //  - One mutex guards the folded state: the leader takes it once per step and once per finished
@@ -25,7 +25,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "runtime/engine.h"
+#include "runtime/engine/engine.h"
 #include "runtime/telemetry/metrics.h"
 #include "runtime/telemetry/trace.h"
 

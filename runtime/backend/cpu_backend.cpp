@@ -1,0 +1,223 @@
+// The CPU backend: each op is a loop over rows calling kernels/cpu, in the same order the
+// determinism contract fixes (see kernels/cpu/gemm.h and runtime/model/model.cpp).
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "kernels/base/check.h"
+#include "kernels/cpu/gemm.h"
+#include "kernels/cpu/moe.h"
+#include "kernels/cpu/ops.h"
+#include "kernels/math/ops_math.h"
+#include "runtime/backend/backend.h"
+
+namespace keel {
+
+std::string_view device_name(Device device) {
+  return device == Device::kCpu ? "cpu" : "cuda";
+}
+
+Device parse_device(std::string_view name) {
+  if (name == "cpu") return Device::kCpu;
+  if (name == "cuda") return Device::kCuda;
+  throw_error("unknown backend '", name, "' (expected cpu or cuda)");
+}
+
+namespace {
+
+class CpuBackend final : public Backend {
+ public:
+  Device device() const override { return Device::kCpu; }
+
+  DeviceArray allocate(DType dtype, size_t count) override {
+    size_t nbytes = count * dtype_size(dtype);
+    return DeviceArray(Device::kCpu, dtype, nbytes, allocate_zeroed(nbytes), &std::free);
+  }
+  DeviceArray allocate_bytes(size_t nbytes) override {
+    return DeviceArray(Device::kCpu, DType::kF32, nbytes, allocate_zeroed(nbytes), &std::free);
+  }
+  void copy_from_host(const void* host, size_t bytes, void* device_dst) override {
+    if (bytes > 0) std::memcpy(device_dst, host, bytes);
+  }
+  void copy_to_host(const void* device_src, size_t bytes, void* host_dst) override {
+    if (bytes > 0) std::memcpy(host_dst, device_src, bytes);
+  }
+
+  void embed(const void* table, DType table_dtype, int64_t /*vocab*/, int64_t width,
+             const int32_t* token_ids, int64_t num_tokens, float* out) override {
+    for (int64_t token = 0; token < num_tokens; ++token)
+      cpu::to_f32(
+          static_cast<const std::byte*>(table) +
+              static_cast<size_t>(int64_t{token_ids[token]} * width) * dtype_size(table_dtype),
+          table_dtype, width, out + token * width);
+  }
+  void gemm(const float* x, const void* w, DType w_dtype, float* y, int64_t m, int64_t n,
+            int64_t k) override {
+    cpu::gemm(x, w, w_dtype, y, m, n, k);
+  }
+  void rms_norm(const float* x, const float* weight, float eps, int64_t num_rows, int64_t width,
+                float* out) override {
+    cpu::rms_norm(x, weight, eps, num_rows, width, out);
+  }
+  void head_norm(float* rows, int64_t row_stride, int64_t first_col, int64_t num_heads,
+                 int64_t head_dim, const float* weight, float eps, int64_t num_rows) override {
+    for (int64_t row = 0; row < num_rows; ++row) {
+      float* heads = rows + row * row_stride + first_col;
+      cpu::rms_norm(heads, weight, eps, num_heads, head_dim, heads);
+    }
+  }
+  void add_bias(float* x, const float* bias, int64_t num_rows, int64_t width) override {
+    for (int64_t row = 0; row < num_rows; ++row)
+      for (int64_t i = 0; i < width; ++i) x[row * width + i] += bias[i];
+  }
+  void rope(float* rows, int64_t row_stride, int64_t num_q_heads, int64_t k_col,
+            int64_t num_k_heads, int64_t head_dim, int64_t rotary_dim, double theta,
+            const int32_t* positions, int64_t num_rows, int64_t /*max_positions*/) override {
+    cos_sin_.resize(static_cast<size_t>(rotary_dim));
+    for (int64_t row = 0; row < num_rows; ++row) {
+      float* vectors = rows + row * row_stride;
+      cpu::rope_cos_sin(positions[row], theta, rotary_dim, cos_sin_.data());
+      cpu::apply_rope(vectors, num_q_heads, head_dim, rotary_dim, cos_sin_.data());
+      cpu::apply_rope(vectors + k_col, num_k_heads, head_dim, rotary_dim, cos_sin_.data());
+    }
+  }
+  void kv_append(const float* rows, int64_t row_stride, int64_t k_col, int64_t v_col,
+                 const int32_t* positions, const int32_t* cache_idx, int64_t num_rows,
+                 int64_t layer_idx, const KvPoolView& pool) override {
+    for (int64_t row = 0; row < num_rows; ++row) {
+      for (int64_t kv_head = 0; kv_head < pool.kv_heads; ++kv_head) {
+        const int64_t offset =
+            paged_rows(pool, pool.k, cache_idx[row], layer_idx, kv_head).row(positions[row]) -
+            pool.k;
+        const float* source = rows + row * row_stride + kv_head * pool.head_dim;
+        std::copy_n(source + k_col, pool.head_dim, pool.k + offset);
+        std::copy_n(source + v_col, pool.head_dim, pool.v + offset);
+      }
+    }
+  }
+  void attention(const float* rows, int64_t row_stride, int64_t num_q_heads,
+                 const int32_t* kv_head_of_q, const int32_t* positions, const int32_t* cache_idx,
+                 int64_t num_rows, int64_t layer_idx, const KvPoolView& pool, float scale,
+                 float* out) override {
+    const int64_t head_dim = pool.head_dim;
+    for (int64_t row = 0; row < num_rows; ++row) {
+      int64_t num_positions = int64_t{positions[row]} + 1;
+      scores_.resize(std::max(scores_.size(), static_cast<size_t>(num_positions)));
+      for (int64_t head = 0; head < num_q_heads; ++head) {
+        const int32_t kv_head = kv_head_of_q[head];
+        math::attention_head_paged(rows + row * row_stride + head * head_dim,
+                                   paged_rows(pool, pool.k, cache_idx[row], layer_idx, kv_head),
+                                   paged_rows(pool, pool.v, cache_idx[row], layer_idx, kv_head),
+                                   num_positions, scale, scores_.data(),
+                                   out + (row * num_q_heads + head) * head_dim);
+      }
+    }
+  }
+  void route_top_k(const float* logits, int64_t num_rows, int64_t num_experts, int64_t top_k,
+                   bool normalize, int32_t* expert_ids, float* expert_weights, float* margins,
+                   const int32_t* forced_ids) override {
+    probs_.resize(static_cast<size_t>(num_experts));
+    for (int64_t row = 0; row < num_rows; ++row)
+      margins[row] =
+          cpu::route_top_k(logits + row * num_experts, num_experts, top_k, normalize, probs_.data(),
+                           expert_ids + row * top_k, expert_weights + row * top_k,
+                           forced_ids == nullptr ? nullptr : forced_ids + row * top_k)
+              .margin;
+  }
+  void permute_rows(const float* src, const math::PackedRoute* routes, int64_t num_rows,
+                    int64_t width, float* dst) override {
+    cpu::gather_rows(src, routes, num_rows, width, dst);
+  }
+  void moe_pack(const int32_t* expert_ids, int64_t num_tokens, int64_t top_k,
+                const int32_t* expert_to_local, int64_t num_experts, int64_t num_local,
+                int32_t* offsets, math::PackedRoute* routes, int32_t* slot_rows) override {
+    cpu::moe_pack(expert_ids, num_tokens, top_k, expert_to_local, num_experts, num_local, offsets,
+                  routes, slot_rows);
+  }
+  void moe_gather(const float* x, int64_t width, const MoeDispatch& dispatch,
+                  float* expert_in) override {
+    cpu::gather_rows(x, dispatch.routes, dispatch.offsets[dispatch.num_local], width, expert_in);
+  }
+  void moe_experts(const float* expert_in, const MoeDispatch& dispatch, const ExpertTable& experts,
+                   float* mid, float* act, float* expert_out, const ExpertTimes* times) override {
+    const int64_t hidden = experts.hidden;
+    const int64_t inter = experts.inter;
+    for (int64_t local = 0; local < dispatch.num_local; ++local) {
+      const int64_t first = dispatch.offsets[local];
+      const int64_t num_rows = dispatch.offsets[local + 1] - first;
+      auto run = [&] {
+        cpu::expert_ffn(expert_in + first * hidden, num_rows, hidden, inter, experts.gate_up[local],
+                        experts.down[local], experts.dtype, mid + first * 2 * inter,
+                        act + first * inter, expert_out + first * hidden);
+      };
+      if (times == nullptr || num_rows == 0) {
+        run();
+        if (times != nullptr) record_time(*times, local, 0.0, 0.0);
+        continue;
+      }
+      const auto start = std::chrono::steady_clock::now();
+      run();
+      const auto stop = std::chrono::steady_clock::now();
+      record_time(*times, local, std::chrono::duration<double>(start.time_since_epoch()).count(),
+                  std::chrono::duration<double>(stop - start).count());
+    }
+  }
+  void silu_mul(const float* gate_up, int64_t num_rows, int64_t width, float* out) override {
+    for (int64_t row = 0; row < num_rows; ++row)
+      cpu::silu_mul(gate_up + row * 2 * width, gate_up + row * 2 * width + width, width,
+                    out + row * width);
+  }
+  void moe_combine(const float* expert_out, int64_t width, const int32_t* slot_rows,
+                   const float* expert_weights, int64_t num_tokens, int64_t top_k,
+                   DType round_dtype, const float* shared, const float* shared_gate_logits,
+                   float* out) override {
+    cpu::moe_combine(expert_out, width, slot_rows, expert_weights, num_tokens, top_k,
+                     math::CombinePrecisionArgs{round_dtype != DType::kF32, round_dtype}, shared,
+                     shared_gate_logits, out);
+  }
+  void add(float* dst, const float* src, int64_t count) override {
+    for (int64_t i = 0; i < count; ++i) dst[i] += src[i];
+  }
+  double timed_seconds(const std::function<void()>& work) override {
+    auto start = std::chrono::steady_clock::now();
+    work();
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  }
+
+ private:
+  // 64-byte aligned so weight rows and activations start on cache lines (AVX-512 loads).
+  static void* allocate_zeroed(size_t nbytes) {
+    size_t padded = std::max<size_t>(64, (nbytes + 63) / 64 * 64);
+    void* data = std::aligned_alloc(64, padded);
+    if (data == nullptr) throw_error("out of host memory allocating ", nbytes, " bytes");
+    std::memset(data, 0, padded);
+    return data;
+  }
+  static void record_time(const ExpertTimes& times, int64_t local, double start_s, double seconds) {
+    if (times.start_s != nullptr) times.start_s[local] = start_s;
+    if (times.seconds != nullptr) times.seconds[local] = seconds;
+  }
+  static math::PagedKvRows paged_rows(const KvPoolView& pool, const float* base, int64_t seq,
+                                      int64_t layer, int64_t kv_head) {
+    const int64_t block_floats = pool.block_size * pool.head_dim;
+    math::PagedKvRows rows;
+    rows.head_base = base + (layer * pool.num_blocks * pool.kv_heads + kv_head) * block_floats;
+    rows.block_table = pool.block_tables + seq * pool.max_blocks_per_seq;
+    rows.block_stride = pool.kv_heads * block_floats;
+    rows.block_size = pool.block_size;
+    rows.head_dim = pool.head_dim;
+    return rows;
+  }
+
+  std::vector<float> cos_sin_, scores_, probs_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend() {
+  return std::make_unique<CpuBackend>();
+}
+
+}  // namespace keel

@@ -1,0 +1,61 @@
+#include "runtime/engine/deployment.h"
+
+#include <filesystem>
+
+#include "runtime/common/yaml_util.h"
+
+namespace keel {
+
+Deployment load_deployment(const std::string& path) {
+  YAML::Node root = load_yaml_mapping(path);
+  reject_unknown_keys(root, {"model", "tp", "reduce", "placement", "explicit_placement", "combine"},
+                      path);
+  Deployment deployment;
+  if (root["model"]) {
+    deployment.model_dir = yaml_value<std::string>(root, "model", path);
+    // Relative model paths are relative to the deployment file.
+    if (std::filesystem::path(deployment.model_dir).is_relative() &&
+        !std::filesystem::exists(deployment.model_dir))
+      deployment.model_dir =
+          (std::filesystem::path(path).parent_path() / deployment.model_dir).string();
+  }
+  if (root["tp"]) {
+    deployment.engine.tp_size = yaml_value<int>(root, "tp", path);
+    deployment.tp_given = true;
+  }
+  try {
+    if (root["reduce"])
+      deployment.engine.reduce =
+          comm::parse_reduce_algo(yaml_value<std::string>(root, "reduce", path));
+    if (root["placement"])
+      deployment.engine.placement.kind =
+          parse_placement_kind(yaml_value<std::string>(root, "placement", path));
+    if (root["combine"])
+      deployment.engine.combine =
+          parse_combine_precision(yaml_value<std::string>(root, "combine", path));
+  } catch (const Error& error) {
+    throw_error(path, ": ", error.what());
+  }
+  if (root["explicit_placement"]) {
+    const YAML::Node& lists = root["explicit_placement"];
+    if (!lists.IsSequence()) throw_error(path, ": explicit_placement must be a list of lists");
+    for (const auto& list : lists) {
+      if (!list.IsSequence()) throw_error(path, ": explicit_placement must be a list of lists");
+      std::vector<int> ranks;
+      for (const auto& rank : list) {
+        try {
+          ranks.push_back(rank.as<int>());
+        } catch (const YAML::Exception&) {
+          throw_error(path, ": explicit_placement entries must be integers (ranks)");
+        }
+      }
+      deployment.engine.placement.explicit_ranks.push_back(std::move(ranks));
+    }
+  }
+  if (deployment.engine.placement.kind == PlacementKind::kExplicit &&
+      deployment.engine.placement.explicit_ranks.empty())
+    throw_error(path, ": placement 'explicit' needs an explicit_placement list");
+  return deployment;
+}
+
+}  // namespace keel

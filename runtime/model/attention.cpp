@@ -1,0 +1,42 @@
+// The attention block of one layer: fused QKV GEMM (column-parallel heads), bias, qk-norm,
+// RoPE, append to the paged KV cache, causal attention in position order, and the
+// row-parallel o_proj into the partial sum the engine all-reduces.
+#include <cmath>
+
+#include "runtime/model/model.h"
+
+namespace keel {
+
+void RankModel::attention(int64_t layer_idx, int64_t num_tokens, const Backend::KvPoolView& view) {
+  LayerWeights& layer = layers_[static_cast<size_t>(layer_idx)];
+  const int64_t head_dim = config_.head_dim;
+  const int64_t q_width = q_heads_local_ * head_dim;
+  const int64_t kv_width = kv_heads_local_ * head_dim;
+  const int64_t qkv_width = q_width + 2 * kv_width;
+  const float eps = static_cast<float>(config_.rms_norm_eps);
+  float* qkv = scratch(qkv_, static_cast<size_t>(num_tokens * qkv_width));
+  float* attn_out = scratch(attn_out_, static_cast<size_t>(num_tokens * q_width));
+  backend_.gemm(normed_.f32(), layer.qkv.data.data(), layer.qkv.dtype(), qkv, num_tokens, qkv_width,
+                config_.hidden_size);
+  // Bias, qk-norm, RoPE, then append K/V to each token's cache before any attention, so every
+  // token sees every earlier position of its sequence, including those in this step.
+  if (!layer.qkv_bias.empty()) backend_.add_bias(qkv, layer.qkv_bias.f32(), num_tokens, qkv_width);
+  if (config_.qk_norm) {
+    backend_.head_norm(qkv, qkv_width, 0, q_heads_local_, head_dim, layer.q_norm.f32(), eps,
+                       num_tokens);
+    backend_.head_norm(qkv, qkv_width, q_width, kv_heads_local_, head_dim, layer.k_norm.f32(), eps,
+                       num_tokens);
+  }
+  backend_.rope(qkv, qkv_width, q_heads_local_, q_width, kv_heads_local_, head_dim,
+                config_.rotary_dim, config_.rope_theta, positions_.i32(), num_tokens,
+                view.capacity());
+  backend_.kv_append(qkv, qkv_width, q_width, q_width + kv_width, positions_.i32(),
+                     cache_idx_.i32(), num_tokens, layer_idx, view);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  backend_.attention(qkv, qkv_width, q_heads_local_, kv_head_of_q_.i32(), positions_.i32(),
+                     cache_idx_.i32(), num_tokens, layer_idx, view, scale, attn_out);
+  backend_.gemm(attn_out, layer.o_proj.data.data(), layer.o_proj.dtype(), partial_.f32(),
+                num_tokens, config_.hidden_size, q_width);
+}
+
+}  // namespace keel

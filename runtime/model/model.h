@@ -1,0 +1,248 @@
+// One rank's shard of the model and its forward pass.
+//
+// Sharding (each weight is replicated, split on an axis, or produces a partial sum):
+//   embed_tokens               replicated [V, H]
+//   q/k/v_proj (+bias)         column-parallel: rank r holds its query heads and the KV heads
+//                              those heads read (KV heads replicated when num_kv_heads < tp)
+//   o_proj                     row-parallel: columns of its query heads -> partial [T, H]
+//   router (mlp.gate)          replicated; identical input bits on every rank -> identical choice
+//   routed experts             whole experts on the rank the placement names
+//   shared expert, dense MLP   gate/up column-parallel, down row-parallel -> partial [T, H]
+//   lm_head                    vocab-parallel rows, logits all-gathered
+// One all-reduce after attention and one after the MLP/MoE block turn partials into
+// replicated activations; nowhere else.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <string_view>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "runtime/backend/backend.h"
+#include "runtime/model/checkpoint.h"
+#include "runtime/model/model_config.h"
+#include "scheduler/placement.h"
+
+namespace keel {
+
+enum class CombinePrecision : uint8_t { kFp32, kRoundPerExpert };
+std::string_view combine_precision_name(CombinePrecision precision);
+CombinePrecision parse_combine_precision(std::string_view name);
+
+// A weight matrix in its storage dtype on the backend's device, row-major
+// [rows = out_features, cols = in_features].
+struct Matrix {
+  DeviceArray data;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  DType dtype() const { return data.dtype(); }
+};
+
+struct ExpertWeights {
+  Matrix gate_up;  // [2 * I, H]: gate rows then up rows
+  Matrix down;     // [H, I]
+};
+
+struct LayerWeights {
+  DeviceArray input_norm;  // f32 [H]
+  DeviceArray post_norm;   // f32 [H]
+  Matrix qkv;              // [(q_local + 2 * kv_local) * head_dim, H]
+  DeviceArray qkv_bias;    // f32, empty when the model has none
+  DeviceArray q_norm;      // f32 [head_dim], empty without qk-norm
+  DeviceArray k_norm;
+  Matrix o_proj;  // [H, q_local * head_dim]
+  bool is_moe = false;
+  Matrix router;                          // [E, H]
+  std::vector<ExpertWeights> experts;     // local experts, ascending expert id
+  std::vector<int32_t> local_expert_ids;  // [num local] -> expert id (host, for telemetry)
+  DeviceArray expert_to_local;            // int32 [E] -> local index or -1 (for moe_pack)
+  DeviceArray gate_up_table, down_table;  // [num local] device pointers to the experts' weights
+  ExpertWeights shared;                   // shared expert or dense MLP shard (I / tp wide)
+  int64_t shared_width = 0;               // local intermediate width of `shared`
+  Matrix shared_gate;                     // [1, H] sigmoid gate of the shared expert
+};
+
+// This rank's paged KV pool: k and v as [num_layers][num_blocks][kv_local][block_size][head_dim]
+// fp32 (kernels/math/ops_math.h, PagedKvRows). Which blocks hold which sequence is the
+// scheduler's business (scheduler/block_manager.h); a step names them in StepBatch.
+struct KvPool {
+  DeviceArray k;
+  DeviceArray v;
+  int64_t num_blocks = 0;
+  int64_t block_size = 0;
+};
+
+// What one forward step computes: tokens of several sequences, concatenated (host arrays).
+// Sequence i of the step owns row i of block_tables ([num_seqs][max_blocks_per_seq], block ids
+// in position order, unused tail entries -1); token t belongs to sequence cache_idx[t] and sits
+// at absolute position positions[t].
+struct StepBatch {
+  std::vector<int32_t> token_ids;
+  std::vector<int32_t> positions;
+  std::vector<int32_t> cache_idx;    // per token: its sequence's row of block_tables
+  std::vector<int32_t> logits_rows;  // token rows whose logits are wanted, in output order
+  std::vector<int32_t> block_tables;
+  int64_t max_blocks_per_seq = 0;
+  // Router replay: when non-empty, [moe layer (increasing)][token][top_k] expert ids every MoE
+  // layer must use instead of its own top-k (weights still come from this step's router).
+  std::vector<int32_t> forced_routes;
+
+  // Gives every one of num_seqs sequences its own run of blocks: sequence s holds blocks
+  // [s * blocks_per_seq, (s + 1) * blocks_per_seq), enough for `capacity` positions (what
+  // generate() uses; the server takes block tables from the block manager instead).
+  void set_contiguous_block_tables(int64_t num_seqs, int64_t capacity, int64_t block_size);
+};
+
+// Phases of a forward step, timed per rank when telemetry is on (Backend::timed_seconds: steady
+// clock on CPU, CUDA events on GPU). kAttention includes the QKV/O projections; kRouter the
+// router GEMM and top-k; kPack the packing (with the slot map) and the gather of expert rows;
+// kExperts the expert FFNs; kCombine the shared expert and the combine; kAllReduce
+// the two all-reduces per layer and the logits all-gather; kOther embedding, norms, dense MLPs,
+// final norm and lm_head.
+enum class Phase : uint8_t { kAttention, kAllReduce, kRouter, kPack, kExperts, kCombine, kOther };
+inline constexpr int kNumPhases = 7;
+std::string_view phase_name(Phase phase);
+
+// One timed span of a step on one rank, for traces: layer -1 outside layers, expert -1 unless
+// the span is one expert's GEMMs. start_s is on the process's steady clock.
+struct TraceEvent {
+  Phase phase = Phase::kOther;
+  int32_t layer = -1;
+  int32_t expert = -1;
+  double start_s = 0;
+  double seconds = 0;
+};
+
+// What one forward step observed on this rank (RankModel::set_observing). Written only by the
+// rank's own thread during forward(); read after it (the engine reads other thread ranks' only
+// after a collective that orders the writes before the reads).
+struct StepObservation {
+  std::array<double, kNumPhases> phase_seconds{};
+  std::vector<float> expert_seconds;  // [layer * num_experts + expert], experts of this rank
+  // This step's routing (identical on every rank): [moe layer][token][top_k] ids and weights,
+  // [moe layer][token] margins (k-th minus (k+1)-th router probability). Ids always; weights
+  // only with capture_routing; margins always.
+  std::vector<int32_t> route_ids;
+  std::vector<float> route_weights;
+  std::vector<float> margins;
+  std::vector<TraceEvent> trace;  // when tracing
+};
+
+struct RankOptions {
+  comm::ReduceAlgo reduce = comm::ReduceAlgo::kFixedOrder;
+  CombinePrecision combine = CombinePrecision::kFp32;
+};
+
+// Counts of tokens routed to each expert, [layer][expert], accumulated over steps.
+using ExpertCounts = std::vector<std::vector<int64_t>>;
+
+class RankModel {
+ public:
+  // Loads this rank's shard onto `backend`'s device; throws keel::Error (naming file/tensor)
+  // on any mismatch. `backend` must outlive the model.
+  RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
+            const ExpertPlacement& placement, int tp_rank, int tp_size, RankOptions options,
+            Backend& backend);
+
+  KvPool make_kv_pool(int64_t num_blocks, int64_t block_size);
+  // Bytes of one KV block on this rank (K and V, every layer).
+  int64_t kv_block_bytes(int64_t block_size) const;
+
+  // Runs one step on this rank. `logits` receives [logits_rows, vocab] on the host (identical
+  // on all ranks). Collectives go through `comm`, whose pointers are this backend's memory;
+  // every rank must call with the same batch.
+  void forward(const StepBatch& batch, KvPool& pool, comm::Communicator& comm,
+               std::vector<float>& logits);
+
+  const ExpertCounts& expert_counts() const { return expert_counts_; }
+  // Seconds spent in each local expert's GEMMs, [layer][expert] (0 for experts elsewhere),
+  // measured by the backend (steady clock on CPU, CUDA events on GPU).
+  const std::vector<std::vector<double>>& expert_seconds() const { return expert_seconds_; }
+  Backend& backend() { return backend_; }
+  // Running hash of every routing decision this rank made. The router is replicated, so all
+  // ranks must agree; the engine checks this after every generate call.
+  uint64_t routing_fingerprint() const { return routing_fingerprint_; }
+
+  // Telemetry for the next steps: phase and expert timings, margins and routing ids (observe),
+  // routing weights too (capture_routing), and per-span trace events (trace). Off: forward()
+  // takes no clock readings and copies nothing extra.
+  void set_observing(bool observe, bool capture_routing, bool trace) {
+    observe_ = observe || trace || capture_routing;
+    capture_routing_ = capture_routing;
+    trace_ = trace;
+  }
+  // Time every local expert's FFN into expert_seconds() even when not observing (generate()
+  // reports them). On CUDA this waits for each expert's events.
+  void set_expert_timing(bool on) { time_experts_ = on; }
+  // What the last forward() observed (empty fields when not observing).
+  const StepObservation& observation() const { return observation_; }
+  int64_t weight_bytes() const;
+
+ private:
+  // Device scratch of at least `count` elements of fp32 (or int32), grown as needed.
+  float* scratch(DeviceArray& array, size_t count);
+  int32_t* scratch_i32(DeviceArray& array, size_t count);
+  int32_t* upload(const std::vector<int32_t>& host, DeviceArray& array);
+  const math::PackedRoute* upload_routes(const std::vector<math::PackedRoute>& host,
+                                         DeviceArray& array);
+
+  void attention(int64_t layer_idx, int64_t num_tokens, const Backend::KvPoolView& view);
+  // forced_routes: this layer's [token][top_k] replayed choices (device), or nullptr. moe_idx:
+  // the layer's index among MoE layers (its slice of the step's routing slabs).
+  void moe(int64_t layer_idx, int64_t moe_idx, int64_t num_tokens, const int32_t* forced_routes);
+  // After the logits: the step's routing to the host, once (counts, fingerprint, observation).
+  void fold_step_routing(int64_t num_tokens);
+  // Runs `work`, timed into `phase` (and a trace event) when observing.
+  template <typename Fn>
+  void timed(Phase phase, int64_t layer, Fn&& work);
+  void dense_mlp(const ExpertWeights& weights, int64_t width, int64_t num_tokens, float* out);
+
+  const ModelConfig& config_;
+  Backend& backend_;
+  int tp_rank_;
+  int tp_size_;
+  RankOptions options_;
+  DType expert_dtype_ = DType::kF32;
+
+  int64_t q_heads_local_ = 0;
+  int64_t first_q_head_ = 0;
+  int64_t kv_heads_local_ = 0;
+  int64_t first_kv_head_ = 0;
+  DeviceArray kv_head_of_q_;  // int32 [q_heads_local]: local q head -> local kv head
+  int64_t vocab_chunk_ = 0;   // padded rows of lm_head per rank
+
+  Matrix embed_;
+  std::vector<LayerWeights> layers_;
+  DeviceArray final_norm_;
+  Matrix lm_head_;  // [vocab_chunk, H], rows past the vocab are zero
+
+  ExpertCounts expert_counts_;
+  std::vector<std::vector<double>> expert_seconds_;
+  uint64_t routing_fingerprint_ = 0;
+  bool observe_ = false;
+  bool capture_routing_ = false;
+  bool trace_ = false;
+  bool time_experts_ = false;
+  StepObservation observation_;
+  int64_t num_moe_layers_ = 0;
+  std::vector<int64_t> moe_layer_ids_;  // [moe idx] -> layer idx
+
+  // Device scratch, grown as needed and reused across steps.
+  // route_ids_, route_weights_ and route_margins_ are the step's routing slabs: [moe layer]
+  // [token][top_k] (margins [moe layer][token]), copied to the host once after the logits.
+  DeviceArray hidden_, normed_, qkv_, attn_out_, partial_, router_logits_, route_weights_,
+      route_margins_, expert_in_, expert_mid_, expert_act_, expert_out_, shared_out_,
+      shared_gate_logits_, lm_in_, local_logits_, gathered_logits_;
+  DeviceArray forced_routes_;
+  DeviceArray token_ids_, positions_, cache_idx_, block_tables_, logits_rows_, route_ids_,
+      pack_offsets_, packed_routes_, slot_rows_;
+  // Host copies: the logits, and the step's routing for counts, fingerprint and telemetry.
+  std::vector<int32_t> host_route_ids_;
+  std::vector<math::PackedRoute> host_logits_routes_;
+  std::vector<float> host_gathered_logits_;
+  std::vector<double> host_expert_seconds_, host_expert_starts_;
+};
+
+}  // namespace keel

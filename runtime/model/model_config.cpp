@@ -1,0 +1,223 @@
+#include "runtime/model/model_config.h"
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "kernels/base/check.h"
+
+namespace keel {
+
+namespace {
+
+using nlohmann::json;
+
+class ConfigReader {
+ public:
+  ConfigReader(const json& root, std::string source) : root_(root), source_(std::move(source)) {}
+
+  bool has(const char* key) const { return root_.contains(key) && !root_[key].is_null(); }
+
+  int64_t integer(const char* key) const {
+    if (!has(key)) throw_error(source_, ": missing required field '", key, "'");
+    return integer_value(root_[key], key);
+  }
+  int64_t integer_or(const char* key, int64_t fallback) const {
+    return has(key) ? integer_value(root_[key], key) : fallback;
+  }
+  double number_or(const char* key, double fallback) const {
+    if (!has(key)) return fallback;
+    if (!root_[key].is_number()) throw_error(source_, ": field '", key, "' must be a number");
+    return root_[key].get<double>();
+  }
+  bool boolean_or(const char* key, bool fallback) const {
+    if (!has(key)) return fallback;
+    if (!root_[key].is_boolean()) throw_error(source_, ": field '", key, "' must be a boolean");
+    return root_[key].get<bool>();
+  }
+  std::string string_or(const char* key, const std::string& fallback) const {
+    if (!has(key)) return fallback;
+    if (!root_[key].is_string()) throw_error(source_, ": field '", key, "' must be a string");
+    return root_[key].get<std::string>();
+  }
+  const std::string& source() const { return source_; }
+
+ private:
+  int64_t integer_value(const json& value, const char* key) const {
+    if (!value.is_number_integer())
+      throw_error(source_, ": field '", key, "' must be an integer, found ", value.dump());
+    return value.get<int64_t>();
+  }
+  const json& root_;
+  std::string source_;
+};
+
+void require_positive(const ConfigReader& reader, const char* name, int64_t value) {
+  if (value <= 0) throw_error(reader.source(), ": ", name, " must be > 0, found ", value);
+}
+
+DType parse_config_dtype(const ConfigReader& reader) {
+  std::string name = reader.string_or("torch_dtype", reader.string_or("dtype", "float32"));
+  if (name == "float32") return DType::kF32;
+  if (name == "bfloat16") return DType::kBF16;
+  if (name == "float16") return DType::kF16;
+  throw_error(reader.source(), ": unsupported dtype '", name,
+              "' (supported: float32, bfloat16, float16)");
+}
+
+}  // namespace
+
+std::string_view architecture_name(Architecture architecture) {
+  switch (architecture) {
+    case Architecture::kQwen3Moe:
+      return "Qwen3MoeForCausalLM";
+    case Architecture::kQwen2Moe:
+      return "Qwen2MoeForCausalLM";
+    case Architecture::kMixtral:
+      return "MixtralForCausalLM";
+  }
+  return "?";
+}
+
+int64_t ModelConfig::num_moe_layers() const {
+  int64_t count = 0;
+  for (bool is_moe : layer_is_moe) count += is_moe ? 1 : 0;
+  return count;
+}
+
+ModelConfig ModelConfig::load(const std::string& config_json_path) {
+  std::ifstream file(config_json_path);
+  if (!file) throw_error("cannot open model config ", config_json_path);
+  std::stringstream text;
+  text << file.rdbuf();
+  return parse(text.str(), config_json_path);
+}
+
+ModelConfig ModelConfig::parse(const std::string& json_text, const std::string& source_name) {
+  json root = json::parse(json_text, nullptr, /*allow_exceptions=*/false);
+  if (root.is_discarded() || !root.is_object())
+    throw_error(source_name, ": not a valid JSON object");
+  ConfigReader reader(root, source_name);
+
+  ModelConfig config;
+  if (!root.contains("architectures") || !root["architectures"].is_array() ||
+      root["architectures"].empty() || !root["architectures"][0].is_string())
+    throw_error(source_name, ": missing 'architectures' list");
+  config.architecture_name = root["architectures"][0].get<std::string>();
+  if (config.architecture_name == "Qwen3MoeForCausalLM") {
+    config.architecture = Architecture::kQwen3Moe;
+  } else if (config.architecture_name == "Qwen2MoeForCausalLM") {
+    config.architecture = Architecture::kQwen2Moe;
+  } else if (config.architecture_name == "MixtralForCausalLM") {
+    config.architecture = Architecture::kMixtral;
+  } else {
+    throw_error(source_name, ": unsupported architecture '", config.architecture_name,
+                "' (supported: Qwen3MoeForCausalLM, Qwen2MoeForCausalLM, MixtralForCausalLM)");
+  }
+
+  std::string hidden_act = reader.string_or("hidden_act", "silu");
+  if (hidden_act != "silu")
+    throw_error(source_name, ": unsupported hidden_act '", hidden_act, "' (supported: silu)");
+  if (reader.boolean_or("use_sliding_window", false))
+    throw_error(source_name, ": sliding-window attention is not supported");
+
+  config.vocab_size = reader.integer("vocab_size");
+  config.hidden_size = reader.integer("hidden_size");
+  config.num_layers = reader.integer("num_hidden_layers");
+  config.num_heads = reader.integer("num_attention_heads");
+  config.num_kv_heads = reader.integer_or("num_key_value_heads", config.num_heads);
+  require_positive(reader, "vocab_size", config.vocab_size);
+  require_positive(reader, "hidden_size", config.hidden_size);
+  require_positive(reader, "num_hidden_layers", config.num_layers);
+  require_positive(reader, "num_attention_heads", config.num_heads);
+  require_positive(reader, "num_key_value_heads", config.num_kv_heads);
+  if (config.num_heads % config.num_kv_heads != 0)
+    throw_error(source_name, ": num_attention_heads (", config.num_heads,
+                ") is not a multiple of num_key_value_heads (", config.num_kv_heads, ")");
+  config.head_dim = reader.integer_or("head_dim", config.hidden_size / config.num_heads);
+  require_positive(reader, "head_dim", config.head_dim);
+  config.max_position_embeddings = reader.integer_or("max_position_embeddings", 32768);
+  config.rms_norm_eps = reader.number_or("rms_norm_eps", 1e-6);
+
+  // RoPE: transformers 5 writes rope_parameters {rope_theta, rope_type, partial_rotary_factor};
+  // published checkpoints have top-level rope_theta / rope_scaling.
+  double partial_rotary_factor = reader.number_or("partial_rotary_factor", 1.0);
+  config.rope_theta = reader.number_or("rope_theta", 10000.0);
+  for (const char* key : {"rope_parameters", "rope_scaling"}) {
+    if (!reader.has(key)) continue;
+    const json& rope = root[key];
+    if (!rope.is_object()) throw_error(source_name, ": '", key, "' must be an object");
+    ConfigReader rope_reader(rope, source_name + " " + key);
+    std::string rope_type =
+        rope_reader.string_or("rope_type", rope_reader.string_or("type", "default"));
+    if (rope_type != "default")
+      throw_error(source_name, ": unsupported rope_type '", rope_type, "' in ", key,
+                  " (supported: default)");
+    config.rope_theta = rope_reader.number_or("rope_theta", config.rope_theta);
+    partial_rotary_factor = rope_reader.number_or("partial_rotary_factor", partial_rotary_factor);
+  }
+  if (!(config.rope_theta > 0)) throw_error(source_name, ": rope_theta must be > 0");
+  config.rotary_dim =
+      static_cast<int64_t>(static_cast<double>(config.head_dim) * partial_rotary_factor);
+  if (config.rotary_dim <= 0 || config.rotary_dim > config.head_dim || config.rotary_dim % 2 != 0)
+    throw_error(source_name, ": partial_rotary_factor ", partial_rotary_factor,
+                " gives rotary dim ", config.rotary_dim, " for head_dim ", config.head_dim,
+                " (must be even and in (0, head_dim])");
+
+  config.num_experts = reader.integer_or("num_experts", reader.integer_or("num_local_experts", 0));
+  config.top_k = reader.integer("num_experts_per_tok");
+  require_positive(reader, "num_experts", config.num_experts);
+  if (config.top_k <= 0 || config.top_k > config.num_experts)
+    throw_error(source_name, ": num_experts_per_tok must be in [1, ", config.num_experts,
+                "], found ", config.top_k);
+  config.intermediate_size = reader.integer_or("intermediate_size", 0);
+  config.tie_word_embeddings = reader.boolean_or("tie_word_embeddings", false);
+  config.dtype = parse_config_dtype(reader);
+  config.layer_is_moe.assign(static_cast<size_t>(config.num_layers), true);
+
+  switch (config.architecture) {
+    case Architecture::kMixtral:
+      // Mixtral's expert FFN width is intermediate_size; it always renormalises top-k.
+      config.moe_intermediate_size = config.intermediate_size;
+      config.norm_topk_prob = true;
+      break;
+    case Architecture::kQwen3Moe:
+    case Architecture::kQwen2Moe: {
+      config.moe_intermediate_size = reader.integer("moe_intermediate_size");
+      config.norm_topk_prob = reader.boolean_or("norm_topk_prob", false);
+      int64_t sparse_step = reader.integer_or("decoder_sparse_step", 1);
+      require_positive(reader, "decoder_sparse_step", sparse_step);
+      std::vector<int64_t> mlp_only_layers;
+      if (reader.has("mlp_only_layers")) {
+        if (!root["mlp_only_layers"].is_array())
+          throw_error(source_name, ": mlp_only_layers must be a list");
+        for (const json& value : root["mlp_only_layers"]) {
+          if (!value.is_number_integer())
+            throw_error(source_name, ": mlp_only_layers entries must be integers");
+          mlp_only_layers.push_back(value.get<int64_t>());
+        }
+      }
+      for (int64_t layer = 0; layer < config.num_layers; ++layer) {
+        bool dense = (layer + 1) % sparse_step != 0;
+        for (int64_t dense_layer : mlp_only_layers) dense |= dense_layer == layer;
+        config.layer_is_moe[static_cast<size_t>(layer)] = !dense;
+      }
+      if (config.architecture == Architecture::kQwen3Moe) {
+        config.qk_norm = true;
+        config.attention_bias = reader.boolean_or("attention_bias", false);
+      } else {
+        config.attention_bias = reader.boolean_or("qkv_bias", true);
+        config.shared_expert_intermediate_size =
+            reader.integer_or("shared_expert_intermediate_size", 0);
+      }
+      break;
+    }
+  }
+  require_positive(reader, "moe_intermediate_size", config.moe_intermediate_size);
+  for (bool is_moe : config.layer_is_moe)
+    if (!is_moe)
+      require_positive(reader, "intermediate_size (dense layers)", config.intermediate_size);
+  return config;
+}
+
+}  // namespace keel

@@ -1,0 +1,155 @@
+// Per-GPU memory model (formulas documented in memory_model.h).
+#include "runtime/tools/planning/memory_model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+
+#include "kernels/base/check.h"
+
+namespace keel::planning {
+
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+double MemoryPlan::seq_bytes(int64_t context) const {
+  const double window_tokens = static_cast<double>(
+      sliding_window > 0 ? std::min<int64_t>(context, sliding_window) : context);
+  return kv_bytes_per_token * static_cast<double>(context) +
+         kv_window_bytes_per_token * window_tokens + state_bytes_per_seq;
+}
+
+MemoryPlan plan_memory(const ModelSpec& m, const HardwareSpec& hw, const QuantSpec& quant, int tp,
+                       const PlanOptions& options) {
+  if (tp < 1) throw_error("--tp must be >= 1");
+  if (options.context < 1) throw_error("--context must be >= 1");
+  MemoryPlan plan;
+  plan.tp = tp;
+  plan.params = count_params(m);
+  const ModelParams& p = plan.params;
+  const double T = static_cast<double>(tp);
+  const double H = static_cast<double>(m.hidden_size);
+  const double q = quant.bytes_per_param;
+  const double a = options.attention_bf16 ? 2.0 : q;  // attention / linear-attention projections
+  const double bf16 = 2.0;
+  const double full = static_cast<double>(m.full_attention_layers());
+  const double kv_b = dtype_bytes(options.kv_dtype, "--kv-dtype");
+
+  auto add = [&](const std::string& name, double bytes, const std::string& note) {
+    if (bytes <= 0) return;
+    plan.weights.push_back({name, bytes, note});
+  };
+  const std::string qn = quant.name;
+  const std::string an = options.attention_bf16 ? "bf16" : qn;
+
+  if (m.is_moe()) {
+    add("routed experts", p.routed_experts * q / T,
+        std::to_string(m.num_experts) + " x " + std::to_string(m.moe_layers()) + " layers, " + qn +
+            ", /tp");
+    add("shared experts", p.shared_experts * q / T, qn + ", /tp");
+  }
+  add("dense MLP layers", p.dense_mlp * q / T,
+      std::to_string(m.dense_layers) + " layers, " + qn + ", /tp");
+
+  // Full attention per rank: K/V heads ceil(nkv/tp) (replicated when nkv < tp).
+  double attn_rank = 0;
+  if (m.attention == AttentionType::gqa) {
+    const double kvr = static_cast<double>(ceil_div(m.num_kv_heads, tp));
+    const double nh = m.num_attention_heads, hd = m.head_dim;
+    const double q_out = nh * hd * (m.attn_output_gate ? 2.0 : 1.0);
+    attn_rank = full * (H * q_out / T + 2.0 * H * kvr * hd + nh * hd * H / T) * a;
+  } else {
+    const double nh = m.num_attention_heads;
+    const double qk = m.qk_nope_head_dim + m.qk_rope_head_dim;
+    double replicated = H * (m.kv_lora_rank + m.qk_rope_head_dim);  // kv_a_proj_with_mqa
+    double sharded = m.kv_lora_rank * nh * (m.qk_nope_head_dim + m.v_head_dim) +  // kv_b_proj
+                     nh * m.v_head_dim * H;                                       // o_proj
+    if (m.q_lora_rank > 0) {
+      replicated += H * m.q_lora_rank;  // q_a_proj
+      sharded += m.q_lora_rank * nh * qk;
+    } else {
+      sharded += H * nh * qk;
+    }
+    attn_rank = full * (replicated + sharded / T) * a;
+  }
+  // Small bf16 tensors (norms, biases, sinks) replicated: conservative.
+  attn_rank += p.attention_bf16 * bf16;
+  add("attention (q/k/v/o, norms)", attn_rank,
+      std::to_string(m.full_attention_layers()) + " layers, " + an);
+  add("linear attention (Gated DeltaNet)",
+      (p.linear_attention * a + p.linear_attention_bf16 * bf16) / T,
+      std::to_string(m.linear_attention_layers) + " layers, " + an + ", /tp");
+  add("routers + layer norms", (p.router + p.layer_norms) * bf16, "bf16, replicated");
+  add("embeddings", p.embeddings * bf16 / T, "bf16, vocab-parallel /tp");
+  add("lm_head", p.lm_head * bf16 / T, "bf16, vocab-parallel /tp");
+  for (const MemoryLine& line : plan.weights) plan.weight_bytes += line.bytes;
+
+  // KV cache per token (full-attention layers) and sliding-window layers.
+  if (m.attention == AttentionType::gqa) {
+    const double per_layer =
+        2.0 * static_cast<double>(ceil_div(m.num_kv_heads, tp)) * m.head_dim * kv_b;  // K and V
+    const double swa = static_cast<double>(m.sliding_window_layers);
+    plan.kv_bytes_per_token = per_layer * (full - swa);
+    plan.kv_window_bytes_per_token = per_layer * swa;
+    plan.sliding_window = m.sliding_window;
+  } else {
+    // MLA: compressed latent + decoupled rope key, replicated on every rank.
+    plan.kv_bytes_per_token = full * (m.kv_lora_rank + m.qk_rope_head_dim) * kv_b;
+  }
+  if (m.linear_attention_layers > 0) {
+    const double state_b = dtype_bytes(m.linear_state_dtype, m.path + ": linear_state_dtype");
+    const double nv_rank = static_cast<double>(m.linear_num_value_heads) / T;
+    const double recurrent = nv_rank * m.linear_key_head_dim * m.linear_value_head_dim * state_b;
+    const double conv_channels =
+        (2.0 * m.linear_num_key_heads * m.linear_key_head_dim +
+         static_cast<double>(m.linear_num_value_heads) * m.linear_value_head_dim) /
+        T;
+    const double conv = conv_channels * std::max<int64_t>(m.linear_conv_kernel_dim - 1, 0) * bf16;
+    plan.state_bytes_per_seq = static_cast<double>(m.linear_attention_layers) * (recurrent + conv);
+  }
+  plan.kv_bytes_per_seq = plan.seq_bytes(options.context);
+
+  // Activations and communication buffers.
+  const double tokens = static_cast<double>(options.max_num_batched_tokens);
+  double widest = 0;
+  if (m.is_moe()) {
+    widest = std::max(widest, static_cast<double>(m.num_experts_per_tok) * m.moe_intermediate_size);
+    widest = std::max(widest, static_cast<double>(m.shared_expert_intermediate_size));
+  }
+  widest = std::max(widest, static_cast<double>(m.dense_intermediate_size));
+  const double logits_rows =
+      static_cast<double>(std::min(options.max_num_seqs, options.max_num_batched_tokens));
+  plan.activation_bytes = 6.0 * tokens * H * bf16 + tokens * widest / T * 2.0 * bf16 +
+                          logits_rows * static_cast<double>(m.vocab_size) * 4.0;
+  plan.comm_bytes =
+      tp > 1 ? 2.0 * tokens * H * bf16 + options.comm_fixed_mib * 1024.0 * 1024.0 : 0.0;
+  plan.reserve_bytes = options.reserve_gib * kGiB;
+  plan.capacity_bytes = hw.memory_gib * kGiB;
+
+  plan.available_for_kv = plan.capacity_bytes - plan.weight_bytes - plan.activation_bytes -
+                          plan.comm_bytes - plan.reserve_bytes;
+  plan.max_seqs =
+      plan.available_for_kv > 0 && plan.kv_bytes_per_seq > 0
+          ? static_cast<int64_t>(std::floor(plan.available_for_kv / plan.kv_bytes_per_seq))
+          : 0;
+  plan.fits = plan.max_seqs >= 1;
+  if (!plan.fits) plan.short_by_bytes = plan.kv_bytes_per_seq - plan.available_for_kv;
+
+  std::vector<MemoryLine> consumers = plan.weights;
+  consumers.push_back({"activations", plan.activation_bytes, ""});
+  consumers.push_back({"communication buffers", plan.comm_bytes, ""});
+  consumers.push_back({"framework reserve", plan.reserve_bytes, ""});
+  consumers.push_back({"KV + state for one sequence", plan.kv_bytes_per_seq, ""});
+  std::sort(consumers.begin(), consumers.end(),
+            [](const MemoryLine& x, const MemoryLine& y) { return x.bytes > y.bytes; });
+  for (size_t i = 0; i < consumers.size() && i < 3; ++i) {
+    std::ostringstream line;
+    line.precision(1);
+    line << std::fixed << consumers[i].name << " (" << consumers[i].bytes / kGiB << " GiB)";
+    plan.biggest.push_back(line.str());
+  }
+  return plan;
+}
+
+}  // namespace keel::planning

@@ -1,0 +1,256 @@
+// `keel plan` report: computation and rendering (text and JSON from the same struct).
+#include "runtime/tools/planning/plan_report.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <sstream>
+
+#include "kernels/base/check.h"
+
+namespace keel::planning {
+
+namespace {
+
+std::string fmt(const char* format, double value) {
+  char buffer[64];
+  std::snprintf(buffer, sizeof(buffer), format, value);
+  return buffer;
+}
+
+std::string gib(double bytes) {
+  return fmt("%.2f GiB", bytes / kGiB);
+}
+
+DecodeRow decode_row(const RooflineCostModel& cost, int64_t batch, int64_t context) {
+  DecodeRow row;
+  row.batch = batch;
+  row.step = cost.breakdown({batch, batch, 0, batch * context});
+  row.tokens_per_s = static_cast<double>(batch) / row.step.seconds;
+  row.per_stream_tokens_per_s = 1.0 / row.step.seconds;
+  return row;
+}
+
+nlohmann::json step_json(const StepBreakdown& s) {
+  return {{"seconds", s.seconds},
+          {"bound", s.bound},
+          {"t_bandwidth_s", s.t_bandwidth},
+          {"t_compute_s", s.t_compute},
+          {"t_comm_s", s.t_comm},
+          {"t_overhead_s", s.t_overhead},
+          {"weight_bytes", s.weight_bytes},
+          {"kv_bytes", s.kv_bytes},
+          {"linear_flops", s.linear_flops},
+          {"attention_flops", s.attention_flops},
+          {"distinct_experts_per_layer", s.distinct_experts}};
+}
+
+nlohmann::json row_json(const DecodeRow& row) {
+  return {{"batch", row.batch},
+          {"tokens_per_s", row.tokens_per_s},
+          {"per_stream_tokens_per_s", row.per_stream_tokens_per_s},
+          {"step", step_json(row.step)}};
+}
+
+}  // namespace
+
+PlanReport build_plan_report(const ModelSpec& model, const HardwareSpec& hardware,
+                             const QuantSpec& quant, int tp, const PlanOptions& options) {
+  if (tp > hardware.count)
+    throw_error("--tp ", tp, " exceeds the ", hardware.count, " GPUs of ", hardware.name,
+                " (use --gpus N to change the count)");
+  if (options.prompt_len < 1) throw_error("--prompt-len must be >= 1");
+  PlanReport r;
+  r.model = model;
+  r.hardware = hardware;
+  r.quant = quant;
+  r.tp = tp;
+  r.options = options;
+  RooflineCostModel cost(model, hardware, quant, tp, options);
+  r.memory = cost.memory();
+  r.precision = cost.linear_precision();
+
+  const int64_t max_batch = std::max<int64_t>(r.memory.max_seqs, 1);
+  for (int64_t b = 1; b <= max_batch; b *= 2)
+    r.decode.push_back(decode_row(cost, b, options.context));
+  if (r.decode.back().batch != max_batch)
+    r.decode.push_back(decode_row(cost, max_batch, options.context));
+  r.single_stream = r.decode.front();
+  r.full_batch = r.decode.back();
+
+  const int64_t chunk = std::min(options.prompt_len, options.max_num_batched_tokens);
+  r.prefill_chunk = cost.breakdown({1, 0, chunk, chunk});
+  r.ttft_s = cost.ttft_seconds(options.prompt_len);
+  r.prefill_tokens_per_s = static_cast<double>(options.prompt_len) / r.ttft_s;
+  return r;
+}
+
+std::string render_plan_text(const PlanReport& r) {
+  std::ostringstream out;
+  const MemoryPlan& m = r.memory;
+  const ModelParams& p = m.params;
+  out << "keel plan: " << r.model.name << " on " << r.hardware.name << " (" << r.hardware.count
+      << " GPUs), " << r.quant.name << ", TP=" << r.tp << ", context " << r.options.context
+      << ", KV " << r.options.kv_dtype << "\n";
+  out << "  model: " << fmt("%.1f", p.total() / 1e9) << " B params ("
+      << fmt("%.2f", p.active_per_token / 1e9) << " B active/token incl. lm_head)";
+  if (r.model.reference_total_params_b > 0)
+    out << "; published " << fmt("%.1f", r.model.reference_total_params_b) << " B / "
+        << fmt("%.1f", r.model.reference_active_params_b) << " B";
+  out << "\n  quant: " << r.quant.name << " = " << r.quant.description << ", "
+      << fmt("%.4f", r.quant.bytes_per_param) << " B/param; embeddings, lm_head, norms, routers "
+      << "bf16" << (r.options.attention_bf16 ? "; attention bf16 (--attention-bf16)" : "")
+      << "; matmuls at " << compute_precision_name(r.precision) << "\n\n";
+
+  out << "Memory per GPU (" << fmt("%.1f", r.hardware.memory_gib) << " GiB):\n";
+  for (const MemoryLine& line : m.weights) {
+    char row[200];
+    std::snprintf(row, sizeof(row), "  %-36s %10s   %s\n", line.name.c_str(),
+                  gib(line.bytes).c_str(), line.note.c_str());
+    out << row;
+  }
+  auto line = [&](const std::string& name, double bytes, const std::string& note) {
+    char row[200];
+    std::snprintf(row, sizeof(row), "  %-36s %10s   %s\n", name.c_str(), gib(bytes).c_str(),
+                  note.c_str());
+    out << row;
+  };
+  line("= weights", m.weight_bytes, "");
+  line("activations (estimate)", m.activation_bytes,
+       "max_num_batched_tokens " + std::to_string(r.options.max_num_batched_tokens));
+  line("communication buffers", m.comm_bytes, r.tp > 1 ? "all-reduce staging + NCCL" : "tp=1");
+  line("framework reserve", m.reserve_bytes, "--reserve-gib");
+  line("left for KV cache", m.available_for_kv, "");
+  out << "  KV cache per token:   " << fmt("%.1f", m.kv_bytes_per_token / 1024.0) << " KiB"
+      << " (full-attention layers"
+      << (m.kv_window_bytes_per_token > 0
+              ? "; + " + fmt("%.1f", m.kv_window_bytes_per_token / 1024.0) +
+                    " KiB for sliding-window layers, capped at " +
+                    std::to_string(m.sliding_window) + " tokens"
+              : std::string())
+      << ")\n";
+  if (m.state_bytes_per_seq > 0)
+    out << "  recurrent state/seq:  " << fmt("%.1f", m.state_bytes_per_seq / (1024.0 * 1024.0))
+        << " MiB (Gated DeltaNet, " << r.model.linear_state_dtype << " state + bf16 conv)\n";
+  out << "  KV per sequence:      " << gib(m.kv_bytes_per_seq) << " at " << r.options.context
+      << " tokens\n";
+  out << "  max concurrent sequences at " << r.options.context << ": " << m.max_seqs << "\n";
+  if (m.fits) {
+    out << "  verdict: fits\n\n";
+  } else {
+    out << "  verdict: does not fit: short by " << fmt("%.2f", m.short_by_bytes / kGiB)
+        << " GiB per GPU (biggest consumers:";
+    for (size_t i = 0; i < m.biggest.size(); ++i) out << (i ? "," : "") << " " << m.biggest[i];
+    out << ")\n\n";
+  }
+
+  out << "Decode (every sequence at " << r.options.context
+      << " tokens; uniform routing: distinct experts/layer = E(1-(1-k/E)^B), imbalance "
+      << fmt("%.2f", r.options.expert_imbalance) << "):\n";
+  out << "      B   experts/layer  weights GB   KV GB   GFLOP   bw ms  compute ms  comm ms"
+         "  ovh ms   step ms    tok/s  bound\n";
+  for (const DecodeRow& row : r.decode) {
+    char buf[240];
+    const StepBreakdown& s = row.step;
+    std::snprintf(buf, sizeof(buf),
+                  "  %5lld  %13.1f  %10.2f  %6.2f  %6.1f  %6.2f  %10.2f  %7.2f  %6.2f  %8.2f  %7.1f"
+                  "  %s\n",
+                  static_cast<long long>(row.batch), s.distinct_experts, s.weight_bytes / 1e9,
+                  s.kv_bytes / 1e9, s.flops() / 1e9, s.t_bandwidth * 1e3, s.t_compute * 1e3,
+                  s.t_comm * 1e3, s.t_overhead * 1e3, s.seconds * 1e3, row.tokens_per_s, s.bound);
+    out << buf;
+  }
+  if (!m.fits) out << "  (hypothetical: the model does not fit)\n";
+  out << "  single stream: " << fmt("%.1f", r.single_stream.tokens_per_s) << " tok/s ("
+      << r.single_stream.step.bound << "-bound); at B=" << r.full_batch.batch << ": "
+      << fmt("%.0f", r.full_batch.tokens_per_s) << " tok/s total, "
+      << fmt("%.1f", r.full_batch.per_stream_tokens_per_s) << " tok/s per stream ("
+      << r.full_batch.step.bound << "-bound)\n\n";
+
+  out << "Prefill (prompt " << r.options.prompt_len << " tokens, chunks of "
+      << r.options.max_num_batched_tokens << "):\n";
+  out << "  TTFT " << fmt("%.1f", r.ttft_s * 1e3) << " ms, " << fmt("%.0f", r.prefill_tokens_per_s)
+      << " tok/s; first chunk: compute " << fmt("%.2f", r.prefill_chunk.t_compute * 1e3)
+      << " ms, bandwidth " << fmt("%.2f", r.prefill_chunk.t_bandwidth * 1e3) << " ms, comm "
+      << fmt("%.2f", r.prefill_chunk.t_comm * 1e3) << " ms, overhead "
+      << fmt("%.2f", r.prefill_chunk.t_overhead * 1e3) << " ms (" << r.prefill_chunk.bound
+      << "-bound)\n\n";
+
+  out << "Bottlenecks: single-stream decode " << r.single_stream.step.bound
+      << ", full-batch decode " << r.full_batch.step.bound << ", prefill " << r.prefill_chunk.bound
+      << "\n";
+  out << "Model: step = max(bytes / (" << fmt("%.0f", r.hardware.memory_bandwidth_gbs) << " GB/s x "
+      << fmt("%.2f", r.hardware.bandwidth_efficiency) << "), FLOPs / (peak x "
+      << fmt("%.2f", r.hardware.compute_efficiency) << ")) + 2 ring all-reduces/layer ("
+      << r.hardware.interconnect.kind << " " << fmt("%.0f", r.hardware.interconnect.bandwidth_gbs)
+      << " GB/s x " << fmt("%.2f", r.hardware.interconnect.efficiency) << ", "
+      << fmt("%.1f", r.hardware.interconnect.latency_us) << " us/hop) + "
+      << fmt("%.1f", r.hardware.layer_overhead_us) << " us/layer overhead\n";
+  return out.str();
+}
+
+nlohmann::json plan_report_json(const PlanReport& r) {
+  const MemoryPlan& m = r.memory;
+  nlohmann::json weights = nlohmann::json::array();
+  for (const MemoryLine& line : m.weights)
+    weights.push_back({{"part", line.name}, {"bytes", line.bytes}, {"note", line.note}});
+  nlohmann::json decode = nlohmann::json::array();
+  for (const DecodeRow& row : r.decode) decode.push_back(row_json(row));
+  const ModelParams& p = m.params;
+  return {{"model",
+           {{"name", r.model.name},
+            {"path", r.model.path},
+            {"total_params", p.total()},
+            {"active_params_per_token", p.active_per_token}}},
+          {"hardware",
+           {{"name", r.hardware.name},
+            {"path", r.hardware.path},
+            {"count", r.hardware.count},
+            {"memory_gib", r.hardware.memory_gib},
+            {"memory_bandwidth_gbs", r.hardware.memory_bandwidth_gbs},
+            {"interconnect", r.hardware.interconnect.kind},
+            {"bandwidth_efficiency", r.hardware.bandwidth_efficiency},
+            {"compute_efficiency", r.hardware.compute_efficiency},
+            {"layer_overhead_us", r.hardware.layer_overhead_us},
+            {"allreduce_latency_us", r.hardware.interconnect.latency_us}}},
+          {"quant",
+           {{"name", r.quant.name},
+            {"bytes_per_param", r.quant.bytes_per_param},
+            {"compute_precision", compute_precision_name(r.precision)},
+            {"attention_bf16", r.options.attention_bf16}}},
+          {"tp", r.tp},
+          {"context", r.options.context},
+          {"kv_dtype", r.options.kv_dtype},
+          {"memory",
+           {{"capacity_bytes", m.capacity_bytes},
+            {"weights", weights},
+            {"weight_bytes", m.weight_bytes},
+            {"activation_bytes", m.activation_bytes},
+            {"comm_bytes", m.comm_bytes},
+            {"reserve_bytes", m.reserve_bytes},
+            {"available_for_kv_bytes", m.available_for_kv},
+            {"kv_bytes_per_token", m.kv_bytes_per_token},
+            {"kv_window_bytes_per_token", m.kv_window_bytes_per_token},
+            {"state_bytes_per_seq", m.state_bytes_per_seq},
+            {"kv_bytes_per_seq", m.kv_bytes_per_seq},
+            {"max_concurrent_seqs", m.max_seqs},
+            {"fits", m.fits},
+            {"verdict", m.fits ? std::string("fits")
+                               : "does not fit: short by " + fmt("%.2f", m.short_by_bytes / kGiB) +
+                                     " GiB per GPU"},
+            {"short_by_bytes", m.short_by_bytes},
+            {"biggest_consumers", m.biggest}}},
+          {"decode", decode},
+          {"single_stream", row_json(r.single_stream)},
+          {"full_batch", row_json(r.full_batch)},
+          {"prefill",
+           {{"prompt_len", r.options.prompt_len},
+            {"ttft_s", r.ttft_s},
+            {"tokens_per_s", r.prefill_tokens_per_s},
+            {"chunk_step", step_json(r.prefill_chunk)}}},
+          {"bottlenecks",
+           {{"single_stream_decode", r.single_stream.step.bound},
+            {"full_batch_decode", r.full_batch.step.bound},
+            {"prefill", r.prefill_chunk.bound}}}};
+}
+
+}  // namespace keel::planning
