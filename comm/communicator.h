@@ -1,13 +1,17 @@
-// The collective interface every rank talks through. Backends: in-process threads (this
-// issue), OpenMPI processes and NCCL (later). Forward code never knows which one it has.
+// The collective interface every rank talks through. Backends: in-process threads
+// (thread_comm), OpenMPI processes (mpi_comm) and NCCL over MPI (nccl/nccl_comm). Forward code
+// never knows which one it has; the pointers it passes are memory of the rank's backend (host
+// for threads and MPI, device for NCCL).
 //
 // All-reduce algorithms (ARCHITECTURE.md section 3):
 //  - kNative: the fastest this backend can do; the order in which an element's partials are
 //    added may depend on message size and on the element's position (as NCCL's ring does).
 //    Results are still identical on every rank.
 //  - kFixedOrder: every element is ((p0 + p1) + p2) + ... + p{N-1} in fp32, rank order,
-//    whatever the message size; implemented as reduce-scatter in canonical order + all-gather,
-//    so it moves ring-class bytes.
+//    whatever the message size (comm/rank_order_sum.h on the host, nccl/ordered_sum.h on the
+//    device). Threads: each rank sums its chunk over all ranks, then copies the others' chunks
+//    (reduce-scatter + all-gather, ring-class bytes). MPI: all-to-all of chunks, the rank-order
+//    sum, all-gather. NCCL: all-gather (or grouped send/recv) plus the on-device ordered sum.
 #pragma once
 
 #include <cstddef>

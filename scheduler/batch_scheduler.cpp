@@ -26,9 +26,6 @@ std::span<const int32_t> StepPlan::token_ids_of(size_t seq_idx) const {
 std::span<const int64_t> StepPlan::positions_of(size_t seq_idx) const {
   return slice(positions, token_offsets, seq_idx);
 }
-std::span<const int64_t> StepPlan::slot_mapping_of(size_t seq_idx) const {
-  return slice(slot_mapping, token_offsets, seq_idx);
-}
 std::span<const int32_t> StepPlan::block_table_of(size_t seq_idx) const {
   return slice(block_tables, block_table_offsets, seq_idx);
 }
@@ -184,7 +181,6 @@ StepPlan BatchScheduler::build_plan(const StepBuilder& step) const {
     for (int64_t position = chunk.first_position; position < end_position; ++position) {
       plan.token_ids.push_back(sequence.token_ids[static_cast<size_t>(position)]);
       plan.positions.push_back(position);
-      plan.slot_mapping.push_back(block_manager_.flat_slot_of(chunk.seq_id, position));
     }
     plan.token_offsets.push_back(static_cast<int64_t>(plan.token_ids.size()));
     const std::vector<int32_t>& table = block_manager_.block_table(chunk.seq_id);

@@ -48,7 +48,7 @@ struct Request {
 };
 
 // One engine step, flat so it can be serialised and broadcast to ranks as it is. Sequence i
-// feeds token_ids / positions / slot_mapping [token_offsets[i], token_offsets[i + 1]) and uses
+// feeds token_ids / positions [token_offsets[i], token_offsets[i + 1]) and uses
 // block_tables [block_table_offsets[i], block_table_offsets[i + 1]).
 struct StepPlan {
   std::vector<int64_t> seq_ids;              // [num_seqs]
@@ -56,7 +56,6 @@ struct StepPlan {
   std::vector<int64_t> token_offsets;        // [num_seqs + 1]
   std::vector<int32_t> token_ids;            // [num_tokens]
   std::vector<int64_t> positions;            // [num_tokens] absolute positions
-  std::vector<int64_t> slot_mapping;         // [num_tokens] block_id * block_size + offset
   std::vector<int64_t> block_table_offsets;  // [num_seqs + 1]
   std::vector<int32_t> block_tables;         // concatenated block tables
   int64_t num_scheduled_tokens = 0;
@@ -66,7 +65,6 @@ struct StepPlan {
   bool empty() const { return seq_ids.empty(); }
   std::span<const int32_t> token_ids_of(size_t seq_idx) const;
   std::span<const int64_t> positions_of(size_t seq_idx) const;
-  std::span<const int64_t> slot_mapping_of(size_t seq_idx) const;
   std::span<const int32_t> block_table_of(size_t seq_idx) const;
 
   bool operator==(const StepPlan&) const = default;
@@ -107,7 +105,6 @@ class BatchScheduler {
   bool step_in_flight() const { return step_in_flight_; }
   int64_t total_preemptions() const { return total_preemptions_; }
   // Requests finished (length, stop or abort) since the last take_finished(), in finish order.
-  const std::vector<FinishedRequest>& finished() const { return finished_; }
   std::vector<FinishedRequest> take_finished();
 
   const BlockManager& block_manager() const { return block_manager_; }

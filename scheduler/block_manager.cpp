@@ -147,11 +147,6 @@ KvSlot BlockManager::slot_of(int64_t seq_id, int64_t position) const {
                 static_cast<int32_t>(position % block_size_)};
 }
 
-int64_t BlockManager::flat_slot_of(int64_t seq_id, int64_t position) const {
-  KvSlot slot = slot_of(seq_id, position);
-  return int64_t{slot.block_id} * block_size_ + slot.offset;
-}
-
 const BlockManager::SequenceBlocks& BlockManager::sequence(int64_t seq_id) const {
   auto found = sequences_.find(seq_id);
   if (found == sequences_.end()) throw_error("BlockManager: unknown sequence ", seq_id);

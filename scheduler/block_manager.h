@@ -63,7 +63,6 @@ class BlockManager {
   // Returns every block of seq_id to the pool and forgets the sequence.
   void free(int64_t seq_id);
 
-  bool prefix_caching_enabled() const { return prefix_caching_enabled_; }
   // Leading tokens of token_ids held by cached full blocks, whole blocks only, at most
   // max_tokens. Always 0 with caching off.
   int64_t cached_prefix_tokens(std::span<const int32_t> token_ids, int64_t max_tokens) const;
@@ -87,8 +86,6 @@ class BlockManager {
   const std::vector<int32_t>& block_table(int64_t seq_id) const;
   // Where token `position` of seq_id is stored; position must be < num_tokens(seq_id).
   KvSlot slot_of(int64_t seq_id, int64_t position) const;
-  // Flat slot index block_id * block_size + offset (the form KV-write kernels take).
-  int64_t flat_slot_of(int64_t seq_id, int64_t position) const;
 
  private:
   struct SequenceBlocks {

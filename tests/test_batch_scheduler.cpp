@@ -173,7 +173,6 @@ class Harness {
     ASSERT_EQ(plan.token_offsets.size(), num_seqs + 1);
     ASSERT_EQ(plan.block_table_offsets.size(), num_seqs + 1);
     ASSERT_EQ(plan.positions.size(), plan.token_ids.size());
-    ASSERT_EQ(plan.slot_mapping.size(), plan.token_ids.size());
     EXPECT_EQ(plan.num_scheduled_tokens, static_cast<int64_t>(plan.token_ids.size()));
     EXPECT_LE(plan.num_scheduled_tokens, config_.max_num_batched_tokens);
     EXPECT_LE(static_cast<int64_t>(num_seqs), config_.max_num_seqs);
@@ -191,7 +190,6 @@ class Harness {
       Shadow& shadow = live_[seq_id];
       auto positions = plan.positions_of(seq_idx);
       auto token_ids = plan.token_ids_of(seq_idx);
-      auto slots = plan.slot_mapping_of(seq_idx);
       auto table = plan.block_table_of(seq_idx);
       ASSERT_FALSE(positions.empty());
       const int64_t first = positions.front();
@@ -232,7 +230,6 @@ class Harness {
         const int64_t position = first + static_cast<int64_t>(token_idx);
         EXPECT_EQ(positions[token_idx], position);
         EXPECT_EQ(token_ids[token_idx], shadow.tokens[static_cast<size_t>(position)]);
-        EXPECT_EQ(slots[token_idx], slot_of(position));
         kv_writes.emplace_back(slot_of(position), hashes[static_cast<size_t>(position)]);
         // Never written while another sequence shares the block.
         const int32_t block_id = table[static_cast<size_t>(position / block_size)];

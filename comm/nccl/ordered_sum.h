@@ -2,8 +2,8 @@
 //
 // Algorithm. Element i of a fixed_order all-reduce is
 //     ((p0[i] + p1[i]) + p2[i]) + ... + p{N-1}[i]
-// in fp32, rank order, one IEEE round-to-nearest add at a time -- exactly what ThreadGroup's
-// kFixedOrder computes (comm/thread_comm.cpp: add_two(p0, p1), then add_into(pk) for k >= 2).
+// in fp32, rank order, one IEEE round-to-nearest add at a time -- exactly what the host
+// backends' kFixedOrder computes (comm/rank_order_sum.h, used by thread_comm and mpi_comm).
 // The NCCL backend gathers every rank's partials on the device and evaluates this function per
 // element in a CUDA kernel; tests/test_ordered_sum.cpp evaluates the same function on the CPU
 // and proves it bit-identical to ThreadGroup's fixed_order. Keeping one definition is what

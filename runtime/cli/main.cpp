@@ -1,5 +1,8 @@
-// The keel command line: gen-model, generate. Errors print one line naming what is wrong and
-// exit non-zero; nothing here aborts on bad input.
+// The keel command line: gen-model, generate, serve, calibrate, plan, simulate, bench serve,
+// experts, profile tail and routes (the last ones live in their *_cmd.cpp libraries). Every
+// command parses its flags with the one parser (runtime/cli/flags.h); errors print one line
+// naming what is wrong and exit non-zero; nothing here aborts on bad input. `generate` and
+// `serve` share the engine's step loop, scheduler and sampler (runtime/engine/engine.h).
 #include <unistd.h>
 
 #include <csignal>
@@ -27,17 +30,17 @@
 #include "runtime/cli/plan_cmd.h"
 #include "runtime/cli/routes_cmd.h"
 #include "runtime/cli/simulate_cmd.h"
+#include "runtime/common/logging.h"
 #include "runtime/engine/deployment.h"
 #include "runtime/engine/engine.h"
 #include "runtime/model/gen_model.h"
-#include "runtime/tools/loadgen/loadgen.h"
-#include "runtime/common/logging.h"
 #include "runtime/server/http_server.h"
 #include "runtime/serving/calibrate.h"
 #include "runtime/serving/replay.h"
 #include "runtime/serving/serve_config.h"
 #include "runtime/serving/serving_engine.h"
 #include "runtime/telemetry/trace.h"
+#include "runtime/tools/loadgen/loadgen.h"
 
 namespace {
 

@@ -157,9 +157,6 @@ class RankModel {
                std::vector<float>& logits);
 
   const ExpertCounts& expert_counts() const { return expert_counts_; }
-  // Seconds spent in each local expert's GEMMs, [layer][expert] (0 for experts elsewhere),
-  // measured by the backend (steady clock on CPU, CUDA events on GPU).
-  const std::vector<std::vector<double>>& expert_seconds() const { return expert_seconds_; }
   Backend& backend() { return backend_; }
   // Running hash of every routing decision this rank made. The router is replicated, so all
   // ranks must agree; the engine checks this after every generate call.
@@ -173,9 +170,7 @@ class RankModel {
     capture_routing_ = capture_routing;
     trace_ = trace;
   }
-  // Time every local expert's FFN into expert_seconds() even when not observing (generate()
-  // reports them). On CUDA this waits for each expert's events.
-  void set_expert_timing(bool on) { time_experts_ = on; }
+
   // What the last forward() observed (empty fields when not observing).
   const StepObservation& observation() const { return observation_; }
   int64_t weight_bytes() const;
@@ -219,12 +214,10 @@ class RankModel {
   Matrix lm_head_;  // [vocab_chunk, H], rows past the vocab are zero
 
   ExpertCounts expert_counts_;
-  std::vector<std::vector<double>> expert_seconds_;
   uint64_t routing_fingerprint_ = 0;
   bool observe_ = false;
   bool capture_routing_ = false;
   bool trace_ = false;
-  bool time_experts_ = false;
   StepObservation observation_;
   int64_t num_moe_layers_ = 0;
   std::vector<int64_t> moe_layer_ids_;  // [moe idx] -> layer idx

@@ -71,7 +71,7 @@ void RankModel::moe(int64_t layer_idx, int64_t moe_idx, int64_t num_tokens,
   table.dtype = num_local > 0 ? layer.experts.front().gate_up.dtype() : expert_dtype_;
   table.hidden = hidden;
   table.inter = inter;
-  if (observe_ || time_experts_) {
+  if (observe_) {
     host_expert_seconds_.assign(static_cast<size_t>(num_local), 0.0);
     host_expert_starts_.assign(static_cast<size_t>(num_local), 0.0);
     const Backend::ExpertTimes times{host_expert_seconds_.data(), host_expert_starts_.data()};
@@ -80,8 +80,6 @@ void RankModel::moe(int64_t layer_idx, int64_t moe_idx, int64_t num_tokens,
       const double seconds = host_expert_seconds_[static_cast<size_t>(local)];
       if (seconds == 0.0) continue;
       const int32_t expert_id = layer.local_expert_ids[static_cast<size_t>(local)];
-      expert_seconds_[static_cast<size_t>(layer_idx)][static_cast<size_t>(expert_id)] += seconds;
-      if (!observe_) continue;
       observation_.expert_seconds[static_cast<size_t>(layer_idx * num_experts + expert_id)] +=
           static_cast<float>(seconds);
       observation_.phase_seconds[static_cast<size_t>(Phase::kExperts)] += seconds;

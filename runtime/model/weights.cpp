@@ -152,8 +152,6 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
   vocab_chunk_ = (config.vocab_size + tp_size - 1) / tp_size;
   expert_counts_.assign(static_cast<size_t>(config.num_layers),
                         std::vector<int64_t>(static_cast<size_t>(config.num_experts), 0));
-  expert_seconds_.assign(static_cast<size_t>(config.num_layers),
-                         std::vector<double>(static_cast<size_t>(config.num_experts), 0.0));
 
   const TensorView& embed =
       checkpoint.get("model.embed_tokens.weight", {config.vocab_size, hidden});

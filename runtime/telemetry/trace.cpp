@@ -3,7 +3,6 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <fstream>
@@ -12,13 +11,6 @@
 #include "kernels/base/check.h"
 
 namespace keel::telemetry {
-
-double trace_clock_us() {
-  using clock = std::chrono::steady_clock;
-  // A function-local static: initialized once, thread-safely, on the first call from any rank.
-  static const clock::time_point epoch = clock::now();
-  return std::chrono::duration<double, std::micro>(clock::now() - epoch).count();
-}
 
 nlohmann::json chrome_trace_json(const std::vector<TraceSpan>& spans,
                                  const std::string& process_name) {
