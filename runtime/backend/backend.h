@@ -190,9 +190,16 @@ class Backend {
 std::unique_ptr<Backend> make_cpu_backend();
 // Usable CUDA devices; 0 with the reason (no driver, no device, built without CUDA) otherwise.
 int cuda_device_count(std::string* reason_if_none);
-// How the CUDA backend multiplies: kCanonical is the 16-lane canonical order (bit-identical to
-// the CPU GEMM, batch-invariant); kCublas is cuBLAS with fp32 compute, the default algorithm and
-// no workspace (so no split-K), faster but neither CPU-identical nor batch-invariant.
+// How the CUDA backend multiplies (the GEMM modes; kernels/math/README.md):
+//  - kCanonical: the 16-lane canonical order, bit-identical to the CPU GEMM, hence batch-
+//    invariant too. batch_invariant deployments use it: GPU-served bits replay on a CPU.
+//  - kTiledBatchInvariant (named, not built yet): a tensor-core GEMM with one fixed tiling and
+//    no split-K for every M, batch-invariant but with GPU-only bits (a row's result depends on
+//    neither its batch nor its position in it, only on the tiling, so runs on one GPU model
+//    reproduce but a CPU replay does not). It will sit beside kCanonical, not replace it.
+//  - kCublas: cuBLAS with fp32 compute, the default algorithm and no workspace (so no split-K),
+//    faster but neither CPU-identical nor batch-invariant (cuBLAS picks kernels by shape); used
+//    by `fast` deployments for dense GEMMs. MoE experts always run the grouped canonical GEMM.
 enum class GpuGemm : uint8_t { kCanonical, kCublas };
 // The CUDA backend on `device_index`; throws keel::Error with a clear message where CUDA
 // support was not built or no device exists.
