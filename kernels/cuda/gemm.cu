@@ -136,6 +136,24 @@ __global__ void narrow_kernel(const float* src, DType dtype, int64_t rows, int64
   }
 }
 
+// Calls launch(tag) with tag's Loader/Element types for the weight dtype (checked by callers).
+template <typename LoaderType, typename ElementType>
+struct WeightLoader {
+  using Loader = LoaderType;
+  using Element = ElementType;
+};
+template <typename Launch>
+void with_weight_loader(DType w_dtype, Launch&& launch) {
+  switch (w_dtype) {
+    case DType::kF32:
+      return launch(WeightLoader<math::LoadF32, float>{});
+    case DType::kBF16:
+      return launch(WeightLoader<math::LoadBF16, uint16_t>{});
+    case DType::kF16:
+      return launch(WeightLoader<math::LoadF16, uint16_t>{});
+  }
+}
+
 void check_gemm_args(const GemmArgs& args, const char* what) {
   require(
       args.w_dtype == DType::kF32 || args.w_dtype == DType::kBF16 || args.w_dtype == DType::kF16,
@@ -198,20 +216,12 @@ void gemm_canonical(const GemmArgs& args, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((args.n + kTile - 1) / kTile),
                   static_cast<unsigned>((args.m + kTile - 1) / kTile));
   const dim3 block(kTile, kTile);
-  switch (args.w_dtype) {
-    case DType::kF32:
-      gemm_canonical_kernel<math::LoadF32, float><<<grid, block, 0, stream>>>(
-          args.x, args.ldx, args.w, args.ldw, args.y, args.ldy, args.m, args.n, args.k);
-      break;
-    case DType::kBF16:
-      gemm_canonical_kernel<math::LoadBF16, uint16_t><<<grid, block, 0, stream>>>(
-          args.x, args.ldx, args.w, args.ldw, args.y, args.ldy, args.m, args.n, args.k);
-      break;
-    case DType::kF16:
-      gemm_canonical_kernel<math::LoadF16, uint16_t><<<grid, block, 0, stream>>>(
-          args.x, args.ldx, args.w, args.ldw, args.y, args.ldy, args.m, args.n, args.k);
-      break;
-  }
+  with_weight_loader(args.w_dtype, [&](auto loader) {
+    using Loader = typename decltype(loader)::Loader;
+    using Element = typename decltype(loader)::Element;
+    gemm_canonical_kernel<Loader, Element><<<grid, block, 0, stream>>>(
+        args.x, args.ldx, args.w, args.ldw, args.y, args.ldy, args.m, args.n, args.k);
+  });
   KEEL_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -239,20 +249,12 @@ void gemm_canonical_grouped(const GroupedGemmArgs& args, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((args.n + kTile - 1) / kTile),
                   static_cast<unsigned>(row_tiles), static_cast<unsigned>(args.num_groups));
   const dim3 block(kTile, kTile);
-  switch (args.w_dtype) {
-    case DType::kF32:
-      gemm_canonical_grouped_kernel<math::LoadF32, float><<<grid, block, 0, stream>>>(
-          args.x, args.ldx, args.w_table, args.ldw, args.y, args.ldy, args.offsets, args.n, args.k);
-      break;
-    case DType::kBF16:
-      gemm_canonical_grouped_kernel<math::LoadBF16, uint16_t><<<grid, block, 0, stream>>>(
-          args.x, args.ldx, args.w_table, args.ldw, args.y, args.ldy, args.offsets, args.n, args.k);
-      break;
-    case DType::kF16:
-      gemm_canonical_grouped_kernel<math::LoadF16, uint16_t><<<grid, block, 0, stream>>>(
-          args.x, args.ldx, args.w_table, args.ldw, args.y, args.ldy, args.offsets, args.n, args.k);
-      break;
-  }
+  with_weight_loader(args.w_dtype, [&](auto loader) {
+    using Loader = typename decltype(loader)::Loader;
+    using Element = typename decltype(loader)::Element;
+    gemm_canonical_grouped_kernel<Loader, Element><<<grid, block, 0, stream>>>(
+        args.x, args.ldx, args.w_table, args.ldw, args.y, args.ldy, args.offsets, args.n, args.k);
+  });
   KEEL_CUDA_CHECK(cudaGetLastError());
 }
 
