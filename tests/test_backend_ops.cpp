@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <iomanip>
 #include <memory>
 #include <numeric>
 #include <random>
@@ -31,6 +32,7 @@
 #include <vector>
 
 #include "kernels/base/dtype.h"
+#include "kernels/cpu/gemm.h"
 #include "kernels/math/gemm_math.h"
 #include "kernels/math/moe_math.h"
 #include "kernels/math/ops_math.h"
@@ -127,7 +129,7 @@ std::vector<T> download(Backend& backend, const DeviceArray& array, size_t count
 
 std::string hex_bits(float value) {
   std::ostringstream out;
-  out << value << " (0x" << std::hex << float_bits(value) << ")";
+  out << std::setprecision(9) << value << " (0x" << std::hex << float_bits(value) << ")";
   return out.str();
 }
 
@@ -181,11 +183,11 @@ class BackendOps : public ::testing::TestWithParam<std::string> {
 
   bool on_cuda() const { return cuda_ != nullptr; }
   Backend& backend() { return on_cuda() ? *cuda_ : *cpu_; }
-  Backend& cpu() { return *cpu_; }
+  Backend& cpu_backend() { return *cpu_; }
 
   template <typename Run, typename Value>
   Value expected(Run&& run, const Value& reference) {
-    return on_cuda() ? run(cpu()) : reference;
+    return on_cuda() ? run(cpu_backend()) : reference;
   }
 
  private:
@@ -195,6 +197,25 @@ class BackendOps : public ::testing::TestWithParam<std::string> {
 
 // The row counts every row-wise op is tried with: empty, one, and non-multiples of 16.
 constexpr int64_t kRowCounts[] = {0, 1, 7, 33};
+
+// The CPU GEMM has a scalar, an AVX2 and an AVX-512 path that must all be the canonical order;
+// the CPU backend runs whichever is active, so the GEMM-based ops try every path this CPU has.
+// (On CUDA only the active path runs: the CUDA result is compared with it.)
+std::vector<cpu::Isa> isas_to_try(bool on_cuda) {
+  if (on_cuda) return {cpu::detected_isa()};
+  std::vector<cpu::Isa> isas;
+  for (cpu::Isa isa : {cpu::Isa::kScalar, cpu::Isa::kAvx2, cpu::Isa::kAvx512})
+    if (static_cast<int>(isa) <= static_cast<int>(cpu::detected_isa())) isas.push_back(isa);
+  return isas;
+}
+
+// Restores the detected ISA however a test ends.
+struct ActiveIsa {
+  explicit ActiveIsa(cpu::Isa isa) { cpu::set_active_isa(isa); }
+  ~ActiveIsa() { cpu::set_active_isa(cpu::detected_isa()); }
+  ActiveIsa(const ActiveIsa&) = delete;
+  ActiveIsa& operator=(const ActiveIsa&) = delete;
+};
 
 // --- allocation and copies --------------------------------------------------------------------
 
@@ -261,25 +282,29 @@ TEST_P(BackendOps, EmbedWidensTableRowsExactly) {
 
 TEST_P(BackendOps, GemmIsTheCanonicalDotPerElement) {
   Rng rng(3);
-  for (DType dtype : kAllDTypes) {
-    for (int64_t k : {1, 16, 70, 129}) {
-      for (int64_t n : {1, 5, 17}) {
-        const HostWeights w = make_weights(rng, dtype, to_size(n * k), 1.0f);
-        for (int64_t m : kRowCounts) {
-          const std::vector<float> x = rng.floats(to_size(m * k), 2.0f);
-          std::vector<float> reference(to_size(m * n));
-          for (int64_t row = 0; row < m; ++row)
-            for (int64_t col = 0; col < n; ++col)
-              reference[to_size(row * n + col)] =
-                  math::canonical_dot(x.data() + row * k, weight_row(w, col, k), dtype, k);
-          auto run = [&](Backend& device) {
-            DeviceArray x_d = upload(device, x), w_d = upload(device, w);
-            DeviceArray y = device.allocate(DType::kF32, reference.size());
-            device.gemm(x_d.f32(), w_d.data(), dtype, y.f32(), m, n, k);
-            return download<float>(device, y, reference.size());
-          };
-          EXPECT_TRUE(same_bits(run(backend()), expected(run, reference)))
-              << dtype_name(dtype) << " m " << m << " n " << n << " k " << k;
+  for (cpu::Isa isa : isas_to_try(on_cuda())) {
+    const ActiveIsa active(isa);
+    for (DType dtype : kAllDTypes) {
+      for (int64_t k : {1, 16, 70, 129}) {
+        for (int64_t n : {1, 5, 17}) {
+          const HostWeights w = make_weights(rng, dtype, to_size(n * k), 1.0f);
+          for (int64_t m : kRowCounts) {
+            const std::vector<float> x = rng.floats(to_size(m * k), 2.0f);
+            std::vector<float> reference(to_size(m * n));
+            for (int64_t row = 0; row < m; ++row)
+              for (int64_t col = 0; col < n; ++col)
+                reference[to_size(row * n + col)] =
+                    math::canonical_dot(x.data() + row * k, weight_row(w, col, k), dtype, k);
+            auto run = [&](Backend& device) {
+              DeviceArray x_d = upload(device, x), w_d = upload(device, w);
+              DeviceArray y = device.allocate(DType::kF32, reference.size());
+              device.gemm(x_d.f32(), w_d.data(), dtype, y.f32(), m, n, k);
+              return download<float>(device, y, reference.size());
+            };
+            EXPECT_TRUE(same_bits(run(backend()), expected(run, reference)))
+                << cpu::isa_name(isa) << " " << dtype_name(dtype) << " m " << m << " n " << n
+                << " k " << k;
+          }
         }
       }
     }
@@ -910,77 +935,80 @@ TEST_P(BackendOps, MoeExpertsRunEachExpertsFfnOverItsRows) {
     int64_t hidden, inter;
   };
   const std::vector<Routing> scenarios = routing_scenarios(rng);
-  for (DType dtype : kAllDTypes) {
-    for (Dims dims : {Dims{70, 19}, Dims{16, 33}}) {
-      const int64_t hidden = dims.hidden, inter = dims.inter;
-      for (const Routing& routing : scenarios) {
-        const int64_t num_local = routing.num_local();
-        const Packing packing = reference_pack(routing);
-        std::vector<HostWeights> gate_up, down;
-        for (int64_t local = 0; local < num_local; ++local) {
-          gate_up.push_back(make_weights(rng, dtype, to_size(2 * inter * hidden), 0.3f));
-          down.push_back(make_weights(rng, dtype, to_size(hidden * inter), 0.3f));
-        }
-        const size_t packed_rows = packing.routes.size();
-        const std::vector<float> expert_in = rng.floats(packed_rows * to_size(hidden), 2.0f);
-        // Reference: per local expert and packed row, canonical dots for gate_up, the math
-        // silu_mul, canonical dots for down.
-        std::vector<float> reference(packed_rows * to_size(hidden));
-        std::vector<float> mid(to_size(2 * inter)), act(to_size(inter));
-        for (int64_t local = 0; local < num_local; ++local) {
-          const HostWeights& gu = gate_up[to_size(local)];
-          const HostWeights& dn = down[to_size(local)];
-          for (int64_t row = packing.offsets[to_size(local)];
-               row < packing.offsets[to_size(local + 1)]; ++row) {
-            const float* in_row = expert_in.data() + row * hidden;
-            for (int64_t j = 0; j < 2 * inter; ++j)
-              mid[to_size(j)] =
-                  math::canonical_dot(in_row, weight_row(gu, j, hidden), dtype, hidden);
-            for (int64_t i = 0; i < inter; ++i)
-              act[to_size(i)] = math::silu_mul(mid[to_size(i)], mid[to_size(inter + i)]);
-            for (int64_t h = 0; h < hidden; ++h)
-              reference[to_size(row * hidden + h)] =
-                  math::canonical_dot(act.data(), weight_row(dn, h, inter), dtype, inter);
+  for (cpu::Isa isa : isas_to_try(on_cuda())) {
+    const ActiveIsa active(isa);
+    for (DType dtype : kAllDTypes) {
+      for (Dims dims : {Dims{70, 19}, Dims{16, 33}}) {
+        const int64_t hidden = dims.hidden, inter = dims.inter;
+        for (const Routing& routing : scenarios) {
+          const int64_t num_local = routing.num_local();
+          const Packing packing = reference_pack(routing);
+          std::vector<HostWeights> gate_up, down;
+          for (int64_t local = 0; local < num_local; ++local) {
+            gate_up.push_back(make_weights(rng, dtype, to_size(2 * inter * hidden), 0.3f));
+            down.push_back(make_weights(rng, dtype, to_size(hidden * inter), 0.3f));
           }
-        }
-        auto run_with = [&](Backend& device, bool timed) {
-          DeviceDispatch dispatch(device, routing, packing);
-          DeviceExperts experts(device, gate_up, down, dtype, hidden, inter);
-          const size_t max_rows = to_size(std::max<int64_t>(dispatch.dispatch.max_rows(), 1));
-          std::vector<float> padded_in = expert_in;
-          padded_in.resize(max_rows * to_size(hidden));
-          DeviceArray in_d = upload(device, padded_in);
-          DeviceArray mid_d = device.allocate(DType::kF32, max_rows * to_size(2 * inter));
-          DeviceArray act_d = device.allocate(DType::kF32, max_rows * to_size(inter));
-          DeviceArray out_d = device.allocate(DType::kF32, max_rows * to_size(hidden));
-          // -1 marks "not written": every expert's entry must be set, 0 for empty ones.
-          ExpertRun result{{},
-                           std::vector<double>(to_size(num_local), -1.0),
-                           std::vector<double>(to_size(num_local), -1.0)};
-          const Backend::ExpertTimes times{result.seconds.data(), result.start_s.data()};
-          device.moe_experts(in_d.f32(), dispatch.dispatch, experts.table, mid_d.f32(), act_d.f32(),
-                             out_d.f32(), timed ? &times : nullptr);
-          result.expert_out = download<float>(device, out_d, reference.size());
-          return result;
-        };
-        auto run = [&](Backend& device) { return run_with(device, false).expert_out; };
-        const std::string label = std::string(dtype_name(dtype)) + " hidden " +
-                                  std::to_string(hidden) + " inter " + std::to_string(inter) + " " +
-                                  routing.name;
-        const std::vector<float> want = expected(run, reference);
-        EXPECT_TRUE(same_bits(run(backend()), want)) << label;
-        // Timing changes how the experts are launched, never their bits.
-        const ExpertRun timed = run_with(backend(), true);
-        EXPECT_TRUE(same_bits(timed.expert_out, want)) << label << " timed";
-        for (int64_t local = 0; local < num_local; ++local) {
-          const bool has_rows =
-              packing.offsets[to_size(local + 1)] > packing.offsets[to_size(local)];
-          if (has_rows) {
-            EXPECT_GT(timed.seconds[to_size(local)], 0.0) << label << " local " << local;
-            EXPECT_GT(timed.start_s[to_size(local)], 0.0) << label << " local " << local;
-          } else {
-            EXPECT_EQ(timed.seconds[to_size(local)], 0.0) << label << " local " << local;
-            EXPECT_EQ(timed.start_s[to_size(local)], 0.0) << label << " local " << local;
+          const size_t packed_rows = packing.routes.size();
+          const std::vector<float> expert_in = rng.floats(packed_rows * to_size(hidden), 2.0f);
+          // Reference: per local expert and packed row, canonical dots for gate_up, the math
+          // silu_mul, canonical dots for down.
+          std::vector<float> reference(packed_rows * to_size(hidden));
+          std::vector<float> mid(to_size(2 * inter)), act(to_size(inter));
+          for (int64_t local = 0; local < num_local; ++local) {
+            const HostWeights& gu = gate_up[to_size(local)];
+            const HostWeights& dn = down[to_size(local)];
+            for (int64_t row = packing.offsets[to_size(local)];
+                 row < packing.offsets[to_size(local + 1)]; ++row) {
+              const float* in_row = expert_in.data() + row * hidden;
+              for (int64_t j = 0; j < 2 * inter; ++j)
+                mid[to_size(j)] =
+                    math::canonical_dot(in_row, weight_row(gu, j, hidden), dtype, hidden);
+              for (int64_t i = 0; i < inter; ++i)
+                act[to_size(i)] = math::silu_mul(mid[to_size(i)], mid[to_size(inter + i)]);
+              for (int64_t h = 0; h < hidden; ++h)
+                reference[to_size(row * hidden + h)] =
+                    math::canonical_dot(act.data(), weight_row(dn, h, inter), dtype, inter);
+            }
+          }
+          auto run_with = [&](Backend& device, bool timed) {
+            DeviceDispatch dispatch(device, routing, packing);
+            DeviceExperts experts(device, gate_up, down, dtype, hidden, inter);
+            const size_t max_rows = to_size(std::max<int64_t>(dispatch.dispatch.max_rows(), 1));
+            std::vector<float> padded_in = expert_in;
+            padded_in.resize(max_rows * to_size(hidden));
+            DeviceArray in_d = upload(device, padded_in);
+            DeviceArray mid_d = device.allocate(DType::kF32, max_rows * to_size(2 * inter));
+            DeviceArray act_d = device.allocate(DType::kF32, max_rows * to_size(inter));
+            DeviceArray out_d = device.allocate(DType::kF32, max_rows * to_size(hidden));
+            // -1 marks "not written": every expert's entry must be set, 0 for empty ones.
+            ExpertRun result{{},
+                             std::vector<double>(to_size(num_local), -1.0),
+                             std::vector<double>(to_size(num_local), -1.0)};
+            const Backend::ExpertTimes times{result.seconds.data(), result.start_s.data()};
+            device.moe_experts(in_d.f32(), dispatch.dispatch, experts.table, mid_d.f32(),
+                               act_d.f32(), out_d.f32(), timed ? &times : nullptr);
+            result.expert_out = download<float>(device, out_d, reference.size());
+            return result;
+          };
+          auto run = [&](Backend& device) { return run_with(device, false).expert_out; };
+          const std::string label =
+              std::string(cpu::isa_name(isa)) + " " + std::string(dtype_name(dtype)) + " hidden " +
+              std::to_string(hidden) + " inter " + std::to_string(inter) + " " + routing.name;
+          const std::vector<float> want = expected(run, reference);
+          EXPECT_TRUE(same_bits(run(backend()), want)) << label;
+          // Timing changes how the experts are launched, never their bits.
+          const ExpertRun timed = run_with(backend(), true);
+          EXPECT_TRUE(same_bits(timed.expert_out, want)) << label << " timed";
+          for (int64_t local = 0; local < num_local; ++local) {
+            const bool has_rows =
+                packing.offsets[to_size(local + 1)] > packing.offsets[to_size(local)];
+            if (has_rows) {
+              EXPECT_GT(timed.seconds[to_size(local)], 0.0) << label << " local " << local;
+              EXPECT_GT(timed.start_s[to_size(local)], 0.0) << label << " local " << local;
+            } else {
+              EXPECT_EQ(timed.seconds[to_size(local)], 0.0) << label << " local " << local;
+              EXPECT_EQ(timed.start_s[to_size(local)], 0.0) << label << " local " << local;
+            }
           }
         }
       }
