@@ -14,6 +14,10 @@
 //   silu_mul, moe_experts (silu between its GEMMs), route_top_k (softmax), attention (softmax),
 //   moe_combine with a shared expert (sigmoid gate).
 // They are asserted bit for bit here all the same, since that is the promise after that change.
+// On the CPU they already equal the math reference, with one path that does not call kernels/math:
+// the CPU moe_combine's shared-expert gate is cpu::sigmoid (kernels/cpu/ops.h, __builtin_expf),
+// not math::sigmoid (exp_f32). Both are glibc's expf today; if exp_f32 changes alone, the CPU
+// instance of MoeCombineIsTheCanonicalSlotOrderSum fails, as it should.
 
 #include <gtest/gtest.h>
 
@@ -103,7 +107,7 @@ const void* weight_row(const HostWeights& weights, int64_t row, int64_t row_leng
   return weights.bytes.data() + to_size(row * row_length) * dtype_size(weights.dtype);
 }
 
-// --- device round trips -------------------------------------------------------------------------
+// --- device round trips ---
 
 template <typename T>
 DeviceArray upload(Backend& backend, const std::vector<T>& host) {
@@ -125,7 +129,7 @@ std::vector<T> download(Backend& backend, const DeviceArray& array, size_t count
   return host;
 }
 
-// --- comparisons --------------------------------------------------------------------------------
+// --- comparisons ---
 
 std::string hex_bits(float value) {
   std::ostringstream out;
@@ -154,22 +158,32 @@ std::string hex_bits(float value) {
 bool operator==(const PackedRoute& a, const PackedRoute& b) {
   return a.token_idx == b.token_idx && a.slot_idx == b.slot_idx;
 }
+std::string describe(const PackedRoute& route) {
+  return "{token " + std::to_string(route.token_idx) + ", slot " + std::to_string(route.slot_idx) +
+         "}";
+}
+std::string describe(int32_t value) {
+  return std::to_string(value);
+}
 
 template <typename T>
 ::testing::AssertionResult same_values(const std::vector<T>& got, const std::vector<T>& want) {
   if (got.size() != want.size())
     return ::testing::AssertionFailure() << "size " << got.size() << " vs " << want.size();
   for (size_t i = 0; i < got.size(); ++i)
-    if (!(got[i] == want[i])) return ::testing::AssertionFailure() << "first difference at " << i;
+    if (!(got[i] == want[i]))
+      return ::testing::AssertionFailure() << "first difference at " << i << ": got "
+                                           << describe(got[i]) << ", want " << describe(want[i]);
   return ::testing::AssertionSuccess();
 }
 
-// --- the fixture
-// ----------------------------------------------------------------------------------
+// --- the fixture ---
 
-// Runs on "cpu" always and on "cuda" where a device exists. `expected(run, reference)` is the
-// comparison target for an op: the host reference on the CPU backend, the CPU backend's own
-// output on CUDA (which the CPU instance checks against the reference).
+// Runs on "cpu" always and on "cuda" where a device exists. No #ifdef is needed: without CUDA
+// support keel_runtime links a stub whose cuda_device_count() is 0 with the reason.
+// expected(run, reference) is what an op's output must equal: the host reference on the CPU
+// backend, the CPU backend's own output on CUDA (the CPU instance checks that one against the
+// reference).
 class BackendOps : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
@@ -217,7 +231,7 @@ struct ActiveIsa {
   ActiveIsa& operator=(const ActiveIsa&) = delete;
 };
 
-// --- allocation and copies --------------------------------------------------------------------
+// --- allocation and copies ---
 
 TEST_P(BackendOps, AllocateIsZeroFilledAndCopiesRoundTrip) {
   Backend& device = backend();
@@ -243,7 +257,7 @@ TEST_P(BackendOps, AllocateIsZeroFilledAndCopiesRoundTrip) {
   EXPECT_EQ(untouched[0], 42.0f);
 }
 
-// --- embed ---------------------------------------------------------------------------------------
+// --- embed ---
 
 TEST_P(BackendOps, EmbedWidensTableRowsExactly) {
   Rng rng(2);
@@ -278,7 +292,7 @@ TEST_P(BackendOps, EmbedWidensTableRowsExactly) {
   }
 }
 
-// --- gemm ----------------------------------------------------------------------------------------
+// --- gemm ---
 
 TEST_P(BackendOps, GemmIsTheCanonicalDotPerElement) {
   Rng rng(3);
@@ -328,7 +342,7 @@ TEST_P(BackendOps, GemmRowBitsDoNotDependOnBatchSize) {
   EXPECT_TRUE(same_bits(first_row, download<float>(device, one, to_size(n))));
 }
 
-// --- rms_norm, head_norm, add_bias, add ----------------------------------------------------------
+// --- rms_norm, head_norm, add_bias, add ---
 
 TEST_P(BackendOps, RmsNormIsTheSequentialRowFormula) {
   Rng rng(5);
@@ -425,7 +439,7 @@ TEST_P(BackendOps, AddIsElementwise) {
   }
 }
 
-// --- rope ----------------------------------------------------------------------------------------
+// --- rope ---
 
 TEST_P(BackendOps, RopeRotatesQueryAndKeyHeadsAtEachPosition) {
   Rng rng(9);
@@ -473,8 +487,7 @@ TEST_P(BackendOps, RopeRotatesQueryAndKeyHeadsAtEachPosition) {
   }
 }
 
-// --- paged KV: kv_append and attention
-// ------------------------------------------------------------
+// --- paged KV: kv_append and attention ---
 
 // A paged pool of two layers for three sequences whose block tables are a shuffled set of the
 // pool's blocks (out of order, with spare blocks no one owns), filled with random values.
@@ -633,7 +646,7 @@ TEST_P(BackendOps, AttentionOverPagedPoolEqualsContiguousAttention) {
   }
 }
 
-// --- route_top_k ---------------------------------------------------------------------------------
+// --- route_top_k ---
 
 struct RouteOutputs {
   std::vector<int32_t> expert_ids;
@@ -713,7 +726,7 @@ TEST_P(BackendOps, RouteTopKIsTheMathRouterPerRow) {
   }
 }
 
-// --- permute_rows --------------------------------------------------------------------------------
+// --- permute_rows ---
 
 TEST_P(BackendOps, PermuteRowsSelectsRowsAndWritesNothingElse) {
   Rng rng(13);
@@ -742,7 +755,7 @@ TEST_P(BackendOps, PermuteRowsSelectsRowsAndWritesNothingElse) {
   }
 }
 
-// --- the MoE dispatch: moe_pack, moe_gather, moe_experts, moe_combine ----------------------------
+// --- the MoE dispatch: moe_pack, moe_gather, moe_experts, moe_combine ---
 
 // One routing scenario of one MoE layer on one rank.
 struct Routing {
@@ -1091,7 +1104,7 @@ TEST_P(BackendOps, MoeCombineIsTheCanonicalSlotOrderSum) {
   }
 }
 
-// --- timed_seconds -------------------------------------------------------------------------------
+// --- timed_seconds ---
 
 TEST_P(BackendOps, TimedSecondsRunsTheWorkOnceAndReturnsADuration) {
   Backend& device = backend();
