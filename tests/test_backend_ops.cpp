@@ -1,4 +1,4 @@
-// Every Backend op (runtime/backend.h) on every backend present, against the shared math of
+// Every Backend op (runtime/backend/backend.h) on every backend present, against the shared math of
 // kernels/math evaluated on the host, with random shapes from a fixed seed, including the odd
 // ones: zero rows, one row, sizes that are not multiples of the 16-lane canonical chunk, empty
 // experts, no local experts, top_k = E, ties, router replay, paged KV pools with out-of-order
@@ -40,7 +40,7 @@
 #include "kernels/math/gemm_math.h"
 #include "kernels/math/moe_math.h"
 #include "kernels/math/ops_math.h"
-#include "runtime/backend.h"
+#include "runtime/backend/backend.h"
 
 namespace keel {
 namespace {
