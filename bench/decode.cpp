@@ -8,7 +8,13 @@
 // roofline tok/s = B / (bytes per step / measured read bandwidth of min(tp, cpus) threads).
 // The benchmark also checks the determinism promise: with fixed_order, prompt 0's logits
 // digest is the same at batch 1 and at batch 16 (exit 1 otherwise).
+//
+// --backend cuda: the same decode on one GPU (TP=1 only; the roofline bandwidth is then the
+// GPU's, measured with a device-to-device copy). A single rank needs no NCCL: every collective
+// over one rank is the identity, so comm/single_gpu's one-rank communicator stands in for
+// NcclCommunicator.
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <iostream>
@@ -16,6 +22,12 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+#ifdef KEEL_BENCH_CUDA
+#include <cuda_runtime_api.h>
+
+#include "comm/single_gpu/single_gpu_comm.h"
+#endif
 
 #include "bench/machine.h"
 #include "kernels/base/check.h"
@@ -33,26 +45,75 @@ struct Options {
   int64_t decode_steps = 32;
   int64_t prompt_length = 8;
   keel::comm::ReduceAlgo reduce = keel::comm::ReduceAlgo::kFixedOrder;
+  keel::Device device = keel::Device::kCpu;
 };
 
 Options parse_options(int argc, char** argv) {
   Options options;
   std::string reduce = "fixed_order";
+  std::string backend = "cpu";
   keel::flags::FlagSet flags(
       "bench/decode",
       "usage: decode [flags]\n"
-      "Decode throughput of the synthetic small preset on thread ranks against the measured\n"
-      "memory-bandwidth roofline; checks fixed_order's batch-invariant digest.\n");
+      "Decode throughput of the synthetic small preset on thread ranks (or one GPU) against the\n"
+      "measured memory-bandwidth roofline; checks fixed_order's batch-invariant digest.\n");
   flags.add_string("--model", &options.model_dir, "DIR", "checkpoint (default: generated small)");
   flags.add_int_list("--tp-list", &options.tp_list, "N,...", "tensor-parallel sizes").at_least(1);
   flags.add_int_list("--batch-list", &options.batch_list, "B,...", "batch sizes").at_least(1);
   flags.add_int("--decode-steps", &options.decode_steps, "N", "decode steps per run").at_least(1);
   flags.add_int("--prompt-length", &options.prompt_length, "N", "prompt tokens").at_least(1);
   flags.add_choice("--reduce", &reduce, {"native", "fixed_order"}, "all-reduce algorithm");
+  flags.add_choice("--backend", &backend, {"cpu", "cuda"},
+                   "where the rank computes (cuda: one GPU, --tp-list 1)");
   flags.parse_or_exit(argc, argv);
   options.reduce = keel::comm::parse_reduce_algo(reduce);
+  options.device = keel::parse_device(backend);
+  if (options.device == keel::Device::kCuda) {
+    if (options.tp_list != std::vector<int>{1})
+      keel::throw_error("--backend cuda measures one GPU: pass --tp-list 1");
+    std::string reason;
+    if (keel::cuda_device_count(&reason) == 0)
+      keel::throw_error("--backend cuda: no CUDA device: ", reason);
+  }
   return options;
 }
+
+#ifdef KEEL_BENCH_CUDA
+void check_cuda(cudaError_t status, const char* what) {
+  if (status != cudaSuccess)
+    keel::throw_error("bench/decode: ", what, ": ", cudaGetErrorString(status));
+}
+
+// GB/s of a device-to-device copy of 1 GiB (bytes read + bytes written over the time), best of
+// 5: the bandwidth a decode step's weight reads can reach on this GPU.
+double measure_device_bandwidth_gbs() {
+  const size_t bytes = size_t{1} << 30;
+  void* src = nullptr;
+  void* dst = nullptr;
+  check_cuda(cudaMalloc(&src, bytes), "cudaMalloc");
+  check_cuda(cudaMalloc(&dst, bytes), "cudaMalloc");
+  check_cuda(cudaMemset(src, 1, bytes), "cudaMemset");
+  double best = 0;
+  for (int trial = 0; trial < 5; ++trial) {
+    check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    auto start = std::chrono::steady_clock::now();
+    check_cuda(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice), "cudaMemcpy");
+    check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    best = std::max(best, 2.0 * static_cast<double>(bytes) / seconds * 1e-9);
+  }
+  check_cuda(cudaFree(src), "cudaFree");
+  check_cuda(cudaFree(dst), "cudaFree");
+  return best;
+}
+
+std::string gpu_name() {
+  cudaDeviceProp properties{};
+  check_cuda(cudaGetDeviceProperties(&properties, 0), "cudaGetDeviceProperties");
+  return properties.name;
+}
+#endif
 
 // Bytes one decode step reads for batch `batch` (see the roofline note at the top).
 double step_bytes(const keel::ModelConfig& config, int64_t batch, size_t weight_size) {
@@ -92,17 +153,38 @@ int main(int argc, char** argv) {
     report["isa"] = keel::cpu::isa_name(keel::cpu::active_isa());
     report["model"] = options.model_dir;
     report["reduce"] = keel::comm::reduce_algo_name(options.reduce);
+    report["backend"] = keel::device_name(options.device);
+    const bool on_gpu = options.device == keel::Device::kCuda;
+    report["bandwidth_measure"] = on_gpu ? "gpu device-to-device copy" : "host memory read";
+#ifdef KEEL_BENCH_CUDA
+    keel::comm::SingleGpuCommunicator gpu_communicator;
+    if (on_gpu) report["gpu"] = gpu_name();
+#else
+    if (on_gpu) keel::throw_error("--backend cuda: bench/decode was built without CUDA");
+#endif
     report["decode_steps"] = options.decode_steps;
     report["prompt_length"] = options.prompt_length;
     std::map<int, double> bandwidth_by_threads;
     bool deterministic = true;
     for (int tp : options.tp_list) {
       int threads = std::min(tp, std::max(1, cpus));
-      if (!bandwidth_by_threads.count(threads))
-        bandwidth_by_threads[threads] =
-            keel::bench::measure_read_bandwidth_gbs(size_t{1} << 30, threads);
+      if (!bandwidth_by_threads.count(threads)) {
+#ifdef KEEL_BENCH_CUDA
+        if (on_gpu) bandwidth_by_threads[threads] = measure_device_bandwidth_gbs();
+#endif
+        if (!on_gpu)
+          bandwidth_by_threads[threads] =
+              keel::bench::measure_read_bandwidth_gbs(size_t{1} << 30, threads);
+      }
       keel::EngineOptions engine_options;
       engine_options.tp_size = tp;
+#ifdef KEEL_BENCH_CUDA
+      if (on_gpu) {
+        engine_options.device = keel::Device::kCuda;
+        engine_options.tp_size = 0;  // process ranks: the communicator's size (1)
+        engine_options.process_communicator = &gpu_communicator;
+      }
+#endif
       engine_options.reduce = options.reduce;
       engine_options.placement.kind = keel::PlacementKind::kRoundRobin;
       keel::Engine engine(options.model_dir, engine_options);

@@ -20,8 +20,11 @@
 #include <vector>
 
 #include "comm/mpi_comm.h"
-#ifdef KEEL_WITH_CUDA
+#ifdef KEEL_WITH_NCCL
 #include "comm/nccl/nccl_comm.h"
+#endif
+#ifdef KEEL_WITH_CUDA
+#include "comm/single_gpu/single_gpu_comm.h"
 #endif
 #include "kernels/base/check.h"
 #include "kernels/cpu/gemm.h"
@@ -178,12 +181,23 @@ struct ProcessRanks {
     // without mpirun is an MPI singleton of size 1.
     mpi_session = std::make_unique<keel::comm::MpiSession>();
     if (options.device == keel::Device::kCuda) {
-#ifdef KEEL_WITH_CUDA
       options.cuda_device = keel::comm::mpi_node_local_rank(MPI_COMM_WORLD);
+#if defined(KEEL_WITH_NCCL)
       keel::comm::NcclCommOptions nccl_options;
       nccl_options.timeout = std::chrono::milliseconds(options.collective_timeout_ms);
       process_comm = std::make_unique<keel::comm::NcclCommunicator>(
           MPI_COMM_WORLD, options.cuda_device, nccl_options);
+#elif defined(KEEL_WITH_CUDA)
+      // Built without NCCL: one GPU is still a complete TP group (every collective over one
+      // rank is the identity); more ranks need NCCL.
+      int world_size = 1;
+      MPI_Comm_size(MPI_COMM_WORLD, &world_size);
+      if (world_size != 1)
+        keel::throw_error("--backend cuda with ", world_size,
+                          " ranks needs NCCL, and this keel was built without it (KEEL_NCCL)");
+      process_comm = std::make_unique<keel::comm::SingleGpuCommunicator>();
+#else
+      keel::throw_error("--backend cuda: this keel was built without CUDA");
 #endif
     } else {
       keel::comm::MpiCommOptions mpi_options;
