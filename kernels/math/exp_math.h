@@ -146,28 +146,40 @@ KEEL_HD inline float exp_f32(float x) {
   return exp_detail::blend(exp_detail::is_nan(bits), x, result);
 }
 
-// 1 / (1 + e^-x), written with e = e^-|x| <= 1 as (x >= 0 ? 1 : e) / (1 + e): the same value,
-// but for x < -88.7, where e^-x overflows and 1 / (1 + e^-x) would give 0, it keeps the
-// subnormal results down to 2^-149 (x ~ -103.3).
+namespace exp_detail {
+
+// x < -88 (or x = -inf, or a negative NaN): there e^-x may overflow, while e^x < 2^-126 is
+// below half an ulp of 1, so 1 + e^x = 1 exactly.
+KEEL_HD inline bool below_minus_88(uint32_t bits) {
+  return bits > float_bits(-88.0f);
+}
+
+}  // namespace exp_detail
+
+// 1 / (1 + e^-x), the formula torch uses, for x >= -88; e^x below, where 1 + e^x = 1 exactly
+// and e^-x could overflow (1 / (1 + inf) would give 0, not the subnormal results down to
+// 2^-149 at x ~ -103.3). Both branches share one exp. Monotone: each operation is monotone in
+// its input, and at -88 the two branches agree to far less than the step between neighbours.
 KEEL_HD inline float sigmoid_f32(float x) {
   const uint32_t bits = float_bits(x);
-  const float e = exp_f32(bits_float(bits | 0x80000000u));
-  const float result = exp_detail::blend(exp_detail::is_negative(bits), e, 1.0f) / (1.0f + e);
+  const bool tail = exp_detail::below_minus_88(bits);
+  const float e = exp_f32(bits_float(tail ? bits : bits ^ 0x80000000u));
+  const float result = exp_detail::blend(tail, e, 1.0f / (1.0f + e));
   return exp_detail::blend(exp_detail::is_nan(bits), x, result);
 }
 
-// x * sigmoid(x) = x / (1 + e^-x), written as sigmoid_f32 is: (x >= 0 ? x : x e) / (1 + e) with
-// e = e^-|x|. For x < 0 the product x e is formed on the mantissa of e before its scaling, so
-// where x e is subnormal (x < -87) it is rounded once, not amplified from a subnormal e; it
-// reaches 0 at x ~ -108.8 and is -0 for x = -inf (the limit; x / (1 + e^-x) would give NaN).
+// x * sigmoid(x) = x / (1 + e^-x) for x >= -88; x e^x below, with the product formed on the
+// mantissa of e^x before its scaling, so a subnormal result is rounded once rather than
+// amplified from a subnormal e^x. It reaches 0 at x ~ -108.8 and is -0 for x = -inf (the
+// limit; x / (1 + e^-x) would give NaN).
 KEEL_HD inline float silu_f32(float x) {
   const uint32_t bits = float_bits(x);
-  const float negative_abs = exp_detail::clamp_by_key(bits | 0x80000000u, -120.0f, 0.0f);
-  const exp_detail::ExpParts parts = exp_detail::exp_parts(negative_abs);
+  const bool tail = exp_detail::below_minus_88(bits);
+  const float exponent = exp_detail::clamp_by_key(tail ? bits : bits ^ 0x80000000u, -120.0f, 89.0f);
+  const exp_detail::ExpParts parts = exp_detail::exp_parts(exponent);
   const float e = exp_detail::scale_by_power_of_two(parts.mantissa, parts.exponent);
-  const float x_e =
-      exp_detail::scale_by_power_of_two(negative_abs * parts.mantissa, parts.exponent);
-  const float result = exp_detail::blend(exp_detail::is_negative(bits), x_e, x) / (1.0f + e);
+  const float x_e = exp_detail::scale_by_power_of_two(exponent * parts.mantissa, parts.exponent);
+  const float result = exp_detail::blend(tail, x_e, x / (1.0f + e));
   return exp_detail::blend(exp_detail::is_nan(bits), x, result);
 }
 
