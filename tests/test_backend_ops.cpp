@@ -9,15 +9,9 @@
 // backend (canonical GEMM) every output equals the CPU backend's bit for bit: that is the
 // promise of kernels/math/README.md. Without a GPU the CUDA instances skip and say why.
 //
-// Ops whose bits go through exp and are bit-identical CPU vs CUDA only once the shared
-// polynomial exp lands in kernels/math (today CUDA's expf and glibc's may differ by an ulp):
+// Ops whose bits go through exp (kernels/math/exp_math.h, the one exp both backends use):
 //   silu_mul, moe_experts (silu between its GEMMs), route_top_k (softmax), attention (softmax),
-//   moe_combine with a shared expert (sigmoid gate).
-// They are asserted bit for bit here all the same, since that is the promise after that change.
-// On the CPU they already equal the math reference, with one path that does not call kernels/math:
-// the CPU moe_combine's shared-expert gate is cpu::sigmoid (kernels/cpu/ops.h, __builtin_expf),
-// not math::sigmoid (exp_f32). Both are glibc's expf today; if exp_f32 changes alone, the CPU
-// instance of MoeCombineIsTheCanonicalSlotOrderSum fails, as it should.
+//   moe_combine with a shared expert (sigmoid gate; cpu::sigmoid is math::sigmoid_f32).
 
 #include <gtest/gtest.h>
 
@@ -1077,7 +1071,7 @@ TEST_P(BackendOps, MoeCombineIsTheCanonicalSlotOrderSum) {
                                                 packing.slot_rows.data() + token * top_k,
                                                 expert_out.data(), width, i, precision);
               if (with_shared)
-                acc = math::combine_add_shared(acc, math::sigmoid(gate_logits[to_size(token)]),
+                acc = math::combine_add_shared(acc, math::sigmoid_f32(gate_logits[to_size(token)]),
                                                shared[to_size(token * width + i)]);
               reference[to_size(token * width + i)] = acc;
             }

@@ -8,6 +8,17 @@
 
 #include "kernels/math/ops_math.h"
 
+// The loops around exp (silu_mul, softmax and the router's softmax, attention's exps) are
+// branch-free and vectorise (kernels/math/exp_math.h); clones for AVX2 and AVX-512 let them
+// use the wider vectors where the CPU has them, chosen once when the program loads. Every
+// clone runs the same IEEE operations on each element (no fma: -ffp-contract=off), so the bits
+// do not depend on which one runs; tests/test_exp_math.cpp compares them with the scalar math.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KEEL_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define KEEL_VECTOR_CLONES
+#endif
+
 namespace keel::cpu {
 
 void rms_norm(const float* x, const float* weight, float eps, int64_t num_rows, int64_t width,
@@ -33,17 +44,18 @@ void apply_rope(float* head_vectors, int64_t num_heads, int64_t head_dim, int64_
   }
 }
 
-void silu_mul(const float* gate, const float* up, int64_t width, float* out) {
+KEEL_VECTOR_CLONES void silu_mul(const float* gate, const float* up, int64_t width, float* out) {
   for (int64_t i = 0; i < width; ++i) out[i] = math::silu_mul(gate[i], up[i]);
 }
 
-void softmax(float* row, int64_t width) {
+KEEL_VECTOR_CLONES void softmax(float* row, int64_t width) {
   math::softmax_row(row, width);
 }
 
-RouteResult route_top_k(const float* router_logits, int64_t num_experts, int64_t top_k,
-                        bool normalize, float* probs_scratch, int32_t* expert_ids,
-                        float* expert_weights, const int32_t* forced_ids) {
+KEEL_VECTOR_CLONES RouteResult route_top_k(const float* router_logits, int64_t num_experts,
+                                           int64_t top_k, bool normalize, float* probs_scratch,
+                                           int32_t* expert_ids, float* expert_weights,
+                                           const int32_t* forced_ids) {
   // Selection by repeated scans: k is small (<= 10), E is at most a few hundred. A strict '>'
   // keeps the lowest id among equal probabilities, the documented tie rule.
   RouteResult result;
@@ -52,10 +64,11 @@ RouteResult route_top_k(const float* router_logits, int64_t num_experts, int64_t
   return result;
 }
 
-void attention_decode(const float* q, int64_t num_q_heads, const int32_t* kv_head_of_q,
-                      const float* k_cache, const float* v_cache, int64_t capacity,
-                      int64_t head_dim, int64_t num_positions, float scale, float* scores_scratch,
-                      float* out) {
+KEEL_VECTOR_CLONES void attention_decode(const float* q, int64_t num_q_heads,
+                                         const int32_t* kv_head_of_q, const float* k_cache,
+                                         const float* v_cache, int64_t capacity, int64_t head_dim,
+                                         int64_t num_positions, float scale, float* scores_scratch,
+                                         float* out) {
   for (int64_t head = 0; head < num_q_heads; ++head) {
     const int64_t kv_offset = int64_t{kv_head_of_q[head]} * capacity * head_dim;
     math::attention_head(q + head * head_dim, k_cache + kv_offset, v_cache + kv_offset, head_dim,

@@ -9,6 +9,7 @@
 #include <span>
 
 #include "kernels/base/dtype.h"
+#include "kernels/math/exp_math.h"
 
 namespace keel::cpu {
 
@@ -28,8 +29,9 @@ void apply_rope(float* head_vectors, int64_t num_heads, int64_t head_dim, int64_
 // out[i] = silu(gate[i]) * up[i] for one row pair; silu(x) = x / (1 + exp(-x)).
 void silu_mul(const float* gate, const float* up, int64_t width, float* out);
 
+// The shared-expert gate: math::sigmoid_f32, the function the CUDA combine uses (same bits).
 inline float sigmoid(float x) {
-  return 1.0f / (1.0f + __builtin_expf(-x));
+  return math::sigmoid_f32(x);
 }
 
 // In-place softmax over one row (max-subtracted, fp32).

@@ -130,7 +130,7 @@ __global__ void combine_kernel(const float* expert_out, int64_t hidden, const in
   const float* weights = route_weights + token * top_k;
   const int32_t* rows = slot_rows + token * top_k;
   const bool has_shared = shared.out != nullptr;
-  const float gate = has_shared ? math::sigmoid(shared.gate_logits[token]) : 0.0f;
+  const float gate = has_shared ? math::sigmoid_f32(shared.gate_logits[token]) : 0.0f;
   for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) {
     float acc = math::combine_element(top_k, weights, rows, expert_out, hidden, i, precision);
     if (has_shared) acc = math::combine_add_shared(acc, gate, shared.out[token * hidden + i]);

@@ -11,7 +11,8 @@
 //      count read from offsets on the device.
 //   4. The experts: gemm_canonical_grouped (gate_up), moe_silu_mul, gemm_canonical_grouped (down).
 //   5. moe_combine(): per token, math::combine_element over slots in slot order, then the gated
-//      shared expert.
+//      shared expert. Bit-identical to the CPU combine, with or without a shared expert (its
+//      gate is math::sigmoid_f32 on both sides) and round_per_expert.
 // C++17 (included from .cu files and from C++20 tests alike).
 #pragma once
 
@@ -27,9 +28,8 @@ namespace keel::cuda {
 // forced_ids (device, [tokens, top_k], nullable): router replay, see math::route_top_k_token.
 // Per token t: math::route_top_k_token on logits[t, :] (one thread per token; E and k are small).
 // probs_scratch: [num_tokens, num_experts]; outputs [num_tokens, top_k] and margins[num_tokens].
-// Same operations as cpu::route_top_k; probabilities differ only through expf, so the
-// selection matches the CPU's except when two probabilities are within a few ulps (the margin
-// tells how close a token came to such a tie).
+// Same operations as cpu::route_top_k, exps included (math::exp_f32): probabilities, selection,
+// weights and margins are bit-identical to the CPU's.
 void route_top_k(const float* logits, int64_t num_tokens, int64_t num_experts, int64_t top_k,
                  bool normalize, float* probs_scratch, int32_t* expert_ids, float* expert_weights,
                  float* margins, cudaStream_t stream = nullptr,

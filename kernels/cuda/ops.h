@@ -4,8 +4,8 @@
 // All pointers are device pointers; activations are fp32 row-major. Every launcher checks its
 // shapes (throwing keel::Error), enqueues on `stream` and checks the launch with
 // KEEL_CUDA_CHECK. The math is kernels/math/ops_math.h, the same functions the CPU kernels run;
-// kernels/math/README.md says which results are bit-identical to kernels/cpu and which are
-// only close (those using exp).
+// kernels/math/README.md lists them: every launcher here is bit-identical to kernels/cpu (the
+// exps through kernels/math/exp_math.h, the same polynomial on both sides).
 // C++17 (included from .cu files and from C++20 tests alike).
 #pragma once
 
@@ -93,8 +93,8 @@ void kv_cache_append(const float* k_rows, const float* v_rows, int64_t row_strid
 // over positions (each a sequential dot over head_dim), max, exp sum in one thread in position
 // order, outputs in parallel over head_dim, each a sequential sum over positions.
 // scores_scratch: num_tokens * num_q_heads * pool.capacity() floats. Same operations and order
-// as math::attention_head_paged (and cpu::attention_decode); differs only through expf (see
-// README). A position outside [0, capacity) gives NaN outputs.
+// as math::attention_head_paged (and cpu::attention_decode), exps included (math::exp_f32):
+// bit-identical. A position outside [0, capacity) gives NaN outputs.
 void attention(const float* q, int64_t q_token_stride, int64_t num_tokens, int64_t num_q_heads,
                const int32_t* kv_head_of_q, const KvPool& pool, const int32_t* positions,
                const int32_t* cache_idx, float scale, float* scores_scratch, float* out,
@@ -102,7 +102,7 @@ void attention(const float* q, int64_t q_token_stride, int64_t num_tokens, int64
 
 // out[r, i] = silu(gate[r, i]) * up[r, i]; gate and up rows at stride in_stride (for a fused
 // gate_up output: up = gate + width, in_stride = 2 * width), out rows at stride out_stride.
-// Close to cpu::silu_mul (expf).
+// Bit-identical to cpu::silu_mul (math::silu_f32).
 void silu_mul(const float* gate, const float* up, int64_t in_stride, int64_t num_rows,
               int64_t width, float* out, int64_t out_stride, cudaStream_t stream = nullptr);
 

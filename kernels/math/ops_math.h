@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "kernels/base/dtype.h"
+#include "kernels/math/exp_math.h"
 #include "kernels/math/scalar.h"
 
 namespace keel::math {
@@ -75,18 +76,17 @@ KEEL_HD inline void rope_cos_sin_row(int64_t position, float theta, int64_t rota
 // ---------------------------------------------------------------------------------------------
 // SwiGLU activation and the shared-expert gate.
 
-// silu(gate) * up with silu(x) = x / (1 + exp(-x)).
+// silu(gate) * up with silu(x) = x / (1 + exp(-x)) (exp_math.h). The shared-expert gate is
+// sigmoid_f32 (exp_math.h).
 KEEL_HD inline float silu_mul(float gate, float up) {
-  return gate / (1.0f + exp_f32(-gate)) * up;
-}
-
-KEEL_HD inline float sigmoid(float x) {
-  return 1.0f / (1.0f + exp_f32(-x));
+  return silu_f32(gate) * up;
 }
 
 // ---------------------------------------------------------------------------------------------
-// Softmax over one row, in place: max, then exp and a sequential sum, then one multiply by the
-// reciprocal of the sum.
+// Softmax over one row, in place: max, then the exps, then their sequential sum, then one
+// multiply by the reciprocal of the sum. The exps get a loop of their own so that the CPU
+// compiler can vectorise them (each depends only on its element and the max); the sum stays
+// sequential.
 
 KEEL_HD inline float row_max(const float* row, int64_t width) {
   float max_value = negative_infinity();
@@ -96,11 +96,9 @@ KEEL_HD inline float row_max(const float* row, int64_t width) {
 
 KEEL_HD inline void softmax_row(float* row, int64_t width) {
   const float max_value = row_max(row, width);
+  for (int64_t i = 0; i < width; ++i) row[i] = exp_f32(row[i] - max_value);
   float sum = 0.0f;
-  for (int64_t i = 0; i < width; ++i) {
-    row[i] = exp_f32(row[i] - max_value);
-    sum += row[i];
-  }
+  for (int64_t i = 0; i < width; ++i) sum += row[i];
   const float inv_sum = 1.0f / sum;
   for (int64_t i = 0; i < width; ++i) row[i] *= inv_sum;
 }
@@ -177,14 +175,12 @@ KEEL_HD inline float attention_inv_sum(const float* exp_scores, int64_t num_posi
 
 // In place over scores[0, n): scores[pos] = exp(scores[pos] - max), summed in increasing pos.
 // Returns 1 / sum. The GPU kernel does the exps in parallel and then attention_inv_sum in one
-// thread: the same bits, since each exp depends only on its own score and the max.
+// thread: the same bits, since each exp depends only on its own score and the max. The CPU
+// does the same in two loops, so that the exps vectorise.
 KEEL_HD inline float attention_exp_scores(float* scores, int64_t num_positions, float max_score) {
-  float sum = 0.0f;
-  for (int64_t pos = 0; pos < num_positions; ++pos) {
+  for (int64_t pos = 0; pos < num_positions; ++pos)
     scores[pos] = attention_exp_score(scores[pos], max_score);
-    sum += scores[pos];
-  }
-  return 1.0f / sum;
+  return attention_inv_sum(scores, num_positions);
 }
 
 // out[d] = sum over pos (increasing) of (scores[pos] * inv_sum) * v[pos, d], from +0.

@@ -6,8 +6,10 @@
 //             software fma)              | __fmaf_rn (correctly rounded)     -> same bits
 //   sqrt_f32  std::sqrt(float) (sqrtss) | sqrtf (IEEE with nvcc's default -prec-sqrt=true)
 //                                                                            -> same bits
-//   exp/cos/sin/pow  glibc (< 1 ulp)    | CUDA libdevice (<= 2 ulp exp/cos/sin, <= 4 ulp pow)
+//   cos/sin/pow  glibc (< 1 ulp)        | CUDA libdevice (<= 2 ulp cos/sin, <= 4 ulp pow)
 //                                                                            -> close, not same
+//             (host-only in the forward pass: the RoPE table is built on the host for both)
+// exp and what is built on it are not here but in exp_math.h: one polynomial for both sides.
 // Plain +, -, *, / are IEEE round-to-nearest on both sides, provided nothing fuses a*b+c on
 // its own: CPU code is compiled with -ffp-contract=off and CUDA code with -fmad=false.
 // Plain C++17, no CUDA headers: CPU translation units include this as well.
@@ -32,14 +34,6 @@ KEEL_HD inline float sqrt_f32(float x) {
   return sqrtf(x);
 #else
   return std::sqrt(x);
-#endif
-}
-
-KEEL_HD inline float exp_f32(float x) {
-#ifdef __CUDA_ARCH__
-  return expf(x);
-#else
-  return std::exp(x);
 #endif
 }
 
