@@ -181,8 +181,8 @@ struct ProcessRanks {
     // without mpirun is an MPI singleton of size 1.
     mpi_session = std::make_unique<keel::comm::MpiSession>();
     if (options.device == keel::Device::kCuda) {
-      options.cuda_device = keel::comm::mpi_node_local_rank(MPI_COMM_WORLD);
 #if defined(KEEL_WITH_NCCL)
+      options.cuda_device = keel::comm::mpi_node_local_rank(MPI_COMM_WORLD);
       keel::comm::NcclCommOptions nccl_options;
       nccl_options.timeout = std::chrono::milliseconds(options.collective_timeout_ms);
       process_comm = std::make_unique<keel::comm::NcclCommunicator>(
@@ -195,6 +195,7 @@ struct ProcessRanks {
       if (world_size != 1)
         keel::throw_error("--backend cuda with ", world_size,
                           " ranks needs NCCL, and this keel was built without it (KEEL_NCCL)");
+      options.cuda_device = 0;
       process_comm = std::make_unique<keel::comm::SingleGpuCommunicator>();
 #else
       keel::throw_error("--backend cuda: this keel was built without CUDA");
