@@ -43,8 +43,8 @@
 
 #include "bench/machine.h"
 #include "runtime/cli/flags.h"
-#include "runtime/tools/loadgen/loadgen.h"
 #include "runtime/serving/serve_config.h"
+#include "runtime/tools/loadgen/loadgen.h"
 #include "runtime/tools/simulation/cost_model.h"
 #include "runtime/tools/simulation/simulator.h"
 

@@ -42,9 +42,9 @@
 #include "kernels/base/check.h"
 #include "kernels/cpu/gemm.h"
 #include "runtime/cli/flags.h"
+#include "runtime/common/sha256.h"
 #include "runtime/engine/engine.h"
 #include "runtime/model/gen_model.h"
-#include "runtime/common/sha256.h"
 
 namespace {
 

@@ -33,9 +33,9 @@
 #include <vector>
 
 #include "runtime/cli/client_cmds.h"
-#include "runtime/tools/loadgen/loadgen.h"
 #include "runtime/server/api.h"
 #include "runtime/server/http_server.h"
+#include "runtime/tools/loadgen/loadgen.h"
 
 namespace {
 

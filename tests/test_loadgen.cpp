@@ -14,9 +14,9 @@
 #include <thread>
 #include <vector>
 
-#include "runtime/tools/loadgen/loadgen.h"
 #include "runtime/server/api.h"
 #include "runtime/server/http_server.h"
+#include "runtime/tools/loadgen/loadgen.h"
 
 namespace {
 

@@ -226,22 +226,17 @@ TEST(SharedMath, PagedAttentionHasTheBitsOfContiguousAttention) {
       EXPECT_TRUE(same_bits(paged, expected)) << "block " << block_size << " n " << num_positions;
       math::attention_head(q.data(), k.data(), v.data(), head_dim, num_positions, 0.125f,
                            scratch.data(), expected.data());
-      const float inv_sum = math::attention_exp_scores(scratch.data(), num_positions,
-                                                       [&] {
-                                                         float max_score = -INFINITY;
-                                                         for (int64_t pos = 0; pos < num_positions;
-                                                              ++pos) {
-                                                           scratch[pos] = math::attention_score(
-                                                               q.data(), k_rows.row(pos), head_dim,
-                                                               0.125f);
-                                                           max_score = std::max(max_score,
-                                                                                scratch[pos]);
-                                                         }
-                                                         return max_score;
-                                                       }());
+      const float inv_sum = math::attention_exp_scores(scratch.data(), num_positions, [&] {
+        float max_score = -INFINITY;
+        for (int64_t pos = 0; pos < num_positions; ++pos) {
+          scratch[pos] = math::attention_score(q.data(), k_rows.row(pos), head_dim, 0.125f);
+          max_score = std::max(max_score, scratch[pos]);
+        }
+        return max_score;
+      }());
       for (int64_t d = head_dim - 1; d >= 0; --d)
-        paged[d] = math::attention_output_element_paged(scratch.data(), inv_sum, v_rows,
-                                                        num_positions, d);
+        paged[d] =
+            math::attention_output_element_paged(scratch.data(), inv_sum, v_rows, num_positions, d);
       EXPECT_TRUE(same_bits(paged, expected)) << "kernel steps, block " << block_size;
     }
   }

@@ -1,6 +1,7 @@
-// Tests for the safetensors reader/writer (runtime/model/safetensors.h) and the checkpoint directory
-// loader (runtime/model/checkpoint.h): round trips, interop with the Python safetensors library,
-// every malformed-input path (each must name the file and the tensor), and sharded indexes.
+// Tests for the safetensors reader/writer (runtime/model/safetensors.h) and the checkpoint
+// directory loader (runtime/model/checkpoint.h): round trips, interop with the Python safetensors
+// library, every malformed-input path (each must name the file and the tensor), and sharded
+// indexes.
 //
 // Test data is written per test into a fresh directory under the system temp directory and
 // removed afterwards; nothing is written into the source tree.

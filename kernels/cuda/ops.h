@@ -58,7 +58,8 @@ struct KvPool {
   float* k = nullptr;
   float* v = nullptr;
   int64_t num_blocks = 0;
-  int64_t block_stride = 0;  // floats between consecutive blocks: num_kv_heads * block_size * head_dim
+  int64_t block_stride =
+      0;  // floats between consecutive blocks: num_kv_heads * block_size * head_dim
   int64_t block_size = 0;
   int64_t num_kv_heads = 0;
   int64_t head_dim = 0;

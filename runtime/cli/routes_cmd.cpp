@@ -13,8 +13,8 @@
 
 #include "kernels/base/check.h"
 #include "runtime/cli/flags.h"
-#include "runtime/tools/routing_analysis/analysis.h"
 #include "runtime/routing/routing_file.h"
+#include "runtime/tools/routing_analysis/analysis.h"
 
 namespace keel {
 namespace {

@@ -11,8 +11,8 @@
 #include <spdlog/spdlog.h>
 #include "comm/thread_comm.h"
 #include "kernels/base/check.h"
-#include "runtime/engine/generate_source.h"
 #include "runtime/common/sha256.h"
+#include "runtime/engine/generate_source.h"
 
 namespace keel {
 

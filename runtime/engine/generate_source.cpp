@@ -3,8 +3,8 @@
 #include <algorithm>
 
 #include "kernels/base/check.h"
-#include "runtime/sampling/sampler.h"
 #include "runtime/engine/step_plan.h"
+#include "runtime/sampling/sampler.h"
 
 namespace keel {
 

@@ -14,8 +14,8 @@
 #include <memory>
 #include <vector>
 
-#include "runtime/engine/engine.h"
 #include "runtime/common/sha256.h"
+#include "runtime/engine/engine.h"
 #include "scheduler/batch_scheduler.h"
 
 namespace keel {

@@ -48,7 +48,8 @@ nlohmann::json calibrate_engine(Engine& engine, const CalibrationGrid& grid);
 //    the medians of all shapes with that prefill count (weights: sample counts) when that count
 //    was seen at >= 2 decode counts in >= 10 steps: such steps are few per shape, and their
 //    medians scatter more than the line does.
-//  - step_jitter (format in runtime/tools/simulation/cost_model.h) when >= 100 steps belong to shapes
+//  - step_jitter (format in runtime/tools/simulation/cost_model.h) when >= 100 steps belong to
+//  shapes
 //    seen >= 5 times: quantiles q = 0, 0.01, .., 1 of cost / median cost of the step's shape,
 //    and the lag-1 correlation of consecutive steps' log ratios (clamped to [0, 0.99]).
 // Throws keel::Error when a record lacks a field or no shape has min_samples steps.

@@ -4,8 +4,8 @@
 #include <filesystem>
 
 #include "kernels/base/check.h"
-#include "runtime/sampling/sampler.h"
 #include "runtime/common/sha256.h"
+#include "runtime/sampling/sampler.h"
 #include "runtime/tokenizer/tokenizer.h"
 
 namespace keel {

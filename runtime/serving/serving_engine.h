@@ -29,13 +29,13 @@
 #include <string>
 #include <vector>
 
+#include "runtime/common/sha256.h"
 #include "runtime/engine/engine.h"
 #include "runtime/routing/routing_file.h"
 #include "runtime/sampling/sampler.h"
 #include "runtime/server/api.h"
 #include "runtime/server/http_server.h"
 #include "runtime/serving/serving_telemetry.h"
-#include "runtime/common/sha256.h"
 #include "runtime/tokenizer/chat_template.h"
 #include "runtime/tokenizer/tokenizer.h"
 #include "scheduler/batch_scheduler.h"

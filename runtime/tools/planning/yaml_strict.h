@@ -1,5 +1,5 @@
-// Strict YAML helpers for planning presets: runtime/common/yaml_util.h's loader and unknown-key check
-// (keel_yaml, which keel_planning links without the engine), plus optional/required readers.
+// Strict YAML helpers for planning presets: runtime/common/yaml_util.h's loader and unknown-key
+// check (keel_yaml, which keel_planning links without the engine), plus optional/required readers.
 #pragma once
 
 #include <yaml-cpp/yaml.h>
