@@ -98,6 +98,13 @@ __global__ void pack_kernel(const int32_t* expert_ids, int64_t num_pairs, int64_
   }
 }
 
+__global__ void gather_rows_kernel(const float* x, int64_t x_stride, int64_t width,
+                                   const math::PackedRoute* routes, float* out) {
+  const int64_t row = blockIdx.x;
+  const float* src = x + int64_t{routes[row].token_idx} * x_stride;
+  for (int64_t i = threadIdx.x; i < width; i += blockDim.x) out[row * width + i] = src[i];
+}
+
 __global__ void gather_kernel(const float* x, int64_t x_stride, int64_t width,
                               const math::PackedRoute* routes, const int32_t* offsets,
                               int64_t num_groups, float* expert_in) {
@@ -182,6 +189,17 @@ void moe_pack(const int32_t* expert_ids, int64_t num_tokens, int64_t top_k,
   pack_kernel<<<1, kPackThreads, shared_bytes, stream>>>(expert_ids, num_tokens * top_k, top_k,
                                                          expert_to_local, num_local, offsets,
                                                          routes, slot_rows);
+  KEEL_CUDA_CHECK(cudaGetLastError());
+}
+
+void gather_rows(const float* x, int64_t x_stride, int64_t width, const math::PackedRoute* routes,
+                 int64_t num_rows, float* out, cudaStream_t stream) {
+  require(num_rows >= 0 && width > 0 && x_stride >= width, "gather_rows: bad shape rows=", num_rows,
+          " width=", width, " x_stride=", x_stride);
+  if (num_rows == 0) return;
+  require(x != nullptr && routes != nullptr && out != nullptr, "gather_rows: null pointer");
+  gather_rows_kernel<<<grid_for_rows(num_rows, "gather_rows"), kThreadsPerBlock, 0, stream>>>(
+      x, x_stride, width, routes, out);
   KEEL_CUDA_CHECK(cudaGetLastError());
 }
 

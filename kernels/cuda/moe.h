@@ -53,6 +53,11 @@ void moe_pack(const int32_t* expert_ids, int64_t num_tokens, int64_t top_k,
 // expert_in[r, :] = x[routes[r].token_idx, :] for r in [offsets[0], offsets[num_groups]) (read on
 // the device; at most max_rows rows). x rows at stride x_stride, expert_in dense [rows, width]
 // indexed by the packed row. A copy: bit-identical.
+// out[r, :] = x[routes[r].token_idx, :] for r in [0, num_rows) (a host-known row selection, e.g.
+// the rows whose logits a step wants). A copy: bit-identical.
+void gather_rows(const float* x, int64_t x_stride, int64_t width, const math::PackedRoute* routes,
+                 int64_t num_rows, float* out, cudaStream_t stream = nullptr);
+
 void moe_gather(const float* x, int64_t x_stride, int64_t width, const math::PackedRoute* routes,
                 const int32_t* offsets, int64_t num_groups, int64_t max_rows, float* expert_in,
                 cudaStream_t stream = nullptr);

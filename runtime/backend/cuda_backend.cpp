@@ -126,12 +126,7 @@ class CudaBackend final : public Backend {
   }
   void permute_rows(const float* src, const math::PackedRoute* routes, int64_t num_rows,
                     int64_t width, float* dst) override {
-    if (num_rows == 0) return;
-    // The rows [0, num_rows) as one group: offsets {0, num_rows} in device memory.
-    const int32_t bounds[2] = {0, static_cast<int32_t>(num_rows)};
-    int32_t* offsets = scratch_i32(row_bounds_, 2);
-    copy_from_host(bounds, sizeof(bounds), offsets);
-    cuda::moe_gather(src, width, width, routes, offsets, 1, num_rows, dst);
+    cuda::gather_rows(src, width, width, routes, num_rows, dst);
   }
   void moe_pack(const int32_t* expert_ids, int64_t num_tokens, int64_t top_k,
                 const int32_t* expert_to_local, int64_t /*num_experts*/, int64_t num_local,
@@ -269,7 +264,7 @@ class CudaBackend final : public Backend {
   std::unique_ptr<cuda::CublasGemm> cublas_;
   cudaEvent_t start_event_ = nullptr;
   cudaEvent_t stop_event_ = nullptr;
-  cuda::DeviceBuffer scores_, probs_, rope_table_, row_bounds_;
+  cuda::DeviceBuffer scores_, probs_, rope_table_;
   std::vector<int32_t> host_offsets_;
   double rope_theta_ = 0;
   int64_t rope_rotary_dim_ = 0;
