@@ -143,6 +143,36 @@ class RecordingBackend final : public Backend {
     compute();
     inner_->add(dst, src, count);
   }
+  void gdn_conv(const float* rows, int64_t row_stride, int64_t channels, const float* weight,
+                int64_t kernel, const RecurrentSeqs& seqs, float* conv_state, float* out) override {
+    compute();
+    inner_->gdn_conv(rows, row_stride, channels, weight, kernel, seqs, conv_state, out);
+  }
+  void gdn_gates(const float* rows, int64_t row_stride, int64_t a_col, int64_t b_col,
+                 int64_t num_heads, const float* a_log, const float* dt_bias, int64_t num_rows,
+                 float* g, float* beta) override {
+    compute();
+    inner_->gdn_gates(rows, row_stride, a_col, b_col, num_heads, a_log, dt_bias, num_rows, g, beta);
+  }
+  void gdn_recurrence(const float* qkv, int64_t qkv_stride, int64_t num_k_heads,
+                      int64_t num_v_heads, int64_t k_dim, int64_t v_dim, float q_scale,
+                      const float* g, const float* beta, const RecurrentSeqs& seqs,
+                      float* ssm_state, float* out) override {
+    compute();
+    inner_->gdn_recurrence(qkv, qkv_stride, num_k_heads, num_v_heads, k_dim, v_dim, q_scale, g,
+                           beta, seqs, ssm_state, out);
+  }
+  void gdn_gated_norm(const float* x, const float* z, int64_t z_stride, const float* weight,
+                      float eps, int64_t num_rows, int64_t num_heads, int64_t head_dim,
+                      float* out) override {
+    compute();
+    inner_->gdn_gated_norm(x, z, z_stride, weight, eps, num_rows, num_heads, head_dim, out);
+  }
+  void sigmoid_gate_mul(float* x, int64_t num_rows, int64_t width, const float* gate,
+                        int64_t gate_stride) override {
+    compute();
+    inner_->sigmoid_gate_mul(x, num_rows, width, gate, gate_stride);
+  }
   double timed_seconds(const std::function<void()>& work) override {
     return inner_->timed_seconds(work);
   }

@@ -180,6 +180,66 @@ class Backend {
   // dst[i] += src[i]
   virtual void add(float* dst, const float* src, int64_t count) = 0;
 
+  // ---- Gated DeltaNet (kernels/math/gdn_math.h) ----
+  // The step's sequences as the recurrent ops see them (device arrays): sequence s owns the
+  // contiguous rows [row_starts[s], row_starts[s + 1]) in increasing consecutive position order,
+  // and recurrent-state slot slots[s]; fresh[s] != 0 means its first row is position 0, so its
+  // state starts from zeros, whatever the slot held.
+  struct RecurrentSeqs {
+    const int32_t* row_starts = nullptr;  // [num_seqs + 1]
+    const int32_t* slots = nullptr;       // [num_seqs]
+    const int32_t* fresh = nullptr;       // [num_seqs]
+    int64_t num_seqs = 0;
+    int64_t num_rows = 0;
+  };
+  // Causal depthwise conv1d (kernel K) + SiLU over channels [0, channels) of each row:
+  //   out[t, c] = silu( sum_{j=0..K-1, j increasing} weight[c*K + j] * x(p - K + 1 + j)[c] )
+  // where x(q) is rows[row_of(q) * row_stride + c] when position q is in this step, else the
+  // slot's conv state (zero for a fresh sequence). conv_state [num_slots][channels][K-1] fp32
+  // holds each slot's last K-1 inputs, oldest first, and is left holding the sequence's last K-1
+  // inputs (state positions older than position 0 are zeros). weight fp32 [channels][K].
+  // out [num_rows][channels] (dense, stride = channels).
+  virtual void gdn_conv(const float* rows, int64_t row_stride, int64_t channels,
+                        const float* weight, int64_t kernel, const RecurrentSeqs& seqs,
+                        float* conv_state, float* out) = 0;
+  // Per row t and value head h:
+  //   g[t*num_heads + h]    = -exp(a_log[h])
+  //                           * softplus(rows[t*row_stride + a_col + h] + dt_bias[h])
+  //   beta[t*num_heads + h] = sigmoid(rows[t*row_stride + b_col + h])
+  // (exp_f32 / softplus_f32 / sigmoid_f32 of exp_math.h; the product in that order:
+  // (-exp(a_log)) * softplus(...)). a_log, dt_bias fp32 [num_heads].
+  virtual void gdn_gates(const float* rows, int64_t row_stride, int64_t a_col, int64_t b_col,
+                         int64_t num_heads, const float* a_log, const float* dt_bias,
+                         int64_t num_rows, float* g, float* beta) = 0;
+  // The gated delta rule. qkv: [num_rows][qkv_stride], conv output rows with q heads at columns
+  // [0, HK*DK), k heads at [HK*DK, 2*HK*DK), v heads at [2*HK*DK, 2*HK*DK + HV*DV)
+  // (HK = num_k_heads, HV = num_v_heads, DK = k_dim, DV = v_dim; HV % HK == 0); value head h
+  // reads q/k head h / (HV / HK). Per sequence and value head, rows in order:
+  //   qn = q * (1 / sqrt(sum_i q_i^2 + 1e-6)) * q_scale     (sum i increasing; then the scale)
+  //   kn = k * (1 / sqrt(sum_i k_i^2 + 1e-6))
+  //   S  = exp(g[t, h]) * S                                 (S: [DK][DV] fp32)
+  //   kv[j] = sum_i S[i][j] * kn[i]                         (i increasing)
+  //   d[j]  = (v[j] - kv[j]) * beta[t, h]
+  //   S[i][j] = S[i][j] + kn[i] * d[j]
+  //   out[t, h*DV + j] = sum_i S[i][j] * qn[i]              (i increasing)
+  // ssm_state [num_slots][HV][DK][DV] fp32 (zeros used instead for fresh sequences; left
+  // holding the state after the sequence's last row). out [num_rows][HV*DV].
+  virtual void gdn_recurrence(const float* qkv, int64_t qkv_stride, int64_t num_k_heads,
+                              int64_t num_v_heads, int64_t k_dim, int64_t v_dim, float q_scale,
+                              const float* g, const float* beta, const RecurrentSeqs& seqs,
+                              float* ssm_state, float* out) = 0;
+  // Gated RMSNorm per row and head (Qwen3.5's linear_attn.norm; weight [head_dim] fp32, plain,
+  // not zero-centred):
+  //   out[t, h*D + i] = (weight[i] * (x[t, h*D + i] * inv_rms(t, h)))
+  //                     * silu(z[t*z_stride + h*D + i])
+  // with inv_rms = 1 / sqrt(sum_i x^2 / D + eps) (the rms_* pieces of ops_math.h). out may alias x.
+  virtual void gdn_gated_norm(const float* x, const float* z, int64_t z_stride, const float* weight,
+                              float eps, int64_t num_rows, int64_t num_heads, int64_t head_dim,
+                              float* out) = 0;
+  // The gated attention output: x[t*width + i] *= sigmoid(gate[t*gate_stride + i]), i < width.
+  virtual void sigmoid_gate_mul(float* x, int64_t num_rows, int64_t width, const float* gate,
+                                int64_t gate_stride) = 0;
+
   // Times device work (an expert's GEMMs) for telemetry: the CPU backend reads the steady
   // clock around `work`, the CUDA backend records events around it and waits for the second.
   // Both feed the same per-(layer, expert) seconds.

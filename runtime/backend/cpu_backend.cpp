@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "kernels/base/check.h"
+#include "kernels/cpu/gdn.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/moe.h"
 #include "kernels/cpu/ops.h"
@@ -180,6 +181,33 @@ class CpuBackend final : public Backend {
   void add(float* dst, const float* src, int64_t count) override {
     for (int64_t i = 0; i < count; ++i) dst[i] += src[i];
   }
+  void gdn_conv(const float* rows, int64_t row_stride, int64_t channels, const float* weight,
+                int64_t kernel, const RecurrentSeqs& seqs, float* conv_state, float* out) override {
+    cpu::gdn_conv(rows, row_stride, channels, weight, kernel, gdn_sequences(seqs), conv_state, out);
+  }
+  void gdn_gates(const float* rows, int64_t row_stride, int64_t a_col, int64_t b_col,
+                 int64_t num_heads, const float* a_log, const float* dt_bias, int64_t num_rows,
+                 float* g, float* beta) override {
+    cpu::gdn_gates(rows, row_stride, a_col, b_col, num_heads, a_log, dt_bias, num_rows, g, beta);
+  }
+  void gdn_recurrence(const float* qkv, int64_t qkv_stride, int64_t num_k_heads,
+                      int64_t num_v_heads, int64_t k_dim, int64_t v_dim, float q_scale,
+                      const float* g, const float* beta, const RecurrentSeqs& seqs,
+                      float* ssm_state, float* out) override {
+    KEEL_CHECK(num_k_heads > 0 && num_v_heads % num_k_heads == 0, "gdn_recurrence: ", num_v_heads,
+               " value heads over ", num_k_heads, " key heads");
+    cpu::gdn_recurrence(qkv, qkv_stride, num_k_heads, num_v_heads, k_dim, v_dim, q_scale, g, beta,
+                        gdn_sequences(seqs), ssm_state, out);
+  }
+  void gdn_gated_norm(const float* x, const float* z, int64_t z_stride, const float* weight,
+                      float eps, int64_t num_rows, int64_t num_heads, int64_t head_dim,
+                      float* out) override {
+    cpu::gdn_gated_norm(x, z, z_stride, weight, eps, num_rows, num_heads, head_dim, out);
+  }
+  void sigmoid_gate_mul(float* x, int64_t num_rows, int64_t width, const float* gate,
+                        int64_t gate_stride) override {
+    cpu::sigmoid_gate_mul(x, num_rows, width, gate, gate_stride);
+  }
   double timed_seconds(const std::function<void()>& work) override {
     auto start = std::chrono::steady_clock::now();
     work();
@@ -198,6 +226,9 @@ class CpuBackend final : public Backend {
   static void record_time(const ExpertTimes& times, int64_t local, double start_s, double seconds) {
     if (times.start_s != nullptr) times.start_s[local] = start_s;
     if (times.seconds != nullptr) times.seconds[local] = seconds;
+  }
+  static math::GdnSequences gdn_sequences(const RecurrentSeqs& seqs) {
+    return math::GdnSequences{seqs.row_starts, seqs.slots, seqs.fresh, seqs.num_seqs};
   }
   static math::PagedKvRows paged_rows(const KvPoolView& pool, const float* base, int64_t seq,
                                       int64_t layer, int64_t kv_head) {
