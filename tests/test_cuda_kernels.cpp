@@ -5,15 +5,18 @@
 // Expectations follow kernels/math/README.md: bit-identical everywhere the math is shared
 // (canonical GEMM and the grouped expert GEMM, router, embedding, RMSNorm, RoPE from the host
 // table, KV append and attention, the MoE pack/gather/combine with or without a shared expert,
-// SiLU, argmax, adds: the exp is kernels/math/exp_math.h on both sides); within the accuracy
-// bound of any fp32 GEMM for cuBLAS (a different summation order, used only in `fast` mode).
+// SiLU, argmax, adds, the five Gated DeltaNet ops: the exp is kernels/math/exp_math.h on both
+// sides); within the accuracy bound of any fp32 GEMM for cuBLAS (a different summation order,
+// used only in `fast` mode).
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -22,11 +25,13 @@
 
 #include "kernels/base/check.h"
 #include "kernels/base/dtype.h"
+#include "kernels/cpu/gdn.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/moe.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cuda/device.h"
 #include "kernels/cuda/device_buffer.h"
+#include "kernels/cuda/gdn.h"
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/moe.h"
 #include "kernels/cuda/ops.h"
@@ -126,6 +131,12 @@ TEST(CudaKernelsHost, LauncherShapeChecksThrowBeforeTouchingTheDevice) {
   EXPECT_THROW(cuda::route_top_k(nullptr, 1, 4, 5, false, nullptr, nullptr, nullptr, nullptr),
                Error);
   EXPECT_THROW(cuda::rope_cos_sin_table(4, 1e4, 3), Error);
+  // Value heads not a multiple of key heads; a conv row narrower than its channels.
+  EXPECT_THROW(cuda::gdn_recurrence(nullptr, 100, 2, 3, 8, 8, 1.0f, nullptr, nullptr,
+                                    math::GdnSequences{}, nullptr, nullptr),
+               Error);
+  EXPECT_THROW(cuda::gdn_conv(nullptr, 10, 12, nullptr, 4, math::GdnSequences{}, nullptr, nullptr),
+               Error);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -623,6 +634,144 @@ TEST_F(CudaKernels, MoeGatherAndCombineAreBitIdentical) {
 
 // ---------------------------------------------------------------------------------------------
 // cuBLAS: a different summation order, so only within the accuracy bound of any fp32 GEMM.
+
+// ---------------------------------------------------------------------------------------------
+// Gated DeltaNet (kernels/math/gdn_math.h): all five ops bit-identical to kernels/cpu/gdn.cpp.
+
+// A step's sequences on the host and on the device: {rows, slot, fresh} per sequence.
+struct GdnStep {
+  std::vector<int32_t> row_starts{0}, slots, fresh;
+  DeviceBuffer row_starts_device, slots_device, fresh_device;
+  GdnStep(std::initializer_list<std::array<int32_t, 3>> pieces) {
+    for (const auto& piece : pieces) {
+      row_starts.push_back(row_starts.back() + piece[0]);
+      slots.push_back(piece[1]);
+      fresh.push_back(piece[2]);
+    }
+    row_starts_device = to_device(row_starts);
+    slots_device = to_device(slots);
+    fresh_device = to_device(fresh);
+  }
+  int64_t num_rows() const { return row_starts.back(); }
+  math::GdnSequences host() const {
+    return {row_starts.data(), slots.data(), fresh.data(), static_cast<int64_t>(slots.size())};
+  }
+  math::GdnSequences device() const {
+    return {row_starts_device.as<int32_t>(), slots_device.as<int32_t>(), fresh_device.as<int32_t>(),
+            static_cast<int64_t>(slots.size())};
+  }
+};
+
+TEST_F(CudaKernels, GdnConvIsBitIdentical) {
+  std::mt19937 rng(40);
+  for (int64_t kernel : {1, 2, 4}) {
+    const int64_t channels = 1003, row_stride = 1010, num_slots = 4;
+    // Continuing with more and with fewer rows than K - 1, fresh, empty, a decode row.
+    const GdnStep step({{6, 2, 0}, {1, 0, 0}, {5, 3, 1}, {0, 1, 0}, {1, 1, 0}});
+    const std::vector<float> rows =
+        random_floats(rng, static_cast<size_t>(step.num_rows() * row_stride), -2, 2);
+    const std::vector<float> weight =
+        random_floats(rng, static_cast<size_t>(channels * kernel), -1, 1);
+    std::vector<float> state =
+        random_floats(rng, static_cast<size_t>(num_slots * channels * (kernel - 1)), -2, 2);
+    DeviceBuffer rows_device = to_device(rows);
+    DeviceBuffer weight_device = to_device(weight);
+    DeviceBuffer state_device = to_device(state);
+    DeviceBuffer out_device(static_cast<size_t>(step.num_rows() * channels) * sizeof(float));
+    std::vector<float> out(static_cast<size_t>(step.num_rows() * channels));
+    cpu::gdn_conv(rows.data(), row_stride, channels, weight.data(), kernel, step.host(),
+                  state.data(), out.data());
+    cuda::gdn_conv(rows_device.as<float>(), row_stride, channels, weight_device.as<float>(), kernel,
+                   step.device(), state_device.as<float>(), out_device.as<float>());
+    EXPECT_TRUE(same_bits(to_host<float>(out_device, out.size()), out)) << "kernel " << kernel;
+    EXPECT_TRUE(same_bits(to_host<float>(state_device, state.size()), state))
+        << "kernel " << kernel;
+  }
+}
+
+TEST_F(CudaKernels, GdnGatesAreBitIdentical) {
+  std::mt19937 rng(41);
+  const int64_t num_rows = 37, num_heads = 64, row_stride = 200, a_col = 130, b_col = 3;
+  std::vector<float> rows = random_floats(rng, static_cast<size_t>(num_rows * row_stride), -12, 25);
+  const std::vector<float> a_log = random_floats(rng, num_heads, -3, 3);
+  const std::vector<float> dt_bias = random_floats(rng, num_heads, -2, 2);
+  std::vector<float> g(static_cast<size_t>(num_rows * num_heads)), beta(g.size());
+  cpu::gdn_gates(rows.data(), row_stride, a_col, b_col, num_heads, a_log.data(), dt_bias.data(),
+                 num_rows, g.data(), beta.data());
+  DeviceBuffer rows_device = to_device(rows), a_log_device = to_device(a_log),
+               dt_bias_device = to_device(dt_bias);
+  DeviceBuffer g_device(g.size() * sizeof(float)), beta_device(g.size() * sizeof(float));
+  cuda::gdn_gates(rows_device.as<float>(), row_stride, a_col, b_col, num_heads,
+                  a_log_device.as<float>(), dt_bias_device.as<float>(), num_rows,
+                  g_device.as<float>(), beta_device.as<float>());
+  EXPECT_TRUE(same_bits(to_host<float>(g_device, g.size()), g));
+  EXPECT_TRUE(same_bits(to_host<float>(beta_device, beta.size()), beta));
+}
+
+TEST_F(CudaKernels, GdnRecurrenceIsBitIdentical) {
+  std::mt19937 rng(42);
+  struct Shape {
+    int64_t hk, hv, dk, dv;
+  };
+  // Odd sizes, Qwen3.5's per-rank heads (4 k-heads, 16 v-heads of 128), and more value
+  // columns than threads in a block (300 > 256).
+  for (const Shape shape : {Shape{3, 6, 20, 12}, Shape{4, 16, 128, 128}, Shape{1, 2, 33, 300}}) {
+    const int64_t qkv_stride = 2 * shape.hk * shape.dk + shape.hv * shape.dv + 5;
+    const int64_t num_slots = 3;
+    const float q_scale = 1.0f / std::sqrt(static_cast<float>(shape.dk));
+    const GdnStep step({{9, 1, 0}, {4, 2, 1}, {0, 0, 0}, {1, 0, 0}});
+    const std::vector<float> qkv =
+        random_floats(rng, static_cast<size_t>(step.num_rows() * qkv_stride), -1, 1);
+    const std::vector<float> g =
+        random_floats(rng, static_cast<size_t>(step.num_rows() * shape.hv), -2, 0);
+    const std::vector<float> beta =
+        random_floats(rng, static_cast<size_t>(step.num_rows() * shape.hv), 0, 1);
+    std::vector<float> state =
+        random_floats(rng, static_cast<size_t>(num_slots * shape.hv * shape.dk * shape.dv), -1, 1);
+    DeviceBuffer qkv_device = to_device(qkv), g_device = to_device(g),
+                 beta_device = to_device(beta), state_device = to_device(state);
+    std::vector<float> out(static_cast<size_t>(step.num_rows() * shape.hv * shape.dv));
+    DeviceBuffer out_device(out.size() * sizeof(float));
+    cpu::gdn_recurrence(qkv.data(), qkv_stride, shape.hk, shape.hv, shape.dk, shape.dv, q_scale,
+                        g.data(), beta.data(), step.host(), state.data(), out.data());
+    cuda::gdn_recurrence(qkv_device.as<float>(), qkv_stride, shape.hk, shape.hv, shape.dk, shape.dv,
+                         q_scale, g_device.as<float>(), beta_device.as<float>(), step.device(),
+                         state_device.as<float>(), out_device.as<float>());
+    EXPECT_TRUE(same_bits(to_host<float>(out_device, out.size()), out)) << "dk " << shape.dk;
+    EXPECT_TRUE(same_bits(to_host<float>(state_device, state.size()), state)) << "dk " << shape.dk;
+  }
+}
+
+TEST_F(CudaKernels, GdnGatedNormIsBitIdentical) {
+  std::mt19937 rng(43);
+  const int64_t num_rows = 9, num_heads = 16, head_dim = 128, z_stride = num_heads * head_dim + 9;
+  const std::vector<float> x =
+      random_floats(rng, static_cast<size_t>(num_rows * num_heads * head_dim), -3, 3);
+  const std::vector<float> z = random_floats(rng, static_cast<size_t>(num_rows * z_stride), -6, 6);
+  const std::vector<float> weight = random_floats(rng, head_dim, 0.5f, 1.5f);
+  std::vector<float> expected(x.size());
+  cpu::gdn_gated_norm(x.data(), z.data(), z_stride, weight.data(), 1e-6f, num_rows, num_heads,
+                      head_dim, expected.data());
+  DeviceBuffer x_device = to_device(x), z_device = to_device(z), weight_device = to_device(weight);
+  // In place, as the layer uses it.
+  cuda::gdn_gated_norm(x_device.as<float>(), z_device.as<float>(), z_stride,
+                       weight_device.as<float>(), 1e-6f, num_rows, num_heads, head_dim,
+                       x_device.as<float>());
+  EXPECT_TRUE(same_bits(to_host<float>(x_device, x.size()), expected));
+}
+
+TEST_F(CudaKernels, SigmoidGateMulIsBitIdentical) {
+  std::mt19937 rng(44);
+  const int64_t num_rows = 7, width = 1031, gate_stride = 2 * width;
+  std::vector<float> x = random_floats(rng, static_cast<size_t>(num_rows * width), -3, 3);
+  std::vector<float> gate =
+      random_floats(rng, static_cast<size_t>(num_rows * gate_stride), -100, 30);
+  DeviceBuffer x_device = to_device(x), gate_device = to_device(gate);
+  cpu::sigmoid_gate_mul(x.data(), num_rows, width, gate.data(), gate_stride);
+  cuda::sigmoid_gate_mul(x_device.as<float>(), num_rows, width, gate_device.as<float>(),
+                         gate_stride);
+  EXPECT_TRUE(same_bits(to_host<float>(x_device, x.size()), x));
+}
 
 TEST_F(CudaKernels, CublasGemmWithinFp32Bound) {
   std::mt19937 rng(12);
