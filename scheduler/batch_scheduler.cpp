@@ -51,6 +51,19 @@ BatchScheduler::BatchScheduler(const SchedulerConfig& config)
                 config.max_num_batched_tokens);
   if (config.max_num_seqs < 1)
     throw_error("BatchScheduler: max_num_seqs must be >= 1, got ", config.max_num_seqs);
+  if (config.num_state_slots < 0)
+    throw_error("BatchScheduler: num_state_slots must be >= 0, got ", config.num_state_slots);
+  if (config.num_state_slots > 0 && config.enable_prefix_caching)
+    throw_error("BatchScheduler: prefix caching cannot be used with recurrent-state slots (a ",
+                "cached prefix does not hold the recurrent state at its end)");
+  for (int32_t slot = 0; slot < config.num_state_slots; ++slot) free_slots_.insert(slot);
+}
+
+void BatchScheduler::release_slot(int64_t seq_id) {
+  auto found = slot_of_.find(seq_id);
+  if (found == slot_of_.end()) return;
+  free_slots_.insert(found->second);
+  slot_of_.erase(found);
 }
 
 void BatchScheduler::add_request(Request request) {
@@ -123,7 +136,9 @@ void BatchScheduler::schedule_partial_prefills(StepBuilder& step) {
 }
 
 void BatchScheduler::admit_waiting(StepBuilder& step) {
-  while (!waiting_.empty() && step.token_budget > 0 && num_running() < config_.max_num_seqs) {
+  const bool slots = config_.num_state_slots > 0;
+  while (!waiting_.empty() && step.token_budget > 0 && num_running() < config_.max_num_seqs &&
+         (!slots || !free_slots_.empty())) {
     const int64_t seq_id = waiting_.front();
     Sequence& sequence = sequences_.at(seq_id);
     const int64_t cached_tokens =
@@ -135,6 +150,10 @@ void BatchScheduler::admit_waiting(StepBuilder& step) {
     waiting_.pop_front();
     running_.push_back(seq_id);
     block_manager_.allocate_with_prefix(seq_id, sequence.token_ids, cached_tokens, cached_tokens);
+    if (slots) {
+      slot_of_[seq_id] = *free_slots_.begin();
+      free_slots_.erase(free_slots_.begin());
+    }
     sequence.num_computed_tokens = cached_tokens;
     schedule_chunk(step, seq_id, chunk);
   }
@@ -153,6 +172,7 @@ bool BatchScheduler::make_room(StepBuilder& step, int64_t seq_id, int64_t num_ne
 
 void BatchScheduler::preempt(StepBuilder& step, int64_t seq_id) {
   block_manager_.free(seq_id);
+  release_slot(seq_id);
   sequences_.at(seq_id).num_computed_tokens = 0;
   running_.erase(std::find(running_.begin(), running_.end(), seq_id));
   waiting_.push_front(seq_id);
@@ -186,6 +206,7 @@ StepPlan BatchScheduler::build_plan(const StepBuilder& step) const {
     const std::vector<int32_t>& table = block_manager_.block_table(chunk.seq_id);
     plan.block_tables.insert(plan.block_tables.end(), table.begin(), table.end());
     plan.block_table_offsets.push_back(static_cast<int64_t>(plan.block_tables.size()));
+    if (config_.num_state_slots > 0) plan.state_slots.push_back(slot_of_.at(chunk.seq_id));
     plan.num_scheduled_tokens += chunk.num_tokens;
   }
   plan.num_preemptions = step.num_preemptions;
@@ -234,6 +255,7 @@ bool BatchScheduler::abort(int64_t seq_id) {
 
 void BatchScheduler::finish(int64_t seq_id, FinishReason reason) {
   if (block_manager_.has_sequence(seq_id)) block_manager_.free(seq_id);
+  release_slot(seq_id);
   std::erase(running_, seq_id);
   std::erase(waiting_, seq_id);
   auto found = sequences_.find(seq_id);

@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <deque>
 #include <map>
+#include <set>
 #include <span>
 #include <vector>
 
@@ -38,6 +39,12 @@ struct SchedulerConfig {
   int64_t max_num_batched_tokens = 2048;  // tokens fed to the model per step
   int64_t max_num_seqs = 256;             // running sequences at once
   bool enable_prefix_caching = false;     // admissions skip leading blocks already cached
+  // Hybrid (recurrent) models: state slots, one per running sequence; 0 for models without
+  // recurrent layers. A sequence is admitted only with a free slot, holds it while running and
+  // frees it when it finishes, is aborted or is preempted (recompute restarts from position 0,
+  // i.e. from a zero state). Prefix caching cannot be combined with slots: a cached prefix's
+  // blocks do not hold the recurrent state at their end.
+  int32_t num_state_slots = 0;
 };
 
 struct Request {
@@ -58,6 +65,7 @@ struct StepPlan {
   std::vector<int64_t> positions;            // [num_tokens] absolute positions
   std::vector<int64_t> block_table_offsets;  // [num_seqs + 1]
   std::vector<int32_t> block_tables;         // concatenated block tables
+  std::vector<int32_t> state_slots;          // [num_seqs] when the config has state slots
   int64_t num_scheduled_tokens = 0;
   int64_t num_preemptions = 0;  // sequences preempted while building this plan
 
@@ -108,6 +116,8 @@ class BatchScheduler {
   std::vector<FinishedRequest> take_finished();
 
   const BlockManager& block_manager() const { return block_manager_; }
+  // Recurrent-state slots held by running sequences (0 without slots).
+  int32_t num_used_state_slots() const { return static_cast<int32_t>(slot_of_.size()); }
   const SchedulerConfig& config() const { return config_; }
 
  private:
@@ -154,6 +164,10 @@ class BatchScheduler {
   std::vector<PendingSample> pending_samples_;
   std::vector<int64_t> in_flight_seq_ids_;  // every sequence of the in-flight step
   int64_t total_preemptions_ = 0;
+  // Recurrent-state slots: free ones (lowest first) and the slot of each running sequence.
+  std::set<int32_t> free_slots_;
+  std::map<int64_t, int32_t> slot_of_;
+  void release_slot(int64_t seq_id);
 };
 
 }  // namespace keel

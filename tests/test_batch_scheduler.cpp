@@ -462,6 +462,68 @@ TEST(BatchScheduler, PreemptedRequestGoesBackToTheFrontOfTheWaitingQueue) {
   harness.expect_all_accounted_for();
 }
 
+// Recurrent-state slots (hybrid models): a running sequence keeps one slot from admission to
+// its end; a step never names a slot twice; a chunk that continues a sequence (first position
+// > 0) uses the slot its earlier chunks used; admission waits for a free slot; preemption and
+// finishing give the slot back.
+void run_with_state_slots(Harness& harness, int32_t num_slots, int64_t& max_slots_in_use) {
+  std::map<int64_t, int32_t> slot_of;
+  for (int64_t step = 0; harness.scheduler.has_unfinished(); ++step) {
+    ASSERT_LT(step, 2000);
+    StepPlan plan = harness.step();
+    ASSERT_EQ(plan.state_slots.size(), plan.num_seqs());
+    std::set<int32_t> used;
+    for (size_t seq_idx = 0; seq_idx < plan.num_seqs(); ++seq_idx) {
+      const int32_t slot = plan.state_slots[seq_idx];
+      ASSERT_GE(slot, 0);
+      ASSERT_LT(slot, num_slots);
+      EXPECT_TRUE(used.insert(slot).second) << "slot " << slot << " twice in one step";
+      const int64_t seq_id = plan.seq_ids[seq_idx];
+      if (plan.positions_of(seq_idx).front() > 0) {
+        ASSERT_TRUE(slot_of.contains(seq_id));
+        EXPECT_EQ(slot_of[seq_id], slot) << "sequence " << seq_id << " changed slot mid-run";
+      }
+      slot_of[seq_id] = slot;
+    }
+    EXPECT_LE(harness.scheduler.num_used_state_slots(), num_slots);
+    EXPECT_LE(harness.scheduler.num_running(), num_slots);
+    max_slots_in_use =
+        std::max<int64_t>(max_slots_in_use, harness.scheduler.num_used_state_slots());
+  }
+  EXPECT_EQ(harness.scheduler.num_used_state_slots(), 0);
+}
+
+TEST(BatchScheduler, StateSlotsBoundAdmissionAndStayWithTheirSequence) {
+  SchedulerConfig config = make_config(64, 4, 64, 8);
+  config.num_state_slots = 3;
+  Harness harness(config);
+  for (int64_t seq_id = 0; seq_id < 7; ++seq_id) harness.add(make_request(seq_id, 3 + seq_id, 4));
+  int64_t max_in_use = 0;
+  run_with_state_slots(harness, 3, max_in_use);
+  EXPECT_EQ(max_in_use, 3);
+  harness.expect_all_accounted_for();
+}
+
+TEST(BatchScheduler, PreemptionReturnsTheStateSlot) {
+  SchedulerConfig config = make_config(6, 4, 64, 8);
+  config.num_state_slots = 2;
+  Harness harness(config);
+  harness.add(make_request(1, 8, 12));
+  harness.add(make_request(2, 8, 12));
+  harness.add(make_request(3, 4, 3));
+  int64_t max_in_use = 0;
+  run_with_state_slots(harness, 2, max_in_use);
+  EXPECT_GE(harness.scheduler.total_preemptions(), 1);
+  harness.expect_all_accounted_for();
+}
+
+TEST(BatchScheduler, StateSlotsRefusePrefixCaching) {
+  SchedulerConfig config = make_config(16, 4, 64, 8);
+  config.num_state_slots = 2;
+  config.enable_prefix_caching = true;
+  EXPECT_THROW(BatchScheduler{config}, Error);
+}
+
 TEST(BatchScheduler, PrefixCachingSkipsPromptBlocksAnEarlierRequestComputed) {
   SchedulerConfig config = make_config(32, 4, 64, 8);
   config.enable_prefix_caching = true;

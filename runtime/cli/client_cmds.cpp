@@ -271,8 +271,8 @@ json expert_rows_json(const std::vector<LayerRow>& rows) {
 
 namespace {
 
-const char* const kPhases[] = {"attention", "router",    "pack", "experts",
-                               "combine",   "allreduce", "other"};
+const char* const kPhases[] = {"attention", "linear_attention", "router",    "pack",
+                               "experts",   "combine",          "allreduce", "other"};
 
 // A step's components (see client_cmds.h): phase maxima over ranks, allreduce split into the
 // fastest rank's time and the rank spread, sampling and scheduling.

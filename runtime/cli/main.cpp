@@ -442,6 +442,10 @@ int run_serve(keel::ServeConfig& config) {
       config.num_kv_blocks > 0 ? config.num_kv_blocks
                                : std::max<int64_t>(1, config.kv_cache_mb * 1024 * 1024 /
                                                           engine.kv_block_bytes(config.block_size));
+  // Hybrid models: a recurrent-state slot for every sequence that may run at once (beside the
+  // KV blocks, not out of kv_cache_mb).
+  const bool hybrid = engine.config().is_hybrid();
+  if (hybrid) serve_options.num_state_slots = config.max_num_seqs;
   if (!engine.is_leader_process()) {
     // mpirun forwards SIGTERM to every rank; only the leader drains, the others follow its
     // steps until it broadcasts the stop.
@@ -458,6 +462,19 @@ int run_serve(keel::ServeConfig& config) {
   serving_config.scheduler.max_num_batched_tokens = config.max_num_batched_tokens;
   serving_config.scheduler.max_num_seqs = config.max_num_seqs;
   serving_config.scheduler.enable_prefix_caching = config.prefix_caching;
+  if (hybrid) {
+    serving_config.scheduler.num_state_slots = static_cast<int32_t>(config.max_num_seqs);
+    if (config.prefix_caching) {
+      // A cached prefix's KV blocks do not hold the Gated DeltaNet state at the prefix's end, so
+      // a hit could not resume the recurrence; state checkpoints at block boundaries are not
+      // built yet. Said at start-up, not silently.
+      spdlog::warn(
+          "prefix caching is off for {}: a hybrid (Gated DeltaNet) model's cached prefix would "
+          "need the recurrent state at the prefix end, which keel does not checkpoint yet",
+          engine.config().architecture_name);
+      serving_config.scheduler.enable_prefix_caching = false;
+    }
+  }
   serving_config.max_waiting = config.max_waiting;
   serving_config.seed_base = std::random_device{}();
   serving_config.telemetry = config.telemetry;

@@ -70,7 +70,8 @@ struct StepHeader {
   int32_t num_table_entries = 0;
   int64_t max_blocks_per_seq = 0;
   int32_t num_forced_routes = 0;
-  int32_t flags = 0;  // kObserve | kCaptureRouting | kTrace
+  int32_t num_state_slots = 0;  // entries of batch.state_slots (hybrid models)
+  int32_t flags = 0;            // kObserve | kCaptureRouting | kTrace
 };
 constexpr int32_t kObserve = 1, kCaptureRouting = 2, kTrace = 4;
 
@@ -160,10 +161,13 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
   if (request.trace) result.rank_traces.resize(static_cast<size_t>(tp_size_));
   ExpertCounts counts_before = local_model(local_ranks_.front()).expert_counts();
   // The serving step loop, scheduler and sampler: the leader's source plans every step.
-  const SchedulerConfig scheduler = generate_scheduler_config(request, kGenerateBlockSize);
+  SchedulerConfig scheduler = generate_scheduler_config(request, kGenerateBlockSize);
+  // Hybrid models: one recurrent-state slot per prompt (all run at once).
+  if (config_.is_hybrid()) scheduler.num_state_slots = static_cast<int32_t>(scheduler.max_num_seqs);
   ServeOptions serve_options;
   serve_options.num_kv_blocks = scheduler.num_kv_blocks;
   serve_options.block_size = scheduler.block_size;
+  serve_options.num_state_slots = scheduler.num_state_slots;
   std::unique_ptr<GenerateSource> source;
   if (is_leader_process())
     source = std::make_unique<GenerateSource>(request, config_.vocab_size, scheduler, result);
@@ -191,6 +195,10 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
 
 int64_t Engine::kv_block_bytes(int64_t block_size) const {
   return ranks_.front()->kv_block_bytes(block_size);
+}
+
+int64_t Engine::state_slot_bytes() const {
+  return ranks_.front()->state_slot_bytes();
 }
 
 void Engine::serve(StepSource* source, const ServeOptions& options) {
@@ -259,7 +267,8 @@ void Engine::serve_rank(int tp_rank, comm::Communicator& communicator, StepSourc
   RankModel& model = local_model(tp_rank);
   Backend& backend = model.backend();
   const bool leader = tp_rank == 0;
-  KvPool pool = model.make_kv_pool(options.num_kv_blocks, options.block_size);
+  KvPool pool =
+      model.make_kv_pool(options.num_kv_blocks, options.block_size, options.num_state_slots);
   ServeStep step;
   std::vector<float> logits;
   std::vector<int32_t> payload;
@@ -277,6 +286,7 @@ void Engine::serve_rank(int tp_rank, comm::Communicator& communicator, StepSourc
       header.num_table_entries = static_cast<int32_t>(batch.block_tables.size());
       header.max_blocks_per_seq = batch.max_blocks_per_seq;
       header.num_forced_routes = static_cast<int32_t>(batch.forced_routes.size());
+      header.num_state_slots = static_cast<int32_t>(batch.state_slots.size());
       header.flags = (step.observe ? kObserve : 0) | (step.capture_routing ? kCaptureRouting : 0) |
                      (step.trace ? kTrace : 0);
     }
@@ -292,12 +302,14 @@ void Engine::serve_rank(int tp_rank, comm::Communicator& communicator, StepSourc
       break;
     }
     if (kind == ServeStep::Kind::kIdle) continue;
-    // One payload: token ids, positions, cache rows, logits rows, block tables, forced routes.
+    // One payload: token ids, positions, cache rows, logits rows, block tables, forced routes,
+    // state slots.
     const size_t num_tokens = static_cast<size_t>(header.num_tokens);
     const size_t num_rows = static_cast<size_t>(header.num_logits_rows);
     const size_t num_entries = static_cast<size_t>(header.num_table_entries);
     const size_t num_forced = static_cast<size_t>(header.num_forced_routes);
-    payload.resize(3 * num_tokens + num_rows + num_entries + num_forced);
+    const size_t num_slots = static_cast<size_t>(header.num_state_slots);
+    payload.resize(3 * num_tokens + num_rows + num_entries + num_forced + num_slots);
     StepBatch& batch = step.batch;
     if (leader) {
       auto out = payload.begin();
@@ -306,7 +318,8 @@ void Engine::serve_rank(int tp_rank, comm::Communicator& communicator, StepSourc
       out = std::copy(batch.cache_idx.begin(), batch.cache_idx.end(), out);
       out = std::copy(batch.logits_rows.begin(), batch.logits_rows.end(), out);
       out = std::copy(batch.block_tables.begin(), batch.block_tables.end(), out);
-      std::copy(batch.forced_routes.begin(), batch.forced_routes.end(), out);
+      out = std::copy(batch.forced_routes.begin(), batch.forced_routes.end(), out);
+      std::copy(batch.state_slots.begin(), batch.state_slots.end(), out);
     }
     broadcast_host(backend, communicator, payload.data(), payload.size() * sizeof(int32_t));
     if (!leader) {
@@ -321,6 +334,7 @@ void Engine::serve_rank(int tp_rank, comm::Communicator& communicator, StepSourc
       take(batch.logits_rows, num_rows);
       take(batch.block_tables, num_entries);
       take(batch.forced_routes, num_forced);
+      take(batch.state_slots, num_slots);
       batch.max_blocks_per_seq = header.max_blocks_per_seq;
     }
     if (options_.test_hooks != nullptr && options_.test_hooks->before_step)

@@ -119,6 +119,9 @@ class StepSource {
 struct ServeOptions {
   int64_t num_kv_blocks = 0;  // per rank; each rank holds its KV heads of every block
   int64_t block_size = 16;
+  // Hybrid models: recurrent-state slots per rank (each rank holds its heads' state of every
+  // slot), one per sequence that may run at once (the scheduler's max_num_seqs).
+  int64_t num_state_slots = 0;
 };
 
 class Engine {
@@ -136,6 +139,8 @@ class Engine {
   void serve(StepSource* source, const ServeOptions& options);
   // Bytes of one KV block of `block_size` positions on the first rank of this process.
   int64_t kv_block_bytes(int64_t block_size) const;
+  // Bytes of one sequence's recurrent state (hybrid models; 0 otherwise) on that rank.
+  int64_t state_slot_bytes() const;
   bool is_leader_process() const { return local_ranks_.front() == 0; }
 
   const ModelConfig& config() const { return config_; }

@@ -12,6 +12,7 @@ StepBatch step_batch_from_plan(const StepPlan& plan, bool every_prompt_position)
         std::max<int64_t>(max_blocks, static_cast<int64_t>(plan.block_table_of(seq).size()));
   batch.max_blocks_per_seq = max_blocks;
   batch.block_tables.assign(plan.num_seqs() * static_cast<size_t>(max_blocks), -1);
+  batch.state_slots = plan.state_slots;
   for (size_t seq = 0; seq < plan.num_seqs(); ++seq) {
     auto table = plan.block_table_of(seq);
     std::copy(table.begin(), table.end(),

@@ -1,5 +1,6 @@
 // The attention block of one layer: fused QKV GEMM (column-parallel heads), bias, qk-norm,
-// RoPE, append to the paged KV cache, causal attention in position order, and the
+// RoPE, append to the paged KV cache (the layer's slot among the full-attention layers),
+// causal attention in position order, the sigmoid output gate (Qwen3.5 / Qwen3-Next), and the
 // row-parallel o_proj into the partial sum the engine all-reduces.
 #include <cmath>
 
@@ -12,7 +13,10 @@ void RankModel::attention(int64_t layer_idx, int64_t num_tokens, const Backend::
   const int64_t head_dim = config_.head_dim;
   const int64_t q_width = q_heads_local_ * head_dim;
   const int64_t kv_width = kv_heads_local_ * head_dim;
-  const int64_t qkv_width = q_width + 2 * kv_width;
+  // With the output gate, the query heads' gate halves follow K and V (weights.cpp).
+  const int64_t gate_col = q_width + 2 * kv_width;
+  const int64_t qkv_width = gate_col + (config_.attn_output_gate ? q_width : 0);
+  const int64_t cache_layer = layer.cache_layer;
   const float eps = static_cast<float>(config_.rms_norm_eps);
   float* qkv = scratch(qkv_, static_cast<size_t>(num_tokens * qkv_width));
   float* attn_out = scratch(attn_out_, static_cast<size_t>(num_tokens * q_width));
@@ -31,10 +35,12 @@ void RankModel::attention(int64_t layer_idx, int64_t num_tokens, const Backend::
                 config_.rotary_dim, config_.rope_theta, positions_.i32(), num_tokens,
                 view.capacity());
   backend_.kv_append(qkv, qkv_width, q_width, q_width + kv_width, positions_.i32(),
-                     cache_idx_.i32(), num_tokens, layer_idx, view);
+                     cache_idx_.i32(), num_tokens, cache_layer, view);
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
   backend_.attention(qkv, qkv_width, q_heads_local_, kv_head_of_q_.i32(), positions_.i32(),
-                     cache_idx_.i32(), num_tokens, layer_idx, view, scale, attn_out);
+                     cache_idx_.i32(), num_tokens, cache_layer, view, scale, attn_out);
+  if (config_.attn_output_gate)
+    backend_.sigmoid_gate_mul(attn_out, num_tokens, q_width, qkv + gate_col, qkv_width);
   backend_.gemm(attn_out, layer.o_proj.data.data(), layer.o_proj.dtype(), partial_.f32(),
                 num_tokens, config_.hidden_size, q_width);
 }

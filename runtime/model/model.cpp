@@ -44,6 +44,8 @@ std::string_view phase_name(Phase phase) {
       return "combine";
     case Phase::kOther:
       return "other";
+    case Phase::kLinearAttention:
+      return "linear_attention";
   }
   return "other";
 }
@@ -55,21 +57,54 @@ void StepBatch::set_contiguous_block_tables(int64_t num_seqs, int64_t capacity,
   for (size_t i = 0; i < block_tables.size(); ++i) block_tables[i] = static_cast<int32_t>(i);
 }
 
+void StepBatch::set_identity_state_slots(int64_t num_seqs) {
+  state_slots.resize(static_cast<size_t>(num_seqs));
+  for (size_t i = 0; i < state_slots.size(); ++i) state_slots[i] = static_cast<int32_t>(i);
+}
+
 int64_t RankModel::kv_block_bytes(int64_t block_size) const {
-  return 2 * config_.num_layers * kv_heads_local_ * block_size * config_.head_dim *
+  return 2 * config_.num_attention_layers() * kv_heads_local_ * block_size * config_.head_dim *
          static_cast<int64_t>(sizeof(float));
 }
 
-KvPool RankModel::make_kv_pool(int64_t num_blocks, int64_t block_size) {
+namespace {
+// Elements of one slot's state in one linear layer.
+int64_t conv_state_elements(const ModelConfig& config, int64_t conv_channels) {
+  return conv_channels * (config.linear_conv_kernel - 1);
+}
+}  // namespace
+
+int64_t RankModel::state_slot_bytes() const {
+  const int64_t per_layer =
+      conv_state_elements(config_, linear_conv_local_) +
+      linear_v_heads_local_ * config_.linear_key_head_dim * config_.linear_value_head_dim;
+  return config_.num_linear_layers() * per_layer * static_cast<int64_t>(sizeof(float));
+}
+
+KvPool RankModel::make_kv_pool(int64_t num_blocks, int64_t block_size, int64_t num_state_slots) {
   KEEL_CHECK(num_blocks > 0 && block_size > 0, "KV pool of ", num_blocks, " blocks of ",
              block_size);
   KvPool pool;
   pool.num_blocks = num_blocks;
   pool.block_size = block_size;
-  size_t elements = static_cast<size_t>(num_blocks * config_.num_layers * kv_heads_local_ *
-                                        block_size * config_.head_dim);
-  pool.k = backend_.allocate(DType::kF32, elements);
-  pool.v = backend_.allocate(DType::kF32, elements);
+  size_t elements = static_cast<size_t>(num_blocks * config_.num_attention_layers() *
+                                        kv_heads_local_ * block_size * config_.head_dim);
+  pool.k = backend_.allocate(DType::kF32, std::max<size_t>(elements, 1));
+  pool.v = backend_.allocate(DType::kF32, std::max<size_t>(elements, 1));
+  if (config_.is_hybrid()) {
+    KEEL_CHECK(num_state_slots > 0, "rank ", tp_rank_,
+               ": a hybrid model needs recurrent-state slots (0 given)");
+    const int64_t linear_layers = config_.num_linear_layers();
+    pool.num_state_slots = num_state_slots;
+    pool.conv_state = backend_.allocate(
+        DType::kF32, static_cast<size_t>(linear_layers * num_state_slots *
+                                         conv_state_elements(config_, linear_conv_local_)) +
+                         1);
+    pool.ssm_state = backend_.allocate(
+        DType::kF32,
+        static_cast<size_t>(linear_layers * num_state_slots * linear_v_heads_local_ *
+                            config_.linear_key_head_dim * config_.linear_value_head_dim));
+  }
   return pool;
 }
 
@@ -138,10 +173,14 @@ void RankModel::forward(const StepBatch& batch, KvPool& pool, comm::Communicator
   const int32_t* token_ids = upload(batch.token_ids, token_ids_);
   upload(batch.positions, positions_);
   upload(batch.cache_idx, cache_idx_);
-  const Backend::KvPoolView view{pool.k.f32(),       pool.v.f32(),
-                                 config_.num_layers, pool.num_blocks,
-                                 kv_heads_local_,    pool.block_size,
-                                 config_.head_dim,   upload(batch.block_tables, block_tables_),
+  const Backend::KvPoolView view{pool.k.f32(),
+                                 pool.v.f32(),
+                                 config_.num_attention_layers(),
+                                 pool.num_blocks,
+                                 kv_heads_local_,
+                                 pool.block_size,
+                                 config_.head_dim,
+                                 upload(batch.block_tables, block_tables_),
                                  max_blocks};
 
   // Router replay: the forced choices of every MoE layer, checked here so kernels can trust them.
@@ -178,6 +217,8 @@ void RankModel::forward(const StepBatch& batch, KvPool& pool, comm::Communicator
     backend_.embed(embed_.data.data(), embed_.dtype(), config_.vocab_size, hidden, token_ids,
                    num_tokens, hidden_states);
   });
+  const Backend::RecurrentSeqs recurrent_seqs =
+      config_.is_hybrid() ? upload_recurrent_seqs(batch, pool) : Backend::RecurrentSeqs{};
   const float eps = static_cast<float>(config_.rms_norm_eps);
   int64_t moe_idx = 0;
   for (int64_t layer_idx = 0; layer_idx < config_.num_layers; ++layer_idx) {
@@ -185,7 +226,12 @@ void RankModel::forward(const StepBatch& batch, KvPool& pool, comm::Communicator
     timed(Phase::kOther, layer_idx, [&] {
       backend_.rms_norm(hidden_states, layer.input_norm.f32(), eps, num_tokens, hidden, normed);
     });
-    timed(Phase::kAttention, layer_idx, [&] { attention(layer_idx, num_tokens, view); });
+    if (layer.kind == LayerKind::kLinearAttention) {
+      timed(Phase::kLinearAttention, layer_idx,
+            [&] { linear_attention(layer_idx, num_tokens, recurrent_seqs, pool); });
+    } else {
+      timed(Phase::kAttention, layer_idx, [&] { attention(layer_idx, num_tokens, view); });
+    }
     timed(Phase::kAllReduce, layer_idx,
           [&] { comm.all_reduce(partial, activations, options_.reduce); });
     timed(Phase::kOther, layer_idx, [&] {

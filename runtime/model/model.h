@@ -9,8 +9,15 @@
 //   routed experts             whole experts on the rank the placement names
 //   shared expert, dense MLP   gate/up column-parallel, down row-parallel -> partial [T, H]
 //   lm_head                    vocab-parallel rows, logits all-gathered
-// One all-reduce after attention and one after the MLP/MoE block turn partials into
-// replicated activations; nowhere else.
+// Hybrid models (Qwen3.5 / Qwen3-Next):
+//   q_proj with output gate    column-parallel per head: query and gate halves of its heads
+//   GDN in_proj (q|k|v|z|b|a)  column-parallel by head: rank r holds key heads
+//                              [r*hk, (r+1)*hk) and value heads [r*hv, (r+1)*hv), contiguous,
+//                              so each value head's key head is local; conv channels, A_log,
+//                              dt_bias follow their heads; the recurrent state is per rank
+//   GDN out_proj               row-parallel -> partial [T, H]
+// One all-reduce after attention (or the GDN block) and one after the MLP/MoE block turn
+// partials into replicated activations; nowhere else.
 #pragma once
 
 #include <array>
@@ -46,13 +53,26 @@ struct ExpertWeights {
 };
 
 struct LayerWeights {
-  DeviceArray input_norm;  // f32 [H]
+  LayerKind kind = LayerKind::kFullAttention;
+  // Index among the model's layers of the same kind: the layer's slice of the KV pool (full
+  // attention) or of the recurrent-state slots (linear attention).
+  int64_t cache_layer = 0;
+  DeviceArray input_norm;  // f32 [H] (zero-centred norms: 1 + w, folded in at load)
   DeviceArray post_norm;   // f32 [H]
-  Matrix qkv;              // [(q_local + 2 * kv_local) * head_dim, H]
-  DeviceArray qkv_bias;    // f32, empty when the model has none
-  DeviceArray q_norm;      // f32 [head_dim], empty without qk-norm
+  // [(q_local + 2 * kv_local (+ q_local gate rows with attn_output_gate)) * head_dim, H]: this
+  // rank's query heads, its KV heads, then the query heads' output-gate halves.
+  Matrix qkv;
+  DeviceArray qkv_bias;  // f32, empty when the model has none
+  DeviceArray q_norm;    // f32 [head_dim], empty without qk-norm
   DeviceArray k_norm;
   Matrix o_proj;  // [H, q_local * head_dim]
+  // Gated DeltaNet (kLinearAttention), this rank's key heads [k0, k0 + hk) and value heads
+  // [v0, v0 + hv) (contiguous, so each value head's key head is local):
+  Matrix linear_in;  // rows [q (hk*dk) | k (hk*dk) | v (hv*dv) | z (hv*dv) | b (hv) | a (hv)]
+  DeviceArray conv_weight;     // f32 [2*hk*dk + hv*dv][kernel], channels as the rows of q|k|v
+  DeviceArray a_log, dt_bias;  // f32 [hv]
+  DeviceArray linear_norm;     // f32 [dv], the gated norm's plain weight
+  Matrix linear_out;           // [H, hv*dv], row-parallel
   bool is_moe = false;
   Matrix router;                          // [E, H]
   std::vector<ExpertWeights> experts;     // local experts, ascending expert id
@@ -64,14 +84,21 @@ struct LayerWeights {
   Matrix shared_gate;                     // [1, H] sigmoid gate of the shared expert
 };
 
-// This rank's paged KV pool: k and v as [num_layers][num_blocks][kv_local][block_size][head_dim]
-// fp32 (kernels/math/ops_math.h, PagedKvRows). Which blocks hold which sequence is the
-// scheduler's business (scheduler/block_manager.h); a step names them in StepBatch.
+// This rank's sequence caches. The paged KV pool: k and v as [attention layers][num_blocks]
+// [kv_local][block_size][head_dim] fp32 (kernels/math/ops_math.h, PagedKvRows), for the full-
+// attention layers only. Hybrid models add recurrent-state slots, one per running sequence:
+// conv_state [linear layers][num_state_slots][conv channels local][kernel - 1] and ssm_state
+// [linear layers][num_state_slots][v heads local][key head dim][value head dim], fp32. Which
+// blocks and slot hold which sequence is the scheduler's business (scheduler/block_manager.h,
+// batch_scheduler.h); a step names them in StepBatch.
 struct KvPool {
   DeviceArray k;
   DeviceArray v;
   int64_t num_blocks = 0;
   int64_t block_size = 0;
+  DeviceArray conv_state;
+  DeviceArray ssm_state;
+  int64_t num_state_slots = 0;
 };
 
 // What one forward step computes: tokens of several sequences, concatenated (host arrays).
@@ -85,6 +112,10 @@ struct StepBatch {
   std::vector<int32_t> logits_rows;  // token rows whose logits are wanted, in output order
   std::vector<int32_t> block_tables;
   int64_t max_blocks_per_seq = 0;
+  // Hybrid models: [block_tables rows] the recurrent-state slot of each sequence. A sequence's
+  // tokens must then be contiguous rows at consecutive positions; one whose first token is at
+  // position 0 starts from a zero state, any other continues from its slot's state.
+  std::vector<int32_t> state_slots;
   // Router replay: when non-empty, [moe layer (increasing)][token][top_k] expert ids every MoE
   // layer must use instead of its own top-k (weights still come from this step's router).
   std::vector<int32_t> forced_routes;
@@ -93,6 +124,8 @@ struct StepBatch {
   // [s * blocks_per_seq, (s + 1) * blocks_per_seq), enough for `capacity` positions (what
   // generate() uses; the server takes block tables from the block manager instead).
   void set_contiguous_block_tables(int64_t num_seqs, int64_t capacity, int64_t block_size);
+  // state_slots = 0, 1, ..., num_seqs - 1 (generate's layout too).
+  void set_identity_state_slots(int64_t num_seqs);
 };
 
 // Phases of a forward step, timed per rank when telemetry is on (Backend::timed_seconds: steady
@@ -100,9 +133,19 @@ struct StepBatch {
 // router GEMM and top-k; kPack the packing (with the slot map) and the gather of expert rows;
 // kExperts the expert FFNs; kCombine the shared expert and the combine; kAllReduce
 // the two all-reduces per layer and the logits all-gather; kOther embedding, norms, dense MLPs,
-// final norm and lm_head.
-enum class Phase : uint8_t { kAttention, kAllReduce, kRouter, kPack, kExperts, kCombine, kOther };
-inline constexpr int kNumPhases = 7;
+// final norm and lm_head; kLinearAttention a Gated DeltaNet layer's projections, conv,
+// recurrence, gated norm and out_proj.
+enum class Phase : uint8_t {
+  kAttention,
+  kAllReduce,
+  kRouter,
+  kPack,
+  kExperts,
+  kCombine,
+  kOther,
+  kLinearAttention
+};
+inline constexpr int kNumPhases = 8;
 std::string_view phase_name(Phase phase);
 
 // One timed span of a step on one rank, for traces: layer -1 outside layers, expert -1 unless
@@ -146,9 +189,14 @@ class RankModel {
             const ExpertPlacement& placement, int tp_rank, int tp_size, RankOptions options,
             Backend& backend);
 
-  KvPool make_kv_pool(int64_t num_blocks, int64_t block_size);
-  // Bytes of one KV block on this rank (K and V, every layer).
+  // num_state_slots: recurrent-state slots, one per sequence that may run at once (hybrid
+  // models; ignored by models without linear-attention layers).
+  KvPool make_kv_pool(int64_t num_blocks, int64_t block_size, int64_t num_state_slots = 0);
+  // Bytes of one KV block on this rank (K and V, every full-attention layer).
   int64_t kv_block_bytes(int64_t block_size) const;
+  // Bytes of one sequence's recurrent state on this rank (conv + SSM, every linear layer); 0
+  // for models without linear-attention layers.
+  int64_t state_slot_bytes() const;
 
   // Runs one step on this rank. `logits` receives [logits_rows, vocab] on the host (identical
   // on all ranks). Collectives go through `comm`, whose pointers are this backend's memory;
@@ -176,6 +224,12 @@ class RankModel {
   int64_t weight_bytes() const;
 
  private:
+  // Loading (weights.cpp): one full-attention block, one MLP/MoE block.
+  void load_attention(const ModelConfig& config, const Checkpoint& checkpoint,
+                      const std::string& prefix, LayerWeights& layer);
+  void load_mlp_block(const ModelConfig& config, const Checkpoint& checkpoint,
+                      const ExpertPlacement& placement, const std::string& prefix,
+                      int64_t layer_idx, LayerWeights& layer);
   // Device scratch of at least `count` elements of fp32 (or int32), grown as needed.
   float* scratch(DeviceArray& array, size_t count);
   int32_t* scratch_i32(DeviceArray& array, size_t count);
@@ -184,6 +238,11 @@ class RankModel {
                                          DeviceArray& array);
 
   void attention(int64_t layer_idx, int64_t num_tokens, const Backend::KvPoolView& view);
+  void linear_attention(int64_t layer_idx, int64_t num_tokens, const Backend::RecurrentSeqs& seqs,
+                        KvPool& pool);
+  // The step's sequences for the recurrent ops: checks contiguity, positions and slots on the
+  // host and uploads row starts, slots and fresh flags.
+  Backend::RecurrentSeqs upload_recurrent_seqs(const StepBatch& batch, const KvPool& pool);
   // forced_routes: this layer's [token][top_k] replayed choices (device), or nullptr. moe_idx:
   // the layer's index among MoE layers (its slice of the step's routing slabs).
   void moe(int64_t layer_idx, int64_t moe_idx, int64_t num_tokens, const int32_t* forced_routes);
@@ -207,6 +266,12 @@ class RankModel {
   int64_t first_kv_head_ = 0;
   DeviceArray kv_head_of_q_;  // int32 [q_heads_local]: local q head -> local kv head
   int64_t vocab_chunk_ = 0;   // padded rows of lm_head per rank
+  // Gated DeltaNet heads of this rank (contiguous: key heads first_k_head_ + [0, k_heads_local_)).
+  int64_t linear_k_heads_local_ = 0;
+  int64_t linear_v_heads_local_ = 0;
+  int64_t linear_first_k_head_ = 0;
+  int64_t linear_first_v_head_ = 0;
+  int64_t linear_conv_local_ = 0;  // conv channels: 2 * hk * dk + hv * dv
 
   Matrix embed_;
   std::vector<LayerWeights> layers_;
@@ -227,10 +292,11 @@ class RankModel {
   // [token][top_k] (margins [moe layer][token]), copied to the host once after the logits.
   DeviceArray hidden_, normed_, qkv_, attn_out_, partial_, router_logits_, route_weights_,
       route_margins_, expert_in_, expert_mid_, expert_act_, expert_out_, shared_out_,
-      shared_gate_logits_, lm_in_, local_logits_, gathered_logits_;
+      shared_gate_logits_, lm_in_, local_logits_, gathered_logits_, linear_proj_, linear_conv_,
+      linear_g_, linear_beta_, linear_core_;
   DeviceArray forced_routes_;
   DeviceArray token_ids_, positions_, cache_idx_, block_tables_, logits_rows_, route_ids_,
-      pack_offsets_, packed_routes_, slot_rows_;
+      pack_offsets_, packed_routes_, slot_rows_, seq_row_starts_, seq_slots_, seq_fresh_;
   // Host copies: the logits, and the step's routing for counts, fingerprint and telemetry.
   std::vector<int32_t> host_route_ids_;
   std::vector<math::PackedRoute> host_logits_routes_;

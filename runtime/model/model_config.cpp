@@ -65,6 +65,83 @@ DType parse_config_dtype(const ConfigReader& reader) {
               "' (supported: float32, bfloat16, float16)");
 }
 
+// Settings that change what a model computes and that keel does not implement: refused with
+// the key named, never run as a silently different model. Keys that only matter for training
+// (router_aux_loss_coef, output_router_logits, attention_dropout, initializer_range) or for
+// heads keel does not run (mtp_*: multi-token-prediction layers, which transformers does not
+// load either) are accepted.
+void refuse_unimplemented_settings(const ConfigReader& reader, const json& text,
+                                   Architecture architecture) {
+  const std::string& source = reader.source();
+  std::string hidden_act = reader.string_or("hidden_act", "silu");
+  if (hidden_act != "silu")
+    throw_error(source, ": unsupported hidden_act '", hidden_act, "' (supported: silu)");
+  if (reader.boolean_or("use_sliding_window", false))
+    throw_error(source, ": sliding-window attention is not supported (use_sliding_window true)");
+  // Mixtral applies sliding_window whenever it is set (no use_sliding_window switch); Qwen
+  // configs carry a sliding_window that only use_sliding_window turns on.
+  if (architecture == Architecture::kMixtral && reader.has("sliding_window"))
+    throw_error(source, ": sliding_window ", text["sliding_window"].dump(),
+                " is not supported (keel attends over the whole context, which would give "
+                "different tokens); only null is accepted");
+  const bool hybrid =
+      architecture == Architecture::kQwen3_5Moe || architecture == Architecture::kQwen3Next;
+  if (hybrid) {
+    if (reader.boolean_or("attention_bias", false))
+      throw_error(source, ": attention_bias true is not supported for ",
+                  architecture_name(architecture));
+    const std::string ssm_dtype = reader.string_or("mamba_ssm_dtype", "float32");
+    if (ssm_dtype != "float32")
+      throw_error(source, ": mamba_ssm_dtype '", ssm_dtype,
+                  "' is not supported (keel keeps the Gated DeltaNet state in float32)");
+  }
+}
+
+// Gated DeltaNet settings and the layer pattern (transformers' defaults where a key is absent).
+void parse_linear_attention(const ConfigReader& reader, const json& text, ModelConfig& config) {
+  const std::string& source = reader.source();
+  config.linear_conv_kernel = reader.integer_or("linear_conv_kernel_dim", 4);
+  config.linear_key_head_dim = reader.integer_or("linear_key_head_dim", 128);
+  config.linear_value_head_dim = reader.integer_or("linear_value_head_dim", 128);
+  config.linear_num_key_heads = reader.integer_or("linear_num_key_heads", 16);
+  config.linear_num_value_heads = reader.integer_or("linear_num_value_heads", 32);
+  require_positive(reader, "linear_conv_kernel_dim", config.linear_conv_kernel);
+  require_positive(reader, "linear_key_head_dim", config.linear_key_head_dim);
+  require_positive(reader, "linear_value_head_dim", config.linear_value_head_dim);
+  require_positive(reader, "linear_num_key_heads", config.linear_num_key_heads);
+  require_positive(reader, "linear_num_value_heads", config.linear_num_value_heads);
+  if (config.linear_num_value_heads % config.linear_num_key_heads != 0)
+    throw_error(source, ": linear_num_value_heads (", config.linear_num_value_heads,
+                ") is not a multiple of linear_num_key_heads (", config.linear_num_key_heads, ")");
+
+  const size_t num_layers = static_cast<size_t>(config.num_layers);
+  config.layer_kinds.clear();
+  if (reader.has("layer_types")) {
+    const json& types = text["layer_types"];
+    if (!types.is_array() || types.size() != num_layers)
+      throw_error(source, ": layer_types must be a list of num_hidden_layers (", num_layers,
+                  ") entries");
+    for (const json& type : types) {
+      const std::string name = type.is_string() ? type.get<std::string>() : type.dump();
+      if (name == "linear_attention") {
+        config.layer_kinds.push_back(LayerKind::kLinearAttention);
+      } else if (name == "full_attention") {
+        config.layer_kinds.push_back(LayerKind::kFullAttention);
+      } else {
+        throw_error(source, ": layer_types entry '", name,
+                    "' is not supported (supported: linear_attention, full_attention)");
+      }
+    }
+  } else {
+    const int64_t interval = reader.integer_or("full_attention_interval", 4);
+    require_positive(reader, "full_attention_interval", interval);
+    for (size_t layer = 0; layer < num_layers; ++layer)
+      config.layer_kinds.push_back((static_cast<int64_t>(layer) + 1) % interval != 0
+                                       ? LayerKind::kLinearAttention
+                                       : LayerKind::kFullAttention);
+  }
+}
+
 }  // namespace
 
 std::string_view architecture_name(Architecture architecture) {
@@ -75,8 +152,18 @@ std::string_view architecture_name(Architecture architecture) {
       return "Qwen2MoeForCausalLM";
     case Architecture::kMixtral:
       return "MixtralForCausalLM";
+    case Architecture::kQwen3_5Moe:
+      return "Qwen3_5MoeForCausalLM";
+    case Architecture::kQwen3Next:
+      return "Qwen3NextForCausalLM";
   }
   return "?";
+}
+
+int64_t ModelConfig::num_linear_layers() const {
+  int64_t count = 0;
+  for (LayerKind kind : layer_kinds) count += kind == LayerKind::kLinearAttention ? 1 : 0;
+  return count;
 }
 
 int64_t ModelConfig::num_moe_layers() const {
@@ -97,29 +184,44 @@ ModelConfig ModelConfig::parse(const std::string& json_text, const std::string& 
   json root = json::parse(json_text, nullptr, /*allow_exceptions=*/false);
   if (root.is_discarded() || !root.is_object())
     throw_error(source_name, ": not a valid JSON object");
-  ConfigReader reader(root, source_name);
-
   ModelConfig config;
   if (!root.contains("architectures") || !root["architectures"].is_array() ||
       root["architectures"].empty() || !root["architectures"][0].is_string())
     throw_error(source_name, ": missing 'architectures' list");
   config.architecture_name = root["architectures"][0].get<std::string>();
+  // The published Qwen3.5 checkpoints are vision-language: text settings under text_config,
+  // decoder weights under model.language_model. (the vision tower is not loaded).
+  const json* text_root = &root;
+  std::string text_source = source_name;
   if (config.architecture_name == "Qwen3MoeForCausalLM") {
     config.architecture = Architecture::kQwen3Moe;
   } else if (config.architecture_name == "Qwen2MoeForCausalLM") {
     config.architecture = Architecture::kQwen2Moe;
   } else if (config.architecture_name == "MixtralForCausalLM") {
     config.architecture = Architecture::kMixtral;
+  } else if (config.architecture_name == "Qwen3_5MoeForCausalLM") {
+    config.architecture = Architecture::kQwen3_5Moe;
+  } else if (config.architecture_name == "Qwen3_5MoeForConditionalGeneration") {
+    config.architecture = Architecture::kQwen3_5Moe;
+    if (!root.contains("text_config") || !root["text_config"].is_object())
+      throw_error(source_name, ": ", config.architecture_name, " needs a 'text_config' object");
+    text_root = &root["text_config"];
+    text_source = source_name + " text_config";
+    config.weight_prefix = "model.language_model.";
+    config.has_vision_tower = root.contains("vision_config") && !root["vision_config"].is_null();
+  } else if (config.architecture_name == "Qwen3NextForCausalLM") {
+    config.architecture = Architecture::kQwen3Next;
   } else {
     throw_error(source_name, ": unsupported architecture '", config.architecture_name,
-                "' (supported: Qwen3MoeForCausalLM, Qwen2MoeForCausalLM, MixtralForCausalLM)");
+                "' (supported: Qwen3MoeForCausalLM, Qwen2MoeForCausalLM, MixtralForCausalLM, "
+                "Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration, "
+                "Qwen3NextForCausalLM)");
   }
-
-  std::string hidden_act = reader.string_or("hidden_act", "silu");
-  if (hidden_act != "silu")
-    throw_error(source_name, ": unsupported hidden_act '", hidden_act, "' (supported: silu)");
-  if (reader.boolean_or("use_sliding_window", false))
-    throw_error(source_name, ": sliding-window attention is not supported");
+  const bool hybrid = config.architecture == Architecture::kQwen3_5Moe ||
+                      config.architecture == Architecture::kQwen3Next;
+  ConfigReader reader(*text_root, text_source);
+  const json& text = *text_root;
+  refuse_unimplemented_settings(reader, text, config.architecture);
 
   config.vocab_size = reader.integer("vocab_size");
   config.hidden_size = reader.integer("hidden_size");
@@ -137,15 +239,17 @@ ModelConfig ModelConfig::parse(const std::string& json_text, const std::string& 
   config.head_dim = reader.integer_or("head_dim", config.hidden_size / config.num_heads);
   require_positive(reader, "head_dim", config.head_dim);
   config.max_position_embeddings = reader.integer_or("max_position_embeddings", 32768);
+  require_positive(reader, "max_position_embeddings", config.max_position_embeddings);
   config.rms_norm_eps = reader.number_or("rms_norm_eps", 1e-6);
 
   // RoPE: transformers 5 writes rope_parameters {rope_theta, rope_type, partial_rotary_factor};
   // published checkpoints have top-level rope_theta / rope_scaling.
-  double partial_rotary_factor = reader.number_or("partial_rotary_factor", 1.0);
+  // Qwen3.5 / Qwen3-Next default to a quarter of head_dim (transformers' __post_init__).
+  double partial_rotary_factor = reader.number_or("partial_rotary_factor", hybrid ? 0.25 : 1.0);
   config.rope_theta = reader.number_or("rope_theta", 10000.0);
   for (const char* key : {"rope_parameters", "rope_scaling"}) {
     if (!reader.has(key)) continue;
-    const json& rope = root[key];
+    const json& rope = text[key];
     if (!rope.is_object()) throw_error(source_name, ": '", key, "' must be an object");
     ConfigReader rope_reader(rope, source_name + " " + key);
     std::string rope_type =
@@ -171,8 +275,12 @@ ModelConfig ModelConfig::parse(const std::string& json_text, const std::string& 
     throw_error(source_name, ": num_experts_per_tok must be in [1, ", config.num_experts,
                 "], found ", config.top_k);
   config.intermediate_size = reader.integer_or("intermediate_size", 0);
-  config.tie_word_embeddings = reader.boolean_or("tie_word_embeddings", false);
-  config.dtype = parse_config_dtype(reader);
+  // The vision-language wrapper declares tie_word_embeddings at the top level.
+  config.tie_word_embeddings =
+      reader.boolean_or("tie_word_embeddings",
+                        ConfigReader(root, source_name).boolean_or("tie_word_embeddings", false));
+  config.dtype = parse_config_dtype(
+      reader.has("dtype") || reader.has("torch_dtype") ? reader : ConfigReader(root, source_name));
   config.layer_is_moe.assign(static_cast<size_t>(config.num_layers), true);
 
   switch (config.architecture) {
@@ -182,16 +290,20 @@ ModelConfig ModelConfig::parse(const std::string& json_text, const std::string& 
       config.norm_topk_prob = true;
       break;
     case Architecture::kQwen3Moe:
-    case Architecture::kQwen2Moe: {
+    case Architecture::kQwen2Moe:
+    case Architecture::kQwen3_5Moe:
+    case Architecture::kQwen3Next: {
       config.moe_intermediate_size = reader.integer("moe_intermediate_size");
-      config.norm_topk_prob = reader.boolean_or("norm_topk_prob", false);
+      // Qwen3.5 has no norm_topk_prob key: its router always renormalises.
+      config.norm_topk_prob = config.architecture == Architecture::kQwen3_5Moe ||
+                              reader.boolean_or("norm_topk_prob", false);
       int64_t sparse_step = reader.integer_or("decoder_sparse_step", 1);
       require_positive(reader, "decoder_sparse_step", sparse_step);
       std::vector<int64_t> mlp_only_layers;
       if (reader.has("mlp_only_layers")) {
-        if (!root["mlp_only_layers"].is_array())
+        if (!text["mlp_only_layers"].is_array())
           throw_error(source_name, ": mlp_only_layers must be a list");
-        for (const json& value : root["mlp_only_layers"]) {
+        for (const json& value : text["mlp_only_layers"]) {
           if (!value.is_number_integer())
             throw_error(source_name, ": mlp_only_layers entries must be integers");
           mlp_only_layers.push_back(value.get<int64_t>());
@@ -205,6 +317,13 @@ ModelConfig ModelConfig::parse(const std::string& json_text, const std::string& 
       if (config.architecture == Architecture::kQwen3Moe) {
         config.qk_norm = true;
         config.attention_bias = reader.boolean_or("attention_bias", false);
+      } else if (hybrid) {
+        config.qk_norm = true;
+        config.zero_centered_norm = true;
+        config.attn_output_gate = reader.boolean_or("attn_output_gate", true);
+        config.shared_expert_intermediate_size =
+            reader.integer_or("shared_expert_intermediate_size", 0);
+        parse_linear_attention(reader, text, config);
       } else {
         config.attention_bias = reader.boolean_or("qkv_bias", true);
         config.shared_expert_intermediate_size =
@@ -213,6 +332,8 @@ ModelConfig ModelConfig::parse(const std::string& json_text, const std::string& 
       break;
     }
   }
+  if (config.layer_kinds.empty())
+    config.layer_kinds.assign(static_cast<size_t>(config.num_layers), LayerKind::kFullAttention);
   require_positive(reader, "moe_intermediate_size", config.moe_intermediate_size);
   for (bool is_moe : config.layer_is_moe)
     if (!is_moe)

@@ -13,8 +13,8 @@ namespace keel {
 
 namespace {
 
-std::string layer_prefix(int64_t layer_idx) {
-  return "model.layers." + std::to_string(layer_idx) + ".";
+std::string layer_prefix(const ModelConfig& config, int64_t layer_idx) {
+  return config.weight_prefix + "layers." + std::to_string(layer_idx) + ".";
 }
 
 // Host staging for one weight: shards are cut from the mapped checkpoint into this, then
@@ -100,6 +100,97 @@ Buffer load_vector(const TensorView& view, int64_t offset, int64_t count) {
   return vector;
 }
 
+// An RMSNorm scale. Zero-centred norms (Qwen3.5 / Qwen3-Next) multiply by (1 + w), which
+// transformers forms in fp32 from the stored w: folding the 1 in here gives the same value.
+DeviceArray load_norm(Backend& backend, const TensorView& view, int64_t count, bool zero_centered) {
+  Buffer vector = load_vector(view, 0, count);
+  if (zero_centered)
+    for (int64_t i = 0; i < count; ++i) vector.f32()[i] = 1.0f + vector.f32()[i];
+  return to_device(backend, vector);
+}
+
+// Row ranges of a Gated DeltaNet layer's input projections for one rank, in the order the
+// forward pass wants them: [q | k | v | z | b | a] (see LayerWeights::linear_in).
+struct LinearHeads {
+  int64_t first_k = 0, num_k = 0;  // this rank's key heads
+  int64_t first_v = 0, num_v = 0;  // this rank's value heads
+  int64_t k_dim = 0, v_dim = 0;
+  int64_t total_k = 0, total_v = 0;  // the model's
+};
+
+// Qwen3.5: separate in_proj_qkv (rows q | k | v of all heads), in_proj_z, in_proj_b, in_proj_a.
+// Qwen3-Next: in_proj_qkvz interleaved per key-head group g as [q_g | k_g | v_g | z_g] (v_g and
+// z_g: the group's HV/HK value heads) and in_proj_ba per group as [b_g | a_g].
+Matrix load_linear_in(Backend& backend, const Checkpoint& checkpoint, const std::string& prefix,
+                      const LinearHeads& heads, int64_t hidden) {
+  const int64_t key_dim = heads.total_k * heads.k_dim;
+  const int64_t value_dim = heads.total_v * heads.v_dim;
+  const int64_t q_rows = heads.num_k * heads.k_dim;
+  const int64_t v_rows = heads.num_v * heads.v_dim;
+  const int64_t rows = 2 * q_rows + 2 * v_rows + 2 * heads.num_v;
+  const int64_t z_row = 2 * q_rows + v_rows;
+  const int64_t b_row = z_row + v_rows;
+  const int64_t a_row = b_row + heads.num_v;
+  if (const TensorView* fused = checkpoint.find(prefix + "in_proj_qkvz.weight")) {
+    const int64_t ratio = heads.total_v / heads.total_k;
+    const int64_t group_rows = 2 * heads.k_dim + 2 * ratio * heads.v_dim;
+    const TensorView& qkvz =
+        checkpoint.get(prefix + "in_proj_qkvz.weight", {heads.total_k * group_rows, hidden});
+    const TensorView& ba =
+        checkpoint.get(prefix + "in_proj_ba.weight", {2 * heads.total_v, hidden});
+    HostMatrix matrix = make_matrix(fused->dtype, rows, hidden);
+    for (int64_t local = 0; local < heads.num_k; ++local) {
+      const int64_t group = heads.first_k + local;
+      const int64_t base = group * group_rows;
+      const int64_t group_v = ratio * heads.v_dim;
+      copy_block(qkvz, 0, base, heads.k_dim, 0, hidden, matrix, local * heads.k_dim);
+      copy_block(qkvz, 0, base + heads.k_dim, heads.k_dim, 0, hidden, matrix,
+                 q_rows + local * heads.k_dim);
+      copy_block(qkvz, 0, base + 2 * heads.k_dim, group_v, 0, hidden, matrix,
+                 2 * q_rows + local * group_v);
+      copy_block(qkvz, 0, base + 2 * heads.k_dim + group_v, group_v, 0, hidden, matrix,
+                 z_row + local * group_v);
+      copy_block(ba, 0, group * 2 * ratio, ratio, 0, hidden, matrix, b_row + local * ratio);
+      copy_block(ba, 0, group * 2 * ratio + ratio, ratio, 0, hidden, matrix, a_row + local * ratio);
+    }
+    return to_device(backend, matrix);
+  }
+  const TensorView& qkv =
+      checkpoint.get(prefix + "in_proj_qkv.weight", {2 * key_dim + value_dim, hidden});
+  const TensorView& z = checkpoint.get(prefix + "in_proj_z.weight", {value_dim, hidden});
+  const TensorView& b = checkpoint.get(prefix + "in_proj_b.weight", {heads.total_v, hidden});
+  const TensorView& a = checkpoint.get(prefix + "in_proj_a.weight", {heads.total_v, hidden});
+  HostMatrix matrix = make_matrix(qkv.dtype, rows, hidden);
+  const int64_t k0 = heads.first_k * heads.k_dim;
+  const int64_t v0 = heads.first_v * heads.v_dim;
+  copy_block(qkv, 0, k0, q_rows, 0, hidden, matrix, 0);
+  copy_block(qkv, 0, key_dim + k0, q_rows, 0, hidden, matrix, q_rows);
+  copy_block(qkv, 0, 2 * key_dim + v0, v_rows, 0, hidden, matrix, 2 * q_rows);
+  copy_block(z, 0, v0, v_rows, 0, hidden, matrix, z_row);
+  copy_block(b, 0, heads.first_v, heads.num_v, 0, hidden, matrix, b_row);
+  copy_block(a, 0, heads.first_v, heads.num_v, 0, hidden, matrix, a_row);
+  return to_device(backend, matrix);
+}
+
+// conv1d.weight [channels, 1, kernel] -> f32 [local channels][kernel], channels q | k | v.
+DeviceArray load_conv_weight(Backend& backend, const TensorView& view, const LinearHeads& heads,
+                             int64_t kernel) {
+  const int64_t key_dim = heads.total_k * heads.k_dim;
+  const int64_t q_rows = heads.num_k * heads.k_dim;
+  const int64_t v_rows = heads.num_v * heads.v_dim;
+  Buffer weight(DType::kF32, static_cast<size_t>((2 * q_rows + v_rows) * kernel));
+  auto copy_channels = [&](int64_t src_channel, int64_t count, int64_t dst_channel) {
+    for (int64_t c = 0; c < count; ++c)
+      for (int64_t j = 0; j < kernel; ++j)
+        weight.f32()[(dst_channel + c) * kernel + j] =
+            load_as_f32(view.data, view.dtype, static_cast<size_t>((src_channel + c) * kernel + j));
+  };
+  copy_channels(heads.first_k * heads.k_dim, q_rows, 0);
+  copy_channels(key_dim + heads.first_k * heads.k_dim, q_rows, q_rows);
+  copy_channels(2 * key_dim + heads.first_v * heads.v_dim, v_rows, 2 * q_rows);
+  return to_device(backend, weight);
+}
+
 // The three projections of a SwiGLU MLP, per expert or fused across experts.
 struct MlpViews {
   const TensorView* gate = nullptr;  // [I, H] or fused gate_up [E, 2I, H]
@@ -132,7 +223,6 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
                      RankOptions options, Backend& backend)
     : config_(config), backend_(backend), tp_rank_(tp_rank), tp_size_(tp_size), options_(options) {
   const int64_t hidden = config.hidden_size;
-  const int64_t head_dim = config.head_dim;
   if (config.num_heads % tp_size != 0)
     throw_error("cannot split ", config.num_heads, " attention heads over tp=", tp_size,
                 " ranks (num_attention_heads must be a multiple of tp)");
@@ -153,8 +243,9 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
   expert_counts_.assign(static_cast<size_t>(config.num_layers),
                         std::vector<int64_t>(static_cast<size_t>(config.num_experts), 0));
 
+  const std::string& model_prefix = config.weight_prefix;
   const TensorView& embed =
-      checkpoint.get("model.embed_tokens.weight", {config.vocab_size, hidden});
+      checkpoint.get(model_prefix + "embed_tokens.weight", {config.vocab_size, hidden});
   embed_ = load_matrix(backend, embed, 0, config.vocab_size, config.vocab_size);
   const TensorView& lm_head = config.tie_word_embeddings
                                   ? embed
@@ -162,30 +253,104 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
   int64_t vocab_begin = vocab_chunk_ * tp_rank;
   int64_t vocab_rows = std::clamp<int64_t>(config.vocab_size - vocab_begin, 0, vocab_chunk_);
   lm_head_ = load_matrix(backend, lm_head, vocab_begin, vocab_rows, vocab_chunk_);
-  final_norm_ =
-      to_device(backend, load_vector(checkpoint.get("model.norm.weight", {hidden}), 0, hidden));
+  const bool zero_centered = config.zero_centered_norm;
+  final_norm_ = load_norm(backend, checkpoint.get(model_prefix + "norm.weight", {hidden}), hidden,
+                          zero_centered);
 
+  LinearHeads linear;
+  if (config.is_hybrid()) {
+    if (config.linear_num_key_heads % tp_size != 0 || config.linear_num_value_heads % tp_size != 0)
+      throw_error("cannot split the Gated DeltaNet heads (", config.linear_num_key_heads, " key, ",
+                  config.linear_num_value_heads, " value) over tp=", tp_size,
+                  " ranks (both must be multiples of tp)");
+    linear.total_k = config.linear_num_key_heads;
+    linear.total_v = config.linear_num_value_heads;
+    linear.num_k = linear.total_k / tp_size;
+    linear.num_v = linear.total_v / tp_size;
+    linear.first_k = linear.num_k * tp_rank;
+    linear.first_v = linear.num_v * tp_rank;
+    linear.k_dim = config.linear_key_head_dim;
+    linear.v_dim = config.linear_value_head_dim;
+    linear_k_heads_local_ = linear.num_k;
+    linear_v_heads_local_ = linear.num_v;
+    linear_first_k_head_ = linear.first_k;
+    linear_first_v_head_ = linear.first_v;
+    linear_conv_local_ = 2 * linear.num_k * linear.k_dim + linear.num_v * linear.v_dim;
+  }
+  int64_t num_attention_layers = 0;
+  int64_t num_linear_layers = 0;
+
+  for (int64_t layer_idx = 0; layer_idx < config.num_layers; ++layer_idx) {
+    const std::string prefix = layer_prefix(config, layer_idx);
+    LayerWeights layer;
+    layer.input_norm =
+        load_norm(backend, checkpoint.get(prefix + "input_layernorm.weight", {hidden}), hidden,
+                  zero_centered);
+    layer.post_norm =
+        load_norm(backend, checkpoint.get(prefix + "post_attention_layernorm.weight", {hidden}),
+                  hidden, zero_centered);
+    layer.kind = config.layer_kinds[static_cast<size_t>(layer_idx)];
+    if (layer.kind == LayerKind::kLinearAttention) {
+      layer.cache_layer = num_linear_layers++;
+      const std::string gdn = prefix + "linear_attn.";
+      const int64_t kernel = config.linear_conv_kernel;
+      layer.linear_in = load_linear_in(backend, checkpoint, gdn, linear, hidden);
+      layer.conv_weight = load_conv_weight(
+          backend, checkpoint.get(gdn + "conv1d.weight", {config.linear_conv_dim(), 1, kernel}),
+          linear, kernel);
+      layer.a_log = to_device(backend, load_vector(checkpoint.get(gdn + "A_log", {linear.total_v}),
+                                                   linear.first_v, linear.num_v));
+      layer.dt_bias =
+          to_device(backend, load_vector(checkpoint.get(gdn + "dt_bias", {linear.total_v}),
+                                         linear.first_v, linear.num_v));
+      layer.linear_norm =
+          load_norm(backend, checkpoint.get(gdn + "norm.weight", {linear.v_dim}), linear.v_dim,
+                    /*zero_centered=*/false);
+      const TensorView& out_proj =
+          checkpoint.get(gdn + "out_proj.weight", {hidden, config.linear_value_dim()});
+      HostMatrix out_shard = make_matrix(out_proj.dtype, hidden, linear.num_v * linear.v_dim);
+      copy_block(out_proj, 0, 0, hidden, linear.first_v * linear.v_dim, linear.num_v * linear.v_dim,
+                 out_shard, 0);
+      layer.linear_out = to_device(backend, out_shard);
+    } else {
+      layer.cache_layer = num_attention_layers++;
+      load_attention(config, checkpoint, prefix, layer);
+    }
+    load_mlp_block(config, checkpoint, placement, prefix, layer_idx, layer);
+    layers_.push_back(std::move(layer));
+  }
+  // Ranks that hold no expert still round with the model's expert dtype.
+  if (expert_dtype_ == DType::kF32) expert_dtype_ = embed_.dtype();
+}
+
+void RankModel::load_attention(const ModelConfig& config, const Checkpoint& checkpoint,
+                               const std::string& prefix, LayerWeights& layer) {
+  Backend& backend = backend_;
+  const int64_t hidden = config.hidden_size;
+  const int64_t head_dim = config.head_dim;
   const int64_t q_rows = q_heads_local_ * head_dim;
   const int64_t kv_rows = kv_heads_local_ * head_dim;
-  for (int64_t layer_idx = 0; layer_idx < config.num_layers; ++layer_idx) {
-    const std::string prefix = layer_prefix(layer_idx);
-    LayerWeights layer;
-    layer.input_norm = to_device(
-        backend,
-        load_vector(checkpoint.get(prefix + "input_layernorm.weight", {hidden}), 0, hidden));
-    layer.post_norm = to_device(
-        backend, load_vector(checkpoint.get(prefix + "post_attention_layernorm.weight", {hidden}),
-                             0, hidden));
-
+  const bool zero_centered = config.zero_centered_norm;
+  {
     const std::string attn = prefix + "self_attn.";
+    // With attn_output_gate, q_proj holds per head [query_h | gate_h] (2 * head_dim rows);
+    // the gate halves move behind K and V so the query heads stay contiguous.
+    const bool gated = config.attn_output_gate;
+    const int64_t q_head_rows = gated ? 2 * head_dim : head_dim;
     const TensorView& q_proj =
-        checkpoint.get(attn + "q_proj.weight", {config.num_heads * head_dim, hidden});
+        checkpoint.get(attn + "q_proj.weight", {config.num_heads * q_head_rows, hidden});
     const TensorView& k_proj =
         checkpoint.get(attn + "k_proj.weight", {config.num_kv_heads * head_dim, hidden});
     const TensorView& v_proj =
         checkpoint.get(attn + "v_proj.weight", {config.num_kv_heads * head_dim, hidden});
-    HostMatrix qkv = make_matrix(q_proj.dtype, q_rows + 2 * kv_rows, hidden);
-    copy_block(q_proj, 0, first_q_head_ * head_dim, q_rows, 0, hidden, qkv, 0);
+    HostMatrix qkv = make_matrix(q_proj.dtype, q_rows + 2 * kv_rows + (gated ? q_rows : 0), hidden);
+    for (int64_t head = 0; head < q_heads_local_; ++head) {
+      const int64_t src = (first_q_head_ + head) * q_head_rows;
+      copy_block(q_proj, 0, src, head_dim, 0, hidden, qkv, head * head_dim);
+      if (gated)
+        copy_block(q_proj, 0, src + head_dim, head_dim, 0, hidden, qkv,
+                   q_rows + 2 * kv_rows + head * head_dim);
+    }
     copy_block(k_proj, 0, first_kv_head_ * head_dim, kv_rows, 0, hidden, qkv, q_rows);
     copy_block(v_proj, 0, first_kv_head_ * head_dim, kv_rows, 0, hidden, qkv, q_rows + kv_rows);
     layer.qkv = to_device(backend, qkv);
@@ -209,17 +374,27 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
                     "o_proj.bias is not supported (attention_bias on o_proj)");
     }
     if (config.qk_norm) {
-      layer.q_norm = to_device(
-          backend, load_vector(checkpoint.get(attn + "q_norm.weight", {head_dim}), 0, head_dim));
-      layer.k_norm = to_device(
-          backend, load_vector(checkpoint.get(attn + "k_norm.weight", {head_dim}), 0, head_dim));
+      layer.q_norm = load_norm(backend, checkpoint.get(attn + "q_norm.weight", {head_dim}),
+                               head_dim, zero_centered);
+      layer.k_norm = load_norm(backend, checkpoint.get(attn + "k_norm.weight", {head_dim}),
+                               head_dim, zero_centered);
     }
     const TensorView& o_proj =
         checkpoint.get(attn + "o_proj.weight", {hidden, config.num_heads * head_dim});
     HostMatrix o_shard = make_matrix(o_proj.dtype, hidden, q_rows);
     copy_block(o_proj, 0, 0, hidden, first_q_head_ * head_dim, q_rows, o_shard, 0);
     layer.o_proj = to_device(backend, o_shard);
+  }
+}
 
+void RankModel::load_mlp_block(const ModelConfig& config, const Checkpoint& checkpoint,
+                               const ExpertPlacement& placement, const std::string& prefix,
+                               int64_t layer_idx, LayerWeights& layer) {
+  Backend& backend = backend_;
+  const int64_t hidden = config.hidden_size;
+  const int tp_rank = tp_rank_;
+  const int tp_size = tp_size_;
+  {
     layer.is_moe = config.layer_is_moe[static_cast<size_t>(layer_idx)];
     if (layer.is_moe) {
       ++num_moe_layers_;
@@ -236,8 +411,7 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
       layer.shared_width = inter / tp_size;
       layer.shared =
           load_mlp(backend, views, inter, hidden, layer.shared_width * tp_rank, layer.shared_width);
-      layers_.push_back(std::move(layer));
-      continue;
+      return;
     }
 
     // Mixtral publishes block_sparse_moe.experts.{e}.w1/w3/w2 (gate/up/down); Qwen uses
@@ -301,16 +475,16 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
       layer.shared_gate = load_matrix(
           backend, checkpoint.get(moe + "shared_expert_gate.weight", {1, hidden}), 0, 1, 1);
     }
-    layers_.push_back(std::move(layer));
   }
-  // Ranks that hold no expert still round with the model's expert dtype.
-  if (expert_dtype_ == DType::kF32) expert_dtype_ = embed_.dtype();
 }
 
 int64_t RankModel::weight_bytes() const {
   auto bytes = [](const Matrix& matrix) { return static_cast<int64_t>(matrix.data.nbytes()); };
   int64_t total = bytes(embed_) + bytes(lm_head_);
   for (const LayerWeights& layer : layers_) {
+    total += bytes(layer.linear_in) + bytes(layer.linear_out) +
+             static_cast<int64_t>(layer.conv_weight.nbytes() + layer.a_log.nbytes() +
+                                  layer.dt_bias.nbytes() + layer.linear_norm.nbytes());
     total += bytes(layer.qkv) + bytes(layer.o_proj) + bytes(layer.router) +
              bytes(layer.shared.gate_up) + bytes(layer.shared.down) + bytes(layer.shared_gate);
     for (const ExpertWeights& expert : layer.experts)

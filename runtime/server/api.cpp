@@ -158,7 +158,16 @@ std::optional<RequestError> read_messages(const json& body, CompletionRequest& o
     } else if (content->is_array()) {
       // Content parts: only text is understood; images etc. are refused by name.
       for (const json& part : *content) {
-        if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") ||
+        const std::string part_type =
+            part.is_object() && part.contains("type") && part["type"].is_string()
+                ? part["type"].get<std::string>()
+                : "";
+        if (part_type != "text" && !part_type.empty())
+          return field_error(where + ".content",
+                             "content part of type '" + part_type +
+                                 "' is not supported: keel serves text only (the vision tower "
+                                 "of a vision-language checkpoint is not loaded)");
+        if (!part.is_object() || part_type != "text" || !part.contains("text") ||
             !part["text"].is_string()) {
           return field_error(where + ".content", "only text content parts are supported");
         }

@@ -50,6 +50,9 @@ class CalibrationSource final : public StepSource {
     const int64_t num_seqs = point.decode + (point.prefill > 0 ? 1 : 0);
     batch.max_blocks_per_seq = std::max<int64_t>({decode_blocks, prefill_blocks, 1});
     batch.block_tables.assign(static_cast<size_t>(num_seqs * batch.max_blocks_per_seq), -1);
+    // Hybrid models: a slot per sequence (decode rows continue from whatever state it holds:
+    // the cost is the same).
+    batch.set_identity_state_slots(num_seqs);
     int32_t next_block = 0;
     for (int64_t seq = 0; seq < num_seqs; ++seq) {
       const bool is_prefill = seq == point.decode;
@@ -110,6 +113,13 @@ class CalibrationSource final : public StepSource {
     hash *= 0xd6e8feb86659fd93ull;
     hash ^= hash >> 29;
     return static_cast<int32_t>(hash % static_cast<uint64_t>(vocab_size_));
+  }
+
+  int64_t max_seqs() const {
+    int64_t most = 1;
+    for (const GridPoint& point : points_)
+      most = std::max<int64_t>(most, point.decode + (point.prefill > 0 ? 1 : 0));
+    return most;
   }
 
   int64_t blocks_needed() const {
@@ -192,6 +202,7 @@ nlohmann::json calibrate_engine(Engine& engine, const CalibrationGrid& grid) {
   ServeOptions options;
   options.block_size = grid.block_size;
   options.num_kv_blocks = source.blocks_needed();
+  options.num_state_slots = source.max_seqs();
   engine.serve(engine.is_leader_process() ? &source : nullptr, options);
   return engine.is_leader_process() ? source.result(engine) : nlohmann::json();
 }

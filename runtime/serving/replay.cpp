@@ -39,6 +39,7 @@ class ReplaySource final : public StepSource {
     const int64_t capacity =
         static_cast<int64_t>(record.prompt_token_ids.size() + record.output_token_ids.size()) + 1;
     batch.set_contiguous_block_tables(1, capacity, kBlockSize);
+    if (config_.is_hybrid()) batch.set_identity_state_slots(1);
     for (size_t i = 0; i < tokens.size(); ++i) {
       batch.token_ids.push_back(tokens[i]);
       batch.positions.push_back(static_cast<int32_t>(first_position + static_cast<int64_t>(i)));
@@ -149,6 +150,7 @@ std::vector<ReplayOutcome> replay_routing(Engine& engine, const RoutingFile& fil
   ServeOptions serve_options;
   serve_options.block_size = 16;
   serve_options.num_kv_blocks = (longest + 15) / 16;
+  serve_options.num_state_slots = 1;
   engine.serve(engine.is_leader_process() ? &source : nullptr, serve_options);
   return source.take();
 }

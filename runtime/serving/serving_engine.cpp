@@ -100,6 +100,7 @@ ServingEngine::ServingEngine(const Engine& engine, const std::string& model_dir,
   for (int32_t id = 0; id < vocab_size_; ++id)
     if (!tokenizer_.id_to_token(id)) untokenizable_ids_.push_back(id);
   stats_.kv_blocks_total = config_.scheduler.num_kv_blocks;
+  stats_.state_slots_total = config_.scheduler.num_state_slots;
   local_stats_ = stats_;
   top_k_ = engine.config().top_k;
   for (bool is_moe : engine.config().layer_is_moe) num_moe_layers_ += is_moe ? 1 : 0;
@@ -237,6 +238,7 @@ void ServingEngine::publish_stats() {
   local_stats_.waiting = scheduler_.num_waiting();
   local_stats_.running = scheduler_.num_running();
   local_stats_.kv_blocks_used = scheduler_.block_manager().num_used_blocks();
+  local_stats_.state_slots_used = scheduler_.num_used_state_slots();
   local_stats_.preemptions = scheduler_.total_preemptions();
   std::lock_guard lock(mutex_);
   stats_ = local_stats_;
@@ -589,6 +591,13 @@ std::string ServingEngine::prometheus() const {
           : 0.0);
   add("keel_kv_blocks_used", MetricType::kGauge, "KV blocks in use (per rank).",
       stats.kv_blocks_used);
+  if (stats.state_slots_total > 0) {
+    add("keel_state_slots_used", MetricType::kGauge,
+        "Recurrent-state slots (Gated DeltaNet conv + SSM state) held by running requests.",
+        stats.state_slots_used);
+    add("keel_state_slots_total", MetricType::kGauge, "Recurrent-state slots (per rank).",
+        stats.state_slots_total);
+  }
   add("keel_num_preemptions_total", MetricType::kCounter, "Sequences preempted (recompute).",
       stats.preemptions);
   add("keel_prompt_tokens_total", MetricType::kCounter, "Prompt tokens admitted.",

@@ -63,6 +63,8 @@ struct ServingStats {
   int64_t running = 0;
   int64_t kv_blocks_used = 0;
   int64_t kv_blocks_total = 0;
+  int64_t state_slots_used = 0;   // hybrid models: recurrent-state slots held by running requests
+  int64_t state_slots_total = 0;  // 0 for models without recurrent layers
   int64_t requests_finished = 0;
   int64_t requests_aborted = 0;
   int64_t preemptions = 0;

@@ -38,6 +38,7 @@ void push_bounded(std::deque<T>& ring, T value, size_t limit) {
 std::string category_of(Phase phase) {
   switch (phase) {
     case Phase::kAttention:
+    case Phase::kLinearAttention:
       return "attn";
     case Phase::kAllReduce:
       return "comm";
