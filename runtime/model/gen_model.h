@@ -1,5 +1,6 @@
-// Synthetic checkpoints in exactly the HF layout (config.json + safetensors, per-expert tensor
-// names as published checkpoints have them), from model presets in configs/models/*.yaml.
+// Synthetic checkpoints in exactly the HF layout (config.json + safetensors, expert tensors
+// per-expert or fused 3-D as each architecture's published checkpoints have them), from model
+// presets in configs/models/*.yaml.
 // Weights are reproducible from (preset, seed): each tensor draws from its own counter-based
 // stream keyed by (seed, tensor name), so generation order and sharding never change values.
 #pragma once
