@@ -34,19 +34,20 @@ uint64_t hash_name(const std::string& name, uint64_t seed) {
   return splitmix64(hash);
 }
 
-// A tensor filled with `center + uniform(-1, 1) * sqrt(3) * std` (so its std is `std`).
-TensorToWrite random_tensor(const std::string& name, std::vector<int64_t> shape, DType dtype,
-                            double std_dev, double center, uint64_t seed) {
+// A tensor whose element i is map(u_i), u_i uniform in [-1, 1) from the stream of (seed, name),
+// stored in `dtype`.
+template <typename Map>
+TensorToWrite stream_tensor(const std::string& name, std::vector<int64_t> shape, DType dtype,
+                            uint64_t seed, Map map) {
   TensorToWrite tensor{name, dtype, std::move(shape), {}};
   int64_t count = 1;
   for (int64_t dim : tensor.shape) count *= dim;
   tensor.bytes.resize(static_cast<size_t>(count) * dtype_size(dtype));
   uint64_t key = hash_name(name, seed);
-  float scale = static_cast<float>(std_dev * std::sqrt(3.0));
   for (int64_t i = 0; i < count; ++i) {
     uint64_t bits = splitmix64(key + static_cast<uint64_t>(i));
     float unit = static_cast<float>(static_cast<double>(bits >> 40) / 8388608.0 - 1.0);  // [-1, 1)
-    float value = static_cast<float>(center) + unit * scale;
+    float value = map(unit);
     std::byte* out = tensor.bytes.data() + static_cast<size_t>(i) * dtype_size(dtype);
     if (dtype == DType::kF32) {
       std::memcpy(out, &value, 4);
@@ -56,6 +57,24 @@ TensorToWrite random_tensor(const std::string& name, std::vector<int64_t> shape,
     }
   }
   return tensor;
+}
+
+// A tensor filled with `center + uniform(-1, 1) * sqrt(3) * std` (so its std is `std`).
+TensorToWrite random_tensor(const std::string& name, std::vector<int64_t> shape, DType dtype,
+                            double std_dev, double center, uint64_t seed) {
+  const float scale = static_cast<float>(std_dev * std::sqrt(3.0));
+  return stream_tensor(name, std::move(shape), dtype, seed,
+                       [&](float unit) { return static_cast<float>(center) + unit * scale; });
+}
+
+// A tensor filled with log(x), x uniform in [low, high): the Gated DeltaNet A_log, whose decay
+// rate is A = exp(A_log) (transformers initialises it the same way, from uniform(0.01, 16)).
+TensorToWrite log_uniform_tensor(const std::string& name, std::vector<int64_t> shape, DType dtype,
+                                 double low, double high, uint64_t seed) {
+  return stream_tensor(name, std::move(shape), dtype, seed, [&](float unit) {
+    return static_cast<float>(
+        std::log(low + (static_cast<double>(unit) + 1.0) * 0.5 * (high - low)));
+  });
 }
 
 // ModelPreset::near_tie_layer: the router [E, H] as float32 (values as stored in its dtype),
@@ -130,11 +149,101 @@ nlohmann::json config_json(const ModelPreset& preset) {
       config["attention_bias"] = false;
     }
   }
+  return config;
+}
+
+// keel's own keys, at the top level of every synthetic config.json.
+void add_keel_keys(const ModelPreset& preset, nlohmann::json& config) {
   config["keel_synthetic_preset"] = preset.name;
   if (preset.near_tie_layer >= 0)
     config["keel_near_tie"] = {{"layer", preset.near_tie_layer},
                                {"gap", preset.near_tie_gap},
                                {"pairs", preset.near_tie_pairs}};
+}
+
+// Qwen3_5MoeForConditionalGeneration / Qwen3NextForCausalLM config.json, with the keys the
+// published checkpoints carry (transformers' Qwen3_5MoeTextConfig / Qwen3NextConfig fields plus
+// attn_output_gate, mamba_ssm_dtype and the mtp_* keys that the released configs add).
+nlohmann::json hybrid_config_json(const ModelPreset& preset) {
+  const bool qwen35 = preset.architecture == "Qwen3_5MoeForConditionalGeneration";
+  nlohmann::json text;
+  text["vocab_size"] = preset.vocab_size;
+  text["hidden_size"] = preset.hidden_size;
+  text["num_hidden_layers"] = preset.num_hidden_layers;
+  text["num_attention_heads"] = preset.num_attention_heads;
+  text["num_key_value_heads"] = preset.num_key_value_heads;
+  text["head_dim"] = preset.head_dim;
+  text["hidden_act"] = "silu";
+  text["rms_norm_eps"] = preset.rms_norm_eps;
+  text["max_position_embeddings"] = preset.max_position_embeddings;
+  text["attention_bias"] = false;
+  text["attention_dropout"] = 0.0;
+  text["layer_types"] = preset.layer_types;
+  if (preset.full_attention_interval > 0)
+    text["full_attention_interval"] = preset.full_attention_interval;
+  text["linear_conv_kernel_dim"] = preset.linear_conv_kernel_dim;
+  text["linear_key_head_dim"] = preset.linear_key_head_dim;
+  text["linear_value_head_dim"] = preset.linear_value_head_dim;
+  text["linear_num_key_heads"] = preset.linear_num_key_heads;
+  text["linear_num_value_heads"] = preset.linear_num_value_heads;
+  text["num_experts"] = preset.num_experts;
+  text["num_experts_per_tok"] = preset.num_experts_per_tok;
+  text["moe_intermediate_size"] = preset.moe_intermediate_size;
+  text["shared_expert_intermediate_size"] = preset.shared_expert_intermediate_size;
+  text["attn_output_gate"] = preset.attn_output_gate;
+  // The recurrent state's dtype in the released configs; keel keeps it in float32 too.
+  text["mamba_ssm_dtype"] = "float32";
+  text["tie_word_embeddings"] = preset.tie_word_embeddings;
+  if (qwen35) {
+    text["model_type"] = "qwen3_5_moe_text";
+    // transformers 5 names: nested rope_parameters and "dtype". Qwen3.5 has no norm_topk_prob
+    // key: its router always renormalises the top-k weights.
+    text["rope_parameters"] = {{"rope_type", "default"},
+                               {"rope_theta", preset.rope_theta},
+                               {"partial_rotary_factor", preset.partial_rotary_factor},
+                               {"mrope_section", preset.mrope_section},
+                               {"mrope_interleaved", preset.mrope_interleaved}};
+    text["dtype"] = torch_dtype_name(preset.dtype);
+    // No MTP head is written (transformers ignores mtp.* at load, and keel has no MTP).
+    text["mtp_num_hidden_layers"] = 0;
+    text["mtp_use_dedicated_embeddings"] = false;
+    nlohmann::json config;
+    config["architectures"] = {preset.architecture};
+    config["model_type"] = "qwen3_5_moe";
+    config["tie_word_embeddings"] = preset.tie_word_embeddings;
+    config["text_config"] = std::move(text);
+    // A plausible tiny vision tower description (Qwen3_5MoeVisionConfig fields) so that the
+    // config parses as the published multimodal one; no model.visual.* weights are written
+    // (keel runs the text model only). image/video/vision_start/vision_end token ids are left
+    // out: the class defaults (248053...) lie beyond a synthetic vocabulary, and the synthetic
+    // tokenizer has no vision tokens to point them at.
+    config["vision_config"] = {{"model_type", "qwen3_5_moe_vision"},
+                               {"depth", 2},
+                               {"hidden_size", 32},
+                               {"hidden_act", "gelu_pytorch_tanh"},
+                               {"intermediate_size", 64},
+                               {"num_heads", 2},
+                               {"in_channels", 3},
+                               {"patch_size", 16},
+                               {"spatial_merge_size", 2},
+                               {"temporal_patch_size", 2},
+                               {"out_hidden_size", preset.hidden_size},
+                               {"num_position_embeddings", 64},
+                               {"initializer_range", 0.02}};
+    return config;
+  }
+  // Qwen3-Next: one flat config with the transformers 4.57 names of the released checkpoint
+  // (flat rope_theta / partial_rotary_factor, torch_dtype).
+  nlohmann::json& config = text;
+  config["architectures"] = {preset.architecture};
+  config["model_type"] = "qwen3_next";
+  config["rope_theta"] = preset.rope_theta;
+  config["partial_rotary_factor"] = preset.partial_rotary_factor;
+  config["norm_topk_prob"] = preset.norm_topk_prob;
+  config["decoder_sparse_step"] = 1;
+  config["mlp_only_layers"] = nlohmann::json::array();
+  config["intermediate_size"] = preset.intermediate_size;
+  config["torch_dtype"] = torch_dtype_name(preset.dtype);
   return config;
 }
 
@@ -455,6 +564,31 @@ SyntheticTokenizer write_synthetic_tokenizer(const ModelPreset& preset,
 
 int64_t ModelPreset::num_parameters() const {
   int64_t hidden = hidden_size;
+  if (hybrid()) {
+    // Every tensor generate_model writes, element for element (Qwen3-Next's fused in_proj_qkvz /
+    // in_proj_ba hold exactly Qwen3.5's in_proj_qkv + in_proj_z / in_proj_b + in_proj_a).
+    const int64_t key_dim = linear_num_key_heads * linear_key_head_dim;
+    const int64_t value_dim = linear_num_value_heads * linear_value_head_dim;
+    const int64_t conv_dim = 2 * key_dim + value_dim;
+    const int64_t linear = (conv_dim + value_dim + 2 * linear_num_value_heads) * hidden  // in_proj
+                           + conv_dim * linear_conv_kernel_dim                           // conv1d
+                           + 2 * linear_num_value_heads                                  // dt, A
+                           + linear_value_head_dim                                       // norm
+                           + hidden * value_dim;                                         // out
+    const int64_t q_rows = num_attention_heads * head_dim;
+    const int64_t full = 2 * q_rows * hidden                                       // q + gate
+                         + 2 * num_key_value_heads * head_dim * hidden             // k, v
+                         + hidden * q_rows                                         // o
+                         + 2 * head_dim;                                           // q_norm, k_norm
+    const int64_t moe = num_experts * hidden                                       // router
+                        + num_experts * 3 * moe_intermediate_size * hidden         // experts
+                        + 3 * shared_expert_intermediate_size * hidden             // shared expert
+                        + hidden;                                                  // its gate
+    int64_t total = vocab_size * hidden * (tie_word_embeddings ? 1 : 2) + hidden;  // + norm
+    for (const std::string& type : layer_types)
+      total += 2 * hidden + (type == "linear_attention" ? linear : full) + moe;
+    return total;
+  }
   int64_t attention = hidden * head_dim * (2 * num_attention_heads + 2 * num_key_value_heads);
   int64_t experts = num_experts * 3 * hidden * moe_intermediate_size + num_experts * hidden;
   int64_t shared = 3 * hidden * shared_expert_intermediate_size;
@@ -473,6 +607,128 @@ std::string find_model_preset(const std::string& name_or_path) {
     if (entry.path().extension() == ".yaml") names += " " + entry.path().stem().string();
   throw_error("unknown model preset '", name_or_path, "' (presets:", names, ")");
 }
+
+namespace {
+
+// The Gated DeltaNet keys of load_model_preset: required and checked for the hybrid
+// architectures, refused for the others (where no tensor would reflect them).
+void load_hybrid_keys(const YAML::Node& root, const std::string& path, ModelPreset& preset) {
+  static const char* const kHybridKeys[] = {"layer_types",
+                                            "full_attention_interval",
+                                            "linear_num_key_heads",
+                                            "linear_num_value_heads",
+                                            "linear_key_head_dim",
+                                            "linear_value_head_dim",
+                                            "linear_conv_kernel_dim",
+                                            "attn_output_gate",
+                                            "partial_rotary_factor",
+                                            "mrope_section",
+                                            "mrope_interleaved"};
+  if (!preset.hybrid()) {
+    for (const char* key : kHybridKeys)
+      if (root[key])
+        throw_error(path, ": key '", key, "' is only for Qwen3_5MoeForConditionalGeneration and ",
+                    "Qwen3NextForCausalLM");
+    return;
+  }
+  const bool qwen35 = preset.architecture == "Qwen3_5MoeForConditionalGeneration";
+  auto positive = [&](const char* key, int64_t& field, bool required) {
+    if (!root[key]) {
+      if (required) throw_error(path, ": missing required key '", key, "'");
+      return;
+    }
+    field = yaml_value<int64_t>(root, key, path);
+    if (field <= 0) throw_error(path, ": key '", key, "' must be > 0");
+  };
+  positive("linear_num_key_heads", preset.linear_num_key_heads, true);
+  positive("linear_num_value_heads", preset.linear_num_value_heads, true);
+  positive("linear_key_head_dim", preset.linear_key_head_dim, true);
+  positive("linear_value_head_dim", preset.linear_value_head_dim, true);
+  positive("linear_conv_kernel_dim", preset.linear_conv_kernel_dim, false);
+  // Grouped value attention: value head h reads q/k head h / (HV / HK).
+  if (preset.linear_num_value_heads % preset.linear_num_key_heads != 0)
+    throw_error(path, ": linear_num_value_heads must be a multiple of linear_num_key_heads");
+
+  if (root["layer_types"] && root["full_attention_interval"])
+    throw_error(path, ": give layer_types or full_attention_interval, not both");
+  if (root["layer_types"]) {
+    preset.layer_types = yaml_value<std::vector<std::string>>(root, "layer_types", path);
+    if (static_cast<int64_t>(preset.layer_types.size()) != preset.num_hidden_layers)
+      throw_error(path, ": layer_types has ", preset.layer_types.size(), " entries for ",
+                  preset.num_hidden_layers, " layers");
+    for (const std::string& type : preset.layer_types)
+      if (type != "linear_attention" && type != "full_attention")
+        throw_error(path, ": layer_types entry '", type,
+                    "' is neither linear_attention nor full_attention");
+    // Record the interval when the list is exactly one (config.json then carries both, as the
+    // published configs do).
+    for (int64_t interval = 1; interval <= preset.num_hidden_layers; ++interval) {
+      bool matches = true;
+      for (int64_t i = 0; i < preset.num_hidden_layers && matches; ++i)
+        matches = (preset.layer_types[static_cast<size_t>(i)] == "full_attention") ==
+                  ((i + 1) % interval == 0);
+      if (matches) {
+        preset.full_attention_interval = interval;
+        break;
+      }
+    }
+  } else {
+    positive("full_attention_interval", preset.full_attention_interval, true);
+    for (int64_t i = 0; i < preset.num_hidden_layers; ++i)
+      preset.layer_types.push_back(
+          (i + 1) % preset.full_attention_interval == 0 ? "full_attention" : "linear_attention");
+  }
+
+  if (root["attn_output_gate"])
+    preset.attn_output_gate = yaml_value<bool>(root, "attn_output_gate", path);
+  if (!preset.attn_output_gate)
+    throw_error(path, ": attn_output_gate: false is not supported (transformers' ",
+                preset.architecture, " attention always has the output gate)");
+  if (root["partial_rotary_factor"])
+    preset.partial_rotary_factor = yaml_value<double>(root, "partial_rotary_factor", path);
+  // transformers takes int(head_dim * factor) rotary dims, rotated in halves: keep it exact.
+  const double rotary = static_cast<double>(preset.head_dim) * preset.partial_rotary_factor;
+  const auto rotary_dims = static_cast<int64_t>(rotary);
+  if (!(preset.partial_rotary_factor > 0.0 && preset.partial_rotary_factor <= 1.0) ||
+      static_cast<double>(rotary_dims) != rotary || rotary_dims % 2 != 0)
+    throw_error(path, ": head_dim x partial_rotary_factor must be an even number of dims (found ",
+                rotary, ")");
+
+  if (qwen35) {
+    const int64_t half = rotary_dims / 2;
+    if (root["mrope_section"]) {
+      preset.mrope_section = yaml_value<std::vector<int64_t>>(root, "mrope_section", path);
+    } else {
+      const int64_t third = (half + 2) / 3;
+      preset.mrope_section = {third, third, half - 2 * third};
+    }
+    int64_t sum = 0;
+    bool negative = false;
+    for (int64_t section : preset.mrope_section) {
+      sum += section;
+      negative = negative || section < 0;
+    }
+    if (preset.mrope_section.size() != 3 || negative || sum != half)
+      throw_error(path, ": mrope_section must be 3 sections >= 0 summing to the rotary dims / 2 (",
+                  half, ")");
+    if (root["mrope_interleaved"])
+      preset.mrope_interleaved = yaml_value<bool>(root, "mrope_interleaved", path);
+    // Qwen3.5's router always renormalises its top-k weights; its config has no such key.
+    if (!preset.norm_topk_prob)
+      throw_error(path, ": Qwen3_5MoeForConditionalGeneration always renormalises the top-k ",
+                  "weights (norm_topk_prob must stay true)");
+    if (preset.intermediate_size != 0)
+      throw_error(path, ": Qwen3_5MoeForConditionalGeneration has no dense intermediate_size");
+  } else if (root["mrope_section"] || root["mrope_interleaved"]) {
+    throw_error(path, ": mrope_section / mrope_interleaved are Qwen3.5 keys (Qwen3-Next has 1-D ",
+                "RoPE)");
+  }
+  // Both architectures build the shared expert and its gate unconditionally.
+  if (preset.shared_expert_intermediate_size == 0)
+    throw_error(path, ": ", preset.architecture, " needs shared_expert_intermediate_size");
+}
+
+}  // namespace
 
 ModelPreset load_model_preset(const std::string& path) {
   YAML::Node root = load_yaml_mapping(path);
@@ -499,7 +755,18 @@ ModelPreset load_model_preset(const std::string& path) {
                        "router_scale",
                        "near_tie_layer",
                        "near_tie_gap",
-                       "near_tie_pairs"},
+                       "near_tie_pairs",
+                       "layer_types",
+                       "full_attention_interval",
+                       "linear_num_key_heads",
+                       "linear_num_value_heads",
+                       "linear_key_head_dim",
+                       "linear_value_head_dim",
+                       "linear_conv_kernel_dim",
+                       "attn_output_gate",
+                       "partial_rotary_factor",
+                       "mrope_section",
+                       "mrope_interleaved"},
                       path);
   ModelPreset preset;
   preset.name = std::filesystem::path(path).stem().string();
@@ -515,7 +782,8 @@ ModelPreset load_model_preset(const std::string& path) {
   if (root["architecture"])
     preset.architecture = yaml_value<std::string>(root, "architecture", path);
   if (preset.architecture != "Qwen3MoeForCausalLM" &&
-      preset.architecture != "Qwen2MoeForCausalLM" && preset.architecture != "MixtralForCausalLM")
+      preset.architecture != "Qwen2MoeForCausalLM" && preset.architecture != "MixtralForCausalLM" &&
+      !preset.hybrid())
     throw_error(path, ": unsupported architecture '", preset.architecture, "'");
   get_int("vocab_size", preset.vocab_size, true);
   get_int("hidden_size", preset.hidden_size, true);
@@ -567,8 +835,128 @@ ModelPreset load_model_preset(const std::string& path) {
     throw_error(path, ": num_experts_per_tok exceeds num_experts");
   if (preset.architecture == "Qwen2MoeForCausalLM" && preset.shared_expert_intermediate_size == 0)
     throw_error(path, ": Qwen2MoeForCausalLM needs shared_expert_intermediate_size");
+  load_hybrid_keys(root, path, preset);
   return preset;
 }
+
+namespace {
+
+// The tensors of a hybrid Gated DeltaNet MoE preset, in the published layouts (names and shapes
+// as transformers' Qwen3_5MoeForConditionalGeneration / Qwen3NextForCausalLM load them):
+//   Qwen3.5: model.language_model.{embed_tokens,layers.N,norm}, separate in_proj_qkv (rows
+//     q | k | v) / in_proj_z / in_proj_b / in_proj_a, routed experts fused 3-D
+//     (experts.gate_up_proj [E, 2I, H]: gate rows then up rows; experts.down_proj [E, H, I]).
+//   Qwen3-Next: model.{embed_tokens,layers.N,norm}, fused in_proj_qkvz / in_proj_ba (interleaved
+//     per key-head group), per-expert experts.{e}.{gate,up,down}_proj.
+// Value scales: the norms whose effective weight is 1 + w (input, post-attention, final, q/k
+// norms: transformers' zero-centred RMSNorm) hold small values around 0; the gated output norm
+// (a plain w * x) holds values around 1. Projections have std 1/sqrt(fan_in) (outputs at half
+// that, as the other presets), the depthwise conv 1/sqrt(K) so it keeps the input's scale.
+// A_log = log U[1, 16) gives decay rates A in [1, 16); dt_bias around -1.5 puts
+// softplus(a + dt_bias) near 0.2, so the per-token state decay exp(-A softplus(..)) spreads over
+// ~0.04 .. 0.8 and the recurrent state carries information over several tokens (around 0,
+// half of the heads would forget nearly everything at every token).
+template <typename Add>
+void add_hybrid_tensors(const ModelPreset& preset, uint64_t seed, Add& add) {
+  const bool qwen35 = preset.architecture == "Qwen3_5MoeForConditionalGeneration";
+  const DType dtype = preset.dtype;
+  const int64_t hidden = preset.hidden_size;
+  const int64_t head_dim = preset.head_dim;
+  const double proj_std = 1.0 / std::sqrt(static_cast<double>(hidden));
+  auto out_std = [](int64_t fan_in) { return 0.5 / std::sqrt(static_cast<double>(fan_in)); };
+  constexpr double kZeroCentredStd = 0.1;
+  const std::string root = qwen35 ? "model.language_model." : "model.";
+
+  const int64_t hk = preset.linear_num_key_heads, hv = preset.linear_num_value_heads;
+  const int64_t dk = preset.linear_key_head_dim, dv = preset.linear_value_head_dim;
+  const int64_t key_dim = hk * dk, value_dim = hv * dv, conv_dim = 2 * key_dim + value_dim;
+  const int64_t kernel = preset.linear_conv_kernel_dim;
+
+  add(random_tensor(root + "embed_tokens.weight", {preset.vocab_size, hidden}, dtype, 1.0, 0.0,
+                    seed));
+  for (int64_t layer = 0; layer < preset.num_hidden_layers; ++layer) {
+    const std::string prefix = root + "layers." + std::to_string(layer) + ".";
+    add(random_tensor(prefix + "input_layernorm.weight", {hidden}, dtype, kZeroCentredStd, 0.0,
+                      seed));
+    add(random_tensor(prefix + "post_attention_layernorm.weight", {hidden}, dtype, kZeroCentredStd,
+                      0.0, seed));
+    if (preset.layer_types[static_cast<size_t>(layer)] == "linear_attention") {
+      const std::string attn = prefix + "linear_attn.";
+      if (qwen35) {
+        add(random_tensor(attn + "in_proj_qkv.weight", {conv_dim, hidden}, dtype, proj_std, 0.0,
+                          seed));
+        add(random_tensor(attn + "in_proj_z.weight", {value_dim, hidden}, dtype, proj_std, 0.0,
+                          seed));
+        add(random_tensor(attn + "in_proj_b.weight", {hv, hidden}, dtype, proj_std, 0.0, seed));
+        add(random_tensor(attn + "in_proj_a.weight", {hv, hidden}, dtype, proj_std, 0.0, seed));
+      } else {
+        // Rows per key-head group g: [q_g (DK) | k_g (DK) | v_g (DV HV/HK) | z_g (DV HV/HK)]
+        // and [b_g (HV/HK) | a_g (HV/HK)] (Qwen3NextGatedDeltaNet.fix_query_key_value_ordering).
+        // All rows share one scale, so one stream per tensor fills them.
+        add(random_tensor(attn + "in_proj_qkvz.weight", {conv_dim + value_dim, hidden}, dtype,
+                          proj_std, 0.0, seed));
+        add(random_tensor(attn + "in_proj_ba.weight", {2 * hv, hidden}, dtype, proj_std, 0.0,
+                          seed));
+      }
+      add(random_tensor(attn + "conv1d.weight", {conv_dim, 1, kernel}, dtype,
+                        1.0 / std::sqrt(static_cast<double>(kernel)), 0.0, seed));
+      add(random_tensor(attn + "dt_bias", {hv}, dtype, 0.1, -1.5, seed));
+      add(log_uniform_tensor(attn + "A_log", {hv}, dtype, 1.0, 16.0, seed));
+      add(random_tensor(attn + "norm.weight", {dv}, dtype, 0.05, 1.0, seed));
+      add(random_tensor(attn + "out_proj.weight", {hidden, value_dim}, dtype, out_std(value_dim),
+                        0.0, seed));
+    } else {
+      const std::string attn = prefix + "self_attn.";
+      const int64_t q_rows = preset.num_attention_heads * head_dim;
+      const int64_t kv_rows = preset.num_key_value_heads * head_dim;
+      // Per head h: rows [q_h (D) | gate_h (D)] (the q_proj output is viewed [.., heads, 2D]
+      // and chunked in the last dim).
+      add(random_tensor(attn + "q_proj.weight", {2 * q_rows, hidden}, dtype, proj_std, 0.0, seed));
+      add(random_tensor(attn + "k_proj.weight", {kv_rows, hidden}, dtype, proj_std, 0.0, seed));
+      add(random_tensor(attn + "v_proj.weight", {kv_rows, hidden}, dtype, proj_std, 0.0, seed));
+      add(random_tensor(attn + "o_proj.weight", {hidden, q_rows}, dtype, out_std(q_rows), 0.0,
+                        seed));
+      add(random_tensor(attn + "q_norm.weight", {head_dim}, dtype, kZeroCentredStd, 0.0, seed));
+      add(random_tensor(attn + "k_norm.weight", {head_dim}, dtype, kZeroCentredStd, 0.0, seed));
+    }
+    const std::string moe = prefix + "mlp.";
+    const int64_t inter = preset.moe_intermediate_size;
+    const int64_t experts = preset.num_experts;
+    TensorToWrite router = random_tensor(moe + "gate.weight", {experts, hidden}, dtype,
+                                         preset.router_scale * proj_std, 0.0, seed);
+    if (layer == preset.near_tie_layer)
+      router = engineer_near_ties(router, preset.near_tie_pairs, preset.near_tie_gap,
+                                  preset.router_scale * proj_std, seed);
+    add(std::move(router));
+    if (qwen35) {
+      add(random_tensor(moe + "experts.gate_up_proj", {experts, 2 * inter, hidden}, dtype, proj_std,
+                        0.0, seed));
+      add(random_tensor(moe + "experts.down_proj", {experts, hidden, inter}, dtype, out_std(inter),
+                        0.0, seed));
+    } else {
+      for (int64_t expert = 0; expert < experts; ++expert) {
+        const std::string name = moe + "experts." + std::to_string(expert) + ".";
+        add(random_tensor(name + "gate_proj.weight", {inter, hidden}, dtype, proj_std, 0.0, seed));
+        add(random_tensor(name + "up_proj.weight", {inter, hidden}, dtype, proj_std, 0.0, seed));
+        add(random_tensor(name + "down_proj.weight", {hidden, inter}, dtype, out_std(inter), 0.0,
+                          seed));
+      }
+    }
+    const int64_t shared = preset.shared_expert_intermediate_size;
+    add(random_tensor(moe + "shared_expert.gate_proj.weight", {shared, hidden}, dtype, proj_std,
+                      0.0, seed));
+    add(random_tensor(moe + "shared_expert.up_proj.weight", {shared, hidden}, dtype, proj_std, 0.0,
+                      seed));
+    add(random_tensor(moe + "shared_expert.down_proj.weight", {hidden, shared}, dtype,
+                      out_std(shared), 0.0, seed));
+    add(random_tensor(moe + "shared_expert_gate.weight", {1, hidden}, dtype, proj_std, 0.0, seed));
+  }
+  add(random_tensor(root + "norm.weight", {hidden}, dtype, kZeroCentredStd, 0.0, seed));
+  if (!preset.tie_word_embeddings)
+    add(random_tensor("lm_head.weight", {preset.vocab_size, hidden}, dtype, proj_std, 0.0, seed));
+}
+
+}  // namespace
 
 void generate_model(const ModelPreset& preset, const GenModelOptions& options,
                     const std::string& out_dir) {
@@ -608,62 +996,66 @@ void generate_model(const ModelPreset& preset, const GenModelOptions& options,
     shards.back().push_back(std::move(tensor));
   };
 
-  add(random_tensor("model.embed_tokens.weight", {preset.vocab_size, hidden}, dtype, 1.0, 0.0,
-                    seed));
-  for (int64_t layer = 0; layer < preset.num_hidden_layers; ++layer) {
-    std::string prefix = "model.layers." + std::to_string(layer) + ".";
-    add(random_tensor(prefix + "input_layernorm.weight", {hidden}, dtype, 0.05, 1.0, seed));
-    add(random_tensor(prefix + "post_attention_layernorm.weight", {hidden}, dtype, 0.05, 1.0,
+  if (preset.hybrid()) {
+    add_hybrid_tensors(preset, seed, add);
+  } else {
+    add(random_tensor("model.embed_tokens.weight", {preset.vocab_size, hidden}, dtype, 1.0, 0.0,
                       seed));
-    std::string attn = prefix + "self_attn.";
-    int64_t q_rows = preset.num_attention_heads * head_dim;
-    int64_t kv_rows = preset.num_key_value_heads * head_dim;
-    add(random_tensor(attn + "q_proj.weight", {q_rows, hidden}, dtype, proj_std, 0.0, seed));
-    add(random_tensor(attn + "k_proj.weight", {kv_rows, hidden}, dtype, proj_std, 0.0, seed));
-    add(random_tensor(attn + "v_proj.weight", {kv_rows, hidden}, dtype, proj_std, 0.0, seed));
-    add(random_tensor(attn + "o_proj.weight", {hidden, q_rows}, dtype,
-                      0.5 / std::sqrt(static_cast<double>(q_rows)), 0.0, seed));
-    if (qwen2) {
-      add(random_tensor(attn + "q_proj.bias", {q_rows}, dtype, 0.1, 0.0, seed));
-      add(random_tensor(attn + "k_proj.bias", {kv_rows}, dtype, 0.1, 0.0, seed));
-      add(random_tensor(attn + "v_proj.bias", {kv_rows}, dtype, 0.1, 0.0, seed));
-    } else if (!mixtral) {
-      add(random_tensor(attn + "q_norm.weight", {head_dim}, dtype, 0.05, 1.0, seed));
-      add(random_tensor(attn + "k_norm.weight", {head_dim}, dtype, 0.05, 1.0, seed));
-    }
-    std::string moe = prefix + (mixtral ? "block_sparse_moe." : "mlp.");
-    const int64_t inter = preset.moe_intermediate_size;
-    TensorToWrite router = random_tensor(moe + "gate.weight", {preset.num_experts, hidden}, dtype,
-                                         preset.router_scale * proj_std, 0.0, seed);
-    if (layer == preset.near_tie_layer)
-      router = engineer_near_ties(router, preset.near_tie_pairs, preset.near_tie_gap,
-                                  preset.router_scale * proj_std, seed);
-    add(std::move(router));
-    const double down_std = 0.5 / std::sqrt(static_cast<double>(inter));
-    for (int64_t expert = 0; expert < preset.num_experts; ++expert) {
-      std::string name = moe + "experts." + std::to_string(expert) + ".";
-      add(random_tensor(name + (mixtral ? "w1.weight" : "gate_proj.weight"), {inter, hidden}, dtype,
-                        proj_std, 0.0, seed));
-      add(random_tensor(name + (mixtral ? "w3.weight" : "up_proj.weight"), {inter, hidden}, dtype,
-                        proj_std, 0.0, seed));
-      add(random_tensor(name + (mixtral ? "w2.weight" : "down_proj.weight"), {hidden, inter}, dtype,
-                        down_std, 0.0, seed));
-    }
-    if (qwen2) {
-      const int64_t shared = preset.shared_expert_intermediate_size;
-      add(random_tensor(moe + "shared_expert.gate_proj.weight", {shared, hidden}, dtype, proj_std,
-                        0.0, seed));
-      add(random_tensor(moe + "shared_expert.up_proj.weight", {shared, hidden}, dtype, proj_std,
-                        0.0, seed));
-      add(random_tensor(moe + "shared_expert.down_proj.weight", {hidden, shared}, dtype,
-                        0.5 / std::sqrt(static_cast<double>(shared)), 0.0, seed));
-      add(random_tensor(moe + "shared_expert_gate.weight", {1, hidden}, dtype, proj_std, 0.0,
+    for (int64_t layer = 0; layer < preset.num_hidden_layers; ++layer) {
+      std::string prefix = "model.layers." + std::to_string(layer) + ".";
+      add(random_tensor(prefix + "input_layernorm.weight", {hidden}, dtype, 0.05, 1.0, seed));
+      add(random_tensor(prefix + "post_attention_layernorm.weight", {hidden}, dtype, 0.05, 1.0,
                         seed));
+      std::string attn = prefix + "self_attn.";
+      int64_t q_rows = preset.num_attention_heads * head_dim;
+      int64_t kv_rows = preset.num_key_value_heads * head_dim;
+      add(random_tensor(attn + "q_proj.weight", {q_rows, hidden}, dtype, proj_std, 0.0, seed));
+      add(random_tensor(attn + "k_proj.weight", {kv_rows, hidden}, dtype, proj_std, 0.0, seed));
+      add(random_tensor(attn + "v_proj.weight", {kv_rows, hidden}, dtype, proj_std, 0.0, seed));
+      add(random_tensor(attn + "o_proj.weight", {hidden, q_rows}, dtype,
+                        0.5 / std::sqrt(static_cast<double>(q_rows)), 0.0, seed));
+      if (qwen2) {
+        add(random_tensor(attn + "q_proj.bias", {q_rows}, dtype, 0.1, 0.0, seed));
+        add(random_tensor(attn + "k_proj.bias", {kv_rows}, dtype, 0.1, 0.0, seed));
+        add(random_tensor(attn + "v_proj.bias", {kv_rows}, dtype, 0.1, 0.0, seed));
+      } else if (!mixtral) {
+        add(random_tensor(attn + "q_norm.weight", {head_dim}, dtype, 0.05, 1.0, seed));
+        add(random_tensor(attn + "k_norm.weight", {head_dim}, dtype, 0.05, 1.0, seed));
+      }
+      std::string moe = prefix + (mixtral ? "block_sparse_moe." : "mlp.");
+      const int64_t inter = preset.moe_intermediate_size;
+      TensorToWrite router = random_tensor(moe + "gate.weight", {preset.num_experts, hidden}, dtype,
+                                           preset.router_scale * proj_std, 0.0, seed);
+      if (layer == preset.near_tie_layer)
+        router = engineer_near_ties(router, preset.near_tie_pairs, preset.near_tie_gap,
+                                    preset.router_scale * proj_std, seed);
+      add(std::move(router));
+      const double down_std = 0.5 / std::sqrt(static_cast<double>(inter));
+      for (int64_t expert = 0; expert < preset.num_experts; ++expert) {
+        std::string name = moe + "experts." + std::to_string(expert) + ".";
+        add(random_tensor(name + (mixtral ? "w1.weight" : "gate_proj.weight"), {inter, hidden},
+                          dtype, proj_std, 0.0, seed));
+        add(random_tensor(name + (mixtral ? "w3.weight" : "up_proj.weight"), {inter, hidden}, dtype,
+                          proj_std, 0.0, seed));
+        add(random_tensor(name + (mixtral ? "w2.weight" : "down_proj.weight"), {hidden, inter},
+                          dtype, down_std, 0.0, seed));
+      }
+      if (qwen2) {
+        const int64_t shared = preset.shared_expert_intermediate_size;
+        add(random_tensor(moe + "shared_expert.gate_proj.weight", {shared, hidden}, dtype, proj_std,
+                          0.0, seed));
+        add(random_tensor(moe + "shared_expert.up_proj.weight", {shared, hidden}, dtype, proj_std,
+                          0.0, seed));
+        add(random_tensor(moe + "shared_expert.down_proj.weight", {hidden, shared}, dtype,
+                          0.5 / std::sqrt(static_cast<double>(shared)), 0.0, seed));
+        add(random_tensor(moe + "shared_expert_gate.weight", {1, hidden}, dtype, proj_std, 0.0,
+                          seed));
+      }
     }
+    add(random_tensor("model.norm.weight", {hidden}, dtype, 0.05, 1.0, seed));
+    if (!preset.tie_word_embeddings)
+      add(random_tensor("lm_head.weight", {preset.vocab_size, hidden}, dtype, proj_std, 0.0, seed));
   }
-  add(random_tensor("model.norm.weight", {hidden}, dtype, 0.05, 1.0, seed));
-  if (!preset.tie_word_embeddings)
-    add(random_tensor("lm_head.weight", {preset.vocab_size, hidden}, dtype, proj_std, 0.0, seed));
   flush(true);
 
   // Final names: model.safetensors for one file, else HF's model-0000x-of-0000y + index.
@@ -688,13 +1080,16 @@ void generate_model(const ModelPreset& preset, const GenModelOptions& options,
     for (const auto& [tensor, file] : weight_map) index["weight_map"][tensor] = final_name[file];
     std::ofstream(out_dir + "/model.safetensors.index.json") << index.dump(2) << "\n";
   }
-  nlohmann::json config = config_json(preset);
+  nlohmann::json config = preset.hybrid() ? hybrid_config_json(preset) : config_json(preset);
+  add_keel_keys(preset, config);
   // Presets too small for 256 byte tokens + 3 specials (the tiny test presets have 256) get
-  // weights only; the rest get a tokenizer whose <|im_end|> is the model's eos.
+  // weights only; the rest get a tokenizer whose <|im_end|> is the model's eos. Qwen3.5 keeps
+  // the token ids with the text model's keys, in text_config.
   if (preset.vocab_size >= 256 + 3) {
     SyntheticTokenizer tokenizer = write_synthetic_tokenizer(preset, out_dir);
-    config["bos_token_id"] = nullptr;
-    config["eos_token_id"] = tokenizer.im_end;
+    nlohmann::json& target = config.contains("text_config") ? config["text_config"] : config;
+    target["bos_token_id"] = nullptr;
+    target["eos_token_id"] = tokenizer.im_end;
   }
   std::ofstream config_file(out_dir + "/config.json");
   config_file << config.dump(2) << "\n";

@@ -1,11 +1,13 @@
-// Synthetic checkpoints in exactly the HF layout (config.json + safetensors, per-expert tensor
-// names as published checkpoints have them), from model presets in configs/models/*.yaml.
+// Synthetic checkpoints in exactly the HF layout (config.json + safetensors, expert tensors
+// per-expert or fused 3-D as each architecture's published checkpoints have them), from model
+// presets in configs/models/*.yaml.
 // Weights are reproducible from (preset, seed): each tensor draws from its own counter-based
 // stream keyed by (seed, tensor name), so generation order and sharding never change values.
 #pragma once
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "kernels/base/dtype.h"
 
@@ -55,6 +57,36 @@ struct ModelPreset {
   double near_tie_gap = 1e-7;
   int64_t near_tie_pairs = 1;
 
+  // Hybrid Gated DeltaNet MoE (architecture Qwen3_5MoeForConditionalGeneration or
+  // Qwen3NextForCausalLM); the fields below are rejected for the other architectures.
+  // layer_types[i] is "linear_attention" (a Gated DeltaNet mixer) or "full_attention" (gated
+  // attention). A preset gives either the list or full_attention_interval N, from which the list
+  // is built as transformers does: layer i is full when (i + 1) % N == 0. full_attention_interval
+  // stays 0 when the list is irregular, and config.json then carries the list alone (writing an
+  // interval that disagrees with it would mislead a loader that reads the interval).
+  std::vector<std::string> layer_types;
+  int64_t full_attention_interval = 0;
+  int64_t linear_num_key_heads = 0;    // HK: q/k heads of the linear layers
+  int64_t linear_num_value_heads = 0;  // HV: value heads (a multiple of HK, grouped)
+  int64_t linear_key_head_dim = 0;     // DK
+  int64_t linear_value_head_dim = 0;   // DV (also the gated norm's width)
+  int64_t linear_conv_kernel_dim = 4;  // K: depthwise causal conv taps
+  // transformers' Qwen3.5 / Qwen3-Next attention always emits the per-head sigmoid gate (q_proj
+  // has 2 x heads x head_dim rows), so only true is accepted; the key is written for loaders.
+  bool attn_output_gate = true;
+  double partial_rotary_factor = 0.25;  // rotary dims = head_dim x this, the rest pass through
+  // Qwen3.5 M-RoPE sections (sum = rotary dims / 2); with text-only positions it is plain RoPE.
+  // Default: the rotary half split like the published [11, 11, 10] (two ceil thirds, the rest).
+  std::vector<int64_t> mrope_section;
+  bool mrope_interleaved = true;
+
+  bool hybrid() const {
+    return architecture == "Qwen3_5MoeForConditionalGeneration" ||
+           architecture == "Qwen3NextForCausalLM";
+  }
+  // The exact number of elements gen-model writes for this preset (hybrid architectures), or
+  // the attention + experts + shared expert + embeddings estimate the other presets have always
+  // reported (norms and biases left out).
   int64_t num_parameters() const;
 };
 
