@@ -33,11 +33,14 @@ struct Comparison {
   double worst_ratio = 0;  // max over rows of diff / tolerance(row); must stay < 1
 };
 
-void compare_row(const std::vector<float>& actual, const json& expected, Comparison& comparison) {
+// fp32_error: for the hybrid fixtures, transformers' own fp32 distance from the float64 run
+// (see below); 0 otherwise.
+void compare_row(const std::vector<float>& actual, const json& expected, Comparison& comparison,
+                 double fp32_error = 0) {
   ASSERT_EQ(actual.size(), expected.size());
   double row_max = 1.0;
   for (const auto& value : expected) row_max = std::max(row_max, std::fabs(value.get<double>()));
-  double tolerance = kRelativeTolerance * row_max;
+  double tolerance = kRelativeTolerance * row_max + 2 * fp32_error;
   for (size_t i = 0; i < actual.size(); ++i) {
     double diff = std::fabs(actual[i] - expected[i].get<double>());
     comparison.max_abs_diff = std::max(comparison.max_abs_diff, diff);
@@ -66,24 +69,60 @@ TEST_P(HfParity, LogitsAndGreedyTokensMatchTransformers) {
   request.keep_all_logits = true;
   GenerateResult result = engine.generate(request);
 
-  Comparison comparison;
+  // The hybrid fixtures also hold the same model run in float64 (make_hf_hybrid_fixtures.py).
+  // These models are ill-conditioned in fp32 at a few positions (decays exp(g) down to 1e-17,
+  // delta-rule cancellations): transformers' own fp32 logits are up to ~6e-4 away from its
+  // float64 logits, and keel's fp32 run carries rounding error of the same kind. So keel is
+  // compared with the float64 logits, allowed the base tolerance plus twice the error
+  // transformers' fp32 run shows on the same fixture (measured here, from the reference): a
+  // second fp32 implementation as good as transformers' stays inside, while a wrong weight,
+  // layout, gate or state hand-off moves logits by O(0.1..1), three orders above.
+  const bool has_f64 = reference.contains("prompt_logits_f64");
+  double hf_fp32_error = 0;
+  if (has_f64) {
+    for (const char* kind : {"prompt_logits", "step_logits"}) {
+      const std::string f64_kind = std::string(kind) + "_f64";
+      for (size_t prompt = 0; prompt < reference[kind].size(); ++prompt)
+        for (size_t row = 0; row < reference[kind][prompt].size(); ++row)
+          for (size_t i = 0; i < reference[kind][prompt][row].size(); ++i)
+            hf_fp32_error = std::max(hf_fp32_error,
+                                     std::fabs(reference[kind][prompt][row][i].get<double>() -
+                                               reference[f64_kind][prompt][row][i].get<double>()));
+    }
+  }
+  const char* prompt_key = has_f64 ? "prompt_logits_f64" : "prompt_logits";
+  const char* step_key = has_f64 ? "step_logits_f64" : "step_logits";
+  Comparison comparison, fp32_comparison;
   for (size_t prompt = 0; prompt < request.prompts.size(); ++prompt) {
     SCOPED_TRACE("prompt " + std::to_string(prompt));
-    const json& prompt_logits = reference["prompt_logits"][prompt];
+    if (has_f64) {
+      for (size_t pos = 0; pos < reference["prompt_logits"][prompt].size(); ++pos)
+        compare_row(result.prompt_logits[prompt][pos], reference["prompt_logits"][prompt][pos],
+                    fp32_comparison);
+      for (size_t step = 0; step < reference["step_logits"][prompt].size(); ++step)
+        compare_row(result.step_logits[prompt][step], reference["step_logits"][prompt][step],
+                    fp32_comparison);
+    }
+    const json& prompt_logits = reference[prompt_key][prompt];
     ASSERT_EQ(result.prompt_logits[prompt].size(), prompt_logits.size());
     for (size_t pos = 0; pos < prompt_logits.size(); ++pos)
-      compare_row(result.prompt_logits[prompt][pos], prompt_logits[pos], comparison);
-    const json& step_logits = reference["step_logits"][prompt];
+      compare_row(result.prompt_logits[prompt][pos], prompt_logits[pos], comparison, hf_fp32_error);
+    const json& step_logits = reference[step_key][prompt];
     ASSERT_EQ(result.step_logits[prompt].size(), step_logits.size());
     for (size_t step = 0; step < step_logits.size(); ++step)
-      compare_row(result.step_logits[prompt][step], step_logits[step], comparison);
+      compare_row(result.step_logits[prompt][step], step_logits[step], comparison, hf_fp32_error);
     EXPECT_EQ(result.tokens[prompt],
               reference["greedy_tokens"][prompt].get<std::vector<int32_t>>());
   }
   RecordProperty("max_abs_logit_diff", std::to_string(comparison.max_abs_diff));
+  if (has_f64)
+    std::printf(
+        "[ parity ] %s tp=%d: transformers fp32 vs float64 %.3g; keel vs transformers fp32 %.3g\n",
+        name.c_str(), tp, hf_fp32_error, fp32_comparison.max_abs_diff);
   std::printf(
-      "[ parity ] %s tp=%d: max |keel - transformers| logit diff %.3g (%.1f%% of tolerance)\n",
-      name.c_str(), tp, comparison.max_abs_diff, 100 * comparison.worst_ratio);
+      "[ parity ] %s tp=%d: max |keel - transformers%s| logit diff %.3g (%.1f%% of tolerance)\n",
+      name.c_str(), tp, has_f64 ? " float64" : "", comparison.max_abs_diff,
+      100 * comparison.worst_ratio);
   EXPECT_LT(comparison.worst_ratio, 1.0) << "max abs diff " << comparison.max_abs_diff;
 }
 
@@ -92,6 +131,16 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, HfParity,
                                                               "qwen3_moe_fused",
                                                               "qwen2_moe_sharded", "mixtral"),
                                             ::testing::Values(1, 4)),
+                         [](const auto& info) {
+                           return std::get<0>(info.param) + "_tp" +
+                                  std::to_string(std::get<1>(info.param));
+                         });
+
+// The hybrid Gated DeltaNet fixtures (tests/fixtures/make_hf_hybrid_fixtures.py) at TP 1, 2, 4.
+INSTANTIATE_TEST_SUITE_P(HybridFixtures, HfParity,
+                         ::testing::Combine(::testing::Values("qwen3_5_moe", "qwen3_5_moe_text",
+                                                              "qwen3_next"),
+                                            ::testing::Values(1, 2, 4)),
                          [](const auto& info) {
                            return std::get<0>(info.param) + "_tp" +
                                   std::to_string(std::get<1>(info.param));
