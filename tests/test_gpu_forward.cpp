@@ -1,5 +1,5 @@
-// The whole forward pass on the CUDA backend against the CPU reference (label gpu): the tiny
-// and small presets at TP=1 in batch_invariant mode (fixed_order reduce, which also selects the
+// The whole forward pass on the CUDA backend against the CPU reference (label gpu): the tiny,
+// small and hybrid tiny presets at TP=1 in batch_invariant mode (fixed_order reduce, which also selects the
 // canonical GPU GEMM) must give the same greedy tokens and the same logits digest, alone and
 // batched with three other prompts. Without a CUDA device the tests report "skipped: no CUDA
 // device" instead of failing.
@@ -124,7 +124,16 @@ TEST_P(GpuForward, CudaMatchesCpuBitForBitInBatchInvariantMode) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Presets, GpuForward, ::testing::Values("tiny", "small"));
+// tiny-qwen3.5 / tiny-qwen3-next: the Gated DeltaNet ops (conv, gates, recurrence, gated norm)
+// and the gated attention run on the device too.
+INSTANTIATE_TEST_SUITE_P(Presets, GpuForward,
+                         ::testing::Values("tiny", "small", "tiny-qwen3.5", "tiny-qwen3-next"),
+                         [](const auto& info) {
+                           std::string name = info.param;
+                           std::replace(name.begin(), name.end(), '-', '_');
+                           std::replace(name.begin(), name.end(), '.', '_');
+                           return name;
+                         });
 
 }  // namespace
 }  // namespace keel
