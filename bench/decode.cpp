@@ -1,13 +1,31 @@
-// bench/decode: decode throughput of the synthetic "small" preset (0.48 B parameters, 64
-// experts top-8, bf16) on thread ranks, against the memory-bandwidth roofline measured in the
-// same run.
+// bench/decode: decode throughput of a synthetic gen-model preset on thread ranks, against the
+// memory-bandwidth roofline measured in the same run. --preset small (default: 0.48 B
+// parameters, 64 experts top-8, bf16) or small-qwen3.5 (0.52 B, hybrid: 12 Gated DeltaNet + 4
+// full-attention layers, 32 experts top-8 + a shared expert, bf16), or any checkpoint (--model).
 //
-// Roofline: a decode step must read, per layer, the attention weights (qkv + o_proj), the
-// router, and every expert that at least one of the B tokens picked: with top-k of E experts
-// routed uniformly, E * (1 - (1 - k/E)^B) distinct experts in expectation; plus the lm_head.
-// roofline tok/s = B / (bytes per step / measured read bandwidth of min(tp, cpus) threads).
+// Roofline: the bytes a decode step of B tokens (one per sequence) must move, per layer:
+//   full attention    q/k/v/o_proj (q_proj twice as tall with attn_output_gate);
+//   linear attention  the GDN in_proj (2*hk*dk + 2*hv*dv + 2*hv rows: q|k|v|z|b|a), out_proj
+//                     [H, hv*dv] and the conv weights (fp32 on the device);
+//   MoE               the router, every expert at least one of the B tokens picked (top-k of E
+//                     routed uniformly: E * (1 - (1 - k/E)^B) distinct experts in expectation),
+//                     the shared expert (3 * H * shared_intermediate) and its gate [1, H];
+//   dense MLP         3 * H * intermediate;
+// plus the lm_head: these are "step_weight_bytes". Hybrid models also touch each sequence's
+// recurrent state in every linear layer, read once and written once per token (counted 2x):
+// the fp32 SSM state [hv][dk][dv] and conv state [conv channels][kernel - 1]:
+// "step_state_bytes" (B sequences' worth). Norms, biases, A_log/dt_bias (under 1 KB a layer)
+// and the KV cache (fp32, prompt + decode positions: small next to these at the bench's
+// lengths) are left out.
+// roofline tok/s = B / ((weight + state bytes) / measured read bandwidth of min(tp, cpus)
+// threads). TP convention: the bytes are the whole model's (every rank reads its 1/tp shard of
+// the sharded weights and of the per-rank state, so together they move the whole; replicated
+// weights such as the router are counted once), and the bandwidth is what min(tp, cpus)
+// threads together read: tp ranks stream their shards in parallel, but no more than one thread
+// per core.
 // The benchmark also checks the determinism promise: with fixed_order, prompt 0's logits
-// digest is the same at batch 1 and at batch 16 (exit 1 otherwise).
+// digest is the same at batch 1 and at batch 16 (exit 1 otherwise); for hybrid models that
+// covers the recurrent state too (each sequence owns its slot).
 //
 // --backend cuda: the same decode on one GPU (TP=1 only; the roofline bandwidth is then the
 // GPU's, measured with a device-to-device copy). A single rank needs no NCCL: every collective
@@ -40,6 +58,7 @@ namespace {
 
 struct Options {
   std::string model_dir;
+  std::string preset = "small";
   std::vector<int> tp_list = {1, 4};
   std::vector<int> batch_list = {1, 16};
   int64_t decode_steps = 32;
@@ -55,9 +74,13 @@ Options parse_options(int argc, char** argv) {
   keel::flags::FlagSet flags(
       "bench/decode",
       "usage: decode [flags]\n"
-      "Decode throughput of the synthetic small preset on thread ranks (or one GPU) against the\n"
+      "Decode throughput of a synthetic preset on thread ranks (or one GPU) against the\n"
       "measured memory-bandwidth roofline; checks fixed_order's batch-invariant digest.\n");
-  flags.add_string("--model", &options.model_dir, "DIR", "checkpoint (default: generated small)");
+  flags.add_string("--model", &options.model_dir, "DIR",
+                   "checkpoint (default: the --preset, generated)");
+  flags.add_string("--preset", &options.preset, "NAME",
+                   "gen-model preset written to build/bench-models/NAME without --model "
+                   "(e.g. small-qwen3.5)");
   flags.add_int_list("--tp-list", &options.tp_list, "N,...", "tensor-parallel sizes").at_least(1);
   flags.add_int_list("--batch-list", &options.batch_list, "B,...", "batch sizes").at_least(1);
   flags.add_int("--decode-steps", &options.decode_steps, "N", "decode steps per run").at_least(1);
@@ -115,22 +138,71 @@ std::string gpu_name() {
 }
 #endif
 
-// Bytes one decode step reads for batch `batch` (see the roofline note at the top).
-double step_bytes(const keel::ModelConfig& config, int64_t batch, size_t weight_size) {
-  double hidden = static_cast<double>(config.hidden_size);
-  double head_dim = static_cast<double>(config.head_dim);
-  double attention =
-      hidden * head_dim * static_cast<double>(2 * config.num_heads + 2 * config.num_kv_heads);
-  double router = hidden * static_cast<double>(config.num_experts);
-  double experts_touched = static_cast<double>(config.num_experts) *
-                           (1.0 - std::pow(1.0 - static_cast<double>(config.top_k) /
-                                                     static_cast<double>(config.num_experts),
-                                           static_cast<double>(batch)));
-  double expert = 3.0 * hidden * static_cast<double>(config.moe_intermediate_size);
-  double per_layer = attention + router + experts_touched * expert;
-  double lm_head = static_cast<double>(config.vocab_size) * hidden;
-  return (static_cast<double>(config.num_layers) * per_layer + lm_head) *
-         static_cast<double>(weight_size);
+// Bytes one decode step of `batch` sequences moves (see the roofline note at the top).
+struct StepBytes {
+  double weights = 0;
+  double state = 0;
+};
+
+StepBytes step_bytes(const keel::ModelConfig& config, int64_t batch, size_t weight_size) {
+  const double hidden = static_cast<double>(config.hidden_size);
+  const double head_dim = static_cast<double>(config.head_dim);
+  const double f32 = 4.0;
+  // Full attention: q (twice as tall with the output gate), k, v, o.
+  const double q_heads =
+      static_cast<double>(config.num_heads) * (config.attn_output_gate ? 2.0 : 1.0);
+  const double attention = hidden * head_dim *
+                           (q_heads + 2.0 * static_cast<double>(config.num_kv_heads) +
+                            static_cast<double>(config.num_heads));
+  // Gated DeltaNet: in_proj q|k|v|z|b|a, out_proj, conv weights (fp32).
+  const double key_dim = static_cast<double>(config.linear_key_dim());
+  const double value_dim = static_cast<double>(config.linear_value_dim());
+  const double v_heads = static_cast<double>(config.linear_num_value_heads);
+  const double conv_dim = static_cast<double>(config.linear_conv_dim());
+  const double kernel = static_cast<double>(config.linear_conv_kernel);
+  const double linear_weights =
+      (2.0 * key_dim + 2.0 * value_dim + 2.0 * v_heads) * hidden + hidden * value_dim;
+  const double conv_weight_bytes = conv_dim * kernel * f32;
+  // Per sequence: SSM state [hv][dk][dv] and conv state [channels][kernel - 1], fp32, read and
+  // written once per token.
+  const double state_per_sequence = 2.0 *
+                                    (v_heads * static_cast<double>(config.linear_key_head_dim) *
+                                         static_cast<double>(config.linear_value_head_dim) +
+                                     conv_dim * std::max(0.0, kernel - 1.0)) *
+                                    f32;
+  // MoE: router, experts touched, shared expert and its gate.
+  const double experts = static_cast<double>(config.num_experts);
+  const double experts_touched =
+      experts > 0 ? experts * (1.0 - std::pow(1.0 - static_cast<double>(config.top_k) / experts,
+                                              static_cast<double>(batch)))
+                  : 0.0;
+  const double expert = 3.0 * hidden * static_cast<double>(config.moe_intermediate_size);
+  const double shared =
+      config.shared_expert_intermediate_size > 0
+          ? 3.0 * hidden * static_cast<double>(config.shared_expert_intermediate_size) + hidden
+          : 0.0;
+  const double moe = hidden * experts + experts_touched * expert + shared;
+  const double dense = 3.0 * hidden * static_cast<double>(config.intermediate_size);
+
+  StepBytes bytes;
+  double elements = static_cast<double>(config.vocab_size) * hidden;  // lm_head
+  for (int64_t layer = 0; layer < config.num_layers; ++layer) {
+    const bool linear =
+        static_cast<size_t>(layer) < config.layer_kinds.size() &&
+        config.layer_kinds[static_cast<size_t>(layer)] == keel::LayerKind::kLinearAttention;
+    if (linear) {
+      elements += linear_weights;
+      bytes.weights += conv_weight_bytes;
+      bytes.state += static_cast<double>(batch) * state_per_sequence;
+    } else {
+      elements += attention;
+    }
+    const bool is_moe = static_cast<size_t>(layer) >= config.layer_is_moe.size() ||
+                        config.layer_is_moe[static_cast<size_t>(layer)];
+    elements += is_moe ? moe : dense;
+  }
+  bytes.weights += elements * static_cast<double>(weight_size);
+  return bytes;
 }
 
 }  // namespace
@@ -138,20 +210,27 @@ double step_bytes(const keel::ModelConfig& config, int64_t batch, size_t weight_
 int main(int argc, char** argv) {
   try {
     Options options = parse_options(argc, argv);
+    std::string report_preset;  // empty with --model
     if (options.model_dir.empty()) {
-      options.model_dir = std::string(KEEL_BINARY_DIR) + "/bench-models/small";
+      if (options.preset.empty() || options.preset.find('/') != std::string::npos)
+        keel::throw_error("--preset: '", options.preset, "' is not a preset name");
+      options.model_dir = std::string(KEEL_BINARY_DIR) + "/bench-models/" + options.preset;
       if (!std::filesystem::exists(options.model_dir + "/config.json")) {
-        std::cerr << "bench/decode: writing the small preset to " << options.model_dir << "\n";
-        keel::generate_model(keel::load_model_preset(keel::find_model_preset("small")), {1, 0},
-                             options.model_dir);
+        keel::ModelPreset preset = keel::load_model_preset(keel::find_model_preset(options.preset));
+        std::cerr << "bench/decode: writing the " << options.preset << " preset to "
+                  << options.model_dir << "\n";
+        keel::generate_model(preset, {1, 0}, options.model_dir);
       }
+      report_preset = options.preset;
     }
     const int cpus = static_cast<int>(std::thread::hardware_concurrency());
     nlohmann::json report;
     report["benchmark"] = "decode";
     report["machine"] = keel::bench::machine_name();
     report["isa"] = keel::cpu::isa_name(keel::cpu::active_isa());
+    report["load_average_1min"] = keel::bench::one_minute_load_average();
     report["model"] = options.model_dir;
+    if (!report_preset.empty()) report["preset"] = report_preset;
     report["reduce"] = keel::comm::reduce_algo_name(options.reduce);
     report["backend"] = keel::device_name(options.device);
     const bool on_gpu = options.device == keel::Device::kCuda;
@@ -189,6 +268,8 @@ int main(int argc, char** argv) {
       engine_options.placement.kind = keel::PlacementKind::kRoundRobin;
       keel::Engine engine(options.model_dir, engine_options);
       const keel::ModelConfig& config = engine.config();
+      report["num_linear_layers"] = config.num_linear_layers();
+      report["num_attention_layers"] = config.num_attention_layers();
       std::string batch_one_digest;
       for (int batch : options.batch_list) {
         keel::GenerateRequest request;
@@ -204,7 +285,8 @@ int main(int argc, char** argv) {
         keel::GenerateResult result = engine.generate(request);
         double tokens_per_second =
             static_cast<double>(batch * options.decode_steps) / result.decode_seconds;
-        double bytes = step_bytes(config, batch, keel::dtype_size(config.dtype));
+        StepBytes step = step_bytes(config, batch, keel::dtype_size(config.dtype));
+        double bytes = step.weights + step.state;
         double roofline =
             static_cast<double>(batch) / (bytes / (bandwidth_by_threads[threads] * 1e9));
         if (batch == 1) batch_one_digest = result.logits_digest;
@@ -216,7 +298,8 @@ int main(int argc, char** argv) {
                                      {"decode_tokens_per_second", tokens_per_second},
                                      {"ms_per_step", 1e3 * result.decode_seconds /
                                                          static_cast<double>(options.decode_steps)},
-                                     {"step_weight_bytes", bytes},
+                                     {"step_weight_bytes", step.weights},
+                                     {"step_state_bytes", step.state},
                                      {"read_bandwidth_gbs", bandwidth_by_threads[threads]},
                                      {"bandwidth_threads", threads},
                                      {"roofline_tokens_per_second", roofline},
