@@ -12,9 +12,11 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -235,6 +237,41 @@ inline std::vector<std::string> sse_events(const std::string& body, bool* saw_do
     at = end + 2;
   }
   return events;
+}
+
+// What a determinism test compares of a completion: text, token strings and every logprob as
+// printed (the printed double is the exact value of the fp32 logprob, so equal strings mean
+// equal bits), finish reason and usage; or the HTTP error.
+inline std::string completion_essence(const HttpResponse& response) {
+  if (response.status != 200)
+    return "HTTP " + std::to_string(response.status) + ": " + response.body;
+  nlohmann::json body = nlohmann::json::parse(response.body);
+  const nlohmann::json& choice = body["choices"][0];
+  return choice["text"].dump() + "\n" + choice["logprobs"].dump() + "\n" +
+         choice["finish_reason"].dump() + "\n" + body["usage"].dump();
+}
+
+// The value of the first sample of metric `name` (labelled or not) on GET /metrics, or -1 when
+// absent.
+inline double metric_value(int port, const std::string& name) {
+  HttpResponse response = http(port, "GET", "/metrics");
+  size_t at = response.body.find("\n" + name + "{");
+  if (at == std::string::npos) at = response.body.find("\n" + name + " ");
+  if (at == std::string::npos) return -1;
+  size_t space = response.body.find(' ', response.body.find_first_of("} ", at + 1));
+  return std::stod(response.body.substr(space + 1));
+}
+
+// Runs a shell command; its stdout and stderr, and its exit code in *exit_code.
+inline std::string run_command(const std::string& command, int* exit_code) {
+  FILE* pipe = popen((command + " 2>&1").c_str(), "r");
+  std::string output;
+  char buffer[4096];
+  size_t bytes;
+  while ((bytes = fread(buffer, 1, sizeof(buffer), pipe)) > 0) output.append(buffer, bytes);
+  const int status = pclose(pipe);
+  *exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128;
+  return output;
 }
 
 }  // namespace keel::serve_test

@@ -117,15 +117,6 @@ std::vector<int32_t> mate_prompt() {
   return ids;
 }
 
-double metric(int port, const std::string& name) {
-  HttpResponse response = http(port, "GET", "/metrics");
-  size_t at = response.body.find("\n" + name + "{");
-  if (at == std::string::npos) at = response.body.find("\n" + name + " ");
-  if (at == std::string::npos) return -1;
-  size_t space = response.body.find(' ', response.body.find_first_of("} ", at + 1));
-  return std::stod(response.body.substr(space + 1));
-}
-
 struct ProbeRun {
   keel::RoutingFileHeader header;
   keel::RoutingRecord probe;
@@ -151,7 +142,7 @@ ProbeRun run_server(const std::string& determinism, bool with_mate) {
                json{{"prompt", mate_prompt()}, {"max_tokens", 8}, {"ignore_eos", true}}.dump());
     });
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-    while (metric(port, "keel_num_requests_running") < 1.0 &&
+    while (metric_value(port, "keel_num_requests_running") < 1.0 &&
            std::chrono::steady_clock::now() < deadline)
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }

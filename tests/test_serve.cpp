@@ -82,17 +82,6 @@ const std::string kProbe = json{
     {"logprobs", 3},
     {"ignore_eos", true}}.dump();
 
-// What must be bit-identical: text, token strings, and every logprob as printed (the printed
-// double is the exact value of the fp32 logprob, so equal strings mean equal bits).
-std::string essence(const HttpResponse& response) {
-  if (response.status != 200)
-    return "HTTP " + std::to_string(response.status) + ": " + response.body;
-  json body = json::parse(response.body);
-  const json& choice = body["choices"][0];
-  return choice["text"].dump() + "\n" + choice["logprobs"].dump() + "\n" +
-         choice["finish_reason"].dump() + "\n" + body["usage"].dump();
-}
-
 // A batch-mate: a different prompt, length, seed and sampling each.
 std::string mate_request(int index, bool stream) {
   std::string prompt;
@@ -120,26 +109,7 @@ std::string probe_amid_mates(int port) {
   HttpResponse probe = post(port, "/v1/completions", kProbe);
   for (std::thread& mate : mates) mate.join();
   EXPECT_EQ(mate_ok.load(), 16);
-  return essence(probe);
-}
-
-std::string run_command(const std::string& command, int* exit_code) {
-  FILE* pipe = popen((command + " 2>&1").c_str(), "r");
-  std::string output;
-  char buffer[4096];
-  size_t bytes;
-  while ((bytes = fread(buffer, 1, sizeof(buffer), pipe)) > 0) output.append(buffer, bytes);
-  const int status = pclose(pipe);
-  *exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128;
-  return output;
-}
-
-double metric(int port, const std::string& name) {
-  HttpResponse response = http(port, "GET", "/metrics");
-  size_t at = response.body.find("\n" + name + "{");
-  if (at == std::string::npos) return -1;
-  size_t space = response.body.find("} ", at);
-  return std::stod(response.body.substr(space + 2));
+  return completion_essence(probe);
 }
 
 class Serve : public ::testing::Test {
@@ -157,9 +127,10 @@ class Serve : public ::testing::Test {
 ServerProcess* Serve::server_ = nullptr;
 
 TEST_F(Serve, SameSeededRequestHasIdenticalBitsAloneAmidSixteenAndStreamed) {
-  const std::string alone = essence(post(port(), "/v1/completions", kProbe));
+  const std::string alone = completion_essence(post(port(), "/v1/completions", kProbe));
   ASSERT_NE(alone.find("\"length\""), std::string::npos) << alone;
-  EXPECT_EQ(essence(post(port(), "/v1/completions", kProbe)), alone) << "same request twice";
+  EXPECT_EQ(completion_essence(post(port(), "/v1/completions", kProbe)), alone)
+      << "same request twice";
   EXPECT_EQ(probe_amid_mates(port()), alone) << "amid 16 concurrent requests";
 
   // Streaming: the deltas concatenate to the same text, with the same token logprobs.
@@ -186,7 +157,7 @@ TEST_F(Serve, SameSeededRequestHasIdenticalBitsAloneAmidSixteenAndStreamed) {
 }
 
 TEST_F(Serve, DifferentPrefillBudgetBlockSizeAndMpiRanksGiveIdenticalBits) {
-  const std::string alone = essence(post(port(), "/v1/completions", kProbe));
+  const std::string alone = completion_essence(post(port(), "/v1/completions", kProbe));
   {
     // Prefill cut into chunks of at most 5 tokens, blocks of 4 positions: chunk and block
     // boundaries fall elsewhere; attention still sums positions in order.
@@ -195,15 +166,17 @@ TEST_F(Serve, DifferentPrefillBudgetBlockSizeAndMpiRanksGiveIdenticalBits) {
     ServerProcess chunked(serve_args(write_config(
         "chunked",
         "max_num_batched_tokens: 5\nblock_size: 4\nnum_kv_blocks: 512\nprefix_caching: true\n")));
-    EXPECT_EQ(essence(post(chunked.port(), "/v1/completions", kProbe)), alone) << "budget 5";
-    EXPECT_EQ(essence(post(chunked.port(), "/v1/completions", kProbe)), alone)
+    EXPECT_EQ(completion_essence(post(chunked.port(), "/v1/completions", kProbe)), alone)
+        << "budget 5";
+    EXPECT_EQ(completion_essence(post(chunked.port(), "/v1/completions", kProbe)), alone)
         << "budget 5, prompt blocks from the prefix cache";
     EXPECT_EQ(probe_amid_mates(chunked.port()), alone) << "budget 5, amid 16";
   }
   {
     ServerProcess mpi({std::string(KEEL_MPIEXEC), "--allow-run-as-root", "--oversubscribe", "-np",
                        "4", kKeel, "serve", "--config", write_config("mpi", "")});
-    EXPECT_EQ(essence(post(mpi.port(), "/v1/completions", kProbe)), alone) << "4 MPI ranks";
+    EXPECT_EQ(completion_essence(post(mpi.port(), "/v1/completions", kProbe)), alone)
+        << "4 MPI ranks";
     EXPECT_EQ(probe_amid_mates(mpi.port()), alone) << "4 MPI ranks, amid 16";
     mpi.terminate();
     EXPECT_EQ(mpi.wait(), 0) << mpi.output();
@@ -280,20 +253,20 @@ TEST_F(Serve, ClientDisconnectMidStreamFreesItsBlocks) {
     ASSERT_GT(bytes, 0);
     seen.append(buffer, static_cast<size_t>(bytes));
   }
-  const double aborted_before = metric(port(), "keel_request_aborted_total");
-  EXPECT_GT(metric(port(), "keel_kv_cache_usage_perc"), 0.0)
+  const double aborted_before = metric_value(port(), "keel_request_aborted_total");
+  EXPECT_GT(metric_value(port(), "keel_kv_cache_usage_perc"), 0.0)
       << seen << "\n"
       << http(port(), "GET", "/metrics").body.substr(0, 2000);
   close(fd);
   // The next steps notice the hang-up, abort the request and free its blocks.
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
   while (std::chrono::steady_clock::now() < deadline &&
-         (metric(port(), "keel_kv_cache_usage_perc") != 0.0 ||
-          metric(port(), "keel_num_requests_running") != 0.0))
+         (metric_value(port(), "keel_kv_cache_usage_perc") != 0.0 ||
+          metric_value(port(), "keel_num_requests_running") != 0.0))
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  EXPECT_EQ(metric(port(), "keel_kv_cache_usage_perc"), 0.0);
-  EXPECT_EQ(metric(port(), "keel_num_requests_running"), 0.0);
-  EXPECT_EQ(metric(port(), "keel_request_aborted_total"), aborted_before + 1)
+  EXPECT_EQ(metric_value(port(), "keel_kv_cache_usage_perc"), 0.0);
+  EXPECT_EQ(metric_value(port(), "keel_num_requests_running"), 0.0);
+  EXPECT_EQ(metric_value(port(), "keel_request_aborted_total"), aborted_before + 1)
       << seen << "\n"
       << http(port(), "GET", "/metrics").body.substr(0, 2000);
 }
@@ -302,14 +275,14 @@ TEST_F(Serve, ClientDisconnectMidStreamFreesItsBlocks) {
 // already counts it (no polling; the engine publishes before it hands the response over).
 TEST_F(Serve, MetricsCountAResponseBeforeItsClientHasIt) {
   for (int round = 0; round < 3; ++round) {
-    const double success_before = metric(port(), "keel_request_success_total");
-    const double generated_before = metric(port(), "keel_generation_tokens_total");
+    const double success_before = metric_value(port(), "keel_request_success_total");
+    const double generated_before = metric_value(port(), "keel_generation_tokens_total");
     HttpResponse response =
         post(port(), "/v1/completions",
              json{{"prompt", "count me"}, {"max_tokens", 4}, {"ignore_eos", true}}.dump());
     ASSERT_EQ(response.status, 200) << response.body;
-    EXPECT_EQ(metric(port(), "keel_request_success_total"), success_before + 1);
-    EXPECT_EQ(metric(port(), "keel_generation_tokens_total"), generated_before + 4);
+    EXPECT_EQ(metric_value(port(), "keel_request_success_total"), success_before + 1);
+    EXPECT_EQ(metric_value(port(), "keel_generation_tokens_total"), generated_before + 4);
   }
 }
 

@@ -80,15 +80,6 @@ const std::string kProbe = json{
     {"logprobs", 3},
     {"ignore_eos", true}}.dump();
 
-std::string essence(const HttpResponse& response) {
-  if (response.status != 200)
-    return "HTTP " + std::to_string(response.status) + ": " + response.body;
-  json body = json::parse(response.body);
-  const json& choice = body["choices"][0];
-  return choice["text"].dump() + "\n" + choice["logprobs"].dump() + "\n" +
-         choice["finish_reason"].dump() + "\n" + body["usage"].dump();
-}
-
 std::string mate_request(int index) {
   std::string prompt;
   for (int word = 0; word <= index % 7; ++word)
@@ -113,38 +104,19 @@ std::string probe_amid_mates(int port) {
   HttpResponse probe = post(port, "/v1/completions", kProbe);
   for (std::thread& mate : mates) mate.join();
   EXPECT_EQ(mate_ok.load(), 16);
-  return essence(probe);
-}
-
-double metric(int port, const std::string& name) {
-  HttpResponse response = http(port, "GET", "/metrics");
-  size_t at = response.body.find("\n" + name + "{");
-  if (at == std::string::npos) return -1;
-  size_t space = response.body.find("} ", at);
-  return std::stod(response.body.substr(space + 2));
-}
-
-std::string run_command(const std::string& command, int* exit_code) {
-  FILE* pipe = popen((command + " 2>&1").c_str(), "r");
-  std::string output;
-  char buffer[4096];
-  size_t bytes;
-  while ((bytes = fread(buffer, 1, sizeof(buffer), pipe)) > 0) output.append(buffer, bytes);
-  const int status = pclose(pipe);
-  *exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128;
-  return output;
+  return completion_essence(probe);
 }
 
 TEST(ServeHybrid, SeededRequestKeepsItsBitsAloneAmidSixteenChunkedAndOnMpiRanks) {
   std::string alone;
   {
     ServerProcess server(serve_args(write_config("main", "max_num_batched_tokens: 256\n")));
-    alone = essence(post(server.port(), "/v1/completions", kProbe));
+    alone = completion_essence(post(server.port(), "/v1/completions", kProbe));
     ASSERT_NE(alone.find("\"length\""), std::string::npos) << alone;
-    EXPECT_EQ(essence(post(server.port(), "/v1/completions", kProbe)), alone) << "twice";
+    EXPECT_EQ(completion_essence(post(server.port(), "/v1/completions", kProbe)), alone) << "twice";
     EXPECT_EQ(probe_amid_mates(server.port()), alone) << "amid 16 concurrent requests";
-    EXPECT_EQ(metric(server.port(), "keel_state_slots_total"), 24);
-    EXPECT_EQ(metric(server.port(), "keel_state_slots_used"), 0) << "every slot given back";
+    EXPECT_EQ(metric_value(server.port(), "keel_state_slots_total"), 24);
+    EXPECT_EQ(metric_value(server.port(), "keel_state_slots_used"), 0) << "every slot given back";
 
     // The vision tower is not loaded: an image part is refused by name.
     HttpResponse image = post(
@@ -164,7 +136,8 @@ TEST(ServeHybrid, SeededRequestKeepsItsBitsAloneAmidSixteenChunkedAndOnMpiRanks)
     ServerProcess chunked(serve_args(write_config(
         "chunked",
         "max_num_batched_tokens: 5\nblock_size: 4\nnum_kv_blocks: 512\nprefix_caching: true\n")));
-    EXPECT_EQ(essence(post(chunked.port(), "/v1/completions", kProbe)), alone) << "budget 5";
+    EXPECT_EQ(completion_essence(post(chunked.port(), "/v1/completions", kProbe)), alone)
+        << "budget 5";
     EXPECT_EQ(probe_amid_mates(chunked.port()), alone) << "budget 5, amid 16";
     chunked.terminate();
     EXPECT_EQ(chunked.wait(), 0) << chunked.output();
@@ -174,7 +147,8 @@ TEST(ServeHybrid, SeededRequestKeepsItsBitsAloneAmidSixteenChunkedAndOnMpiRanks)
   {
     ServerProcess mpi({std::string(KEEL_MPIEXEC), "--allow-run-as-root", "--oversubscribe", "-np",
                        "4", kKeel, "serve", "--config", write_config("mpi", "")});
-    EXPECT_EQ(essence(post(mpi.port(), "/v1/completions", kProbe)), alone) << "4 MPI ranks";
+    EXPECT_EQ(completion_essence(post(mpi.port(), "/v1/completions", kProbe)), alone)
+        << "4 MPI ranks";
     EXPECT_EQ(probe_amid_mates(mpi.port()), alone) << "4 MPI ranks, amid 16";
     mpi.terminate();
     EXPECT_EQ(mpi.wait(), 0) << mpi.output();
