@@ -6,6 +6,7 @@
 
 #include "kernels/base/check.h"
 #include "runtime/cli/flags.h"
+#include "runtime/cli/plan_checkpoint.h"
 #include "runtime/tools/planning/plan_report.h"
 
 namespace keel {
@@ -13,7 +14,8 @@ namespace keel {
 namespace {
 
 constexpr const char* kUsage =
-    "usage: keel plan --model M.yaml --hardware H.yaml --quant Q --tp N --context TOKENS [flags]\n"
+    "usage: keel plan --model M.yaml|DIR --hardware H.yaml --quant Q --tp N --context TOKENS "
+    "[flags]\n"
     "Does it fit, how many sequences at that context, decode tok/s vs batch, prefill/TTFT, and\n"
     "the bottleneck of each regime, with the arithmetic shown. --efficiency-file excludes\n"
     "--bw-eff/--compute-eff/--layer-overhead-us/--allreduce-latency-us.\n";
@@ -25,7 +27,10 @@ int run(int argc, char** argv) {
   bool json = false;
   planning::PlanOptions options;
   flags::FlagSet flags("keel plan", kUsage);
-  flags.add_string("--model", &model_path, "M.yaml", "model preset").required();
+  flags
+      .add_string("--model", &model_path, "M.yaml|DIR",
+                  "planning preset, or a checkpoint directory / config.json")
+      .required();
   flags.add_string("--hardware", &hardware_path, "H.yaml", "hardware preset").required();
   flags.add_string("--quant", &quant_name, "bf16|fp8|nvfp4|mxfp4|int4", "weight quantization")
       .required();
@@ -63,7 +68,9 @@ int run(int argc, char** argv) {
         "--efficiency-file and --bw-eff/--compute-eff/--layer-overhead-us/"
         "--allreduce-latency-us are exclusive");
 
-  const planning::ModelSpec model = planning::load_model_spec(model_path);
+  const planning::ModelSpec model = is_checkpoint_path(model_path)
+                                        ? model_spec_from_checkpoint(model_path)
+                                        : planning::load_model_spec(model_path);
   planning::HardwareSpec hardware = planning::load_hardware_spec(hardware_path);
   const planning::QuantSpec quant = planning::quant_from_name(quant_name);
   if (flags.given("--gpus")) hardware.count = static_cast<int>(gpus);

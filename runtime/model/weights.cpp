@@ -478,10 +478,14 @@ void RankModel::load_mlp_block(const ModelConfig& config, const Checkpoint& chec
   }
 }
 
+// Every weight the rank holds on its device, norms included (fp32, as loaded).
 int64_t RankModel::weight_bytes() const {
   auto bytes = [](const Matrix& matrix) { return static_cast<int64_t>(matrix.data.nbytes()); };
-  int64_t total = bytes(embed_) + bytes(lm_head_);
+  auto array_bytes = [](const DeviceArray& array) { return static_cast<int64_t>(array.nbytes()); };
+  int64_t total = bytes(embed_) + bytes(lm_head_) + array_bytes(final_norm_);
   for (const LayerWeights& layer : layers_) {
+    total += array_bytes(layer.input_norm) + array_bytes(layer.post_norm) +
+             array_bytes(layer.q_norm) + array_bytes(layer.k_norm) + array_bytes(layer.qkv_bias);
     total += bytes(layer.linear_in) + bytes(layer.linear_out) +
              static_cast<int64_t>(layer.conv_weight.nbytes() + layer.a_log.nbytes() +
                                   layer.dt_bias.nbytes() + layer.linear_norm.nbytes());

@@ -105,7 +105,9 @@ MemoryPlan plan_memory(const ModelSpec& m, const HardwareSpec& hw, const QuantSp
         (2.0 * m.linear_num_key_heads * m.linear_key_head_dim +
          static_cast<double>(m.linear_num_value_heads) * m.linear_value_head_dim) /
         T;
-    const double conv = conv_channels * std::max<int64_t>(m.linear_conv_kernel_dim - 1, 0) * bf16;
+    const double conv_b =
+        dtype_bytes(m.linear_conv_state_dtype, m.path + ": linear_conv_state_dtype");
+    const double conv = conv_channels * std::max<int64_t>(m.linear_conv_kernel_dim - 1, 0) * conv_b;
     plan.state_bytes_per_seq = static_cast<double>(m.linear_attention_layers) * (recurrent + conv);
   }
   plan.kv_bytes_per_seq = plan.seq_bytes(options.context);

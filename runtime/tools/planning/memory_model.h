@@ -14,7 +14,8 @@
 //   - KV per token counts full-attention layers only; sliding-window layers hold at most
 //     `sliding_window` tokens per sequence; Gated DeltaNet layers hold a fixed state per sequence:
 //     num_v_heads/tp * head_k_dim * head_v_dim in linear_state_dtype, plus the conv state
-//     (2*nk*dk + nv*dv)/tp channels * (kernel - 1) in bf16.
+//     (2*nk*dk + nv*dv)/tp channels * (kernel - 1) in linear_conv_state_dtype (bf16; fp32, keel's
+//     own layout, for a plan read from a checkpoint).
 //   - Activations (estimate from T = max_num_batched_tokens): 6 hidden-sized bf16 buffers
 //     (residual, normed input, attention out, MLP out, two all-reduce staging) = 6*T*H*2 B, plus
 //     the widest per-rank MLP intermediate (gate and up, bf16): T * max(top_k*I_moe, I_shared,

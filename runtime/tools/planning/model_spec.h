@@ -58,6 +58,9 @@ struct ModelSpec {
   int64_t linear_value_head_dim = 0;
   int64_t linear_conv_kernel_dim = 0;
   std::string linear_state_dtype = "fp32";  // recurrent state (HF mamba_ssm_dtype)
+  // Conv state: bf16 as vLLM/SGLang keep it; keel's own runtime keeps it in fp32 (a plan built
+  // from a checkpoint directory counts keel's layout).
+  std::string linear_conv_state_dtype = "bf16";
 
   // MoE.
   int64_t num_experts = 0;  // 0: dense model

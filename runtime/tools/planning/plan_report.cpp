@@ -130,7 +130,8 @@ std::string render_plan_text(const PlanReport& r) {
       << ")\n";
   if (m.state_bytes_per_seq > 0)
     out << "  recurrent state/seq:  " << fmt("%.1f", m.state_bytes_per_seq / (1024.0 * 1024.0))
-        << " MiB (Gated DeltaNet, " << r.model.linear_state_dtype << " state + bf16 conv)\n";
+        << " MiB (Gated DeltaNet, " << r.model.linear_state_dtype << " state + "
+        << r.model.linear_conv_state_dtype << " conv)\n";
   out << "  KV per sequence:      " << gib(m.kv_bytes_per_seq) << " at " << r.options.context
       << " tokens\n";
   out << "  max concurrent sequences at " << r.options.context << ": " << m.max_seqs << "\n";
