@@ -9,6 +9,7 @@
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <string_view>
 #include <tuple>
 #include <unordered_map>
@@ -610,20 +611,22 @@ std::string find_model_preset(const std::string& name_or_path) {
 
 namespace {
 
+// The preset keys only the hybrid architectures take.
+const char* const kHybridKeys[] = {"layer_types",
+                                   "full_attention_interval",
+                                   "linear_num_key_heads",
+                                   "linear_num_value_heads",
+                                   "linear_key_head_dim",
+                                   "linear_value_head_dim",
+                                   "linear_conv_kernel_dim",
+                                   "attn_output_gate",
+                                   "partial_rotary_factor",
+                                   "mrope_section",
+                                   "mrope_interleaved"};
+
 // The Gated DeltaNet keys of load_model_preset: required and checked for the hybrid
 // architectures, refused for the others (where no tensor would reflect them).
 void load_hybrid_keys(const YAML::Node& root, const std::string& path, ModelPreset& preset) {
-  static const char* const kHybridKeys[] = {"layer_types",
-                                            "full_attention_interval",
-                                            "linear_num_key_heads",
-                                            "linear_num_value_heads",
-                                            "linear_key_head_dim",
-                                            "linear_value_head_dim",
-                                            "linear_conv_kernel_dim",
-                                            "attn_output_gate",
-                                            "partial_rotary_factor",
-                                            "mrope_section",
-                                            "mrope_interleaved"};
   if (!preset.hybrid()) {
     for (const char* key : kHybridKeys)
       if (root[key])
@@ -732,42 +735,31 @@ void load_hybrid_keys(const YAML::Node& root, const std::string& path, ModelPres
 
 ModelPreset load_model_preset(const std::string& path) {
   YAML::Node root = load_yaml_mapping(path);
-  reject_unknown_keys(root,
-                      {"name",
-                       "architecture",
-                       "vocab_size",
-                       "hidden_size",
-                       "num_hidden_layers",
-                       "num_attention_heads",
-                       "num_key_value_heads",
-                       "head_dim",
-                       "num_experts",
-                       "num_experts_per_tok",
-                       "moe_intermediate_size",
-                       "intermediate_size",
-                       "shared_expert_intermediate_size",
-                       "norm_topk_prob",
-                       "tie_word_embeddings",
-                       "rope_theta",
-                       "rms_norm_eps",
-                       "max_position_embeddings",
-                       "dtype",
-                       "router_scale",
-                       "near_tie_layer",
-                       "near_tie_gap",
-                       "near_tie_pairs",
-                       "layer_types",
-                       "full_attention_interval",
-                       "linear_num_key_heads",
-                       "linear_num_value_heads",
-                       "linear_key_head_dim",
-                       "linear_value_head_dim",
-                       "linear_conv_kernel_dim",
-                       "attn_output_gate",
-                       "partial_rotary_factor",
-                       "mrope_section",
-                       "mrope_interleaved"},
-                      path);
+  std::set<std::string> known_keys = {"name",
+                                      "architecture",
+                                      "vocab_size",
+                                      "hidden_size",
+                                      "num_hidden_layers",
+                                      "num_attention_heads",
+                                      "num_key_value_heads",
+                                      "head_dim",
+                                      "num_experts",
+                                      "num_experts_per_tok",
+                                      "moe_intermediate_size",
+                                      "intermediate_size",
+                                      "shared_expert_intermediate_size",
+                                      "norm_topk_prob",
+                                      "tie_word_embeddings",
+                                      "rope_theta",
+                                      "rms_norm_eps",
+                                      "max_position_embeddings",
+                                      "dtype",
+                                      "router_scale",
+                                      "near_tie_layer",
+                                      "near_tie_gap",
+                                      "near_tie_pairs"};
+  known_keys.insert(std::begin(kHybridKeys), std::end(kHybridKeys));
+  reject_unknown_keys(root, known_keys, path);
   ModelPreset preset;
   preset.name = std::filesystem::path(path).stem().string();
   auto get_int = [&](const char* key, int64_t& field, bool required) {
