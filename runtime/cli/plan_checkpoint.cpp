@@ -22,12 +22,25 @@ planning::ModelSpec model_spec_from_checkpoint(const std::string& path) {
   spec.hidden_size = config.hidden_size;
   spec.num_layers = config.num_layers;
   spec.tie_word_embeddings = config.tie_word_embeddings;
+  switch (config.dtype) {
+    case DType::kF32:
+      spec.dtype = "fp32";
+      break;
+    case DType::kBF16:
+      spec.dtype = "bf16";
+      break;
+    case DType::kF16:
+      spec.dtype = "fp16";
+      break;
+  }
+  spec.keel_layout = true;  // count what RankModel holds (model_spec.h lists the differences)
   spec.attention = planning::AttentionType::gqa;
   spec.num_attention_heads = config.num_heads;
   spec.num_kv_heads = config.num_kv_heads;
   spec.head_dim = config.head_dim;
-  spec.attention_bias = config.attention_bias;
-  spec.attn_output_gate = config.attn_output_gate;
+  spec.attention_bias = config.attention_bias;  // Qwen2-MoE: q/k/v only (keel refuses o_proj.bias)
+  spec.attention_o_bias = false;
+  spec.attn_output_gate = config.attn_output_gate;  // Qwen3.5 / Qwen3-Next: q_proj 2x wide
   spec.qk_norm = config.qk_norm;
   spec.linear_attention_layers = config.num_linear_layers();
   if (config.is_hybrid()) {

@@ -1,7 +1,11 @@
 // `keel plan --model DIR`: the planner's ModelSpec from a Hugging Face checkpoint's config.json,
 // read by the same ModelConfig the loader uses (runtime/model/model_config.h), so whatever keel
-// can load it can plan, with the same refusals. The spec describes keel's own layout where the
-// planner has a choice (the Gated DeltaNet conv state in fp32).
+// can load it can plan, with the same refusals (Qwen3-MoE, Qwen2-MoE, Mixtral, Qwen3.5-MoE
+// text-only or vision-language with text_config, Qwen3-Next). The spec carries the checkpoint's
+// dtype and keel_layout (model_spec.h): the plan counts what RankModel holds -- fp32 norms,
+// biases and small Gated DeltaNet tensors, a replicated embedding table, a padded per-rank
+// lm_head, fp32 conv state -- so at `--quant none --kv-dtype fp32` its weight, KV and state bytes
+// per rank are keel's (tests/test_plan_checkpoint.cpp).
 #pragma once
 
 #include <string>

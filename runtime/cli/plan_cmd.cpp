@@ -32,11 +32,14 @@ int run(int argc, char** argv) {
                   "planning preset, or a checkpoint directory / config.json")
       .required();
   flags.add_string("--hardware", &hardware_path, "H.yaml", "hardware preset").required();
-  flags.add_string("--quant", &quant_name, "bf16|fp8|nvfp4|mxfp4|int4", "weight quantization")
+  flags
+      .add_string("--quant", &quant_name, "none|bf16|fp8|nvfp4|mxfp4|int4",
+                  "weight quantization (none: the model's own dtype)")
       .required();
   flags.add_int("--tp", &tp, "N", "tensor-parallel GPUs").range(1, 1024).required();
   flags.add_int("--context", &context, "TOKENS", "context length").at_least(1).required();
-  flags.add_choice("--kv-dtype", &options.kv_dtype, {"bf16", "fp8"}, "KV cache dtype");
+  flags.add_choice("--kv-dtype", &options.kv_dtype, {"bf16", "fp8", "fp32"},
+                   "KV cache dtype (fp32: keel's own pool)");
   flags.add_int("--prompt-len", &options.prompt_len, "N", "prompt tokens for prefill/TTFT");
   flags.add_switch("--json", &json, "JSON report");
   flags.add_string("--efficiency-file", &efficiency_file, "F", "measured efficiencies");
@@ -72,7 +75,8 @@ int run(int argc, char** argv) {
                                         ? model_spec_from_checkpoint(model_path)
                                         : planning::load_model_spec(model_path);
   planning::HardwareSpec hardware = planning::load_hardware_spec(hardware_path);
-  const planning::QuantSpec quant = planning::quant_from_name(quant_name);
+  const planning::QuantSpec quant = quant_name == "none" ? planning::quant_as_stored(model.dtype)
+                                                         : planning::quant_from_name(quant_name);
   if (flags.given("--gpus")) hardware.count = static_cast<int>(gpus);
   if (!efficiency_file.empty()) planning::apply_efficiency_file(hardware, efficiency_file);
   if (flags.given("--bw-eff")) hardware.bandwidth_efficiency = bw_eff;

@@ -478,7 +478,12 @@ void RankModel::load_mlp_block(const ModelConfig& config, const Checkpoint& chec
   }
 }
 
-// Every weight the rank holds on its device, norms included (fp32, as loaded).
+// Every weight the rank holds on its device: matrices at the checkpoint's dtype (the whole
+// embedding table, lm_head's padded ceil(vocab / tp) rows -- a copy when tied -- q/k/v/o, Gated
+// DeltaNet in/out, routers, shared-expert gate, this rank's experts and MLP slices) and the fp32
+// vectors made at load (input/post-attention/final norms, q/k norms, q/k/v biases, conv1d, A_log,
+// dt_bias, the gated norm). Index tables (expert maps, pointer tables) are not weights. The
+// planner's keel_layout (runtime/tools/planning/model_spec.h) counts the same bytes.
 int64_t RankModel::weight_bytes() const {
   auto bytes = [](const Matrix& matrix) { return static_cast<int64_t>(matrix.data.nbytes()); };
   auto array_bytes = [](const DeviceArray& array) { return static_cast<int64_t>(array.nbytes()); };

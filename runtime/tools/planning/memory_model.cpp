@@ -35,6 +35,10 @@ MemoryPlan plan_memory(const ModelSpec& m, const HardwareSpec& hw, const QuantSp
   const double bf16 = 2.0;
   const double full = static_cast<double>(m.full_attention_layers());
   const double kv_b = dtype_bytes(options.kv_dtype, "--kv-dtype");
+  // Unquantized tensors at the model's dtype; keel's layout (model_spec.h) keeps the small
+  // ones (norms, biases, conv1d, A_log, dt_bias) in fp32.
+  const double wb = dtype_bytes(m.dtype, m.path + ": dtype");
+  const std::string wn = m.dtype;
 
   auto add = [&](const std::string& name, double bytes, const std::string& note) {
     if (bytes <= 0) return;
@@ -47,7 +51,12 @@ MemoryPlan plan_memory(const ModelSpec& m, const HardwareSpec& hw, const QuantSp
     add("routed experts", p.routed_experts * q / T,
         std::to_string(m.num_experts) + " x " + std::to_string(m.moe_layers()) + " layers, " + qn +
             ", /tp");
-    add("shared experts", p.shared_experts * q / T, qn + ", /tp");
+    // keel replicates the shared-expert gate [1, H] at the model's dtype.
+    const double shared_gate = m.keel_layout && m.shared_expert_gate && m.num_shared_experts > 0
+                                   ? H * static_cast<double>(m.moe_layers())
+                                   : 0.0;
+    add("shared experts", (p.shared_experts - shared_gate) * q / T + shared_gate * wb,
+        qn + ", /tp");
   }
   add("dense MLP layers", p.dense_mlp * q / T,
       std::to_string(m.dense_layers) + " layers, " + qn + ", /tp");
@@ -73,16 +82,53 @@ MemoryPlan plan_memory(const ModelSpec& m, const HardwareSpec& hw, const QuantSp
     }
     attn_rank = full * (replicated + sharded / T) * a;
   }
-  // Small bf16 tensors (norms, biases, sinks) replicated: conservative.
-  attn_rank += p.attention_bf16 * bf16;
-  add("attention (q/k/v/o, norms)", attn_rank,
-      std::to_string(m.full_attention_layers()) + " layers, " + an);
-  add("linear attention (Gated DeltaNet)",
-      (p.linear_attention * a + p.linear_attention_bf16 * bf16) / T,
-      std::to_string(m.linear_attention_layers) + " layers, " + an + ", /tp");
-  add("routers + layer norms", (p.router + p.layer_norms) * bf16, "bf16, replicated");
-  add("embeddings", p.embeddings * bf16 / T, "bf16, vocab-parallel /tp");
-  add("lm_head", p.lm_head * bf16 / T, "bf16, vocab-parallel /tp");
+  if (!m.keel_layout) {
+    // Small tensors (norms, biases, sinks) replicated: conservative.
+    attn_rank += p.attention_bf16 * wb;
+    add("attention (q/k/v/o, norms)", attn_rank,
+        std::to_string(m.full_attention_layers()) + " layers, " + an);
+    add("linear attention (Gated DeltaNet)",
+        (p.linear_attention * a + p.linear_attention_bf16 * wb) / T,
+        std::to_string(m.linear_attention_layers) + " layers, " + an + ", /tp");
+    add("routers + layer norms", (p.router + p.layer_norms) * wb, wn + ", replicated");
+    add("embeddings", p.embeddings * wb / T, wn + ", vocab-parallel /tp");
+    add("lm_head", p.lm_head * wb / T, wn + ", vocab-parallel /tp");
+  } else {
+    const double f32 = 4.0;
+    if (m.attention == AttentionType::gqa) {
+      const double kvr = static_cast<double>(ceil_div(m.num_kv_heads, tp));
+      const double hd = static_cast<double>(m.head_dim);
+      double small = 0;  // per full-attention layer, this rank
+      if (m.attention_bias)
+        small += static_cast<double>(m.num_attention_heads) * hd / T + 2.0 * kvr * hd;
+      if (m.attention_bias && m.attention_o_bias) small += H;
+      if (m.qk_norm) small += 2.0 * hd;
+      if (m.attention_sinks) small += static_cast<double>(m.num_attention_heads) / T;
+      attn_rank += full * small * f32;
+    } else {
+      attn_rank += p.attention_bf16 * f32;
+    }
+    add("attention (q/k/v/o, norms)", attn_rank,
+        std::to_string(m.full_attention_layers()) + " layers, " + an + "; biases, norms fp32");
+    if (m.linear_attention_layers > 0) {
+      const double nv = static_cast<double>(m.linear_num_value_heads);
+      const double channels =
+          2.0 * m.linear_num_key_heads * m.linear_key_head_dim + nv * m.linear_value_head_dim;
+      // conv1d, A_log, dt_bias split with the heads; the gated norm [head_v_dim] replicated.
+      const double small =
+          (channels * m.linear_conv_kernel_dim + 2.0 * nv) / T + m.linear_value_head_dim;
+      add("linear attention (Gated DeltaNet)",
+          p.linear_attention * a / T + static_cast<double>(m.linear_attention_layers) * small * f32,
+          std::to_string(m.linear_attention_layers) + " layers, " + an +
+              ", /tp; conv1d, A_log, dt_bias, norm fp32");
+    }
+    add("routers + layer norms", p.router * wb + p.layer_norms * f32,
+        "routers " + wn + ", norms fp32, replicated");
+    add("embeddings", p.embeddings * wb, wn + ", replicated (keel)");
+    add("lm_head", static_cast<double>(ceil_div(m.vocab_size, tp)) * H * wb,
+        wn + ", ceil(vocab/tp) rows per rank" +
+            (m.tie_word_embeddings ? ", a copy when tied" : ""));
+  }
   for (const MemoryLine& line : plan.weights) plan.weight_bytes += line.bytes;
 
   // KV cache per token (full-attention layers) and sliding-window layers.

@@ -22,6 +22,8 @@
 //     I_dense)/tp * 2 * 2 B, plus fp32 logits for max_num_seqs sampled rows: rows * V * 4 B.
 //   - Communication buffers: all-reduce in/out 2*T*H*2 B plus a fixed NCCL allowance
 //     (comm_fixed_mib, default 256 MiB) when tp > 1.
+//   - keel_layout (a plan read from a checkpoint): what keel's RankModel holds instead (see
+//     model_spec.h), at the checkpoint's dtype: equal to RankModel::weight_bytes() per rank.
 //   - Framework reserve (default 2 GiB, --reserve-gib): CUDA context, cuBLAS/cuBLASLt workspaces,
 //     CUDA-graph pools and allocator fragmentation.
 #pragma once

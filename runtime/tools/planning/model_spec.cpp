@@ -22,11 +22,12 @@ ModelParams count_params(const ModelSpec& m) {
   double attn = 0, attn_small = 0;
   if (m.attention == AttentionType::gqa) {
     const double nh = m.num_attention_heads, nkv = m.num_kv_heads, hd = m.head_dim;
-    const double q_out = nh * hd * (m.attn_output_gate ? 2.0 : 1.0);   // q (+ gate) projection
-    attn = H * q_out + 2.0 * H * nkv * hd + nh * hd * H;               // q, k, v, o
-    if (m.attention_bias) attn_small += nh * hd + 2.0 * nkv * hd + H;  // q/k/v/o biases
-    if (m.qk_norm) attn_small += 2.0 * hd;                             // q_norm, k_norm
-    if (m.attention_sinks) attn_small += nh;                           // one sink per head
+    const double q_out = nh * hd * (m.attn_output_gate ? 2.0 : 1.0);  // q (+ gate) projection
+    attn = H * q_out + 2.0 * H * nkv * hd + nh * hd * H;              // q, k, v, o
+    if (m.attention_bias) attn_small += nh * hd + 2.0 * nkv * hd;     // q/k/v biases
+    if (m.attention_bias && m.attention_o_bias) attn_small += H;      // o_proj bias
+    if (m.qk_norm) attn_small += 2.0 * hd;                            // q_norm, k_norm
+    if (m.attention_sinks) attn_small += nh;                          // one sink per head
   } else {
     const double nh = m.num_attention_heads;
     const double qk = m.qk_nope_head_dim + m.qk_rope_head_dim;
@@ -94,6 +95,7 @@ void validate_model_spec(const ModelSpec& m, const std::string& where) {
   positive(m.hidden_size, "hidden_size");
   positive(m.num_layers, "num_hidden_layers");
   positive(m.num_attention_heads, "num_attention_heads");
+  dtype_bytes(m.dtype, where + ": dtype");
   if (m.linear_attention_layers < 0 || m.linear_attention_layers >= m.num_layers)
     throw_error(where, ": 'linear_attention_layers' must be in [0, num_hidden_layers)");
   if (m.attention == AttentionType::gqa) {

@@ -30,13 +30,27 @@ struct ModelSpec {
   int64_t hidden_size = 0;
   int64_t num_layers = 0;  // all decoder layers (full + linear attention)
   bool tie_word_embeddings = false;
+  // Storage dtype of what no quantization touches (embeddings, lm_head, routers, norms): bf16
+  // for presets, a checkpoint's torch_dtype (bf16 | fp16 | fp32) for a plan read from one.
+  std::string dtype = "bf16";
+  // Plan keel's own runtime layout (set for a plan read from a checkpoint directory; what
+  // RankModel::weight_bytes() counts), instead of a GPU server's (vLLM/SGLang):
+  //   - norms (input/post-attention/final, q/k norms, the gated GDN norm), q/k/v biases, conv1d,
+  //     A_log and dt_bias in fp32 (keel converts them at load);
+  //   - the embedding table replicated whole on every rank (not vocab-parallel);
+  //   - lm_head vocab-parallel, padded: ceil(vocab / tp) rows per rank, held even when tied;
+  //   - q/k/v biases sharded with their heads; conv1d, A_log, dt_bias sharded with the GDN heads;
+  //     the gated GDN norm, q/k norms and the shared-expert gate replicated;
+  //   - the Gated DeltaNet conv state in fp32 (linear_conv_state_dtype).
+  bool keel_layout = false;
 
   // Full (softmax) attention layers: num_layers - linear_attention_layers.
   AttentionType attention = AttentionType::gqa;
   int64_t num_attention_heads = 0;
   int64_t num_kv_heads = 0;
   int64_t head_dim = 0;
-  bool attention_bias = false;
+  bool attention_bias = false;    // biases on q/k/v (and on o_proj when attention_o_bias)
+  bool attention_o_bias = true;   // gpt-oss: o_proj bias too; Qwen2-MoE: q/k/v only
   bool attn_output_gate = false;  // Qwen3.5: q_proj also emits a sigmoid gate (2x q width)
   bool qk_norm = false;
   int64_t sliding_window = 0;         // tokens; 0 = none

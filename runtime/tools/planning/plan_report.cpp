@@ -98,8 +98,9 @@ std::string render_plan_text(const PlanReport& r) {
         << fmt("%.1f", r.model.reference_active_params_b) << " B";
   out << "\n  quant: " << r.quant.name << " = " << r.quant.description << ", "
       << fmt("%.4f", r.quant.bytes_per_param) << " B/param; embeddings, lm_head, norms, routers "
-      << "bf16" << (r.options.attention_bf16 ? "; attention bf16 (--attention-bf16)" : "")
-      << "; matmuls at " << compute_precision_name(r.precision) << "\n\n";
+      << r.model.dtype << (r.model.keel_layout ? " (keel's layout: norms and biases fp32)" : "")
+      << (r.options.attention_bf16 ? "; attention bf16 (--attention-bf16)" : "") << "; matmuls at "
+      << compute_precision_name(r.precision) << "\n\n";
 
   out << "Memory per GPU (" << fmt("%.1f", r.hardware.memory_gib) << " GiB):\n";
   for (const MemoryLine& line : m.weights) {

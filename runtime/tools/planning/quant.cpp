@@ -77,6 +77,17 @@ QuantSpec quant_from_name(const std::string& name) {
   return spec;
 }
 
+QuantSpec quant_as_stored(const std::string& dtype) {
+  QuantSpec spec;
+  spec.kind = QuantKind::bf16;
+  spec.name = "none (" + dtype + ")";
+  spec.bytes_per_param = dtype_bytes(dtype, "quantization none");
+  spec.element_bits = 8.0 * spec.bytes_per_param;
+  spec.description = dtype + " as stored, no scales";
+  spec.compute = ComputePrecision::bf16;
+  return spec;
+}
+
 double dtype_bytes(const std::string& dtype, const std::string& where) {
   if (dtype == "bf16" || dtype == "fp16" || dtype == "bfloat16" || dtype == "float16") return 2.0;
   if (dtype == "fp8" || dtype == "fp8_e4m3" || dtype == "fp8_e5m2") return 1.0;

@@ -44,6 +44,11 @@ double bytes_per_param(QuantKind kind);
 // Throws keel::Error listing the known names.
 QuantSpec quant_from_name(const std::string& name);
 
+// No quantization: every weight at the model's storage dtype `dtype` (bf16 | fp16 | fp32; e.g. a
+// checkpoint's torch_dtype), named "none (<dtype>)"; matmuls at bf16 (fp16/fp32 checkpoints are
+// planned at the bf16 tensor-core rate).
+QuantSpec quant_as_stored(const std::string& dtype);
+
 // Bytes per element of a KV-cache / state dtype: "bf16"/"fp16" 2, "fp8" 1, "fp32" 4.
 double dtype_bytes(const std::string& dtype, const std::string& where);
 
