@@ -62,6 +62,10 @@ class RecordingBackend final : public Backend {
     compute();
     inner_->gemm(x, w, w_dtype, y, m, n, k);
   }
+  void matmul(const float* x, const math::WeightView& w, float* y, int64_t m) override {
+    compute();
+    inner_->matmul(x, w, y, m);
+  }
   void rms_norm(const float* x, const float* weight, float eps, int64_t num_rows, int64_t width,
                 float* out) override {
     compute();

@@ -11,6 +11,7 @@
 #include "kernels/base/check.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/ops.h"
+#include "kernels/cpu/qgemm.h"
 
 namespace keel::cpu {
 
@@ -55,6 +56,19 @@ void expert_ffn(const float* x, int64_t num_rows, int64_t hidden, int64_t inter,
   for (int64_t row = 0; row < num_rows; ++row)
     silu_mul(mid + row * 2 * inter, mid + row * 2 * inter + inter, inter, act + row * inter);
   gemm(act, down, weight_dtype, out, num_rows, hidden, inter);
+}
+
+void expert_ffn_views(const float* x, int64_t num_rows, const math::WeightView& gate_up,
+                      const math::WeightView& down, float* mid, float* act, float* out) {
+  if (num_rows == 0) return;
+  const int64_t inter = down.cols;
+  KEEL_CHECK(gate_up.rows == 2 * inter && gate_up.cols == down.rows, "expert_ffn: gate_up ",
+             gate_up.rows, "x", gate_up.cols, " and down ", down.rows, "x", down.cols,
+             " do not fit");
+  matmul(x, gate_up.cols, gate_up, mid, gate_up.rows, num_rows);
+  for (int64_t row = 0; row < num_rows; ++row)
+    silu_mul(mid + row * 2 * inter, mid + row * 2 * inter + inter, inter, act + row * inter);
+  matmul(act, inter, down, out, down.rows, num_rows);
 }
 
 void moe_combine(const float* expert_out, int64_t width, const int32_t* slot_rows,

@@ -8,6 +8,7 @@
 
 #include "kernels/base/dtype.h"
 #include "kernels/math/moe_math.h"
+#include "kernels/math/quant_math.h"
 
 namespace keel::cpu {
 
@@ -28,6 +29,10 @@ void gather_rows(const float* src, const math::PackedRoute* routes, int64_t num_
 void expert_ffn(const float* x, int64_t num_rows, int64_t hidden, int64_t inter,
                 const void* gate_up, const void* down, DType weight_dtype, float* mid, float* act,
                 float* out);
+
+// expert_ffn with weights in any format (dense or quantized views, kernels/cpu/qgemm.h).
+void expert_ffn_views(const float* x, int64_t num_rows, const math::WeightView& gate_up,
+                      const math::WeightView& down, float* mid, float* act, float* out);
 
 // out[t, :] = math combine of token t's local slots (slot order), then + sigmoid(gate_logit[t])
 // * shared[t, :] when `shared` is non-null. out [num_tokens, width].

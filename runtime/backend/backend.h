@@ -17,6 +17,7 @@
 
 #include "kernels/base/dtype.h"
 #include "kernels/math/moe_math.h"
+#include "kernels/math/quant_math.h"
 
 namespace keel {
 
@@ -70,6 +71,11 @@ class Backend {
   // y[m, n] = sum_k x[m, k] * w[n, k] in the canonical order of kernels/cpu/gemm.h.
   virtual void gemm(const float* x, const void* w, DType w_dtype, float* y, int64_t m, int64_t n,
                     int64_t k) = 0;
+  // y[m, :] = x[m, :] * w^T for a weight in any layout (kernels/math/quant_math.h): dense views
+  // through gemm's canonical order, quantized ones through the quantized GEMM, whose canonical
+  // order is the same with each weight decoded first (kernels/cpu/qgemm.h). x [m, w.cols] and
+  // y [m, w.rows] contiguous.
+  virtual void matmul(const float* x, const math::WeightView& w, float* y, int64_t m) = 0;
   // RMSNorm of `num_rows` contiguous rows of `width` (out may alias x).
   virtual void rms_norm(const float* x, const float* weight, float eps, int64_t num_rows,
                         int64_t width, float* out) = 0;
@@ -147,10 +153,14 @@ class Backend {
                           float* expert_in) = 0;
   // The local experts' weights: device tables [num_local] of pointers to each expert's gate_up
   // [2 * inter, hidden] (gate rows, then up rows) and down [hidden, inter] matrices.
+  // Quantized experts (and, where set, dense ones too) come as device arrays [num_local] of
+  // weight views instead: gate_up_views / down_views, used whenever they are non-null.
   struct ExpertTable {
     const void* const* gate_up = nullptr;
     const void* const* down = nullptr;
     DType dtype = DType::kF32;
+    const math::WeightView* gate_up_views = nullptr;
+    const math::WeightView* down_views = nullptr;
     int64_t hidden = 0;
     int64_t inter = 0;
   };

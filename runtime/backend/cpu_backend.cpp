@@ -11,6 +11,7 @@
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/moe.h"
 #include "kernels/cpu/ops.h"
+#include "kernels/cpu/qgemm.h"
 #include "kernels/math/ops_math.h"
 #include "runtime/backend/backend.h"
 
@@ -57,6 +58,9 @@ class CpuBackend final : public Backend {
   void gemm(const float* x, const void* w, DType w_dtype, float* y, int64_t m, int64_t n,
             int64_t k) override {
     cpu::gemm(x, w, w_dtype, y, m, n, k);
+  }
+  void matmul(const float* x, const math::WeightView& w, float* y, int64_t m) override {
+    cpu::matmul(x, w.cols, w, y, w.rows, m);
   }
   void rms_norm(const float* x, const float* weight, float eps, int64_t num_rows, int64_t width,
                 float* out) override {
@@ -149,6 +153,12 @@ class CpuBackend final : public Backend {
       const int64_t first = dispatch.offsets[local];
       const int64_t num_rows = dispatch.offsets[local + 1] - first;
       auto run = [&] {
+        if (experts.gate_up_views != nullptr) {
+          cpu::expert_ffn_views(expert_in + first * hidden, num_rows, experts.gate_up_views[local],
+                                experts.down_views[local], mid + first * 2 * inter,
+                                act + first * inter, expert_out + first * hidden);
+          return;
+        }
         cpu::expert_ffn(expert_in + first * hidden, num_rows, hidden, inter, experts.gate_up[local],
                         experts.down[local], experts.dtype, mid + first * 2 * inter,
                         act + first * inter, expert_out + first * hidden);

@@ -74,6 +74,19 @@ class CudaBackend final : public Backend {
       cuda::gemm_canonical(args);
     }
   }
+  void matmul(const float* x, const math::WeightView& w, float* y, int64_t m) override {
+    if (w.format == math::WeightFormat::kDense) {
+      cuda::GemmArgs args{x, w.cols, w.data, w.dtype, w.ld, y, w.rows, m, w.rows, w.cols};
+      if (gemm_kind_ == GpuGemm::kCublas) {
+        cublas_->gemm(args, cuda::CublasInputs::kWidenWeights);
+      } else {
+        cuda::gemm_canonical(args);
+      }
+      return;
+    }
+    throw_error("cuda backend: quantized weights (", math::weight_format_name(w.format),
+                ") have no CUDA GEMM yet");
+  }
   void rms_norm(const float* x, const float* weight, float eps, int64_t num_rows, int64_t width,
                 float* out) override {
     cuda::rms_norm(x, weight, eps, num_rows, width, out);
@@ -145,6 +158,9 @@ class CudaBackend final : public Backend {
   // each non-empty expert runs the same kernels alone between events. Same kernels, same bits.
   void moe_experts(const float* expert_in, const MoeDispatch& dispatch, const ExpertTable& experts,
                    float* mid, float* act, float* expert_out, const ExpertTimes* times) override {
+    if (experts.gate_up_views != nullptr) {
+      throw_error("cuda backend: quantized experts have no CUDA grouped GEMM yet");
+    }
     if (times == nullptr) {
       run_experts(expert_in, dispatch, experts, 0, dispatch.num_local, mid, act, expert_out);
       return;

@@ -20,8 +20,7 @@ void RankModel::attention(int64_t layer_idx, int64_t num_tokens, const Backend::
   const float eps = static_cast<float>(config_.rms_norm_eps);
   float* qkv = scratch(qkv_, static_cast<size_t>(num_tokens * qkv_width));
   float* attn_out = scratch(attn_out_, static_cast<size_t>(num_tokens * q_width));
-  backend_.gemm(normed_.f32(), layer.qkv.data.data(), layer.qkv.dtype(), qkv, num_tokens, qkv_width,
-                config_.hidden_size);
+  backend_.matmul(normed_.f32(), layer.qkv.view(), qkv, num_tokens);
   // Bias, qk-norm, RoPE, then append K/V to each token's cache before any attention, so every
   // token sees every earlier position of its sequence, including those in this step.
   if (!layer.qkv_bias.empty()) backend_.add_bias(qkv, layer.qkv_bias.f32(), num_tokens, qkv_width);
@@ -41,8 +40,7 @@ void RankModel::attention(int64_t layer_idx, int64_t num_tokens, const Backend::
                      cache_idx_.i32(), num_tokens, cache_layer, view, scale, attn_out);
   if (config_.attn_output_gate)
     backend_.sigmoid_gate_mul(attn_out, num_tokens, q_width, qkv + gate_col, qkv_width);
-  backend_.gemm(attn_out, layer.o_proj.data.data(), layer.o_proj.dtype(), partial_.f32(),
-                num_tokens, config_.hidden_size, q_width);
+  backend_.matmul(attn_out, layer.o_proj.view(), partial_.f32(), num_tokens);
 }
 
 }  // namespace keel

@@ -77,7 +77,6 @@ Backend::RecurrentSeqs RankModel::upload_recurrent_seqs(const StepBatch& batch,
 void RankModel::linear_attention(int64_t layer_idx, int64_t num_tokens,
                                  const Backend::RecurrentSeqs& seqs, KvPool& pool) {
   LayerWeights& layer = layers_[static_cast<size_t>(layer_idx)];
-  const int64_t hidden = config_.hidden_size;
   const int64_t k_dim = config_.linear_key_head_dim;
   const int64_t v_dim = config_.linear_value_head_dim;
   const int64_t num_k = linear_k_heads_local_;
@@ -102,8 +101,7 @@ void RankModel::linear_attention(int64_t layer_idx, int64_t num_tokens,
       pool.conv_state.f32() + layer.cache_layer * slots * conv_channels * (kernel - 1);
   float* ssm_state = pool.ssm_state.f32() + layer.cache_layer * slots * num_v * k_dim * v_dim;
 
-  backend_.gemm(normed_.f32(), layer.linear_in.data.data(), layer.linear_in.dtype(), proj,
-                num_tokens, proj_width, hidden);
+  backend_.matmul(normed_.f32(), layer.linear_in.view(), proj, num_tokens);
   backend_.gdn_conv(proj, proj_width, conv_channels, layer.conv_weight.f32(), kernel, seqs,
                     conv_state, conv_out);
   backend_.gdn_gates(proj, proj_width, a_col, b_col, num_v, layer.a_log.f32(), layer.dt_bias.f32(),
@@ -114,8 +112,7 @@ void RankModel::linear_attention(int64_t layer_idx, int64_t num_tokens,
                           seqs, ssm_state, core);
   backend_.gdn_gated_norm(core, proj + z_col, proj_width, layer.linear_norm.f32(),
                           static_cast<float>(config_.rms_norm_eps), num_tokens, num_v, v_dim, core);
-  backend_.gemm(core, layer.linear_out.data.data(), layer.linear_out.dtype(), partial_.f32(),
-                num_tokens, hidden, value_width);
+  backend_.matmul(core, layer.linear_out.view(), partial_.f32(), num_tokens);
 }
 
 }  // namespace keel

@@ -266,8 +266,7 @@ void RankModel::forward(const StepBatch& batch, KvPool& pool, comm::Communicator
     const math::PackedRoute* rows = upload_routes(host_logits_routes_, logits_rows_);
     backend_.permute_rows(hidden_states, rows, num_rows, hidden, lm_in);
     backend_.rms_norm(lm_in, final_norm_.f32(), eps, num_rows, hidden, lm_in);
-    backend_.gemm(lm_in, lm_head_.data.data(), lm_head_.dtype(), local_logits, num_rows,
-                  vocab_chunk_, hidden);
+    backend_.matmul(lm_in, lm_head_.view(), local_logits, num_rows);
   });
   const size_t gathered_count = static_cast<size_t>(num_rows * vocab_chunk_ * tp_size_);
   float* gathered = scratch(gathered_logits_, gathered_count);

@@ -38,13 +38,47 @@ enum class CombinePrecision : uint8_t { kFp32, kRoundPerExpert };
 std::string_view combine_precision_name(CombinePrecision precision);
 CombinePrecision parse_combine_precision(std::string_view name);
 
-// A weight matrix in its storage dtype on the backend's device, row-major
-// [rows = out_features, cols = in_features].
+// A weight matrix on the backend's device, row-major [rows = out_features, cols = in_features]:
+// dense in its storage dtype, or in one of keel's quantized layouts (kernels/math/quant_math.h:
+// codes in `data`, per-group scales, int4 zero points and act-order groups, NVFP4 per-row global
+// scales and the W4A4 input scale).
 struct Matrix {
   DeviceArray data;
   int64_t rows = 0;
   int64_t cols = 0;
+  math::WeightFormat format = math::WeightFormat::kDense;
+  DeviceArray scales, zeros, group_of_k, row_scales;
+  float input_scale = 0;  // NVFP4: the checkpoint's input_scale, used when W4A4 is selected
+  bool w4a4 = false;      // NVFP4: quantize activations per 16 with input_scale
+  int64_t ld = 0;         // row stride of data (elements dense, bytes packed); 0 means cols
+  int64_t scale_ld = 0;
+  int64_t group_size = 0;
+
   DType dtype() const { return data.dtype(); }
+  bool quantized() const { return format != math::WeightFormat::kDense; }
+  // Device bytes of the weight with all its scales.
+  int64_t nbytes() const {
+    return static_cast<int64_t>(data.nbytes() + scales.nbytes() + zeros.nbytes() +
+                                group_of_k.nbytes() + row_scales.nbytes());
+  }
+  // What the GEMMs read (pointers into this matrix's arrays).
+  math::WeightView view() const {
+    math::WeightView view;
+    view.format = format;
+    view.dtype = data.dtype();
+    view.data = data.data();
+    view.scales = scales.empty() ? nullptr : scales.data();
+    view.zeros = zeros.empty() ? nullptr : static_cast<const uint8_t*>(zeros.data());
+    view.group_of_k = group_of_k.empty() ? nullptr : group_of_k.i32();
+    view.row_scales = row_scales.empty() ? nullptr : row_scales.f32();
+    view.input_scale = w4a4 ? input_scale : 0.0f;
+    view.rows = rows;
+    view.cols = cols;
+    view.ld = ld > 0 ? ld : cols;
+    view.scale_ld = scale_ld;
+    view.group_size = group_size;
+    return view;
+  }
 };
 
 struct ExpertWeights {
@@ -79,9 +113,11 @@ struct LayerWeights {
   std::vector<int32_t> local_expert_ids;  // [num local] -> expert id (host, for telemetry)
   DeviceArray expert_to_local;            // int32 [E] -> local index or -1 (for moe_pack)
   DeviceArray gate_up_table, down_table;  // [num local] device pointers to the experts' weights
-  ExpertWeights shared;                   // shared expert or dense MLP shard (I / tp wide)
-  int64_t shared_width = 0;               // local intermediate width of `shared`
-  Matrix shared_gate;                     // [1, H] sigmoid gate of the shared expert
+  // [num local] math::WeightView of each expert's matrices, when the experts are quantized.
+  DeviceArray gate_up_views, down_views;
+  ExpertWeights shared;      // shared expert or dense MLP shard (I / tp wide)
+  int64_t shared_width = 0;  // local intermediate width of `shared`
+  Matrix shared_gate;        // [1, H] sigmoid gate of the shared expert
 };
 
 // This rank's sequence caches. The paged KV pool: k and v as [attention layers][num_blocks]

@@ -11,11 +11,9 @@ void RankModel::dense_mlp(const ExpertWeights& weights, int64_t width, int64_t n
                           float* out) {
   float* mid = scratch(expert_mid_, static_cast<size_t>(num_tokens * 2 * width));
   float* act = scratch(expert_act_, static_cast<size_t>(num_tokens * width));
-  backend_.gemm(normed_.f32(), weights.gate_up.data.data(), weights.gate_up.dtype(), mid,
-                num_tokens, 2 * width, config_.hidden_size);
+  backend_.matmul(normed_.f32(), weights.gate_up.view(), mid, num_tokens);
   backend_.silu_mul(mid, num_tokens, width, act);
-  backend_.gemm(act, weights.down.data.data(), weights.down.dtype(), out, num_tokens,
-                config_.hidden_size, width);
+  backend_.matmul(act, weights.down.view(), out, num_tokens);
 }
 
 void RankModel::moe(int64_t layer_idx, int64_t moe_idx, int64_t num_tokens,
@@ -37,8 +35,7 @@ void RankModel::moe(int64_t layer_idx, int64_t moe_idx, int64_t num_tokens,
   float* margins = scratch(route_margins_, static_cast<size_t>(num_moe_layers_ * num_tokens)) +
                    moe_idx * num_tokens;
   timed(Phase::kRouter, layer_idx, [&] {
-    backend_.gemm(normed_.f32(), layer.router.data.data(), layer.router.dtype(), router_logits,
-                  num_tokens, num_experts, hidden);
+    backend_.matmul(normed_.f32(), layer.router.view(), router_logits, num_tokens);
     backend_.route_top_k(router_logits, num_tokens, num_experts, top_k, config_.norm_topk_prob,
                          route_ids, route_weights, margins, forced_routes);
   });
@@ -71,6 +68,10 @@ void RankModel::moe(int64_t layer_idx, int64_t moe_idx, int64_t num_tokens,
   table.dtype = num_local > 0 ? layer.experts.front().gate_up.dtype() : expert_dtype_;
   table.hidden = hidden;
   table.inter = inter;
+  if (!layer.gate_up_views.empty()) {
+    table.gate_up_views = static_cast<const math::WeightView*>(layer.gate_up_views.data());
+    table.down_views = static_cast<const math::WeightView*>(layer.down_views.data());
+  }
   if (observe_) {
     host_expert_seconds_.assign(static_cast<size_t>(num_local), 0.0);
     host_expert_starts_.assign(static_cast<size_t>(num_local), 0.0);
@@ -98,8 +99,7 @@ void RankModel::moe(int64_t layer_idx, int64_t moe_idx, int64_t num_tokens,
       float* shared_out = scratch(shared_out_, static_cast<size_t>(num_tokens * hidden));
       dense_mlp(layer.shared, layer.shared_width, num_tokens, shared_out);
       float* gate_logits = scratch(shared_gate_logits_, static_cast<size_t>(num_tokens));
-      backend_.gemm(normed_.f32(), layer.shared_gate.data.data(), layer.shared_gate.dtype(),
-                    gate_logits, num_tokens, 1, hidden);
+      backend_.matmul(normed_.f32(), layer.shared_gate.view(), gate_logits, num_tokens);
       shared = shared_out;
       shared_gate_logits = gate_logits;
     }

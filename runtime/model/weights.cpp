@@ -485,7 +485,7 @@ void RankModel::load_mlp_block(const ModelConfig& config, const Checkpoint& chec
 // dt_bias, the gated norm). Index tables (expert maps, pointer tables) are not weights. The
 // planner's keel_layout (runtime/tools/planning/model_spec.h) counts the same bytes.
 int64_t RankModel::weight_bytes() const {
-  auto bytes = [](const Matrix& matrix) { return static_cast<int64_t>(matrix.data.nbytes()); };
+  auto bytes = [](const Matrix& matrix) { return matrix.nbytes(); };
   auto array_bytes = [](const DeviceArray& array) { return static_cast<int64_t>(array.nbytes()); };
   int64_t total = bytes(embed_) + bytes(lm_head_) + array_bytes(final_norm_);
   for (const LayerWeights& layer : layers_) {

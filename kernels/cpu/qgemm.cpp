@@ -1,0 +1,143 @@
+// Quantized GEMM front end: view checks, W4A4 activation quantization, ISA dispatch, and the
+// scalar path (math::canonical_dot_with over the format's scalar decoder; the definition the
+// vector paths match bit for bit). Layout as in kernels/math/quant_math.h.
+#include "kernels/cpu/qgemm.h"
+
+#include <vector>
+
+#include "kernels/base/check.h"
+#include "kernels/cpu/gemm.h"
+#include "kernels/cpu/qgemm_internal.h"
+#include "kernels/math/gemm_math.h"
+
+namespace keel::cpu {
+
+namespace {
+
+using math::WeightFormat;
+
+void check_view(const math::WeightView& w) {
+  const auto name = math::weight_format_name(w.format);
+  KEEL_CHECK(w.format != WeightFormat::kDense, "qgemm: dense weights go through gemm()");
+  KEEL_CHECK(w.rows > 0 && w.cols > 0, "qgemm(", name, "): empty weight ", w.rows, "x", w.cols);
+  KEEL_CHECK(w.data != nullptr && w.scales != nullptr, "qgemm(", name, "): null codes or scales");
+  const bool packed = w.format != WeightFormat::kFp8Block;
+  const int64_t row_bytes = packed ? (w.cols + 1) / 2 : w.cols;
+  KEEL_CHECK(w.ld >= row_bytes, "qgemm(", name, "): row stride ", w.ld, " bytes below ", row_bytes);
+  int64_t expected_group = w.group_size;
+  switch (w.format) {
+    case WeightFormat::kNvfp4:
+      expected_group = math::kNvfp4Group;
+      KEEL_CHECK(w.row_scales != nullptr, "qgemm(nvfp4): null row scales");
+      break;
+    case WeightFormat::kMxfp4:
+      expected_group = math::kMxfp4Group;
+      break;
+    case WeightFormat::kFp8Block:
+      expected_group = math::kFp8BlockGroup;
+      break;
+    case WeightFormat::kInt4:
+      KEEL_CHECK(w.zeros != nullptr, "qgemm(int4): null zero points");
+      KEEL_CHECK(w.group_size > 0, "qgemm(int4): group size ", w.group_size);
+      break;
+    case WeightFormat::kDense:
+      break;
+  }
+  KEEL_CHECK(w.group_size == expected_group, "qgemm(", name, "): group size ", w.group_size,
+             ", expected ", expected_group);
+  if (w.group_of_k == nullptr) {
+    const int64_t groups = (w.cols + w.group_size - 1) / w.group_size;
+    KEEL_CHECK(w.scale_ld >= groups, "qgemm(", name, "): ", w.scale_ld, " scales per row, need ",
+               groups);
+  }
+  KEEL_CHECK(w.format == WeightFormat::kNvfp4 || w.input_scale == 0.0f, "qgemm(", name,
+             "): activation quantization is an NVFP4 setting");
+  KEEL_CHECK(w.input_scale >= 0.0f, "qgemm(nvfp4): input scale ", w.input_scale);
+}
+
+}  // namespace
+
+float canonical_qdot(const float* x, const math::WeightView& w, int64_t n) {
+  const int64_t k = w.cols;
+  const auto* codes = static_cast<const uint8_t*>(w.data) + n * w.ld;
+  switch (w.format) {
+    case WeightFormat::kNvfp4:
+      return math::canonical_dot_with(
+          x, k,
+          math::LoadNvfp4{codes, static_cast<const uint8_t*>(w.scales) + n * w.scale_ld,
+                          w.row_scales[n]});
+    case WeightFormat::kMxfp4:
+      return math::canonical_dot_with(
+          x, k, math::LoadMxfp4{codes, static_cast<const uint8_t*>(w.scales) + n * w.scale_ld});
+    case WeightFormat::kFp8Block:
+      return math::canonical_dot_with(
+          x, k, math::LoadFp8Block{codes, static_cast<const float*>(w.scales) + n * w.scale_ld});
+    case WeightFormat::kInt4:
+      return math::canonical_dot_with(
+          x, k,
+          math::LoadInt4{codes, w.zeros + n * w.scale_ld,
+                         static_cast<const float*>(w.scales) + n * w.scale_ld, w.group_of_k,
+                         w.group_size});
+    case WeightFormat::kDense:
+      break;
+  }
+  KEEL_CHECK(false, "canonical_qdot: dense weights");
+  return 0.0f;
+}
+
+namespace detail {
+
+void qgemm_scalar(const QGemmArgs& args) {
+  for (int64_t row = 0; row < args.m; ++row) {
+    const float* x_row = args.x + row * args.ldx;
+    float* y_row = args.y + row * args.ldy;
+    for (int64_t col = 0; col < args.w.rows; ++col) y_row[col] = canonical_qdot(x_row, args.w, col);
+  }
+}
+
+}  // namespace detail
+
+void qgemm(const QGemmArgs& args) {
+  check_view(args.w);
+  KEEL_CHECK(args.m >= 0, "qgemm: negative m=", args.m);
+  KEEL_CHECK(args.ldx >= args.w.cols && args.ldy >= args.w.rows, "qgemm: ldx=", args.ldx,
+             " ldy=", args.ldy, " below k=", args.w.cols, " / n=", args.w.rows);
+  if (args.m == 0) return;
+  KEEL_CHECK(args.x != nullptr && args.y != nullptr, "qgemm: null x or y");
+
+  QGemmArgs run = args;
+  // W4A4: the rows as an FP4 tensor core would see them, quantized once per call.
+  thread_local std::vector<float> quantized_x;
+  if (args.w.format == math::WeightFormat::kNvfp4 && args.w.input_scale > 0.0f) {
+    const int64_t k = args.w.cols;
+    quantized_x.resize(static_cast<size_t>(args.m * k));
+    for (int64_t row = 0; row < args.m; ++row) {
+      math::nvfp4_quantize_activation_row(args.x + row * args.ldx, k, args.w.input_scale,
+                                          quantized_x.data() + row * k);
+    }
+    run.x = quantized_x.data();
+    run.ldx = k;
+  }
+  switch (active_isa()) {
+    case Isa::kAvx512:
+      detail::qgemm_avx512(run);
+      return;
+    case Isa::kAvx2:
+      detail::qgemm_avx2(run);
+      return;
+    case Isa::kScalar:
+      detail::qgemm_scalar(run);
+      return;
+  }
+}
+
+void matmul(const float* x, int64_t ldx, const math::WeightView& w, float* y, int64_t ldy,
+            int64_t m) {
+  if (w.format == math::WeightFormat::kDense) {
+    gemm(GemmArgs{x, ldx, w.data, w.dtype, w.ld, y, ldy, m, w.rows, w.cols});
+    return;
+  }
+  qgemm(QGemmArgs{x, ldx, w, y, ldy, m});
+}
+
+}  // namespace keel::cpu
