@@ -8,6 +8,7 @@
 
 #include "runtime/model/checkpoint.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -135,10 +136,44 @@ const TensorView* Checkpoint::find(const std::string& name) const {
   return it == by_name_.end() ? nullptr : it->second;
 }
 
-const TensorView& Checkpoint::get(const std::string& name) const {
+const TensorView& Checkpoint::get_any(const std::string& name) const {
   const TensorView* view = find(name);
   if (!view) throw_error("tensor ", name, " not found in checkpoint ", directory_);
   return *view;
+}
+
+const TensorView& Checkpoint::get(const std::string& name) const {
+  const TensorView& view = get_any(name);
+  if (!view.is_float()) {
+    throw_error("checkpoint ", directory_, ", file ", fs::path(view.file).filename().string(),
+                ", tensor ", name, ": dtype ", tensor_type_name(view.type),
+                " where a float weight (F32, BF16, F16) is expected");
+  }
+  return view;
+}
+
+const TensorView& Checkpoint::get_typed(const std::string& name,
+                                        const std::vector<int64_t>& expected_shape,
+                                        std::initializer_list<TensorType> allowed) const {
+  const TensorView& view = get_any(name);
+  if (std::find(allowed.begin(), allowed.end(), view.type) == allowed.end()) {
+    std::string names;
+    for (TensorType type : allowed)
+      names += (names.empty() ? "" : " or ") + std::string(tensor_type_name(type));
+    throw_error("checkpoint ", directory_, ", file ", fs::path(view.file).filename().string(),
+                ", tensor ", name, ": dtype ", tensor_type_name(view.type), ", expected ", names);
+  }
+  check_shape(view, expected_shape);
+  return view;
+}
+
+void Checkpoint::check_shape(const TensorView& view,
+                             const std::vector<int64_t>& expected_shape) const {
+  if (view.shape != expected_shape) {
+    throw_error("checkpoint ", directory_, ", file ", fs::path(view.file).filename().string(),
+                ", tensor ", view.name, ": expected shape ", shape_to_string(expected_shape),
+                ", found ", view.shape_string());
+  }
 }
 
 const TensorView& Checkpoint::get(const std::string& name,

@@ -4,6 +4,8 @@
 // the tensors the index says; no tensor in two files).
 #pragma once
 
+#include <initializer_list>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -20,8 +22,16 @@ class Checkpoint {
   const std::string& directory() const { return directory_; }
   // nullptr when absent.
   const TensorView* find(const std::string& name) const;
-  // Throws keel::Error "tensor NAME not found in checkpoint DIR" when absent.
+  // Throws keel::Error "tensor NAME not found in checkpoint DIR" when absent, or naming the
+  // dtype when the tensor is not a float weight (F32/BF16/F16).
   const TensorView& get(const std::string& name) const;
+  // Any stored type (quantized codes and scales).
+  const TensorView& get_any(const std::string& name) const;
+  // A tensor of one of the `allowed` stored types with exactly `expected_shape`.
+  const TensorView& get_typed(const std::string& name, const std::vector<int64_t>& expected_shape,
+                              std::initializer_list<TensorType> allowed) const;
+  // Throws keel::Error naming file, tensor, expected vs found shape when they differ.
+  void check_shape(const TensorView& view, const std::vector<int64_t>& expected_shape) const;
   // Throws keel::Error naming file, tensor, expected vs found shape when it does not match.
   const TensorView& get(const std::string& name, const std::vector<int64_t>& expected_shape) const;
   std::vector<std::string> tensor_names() const;
