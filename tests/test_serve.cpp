@@ -646,7 +646,7 @@ TEST(ServeAlone, KvCacheDtypeSetsThePoolBytesAndMetricsShowThem) {
     ASSERT_EQ(response.status, 200) << response.body;
     EXPECT_FALSE(json::parse(response.body)["choices"][0]["text"].get<std::string>().empty());
     const std::string metrics = http(server.port(), "GET", "/metrics").body;
-    const double blocks = metric_value(metrics, "keel_kv_blocks_total{model_name=\"tiny\"}");
+    const double blocks = metric_value(metrics, "keel_kv_cache_blocks{model_name=\"tiny\"}");
     const double bytes =
         metric_value(metrics, "keel_kv_cache_bytes{model_name=\"tiny\",dtype=\"" + dtype + "\"}");
     EXPECT_GT(blocks, 0) << metrics.substr(0, 3000);

@@ -594,7 +594,7 @@ std::string ServingEngine::prometheus() const {
           : 0.0);
   add("keel_kv_blocks_used", MetricType::kGauge, "KV blocks in use (per rank).",
       stats.kv_blocks_used);
-  add("keel_kv_blocks_total", MetricType::kGauge, "KV blocks in the pool (per rank).",
+  add("keel_kv_cache_blocks", MetricType::kGauge, "KV blocks in the pool (per rank).",
       stats.kv_blocks_total);
   const telemetry::Labels model_dtype = {{"model_name", config_.model_name},
                                          {"dtype", kv_cache_dtype_}};
