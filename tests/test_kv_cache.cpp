@@ -117,10 +117,19 @@ TEST(KvCacheSetting, ParsesTheFourNamesAndRefusesOthersNamingKeyAndValue) {
   EXPECT_EQ(resolve_kv_cache_dtype(KvCacheDType::kFp8E4M3, DType::kF32), KvDType::kFp8E4M3);
 }
 
-std::string scratch_root() {
-  static const std::string root =
+// One scratch directory per test process, removed at exit.
+struct ScratchDir {
+  std::string path =
       std::string(KEEL_BINARY_DIR) + "/test-kv-cache/pid-" + std::to_string(::getpid());
-  return root;
+  ~ScratchDir() {
+    std::error_code ignored;
+    fs::remove_all(path, ignored);
+  }
+};
+
+std::string scratch_root() {
+  static ScratchDir scratch;
+  return scratch.path;
 }
 
 TEST(KvCacheSetting, DeploymentFileKeyIsReadAndBadValuesNameFileAndKey) {
