@@ -62,7 +62,11 @@ const std::string& tiny_model() {
 nlohmann::json generate_json(const std::string& args) {
   RunResult result = run_keel("generate --model " + tiny_model() + " --json " + args);
   EXPECT_EQ(result.exit_code, 0) << result.output;
-  return nlohmann::json::parse(result.output, nullptr, false);
+  // The JSON object is the last line (stderr log lines, e.g. fp8 KV's warning, come first).
+  const size_t end = result.output.find_last_not_of('\n');
+  const size_t start = end == std::string::npos ? 0 : result.output.rfind('\n', end);
+  return nlohmann::json::parse(result.output.substr(start == std::string::npos ? 0 : start + 1),
+                               nullptr, false);
 }
 
 TEST(Cli, GenerateJsonHasTokensDigestCountsAndTimings) {
@@ -103,6 +107,17 @@ TEST(Cli, FixedOrderDigestIgnoresBatchComposition) {
     EXPECT_EQ(alone["logits_digest"], batched["logits_digest"]) << placement;
     EXPECT_EQ(alone["tokens"], batched["tokens"]) << placement;
     EXPECT_EQ(batched["batch_size"], 8);
+    EXPECT_EQ(batched["kv_cache_dtype"], "bf16") << "auto on a bf16 checkpoint";
+  }
+  // Every KV cache dtype keeps the promise (rounding at append, per element).
+  for (const char* kv_dtype : {"fp32", "bf16", "fp8_e4m3"}) {
+    std::string common = std::string("--tp 4 --reduce fixed_order --kv-cache-dtype ") + kv_dtype +
+                         " --prompt-ids 9,8,7,6 --max-tokens 8";
+    nlohmann::json alone = generate_json(common + " --batch-with 0");
+    nlohmann::json batched = generate_json(common + " --batch-with 7");
+    EXPECT_EQ(alone["logits_digest"], batched["logits_digest"]) << kv_dtype;
+    EXPECT_EQ(alone["tokens"], batched["tokens"]) << kv_dtype;
+    EXPECT_EQ(alone["kv_cache_dtype"], kv_dtype);
   }
 }
 
@@ -204,6 +219,8 @@ TEST(CliErrors, UnknownYamlKeyAndBadFlags) {
                        "'x' is not a non-negative integer");
   expect_clean_failure("generate --model " + tiny_model() + " --backend tpu",
                        "unknown backend 'tpu' (expected cpu or cuda)");
+  expect_clean_failure("generate --model " + tiny_model() + " --kv-cache-dtype fp16",
+                       "unknown --kv-cache-dtype 'fp16' (expected auto, fp32, bf16 or fp8_e4m3)");
   // No GPU here (CI, dev machines): the CUDA backend must say so, not crash.
   expect_clean_failure("generate --model " + tiny_model() + " --backend cuda",
                        "--backend cuda: no CUDA device: ");

@@ -347,6 +347,108 @@ TEST_F(CudaKernels, KvAppendAndAttentionAreBitIdentical) {
   EXPECT_TRUE(same_bits(gpu, expected));
 }
 
+// The KV pool in bf16 and fp8 e4m3 (kernels/math/kv_math.h): the GPU stores the very bytes the
+// host rounding gives (Kv::store per element, x / scale for fp8) and attention reads them back
+// widened exactly as math::attention_head_paged does on the host: bit-identical.
+template <typename Kv>
+void check_kv_dtype_twin(std::mt19937& rng) {
+  using Storage = typename Kv::Storage;
+  const int64_t tokens = 19, q_heads = 4, kv_heads = 2, head_dim = 24, block_size = 4;
+  const int64_t q_width = q_heads * head_dim, kv_width = kv_heads * head_dim;
+  const int64_t row_stride = q_width + 2 * kv_width;
+  const int64_t blocks_per_seq = (tokens + block_size - 1) / block_size;
+  const float k_scale = 0.05f, v_scale = 0.02f;
+  std::vector<float> qkv = random_floats(rng, static_cast<size_t>(tokens * row_stride), -4, 4);
+  qkv[static_cast<size_t>(q_width)] = 100.0f;  // saturates fp8 at 448 * 0.05 = 22.4
+  std::vector<int32_t> block_tables(static_cast<size_t>(blocks_per_seq));
+  for (int64_t j = 0; j < blocks_per_seq; ++j)
+    block_tables[static_cast<size_t>(j)] = static_cast<int32_t>((3 * j + 2) % (blocks_per_seq + 1));
+  const int64_t num_blocks = blocks_per_seq + 1;
+  std::vector<int32_t> positions(static_cast<size_t>(tokens)), cache_idx(positions.size(), 0);
+  std::iota(positions.begin(), positions.end(), 0);
+  const std::vector<int32_t> kv_head_of_q = {0, 0, 1, 1};
+  const int64_t elements = num_blocks * kv_heads * block_size * head_dim;
+  // Host: store and attend with the shared math.
+  std::vector<Storage> k_host(static_cast<size_t>(elements)), v_host(k_host.size());
+  auto slot = [&](int64_t h, int64_t pos) {
+    return ((int64_t{block_tables[static_cast<size_t>(pos / block_size)]} * kv_heads + h) *
+                block_size +
+            pos % block_size) *
+           head_dim;
+  };
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t i = 0; i < kv_width; ++i) {
+      const int64_t at = slot(i / head_dim, t) + i % head_dim;
+      k_host[static_cast<size_t>(at)] =
+          Kv::store(qkv[static_cast<size_t>(t * row_stride + q_width + i)], k_scale);
+      v_host[static_cast<size_t>(at)] =
+          Kv::store(qkv[static_cast<size_t>(t * row_stride + q_width + kv_width + i)], v_scale);
+    }
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  std::vector<float> expected(static_cast<size_t>(tokens * q_width)),
+      scores(static_cast<size_t>(tokens));
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t h = 0; h < q_heads; ++h) {
+      auto rows = [&](const std::vector<Storage>& pool, float s) {
+        math::PagedKvRowsOf<Kv> view;
+        view.head_base = pool.data() + kv_head_of_q[static_cast<size_t>(h)] * block_size * head_dim;
+        view.block_table = block_tables.data();
+        view.block_stride = kv_heads * block_size * head_dim;
+        view.block_size = block_size;
+        view.head_dim = head_dim;
+        view.scale = s;
+        return view;
+      };
+      math::attention_head_paged(qkv.data() + t * row_stride + h * head_dim, rows(k_host, k_scale),
+                                 rows(v_host, v_scale), t + 1, scale, scores.data(),
+                                 expected.data() + t * q_width + h * head_dim);
+    }
+  // Device.
+  DeviceBuffer qkv_device = to_device(qkv);
+  // Zeroed pools: slots nobody writes must match the host's zeros.
+  const std::vector<Storage> zeros(static_cast<size_t>(elements));
+  DeviceBuffer k_device = to_device(zeros), v_device = to_device(zeros);
+  DeviceBuffer positions_device = to_device(positions), cache_device = to_device(cache_idx);
+  DeviceBuffer map_device = to_device(kv_head_of_q), tables_device = to_device(block_tables);
+  DeviceBuffer scores_device(static_cast<size_t>(tokens * q_heads * blocks_per_seq * block_size) *
+                             sizeof(float));
+  DeviceBuffer out(expected.size() * sizeof(float));
+  cuda::KvPool pool;
+  pool.k = k_device.as<Storage>();
+  pool.v = v_device.as<Storage>();
+  pool.num_blocks = num_blocks;
+  pool.block_stride = kv_heads * block_size * head_dim;
+  pool.block_size = block_size;
+  pool.num_kv_heads = kv_heads;
+  pool.head_dim = head_dim;
+  pool.block_tables = tables_device.as<int32_t>();
+  pool.max_blocks_per_seq = blocks_per_seq;
+  pool.dtype = Kv::kDType;
+  pool.k_scale = k_scale;
+  pool.v_scale = v_scale;
+  cuda::kv_cache_append(qkv_device.as<float>() + q_width,
+                        qkv_device.as<float>() + q_width + kv_width, row_stride, tokens,
+                        positions_device.as<int32_t>(), cache_device.as<int32_t>(), pool);
+  EXPECT_EQ(to_host<Storage>(k_device, k_host.size()), k_host);
+  EXPECT_EQ(to_host<Storage>(v_device, v_host.size()), v_host);
+  cuda::attention(qkv_device.as<float>(), row_stride, tokens, q_heads, map_device.as<int32_t>(),
+                  pool, positions_device.as<int32_t>(), cache_device.as<int32_t>(), scale,
+                  scores_device.as<float>(), out.as<float>(), q_width);
+  EXPECT_TRUE(same_bits(to_host<float>(out, expected.size()), expected));
+}
+
+TEST_F(CudaKernels, Bf16AndFp8KvPoolsAreBitIdentical) {
+  std::mt19937 rng(31);
+  {
+    SCOPED_TRACE("bf16");
+    check_kv_dtype_twin<math::KvBF16>(rng);
+  }
+  {
+    SCOPED_TRACE("fp8_e4m3");
+    check_kv_dtype_twin<math::KvFp8E4M3>(rng);
+  }
+}
+
 TEST_F(CudaKernels, SiluMulIsBitIdentical) {
   std::mt19937 rng(7);
   const int64_t rows = 7, width = 300;

@@ -1,8 +1,8 @@
 // The whole forward pass on the CUDA backend against the CPU reference (label gpu): the tiny,
-// small and hybrid tiny presets at TP=1 in batch_invariant mode (fixed_order reduce, which also selects the
-// canonical GPU GEMM) must give the same greedy tokens and the same logits digest, alone and
-// batched with three other prompts. Without a CUDA device the tests report "skipped: no CUDA
-// device" instead of failing.
+// small and hybrid tiny presets at TP=1 in batch_invariant mode (fixed_order reduce, which also
+// selects the canonical GPU GEMM) must give the same greedy tokens and the same logits digest,
+// alone and batched with three other prompts. Without a CUDA device the tests report "skipped: no
+// CUDA device" instead of failing.
 //
 // TP=1 needs no NCCL and no MPI: comm/single_gpu/single_gpu_comm.h stands in for
 // NcclCommunicator, so the test runs on GPU machines without NCCL; the NCCL path is
@@ -121,6 +121,35 @@ TEST_P(GpuForward, CudaMatchesCpuBitForBitInBatchInvariantMode) {
     EXPECT_EQ(result.tokens.back(), reference.tokens.back());
     EXPECT_EQ(result.logits_digest, reference.logits_digest)
         << first_difference(reference, 0, result, static_cast<size_t>(batch_with));
+  }
+}
+
+// Every KV cache dtype: the CUDA kernels round at append and widen in attention with the CPU's
+// math (kernels/math/kv_math.h), so the digests stay equal (small: its default, auto = bf16,
+// is covered above; the others would only repeat it slowly on the CPU side).
+TEST_P(GpuForward, EveryKvCacheDtypeMatchesCpuBitForBit) {
+  if (GetParam() == "small") GTEST_SKIP() << "covered by the default-dtype test";
+  std::string dir = model_dir(GetParam());
+  for (KvCacheDType kv_dtype : {KvCacheDType::kFp32, KvCacheDType::kBF16, KvCacheDType::kFp8E4M3}) {
+    SCOPED_TRACE(GetParam() + " kv_cache_dtype " + std::string(kv_cache_dtype_name(kv_dtype)));
+    EngineOptions cpu_options;
+    cpu_options.tp_size = 1;
+    cpu_options.reduce = comm::ReduceAlgo::kFixedOrder;
+    cpu_options.kv_cache_dtype = kv_dtype;
+    Engine cpu_engine(dir, cpu_options);
+    const int64_t vocab = cpu_engine.config().vocab_size;
+    GenerateResult reference = cpu_engine.generate(request_with(0, vocab));
+    SingleGpuCommunicator communicator;
+    EngineOptions cuda_options = cpu_options;
+    cuda_options.device = Device::kCuda;
+    cuda_options.cuda_device = 0;
+    cuda_options.tp_size = 0;
+    cuda_options.process_communicator = &communicator;
+    Engine cuda_engine(dir, cuda_options);
+    GenerateResult result = cuda_engine.generate(request_with(2, vocab));
+    EXPECT_EQ(result.tokens.back(), reference.tokens.back());
+    EXPECT_EQ(result.logits_digest, reference.logits_digest)
+        << first_difference(reference, 0, result, 2);
   }
 }
 

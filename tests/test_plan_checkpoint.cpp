@@ -6,8 +6,9 @@
 //  - weight bytes per rank at TP 1, 2, 4 (`--quant none`: the checkpoint's dtype, keel's layout:
 //    fp32 norms/biases/small GDN tensors, replicated embeddings, padded lm_head; model_spec.h)
 //    equal Engine::weight_bytes_per_rank() (rank 0; every preset's experts split evenly);
-//  - KV bytes per token (fp32, keel's pool) and recurrent-state bytes per sequence at TP 1, 2, 4
-//    equal the engine's kv_block_bytes / block_size and state_slot_bytes;
+//  - KV bytes per token for every kv_cache_dtype (fp32, bf16, fp8_e4m3, and auto against the
+//    planner's auto rule) and recurrent-state bytes per sequence at TP 1, 2, 4 equal the
+//    engine's kv_block_bytes / block_size and state_slot_bytes;
 //  - `keel plan --model DIR` prints the plan (exit 0) and refuses an unsupported architecture
 //    with the loader's message (exit 1).
 #include <gtest/gtest.h>
@@ -16,6 +17,9 @@
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "kernels/base/check.h"
 #include "runtime/cli/plan_checkpoint.h"
@@ -51,12 +55,13 @@ std::string model_dir(const std::string& param) {
   return dir;
 }
 
-// The plan of keel's own layout: weights as stored (no quantization), fp32 KV.
-planning::MemoryPlan plan_for(const planning::ModelSpec& spec, int tp) {
+// The plan of keel's own layout: weights as stored (no quantization), KV in `kv_dtype`.
+planning::MemoryPlan plan_for(const planning::ModelSpec& spec, int tp,
+                              const std::string& kv_dtype = "fp32") {
   const planning::HardwareSpec hardware = planning::load_hardware_spec(
       std::string(KEEL_SOURCE_DIR) + "/configs/hardware/4x-rtx-pro-6000.yaml");
   planning::PlanOptions options;
-  options.kv_dtype = "fp32";  // keel's KV pool
+  options.kv_dtype = kv_dtype;
   options.context = 64;
   return planning::plan_memory(spec, hardware, planning::quant_as_stored(spec.dtype), tp, options);
 }
@@ -119,21 +124,33 @@ TEST_P(PlanCheckpoint, WeightBytesPerRankEqualTheLoadersAtEveryTp) {
   }
 }
 
-TEST_P(PlanCheckpoint, KvAndStateBytesEqualTheEnginesAtEveryTp) {
+TEST_P(PlanCheckpoint, KvAndStateBytesEqualTheEnginesAtEveryTpAndKvDtype) {
   const std::string dir = model_dir(GetParam());
   const planning::ModelSpec spec = model_spec_from_checkpoint(dir);
+  // The planner's name for each engine setting; auto as `keel plan` resolves it (plan_cmd.cpp).
+  const std::string auto_dtype = spec.dtype == "bf16" ? "bf16" : "fp32";
+  const std::vector<std::pair<KvCacheDType, std::string>> kv_dtypes = {
+      {KvCacheDType::kFp32, "fp32"},
+      {KvCacheDType::kBF16, "bf16"},
+      {KvCacheDType::kFp8E4M3, "fp8_e4m3"},
+      {KvCacheDType::kAuto, auto_dtype}};
   for (int tp : {1, 2, 4}) {
-    SCOPED_TRACE("tp " + std::to_string(tp));
-    const planning::MemoryPlan plan = plan_for(spec, tp);
-    EngineOptions options;
-    options.tp_size = tp;
-    Engine engine(dir, options);
-    const int64_t block_size = 16;
-    EXPECT_EQ(plan.kv_bytes_per_token,
-              static_cast<double>(engine.kv_block_bytes(block_size) / block_size));
-    EXPECT_EQ(plan.state_bytes_per_seq, static_cast<double>(engine.state_slot_bytes()));
-    if (spec.linear_attention_layers > 0) {
-      EXPECT_GT(plan.state_bytes_per_seq, 0.0);
+    for (const auto& [kv_dtype, plan_name] : kv_dtypes) {
+      SCOPED_TRACE("tp " + std::to_string(tp) + " kv_cache_dtype " +
+                   std::string(kv_cache_dtype_name(kv_dtype)));
+      const planning::MemoryPlan plan = plan_for(spec, tp, plan_name);
+      EngineOptions options;
+      options.tp_size = tp;
+      options.kv_cache_dtype = kv_dtype;
+      Engine engine(dir, options);
+      EXPECT_EQ(kv_cache_dtype_name(engine.kv_dtype()), plan_name);
+      const int64_t block_size = 16;
+      EXPECT_EQ(plan.kv_bytes_per_token,
+                static_cast<double>(engine.kv_block_bytes(block_size) / block_size));
+      EXPECT_EQ(plan.state_bytes_per_seq, static_cast<double>(engine.state_slot_bytes()));
+      if (spec.linear_attention_layers > 0) {
+        EXPECT_GT(plan.state_bytes_per_seq, 0.0);
+      }
     }
   }
 }

@@ -625,6 +625,55 @@ TEST(ServeAlone, TelemetryDumpsAndGenerateTrace) {
   EXPECT_EQ(ranks, (std::set<int>{0, 1, 2, 3}));
 }
 
+// Gauge `name{labels}` of a Prometheus exposition (the first sample line that starts with it).
+double metric_value(const std::string& body, const std::string& sample) {
+  const size_t at = body.find("\n" + sample + " ");
+  if (at == std::string::npos) return -1;
+  return std::stod(body.substr(at + sample.size() + 2));
+}
+
+// kv_cache_dtype: the same kv_cache_mb buys twice the blocks in bf16 as in fp32 (and four
+// times in fp8); the server answers, and /metrics reports the pool's bytes and dtype.
+TEST(ServeAlone, KvCacheDtypeSetsThePoolBytesAndMetricsShowThem) {
+  double fp32_blocks = 0;
+  for (const std::string dtype : {"fp32", "bf16", "fp8_e4m3"}) {
+    SCOPED_TRACE(dtype);
+    ServerProcess server(
+        serve_args(write_config("kv-" + dtype, "kv_cache_dtype: " + dtype + "\nkv_cache_mb: 1\n")));
+    EXPECT_NE(server.output().find("kv_cache_dtype " + dtype), std::string::npos)
+        << server.output();
+    HttpResponse response = post(server.port(), "/v1/completions", kProbe);
+    ASSERT_EQ(response.status, 200) << response.body;
+    EXPECT_FALSE(json::parse(response.body)["choices"][0]["text"].get<std::string>().empty());
+    const std::string metrics = http(server.port(), "GET", "/metrics").body;
+    const double blocks = metric_value(metrics, "keel_kv_cache_blocks{model_name=\"tiny\"}");
+    const double bytes =
+        metric_value(metrics, "keel_kv_cache_bytes{model_name=\"tiny\",dtype=\"" + dtype + "\"}");
+    EXPECT_GT(blocks, 0) << metrics.substr(0, 3000);
+    // Whole blocks of 1 MiB: within one block of it.
+    EXPECT_LE(bytes, 1024.0 * 1024.0);
+    EXPECT_GT(bytes, 1024.0 * 1024.0 - bytes / blocks);
+    EXPECT_NE(metrics.find("keel_kv_cache_info{model_name=\"tiny\",dtype=\"" + dtype +
+                           "\",block_size=\"16\"} 1"),
+              std::string::npos);
+    if (dtype == "fp32") fp32_blocks = blocks;
+    if (dtype == "bf16") {
+      EXPECT_EQ(blocks, 2 * fp32_blocks);
+    }
+    if (dtype == "fp8_e4m3") {
+      EXPECT_EQ(blocks, 4 * fp32_blocks);
+    }
+    server.terminate();
+    EXPECT_EQ(server.wait(), 0) << server.output();
+  }
+  // An unknown value is refused at start-up, naming the file, key and value.
+  int exit_code = -1;
+  const std::string output = run_command(
+      kKeel + " serve --config " + write_config("kv-bad", "kv_cache_dtype: int4\n"), &exit_code);
+  EXPECT_EQ(exit_code, 1) << output;
+  EXPECT_NE(output.find("kv_cache_dtype 'int4'"), std::string::npos) << output;
+}
+
 TEST(ServeAlone, OverloadAnswers429AndKeepsEveryAcceptedRequest) {
   ServerProcess server(serve_args(write_config("overload", "max_num_seqs: 1\nmax_waiting: 2\n")));
   std::vector<std::thread> clients;

@@ -6,7 +6,8 @@
 //  - rms_norm / rms_norm_heads: one block per row. Thread 0 sums the squares sequentially (the
 //    contract's order; a tree would change bits), then all threads scale their elements.
 //  - rope: one thread per (token, head, pair); cos/sin come from a host-built table.
-//  - kv_cache_append: one block per token, threads over kv_heads * head_dim.
+//  - kv_cache_append: one block per token, threads over kv_heads * head_dim, each element
+//    rounded to the pool dtype (kernels/math/kv_math.h); attention widens it back as it reads.
 //  - attention: one block per (token, query head); see ops.h for the order of each sum.
 //  - silu_mul, add_bias, add_in_place: grid-stride over elements.
 //  - argmax_rows: one block per row, per-thread strided scans merged by a shared-memory tree.
@@ -90,6 +91,7 @@ __global__ void rope_kernel(float* rows, int64_t num_tokens, int64_t token_strid
   }
 }
 
+template <typename Kv>
 __global__ void kv_cache_append_kernel(const float* k_rows, const float* v_rows, int64_t row_stride,
                                        const int32_t* positions, const int32_t* cache_idx,
                                        KvPool pool) {
@@ -98,15 +100,18 @@ __global__ void kv_cache_append_kernel(const float* k_rows, const float* v_rows,
   if (position < 0 || position >= pool.capacity()) return;
   const int64_t seq = cache_idx[token];
   const int64_t width = pool.num_kv_heads * pool.head_dim;
+  auto* k = static_cast<typename Kv::Storage*>(pool.k);
+  auto* v = static_cast<typename Kv::Storage*>(pool.v);
   for (int64_t i = threadIdx.x; i < width; i += blockDim.x) {
     const int64_t head = i / pool.head_dim;
     const int64_t d = i % pool.head_dim;
-    const int64_t dst = pool.rows(pool.k, seq, head).row(position) - pool.k + d;
-    pool.k[dst] = k_rows[token * row_stride + i];
-    pool.v[dst] = v_rows[token * row_stride + i];
+    const int64_t dst = pool.rows<Kv>(pool.k, 1.0f, seq, head).row(position) - k + d;
+    k[dst] = Kv::store(k_rows[token * row_stride + i], pool.k_scale);
+    v[dst] = Kv::store(v_rows[token * row_stride + i], pool.v_scale);
   }
 }
 
+template <typename Kv>
 __global__ void attention_kernel(const float* q, int64_t q_token_stride, int64_t num_q_heads,
                                  const int32_t* kv_head_of_q, KvPool pool, const int32_t* positions,
                                  const int32_t* cache_idx, float scale, float* scores_scratch,
@@ -124,12 +129,14 @@ __global__ void attention_kernel(const float* q, int64_t q_token_stride, int64_t
   }
   const int64_t num_positions = int64_t{position} + 1;
   const float* q_head = q + token * q_token_stride + head * head_dim;
-  const math::PagedKvRows k_rows = pool.rows(pool.k, cache_idx[token], kv_head_of_q[head]);
-  const math::PagedKvRows v_rows = pool.rows(pool.v, cache_idx[token], kv_head_of_q[head]);
+  const math::PagedKvRowsOf<Kv> k_rows =
+      pool.rows<Kv>(pool.k, pool.k_scale, cache_idx[token], kv_head_of_q[head]);
+  const math::PagedKvRowsOf<Kv> v_rows =
+      pool.rows<Kv>(pool.v, pool.v_scale, cache_idx[token], kv_head_of_q[head]);
   float* scores = scores_scratch + int64_t{blockIdx.x} * pool.capacity();
 
   for (int64_t pos = threadIdx.x; pos < num_positions; pos += blockDim.x)
-    scores[pos] = math::attention_score(q_head, k_rows.row(pos), head_dim, scale);
+    scores[pos] = math::attention_score_paged(q_head, k_rows, pos, scale);
   __syncthreads();
   if (threadIdx.x == 0) max_score = math::row_max(scores, num_positions);
   __syncthreads();
@@ -139,8 +146,21 @@ __global__ void attention_kernel(const float* q, int64_t q_token_stride, int64_t
   if (threadIdx.x == 0) inv_sum = math::attention_inv_sum(scores, num_positions);
   __syncthreads();
   for (int64_t d = threadIdx.x; d < head_dim; d += blockDim.x)
-    out_head[d] =
-        math::attention_output_element_paged(scores, inv_sum, v_rows, num_positions, d);
+    out_head[d] = math::attention_output_element_paged(scores, inv_sum, v_rows, num_positions, d);
+}
+
+// Runs fn(Kv{}) with the storage format of `dtype`.
+template <typename Fn>
+void with_kv_format(math::KvDType dtype, Fn&& fn) {
+  switch (dtype) {
+    case math::KvDType::kF32:
+      return fn(math::KvF32{});
+    case math::KvDType::kBF16:
+      return fn(math::KvBF16{});
+    case math::KvDType::kFp8E4M3:
+      return fn(math::KvFp8E4M3{});
+  }
+  require(false, "unknown KV cache dtype ", static_cast<int>(dtype));
 }
 
 __global__ void silu_mul_kernel(const float* gate, const float* up, int64_t in_stride,
@@ -290,8 +310,11 @@ void kv_cache_append(const float* k_rows, const float* v_rows, int64_t row_strid
   require(k_rows != nullptr && v_rows != nullptr && positions != nullptr && cache_idx != nullptr &&
               pool.k != nullptr && pool.v != nullptr && pool.block_tables != nullptr,
           "kv_cache_append: null pointer");
-  kv_cache_append_kernel<<<grid_for_rows(num_tokens, "kv_cache_append"), kThreadsPerBlock, 0,
-                           stream>>>(k_rows, v_rows, row_stride, positions, cache_idx, pool);
+  with_kv_format(pool.dtype, [&](auto format) {
+    kv_cache_append_kernel<decltype(format)>
+        <<<grid_for_rows(num_tokens, "kv_cache_append"), kThreadsPerBlock, 0, stream>>>(
+            k_rows, v_rows, row_stride, positions, cache_idx, pool);
+  });
   KEEL_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -308,12 +331,15 @@ void attention(const float* q, int64_t q_token_stride, int64_t num_tokens, int64
           " q_token_stride=", q_token_stride, " out_token_stride=", out_token_stride);
   if (num_tokens == 0) return;
   require(q != nullptr && kv_head_of_q != nullptr && pool.k != nullptr && pool.v != nullptr &&
-              pool.block_tables != nullptr && positions != nullptr && cache_idx != nullptr && scores_scratch != nullptr &&
-              out != nullptr,
+              pool.block_tables != nullptr && positions != nullptr && cache_idx != nullptr &&
+              scores_scratch != nullptr && out != nullptr,
           "attention: null pointer");
-  attention_kernel<<<grid_for_rows(num_tokens * num_q_heads, "attention"), 128, 0, stream>>>(
-      q, q_token_stride, num_q_heads, kv_head_of_q, pool, positions, cache_idx, scale,
-      scores_scratch, out, out_token_stride);
+  with_kv_format(pool.dtype, [&](auto format) {
+    attention_kernel<decltype(format)>
+        <<<grid_for_rows(num_tokens * num_q_heads, "attention"), 128, 0, stream>>>(
+            q, q_token_stride, num_q_heads, kv_head_of_q, pool, positions, cache_idx, scale,
+            scores_scratch, out, out_token_stride);
+  });
   KEEL_CUDA_CHECK(cudaGetLastError());
 }
 

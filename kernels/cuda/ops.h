@@ -51,37 +51,45 @@ void rope(float* rows, int64_t num_tokens, int64_t token_stride, int64_t num_hea
           int64_t head_dim, int64_t rotary_dim, const int32_t* positions,
           const float* cos_sin_table, int64_t table_positions, cudaStream_t stream = nullptr);
 
-// One layer of the paged KV pool (kernels/math/ops_math.h, PagedKvRows): k and v point at the
+// One layer of the paged KV pool (kernels/math/ops_math.h, PagedKvRowsOf): k and v point at the
 // layer's first block; block b of KV head h starts at k + b * block_stride + h * block_size *
-// head_dim. Sequence s of the step owns row s of block_tables ([num_seqs][max_blocks_per_seq]).
+// head_dim elements of `dtype` (kernels/math/kv_math.h). Sequence s of the step owns row s of
+// block_tables ([num_seqs][max_blocks_per_seq]). k_scale / v_scale: the layer's fp8 scales.
 struct KvPool {
-  float* k = nullptr;
-  float* v = nullptr;
+  void* k = nullptr;
+  void* v = nullptr;
   int64_t num_blocks = 0;
   int64_t block_stride =
-      0;  // floats between consecutive blocks: num_kv_heads * block_size * head_dim
+      0;  // elements between consecutive blocks: num_kv_heads * block_size * head_dim
   int64_t block_size = 0;
   int64_t num_kv_heads = 0;
   int64_t head_dim = 0;
   const int32_t* block_tables = nullptr;
   int64_t max_blocks_per_seq = 0;
+  math::KvDType dtype = math::KvDType::kF32;
+  float k_scale = 1.0f;
+  float v_scale = 1.0f;
 
   __host__ __device__ int64_t capacity() const { return max_blocks_per_seq * block_size; }
-  __host__ __device__ math::PagedKvRows rows(const float* base, int64_t seq, int64_t head) const {
-    math::PagedKvRows view;
-    view.head_base = base + head * block_size * head_dim;
+  template <typename Kv>
+  __host__ __device__ math::PagedKvRowsOf<Kv> rows(const void* base, float scale, int64_t seq,
+                                                   int64_t head) const {
+    math::PagedKvRowsOf<Kv> view;
+    view.head_base = static_cast<const typename Kv::Storage*>(base) + head * block_size * head_dim;
     view.block_table = block_tables + seq * max_blocks_per_seq;
     view.block_stride = block_stride;
     view.block_size = block_size;
     view.head_dim = head_dim;
+    view.scale = scale;
     return view;
   }
 };
 
 // Appends each token's K and V heads to its sequence's block at its position:
 // k_rows + t * row_stride + h * head_dim -> sequence cache_idx[t], head h, position positions[t]
-// (likewise v_rows). Tokens whose position is outside [0, capacity) are skipped (the engine
-// checks positions and block ids on the host). A pure copy: bit-identical.
+// (likewise v_rows), each element rounded by the pool dtype's math::Kv*::store. Tokens whose
+// position is outside [0, capacity) are skipped (the engine checks positions and block ids on
+// the host). The same per-element rounding as the CPU: bit-identical bytes.
 void kv_cache_append(const float* k_rows, const float* v_rows, int64_t row_stride,
                      int64_t num_tokens, const int32_t* positions, const int32_t* cache_idx,
                      const KvPool& pool, cudaStream_t stream = nullptr);
@@ -94,8 +102,9 @@ void kv_cache_append(const float* k_rows, const float* v_rows, int64_t row_strid
 // over positions (each a sequential dot over head_dim), max, exp sum in one thread in position
 // order, outputs in parallel over head_dim, each a sequential sum over positions.
 // scores_scratch: num_tokens * num_q_heads * pool.capacity() floats. Same operations and order
-// as math::attention_head_paged (and cpu::attention_decode), exps included (math::exp_f32):
-// bit-identical. A position outside [0, capacity) gives NaN outputs.
+// as math::attention_head_paged (and cpu::attention_decode), exps included (math::exp_f32),
+// K/V widened by the pool dtype's math::Kv*::load: bit-identical. A position outside [0, capacity)
+// gives NaN outputs.
 void attention(const float* q, int64_t q_token_stride, int64_t num_tokens, int64_t num_q_heads,
                const int32_t* kv_head_of_q, const KvPool& pool, const int32_t* positions,
                const int32_t* cache_idx, float scale, float* scores_scratch, float* out,

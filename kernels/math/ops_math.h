@@ -12,6 +12,7 @@
 
 #include "kernels/base/dtype.h"
 #include "kernels/math/exp_math.h"
+#include "kernels/math/kv_math.h"
 #include "kernels/math/scalar.h"
 
 namespace keel::math {
@@ -216,52 +217,73 @@ KEEL_HD inline void attention_head(const float* q_head, const float* k_head, con
 // fixed-size blocks; position pos is row pos % block_size of block block_table[pos / block_size].
 // Pool layout [num_layers][num_blocks][kv_heads][block_size][head_dim], so a block of a given
 // (layer, head) starts at head_base + block_id * block_stride with
-// block_stride = kv_heads * block_size * head_dim.
+// block_stride = kv_heads * block_size * head_dim (elements).
 //
 // Attention over a paged sequence runs the very sums of attention_head in the same order
 // (positions increasing, from the sequence's first token): only the address of a row changes,
 // never which rows are added or in what order. So a token's output depends on its absolute
 // position and its cache contents alone, not on block size, block ids, or where prefill chunks
 // ended.
-struct PagedKvRows {
-  const float* head_base = nullptr;
+//
+// Kv (kernels/math/kv_math.h) is the storage format: elements are widened to fp32 by Kv::load
+// as they are read (fp32: the stored float itself, so the fp32 pool runs exactly the
+// operations of attention_head); `scale` is the layer's k_scale or v_scale (fp8 only).
+template <typename Kv>
+struct PagedKvRowsOf {
+  using Storage = typename Kv::Storage;
+  const Storage* head_base = nullptr;
   const int32_t* block_table = nullptr;
   int64_t block_stride = 0;
   int64_t block_size = 1;
   int64_t head_dim = 0;
+  float scale = 1.0f;
 
-  KEEL_HD const float* row(int64_t pos) const {
+  KEEL_HD const Storage* row(int64_t pos) const {
     return head_base + int64_t{block_table[pos / block_size]} * block_stride +
            (pos % block_size) * head_dim;
   }
+  KEEL_HD float at(int64_t pos, int64_t d) const { return Kv::load(row(pos)[d], scale); }
 };
+using PagedKvRows = PagedKvRowsOf<KvF32>;
+
+// attention_score against paged K row pos (same order and operations).
+template <typename Kv>
+KEEL_HD inline float attention_score_paged(const float* q_head, const PagedKvRowsOf<Kv>& k,
+                                           int64_t pos, float scale) {
+  const typename Kv::Storage* k_row = k.row(pos);
+  float dot = 0.0f;
+  for (int64_t d = 0; d < k.head_dim; ++d) dot += q_head[d] * Kv::load(k_row[d], k.scale);
+  return dot * scale;
+}
 
 // attention_output_element over paged V rows (same order and operations).
+template <typename Kv>
 KEEL_HD inline float attention_output_element_paged(const float* exp_scores, float inv_sum,
-                                                    const PagedKvRows& v, int64_t num_positions,
-                                                    int64_t d) {
+                                                    const PagedKvRowsOf<Kv>& v,
+                                                    int64_t num_positions, int64_t d) {
   float acc = 0.0f;
   for (int64_t pos = 0; pos < num_positions; ++pos)
-    acc += (exp_scores[pos] * inv_sum) * v.row(pos)[d];
+    acc += (exp_scores[pos] * inv_sum) * v.at(pos, d);
   return acc;
 }
 
 // attention_head over paged K/V rows (same order and operations).
-KEEL_HD inline void attention_head_paged(const float* q_head, const PagedKvRows& k,
-                                         const PagedKvRows& v, int64_t num_positions, float scale,
-                                         float* scores_scratch, float* out_head) {
+template <typename Kv>
+KEEL_HD inline void attention_head_paged(const float* q_head, const PagedKvRowsOf<Kv>& k,
+                                         const PagedKvRowsOf<Kv>& v, int64_t num_positions,
+                                         float scale, float* scores_scratch, float* out_head) {
   const int64_t head_dim = k.head_dim;
   float max_score = negative_infinity();
   for (int64_t pos = 0; pos < num_positions; ++pos) {
-    scores_scratch[pos] = attention_score(q_head, k.row(pos), head_dim, scale);
+    scores_scratch[pos] = attention_score_paged(q_head, k, pos, scale);
     max_score = max_keep_first(max_score, scores_scratch[pos]);
   }
   const float inv_sum = attention_exp_scores(scores_scratch, num_positions, max_score);
   for (int64_t d = 0; d < head_dim; ++d) out_head[d] = 0.0f;
   for (int64_t pos = 0; pos < num_positions; ++pos) {
     const float weight = scores_scratch[pos] * inv_sum;
-    const float* v_row = v.row(pos);
-    for (int64_t d = 0; d < head_dim; ++d) out_head[d] += weight * v_row[d];
+    const typename Kv::Storage* v_row = v.row(pos);
+    for (int64_t d = 0; d < head_dim; ++d) out_head[d] += weight * Kv::load(v_row[d], v.scale);
   }
 }
 

@@ -16,6 +16,7 @@
 #include <string_view>
 
 #include "kernels/base/dtype.h"
+#include "kernels/math/kv_math.h"
 #include "kernels/math/moe_math.h"
 #include "kernels/math/quant_math.h"
 
@@ -90,14 +91,15 @@ class Backend {
   virtual void rope(float* rows, int64_t row_stride, int64_t num_q_heads, int64_t k_col,
                     int64_t num_k_heads, int64_t head_dim, int64_t rotary_dim, double theta,
                     const int32_t* positions, int64_t num_rows, int64_t max_positions) = 0;
-  // The paged KV pool (kernels/math/ops_math.h, PagedKvRows): k and v are
-  // [num_layers][num_blocks][kv_heads][block_size][head_dim] fp32. A step's sequences each own a
-  // row of block_tables ([num_seqs][max_blocks_per_seq] int32, device memory); a token's
-  // cache_idx names its row, and its position p lives at row p % block_size of block
-  // block_tables[cache_idx][p / block_size].
+  // The paged KV pool (kernels/math/ops_math.h, PagedKvRowsOf): k and v are
+  // [num_layers][num_blocks][kv_heads][block_size][head_dim] elements of `dtype`
+  // (kernels/math/kv_math.h: fp32, bf16 or fp8 e4m3 with a per-layer k/v scale). A step's
+  // sequences each own a row of block_tables ([num_seqs][max_blocks_per_seq] int32, device
+  // memory); a token's cache_idx names its row, and its position p lives at row p % block_size
+  // of block block_tables[cache_idx][p / block_size].
   struct KvPoolView {
-    float* k = nullptr;
-    float* v = nullptr;
+    void* k = nullptr;
+    void* v = nullptr;
     int64_t num_layers = 0;
     int64_t num_blocks = 0;
     int64_t kv_heads = 0;
@@ -105,17 +107,26 @@ class Backend {
     int64_t head_dim = 0;
     const int32_t* block_tables = nullptr;
     int64_t max_blocks_per_seq = 0;
+    math::KvDType dtype = math::KvDType::kF32;
+    // fp8: host arrays [num_layers] of the per-tensor scales (stored = x / scale); nullptr
+    // means 1 for every layer. Unused by fp32 and bf16.
+    const float* k_scales = nullptr;
+    const float* v_scales = nullptr;
     // Positions one sequence can address.
     int64_t capacity() const { return max_blocks_per_seq * block_size; }
+    float k_scale(int64_t layer) const { return k_scales == nullptr ? 1.0f : k_scales[layer]; }
+    float v_scale(int64_t layer) const { return v_scales == nullptr ? 1.0f : v_scales[layer]; }
   };
-  // Copies each row's K/V heads (columns [k_col, k_col + kv_width) and [v_col, ...)) into the
-  // pool at (its sequence's block for positions[t], layer, kv head). The engine checked on the
-  // host that every position and block id is inside the pool.
+  // Rounds each row's K/V heads (columns [k_col, k_col + kv_width) and [v_col, ...)) to the
+  // pool's dtype (math::Kv*::store, element by element) and writes them at (its sequence's
+  // block for positions[t], layer, kv head). The engine checked on the host that every
+  // position and block id is inside the pool.
   virtual void kv_append(const float* rows, int64_t row_stride, int64_t k_col, int64_t v_col,
                          const int32_t* positions, const int32_t* cache_idx, int64_t num_rows,
                          int64_t layer_idx, const KvPoolView& pool) = 0;
   // Causal attention of each row's query heads (columns [0, num_q_heads * head_dim)) over its
-  // sequence's cache positions [0, position], in position order; out [num_rows, q_heads*head_dim].
+  // sequence's cache positions [0, position], in position order, K/V elements widened to fp32
+  // as they are read (math::attention_head_paged); out [num_rows, q_heads*head_dim].
   virtual void attention(const float* rows, int64_t row_stride, int64_t num_q_heads,
                          const int32_t* kv_head_of_q, const int32_t* positions,
                          const int32_t* cache_idx, int64_t num_rows, int64_t layer_idx,

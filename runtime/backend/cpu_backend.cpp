@@ -91,34 +91,47 @@ class CpuBackend final : public Backend {
   void kv_append(const float* rows, int64_t row_stride, int64_t k_col, int64_t v_col,
                  const int32_t* positions, const int32_t* cache_idx, int64_t num_rows,
                  int64_t layer_idx, const KvPoolView& pool) override {
-    for (int64_t row = 0; row < num_rows; ++row) {
-      for (int64_t kv_head = 0; kv_head < pool.kv_heads; ++kv_head) {
-        const int64_t offset =
-            paged_rows(pool, pool.k, cache_idx[row], layer_idx, kv_head).row(positions[row]) -
-            pool.k;
-        const float* source = rows + row * row_stride + kv_head * pool.head_dim;
-        std::copy_n(source + k_col, pool.head_dim, pool.k + offset);
-        std::copy_n(source + v_col, pool.head_dim, pool.v + offset);
+    with_kv_format(pool.dtype, [&](auto format) {
+      using Kv = decltype(format);
+      const float k_scale = pool.k_scale(layer_idx), v_scale = pool.v_scale(layer_idx);
+      auto* k = static_cast<typename Kv::Storage*>(pool.k);
+      auto* v = static_cast<typename Kv::Storage*>(pool.v);
+      for (int64_t row = 0; row < num_rows; ++row) {
+        for (int64_t kv_head = 0; kv_head < pool.kv_heads; ++kv_head) {
+          const int64_t offset =
+              paged_rows<Kv>(pool, pool.k, cache_idx[row], layer_idx, kv_head, 1.0f)
+                  .row(positions[row]) -
+              k;
+          const float* source = rows + row * row_stride + kv_head * pool.head_dim;
+          for (int64_t d = 0; d < pool.head_dim; ++d) {
+            k[offset + d] = Kv::store(source[k_col + d], k_scale);
+            v[offset + d] = Kv::store(source[v_col + d], v_scale);
+          }
+        }
       }
-    }
+    });
   }
   void attention(const float* rows, int64_t row_stride, int64_t num_q_heads,
                  const int32_t* kv_head_of_q, const int32_t* positions, const int32_t* cache_idx,
                  int64_t num_rows, int64_t layer_idx, const KvPoolView& pool, float scale,
                  float* out) override {
     const int64_t head_dim = pool.head_dim;
-    for (int64_t row = 0; row < num_rows; ++row) {
-      int64_t num_positions = int64_t{positions[row]} + 1;
-      scores_.resize(std::max(scores_.size(), static_cast<size_t>(num_positions)));
-      for (int64_t head = 0; head < num_q_heads; ++head) {
-        const int32_t kv_head = kv_head_of_q[head];
-        math::attention_head_paged(rows + row * row_stride + head * head_dim,
-                                   paged_rows(pool, pool.k, cache_idx[row], layer_idx, kv_head),
-                                   paged_rows(pool, pool.v, cache_idx[row], layer_idx, kv_head),
-                                   num_positions, scale, scores_.data(),
-                                   out + (row * num_q_heads + head) * head_dim);
+    with_kv_format(pool.dtype, [&](auto format) {
+      using Kv = decltype(format);
+      const float k_scale = pool.k_scale(layer_idx), v_scale = pool.v_scale(layer_idx);
+      for (int64_t row = 0; row < num_rows; ++row) {
+        int64_t num_positions = int64_t{positions[row]} + 1;
+        scores_.resize(std::max(scores_.size(), static_cast<size_t>(num_positions)));
+        for (int64_t head = 0; head < num_q_heads; ++head) {
+          const int32_t kv_head = kv_head_of_q[head];
+          math::attention_head_paged<Kv>(
+              rows + row * row_stride + head * head_dim,
+              paged_rows<Kv>(pool, pool.k, cache_idx[row], layer_idx, kv_head, k_scale),
+              paged_rows<Kv>(pool, pool.v, cache_idx[row], layer_idx, kv_head, v_scale),
+              num_positions, scale, scores_.data(), out + (row * num_q_heads + head) * head_dim);
+        }
       }
-    }
+    });
   }
   void route_top_k(const float* logits, int64_t num_rows, int64_t num_experts, int64_t top_k,
                    bool normalize, int32_t* expert_ids, float* expert_weights, float* margins,
@@ -240,15 +253,31 @@ class CpuBackend final : public Backend {
   static math::GdnSequences gdn_sequences(const RecurrentSeqs& seqs) {
     return math::GdnSequences{seqs.row_starts, seqs.slots, seqs.fresh, seqs.num_seqs};
   }
-  static math::PagedKvRows paged_rows(const KvPoolView& pool, const float* base, int64_t seq,
-                                      int64_t layer, int64_t kv_head) {
-    const int64_t block_floats = pool.block_size * pool.head_dim;
-    math::PagedKvRows rows;
-    rows.head_base = base + (layer * pool.num_blocks * pool.kv_heads + kv_head) * block_floats;
+  // Runs fn(Kv{}) with the storage format of `dtype` (kernels/math/kv_math.h).
+  template <typename Fn>
+  static void with_kv_format(math::KvDType dtype, Fn&& fn) {
+    switch (dtype) {
+      case math::KvDType::kF32:
+        return fn(math::KvF32{});
+      case math::KvDType::kBF16:
+        return fn(math::KvBF16{});
+      case math::KvDType::kFp8E4M3:
+        return fn(math::KvFp8E4M3{});
+    }
+    KEEL_CHECK(false, "unknown KV cache dtype ", static_cast<int>(dtype));
+  }
+  template <typename Kv>
+  static math::PagedKvRowsOf<Kv> paged_rows(const KvPoolView& pool, const void* base, int64_t seq,
+                                            int64_t layer, int64_t kv_head, float scale) {
+    const int64_t block_elements = pool.block_size * pool.head_dim;
+    math::PagedKvRowsOf<Kv> rows;
+    rows.head_base = static_cast<const typename Kv::Storage*>(base) +
+                     (layer * pool.num_blocks * pool.kv_heads + kv_head) * block_elements;
     rows.block_table = pool.block_tables + seq * pool.max_blocks_per_seq;
-    rows.block_stride = pool.kv_heads * block_floats;
+    rows.block_stride = pool.kv_heads * block_elements;
     rows.block_size = pool.block_size;
     rows.head_dim = pool.head_dim;
+    rows.scale = scale;
     return rows;
   }
 

@@ -287,17 +287,22 @@ class CudaBackend final : public Backend {
   // One layer of the engine's paged pool [layer][block][kv_heads][block_size][head_dim] in the
   // kernels' per-layer view.
   static cuda::KvPool layer_pool(const KvPoolView& pool, int64_t layer_idx) {
-    const int64_t block_floats = pool.kv_heads * pool.block_size * pool.head_dim;
+    const int64_t block_elements = pool.kv_heads * pool.block_size * pool.head_dim;
+    const int64_t layer_bytes =
+        layer_idx * pool.num_blocks * block_elements * math::kv_element_bytes(pool.dtype);
     cuda::KvPool view;
-    view.k = pool.k + layer_idx * pool.num_blocks * block_floats;
-    view.v = pool.v + layer_idx * pool.num_blocks * block_floats;
+    view.k = static_cast<char*>(pool.k) + layer_bytes;
+    view.v = static_cast<char*>(pool.v) + layer_bytes;
     view.num_blocks = pool.num_blocks;
-    view.block_stride = block_floats;
+    view.block_stride = block_elements;
     view.block_size = pool.block_size;
     view.num_kv_heads = pool.kv_heads;
     view.head_dim = pool.head_dim;
     view.block_tables = pool.block_tables;
     view.max_blocks_per_seq = pool.max_blocks_per_seq;
+    view.dtype = pool.dtype;
+    view.k_scale = pool.k_scale(layer_idx);
+    view.v_scale = pool.v_scale(layer_idx);
     return view;
   }
   float* scratch(cuda::DeviceBuffer& buffer, size_t count) {

@@ -262,6 +262,8 @@ int generate(int argc, char** argv) {
        {"--reduce", Kind::kText, "native|fixed_order", "all-reduce algorithm"},
        {"--placement", Kind::kText, "contiguous|round_robin|explicit", "expert placement"},
        {"--combine", Kind::kText, "fp32|round_per_expert", "expert output combine"},
+       {"--kv-cache-dtype", Kind::kText, "auto|fp32|bf16|fp8_e4m3",
+        "KV cache storage (default auto: bf16 for bf16 weights, else fp32)"},
        {"--prompt-ids", Kind::kIdList, "1,2,3", "prompt token ids (default 1,2,3)"},
        {"--max-tokens", Kind::kInteger, "N", "tokens to generate (default 16)"},
        {"--batch-with", Kind::kInteger, "N", "batch with N synthetic prompts, [0, 1024]"},
@@ -303,6 +305,9 @@ int run_generate(const Flags& flags, keel::Deployment& deployment) {
     options.placement.kind = keel::parse_placement_kind(flags.get("--placement"));
   if (flags.has("--combine"))
     options.combine = keel::parse_combine_precision(flags.get("--combine"));
+  if (flags.has("--kv-cache-dtype"))
+    options.kv_cache_dtype =
+        keel::parse_kv_cache_dtype(flags.get("--kv-cache-dtype"), "--kv-cache-dtype");
   if (options.placement.kind == keel::PlacementKind::kExplicit &&
       options.placement.explicit_ranks.empty())
     throw_error("--placement explicit needs explicit_placement in a --config file");
@@ -359,6 +364,7 @@ int run_generate(const Flags& flags, keel::Deployment& deployment) {
   out["reduce"] = keel::comm::reduce_algo_name(options.reduce);
   out["placement"] = keel::placement_kind_name(options.placement.kind);
   out["combine"] = keel::combine_precision_name(options.combine);
+  out["kv_cache_dtype"] = keel::kv_cache_dtype_name(engine.kv_dtype());
   out["isa"] = keel::cpu::isa_name(keel::cpu::active_isa());
   out["batch_size"] = request.prompts.size();
   out["prompt_ids"] = request.prompts.back();
@@ -409,11 +415,16 @@ int serve(int argc, char** argv) {
                {"--host", Kind::kText, "H", "listen address (config: host)"},
                {"--port", Kind::kInteger, "P", "listen port, 0 = any free (config: port)"},
                {"--model", Kind::kText, "DIR", "checkpoint (config: model)"},
+               {"--kv-cache-dtype", Kind::kText, "auto|fp32|bf16|fp8_e4m3",
+                "KV cache storage (config: kv_cache_dtype)"},
                {"--verbose", Kind::kSwitch, "", "debug logging"}});
   keel::init_logging(flags.has("--verbose"));
   if (!flags.has("--config")) throw_error("serve needs --config FILE (see configs/serve/)");
   keel::ServeConfig config = keel::load_serve_config(flags.get("--config"));
   if (flags.has("--model")) config.model_dir = flags.get("--model");
+  if (flags.has("--kv-cache-dtype"))
+    config.engine.kv_cache_dtype =
+        keel::parse_kv_cache_dtype(flags.get("--kv-cache-dtype"), "--kv-cache-dtype");
   if (flags.has("--host")) config.host = flags.get("--host");
   if (flags.has("--port")) {
     int64_t port = flags.integer("--port", 0);
@@ -515,13 +526,14 @@ int run_serve(keel::ServeConfig& config) {
   http.catch_signals();
   std::printf(
       "keel serve: listening on http://%s:%u (pid %d, model %s, tp %d, %s ranks, determinism %s, "
-      "%lld KV blocks of %lld per rank)\n",
+      "%lld KV blocks of %lld per rank, kv_cache_dtype %s)\n",
       config.host.c_str(), static_cast<unsigned>(http.port()), static_cast<int>(::getpid()),
       model_name.c_str(), engine.tp_size(),
       config.engine.process_communicator != nullptr ? "mpi" : "thread",
       std::string(keel::determinism_name(config.determinism)).c_str(),
       static_cast<long long>(serve_options.num_kv_blocks),
-      static_cast<long long>(config.block_size));
+      static_cast<long long>(config.block_size),
+      std::string(keel::kv_cache_dtype_name(engine.kv_dtype())).c_str());
   std::fflush(stdout);
 
   const auto drain_timeout =

@@ -38,8 +38,10 @@ int run(int argc, char** argv) {
       .required();
   flags.add_int("--tp", &tp, "N", "tensor-parallel GPUs").range(1, 1024).required();
   flags.add_int("--context", &context, "TOKENS", "context length").at_least(1).required();
-  flags.add_choice("--kv-dtype", &options.kv_dtype, {"bf16", "fp8", "fp32"},
-                   "KV cache dtype (fp32: keel's own pool)");
+  options.kv_dtype = "auto";
+  flags.add_choice("--kv-dtype", &options.kv_dtype, {"auto", "bf16", "fp8", "fp8_e4m3", "fp32"},
+                   "KV cache dtype (keel serve's kv_cache_dtype; auto: bf16 for bf16 or quantized "
+                   "weights, else fp32)");
   flags.add_int("--prompt-len", &options.prompt_len, "N", "prompt tokens for prefill/TTFT");
   flags.add_switch("--json", &json, "JSON report");
   flags.add_string("--efficiency-file", &efficiency_file, "F", "measured efficiencies");
@@ -74,6 +76,9 @@ int run(int argc, char** argv) {
   const planning::ModelSpec model = is_checkpoint_path(model_path)
                                         ? model_spec_from_checkpoint(model_path)
                                         : planning::load_model_spec(model_path);
+  // keel's `auto` (runtime/model/kv_cache.h): bf16 KV for bf16 (or quantized) weights, else fp32.
+  if (options.kv_dtype == "auto")
+    options.kv_dtype = quant_name != "none" || model.dtype == "bf16" ? "bf16" : "fp32";
   planning::HardwareSpec hardware = planning::load_hardware_spec(hardware_path);
   const planning::QuantSpec quant = quant_name == "none" ? planning::quant_as_stored(model.dtype)
                                                          : planning::quant_from_name(quant_name);

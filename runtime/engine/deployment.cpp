@@ -8,8 +8,10 @@ namespace keel {
 
 Deployment load_deployment(const std::string& path) {
   YAML::Node root = load_yaml_mapping(path);
-  reject_unknown_keys(root, {"model", "tp", "reduce", "placement", "explicit_placement", "combine"},
-                      path);
+  reject_unknown_keys(
+      root,
+      {"model", "tp", "reduce", "placement", "explicit_placement", "combine", "kv_cache_dtype"},
+      path);
   Deployment deployment;
   if (root["model"]) {
     deployment.model_dir = yaml_value<std::string>(root, "model", path);
@@ -33,6 +35,9 @@ Deployment load_deployment(const std::string& path) {
     if (root["combine"])
       deployment.engine.combine =
           parse_combine_precision(yaml_value<std::string>(root, "combine", path));
+    if (root["kv_cache_dtype"])
+      deployment.engine.kv_cache_dtype =
+          parse_kv_cache_dtype(yaml_value<std::string>(root, "kv_cache_dtype", path));
   } catch (const Error& error) {
     throw_error(path, ": ", error.what());
   }

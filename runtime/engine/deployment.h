@@ -5,6 +5,7 @@
 //   placement: contiguous | round_robin | explicit
 //   explicit_placement: [[rank of expert 0, rank of expert 1, ...]]   (one list, or one per layer)
 //   combine: fp32 | round_per_expert
+//   kv_cache_dtype: auto | fp32 | bf16 | fp8_e4m3   (runtime/model/kv_cache.h)
 // Unknown keys and bad values are errors naming the file and the key.
 #pragma once
 

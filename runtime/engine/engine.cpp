@@ -106,7 +106,25 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options)
                                                          ? GpuGemm::kCanonical
                                                          : GpuGemm::kCublas)
             : make_cpu_backend());
-  RankOptions rank_options{options.reduce, options.combine};
+  RankOptions rank_options;
+  rank_options.reduce = options.reduce;
+  rank_options.combine = options.combine;
+  kv_dtype_ = resolve_kv_cache_dtype(options.kv_cache_dtype, config_.dtype);
+  rank_options.kv_dtype = kv_dtype_;
+  if (kv_dtype_ == math::KvDType::kFp8E4M3) {
+    rank_options.kv_scales = read_kv_scales(config_, *checkpoint_);
+    if (rank_options.kv_scales.empty()) {
+      if (local_ranks_.front() == 0)
+        spdlog::warn(
+            "kv_cache_dtype fp8_e4m3: {} has no k/v scales (self_attn.k_scale / v_scale or "
+            "k_proj.k_scale / v_proj.v_scale): using 1.0; without calibrated scales fp8 KV is "
+            "lossy (values beyond +-448 saturate, small ones lose precision)",
+            model_dir);
+    } else if (local_ranks_.front() == 0) {
+      spdlog::info("kv_cache_dtype fp8_e4m3: per-layer k/v scales from {} (first: {})", model_dir,
+                   rank_options.kv_scales.sources.front());
+    }
+  }
   // Shards load in parallel; errors (bad shapes, dtypes) surface with file and tensor named.
   run_on_ranks(static_cast<int>(local_ranks_.size()), nullptr, [&](int local_idx) {
     int tp_rank = local_ranks_[static_cast<size_t>(local_idx)];

@@ -42,6 +42,8 @@ struct EngineOptions {
   comm::ReduceAlgo reduce = comm::ReduceAlgo::kFixedOrder;
   PlacementSpec placement;
   CombinePrecision combine = CombinePrecision::kFp32;
+  // Storage dtype of the paged KV pool (runtime/model/kv_cache.h); auto follows the weights.
+  KvCacheDType kv_cache_dtype = KvCacheDType::kAuto;
   const EngineTestHooks* test_hooks = nullptr;  // tests only; must outlive the engine
 };
 
@@ -139,6 +141,8 @@ class Engine {
   void serve(StepSource* source, const ServeOptions& options);
   // Bytes of one KV block of `block_size` positions on the first rank of this process.
   int64_t kv_block_bytes(int64_t block_size) const;
+  // The KV pool's storage dtype (options().kv_cache_dtype resolved against the checkpoint).
+  math::KvDType kv_dtype() const { return kv_dtype_; }
   // Bytes of one sequence's recurrent state (hybrid models; 0 otherwise) on that rank.
   int64_t state_slot_bytes() const;
   bool is_leader_process() const { return local_ranks_.front() == 0; }
@@ -166,6 +170,7 @@ class Engine {
   std::unique_ptr<Checkpoint> checkpoint_;
   std::unique_ptr<ExpertPlacement> placement_;
   int tp_size_ = 1;
+  math::KvDType kv_dtype_ = math::KvDType::kF32;
   std::vector<int> local_ranks_;                    // tp ranks that live in this process
   std::vector<std::unique_ptr<Backend>> backends_;  // parallel to local_ranks_
   std::vector<std::unique_ptr<RankModel>> ranks_;   // parallel to local_ranks_

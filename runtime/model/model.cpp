@@ -64,7 +64,7 @@ void StepBatch::set_identity_state_slots(int64_t num_seqs) {
 
 int64_t RankModel::kv_block_bytes(int64_t block_size) const {
   return 2 * config_.num_attention_layers() * kv_heads_local_ * block_size * config_.head_dim *
-         static_cast<int64_t>(sizeof(float));
+         math::kv_element_bytes(options_.kv_dtype);
 }
 
 namespace {
@@ -89,8 +89,19 @@ KvPool RankModel::make_kv_pool(int64_t num_blocks, int64_t block_size, int64_t n
   pool.block_size = block_size;
   size_t elements = static_cast<size_t>(num_blocks * config_.num_attention_layers() *
                                         kv_heads_local_ * block_size * config_.head_dim);
-  pool.k = backend_.allocate(DType::kF32, std::max<size_t>(elements, 1));
-  pool.v = backend_.allocate(DType::kF32, std::max<size_t>(elements, 1));
+  // Allocated by bytes: the elements are the pool dtype's (kernels/math/kv_math.h).
+  const size_t nbytes =
+      std::max<size_t>(elements, 1) * static_cast<size_t>(math::kv_element_bytes(options_.kv_dtype));
+  pool.k = backend_.allocate_bytes(nbytes);
+  pool.v = backend_.allocate_bytes(nbytes);
+  pool.dtype = options_.kv_dtype;
+  if (pool.dtype == math::KvDType::kFp8E4M3 && !options_.kv_scales.empty()) {
+    KEEL_CHECK(static_cast<int64_t>(options_.kv_scales.k.size()) ==
+                   config_.num_attention_layers() &&
+               options_.kv_scales.v.size() == options_.kv_scales.k.size());
+    pool.k_scales = options_.kv_scales.k;
+    pool.v_scales = options_.kv_scales.v;
+  }
   if (config_.is_hybrid()) {
     KEEL_CHECK(num_state_slots > 0, "rank ", tp_rank_,
                ": a hybrid model needs recurrent-state slots (0 given)");
@@ -173,15 +184,18 @@ void RankModel::forward(const StepBatch& batch, KvPool& pool, comm::Communicator
   const int32_t* token_ids = upload(batch.token_ids, token_ids_);
   upload(batch.positions, positions_);
   upload(batch.cache_idx, cache_idx_);
-  const Backend::KvPoolView view{pool.k.f32(),
-                                 pool.v.f32(),
+  const Backend::KvPoolView view{pool.k.data(),
+                                 pool.v.data(),
                                  config_.num_attention_layers(),
                                  pool.num_blocks,
                                  kv_heads_local_,
                                  pool.block_size,
                                  config_.head_dim,
                                  upload(batch.block_tables, block_tables_),
-                                 max_blocks};
+                                 max_blocks,
+                                 pool.dtype,
+                                 pool.k_scales.empty() ? nullptr : pool.k_scales.data(),
+                                 pool.v_scales.empty() ? nullptr : pool.v_scales.data()};
 
   // Router replay: the forced choices of every MoE layer, checked here so kernels can trust them.
   const int32_t* forced_routes = nullptr;

@@ -29,6 +29,7 @@
 #include "comm/communicator.h"
 #include "runtime/backend/backend.h"
 #include "runtime/model/checkpoint.h"
+#include "runtime/model/kv_cache.h"
 #include "runtime/model/model_config.h"
 #include "scheduler/placement.h"
 
@@ -121,8 +122,9 @@ struct LayerWeights {
 };
 
 // This rank's sequence caches. The paged KV pool: k and v as [attention layers][num_blocks]
-// [kv_local][block_size][head_dim] fp32 (kernels/math/ops_math.h, PagedKvRows), for the full-
-// attention layers only. Hybrid models add recurrent-state slots, one per running sequence:
+// [kv_local][block_size][head_dim] elements of `dtype` (fp32, bf16 or fp8 e4m3:
+// kernels/math/kv_math.h; kernels/math/ops_math.h, PagedKvRowsOf), for the full-attention
+// layers only; fp8 pools carry the per-layer k/v scales (host, [attention layers]). Hybrid models add recurrent-state slots, one per running sequence:
 // conv_state [linear layers][num_state_slots][conv channels local][kernel - 1] and ssm_state
 // [linear layers][num_state_slots][v heads local][key head dim][value head dim], fp32. Which
 // blocks and slot hold which sequence is the scheduler's business (scheduler/block_manager.h,
@@ -132,6 +134,8 @@ struct KvPool {
   DeviceArray v;
   int64_t num_blocks = 0;
   int64_t block_size = 0;
+  math::KvDType dtype = math::KvDType::kF32;
+  std::vector<float> k_scales, v_scales;  // fp8 only; empty: 1
   DeviceArray conv_state;
   DeviceArray ssm_state;
   int64_t num_state_slots = 0;
@@ -212,6 +216,10 @@ struct StepObservation {
 struct RankOptions {
   comm::ReduceAlgo reduce = comm::ReduceAlgo::kFixedOrder;
   CombinePrecision combine = CombinePrecision::kFp32;
+  // The KV pool's storage dtype (resolved: the engine turns `auto` into one) and, for fp8,
+  // the checkpoint's per-layer scales (runtime/model/kv_cache.h; empty: 1 for every layer).
+  math::KvDType kv_dtype = math::KvDType::kF32;
+  KvScales kv_scales;
 };
 
 // Counts of tokens routed to each expert, [layer][expert], accumulated over steps.
@@ -228,8 +236,10 @@ class RankModel {
   // num_state_slots: recurrent-state slots, one per sequence that may run at once (hybrid
   // models; ignored by models without linear-attention layers).
   KvPool make_kv_pool(int64_t num_blocks, int64_t block_size, int64_t num_state_slots = 0);
-  // Bytes of one KV block on this rank (K and V, every full-attention layer).
+  // Bytes of one KV block on this rank (K and V, every full-attention layer, in the pool's
+  // dtype).
   int64_t kv_block_bytes(int64_t block_size) const;
+  math::KvDType kv_dtype() const { return options_.kv_dtype; }
   // Bytes of one sequence's recurrent state on this rank (conv + SSM, every linear layer); 0
   // for models without linear-attention layers.
   int64_t state_slot_bytes() const;

@@ -39,6 +39,7 @@ ServeConfig load_serve_config(const std::string& path) {
                        "block_size",
                        "num_kv_blocks",
                        "kv_cache_mb",
+                       "kv_cache_dtype",
                        "max_num_seqs",
                        "max_num_batched_tokens",
                        "prefix_caching",
@@ -74,6 +75,9 @@ ServeConfig load_serve_config(const std::string& path) {
           parse_combine_precision(yaml_value<std::string>(root, "combine", path));
     if (root["backend"])
       config.engine.device = parse_device(yaml_value<std::string>(root, "backend", path));
+    if (root["kv_cache_dtype"])
+      config.engine.kv_cache_dtype =
+          parse_kv_cache_dtype(yaml_value<std::string>(root, "kv_cache_dtype", path));
   } catch (const Error& error) {
     throw_error(path, ": ", error.what());
   }

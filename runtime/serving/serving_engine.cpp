@@ -100,6 +100,9 @@ ServingEngine::ServingEngine(const Engine& engine, const std::string& model_dir,
   for (int32_t id = 0; id < vocab_size_; ++id)
     if (!tokenizer_.id_to_token(id)) untokenizable_ids_.push_back(id);
   stats_.kv_blocks_total = config_.scheduler.num_kv_blocks;
+  kv_cache_bytes_ = int64_t{config_.scheduler.num_kv_blocks} *
+                    engine.kv_block_bytes(config_.scheduler.block_size);
+  kv_cache_dtype_ = std::string(kv_cache_dtype_name(engine.kv_dtype()));
   stats_.state_slots_total = config_.scheduler.num_state_slots;
   local_stats_ = stats_;
   top_k_ = engine.config().top_k;
@@ -591,6 +594,21 @@ std::string ServingEngine::prometheus() const {
           : 0.0);
   add("keel_kv_blocks_used", MetricType::kGauge, "KV blocks in use (per rank).",
       stats.kv_blocks_used);
+  add("keel_kv_cache_blocks", MetricType::kGauge, "KV blocks in the pool (per rank).",
+      stats.kv_blocks_total);
+  const telemetry::Labels model_dtype = {{"model_name", config_.model_name},
+                                         {"dtype", kv_cache_dtype_}};
+  out.family("keel_kv_cache_bytes", MetricType::kGauge,
+             "Bytes of the paged KV pool (K and V, every attention layer, per rank) in its "
+             "storage dtype.");
+  out.value("keel_kv_cache_bytes", model_dtype, kv_cache_bytes_);
+  out.family("keel_kv_cache_info", MetricType::kGauge,
+             "KV cache configuration (value 1): storage dtype and block size.");
+  out.value("keel_kv_cache_info",
+            {{"model_name", config_.model_name},
+             {"dtype", kv_cache_dtype_},
+             {"block_size", std::to_string(config_.scheduler.block_size)}},
+            1);
   if (stats.state_slots_total > 0) {
     add("keel_state_slots_used", MetricType::kGauge,
         "Recurrent-state slots (Gated DeltaNet conv + SSM state) held by running requests.",

@@ -168,6 +168,9 @@ class ServingEngine final : public server::GenerationBackend, public StepSource 
   const int64_t vocab_size_;
   ServingConfig config_;
   int64_t max_context_ = 0;
+  // The KV pool of one rank: bytes (blocks x kv_block_bytes) and storage dtype, for /metrics.
+  int64_t kv_cache_bytes_ = 0;
+  std::string kv_cache_dtype_;
   Tokenizer tokenizer_;
   ChatTemplateInfo template_;
   std::vector<int32_t> stop_token_ids_;

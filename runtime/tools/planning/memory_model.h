@@ -43,7 +43,7 @@ constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 struct PlanOptions {
   int64_t context = 32768;                // tokens per sequence for KV sizing and the decode table
   int64_t prompt_len = 2048;              // TTFT prompt
-  std::string kv_dtype = "bf16";          // "bf16" | "fp8"
+  std::string kv_dtype = "bf16";          // "bf16" | "fp8" (= "fp8_e4m3") | "fp32"
   int64_t max_num_batched_tokens = 8192;  // prefill chunk / activation sizing
   int64_t max_num_seqs = 256;             // sampled logits rows in the activation estimate
   double reserve_gib = 2.0;               // framework reserve
