@@ -124,10 +124,11 @@ struct LayerWeights {
 // This rank's sequence caches. The paged KV pool: k and v as [attention layers][num_blocks]
 // [kv_local][block_size][head_dim] elements of `dtype` (fp32, bf16 or fp8 e4m3:
 // kernels/math/kv_math.h; kernels/math/ops_math.h, PagedKvRowsOf), for the full-attention
-// layers only; fp8 pools carry the per-layer k/v scales (host, [attention layers]). Hybrid models add recurrent-state slots, one per running sequence:
-// conv_state [linear layers][num_state_slots][conv channels local][kernel - 1] and ssm_state
-// [linear layers][num_state_slots][v heads local][key head dim][value head dim], fp32. Which
-// blocks and slot hold which sequence is the scheduler's business (scheduler/block_manager.h,
+// layers only; fp8 pools carry the per-layer k/v scales (host, [attention layers]). Hybrid models
+// add recurrent-state slots, one per running sequence: conv_state [linear
+// layers][num_state_slots][conv channels local][kernel - 1] and ssm_state [linear
+// layers][num_state_slots][v heads local][key head dim][value head dim], fp32. Which blocks and
+// slot hold which sequence is the scheduler's business (scheduler/block_manager.h,
 // batch_scheduler.h); a step names them in StepBatch.
 struct KvPool {
   DeviceArray k;
@@ -220,6 +221,9 @@ struct RankOptions {
   // the checkpoint's per-layer scales (runtime/model/kv_cache.h; empty: 1 for every layer).
   math::KvDType kv_dtype = math::KvDType::kF32;
   KvScales kv_scales;
+  // NVFP4 checkpoints: quantize activations per 16 with each layer's input_scale (W4A4, as
+  // Blackwell FP4 tensor cores compute) instead of multiplying fp32 activations (weight-only).
+  bool nvfp4_w4a4 = false;
 };
 
 // Counts of tokens routed to each expert, [layer][expert], accumulated over steps.

@@ -1,5 +1,6 @@
 #include "runtime/model/model_config.h"
 
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -177,7 +178,19 @@ ModelConfig ModelConfig::load(const std::string& config_json_path) {
   if (!file) throw_error("cannot open model config ", config_json_path);
   std::stringstream text;
   text << file.rdbuf();
-  return parse(text.str(), config_json_path);
+  ModelConfig config = parse(text.str(), config_json_path);
+  // ModelOpt's legacy exports put the quantization beside config.json.
+  const std::filesystem::path hf_quant =
+      std::filesystem::path(config_json_path).parent_path() / "hf_quant_config.json";
+  if (std::filesystem::exists(hf_quant)) {
+    std::ifstream quant_file(hf_quant);
+    if (!quant_file) throw_error("cannot open ", hf_quant.string());
+    std::stringstream quant_text;
+    quant_text << quant_file.rdbuf();
+    config.quant = merge_quant_configs(
+        config.quant, parse_quant_config(quant_text.str(), hf_quant.string(), true));
+  }
+  return config;
 }
 
 ModelConfig ModelConfig::parse(const std::string& json_text, const std::string& source_name) {
@@ -222,6 +235,13 @@ ModelConfig ModelConfig::parse(const std::string& json_text, const std::string& 
   ConfigReader reader(*text_root, text_source);
   const json& text = *text_root;
   refuse_unimplemented_settings(reader, text, config.architecture);
+  for (const json* scope : std::initializer_list<const json*>{&root, text_root}) {
+    if (scope->contains("quantization_config") && !(*scope)["quantization_config"].is_null()) {
+      config.quant = parse_quant_config((*scope)["quantization_config"].dump(),
+                                        source_name + " quantization_config", false);
+      break;
+    }
+  }
 
   config.vocab_size = reader.integer("vocab_size");
   config.hidden_size = reader.integer("hidden_size");

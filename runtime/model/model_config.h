@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "kernels/base/dtype.h"
+#include "runtime/model/quant_config.h"
 
 namespace keel {
 
@@ -59,6 +60,9 @@ struct ModelConfig {
   // layout, "model.language_model."); lm_head.weight is always top level.
   std::string weight_prefix = "model.";
   bool has_vision_tower = false;  // declared, never loaded: image inputs are refused
+  // The checkpoint's quantization (config.json quantization_config and hf_quant_config.json
+  // beside it); kNone for float checkpoints.
+  QuantConfig quant;
 
   // Throws keel::Error naming the file and field on anything missing, malformed or unsupported.
   static ModelConfig load(const std::string& config_json_path);

@@ -8,6 +8,7 @@
 #include "kernels/base/buffer.h"
 #include "kernels/base/check.h"
 #include "runtime/model/model.h"
+#include "runtime/model/quant_load.h"
 
 namespace keel {
 
@@ -17,31 +18,18 @@ std::string layer_prefix(const ModelConfig& config, int64_t layer_idx) {
   return config.weight_prefix + "layers." + std::to_string(layer_idx) + ".";
 }
 
-// Host staging for one weight: shards are cut from the mapped checkpoint into this, then
-// uploaded to the backend's device in one copy.
-struct HostMatrix {
-  Buffer data;
-  int64_t rows = 0;
-  int64_t cols = 0;
-  DType dtype() const { return data.dtype(); }
+// What the loading helpers share: the device, the checkpoint and how it is quantized.
+struct LoadContext {
+  Backend& backend;
+  const Checkpoint& checkpoint;
+  const QuantConfig& quant;
+  bool nvfp4_w4a4;
+
+  LinearSource linear(const std::string& module, int64_t rows, int64_t cols) const {
+    return find_linear(checkpoint, quant, module, rows, cols);
+  }
+  Matrix upload(const HostWeight& host) const { return host.to_device(backend, nvfp4_w4a4); }
 };
-
-HostMatrix make_matrix(DType dtype, int64_t rows, int64_t cols) {
-  HostMatrix matrix;
-  matrix.data = Buffer(dtype, static_cast<size_t>(rows * cols));
-  matrix.rows = rows;
-  matrix.cols = cols;
-  return matrix;
-}
-
-Matrix to_device(Backend& backend, const HostMatrix& host) {
-  Matrix matrix;
-  matrix.data = backend.allocate(host.dtype(), host.data.size());
-  backend.copy_from_host(host.data.data(), host.data.nbytes(), matrix.data.data());
-  matrix.rows = host.rows;
-  matrix.cols = host.cols;
-  return matrix;
-}
 
 DeviceArray to_device(Backend& backend, const Buffer& host) {
   DeviceArray array = backend.allocate(host.dtype(), host.size());
@@ -63,34 +51,26 @@ DeviceArray pointer_table(Backend& backend, const std::vector<const void*>& poin
   return array;
 }
 
-// Copies rows [row0, row0 + num_rows) and columns [col0, col0 + num_cols) of a matrix view
-// (for a 3-D view, of its slice `outer`) into `dst` starting at row `dst_row`.
-void copy_block(const TensorView& view, int64_t outer, int64_t row0, int64_t num_rows, int64_t col0,
-                int64_t num_cols, HostMatrix& dst, int64_t dst_row) {
-  if (view.dtype != dst.dtype())
-    throw_error("file ", view.file, ", tensor ", view.name, ": dtype ", dtype_name(view.dtype),
-                " differs from the other parts of the same weight (", dtype_name(dst.dtype()), ")");
-  int64_t view_rows = view.shape[view.shape.size() - 2];
-  int64_t view_cols = view.shape.back();
-  KEEL_CHECK(row0 + num_rows <= view_rows && col0 + num_cols <= view_cols && num_cols == dst.cols);
-  size_t element_size = dtype_size(view.dtype);
-  const std::byte* base =
-      view.data + static_cast<size_t>(outer * view_rows * view_cols) * element_size;
-  auto* out = static_cast<std::byte*>(dst.data.data());
-  for (int64_t row = 0; row < num_rows; ++row) {
-    const std::byte* src =
-        base + static_cast<size_t>((row0 + row) * view_cols + col0) * element_size;
-    std::memcpy(out + static_cast<size_t>((dst_row + row) * dst.cols) * element_size, src,
-                static_cast<size_t>(num_cols) * element_size);
-  }
+// A device array of weight views (what the grouped expert GEMMs index by local expert).
+DeviceArray view_table(Backend& backend, const std::vector<math::WeightView>& views) {
+  DeviceArray array = backend.allocate_bytes(views.size() * sizeof(math::WeightView));
+  backend.copy_from_host(views.data(), views.size() * sizeof(math::WeightView), array.data());
+  return array;
 }
 
-// A whole 2-D tensor (or a row range of it) as a device matrix.
-Matrix load_matrix(Backend& backend, const TensorView& view, int64_t row0, int64_t num_rows,
-                   int64_t padded_rows) {
-  HostMatrix host = make_matrix(view.dtype, padded_rows, view.shape.back());
-  if (num_rows > 0) copy_block(view, 0, row0, num_rows, 0, view.shape.back(), host, 0);
-  return to_device(backend, host);
+// A Linear named `module` exists in some layout.
+bool has_linear(const Checkpoint& checkpoint, const std::string& module) {
+  for (const char* suffix : {".weight", ".qweight", ".weight_packed"})
+    if (checkpoint.find(module + suffix) != nullptr) return true;
+  return false;
+}
+
+// Rows [row0, row0 + num_rows) of a Linear, zero-padded to padded_rows, as a device matrix.
+Matrix load_rows(const LoadContext& ctx, const LinearSource& source, int64_t row0, int64_t num_rows,
+                 int64_t padded_rows) {
+  HostWeight host(source, padded_rows, source.cols);
+  if (num_rows > 0) host.copy_rows(source, row0, num_rows, 0, 0);
+  return ctx.upload(host);
 }
 
 Buffer load_vector(const TensorView& view, int64_t offset, int64_t count) {
@@ -121,8 +101,9 @@ struct LinearHeads {
 // Qwen3.5: separate in_proj_qkv (rows q | k | v of all heads), in_proj_z, in_proj_b, in_proj_a.
 // Qwen3-Next: in_proj_qkvz interleaved per key-head group g as [q_g | k_g | v_g | z_g] (v_g and
 // z_g: the group's HV/HK value heads) and in_proj_ba per group as [b_g | a_g].
-Matrix load_linear_in(Backend& backend, const Checkpoint& checkpoint, const std::string& prefix,
-                      const LinearHeads& heads, int64_t hidden) {
+Matrix load_linear_in(const LoadContext& ctx, const std::string& prefix, const LinearHeads& heads,
+                      int64_t hidden) {
+  const Checkpoint& checkpoint = ctx.checkpoint;
   const int64_t key_dim = heads.total_k * heads.k_dim;
   const int64_t value_dim = heads.total_v * heads.v_dim;
   const int64_t q_rows = heads.num_k * heads.k_dim;
@@ -131,45 +112,43 @@ Matrix load_linear_in(Backend& backend, const Checkpoint& checkpoint, const std:
   const int64_t z_row = 2 * q_rows + v_rows;
   const int64_t b_row = z_row + v_rows;
   const int64_t a_row = b_row + heads.num_v;
-  if (const TensorView* fused = checkpoint.find(prefix + "in_proj_qkvz.weight")) {
+  const bool qwen3_next = checkpoint.find(prefix + "in_proj_qkvz.weight") != nullptr ||
+                          checkpoint.find(prefix + "in_proj_qkvz.qweight") != nullptr ||
+                          checkpoint.find(prefix + "in_proj_qkvz.weight_packed") != nullptr;
+  if (qwen3_next) {
     const int64_t ratio = heads.total_v / heads.total_k;
     const int64_t group_rows = 2 * heads.k_dim + 2 * ratio * heads.v_dim;
-    const TensorView& qkvz =
-        checkpoint.get(prefix + "in_proj_qkvz.weight", {heads.total_k * group_rows, hidden});
-    const TensorView& ba =
-        checkpoint.get(prefix + "in_proj_ba.weight", {2 * heads.total_v, hidden});
-    HostMatrix matrix = make_matrix(fused->dtype, rows, hidden);
+    const LinearSource qkvz =
+        ctx.linear(prefix + "in_proj_qkvz", heads.total_k * group_rows, hidden);
+    const LinearSource ba = ctx.linear(prefix + "in_proj_ba", 2 * heads.total_v, hidden);
+    HostWeight matrix(qkvz, rows, hidden);
     for (int64_t local = 0; local < heads.num_k; ++local) {
       const int64_t group = heads.first_k + local;
       const int64_t base = group * group_rows;
       const int64_t group_v = ratio * heads.v_dim;
-      copy_block(qkvz, 0, base, heads.k_dim, 0, hidden, matrix, local * heads.k_dim);
-      copy_block(qkvz, 0, base + heads.k_dim, heads.k_dim, 0, hidden, matrix,
-                 q_rows + local * heads.k_dim);
-      copy_block(qkvz, 0, base + 2 * heads.k_dim, group_v, 0, hidden, matrix,
-                 2 * q_rows + local * group_v);
-      copy_block(qkvz, 0, base + 2 * heads.k_dim + group_v, group_v, 0, hidden, matrix,
-                 z_row + local * group_v);
-      copy_block(ba, 0, group * 2 * ratio, ratio, 0, hidden, matrix, b_row + local * ratio);
-      copy_block(ba, 0, group * 2 * ratio + ratio, ratio, 0, hidden, matrix, a_row + local * ratio);
+      matrix.copy_rows(qkvz, base, heads.k_dim, 0, local * heads.k_dim);
+      matrix.copy_rows(qkvz, base + heads.k_dim, heads.k_dim, 0, q_rows + local * heads.k_dim);
+      matrix.copy_rows(qkvz, base + 2 * heads.k_dim, group_v, 0, 2 * q_rows + local * group_v);
+      matrix.copy_rows(qkvz, base + 2 * heads.k_dim + group_v, group_v, 0, z_row + local * group_v);
+      matrix.copy_rows(ba, group * 2 * ratio, ratio, 0, b_row + local * ratio);
+      matrix.copy_rows(ba, group * 2 * ratio + ratio, ratio, 0, a_row + local * ratio);
     }
-    return to_device(backend, matrix);
+    return ctx.upload(matrix);
   }
-  const TensorView& qkv =
-      checkpoint.get(prefix + "in_proj_qkv.weight", {2 * key_dim + value_dim, hidden});
-  const TensorView& z = checkpoint.get(prefix + "in_proj_z.weight", {value_dim, hidden});
-  const TensorView& b = checkpoint.get(prefix + "in_proj_b.weight", {heads.total_v, hidden});
-  const TensorView& a = checkpoint.get(prefix + "in_proj_a.weight", {heads.total_v, hidden});
-  HostMatrix matrix = make_matrix(qkv.dtype, rows, hidden);
+  const LinearSource qkv = ctx.linear(prefix + "in_proj_qkv", 2 * key_dim + value_dim, hidden);
+  const LinearSource z = ctx.linear(prefix + "in_proj_z", value_dim, hidden);
+  const LinearSource b = ctx.linear(prefix + "in_proj_b", heads.total_v, hidden);
+  const LinearSource a = ctx.linear(prefix + "in_proj_a", heads.total_v, hidden);
+  HostWeight matrix(qkv, rows, hidden);
   const int64_t k0 = heads.first_k * heads.k_dim;
   const int64_t v0 = heads.first_v * heads.v_dim;
-  copy_block(qkv, 0, k0, q_rows, 0, hidden, matrix, 0);
-  copy_block(qkv, 0, key_dim + k0, q_rows, 0, hidden, matrix, q_rows);
-  copy_block(qkv, 0, 2 * key_dim + v0, v_rows, 0, hidden, matrix, 2 * q_rows);
-  copy_block(z, 0, v0, v_rows, 0, hidden, matrix, z_row);
-  copy_block(b, 0, heads.first_v, heads.num_v, 0, hidden, matrix, b_row);
-  copy_block(a, 0, heads.first_v, heads.num_v, 0, hidden, matrix, a_row);
-  return to_device(backend, matrix);
+  matrix.copy_rows(qkv, k0, q_rows, 0, 0);
+  matrix.copy_rows(qkv, key_dim + k0, q_rows, 0, q_rows);
+  matrix.copy_rows(qkv, 2 * key_dim + v0, v_rows, 0, 2 * q_rows);
+  matrix.copy_rows(z, v0, v_rows, 0, z_row);
+  matrix.copy_rows(b, heads.first_v, heads.num_v, 0, b_row);
+  matrix.copy_rows(a, heads.first_v, heads.num_v, 0, a_row);
+  return ctx.upload(matrix);
 }
 
 // conv1d.weight [channels, 1, kernel] -> f32 [local channels][kernel], channels q | k | v.
@@ -191,29 +170,30 @@ DeviceArray load_conv_weight(Backend& backend, const TensorView& view, const Lin
   return to_device(backend, weight);
 }
 
-// The three projections of a SwiGLU MLP, per expert or fused across experts.
-struct MlpViews {
-  const TensorView* gate = nullptr;  // [I, H] or fused gate_up [E, 2I, H]
-  const TensorView* up = nullptr;    // [I, H] (nullptr when fused)
-  const TensorView* down = nullptr;  // [H, I] or fused [E, H, I]
-  int64_t outer = 0;                 // expert index into fused tensors
+// The three projections of a SwiGLU MLP, per expert or fused across experts (then `gate` is
+// the fused gate_up [2I, H] of one expert and `up` is unset).
+struct MlpSources {
+  LinearSource gate;  // [I, H] or fused gate_up [2I, H]
+  LinearSource up;    // [I, H] (layout unset when fused)
+  LinearSource down;  // [H, I]
+  bool fused = false;
 };
 
 // Gate/up rows [col0, col0 + width) and down columns of the same range: a column-parallel
 // slice when width < I, a whole expert when width == I.
-ExpertWeights load_mlp(Backend& backend, const MlpViews& views, int64_t intermediate,
+ExpertWeights load_mlp(const LoadContext& ctx, const MlpSources& sources, int64_t intermediate,
                        int64_t hidden, int64_t col0, int64_t width) {
-  HostMatrix gate_up = make_matrix(views.gate->dtype, 2 * width, hidden);
-  HostMatrix down = make_matrix(views.down->dtype, hidden, width);
-  if (views.up == nullptr) {
-    copy_block(*views.gate, views.outer, col0, width, 0, hidden, gate_up, 0);
-    copy_block(*views.gate, views.outer, intermediate + col0, width, 0, hidden, gate_up, width);
+  HostWeight gate_up(sources.gate, 2 * width, hidden);
+  HostWeight down(sources.down, hidden, width);
+  if (sources.fused) {
+    gate_up.copy_rows(sources.gate, col0, width, 0, 0);
+    gate_up.copy_rows(sources.gate, intermediate + col0, width, 0, width);
   } else {
-    copy_block(*views.gate, 0, col0, width, 0, hidden, gate_up, 0);
-    copy_block(*views.up, 0, col0, width, 0, hidden, gate_up, width);
+    gate_up.copy_rows(sources.gate, col0, width, 0, 0);
+    gate_up.copy_rows(sources.up, col0, width, 0, width);
   }
-  copy_block(*views.down, views.outer, 0, hidden, col0, width, down, 0);
-  return ExpertWeights{to_device(backend, gate_up), to_device(backend, down)};
+  down.copy_rows(sources.down, 0, hidden, col0, 0);
+  return ExpertWeights{ctx.upload(gate_up), ctx.upload(down)};
 }
 
 }  // namespace
@@ -243,16 +223,20 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
   expert_counts_.assign(static_cast<size_t>(config.num_layers),
                         std::vector<int64_t>(static_cast<size_t>(config.num_experts), 0));
 
+  const LoadContext ctx{backend, checkpoint, config.quant, options.nvfp4_w4a4};
   const std::string& model_prefix = config.weight_prefix;
-  const TensorView& embed =
-      checkpoint.get(model_prefix + "embed_tokens.weight", {config.vocab_size, hidden});
-  embed_ = load_matrix(backend, embed, 0, config.vocab_size, config.vocab_size);
-  const TensorView& lm_head = config.tie_word_embeddings
-                                  ? embed
-                                  : checkpoint.get("lm_head.weight", {config.vocab_size, hidden});
+  // The embedding is a row lookup, never a GEMM: it must be stored dense (every format keel
+  // reads keeps it so).
+  const LinearSource embed = ctx.linear(model_prefix + "embed_tokens", config.vocab_size, hidden);
+  if (embed.format() != math::WeightFormat::kDense)
+    throw_error("checkpoint ", checkpoint.directory(), ": ", model_prefix,
+                "embed_tokens is quantized; keel needs the embedding table in F32/BF16/F16");
+  embed_ = load_rows(ctx, embed, 0, config.vocab_size, config.vocab_size);
+  const LinearSource lm_head =
+      config.tie_word_embeddings ? embed : ctx.linear("lm_head", config.vocab_size, hidden);
   int64_t vocab_begin = vocab_chunk_ * tp_rank;
   int64_t vocab_rows = std::clamp<int64_t>(config.vocab_size - vocab_begin, 0, vocab_chunk_);
-  lm_head_ = load_matrix(backend, lm_head, vocab_begin, vocab_rows, vocab_chunk_);
+  lm_head_ = load_rows(ctx, lm_head, vocab_begin, vocab_rows, vocab_chunk_);
   const bool zero_centered = config.zero_centered_norm;
   final_norm_ = load_norm(backend, checkpoint.get(model_prefix + "norm.weight", {hidden}), hidden,
                           zero_centered);
@@ -294,7 +278,7 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
       layer.cache_layer = num_linear_layers++;
       const std::string gdn = prefix + "linear_attn.";
       const int64_t kernel = config.linear_conv_kernel;
-      layer.linear_in = load_linear_in(backend, checkpoint, gdn, linear, hidden);
+      layer.linear_in = load_linear_in(ctx, gdn, linear, hidden);
       layer.conv_weight = load_conv_weight(
           backend, checkpoint.get(gdn + "conv1d.weight", {config.linear_conv_dim(), 1, kernel}),
           linear, kernel);
@@ -306,12 +290,10 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
       layer.linear_norm =
           load_norm(backend, checkpoint.get(gdn + "norm.weight", {linear.v_dim}), linear.v_dim,
                     /*zero_centered=*/false);
-      const TensorView& out_proj =
-          checkpoint.get(gdn + "out_proj.weight", {hidden, config.linear_value_dim()});
-      HostMatrix out_shard = make_matrix(out_proj.dtype, hidden, linear.num_v * linear.v_dim);
-      copy_block(out_proj, 0, 0, hidden, linear.first_v * linear.v_dim, linear.num_v * linear.v_dim,
-                 out_shard, 0);
-      layer.linear_out = to_device(backend, out_shard);
+      const LinearSource out_proj = ctx.linear(gdn + "out_proj", hidden, config.linear_value_dim());
+      HostWeight out_shard(out_proj, hidden, linear.num_v * linear.v_dim);
+      out_shard.copy_rows(out_proj, 0, hidden, linear.first_v * linear.v_dim, 0);
+      layer.linear_out = ctx.upload(out_shard);
     } else {
       layer.cache_layer = num_attention_layers++;
       load_attention(config, checkpoint, prefix, layer);
@@ -326,6 +308,7 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
 void RankModel::load_attention(const ModelConfig& config, const Checkpoint& checkpoint,
                                const std::string& prefix, LayerWeights& layer) {
   Backend& backend = backend_;
+  const LoadContext ctx{backend_, checkpoint, config.quant, options_.nvfp4_w4a4};
   const int64_t hidden = config.hidden_size;
   const int64_t head_dim = config.head_dim;
   const int64_t q_rows = q_heads_local_ * head_dim;
@@ -337,23 +320,19 @@ void RankModel::load_attention(const ModelConfig& config, const Checkpoint& chec
     // the gate halves move behind K and V so the query heads stay contiguous.
     const bool gated = config.attn_output_gate;
     const int64_t q_head_rows = gated ? 2 * head_dim : head_dim;
-    const TensorView& q_proj =
-        checkpoint.get(attn + "q_proj.weight", {config.num_heads * q_head_rows, hidden});
-    const TensorView& k_proj =
-        checkpoint.get(attn + "k_proj.weight", {config.num_kv_heads * head_dim, hidden});
-    const TensorView& v_proj =
-        checkpoint.get(attn + "v_proj.weight", {config.num_kv_heads * head_dim, hidden});
-    HostMatrix qkv = make_matrix(q_proj.dtype, q_rows + 2 * kv_rows + (gated ? q_rows : 0), hidden);
+    const LinearSource q_proj = ctx.linear(attn + "q_proj", config.num_heads * q_head_rows, hidden);
+    const LinearSource k_proj = ctx.linear(attn + "k_proj", config.num_kv_heads * head_dim, hidden);
+    const LinearSource v_proj = ctx.linear(attn + "v_proj", config.num_kv_heads * head_dim, hidden);
+    HostWeight qkv(q_proj, q_rows + 2 * kv_rows + (gated ? q_rows : 0), hidden);
     for (int64_t head = 0; head < q_heads_local_; ++head) {
       const int64_t src = (first_q_head_ + head) * q_head_rows;
-      copy_block(q_proj, 0, src, head_dim, 0, hidden, qkv, head * head_dim);
+      qkv.copy_rows(q_proj, src, head_dim, 0, head * head_dim);
       if (gated)
-        copy_block(q_proj, 0, src + head_dim, head_dim, 0, hidden, qkv,
-                   q_rows + 2 * kv_rows + head * head_dim);
+        qkv.copy_rows(q_proj, src + head_dim, head_dim, 0, q_rows + 2 * kv_rows + head * head_dim);
     }
-    copy_block(k_proj, 0, first_kv_head_ * head_dim, kv_rows, 0, hidden, qkv, q_rows);
-    copy_block(v_proj, 0, first_kv_head_ * head_dim, kv_rows, 0, hidden, qkv, q_rows + kv_rows);
-    layer.qkv = to_device(backend, qkv);
+    qkv.copy_rows(k_proj, first_kv_head_ * head_dim, kv_rows, 0, q_rows);
+    qkv.copy_rows(v_proj, first_kv_head_ * head_dim, kv_rows, 0, q_rows + kv_rows);
+    layer.qkv = ctx.upload(qkv);
     if (config.attention_bias) {
       Buffer bias(DType::kF32, static_cast<size_t>(q_rows + 2 * kv_rows));
       Buffer q_bias =
@@ -379,11 +358,10 @@ void RankModel::load_attention(const ModelConfig& config, const Checkpoint& chec
       layer.k_norm = load_norm(backend, checkpoint.get(attn + "k_norm.weight", {head_dim}),
                                head_dim, zero_centered);
     }
-    const TensorView& o_proj =
-        checkpoint.get(attn + "o_proj.weight", {hidden, config.num_heads * head_dim});
-    HostMatrix o_shard = make_matrix(o_proj.dtype, hidden, q_rows);
-    copy_block(o_proj, 0, 0, hidden, first_q_head_ * head_dim, q_rows, o_shard, 0);
-    layer.o_proj = to_device(backend, o_shard);
+    const LinearSource o_proj = ctx.linear(attn + "o_proj", hidden, config.num_heads * head_dim);
+    HostWeight o_shard(o_proj, hidden, q_rows);
+    o_shard.copy_rows(o_proj, 0, hidden, first_q_head_ * head_dim, 0);
+    layer.o_proj = ctx.upload(o_shard);
   }
 }
 
@@ -391,6 +369,7 @@ void RankModel::load_mlp_block(const ModelConfig& config, const Checkpoint& chec
                                const ExpertPlacement& placement, const std::string& prefix,
                                int64_t layer_idx, LayerWeights& layer) {
   Backend& backend = backend_;
+  const LoadContext ctx{backend_, checkpoint, config.quant, options_.nvfp4_w4a4};
   const int64_t hidden = config.hidden_size;
   const int tp_rank = tp_rank_;
   const int tp_size = tp_size_;
@@ -405,12 +384,12 @@ void RankModel::load_mlp_block(const ModelConfig& config, const Checkpoint& chec
       const int64_t inter = config.intermediate_size;
       if (inter % tp_size != 0)
         throw_error("cannot split dense MLP intermediate_size ", inter, " over tp=", tp_size);
-      MlpViews views{&checkpoint.get(mlp + "gate_proj.weight", {inter, hidden}),
-                     &checkpoint.get(mlp + "up_proj.weight", {inter, hidden}),
-                     &checkpoint.get(mlp + "down_proj.weight", {hidden, inter}), 0};
+      const MlpSources sources{ctx.linear(mlp + "gate_proj", inter, hidden),
+                               ctx.linear(mlp + "up_proj", inter, hidden),
+                               ctx.linear(mlp + "down_proj", hidden, inter), false};
       layer.shared_width = inter / tp_size;
       layer.shared =
-          load_mlp(backend, views, inter, hidden, layer.shared_width * tp_rank, layer.shared_width);
+          load_mlp(ctx, sources, inter, hidden, layer.shared_width * tp_rank, layer.shared_width);
       return;
     }
 
@@ -421,35 +400,34 @@ void RankModel::load_mlp_block(const ModelConfig& config, const Checkpoint& chec
       moe = prefix + "block_sparse_moe.";
     const int64_t num_experts = config.num_experts;
     const int64_t inter = config.moe_intermediate_size;
-    const TensorView& router = checkpoint.get(moe + "gate.weight", {num_experts, hidden});
-    layer.router = load_matrix(backend, router, 0, num_experts, num_experts);
+    const LinearSource router = ctx.linear(moe + "gate", num_experts, hidden);
+    layer.router = load_rows(ctx, router, 0, num_experts, num_experts);
 
     std::vector<int32_t> expert_to_local(static_cast<size_t>(num_experts), -1);
-    const TensorView* fused_gate_up = checkpoint.find(moe + "experts.gate_up_proj");
-    const TensorView* fused_down = nullptr;
-    if (fused_gate_up != nullptr) {
-      fused_gate_up =
-          &checkpoint.get(moe + "experts.gate_up_proj", {num_experts, 2 * inter, hidden});
-      fused_down = &checkpoint.get(moe + "experts.down_proj", {num_experts, hidden, inter});
-    }
+    const bool fused_experts = has_fused_expert(checkpoint, moe + "experts.gate_up_proj");
     for (int32_t expert : placement.local_experts(layer_idx, tp_rank)) {
       expert_to_local[static_cast<size_t>(expert)] = static_cast<int32_t>(layer.experts.size());
       layer.local_expert_ids.push_back(expert);
-      MlpViews views;
-      if (fused_gate_up != nullptr) {
-        views = MlpViews{fused_gate_up, nullptr, fused_down, expert};
+      MlpSources sources;
+      if (fused_experts) {
+        sources.gate = find_fused_expert(checkpoint, config.quant, moe + "experts.gate_up_proj",
+                                         num_experts, expert, 2 * inter, hidden);
+        sources.down = find_fused_expert(checkpoint, config.quant, moe + "experts.down_proj",
+                                         num_experts, expert, hidden, inter);
+        sources.fused = true;
       } else {
         std::string name = moe + "experts." + std::to_string(expert) + ".";
-        bool mixtral_names = checkpoint.find(name + "w1.weight") != nullptr;
-        views.gate = &checkpoint.get(name + (mixtral_names ? "w1.weight" : "gate_proj.weight"),
-                                     {inter, hidden});
-        views.up = &checkpoint.get(name + (mixtral_names ? "w3.weight" : "up_proj.weight"),
-                                   {inter, hidden});
-        views.down = &checkpoint.get(name + (mixtral_names ? "w2.weight" : "down_proj.weight"),
-                                     {hidden, inter});
+        bool mixtral_names = has_linear(checkpoint, name + "w1");
+        sources.gate = ctx.linear(name + (mixtral_names ? "w1" : "gate_proj"), inter, hidden);
+        sources.up = ctx.linear(name + (mixtral_names ? "w3" : "up_proj"), inter, hidden);
+        sources.down = ctx.linear(name + (mixtral_names ? "w2" : "down_proj"), hidden, inter);
       }
-      layer.experts.push_back(load_mlp(backend, views, inter, hidden, 0, inter));
-      expert_dtype_ = layer.experts.back().gate_up.dtype();
+      layer.experts.push_back(load_mlp(ctx, sources, inter, hidden, 0, inter));
+      // The combine rounds expert products to the experts' activation dtype (bf16 for
+      // quantized experts, whose checkpoints run their activations in bf16).
+      expert_dtype_ = layer.experts.back().gate_up.quantized()
+                          ? config.dtype
+                          : layer.experts.back().gate_up.dtype();
     }
     layer.expert_to_local = to_device(backend, expert_to_local);
     std::vector<const void*> gate_up_pointers, down_pointers;
@@ -459,6 +437,15 @@ void RankModel::load_mlp_block(const ModelConfig& config, const Checkpoint& chec
     }
     layer.gate_up_table = pointer_table(backend, gate_up_pointers);
     layer.down_table = pointer_table(backend, down_pointers);
+    if (!layer.experts.empty() && layer.experts.front().gate_up.quantized()) {
+      std::vector<math::WeightView> gate_up_views, down_views;
+      for (const ExpertWeights& expert : layer.experts) {
+        gate_up_views.push_back(expert.gate_up.view());
+        down_views.push_back(expert.down.view());
+      }
+      layer.gate_up_views = view_table(backend, gate_up_views);
+      layer.down_views = view_table(backend, down_views);
+    }
 
     if (config.shared_expert_intermediate_size > 0) {
       const int64_t shared_inter = config.shared_expert_intermediate_size;
@@ -466,14 +453,14 @@ void RankModel::load_mlp_block(const ModelConfig& config, const Checkpoint& chec
         throw_error("cannot split shared_expert_intermediate_size ", shared_inter,
                     " over tp=", tp_size);
       const std::string shared = moe + "shared_expert.";
-      MlpViews views{&checkpoint.get(shared + "gate_proj.weight", {shared_inter, hidden}),
-                     &checkpoint.get(shared + "up_proj.weight", {shared_inter, hidden}),
-                     &checkpoint.get(shared + "down_proj.weight", {hidden, shared_inter}), 0};
+      const MlpSources sources{ctx.linear(shared + "gate_proj", shared_inter, hidden),
+                               ctx.linear(shared + "up_proj", shared_inter, hidden),
+                               ctx.linear(shared + "down_proj", hidden, shared_inter), false};
       layer.shared_width = shared_inter / tp_size;
-      layer.shared = load_mlp(backend, views, shared_inter, hidden, layer.shared_width * tp_rank,
+      layer.shared = load_mlp(ctx, sources, shared_inter, hidden, layer.shared_width * tp_rank,
                               layer.shared_width);
-      layer.shared_gate = load_matrix(
-          backend, checkpoint.get(moe + "shared_expert_gate.weight", {1, hidden}), 0, 1, 1);
+      layer.shared_gate =
+          load_rows(ctx, ctx.linear(moe + "shared_expert_gate", 1, hidden), 0, 1, 1);
     }
   }
 }
