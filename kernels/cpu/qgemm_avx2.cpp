@@ -10,8 +10,10 @@
 //      NVFP4  table[i] = e2m1(i) * (e4m3(scale) * row_scale)   (block scale: one scalar multiply)
 //      MXFP4  table[i] = e2m1(i) * e8m0(scale)
 //      int4   table[i] = float(i - zero) * scale
-//    so a weight is one table lookup: two vpermps (entries 0..7 and 8..15, which use index
-//    bits 0..2) and a blend on index bit 3 (shifted to the sign bit).
+//    so a weight is one table lookup: for int4 two vpermps (entries 0..7 and 8..15, which use
+//    index bits 0..2) and a blend on index bit 3 (shifted to the sign bit); for the E2M1 formats
+//    one vpermps of the magnitude entries with the code's sign bit xor-ed in (NaN scales give
+//    NaN either way; only a NaN's sign bit may differ from the scalar product's).
 //  - FP8 block: 16 E4M3 codes widened to dwords; normal codes by bits ((code & 0x7f) << 20 plus
 //    the exponent rebias), subnormals as float(mantissa) * 2^-9, 0x7f as NaN, then the sign; the
 //    product with the block's fp32 scale as in the definition.
@@ -45,9 +47,9 @@ static_assert(kLanes == 2 * kHalfLanes, "two ymm registers hold the 16 canonical
 
 constexpr int kMaxTileRows = 4;
 constexpr int cols_for_rows(int rows) {
-  return rows == 1 ? 4 : rows == 2 ? 2 : 1;
+  return rows == 1 ? 2 : 1;  // more spills the accumulators (16 ymm registers in all)
 }
-constexpr int64_t kGroupRowMultiple = 4;
+constexpr int64_t kGroupRowMultiple = 2;
 constexpr int64_t kCacheLineBytes = 64;
 
 // Requests `bytes` from `begin` into L2 in `num_steps` roughly equal installments.
@@ -84,6 +86,14 @@ struct Table16 {
   __m256 lo;
   __m256 hi;
 };
+
+// For the E2M1 formats the table is sign-symmetric (entry 8 + i is -entry i: IEEE products are
+// sign-symmetric), so one vpermps on the magnitude entries and the code's sign bit suffice.
+inline __m256 lookup_signed(const Table16& table, __m256i indices) {
+  const __m256i sign =
+      _mm256_and_si256(_mm256_slli_epi32(indices, 28), _mm256_set1_epi32(INT32_MIN));
+  return _mm256_xor_ps(_mm256_permutevar8x32_ps(table.lo, indices), _mm256_castsi256_ps(sign));
+}
 
 inline __m256 lookup(const Table16& table, __m256i indices) {
   const __m256 low = _mm256_permutevar8x32_ps(table.lo, indices);
@@ -149,13 +159,17 @@ class Nibble4Decoder {
  private:
   inline Vec16 decode(const uint8_t* bytes, int64_t chunk) {
     if (chunk == next_group_chunk_) {
-      load_table(chunk / chunks_per_group_);
+      load_table(group_++);
       next_group_chunk_ = chunk + chunks_per_group_;
     }
     __m256i lo;
     __m256i hi;
     nibble_indices(bytes, lo, hi);
-    return Vec16{lookup(table_, lo), lookup(table_, hi)};
+    if constexpr (kFormat == WeightFormat::kInt4) {
+      return Vec16{lookup(table_, lo), lookup(table_, hi)};
+    } else {
+      return Vec16{lookup_signed(table_, lo), lookup_signed(table_, hi)};
+    }
   }
 
   void load_table(int64_t group) {
@@ -187,6 +201,7 @@ class Nibble4Decoder {
   float row_scale_ = 0.0f;
   int64_t chunks_per_group_ = 1;
   int64_t next_group_chunk_ = 0;
+  int64_t group_ = 0;
   Table16 table_{};
 };
 
@@ -226,7 +241,7 @@ class Fp8BlockDecoder {
 
   inline Vec16 decode(const uint8_t* bytes, int64_t chunk) {
     if (chunk == next_group_chunk_) {
-      scale_ = _mm256_set1_ps(scales_[chunk / kChunksPerGroup]);
+      scale_ = _mm256_set1_ps(scales_[group_++]);
       next_group_chunk_ = chunk + kChunksPerGroup;
     }
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
@@ -238,6 +253,7 @@ class Fp8BlockDecoder {
   const uint8_t* codes_ = nullptr;
   const float* scales_ = nullptr;
   int64_t next_group_chunk_ = 0;
+  int64_t group_ = 0;
   __m256 scale_ = _mm256_setzero_ps();
 };
 
