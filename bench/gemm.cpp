@@ -8,10 +8,12 @@
 // For each M it reports time per call, GFLOP/s, achieved weight-read GB/s and both fractions.
 // The weights are rotated through enough copies to exceed the L3 several times, so decode
 // (M = 1) really streams them from DRAM as a model's layers would. A sample of outputs is
-// verified bit for bit against canonical_dot; a mismatch makes the program exit with status 1.
+// verified bit for bit against canonical_dot (canonical_qdot for --format nvfp4/mxfp4/fp8/int4,
+// whose weight_bytes and GB/s count the packed bytes: codes + scales + zeros + row scales); a
+// mismatch makes the program exit with status 1.
 // Output: one JSON object on stdout; progress goes to stderr.
 //
-// Usage: gemm --help (flags: --n --k --dtype --m-list --isa --seconds --bw-mib).
+// Usage: gemm --help (flags: --n --k --format --dtype --m-list --isa --seconds --bw-mib).
 // GCC 12 warns about the self-initialised "undefined" vectors inside its own AVX-512 intrinsics
 // once they are inlined (GCC bug 105593); silence it for the header's lines only.
 #pragma GCC diagnostic push
@@ -38,6 +40,8 @@
 #include "kernels/base/check.h"
 #include "kernels/base/dtype.h"
 #include "kernels/cpu/gemm.h"
+#include "kernels/cpu/qgemm.h"
+#include "kernels/math/quant_math.h"
 #include "runtime/cli/flags.h"
 
 namespace {
@@ -51,6 +55,7 @@ struct Options {
   int64_t n = 4096;
   int64_t k = 4096;
   DType dtype = DType::kBF16;
+  keel::math::WeightFormat format = keel::math::WeightFormat::kDense;
   std::vector<int64_t> m_list = {1, 2, 4, 8, 16, 32, 64, 128, 256};
   std::string isa = "auto";
   double seconds = 1.0;
@@ -73,13 +78,22 @@ Options parse_options(int argc, char** argv) {
   keel::flags::FlagSet flags("gemm", kUsage);
   flags.add_int("--n", &options.n, "N", "output features (rows of w)").at_least(1);
   flags.add_int("--k", &options.k, "K", "input features").at_least(1);
-  flags.add_choice("--dtype", &dtype, {"bf16", "f16", "f32"}, "weight dtype");
+  std::string format = "dense";
+  flags.add_choice("--format", &format, {"dense", "nvfp4", "mxfp4", "fp8", "int4"},
+                   "weight format (dense uses --dtype; int4 is group 128)");
+  flags.add_choice("--dtype", &dtype, {"bf16", "f16", "f32"}, "weight dtype (dense)");
   flags.add_int_list("--m-list", &options.m_list, "M,...", "batch rows to time").at_least(1);
   flags.add_choice("--isa", &options.isa, {"auto", "scalar", "avx2", "avx512"}, "kernel ISA");
   flags.add_double("--seconds", &options.seconds, "S", "timing budget per M").above(0);
   flags.add_int("--bw-mib", &options.bandwidth_buffer_mib, "MiB", "bandwidth buffer size")
       .at_least(1);
   flags.parse_or_exit(argc, argv);
+  using keel::math::WeightFormat;
+  options.format = format == "nvfp4"   ? WeightFormat::kNvfp4
+                   : format == "mxfp4" ? WeightFormat::kMxfp4
+                   : format == "fp8"   ? WeightFormat::kFp8Block
+                   : format == "int4"  ? WeightFormat::kInt4
+                                       : WeightFormat::kDense;
   options.dtype = dtype == "f32" ? DType::kF32 : dtype == "f16" ? DType::kF16 : DType::kBF16;
   return options;
 }
@@ -214,6 +228,109 @@ void fill_weights(void* w, DType dtype, int64_t count, SplitMix& rng) {
   }
 }
 
+// One copy of the weights in `format`: codes, then scales, zeros and row scales, each part
+// 64-byte aligned inside the copy. `bytes` is what one GEMM call reads (the packed bytes).
+struct PackedLayout {
+  int64_t codes_bytes = 0;
+  int64_t scales_offset = 0;
+  int64_t zeros_offset = 0;
+  int64_t row_scales_offset = 0;
+  int64_t bytes = 0;            // codes + scales + zeros + row scales
+  int64_t copy_stride = 0;      // bytes plus alignment padding
+  keel::math::WeightView view;  // data pointers relative to 0
+};
+
+int64_t align64(int64_t bytes) {
+  return (bytes + 63) / 64 * 64;
+}
+
+PackedLayout packed_layout(keel::math::WeightFormat format, DType dtype, int64_t n, int64_t k) {
+  using keel::math::WeightFormat;
+  PackedLayout layout;
+  keel::math::WeightView& v = layout.view;
+  v.format = format;
+  v.dtype = dtype;
+  v.rows = n;
+  v.cols = k;
+  if (format == WeightFormat::kDense) {
+    v.ld = k;
+    layout.codes_bytes = n * k * static_cast<int64_t>(keel::dtype_size(dtype));
+    layout.bytes = layout.codes_bytes;
+    layout.copy_stride = align64(layout.bytes);
+    return layout;
+  }
+  v.group_size = format == WeightFormat::kNvfp4   ? keel::math::kNvfp4Group
+                 : format == WeightFormat::kMxfp4 ? keel::math::kMxfp4Group
+                 : format == WeightFormat::kInt4  ? 128
+                                                  : keel::math::kFp8BlockGroup;
+  v.ld = format == WeightFormat::kFp8Block ? k : (k + 1) / 2;
+  v.scale_ld = (k + v.group_size - 1) / v.group_size;
+  const int64_t scale_bytes =
+      format == WeightFormat::kNvfp4 || format == WeightFormat::kMxfp4 ? 1 : 4;
+  layout.codes_bytes = n * v.ld;
+  const int64_t scales = n * v.scale_ld * scale_bytes;
+  const int64_t zeros = format == WeightFormat::kInt4 ? n * v.scale_ld : 0;
+  const int64_t row_scales = format == WeightFormat::kNvfp4 ? n * 4 : 0;
+  layout.scales_offset = align64(layout.codes_bytes);
+  layout.zeros_offset = layout.scales_offset + align64(scales);
+  layout.row_scales_offset = layout.zeros_offset + align64(zeros);
+  layout.bytes = layout.codes_bytes + scales + zeros + row_scales;
+  layout.copy_stride = layout.row_scales_offset + align64(row_scales);
+  return layout;
+}
+
+// The view of the copy at `base`.
+keel::math::WeightView view_at(const PackedLayout& layout, const uint8_t* base) {
+  keel::math::WeightView v = layout.view;
+  v.data = base;
+  if (v.format == keel::math::WeightFormat::kDense) return v;
+  v.scales = base + layout.scales_offset;
+  if (v.format == keel::math::WeightFormat::kInt4) v.zeros = base + layout.zeros_offset;
+  if (v.format == keel::math::WeightFormat::kNvfp4) {
+    v.row_scales = reinterpret_cast<const float*>(base + layout.row_scales_offset);
+  }
+  return v;
+}
+
+// Random codes with realistic scales (so outputs stay finite): NVFP4 E4M3 scales in
+// [2^-4, 2^2), MXFP4 exponents near 2^0, fp32 scales ~ 2^-6, int4 zeros 0..16.
+void fill_packed(const PackedLayout& layout, uint8_t* base, SplitMix& rng) {
+  using keel::math::WeightFormat;
+  const keel::math::WeightView& v = layout.view;
+  if (v.format == WeightFormat::kDense) {
+    fill_weights(base, v.dtype, v.rows * v.cols, rng);
+    return;
+  }
+  auto random_byte = [&rng] { return static_cast<uint8_t>((rng.next() + 1.0f) * 127.99f); };
+  for (int64_t i = 0; i < layout.codes_bytes; ++i) {
+    uint8_t code = random_byte();
+    if (v.format == WeightFormat::kFp8Block && (code & 0x7f) == 0x7f) code ^= 1;
+    base[i] = code;
+  }
+  const int64_t num_scales = v.rows * v.scale_ld;
+  for (int64_t i = 0; i < num_scales; ++i) {
+    switch (v.format) {
+      case WeightFormat::kNvfp4:
+        base[layout.scales_offset + i] = static_cast<uint8_t>(0x18 + random_byte() % 0x30);
+        break;
+      case WeightFormat::kMxfp4:
+        base[layout.scales_offset + i] = static_cast<uint8_t>(120 + random_byte() % 8);
+        break;
+      default:
+        reinterpret_cast<float*>(base + layout.scales_offset)[i] = rng.next() * 0.015625f;
+        break;
+    }
+  }
+  if (v.format == WeightFormat::kInt4) {
+    for (int64_t i = 0; i < num_scales; ++i) base[layout.zeros_offset + i] = random_byte() % 17;
+  }
+  if (v.format == WeightFormat::kNvfp4) {
+    for (int64_t i = 0; i < v.rows; ++i) {
+      reinterpret_cast<float*>(base + layout.row_scales_offset)[i] = 0.01f;
+    }
+  }
+}
+
 struct MResult {
   int64_t m;
   int64_t calls;
@@ -237,11 +354,13 @@ int main(int argc, char** argv) {
   const int64_t n = options.n;
   const int64_t k = options.k;
   const DType dtype = options.dtype;
+  const keel::math::WeightFormat format = options.format;
+  const std::string format_name(keel::math::weight_format_name(format));
   const std::string isa_name(keel::cpu::isa_name(isa));
 
   const double load_average = keel::bench::one_minute_load_average();
-  std::fprintf(stderr, "gemm bench: n=%lld k=%lld dtype=%s isa=%s (load average %.2f)\n",
-               static_cast<long long>(n), static_cast<long long>(k),
+  std::fprintf(stderr, "gemm bench: n=%lld k=%lld format=%s dtype=%s isa=%s (load average %.2f)\n",
+               static_cast<long long>(n), static_cast<long long>(k), format_name.c_str(),
                std::string(keel::dtype_name(dtype)).c_str(), isa_name.c_str(), load_average);
   const double peak_gflops = measure_peak_gflops(isa);
   std::fprintf(stderr, "peak fp32 FMA (one core, %s): %.1f GFLOP/s\n", isa_name.c_str(),
@@ -252,16 +371,19 @@ int main(int argc, char** argv) {
                static_cast<long long>(options.bandwidth_buffer_mib), bandwidth_gbs);
 
   // Enough weight copies that their total is at least 256 MiB, 8x a typical L3 slice.
-  const int64_t weight_bytes = n * k * static_cast<int64_t>(keel::dtype_size(dtype));
+  const PackedLayout layout = packed_layout(format, dtype, n, k);
+  const int64_t weight_bytes = layout.bytes;  // packed: codes + scales + zeros + row scales
+  const int64_t copy_stride = layout.copy_stride;
   const int64_t num_copies =
       std::max<int64_t>(1, ((int64_t{256} << 20) + weight_bytes - 1) / weight_bytes);
-  LargeBuffer weights(static_cast<size_t>(weight_bytes * num_copies));
+  LargeBuffer weights(static_cast<size_t>(copy_stride * num_copies));
   SplitMix rng{12345};
-  fill_weights(weights.as<uint8_t>(), dtype, n * k, rng);
+  fill_packed(layout, weights.as<uint8_t>(), rng);
   for (int64_t copy = 1; copy < num_copies; ++copy) {
-    std::memcpy(weights.as<uint8_t>() + copy * weight_bytes, weights.as<uint8_t>(),
-                static_cast<size_t>(weight_bytes));
+    std::memcpy(weights.as<uint8_t>() + copy * copy_stride, weights.as<uint8_t>(),
+                static_cast<size_t>(copy_stride));
   }
+  const keel::math::WeightView first_view = view_at(layout, weights.as<uint8_t>());
 
   const int64_t max_m = *std::max_element(options.m_list.begin(), options.m_list.end());
   std::vector<float> x(static_cast<size_t>(max_m * k));
@@ -273,17 +395,17 @@ int main(int argc, char** argv) {
   int64_t next_copy = 0;
   for (int64_t m : options.m_list) {
     auto weight_copy = [&] {
-      const uint8_t* copy = weights.as<uint8_t>() + next_copy * weight_bytes;
+      const uint8_t* copy = weights.as<uint8_t>() + next_copy * copy_stride;
       next_copy = (next_copy + 1) % num_copies;
       return copy;
     };
-    keel::cpu::gemm(x.data(), weight_copy(), dtype, y.data(), m, n, k);  // warm-up
+    keel::cpu::matmul(x.data(), k, view_at(layout, weight_copy()), y.data(), n, m);  // warm-up
     std::vector<double> call_seconds;
     Clock::time_point budget_start = Clock::now();
     while (call_seconds.size() < 3 || seconds_since(budget_start) < options.seconds) {
-      const uint8_t* w = weight_copy();
+      const keel::math::WeightView w = view_at(layout, weight_copy());
       Clock::time_point start = Clock::now();
-      keel::cpu::gemm(x.data(), w, dtype, y.data(), m, n, k);
+      keel::cpu::matmul(x.data(), k, w, y.data(), n, m);
       call_seconds.push_back(seconds_since(start));
     }
     std::sort(call_seconds.begin(), call_seconds.end());
@@ -300,8 +422,12 @@ int main(int argc, char** argv) {
     for (int64_t sample = 0; sample < samples; ++sample) {
       int64_t row = static_cast<int64_t>(pick() % static_cast<uint64_t>(m));
       int64_t col = static_cast<int64_t>(pick() % static_cast<uint64_t>(n));
-      float expected = keel::cpu::canonical_dot(
-          x.data() + row * k, weights.as<uint8_t>() + col * k * keel::dtype_size(dtype), dtype, k);
+      float expected =
+          format == keel::math::WeightFormat::kDense
+              ? keel::cpu::canonical_dot(x.data() + row * k,
+                                         weights.as<uint8_t>() + col * k * keel::dtype_size(dtype),
+                                         dtype, k)
+              : keel::cpu::canonical_qdot(x.data() + row * k, first_view, col);
       float actual = y[row * n + col];
       ++result.verified_outputs;
       if (keel::float_bits(expected) != keel::float_bits(actual)) {
@@ -330,7 +456,11 @@ int main(int argc, char** argv) {
   report["machine"] = {
       {"cpu", keel::bench::machine_name()}, {"threads", 1}, {"load_average", load_average}};
   report["isa"] = isa_name;
-  report["dtype"] = std::string(keel::dtype_name(dtype));
+  report["format"] = format_name;
+  if (format == keel::math::WeightFormat::kDense) {
+    report["dtype"] = std::string(keel::dtype_name(dtype));
+  }
+  report["weight_bytes"] = weight_bytes;
   report["n"] = n;
   report["k"] = k;
   report["peak_gflops"] = peak_gflops;

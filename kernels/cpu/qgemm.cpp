@@ -87,6 +87,20 @@ float canonical_qdot(const float* x, const math::WeightView& w, int64_t n) {
 
 namespace detail {
 
+const CodeTables& code_tables() {
+  static const CodeTables tables = [] {
+    CodeTables built{};
+    for (int code = 0; code < 16; ++code)
+      built.e2m1[code] = math::e2m1_to_f32(static_cast<uint8_t>(code));
+    for (int code = 0; code < 256; ++code) {
+      built.e4m3[code] = math::e4m3_to_f32(static_cast<uint8_t>(code));
+      built.e8m0[code] = math::e8m0_to_f32(static_cast<uint8_t>(code));
+    }
+    return built;
+  }();
+  return tables;
+}
+
 void qgemm_scalar(const QGemmArgs& args) {
   for (int64_t row = 0; row < args.m; ++row) {
     const float* x_row = args.x + row * args.ldx;
