@@ -264,6 +264,8 @@ int generate(int argc, char** argv) {
        {"--combine", Kind::kText, "fp32|round_per_expert", "expert output combine"},
        {"--kv-cache-dtype", Kind::kText, "auto|fp32|bf16|fp8_e4m3",
         "KV cache storage (default auto: bf16 for bf16 weights, else fp32)"},
+       {"--nvfp4-activations", Kind::kText, "fp32|w4a4",
+        "NVFP4 checkpoints: weight-only fp32 (default) or W4A4 emulation"},
        {"--prompt-ids", Kind::kIdList, "1,2,3", "prompt token ids (default 1,2,3)"},
        {"--max-tokens", Kind::kInteger, "N", "tokens to generate (default 16)"},
        {"--batch-with", Kind::kInteger, "N", "batch with N synthetic prompts, [0, 1024]"},
@@ -308,6 +310,9 @@ int run_generate(const Flags& flags, keel::Deployment& deployment) {
   if (flags.has("--kv-cache-dtype"))
     options.kv_cache_dtype =
         keel::parse_kv_cache_dtype(flags.get("--kv-cache-dtype"), "--kv-cache-dtype");
+  if (flags.has("--nvfp4-activations"))
+    options.nvfp4_activations =
+        keel::parse_nvfp4_activations(flags.get("--nvfp4-activations"), "--nvfp4-activations");
   if (options.placement.kind == keel::PlacementKind::kExplicit &&
       options.placement.explicit_ranks.empty())
     throw_error("--placement explicit needs explicit_placement in a --config file");
@@ -365,6 +370,8 @@ int run_generate(const Flags& flags, keel::Deployment& deployment) {
   out["placement"] = keel::placement_kind_name(options.placement.kind);
   out["combine"] = keel::combine_precision_name(options.combine);
   out["kv_cache_dtype"] = keel::kv_cache_dtype_name(engine.kv_dtype());
+  out["nvfp4_activations"] = keel::nvfp4_activations_name(options.nvfp4_activations);
+  out["quantization"] = keel::quant_method_name(engine.config().quant.method);
   out["isa"] = keel::cpu::isa_name(keel::cpu::active_isa());
   out["batch_size"] = request.prompts.size();
   out["prompt_ids"] = request.prompts.back();
@@ -417,6 +424,8 @@ int serve(int argc, char** argv) {
                {"--model", Kind::kText, "DIR", "checkpoint (config: model)"},
                {"--kv-cache-dtype", Kind::kText, "auto|fp32|bf16|fp8_e4m3",
                 "KV cache storage (config: kv_cache_dtype)"},
+               {"--nvfp4-activations", Kind::kText, "fp32|w4a4",
+                "NVFP4 activations (config: nvfp4_activations)"},
                {"--verbose", Kind::kSwitch, "", "debug logging"}});
   keel::init_logging(flags.has("--verbose"));
   if (!flags.has("--config")) throw_error("serve needs --config FILE (see configs/serve/)");
@@ -425,6 +434,9 @@ int serve(int argc, char** argv) {
   if (flags.has("--kv-cache-dtype"))
     config.engine.kv_cache_dtype =
         keel::parse_kv_cache_dtype(flags.get("--kv-cache-dtype"), "--kv-cache-dtype");
+  if (flags.has("--nvfp4-activations"))
+    config.engine.nvfp4_activations =
+        keel::parse_nvfp4_activations(flags.get("--nvfp4-activations"), "--nvfp4-activations");
   if (flags.has("--host")) config.host = flags.get("--host");
   if (flags.has("--port")) {
     int64_t port = flags.integer("--port", 0);

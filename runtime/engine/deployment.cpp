@@ -8,10 +8,10 @@ namespace keel {
 
 Deployment load_deployment(const std::string& path) {
   YAML::Node root = load_yaml_mapping(path);
-  reject_unknown_keys(
-      root,
-      {"model", "tp", "reduce", "placement", "explicit_placement", "combine", "kv_cache_dtype"},
-      path);
+  reject_unknown_keys(root,
+                      {"model", "tp", "reduce", "placement", "explicit_placement", "combine",
+                       "kv_cache_dtype", "nvfp4_activations"},
+                      path);
   Deployment deployment;
   if (root["model"]) {
     deployment.model_dir = yaml_value<std::string>(root, "model", path);
@@ -35,6 +35,9 @@ Deployment load_deployment(const std::string& path) {
     if (root["combine"])
       deployment.engine.combine =
           parse_combine_precision(yaml_value<std::string>(root, "combine", path));
+    if (root["nvfp4_activations"])
+      deployment.engine.nvfp4_activations = parse_nvfp4_activations(
+          yaml_value<std::string>(root, "nvfp4_activations", path), "nvfp4_activations");
     if (root["kv_cache_dtype"])
       deployment.engine.kv_cache_dtype =
           parse_kv_cache_dtype(yaml_value<std::string>(root, "kv_cache_dtype", path));

@@ -6,6 +6,7 @@
 //   explicit_placement: [[rank of expert 0, rank of expert 1, ...]]   (one list, or one per layer)
 //   combine: fp32 | round_per_expert
 //   kv_cache_dtype: auto | fp32 | bf16 | fp8_e4m3   (runtime/model/kv_cache.h)
+//   nvfp4_activations: fp32 | w4a4   (NVFP4 checkpoints; runtime/model/model.h)
 // Unknown keys and bad values are errors naming the file and the key.
 #pragma once
 

@@ -109,6 +109,13 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options)
   RankOptions rank_options;
   rank_options.reduce = options.reduce;
   rank_options.combine = options.combine;
+  if (options.nvfp4_activations == Nvfp4Activations::kW4A4) {
+    const QuantMethod method = config_.quant.method;
+    if (method != QuantMethod::kModelOptNvfp4 && method != QuantMethod::kCompressedNvfp4)
+      throw_error("nvfp4_activations w4a4 needs an NVFP4 checkpoint; ", model_dir, " is ",
+                  config_.quant.quantized() ? quant_method_name(method) : "not quantized");
+    rank_options.nvfp4_w4a4 = true;
+  }
   kv_dtype_ = resolve_kv_cache_dtype(options.kv_cache_dtype, config_.dtype);
   rank_options.kv_dtype = kv_dtype_;
   if (kv_dtype_ == math::KvDType::kFp8E4M3) {

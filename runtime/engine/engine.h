@@ -44,6 +44,8 @@ struct EngineOptions {
   CombinePrecision combine = CombinePrecision::kFp32;
   // Storage dtype of the paged KV pool (runtime/model/kv_cache.h); auto follows the weights.
   KvCacheDType kv_cache_dtype = KvCacheDType::kAuto;
+  // NVFP4 checkpoints only (any other checkpoint refuses kW4A4).
+  Nvfp4Activations nvfp4_activations = Nvfp4Activations::kFp32;
   const EngineTestHooks* test_hooks = nullptr;  // tests only; must outlive the engine
 };
 

@@ -18,6 +18,16 @@
 
 namespace keel {
 
+std::string_view nvfp4_activations_name(Nvfp4Activations mode) {
+  return mode == Nvfp4Activations::kW4A4 ? "w4a4" : "fp32";
+}
+
+Nvfp4Activations parse_nvfp4_activations(std::string_view name, std::string_view what) {
+  if (name == "fp32") return Nvfp4Activations::kFp32;
+  if (name == "w4a4") return Nvfp4Activations::kW4A4;
+  throw_error("unknown ", what, " '", name, "' (expected fp32 or w4a4)");
+}
+
 std::string_view combine_precision_name(CombinePrecision precision) {
   return precision == CombinePrecision::kFp32 ? "fp32" : "round_per_expert";
 }
@@ -90,8 +100,8 @@ KvPool RankModel::make_kv_pool(int64_t num_blocks, int64_t block_size, int64_t n
   size_t elements = static_cast<size_t>(num_blocks * config_.num_attention_layers() *
                                         kv_heads_local_ * block_size * config_.head_dim);
   // Allocated by bytes: the elements are the pool dtype's (kernels/math/kv_math.h).
-  const size_t nbytes =
-      std::max<size_t>(elements, 1) * static_cast<size_t>(math::kv_element_bytes(options_.kv_dtype));
+  const size_t nbytes = std::max<size_t>(elements, 1) *
+                        static_cast<size_t>(math::kv_element_bytes(options_.kv_dtype));
   pool.k = backend_.allocate_bytes(nbytes);
   pool.v = backend_.allocate_bytes(nbytes);
   pool.dtype = options_.kv_dtype;

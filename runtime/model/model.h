@@ -36,6 +36,13 @@
 namespace keel {
 
 enum class CombinePrecision : uint8_t { kFp32, kRoundPerExpert };
+// How NVFP4 checkpoints meet their activations: fp32 (weight-only, what non-Blackwell GPUs run)
+// or W4A4 (activations quantized per 16 with the checkpoint's input_scale, as Blackwell FP4
+// tensor cores compute; kernels/math/quant_math.h).
+enum class Nvfp4Activations : uint8_t { kFp32, kW4A4 };
+std::string_view nvfp4_activations_name(Nvfp4Activations mode);
+// "fp32" or "w4a4"; throws keel::Error naming `what` (the key or flag) and the bad value.
+Nvfp4Activations parse_nvfp4_activations(std::string_view name, std::string_view what);
 std::string_view combine_precision_name(CombinePrecision precision);
 CombinePrecision parse_combine_precision(std::string_view name);
 

@@ -40,6 +40,7 @@ ServeConfig load_serve_config(const std::string& path) {
                        "num_kv_blocks",
                        "kv_cache_mb",
                        "kv_cache_dtype",
+                       "nvfp4_activations",
                        "max_num_seqs",
                        "max_num_batched_tokens",
                        "prefix_caching",
@@ -75,6 +76,9 @@ ServeConfig load_serve_config(const std::string& path) {
           parse_combine_precision(yaml_value<std::string>(root, "combine", path));
     if (root["backend"])
       config.engine.device = parse_device(yaml_value<std::string>(root, "backend", path));
+    if (root["nvfp4_activations"])
+      config.engine.nvfp4_activations = parse_nvfp4_activations(
+          yaml_value<std::string>(root, "nvfp4_activations", path), "nvfp4_activations");
     if (root["kv_cache_dtype"])
       config.engine.kv_cache_dtype =
           parse_kv_cache_dtype(yaml_value<std::string>(root, "kv_cache_dtype", path));

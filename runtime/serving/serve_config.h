@@ -12,6 +12,7 @@
 //   host: 127.0.0.1    port: 8000
 //   max_model_len: 0 (= max_position_embeddings)
 //   block_size: 16     num_kv_blocks: N | kv_cache_mb: M (per rank; one of them)
+//   nvfp4_activations: fp32 | w4a4  (NVFP4 checkpoints: weight-only or W4A4 emulation)
 //   kv_cache_dtype: auto | fp32 | bf16 | fp8_e4m3  (auto: bf16 for bf16 weights, else fp32;
 //       runtime/model/kv_cache.h; kv_cache_mb buys blocks at the dtype's bytes)
 //   max_num_seqs: 64   max_num_batched_tokens: 512    prefix_caching: false
