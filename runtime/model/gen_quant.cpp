@@ -683,8 +683,10 @@ std::vector<TensorToWrite> CheckpointQuantizer::quantize_group(
       }
       case QuantFormat::kNvfp4Ct: {
         require_divisible(w, math::kNvfp4Group, 1, name);
-        // llm-compressor observers generate_gparam: 448 * 6 / amax, float32, shape [1].
-        const float global_scale = 448.0f * 6.0f / group_amax;
+        // compressed-tensors generate_gparam: 448 * 6 / amax, float32, shape [1]. Python's
+        // `2688.0 / tensor` is torch's __rtruediv__, reciprocal() * 2688, which can differ from
+        // a division by one ulp: computed that way for identical bits.
+        const float global_scale = (1.0f / group_amax) * (448.0f * 6.0f);
         const Nvfp4Codes codes = nvfp4_ct_codes(w, global_scale);
         out.push_back(raw_tensor(w.module + ".weight_packed", TensorType::kU8, {w.rows, w.cols / 2},
                                  codes.packed));
