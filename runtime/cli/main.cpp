@@ -52,7 +52,7 @@ using keel::throw_error;
 constexpr const char* kUsage = R"(keel: tensor-parallel MoE inference with reproducible routing
 
 usage:
-  keel gen-model --preset NAME --out DIR [--seed N] [--max-shard-mb M]
+  keel gen-model --preset NAME --out DIR [--seed N] [--max-shard-mb M] [--quant FORMAT]
       Write a synthetic checkpoint (HF config.json + safetensors) from configs/models/NAME.yaml.
   keel generate --model DIR [--config deployment.yaml] [--tp 1|2|4]
                 [--reduce native|fixed_order] [--placement contiguous|round_robin|explicit]
@@ -236,6 +236,16 @@ int gen_model(int argc, char** argv) {
                {"--out", Kind::kText, "DIR", "checkpoint directory to write"},
                {"--seed", Kind::kInteger, "N", "weights seed (default 0)"},
                {"--max-shard-mb", Kind::kInteger, "M", "split safetensors shards at M MiB"},
+               {"--quant", Kind::kText, "none|nvfp4|nvfp4-ct|fp8|awq|gptq|mxfp4",
+                "weight format (default none: the preset dtype)"},
+               {"--quant-scope", Kind::kText, "default|experts|linear",
+                "Linears to quantize (default: fp8 linear, the rest experts)"},
+               {"--group-size", Kind::kInteger, "G",
+                "awq/gptq group size (default: largest of 128/64/32/16 dividing every K)"},
+               {"--gptq-desc-act", Kind::kSwitch, "", "gptq act order (permuted g_idx)"},
+               {"--gptq-asym", Kind::kSwitch, "", "gptq asymmetric zero points (default sym)"},
+               {"--fp8-scale-dtype", Kind::kText, "bf16|f32",
+                "fp8 weight_scale_inv dtype (default bf16, as Qwen3.x)"},
                {"--verbose", Kind::kSwitch, "", "debug logging"}});
   if (!flags.has("--preset") || !flags.has("--out"))
     throw_error("gen-model needs --preset and --out");
@@ -244,10 +254,24 @@ int gen_model(int argc, char** argv) {
   keel::GenModelOptions options;
   options.seed = static_cast<uint64_t>(flags.integer("--seed", 0));
   options.max_shard_bytes = flags.integer("--max-shard-mb", 0) * 1024 * 1024;
+  options.quant.format = keel::parse_quant_format(flags.get("--quant", "none"));
+  options.quant.scope = keel::parse_quant_scope(flags.get("--quant-scope", "default"));
+  options.quant.group_size = flags.integer("--group-size", 0);
+  if (flags.has("--group-size") && options.quant.group_size <= 0)
+    throw_error("--group-size must be positive");
+  options.quant.gptq_desc_act = flags.has("--gptq-desc-act");
+  options.quant.gptq_sym = !flags.has("--gptq-asym");
+  const std::string scale_dtype = flags.get("--fp8-scale-dtype", "bf16");
+  if (scale_dtype != "bf16" && scale_dtype != "f32")
+    throw_error("unknown --fp8-scale-dtype ", scale_dtype, " (choices: bf16, f32)");
+  options.quant.fp8_scale_dtype = scale_dtype == "f32" ? keel::DType::kF32 : keel::DType::kBF16;
   keel::generate_model(preset, options, flags.get("--out"));
   std::printf("wrote %s: preset %s, %.3f B parameters, seed %llu\n", flags.get("--out").c_str(),
               preset.name.c_str(), static_cast<double>(preset.num_parameters()) * 1e-9,
               static_cast<unsigned long long>(options.seed));
+  if (options.quant.format != keel::QuantFormat::kNone)
+    std::printf("quantized: %s\n",
+                std::string(keel::quant_format_name(options.quant.format)).c_str());
   return 0;
 }
 

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 #include <string_view>
 #include <tuple>
@@ -978,7 +979,7 @@ void generate_model(const ModelPreset& preset, const GenModelOptions& options,
     shard_bytes = 0;
     (void)last;
   };
-  auto add = [&](TensorToWrite tensor) {
+  auto store = [&](TensorToWrite tensor) {
     int64_t bytes = static_cast<int64_t>(tensor.bytes.size());
     if (options.max_shard_bytes > 0 && shard_bytes > 0 &&
         shard_bytes + bytes > options.max_shard_bytes)
@@ -986,6 +987,12 @@ void generate_model(const ModelPreset& preset, const GenModelOptions& options,
     shard_bytes += bytes;
     total_bytes += bytes;
     shards.back().push_back(std::move(tensor));
+  };
+  std::optional<CheckpointQuantizer> quantizer;
+  if (options.quant.format != QuantFormat::kNone) quantizer.emplace(preset, options.quant);
+  auto add = [&](TensorToWrite tensor) {
+    if (!quantizer) return store(std::move(tensor));
+    for (TensorToWrite& stored : quantizer->add(std::move(tensor))) store(std::move(stored));
   };
 
   if (preset.hybrid()) {
@@ -1048,6 +1055,8 @@ void generate_model(const ModelPreset& preset, const GenModelOptions& options,
     if (!preset.tie_word_embeddings)
       add(random_tensor("lm_head.weight", {preset.vocab_size, hidden}, dtype, proj_std, 0.0, seed));
   }
+  if (quantizer)
+    for (TensorToWrite& stored : quantizer->finish()) store(std::move(stored));
   flush(true);
 
   // Final names: model.safetensors for one file, else HF's model-0000x-of-0000y + index.
@@ -1074,6 +1083,8 @@ void generate_model(const ModelPreset& preset, const GenModelOptions& options,
   }
   nlohmann::json config = preset.hybrid() ? hybrid_config_json(preset) : config_json(preset);
   add_keel_keys(preset, config);
+  std::filesystem::remove(out_dir + "/hf_quant_config.json");  // a stale one would mislead
+  if (quantizer) quantizer->write_config(config, out_dir);
   // Presets too small for 256 byte tokens + 3 specials (the tiny test presets have 256) get
   // weights only; the rest get a tokenizer whose <|im_end|> is the model's eos. Qwen3.5 keeps
   // the token ids with the text model's keys, in text_config.

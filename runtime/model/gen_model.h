@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "kernels/base/dtype.h"
+#include "runtime/model/gen_quant.h"
 
 namespace keel {
 
@@ -98,6 +99,9 @@ std::string find_model_preset(const std::string& name_or_path);
 struct GenModelOptions {
   uint64_t seed = 0;
   int64_t max_shard_bytes = 0;  // > 0: split into model-0000x-of-0000y + index.json
+  // format kNone: the preset dtype throughout. Otherwise the same drawn weights, quantized into
+  // that format's released layout and config (runtime/model/gen_quant.h).
+  QuantOptions quant;
 };
 
 // Writes config.json and the safetensors files into `out_dir` (created if missing), plus

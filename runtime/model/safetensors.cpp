@@ -13,7 +13,8 @@
 //   - file at least 8 bytes; 0 < N <= 100 MB (the reference implementation's limit) and the
 //     header fits in the file;
 //   - header is a JSON object; __metadata__, when present, maps strings to strings;
-//   - each tensor has dtype (one of F32, BF16, F16), shape (non-negative integers) and
+//   - each tensor has dtype (F32, BF16, F16, or for quantized checkpoints U8, I8, I32,
+//     F8_E4M3, F8_E8M0), shape (non-negative integers) and
 //     data_offsets ([begin, end], begin <= end, end within the data region);
 //   - end - begin == product(shape) * dtype size (with overflow checks);
 //   - no two tensors' byte ranges overlap (gaps are tolerated, as they are harmless).
@@ -99,16 +100,20 @@ std::string json_excerpt(const nlohmann::json& value) {
   return text;
 }
 
-std::optional<DType> parse_dtype(const std::string& name) {
-  for (DType dtype : {DType::kF32, DType::kBF16, DType::kF16}) {
-    if (dtype_name(dtype) == name) return dtype;
+constexpr TensorType kAllTensorTypes[] = {
+    TensorType::kF32, TensorType::kBF16,   TensorType::kF16,   TensorType::kU8,
+    TensorType::kI8,  TensorType::kI32,    TensorType::kF8E4M3, TensorType::kF8E8M0};
+
+std::optional<TensorType> parse_tensor_type(const std::string& name) {
+  for (TensorType type : kAllTensorTypes) {
+    if (tensor_type_name(type) == name) return type;
   }
   return std::nullopt;
 }
 
 // Product of dims times the element size, or nullopt on int64 overflow.
-std::optional<uint64_t> byte_size(const std::vector<int64_t>& shape, DType dtype) {
-  uint64_t total = dtype_size(dtype);
+std::optional<uint64_t> byte_size(const std::vector<int64_t>& shape, TensorType type) {
+  uint64_t total = tensor_type_size(type);
   for (int64_t dim : shape) {
     uint64_t product = 0;
     if (__builtin_mul_overflow(total, static_cast<uint64_t>(dim), &product)) return std::nullopt;
@@ -125,6 +130,52 @@ struct ByteRange {
 };
 
 }  // namespace
+
+std::string_view tensor_type_name(TensorType type) {
+  switch (type) {
+    case TensorType::kF32:
+      return "F32";
+    case TensorType::kBF16:
+      return "BF16";
+    case TensorType::kF16:
+      return "F16";
+    case TensorType::kU8:
+      return "U8";
+    case TensorType::kI8:
+      return "I8";
+    case TensorType::kI32:
+      return "I32";
+    case TensorType::kF8E4M3:
+      return "F8_E4M3";
+    case TensorType::kF8E8M0:
+      return "F8_E8M0";
+  }
+  return "?";
+}
+
+size_t tensor_type_size(TensorType type) {
+  switch (type) {
+    case TensorType::kF32:
+    case TensorType::kI32:
+      return 4;
+    case TensorType::kBF16:
+    case TensorType::kF16:
+      return 2;
+    default:
+      return 1;
+  }
+}
+
+TensorType tensor_type_of(DType dtype) {
+  switch (dtype) {
+    case DType::kBF16:
+      return TensorType::kBF16;
+    case DType::kF16:
+      return TensorType::kF16;
+    default:
+      return TensorType::kF32;
+  }
+}
 
 int64_t TensorView::num_elements() const {
   int64_t count = 1;
@@ -226,10 +277,10 @@ std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
                   json_excerpt(dtype_json));
     }
     const std::string dtype_text = dtype_json.get<std::string>();
-    std::optional<DType> dtype = parse_dtype(dtype_text);
+    std::optional<TensorType> dtype = parse_tensor_type(dtype_text);
     if (!dtype) {
       throw_error(tensor_where, ": dtype ", dtype_text,
-                  " is not supported (supported: F32, BF16, F16)");
+                  " is not supported (supported: F32, BF16, F16, U8, I8, I32, F8_E4M3, F8_E8M0)");
     }
 
     const nlohmann::json& shape_json = entry["shape"];
@@ -282,14 +333,17 @@ std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
     }
     if (*expected_bytes != end - begin) {
       throw_error(tensor_where, ": shape ", shape_to_string(shape), " x ", dtype_text, " (",
-                  dtype_size(*dtype), " bytes) needs ", *expected_bytes,
+                  tensor_type_size(*dtype), " bytes) needs ", *expected_bytes,
                   " bytes, but data_offsets [", begin, ", ", end, "] span ", end - begin, " bytes");
     }
 
     TensorView view;
     view.name = name;
     view.file = path;
-    view.dtype = *dtype;
+    view.type = *dtype;
+    if (view.is_float()) view.dtype = *dtype == TensorType::kF32    ? DType::kF32
+                                      : *dtype == TensorType::kBF16 ? DType::kBF16
+                                                                    : DType::kF16;
     view.shape = std::move(shape);
     view.data = data_region + begin;
     view.nbytes = static_cast<size_t>(end - begin);
@@ -383,14 +437,15 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
                     " has negative dimension at axis ", axis);
       }
     }
-    std::optional<uint64_t> expected_bytes = byte_size(tensor.shape, tensor.dtype);
+    const TensorType stored = tensor.stored_type();
+    std::optional<uint64_t> expected_bytes = byte_size(tensor.shape, stored);
     if (!expected_bytes || *expected_bytes != tensor.bytes.size()) {
       throw_error(tensor_where, ": shape ", shape_to_string(tensor.shape), " x ",
-                  dtype_name(tensor.dtype), " needs ",
+                  tensor_type_name(stored), " needs ",
                   expected_bytes ? std::to_string(*expected_bytes) : std::string("overflowing"),
                   " bytes, but ", tensor.bytes.size(), " bytes were given");
     }
-    header[tensor.name] = {{"dtype", std::string(dtype_name(tensor.dtype))},
+    header[tensor.name] = {{"dtype", std::string(tensor_type_name(stored))},
                            {"shape", tensor.shape},
                            {"data_offsets", {offset, offset + tensor.bytes.size()}}};
     offset += tensor.bytes.size();

@@ -13,18 +13,34 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "kernels/base/dtype.h"
 
 namespace keel {
 
+// What a tensor's elements are on disk. Float weights are F32/BF16/F16 (keel's DType);
+// quantized checkpoints add packed codes and scales: U8 (FP4 codes, E8M0 or E4M3 scales written
+// as bytes), I8, I32 (AWQ/GPTQ words of 8 nibbles), F8_E4M3 (FP8 weights and NVFP4 block
+// scales), F8_E8M0 (MX scales, where a writer names them so).
+enum class TensorType : uint8_t { kF32, kBF16, kF16, kU8, kI8, kI32, kF8E4M3, kF8E8M0 };
+std::string_view tensor_type_name(TensorType type);  // the safetensors spelling, "F8_E4M3"
+size_t tensor_type_size(TensorType type);
+// The TensorType of a float DType.
+TensorType tensor_type_of(DType dtype);
+
 // A view of one tensor inside a mapped file; valid while its SafetensorsFile lives.
 struct TensorView {
   std::string name;
   std::string file;  // path of the file it lives in, for error messages
-  DType dtype = DType::kF32;
+  TensorType type = TensorType::kF32;
+  DType dtype = DType::kF32;  // meaningful only when is_float()
+  bool is_float() const {
+    return type == TensorType::kF32 || type == TensorType::kBF16 || type == TensorType::kF16;
+  }
   std::vector<int64_t> shape;
   const std::byte* data = nullptr;
   size_t nbytes = 0;
@@ -60,7 +76,10 @@ struct TensorToWrite {
   std::string name;
   DType dtype = DType::kF32;
   std::vector<int64_t> shape;
-  std::vector<std::byte> bytes;  // shape x dtype size bytes, little-endian
+  std::vector<std::byte> bytes;  // shape x element size bytes, little-endian
+  // When set, the stored element type (quantized tensors); `dtype` is then ignored.
+  std::optional<TensorType> raw_type = std::nullopt;
+  TensorType stored_type() const { return raw_type ? *raw_type : tensor_type_of(dtype); }
 };
 
 // Writes tensors in the given order (data_offsets ascending); header padded to 8 bytes as
