@@ -231,13 +231,14 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, QuantParity,
                          case_name);
 GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(QuantParity);
 
-// The fixture set itself: every format on the tiny Qwen3-MoE preset, NVFP4 and FP8 on the
+// The fixture set itself: every format on a tiny preset (MXFP4 on tiny-qwen2, whose expert
+// width is a multiple of 32), NVFP4 and FP8 on the
 // hybrid one (a missing directory would otherwise just mean fewer cases).
 TEST(QuantParityFixtures, CoverEveryFormat) {
   const auto names = fixture_names();
   const std::set<std::string> have(names.begin(), names.end());
   for (const char* name : {"tiny-nvfp4", "tiny-nvfp4-ct", "tiny-fp8", "tiny-awq", "tiny-gptq",
-                           "tiny-mxfp4", "tiny-qwen3.5-nvfp4", "tiny-qwen3.5-fp8"})
+                           "tiny-qwen2-mxfp4", "tiny-qwen3.5-nvfp4", "tiny-qwen3.5-fp8"})
     EXPECT_TRUE(have.count(name)) << "missing fixture tests/fixtures/hf-quant/" << name;
 }
 
