@@ -219,7 +219,9 @@ int main(int argc, char** argv) {
         keel::ModelPreset preset = keel::load_model_preset(keel::find_model_preset(options.preset));
         std::cerr << "bench/decode: writing the " << options.preset << " preset to "
                   << options.model_dir << "\n";
-        keel::generate_model(preset, {1, 0}, options.model_dir);
+        keel::GenModelOptions gen_options;
+        gen_options.seed = 1;
+        keel::generate_model(preset, gen_options, options.model_dir);
       }
       report_preset = options.preset;
     }

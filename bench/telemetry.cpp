@@ -214,7 +214,9 @@ int main(int argc, char** argv) {
       options.model_dir = std::string(KEEL_BINARY_DIR) + "/bench-models/small";
       if (!std::filesystem::exists(options.model_dir + "/config.json")) {
         std::cerr << "bench/telemetry: writing the small preset to " << options.model_dir << "\n";
-        keel::generate_model(keel::load_model_preset(keel::find_model_preset("small")), {1, 0},
+        keel::GenModelOptions gen_options;
+        gen_options.seed = 1;
+        keel::generate_model(keel::load_model_preset(keel::find_model_preset("small")), gen_options,
                              options.model_dir);
       }
     }

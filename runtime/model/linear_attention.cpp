@@ -84,14 +84,16 @@ void RankModel::linear_attention(int64_t layer_idx, int64_t num_tokens,
   const int64_t conv_channels = linear_conv_local_;
   const int64_t value_width = num_v * v_dim;
   const int64_t z_col = conv_channels;
-  const int64_t b_col = z_col + value_width;
-  const int64_t a_col = b_col + num_v;
-  const int64_t proj_width = a_col + num_v;
+  const int64_t proj_width = z_col + value_width;  // [q | k | v | z]
+  const int64_t ba_width = 2 * num_v;              // [b | a]
   const int64_t kernel = config_.linear_conv_kernel;
   KEEL_CHECK(layer.linear_in.rows == proj_width, "rank ", tp_rank_, ": layer ", layer_idx,
              " linear_in has ", layer.linear_in.rows, " rows, expected ", proj_width);
+  KEEL_CHECK(layer.linear_ba.rows == ba_width, "rank ", tp_rank_, ": layer ", layer_idx,
+             " linear_ba has ", layer.linear_ba.rows, " rows, expected ", ba_width);
 
-  float* proj = scratch(linear_proj_, static_cast<size_t>(num_tokens * proj_width));
+  float* proj = scratch(linear_proj_, static_cast<size_t>(num_tokens * (proj_width + ba_width)));
+  float* ba = proj + num_tokens * proj_width;
   float* conv_out = scratch(linear_conv_, static_cast<size_t>(num_tokens * conv_channels));
   float* g = scratch(linear_g_, static_cast<size_t>(num_tokens * num_v));
   float* beta = scratch(linear_beta_, static_cast<size_t>(num_tokens * num_v));
@@ -102,10 +104,11 @@ void RankModel::linear_attention(int64_t layer_idx, int64_t num_tokens,
   float* ssm_state = pool.ssm_state.f32() + layer.cache_layer * slots * num_v * k_dim * v_dim;
 
   backend_.matmul(normed_.f32(), layer.linear_in.view(), proj, num_tokens);
+  backend_.matmul(normed_.f32(), layer.linear_ba.view(), ba, num_tokens);
   backend_.gdn_conv(proj, proj_width, conv_channels, layer.conv_weight.f32(), kernel, seqs,
                     conv_state, conv_out);
-  backend_.gdn_gates(proj, proj_width, a_col, b_col, num_v, layer.a_log.f32(), layer.dt_bias.f32(),
-                     num_tokens, g, beta);
+  backend_.gdn_gates(ba, ba_width, /*a_col=*/num_v, /*b_col=*/0, num_v, layer.a_log.f32(),
+                     layer.dt_bias.f32(), num_tokens, g, beta);
   // transformers scales q by 1 / sqrt(d_k), a Python double applied to an fp32 tensor.
   const float q_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(k_dim)));
   backend_.gdn_recurrence(conv_out, conv_channels, num_k, num_v, k_dim, v_dim, q_scale, g, beta,

@@ -215,10 +215,22 @@ QuantConfig parse_int4(const json& root, const std::string& source, bool awq) {
       throw_error(source, ": AWQ version '", version, "' is not implemented (gemm only)");
     config.not_quantized = string_list(root, "modules_to_not_convert", source);
   } else {
-    refuse_unknown_keys(root,
-                        {"quant_method", "bits", "group_size", "desc_act", "sym",
-                         "checkpoint_format", "format", "lm_head", "modules_to_not_convert"},
-                        source, "GPTQ");
+    refuse_unknown_keys(
+        root,
+        {"quant_method", "bits", "group_size", "desc_act", "sym", "checkpoint_format", "format",
+         "lm_head", "modules_to_not_convert", "dynamic"},
+        source, "GPTQ");
+    // GPTQModel's per-module rules: "-:<regex>" skips matching modules (left unquantized);
+    // any other rule overrides bits/group size per module, which keel does not implement.
+    if (root.contains("dynamic") && !root["dynamic"].is_null()) {
+      if (!root["dynamic"].is_object()) throw_error(source, ": 'dynamic' must be an object");
+      for (const auto& [rule, settings] : root["dynamic"].items()) {
+        if (rule.rfind("-:", 0) != 0 || !(settings.is_object() && settings.empty()))
+          throw_error(source, ": dynamic rule '", rule, "' ", settings.dump(),
+                      " is not implemented (only \"-:<regex>\": {} exclusions are)");
+        config.not_quantized.push_back("re:" + rule.substr(2));
+      }
+    }
     if (root.contains("lm_head")) require_value(root, "lm_head", false, source);
     if (root.contains("desc_act")) {
       if (!root["desc_act"].is_boolean()) throw_error(source, ": desc_act must be a boolean");

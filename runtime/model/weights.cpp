@@ -4,6 +4,8 @@
 // and Mixtral (block_sparse_moe.experts.{e}.w1/w2/w3).
 #include <algorithm>
 #include <cstring>
+#include <tuple>
+#include <utility>
 
 #include "kernels/base/buffer.h"
 #include "kernels/base/check.h"
@@ -101,17 +103,19 @@ struct LinearHeads {
 // Qwen3.5: separate in_proj_qkv (rows q | k | v of all heads), in_proj_z, in_proj_b, in_proj_a.
 // Qwen3-Next: in_proj_qkvz interleaved per key-head group g as [q_g | k_g | v_g | z_g] (v_g and
 // z_g: the group's HV/HK value heads) and in_proj_ba per group as [b_g | a_g].
-Matrix load_linear_in(const LoadContext& ctx, const std::string& prefix, const LinearHeads& heads,
-                      int64_t hidden) {
+// Two matrices: [q | k | v | z] and [b | a]. Released FP8 checkpoints keep the narrow b/a
+// projections in bf16 while q/k/v/z are quantized, so the two never share one layout.
+std::pair<Matrix, Matrix> load_linear_in(const LoadContext& ctx, const std::string& prefix,
+                                         const LinearHeads& heads, int64_t hidden) {
   const Checkpoint& checkpoint = ctx.checkpoint;
   const int64_t key_dim = heads.total_k * heads.k_dim;
   const int64_t value_dim = heads.total_v * heads.v_dim;
   const int64_t q_rows = heads.num_k * heads.k_dim;
   const int64_t v_rows = heads.num_v * heads.v_dim;
-  const int64_t rows = 2 * q_rows + 2 * v_rows + 2 * heads.num_v;
+  const int64_t rows = 2 * q_rows + 2 * v_rows;
   const int64_t z_row = 2 * q_rows + v_rows;
-  const int64_t b_row = z_row + v_rows;
-  const int64_t a_row = b_row + heads.num_v;
+  const int64_t b_row = 0;  // in the [b | a] matrix
+  const int64_t a_row = heads.num_v;
   const bool qwen3_next = checkpoint.find(prefix + "in_proj_qkvz.weight") != nullptr ||
                           checkpoint.find(prefix + "in_proj_qkvz.qweight") != nullptr ||
                           checkpoint.find(prefix + "in_proj_qkvz.weight_packed") != nullptr;
@@ -122,6 +126,7 @@ Matrix load_linear_in(const LoadContext& ctx, const std::string& prefix, const L
         ctx.linear(prefix + "in_proj_qkvz", heads.total_k * group_rows, hidden);
     const LinearSource ba = ctx.linear(prefix + "in_proj_ba", 2 * heads.total_v, hidden);
     HostWeight matrix(qkvz, rows, hidden);
+    HostWeight ba_matrix(ba, 2 * heads.num_v, hidden);
     for (int64_t local = 0; local < heads.num_k; ++local) {
       const int64_t group = heads.first_k + local;
       const int64_t base = group * group_rows;
@@ -130,25 +135,26 @@ Matrix load_linear_in(const LoadContext& ctx, const std::string& prefix, const L
       matrix.copy_rows(qkvz, base + heads.k_dim, heads.k_dim, 0, q_rows + local * heads.k_dim);
       matrix.copy_rows(qkvz, base + 2 * heads.k_dim, group_v, 0, 2 * q_rows + local * group_v);
       matrix.copy_rows(qkvz, base + 2 * heads.k_dim + group_v, group_v, 0, z_row + local * group_v);
-      matrix.copy_rows(ba, group * 2 * ratio, ratio, 0, b_row + local * ratio);
-      matrix.copy_rows(ba, group * 2 * ratio + ratio, ratio, 0, a_row + local * ratio);
+      ba_matrix.copy_rows(ba, group * 2 * ratio, ratio, 0, b_row + local * ratio);
+      ba_matrix.copy_rows(ba, group * 2 * ratio + ratio, ratio, 0, a_row + local * ratio);
     }
-    return ctx.upload(matrix);
+    return {ctx.upload(matrix), ctx.upload(ba_matrix)};
   }
   const LinearSource qkv = ctx.linear(prefix + "in_proj_qkv", 2 * key_dim + value_dim, hidden);
   const LinearSource z = ctx.linear(prefix + "in_proj_z", value_dim, hidden);
   const LinearSource b = ctx.linear(prefix + "in_proj_b", heads.total_v, hidden);
   const LinearSource a = ctx.linear(prefix + "in_proj_a", heads.total_v, hidden);
   HostWeight matrix(qkv, rows, hidden);
+  HostWeight ba_matrix(b, 2 * heads.num_v, hidden);
   const int64_t k0 = heads.first_k * heads.k_dim;
   const int64_t v0 = heads.first_v * heads.v_dim;
   matrix.copy_rows(qkv, k0, q_rows, 0, 0);
   matrix.copy_rows(qkv, key_dim + k0, q_rows, 0, q_rows);
   matrix.copy_rows(qkv, 2 * key_dim + v0, v_rows, 0, 2 * q_rows);
   matrix.copy_rows(z, v0, v_rows, 0, z_row);
-  matrix.copy_rows(b, heads.first_v, heads.num_v, 0, b_row);
-  matrix.copy_rows(a, heads.first_v, heads.num_v, 0, a_row);
-  return ctx.upload(matrix);
+  ba_matrix.copy_rows(b, heads.first_v, heads.num_v, 0, b_row);
+  ba_matrix.copy_rows(a, heads.first_v, heads.num_v, 0, a_row);
+  return {ctx.upload(matrix), ctx.upload(ba_matrix)};
 }
 
 // conv1d.weight [channels, 1, kernel] -> f32 [local channels][kernel], channels q | k | v.
@@ -278,7 +284,7 @@ RankModel::RankModel(const ModelConfig& config, const Checkpoint& checkpoint,
       layer.cache_layer = num_linear_layers++;
       const std::string gdn = prefix + "linear_attn.";
       const int64_t kernel = config.linear_conv_kernel;
-      layer.linear_in = load_linear_in(ctx, gdn, linear, hidden);
+      std::tie(layer.linear_in, layer.linear_ba) = load_linear_in(ctx, gdn, linear, hidden);
       layer.conv_weight = load_conv_weight(
           backend, checkpoint.get(gdn + "conv1d.weight", {config.linear_conv_dim(), 1, kernel}),
           linear, kernel);
@@ -478,7 +484,7 @@ int64_t RankModel::weight_bytes() const {
   for (const LayerWeights& layer : layers_) {
     total += array_bytes(layer.input_norm) + array_bytes(layer.post_norm) +
              array_bytes(layer.q_norm) + array_bytes(layer.k_norm) + array_bytes(layer.qkv_bias);
-    total += bytes(layer.linear_in) + bytes(layer.linear_out) +
+    total += bytes(layer.linear_in) + bytes(layer.linear_ba) + bytes(layer.linear_out) +
              static_cast<int64_t>(layer.conv_weight.nbytes() + layer.a_log.nbytes() +
                                   layer.dt_bias.nbytes() + layer.linear_norm.nbytes());
     total += bytes(layer.qkv) + bytes(layer.o_proj) + bytes(layer.router) +
