@@ -12,6 +12,8 @@
 // run.
 #include <gtest/gtest.h>
 
+#include "kernels/base/check.h"
+
 #include <unistd.h>
 
 #include <algorithm>
@@ -164,7 +166,7 @@ TEST_P(QuantParity, GreedyTokensAndLogitsMatchFloat64Reference) {
     try {
       Engine refused(dir, options);
       FAIL() << name << " at tp=" << tp << " loaded; expected a refusal of the unaligned split";
-    } catch (const Error& error) {
+    } catch (const keel::Error& error) {
       EXPECT_NE(std::string(error.what()).find("does not start on a quantization group boundary"),
                 std::string::npos)
           << error.what();
