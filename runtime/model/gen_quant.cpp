@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstring>
 #include <fstream>
+#include <initializer_list>
 #include <numeric>
 #include <set>
 
@@ -299,7 +300,8 @@ uint64_t mix64(uint64_t value) {
 // diagonal, perm = argsort(diag(H), descending), and the column at position i of that order
 // belongs to group i / G: g_idx[perm[i]] = i / G (AutoGPTQ gptq.py fasterquant, static_groups
 // false). Without activations there is no Hessian; its stand-in is a pseudo-random key per
-// column from (module name, k), so the order is a fixed, arbitrary permutation.
+// column from (the module's input, k), so the order is a fixed, arbitrary permutation, shared
+// by the modules keel fuses (which read one input, as in a real GPTQ run).
 std::vector<int32_t> gptq_group_of_k(const std::string& module, int64_t k, int64_t group_size,
                                      bool desc_act) {
   std::vector<int32_t> g_idx(static_cast<size_t>(k));
@@ -308,8 +310,24 @@ std::vector<int32_t> gptq_group_of_k(const std::string& module, int64_t k, int64
       g_idx[static_cast<size_t>(c)] = static_cast<int32_t>(c / group_size);
     return g_idx;
   }
+  // Modules that read the same input share its Hessian, hence its order (q/k/v, gate/up,
+  // the GDN input projections): key the stand-in on the input, not the module.
+  std::string input = module;
+  for (const auto& [suffix, shared] :
+       std::initializer_list<std::pair<const char*, const char*>>{
+           {"q_proj", "qkv"}, {"k_proj", "qkv"}, {"v_proj", "qkv"}, {"gate_proj", "gate_up"},
+           {"up_proj", "gate_up"}, {"w1", "gate_up"}, {"w3", "gate_up"}, {"in_proj_qkv", "in"},
+           {"in_proj_z", "in"}, {"in_proj_b", "in"}, {"in_proj_a", "in"}, {"in_proj_qkvz", "in"},
+           {"in_proj_ba", "in"}}) {
+    const std::string tail = std::string(".") + suffix;
+    if (input.size() > tail.size() &&
+        input.compare(input.size() - tail.size(), tail.size(), tail) == 0) {
+      input = input.substr(0, input.size() - tail.size() + 1) + shared;
+      break;
+    }
+  }
   uint64_t hash = 0xcbf29ce484222325ull;
-  for (char ch : module) hash = (hash ^ static_cast<uint8_t>(ch)) * 0x100000001b3ull;
+  for (char ch : input) hash = (hash ^ static_cast<uint8_t>(ch)) * 0x100000001b3ull;
   std::vector<int64_t> perm(static_cast<size_t>(k));
   std::iota(perm.begin(), perm.end(), 0);
   std::vector<uint64_t> key(static_cast<size_t>(k));
