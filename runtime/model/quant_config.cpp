@@ -3,8 +3,15 @@
 // compressed-tensors configs, Qwen/DeepSeek FP8, AutoAWQ / AutoGPTQ configs, gpt-oss MXFP4).
 #include "runtime/model/quant_config.h"
 
-#include <nlohmann/json.hpp>
+// GCC 12 reports std::regex's std::function members as maybe-uninitialized once inlined under
+// the sanitizers (a false positive inside libstdc++'s <functional> and <regex>); silence it for
+// the standard headers' lines only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <functional>
 #include <regex>
+#pragma GCC diagnostic pop
+#include <nlohmann/json.hpp>
 #include <set>
 
 #include "kernels/base/check.h"
