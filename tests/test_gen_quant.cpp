@@ -30,6 +30,7 @@
 #include "kernels/base/check.h"
 #include "kernels/base/dtype.h"
 #include "kernels/math/quant_math.h"
+#include "runtime/engine/engine.h"
 #include "runtime/model/gen_model.h"
 #include "runtime/model/gen_quant.h"
 #include "runtime/model/safetensors.h"
@@ -777,6 +778,73 @@ TEST(GenQuant, LinearScopeNvfp4SharesQkvGlobalScale) {
   EXPECT_EQ(q, element<float>(*file->find(attn + "v_proj.weight_scale_2"), 0));
   EXPECT_EQ(file->find(attn + "o_proj.weight")->type, TensorType::kU8);
   EXPECT_EQ(file->find("model.layers.1.mlp.gate.weight")->type, TensorType::kBF16);
+}
+
+// Dense-MLP layers (ModelPreset::mlp_only_layers, configs/models/flip-dense.yaml): gen-model
+// writes mlp.{gate,up,down}_proj instead of router and experts, lists the layers in config.json,
+// and --quant quantizes that MLP as the layer's feed-forward (gate and up sharing NVFP4's global
+// scale); the engine loads both checkpoints, and the NVFP4 one holds fewer weight bytes by the
+// packed size of the MLP (codes K/2 + E4M3 scales K/16 + an fp32 row scale per row, against
+// 2 bytes per bf16 element). Bad mlp_only_layers entries are refused naming the key.
+TEST(GenQuant, DenseMlpLayers) {
+  const std::string bf16 = generate("flip-dense", QuantOptions{}, "dense-bf16");
+  const std::string nvfp4 =
+      generate("flip-dense", quant_options(QuantFormat::kNvfp4), "dense-nvfp4");
+  const json config = read_json(nvfp4 + "/config.json");
+  EXPECT_EQ(config["mlp_only_layers"], json::array({0, 1, 2, 3}));
+  const auto dense = SafetensorsFile::open(bf16 + "/model.safetensors");
+  const auto packed = SafetensorsFile::open(nvfp4 + "/model.safetensors");
+  const std::string mlp = "model.layers.2.mlp.";
+  EXPECT_EQ(dense->find(mlp + "gate.weight"), nullptr);
+  EXPECT_EQ(dense->find(mlp + "experts.0.gate_proj.weight"), nullptr);
+  expect_tensor(*dense, mlp + "gate_proj.weight", TensorType::kBF16, {2048, 128});
+  expect_tensor(*dense, mlp + "down_proj.weight", TensorType::kBF16, {128, 2048});
+  expect_tensor(*packed, mlp + "gate_proj.weight", TensorType::kU8, {2048, 64});
+  expect_tensor(*packed, mlp + "down_proj.weight", TensorType::kU8, {128, 1024});
+  expect_tensor(*packed, mlp + "down_proj.weight_scale", TensorType::kF8E4M3, {128, 128});
+  EXPECT_EQ(element<float>(*packed->find(mlp + "gate_proj.weight_scale_2"), 0),
+            element<float>(*packed->find(mlp + "up_proj.weight_scale_2"), 0));
+  expect_tensor(*packed, "model.layers.2.self_attn.q_proj.weight", TensorType::kBF16, {128, 128});
+
+  EngineOptions options;
+  options.tp_size = 2;
+  Engine dense_engine(bf16, options);
+  Engine packed_engine(nvfp4, options);
+  // Per rank: 4 layers x 3 matrices of 2048 x 128 split in two.
+  const int64_t elements = 4 * 3 * 2048 * 128 / 2;
+  const int64_t rows = 4 * (2 * 1024 + 128);  // gate+up rows, down rows (a column slice)
+  const int64_t packed_bytes = elements / 2 + elements / 16 + rows * 4;
+  EXPECT_EQ(dense_engine.weight_bytes_per_rank() - packed_engine.weight_bytes_per_rank(),
+            elements * 2 - packed_bytes);
+  GenerateRequest request;
+  request.prompts = {{5, 6, 7, 8}};
+  request.max_new_tokens = 4;
+  EXPECT_EQ(packed_engine.generate(request).tokens[0].size(), 4u);
+
+  const std::string yaml_dir = scratch_dir("presets");
+  auto refused = [&](const std::string& extra, const std::string& expected) {
+    std::string text = read_text(find_model_preset("flip-dense"));
+    text = text.substr(0, text.find("mlp_only_layers")) + extra;
+    const std::string path = yaml_dir + "/bad.yaml";
+    std::ofstream(path) << text;
+    try {
+      load_model_preset(path);
+      ADD_FAILURE() << "accepted: " << extra;
+    } catch (const Error& error) {
+      EXPECT_NE(std::string(error.what()).find(expected), std::string::npos) << error.what();
+    }
+  };
+  refused("mlp_only_layers: [4]\n", "mlp_only_layers entry 4 is not in [0, num_hidden_layers)");
+  refused("mlp_only_layers: [1, 1]\n", "lists layer 1 twice");
+  refused("mlp_only_layers: 3\n", "must be a list");
+  refused("mlp_only_layers: [a]\n", "entries must be integers");
+  try {
+    generate("flip-dense", quant_options(QuantFormat::kMxfp4), "dense-mxfp4");
+    ADD_FAILURE() << "mxfp4 with dense layers accepted";
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("dense MLP layers"), std::string::npos)
+        << error.what();
+  }
 }
 
 TEST(GenQuant, DeterministicFiles) {

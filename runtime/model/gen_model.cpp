@@ -143,7 +143,7 @@ nlohmann::json config_json(const ModelPreset& preset) {
     config["intermediate_size"] = preset.intermediate_size;
     config["norm_topk_prob"] = preset.norm_topk_prob;
     config["decoder_sparse_step"] = 1;
-    config["mlp_only_layers"] = nlohmann::json::array();
+    config["mlp_only_layers"] = preset.mlp_only_layers;
     if (preset.architecture == "Qwen2MoeForCausalLM") {
       config["shared_expert_intermediate_size"] = preset.shared_expert_intermediate_size;
       config["qkv_bias"] = true;
@@ -595,7 +595,9 @@ int64_t ModelPreset::num_parameters() const {
   int64_t experts = num_experts * 3 * hidden * moe_intermediate_size + num_experts * hidden;
   int64_t shared = 3 * hidden * shared_expert_intermediate_size;
   int64_t embeddings = vocab_size * hidden * (tie_word_embeddings ? 1 : 2);
-  return num_hidden_layers * (attention + experts + shared) + embeddings;
+  const auto dense_layers = static_cast<int64_t>(mlp_only_layers.size());
+  return num_hidden_layers * attention + (num_hidden_layers - dense_layers) * (experts + shared) +
+         dense_layers * 3 * hidden * intermediate_size + embeddings;
 }
 
 std::string find_model_preset(const std::string& name_or_path) {
@@ -758,7 +760,8 @@ ModelPreset load_model_preset(const std::string& path) {
                                       "router_scale",
                                       "near_tie_layer",
                                       "near_tie_gap",
-                                      "near_tie_pairs"};
+                                      "near_tie_pairs",
+                                      "mlp_only_layers"};
   known_keys.insert(std::begin(kHybridKeys), std::end(kHybridKeys));
   reject_unknown_keys(root, known_keys, path);
   ModelPreset preset;
@@ -828,6 +831,30 @@ ModelPreset load_model_preset(const std::string& path) {
     throw_error(path, ": num_experts_per_tok exceeds num_experts");
   if (preset.architecture == "Qwen2MoeForCausalLM" && preset.shared_expert_intermediate_size == 0)
     throw_error(path, ": Qwen2MoeForCausalLM needs shared_expert_intermediate_size");
+  if (root["mlp_only_layers"]) {
+    if (preset.architecture != "Qwen3MoeForCausalLM" &&
+        preset.architecture != "Qwen2MoeForCausalLM")
+      throw_error(path, ": key 'mlp_only_layers' is for Qwen3MoeForCausalLM / Qwen2MoeForCausalLM");
+    if (!root["mlp_only_layers"].IsSequence())
+      throw_error(path, ": key 'mlp_only_layers' must be a list of layer indices");
+    for (const YAML::Node& item : root["mlp_only_layers"]) {
+      int64_t layer = -1;
+      try {
+        layer = item.as<int64_t>();
+      } catch (const YAML::Exception&) {
+        throw_error(path, ": mlp_only_layers entries must be integers");
+      }
+      if (layer < 0 || layer >= preset.num_hidden_layers)
+        throw_error(path, ": mlp_only_layers entry ", layer, " is not in [0, num_hidden_layers)");
+      if (!preset.is_moe_layer(layer))
+        throw_error(path, ": mlp_only_layers lists layer ", layer, " twice");
+      preset.mlp_only_layers.push_back(layer);
+    }
+    if (!preset.mlp_only_layers.empty() && preset.intermediate_size == 0)
+      throw_error(path, ": mlp_only_layers needs intermediate_size (the dense MLP width)");
+    if (preset.near_tie_layer >= 0 && !preset.is_moe_layer(preset.near_tie_layer))
+      throw_error(path, ": near_tie_layer ", preset.near_tie_layer, " is a dense MLP layer");
+  }
   load_hybrid_keys(root, path, preset);
   return preset;
 }
@@ -1020,6 +1047,17 @@ void generate_model(const ModelPreset& preset, const GenModelOptions& options,
       } else if (!mixtral) {
         add(random_tensor(attn + "q_norm.weight", {head_dim}, dtype, 0.05, 1.0, seed));
         add(random_tensor(attn + "k_norm.weight", {head_dim}, dtype, 0.05, 1.0, seed));
+      }
+      if (!preset.is_moe_layer(layer)) {
+        const std::string mlp = prefix + "mlp.";
+        const int64_t dense_inter = preset.intermediate_size;
+        add(random_tensor(mlp + "gate_proj.weight", {dense_inter, hidden}, dtype, proj_std, 0.0,
+                          seed));
+        add(random_tensor(mlp + "up_proj.weight", {dense_inter, hidden}, dtype, proj_std, 0.0,
+                          seed));
+        add(random_tensor(mlp + "down_proj.weight", {hidden, dense_inter}, dtype,
+                          0.5 / std::sqrt(static_cast<double>(dense_inter)), 0.0, seed));
+        continue;
       }
       std::string moe = prefix + (mixtral ? "block_sparse_moe." : "mlp.");
       const int64_t inter = preset.moe_intermediate_size;

@@ -35,6 +35,16 @@ struct ModelPreset {
   int64_t max_position_embeddings = 4096;
   DType dtype = DType::kBF16;
   double router_scale = 1.0;  // multiplies the router init std (larger: clearer routing)
+  // Qwen3-MoE / Qwen2-MoE: layers with a dense MLP (mlp.{gate,up,down}_proj [intermediate_size,
+  // hidden]) instead of router and experts, written to config.json as transformers' key of the
+  // same name. Listing every layer gives a dense model with the MoE preset's attention, so the
+  // two differ only in the feed-forward (bench/flip_rate compares them).
+  std::vector<int64_t> mlp_only_layers;
+  bool is_moe_layer(int64_t layer) const {
+    for (int64_t dense : mlp_only_layers)
+      if (dense == layer) return false;
+    return true;
+  }
 
   // Engineered router near-ties (off unless near_tie_layer >= 0), for demonstrating routing
   // flips from last-bit changes (tests/test_near_tie.cpp). In MoE layer `near_tie_layer` the

@@ -314,11 +314,19 @@ std::vector<int32_t> gptq_group_of_k(const std::string& module, int64_t k, int64
   // the GDN input projections): key the stand-in on the input, not the module.
   std::string input = module;
   for (const auto& [suffix, shared] :
-       std::initializer_list<std::pair<const char*, const char*>>{
-           {"q_proj", "qkv"}, {"k_proj", "qkv"}, {"v_proj", "qkv"}, {"gate_proj", "gate_up"},
-           {"up_proj", "gate_up"}, {"w1", "gate_up"}, {"w3", "gate_up"}, {"in_proj_qkv", "in"},
-           {"in_proj_z", "in"}, {"in_proj_b", "in"}, {"in_proj_a", "in"}, {"in_proj_qkvz", "in"},
-           {"in_proj_ba", "in"}}) {
+       std::initializer_list<std::pair<const char*, const char*>>{{"q_proj", "qkv"},
+                                                                  {"k_proj", "qkv"},
+                                                                  {"v_proj", "qkv"},
+                                                                  {"gate_proj", "gate_up"},
+                                                                  {"up_proj", "gate_up"},
+                                                                  {"w1", "gate_up"},
+                                                                  {"w3", "gate_up"},
+                                                                  {"in_proj_qkv", "in"},
+                                                                  {"in_proj_z", "in"},
+                                                                  {"in_proj_b", "in"},
+                                                                  {"in_proj_a", "in"},
+                                                                  {"in_proj_qkvz", "in"},
+                                                                  {"in_proj_ba", "in"}}) {
     const std::string tail = std::string(".") + suffix;
     if (input.size() > tail.size() &&
         input.compare(input.size() - tail.size(), tail.size(), tail) == 0) {
@@ -493,6 +501,21 @@ TensorRole role_of(const std::string& name, size_t rank, QuantScope scope) {
     }
     return out;
   }
+  // A dense-MLP layer's MLP is that layer's feed-forward: quantized with the experts.
+  if (rank == 2 && name.find(".shared_expert.") == std::string::npos) {
+    for (std::string_view proj : {"gate_proj", "up_proj"}) {
+      if (ends_with(name, std::string(".mlp.") + std::string(proj) + ".weight")) {
+        out.role = Role::kLinear;
+        out.group = name.substr(0, name.rfind(".mlp.") + 5) + "gate_up";
+        out.group_members = 2;
+        return out;
+      }
+    }
+    if (ends_with(name, ".mlp.down_proj.weight")) {
+      out.role = Role::kLinear;
+      return out;
+    }
+  }
   if (scope != QuantScope::kLinear || rank != 2) return out;
   for (std::string_view proj : {"q_proj", "k_proj", "v_proj"}) {
     if (ends_with(name, std::string(".self_attn.") + std::string(proj) + ".weight")) {
@@ -591,9 +614,15 @@ CheckpointQuantizer::CheckpointQuantizer(const ModelPreset& preset, const QuantO
     throw_error(
         "gen-model --quant mxfp4 quantizes the routed experts only (gpt-oss layout); "
         "--quant-scope linear is not available for it");
+  if (options_.format == QuantFormat::kMxfp4 && !preset.mlp_only_layers.empty())
+    throw_error(
+        "gen-model --quant mxfp4 quantizes fused routed experts only (gpt-oss layout); "
+        "preset ",
+        preset.name, " has dense MLP layers (mlp_only_layers)");
   if (options_.format != QuantFormat::kAwq && options_.format != QuantFormat::kGptq) return;
   // The K of every Linear the scope quantizes.
   std::vector<int64_t> ks = {preset.hidden_size, preset.moe_intermediate_size};
+  if (!preset.mlp_only_layers.empty()) ks.push_back(preset.intermediate_size);
   if (options_.scope == QuantScope::kLinear) {
     ks.push_back(preset.num_attention_heads * preset.head_dim);  // o_proj
     if (preset.shared_expert_intermediate_size > 0)

@@ -53,7 +53,9 @@ QuantFormat parse_quant_format(std::string_view text);
 
 enum class QuantScope : uint8_t {
   kDefault,  // fp8: kLinear (the Qwen FP8 releases); every other format: kExperts
-  kExperts,  // routed experts only (ModelOpt NVFP4 / llm-compressor MoE releases, gpt-oss)
+  // routed experts (ModelOpt NVFP4 / llm-compressor MoE releases, gpt-oss) and, in dense-MLP
+  // layers (ModelPreset::mlp_only_layers), that layer's MLP: the feed-forward either way
+  kExperts,
   // kExperts plus attention q/k/v/o, Gated DeltaNet in_proj_qkv / in_proj_z / in_proj_qkvz /
   // out_proj and the shared expert; never the router, shared_expert_gate, in_proj_a / in_proj_b
   // / in_proj_ba, conv1d, norms, embeddings or lm_head (Qwen3-Next / Qwen3.5 FP8 releases).
