@@ -211,6 +211,23 @@ TEST_P(QGemmIsaTest, BitIdenticalAcrossWeightGroups) {
   }
 }
 
+// NVFP4 block scales in the fp32 subnormal range (a tiny weight_scale_2): the matrix-vector
+// path's t * (s / 2) shortcut is inexact there, so those blocks must take the weight-by-weight
+// decode; rows with ordinary scales in the same call keep the shortcut. Bits as the definition.
+TEST_P(QGemmIsaTest, SubnormalBlockScales) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (int64_t k : {256, 4096, 4100}) {
+    QMatrix q = make_matrix(WeightFormat::kNvfp4, 7, k, rng);
+    for (size_t row = 0; row < q.row_scales.size(); row += 2)
+      q.row_scales[row] = std::ldexp(1.0f + 0.1f * normal(rng), -140);
+    for (int64_t m : {1, 2}) {
+      std::vector<float> x = make_activations(m * k, rng);
+      ASSERT_EQ(count_mismatches(x, k, q.view, m, "nvfp4 subnormal k=" + std::to_string(k)), 0);
+    }
+  }
+}
+
 // NaN scale or code codes: the output is NaN where the scalar path's is (NaN payloads and signs
 // follow x86 operand order and are not part of the contract), and the K tail past a NaN never
 // leaks.

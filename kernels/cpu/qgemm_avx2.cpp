@@ -51,6 +51,7 @@ constexpr int cols_for_rows(int rows) {
 }
 constexpr int64_t kGroupRowMultiple = 2;
 constexpr int64_t kCacheLineBytes = 64;
+constexpr int64_t kGemvMaxRows = 1;
 
 // Requests `bytes` from `begin` into L2 in `num_steps` roughly equal installments.
 class L2Prefetcher {
@@ -476,6 +477,12 @@ void qgemm_typed(const QGemmArgs& args) {
 }  // namespace
 
 void qgemm_avx2(const QGemmArgs& args) {
+  // One row of x: the matrix-vector path decodes fewer instructions per weight than the tile
+  // below (which shares each decoded chunk among up to 4 rows of x).
+  if (args.m <= kGemvMaxRows && qgemv_avx2_handles(args.w)) {
+    qgemv_avx2(args);
+    return;
+  }
   switch (args.w.format) {
     case WeightFormat::kNvfp4:
       qgemm_typed<Nibble4Decoder<WeightFormat::kNvfp4>>(args);

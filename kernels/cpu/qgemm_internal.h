@@ -26,4 +26,9 @@ void qgemm_scalar(const QGemmArgs& args);
 void qgemm_avx2(const QGemmArgs& args);
 void qgemm_avx512(const QGemmArgs& args);
 
+// The AVX2 matrix-vector path (qgemv_avx2.cpp): every row of x on its own, the same bits as
+// the paths above. For the formats and layouts qgemv_avx2_handles() accepts.
+bool qgemv_avx2_handles(const math::WeightView& w);
+void qgemv_avx2(const QGemmArgs& args);
+
 }  // namespace keel::cpu::detail
