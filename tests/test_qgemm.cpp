@@ -245,7 +245,13 @@ TEST_P(QGemmIsaTest, NanCodesAndScales) {
     }
     std::vector<float> x = make_activations(2 * k, rng);
     std::vector<float> y(2 * 9);
-    qgemm(QGemmArgs{x.data(), k, q.view, y.data(), 9, 2});
+    // m = 1 takes the matrix-vector path, m = 2 the tile path.
+    qgemm(QGemmArgs{x.data(), k, q.view, y.data(), 9, 1});
+    qgemm(QGemmArgs{x.data() + k, k, q.view, y.data() + 9, 9, 1});
+    std::vector<float> y_tile(2 * 9);
+    qgemm(QGemmArgs{x.data(), k, q.view, y_tile.data(), 9, 2});
+    for (int64_t i = 0; i < 2 * 9; ++i)
+      EXPECT_TRUE(same_bits(y[i], y_tile[i]) || (std::isnan(y[i]) && std::isnan(y_tile[i]))) << i;
     for (int64_t row = 0; row < 2; ++row) {
       for (int64_t col = 0; col < 9; ++col) {
         const float expected = canonical_qdot(x.data() + row * k, q.view, col);

@@ -23,6 +23,8 @@
 //                  either way.
 //   int4           t = code - zero in [-16, 15] (a byte subtraction), the weight float(t) * scale:
 //                  the definition itself.
+//   FP8 block      no reordering (one code byte per weight, lanes in k order): E4M3 -> FP16 by
+//                  integer shifts, vcvtph2ps, times 256 * scale (see fp8_chunk).
 // The last, partial chunk (K % 16 weights) is added lane by lane with the scalar decoders after
 // the vector loop, which is the same sum: lanes at or past K add fma(0, 0, acc) = acc.
 // Two weight rows run at once (more independent work per x load); scales are broadcast from
@@ -178,6 +180,14 @@ void e2m1_rows(const math::WeightView& w, int64_t n0, const float* xs, const flo
   alignas(32) float halves[kRows][kBlockChunks];
   for (int64_t block = 0; block < full_chunks; block += kBlockChunks) {
     const int64_t count = std::min(kBlockChunks, full_chunks - block);
+    // The codes of the block after next (128 bytes a row), ahead of the hardware prefetcher.
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(codes[r] + (block + 2 * kBlockChunks) * 8),
+                   _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(codes[r] + (block + 2 * kBlockChunks) * 8 + 64),
+                   _MM_HINT_T0);
+    }
     bool exact = true;
 #pragma GCC unroll 4
     for (int r = 0; r < kRows; ++r)
@@ -253,6 +263,108 @@ void int4_rows(const math::WeightView& w, int64_t n0, const float* xs, const flo
     y[n0 + r] = finish_output(acc_even[r], acc_odd[r], w, n0 + r, x, full_chunks);
 }
 
+// ---- FP8 block (E4M3 codes, one fp32 scale per 128 k) ----
+
+// Sign-extended to 16 bits, shifted left by 7 and bit 14 cleared, an E4M3 code is the FP16 of
+// its value / 256 (sign to bit 15, the 4 exponent bits into the low 4 of FP16's 5 (bias 15
+// against 7: a factor 2^-8), the 3 mantissa bits on top of FP16's 10; E4M3 subnormals land on
+// FP16 subnormals), which vcvtph2ps widens exactly. The weight is then that value times
+// 256 * scale: the same real product as e4m3(code) * scale, so the same float, as long as
+// 256 * scale does not overflow (such a group is decoded by the definition). The NaN codes
+// 0x7f / 0xff have no FP16 twin here: a chunk holding one is decoded by the definition too.
+inline void fp8_chunk(const uint8_t* codes, __m256 scale_256, const float* x, __m256& acc_lo,
+                      __m256& acc_hi) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
+  const __m256i halves = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(raw), 7),
+                                          _mm256_set1_epi16(static_cast<int16_t>(0xbfff)));
+  const __m256 lo = _mm256_cvtph_ps(_mm256_castsi256_si128(halves));
+  const __m256 hi = _mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1));
+  acc_lo = _mm256_fmadd_ps(_mm256_loadu_ps(x), _mm256_mul_ps(lo, scale_256), acc_lo);
+  acc_hi = _mm256_fmadd_ps(_mm256_loadu_ps(x + 8), _mm256_mul_ps(hi, scale_256), acc_hi);
+}
+
+inline bool has_nan_code(const uint8_t* codes) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
+  const __m128i magnitude = _mm_and_si128(raw, _mm_set1_epi8(0x7f));
+  return _mm_movemask_epi8(_mm_cmpeq_epi8(magnitude, _mm_set1_epi8(0x7f))) != 0;
+}
+
+// One chunk's 16 weights decoded by the definition (chunks with a NaN code, groups whose
+// 256 * scale overflows). Out of line: only that rare path calls it.
+[[gnu::noinline]] void fp8_decode_exact(const math::WeightView& w, int64_t n, int64_t chunk,
+                                        float* out) {
+  for (int lane = 0; lane < kLanes; ++lane)
+    out[lane] = math::dequantized_weight(w, n, chunk * kLanes + lane);
+}
+
+template <int kRows>
+void fp8_rows(const math::WeightView& w, int64_t n0, const float* x, int64_t full_chunks,
+              float* y) {
+  constexpr int64_t kChunksPerGroup = math::kFp8BlockGroup / kLanes;
+  const uint8_t* codes[kRows];
+  const float* scales[kRows];
+  __m256 acc_lo[kRows];
+  __m256 acc_hi[kRows];
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) {
+    codes[r] = static_cast<const uint8_t*>(w.data) + (n0 + r) * w.ld;
+    scales[r] = static_cast<const float*>(w.scales) + (n0 + r) * w.scale_ld;
+    acc_lo[r] = _mm256_setzero_ps();
+    acc_hi[r] = _mm256_setzero_ps();
+  }
+  for (int64_t first = 0, group = 0; first < full_chunks; first += kChunksPerGroup, ++group) {
+    const int64_t last = std::min(full_chunks, first + kChunksPerGroup);
+    __m256 scale_256[kRows];
+    bool overflows = false;
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) {
+      const float scaled = scales[r][group] * 256.0f;
+      overflows |= std::isfinite(scales[r][group]) && !std::isfinite(scaled);
+      scale_256[r] = _mm256_set1_ps(scaled);
+    }
+    for (int64_t c = first; c < last; ++c) {
+      const float* x_chunk = x + c * kLanes;
+      bool exceptional = overflows;
+#pragma GCC unroll 4
+      for (int r = 0; r < kRows; ++r) exceptional |= has_nan_code(codes[r] + c * kLanes);
+      if (exceptional) [[unlikely]] {
+        alignas(32) float weights[kRows][kLanes];
+#pragma GCC unroll 4
+        for (int r = 0; r < kRows; ++r) fp8_decode_exact(w, n0 + r, c, weights[r]);
+#pragma GCC unroll 4
+        for (int r = 0; r < kRows; ++r) {
+          acc_lo[r] =
+              _mm256_fmadd_ps(_mm256_loadu_ps(x_chunk), _mm256_load_ps(weights[r]), acc_lo[r]);
+          acc_hi[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x_chunk + 8), _mm256_load_ps(weights[r] + 8),
+                                      acc_hi[r]);
+        }
+        continue;
+      }
+#pragma GCC unroll 4
+      for (int r = 0; r < kRows; ++r)
+        fp8_chunk(codes[r] + c * kLanes, scale_256[r], x_chunk, acc_lo[r], acc_hi[r]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) {
+    __m256 lo = acc_lo[r];
+    __m256 hi = acc_hi[r];
+    const int64_t tail_start = full_chunks * kLanes;
+    if (tail_start < w.cols) {
+      alignas(32) float lanes[kLanes];
+      _mm256_store_ps(lanes, lo);
+      _mm256_store_ps(lanes + 8, hi);
+      for (int64_t k = tail_start; k < w.cols; ++k) {
+        const int lane = static_cast<int>(k - tail_start);
+        lanes[lane] = math::fma_f32(x[k], math::dequantized_weight(w, n0 + r, k), lanes[lane]);
+      }
+      lo = _mm256_load_ps(lanes);
+      hi = _mm256_load_ps(lanes + 8);
+    }
+    y[n0 + r] = fold_lanes(lo, hi);
+  }
+}
+
 }  // namespace
 
 bool qgemv_avx2_handles(const math::WeightView& w) {
@@ -263,6 +375,7 @@ bool qgemv_avx2_handles(const math::WeightView& w) {
     case WeightFormat::kInt4:
       return w.group_of_k == nullptr && w.group_size % kLanes == 0;
     case WeightFormat::kFp8Block:
+      return true;
     case WeightFormat::kDense:
       return false;
   }
@@ -278,6 +391,13 @@ void qgemv_avx2(const QGemmArgs& args) {
   for (int64_t row = 0; row < args.m; ++row) {
     const float* x = args.x + row * args.ldx;
     float* y = args.y + row * args.ldy;
+    if (w.format == WeightFormat::kFp8Block) {  // canonical lane order as stored
+      int64_t n = 0;
+      for (; n + kRowsAtOnce <= w.rows; n += kRowsAtOnce)
+        fp8_rows<kRowsAtOnce>(w, n, x, full_chunks, y);
+      for (; n < w.rows; ++n) fp8_rows<1>(w, n, x, full_chunks, y);
+      continue;
+    }
     for (int64_t c = 0; c < full_chunks; ++c)
       for (int i = 0; i < 8; ++i) {
         reordered[static_cast<size_t>(c * kLanes + i)] = x[c * kLanes + 2 * i];
