@@ -7,6 +7,7 @@
 // the stats test uses a 3-token file small enough to count on paper.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdio>
@@ -61,6 +62,9 @@ RoutingFileHeader small_header() {
   header.determinism = "batch_invariant";
   header.dtype = "bf16";
   header.combine = "fp32";
+  header.quantization = "modelopt";
+  header.nvfp4_activations = "w4a4";
+  header.kv_cache_dtype = "bf16";
   header.git_revision = "abc123";
   header.created_unix = 1700000000;
   header.extra = {{"note", "test"}, {"nested", {1, 2, 3}}};
@@ -209,6 +213,37 @@ TEST_F(RoutingTest, RoundTripIsBitExact) {
   }
   EXPECT_EQ(fs::file_size(out), expected);
   EXPECT_EQ(read_bytes(out).substr(0, 8), "KEELROUT");
+}
+
+// The numerics fields survive a round trip, are optional (files written before they existed
+// read back with them empty), and `routes diff` names a difference in any of them.
+TEST_F(RoutingTest, NumericsFieldsInTheHeader) {
+  const RoutingFileHeader header = small_header();
+  nlohmann::json json = header.to_json();
+  const RoutingFileHeader back = RoutingFileHeader::from_json(json, "test");
+  EXPECT_EQ(back.quantization, "modelopt");
+  EXPECT_EQ(back.nvfp4_activations, "w4a4");
+  EXPECT_EQ(back.kv_cache_dtype, "bf16");
+  json.erase("quantization");
+  json.erase("nvfp4_activations");
+  json.erase("kv_cache_dtype");
+  const RoutingFileHeader old = RoutingFileHeader::from_json(json, "old file");
+  EXPECT_TRUE(old.quantization.empty() && old.nvfp4_activations.empty() &&
+              old.kv_cache_dtype.empty());
+  json["kv_cache_dtype"] = 3;
+  EXPECT_THROW(RoutingFileHeader::from_json(json, "bad"), Error);
+
+  RoutingFile a = make_file(4, 1);
+  RoutingFile b = a;
+  b.header.nvfp4_activations = "fp32";
+  b.header.kv_cache_dtype = "fp8_e4m3";
+  const RoutingDiff diff = diff_routing(a, b);
+  EXPECT_NE(std::find(diff.header_differences.begin(), diff.header_differences.end(),
+                      "nvfp4_activations: w4a4 vs fp32"),
+            diff.header_differences.end());
+  EXPECT_NE(std::find(diff.header_differences.begin(), diff.header_differences.end(),
+                      "kv_cache_dtype: bf16 vs fp8_e4m3"),
+            diff.header_differences.end());
 }
 
 TEST_F(RoutingTest, HeaderOnlyFileAndIncrementalWriter) {

@@ -532,6 +532,44 @@ TEST_F(Serve, ProfileWritesAChromeTraceWithOneTrackPerRank) {
   EXPECT_TRUE(allreduce_span);
 }
 
+// A capture records the numerics that decide the bits besides the reduction: the checkpoint's
+// quantization, NVFP4 W4A4 activations and the KV cache dtype. Replay runs with them (without
+// them every W4A4 record would fail to reproduce) and refuses a checkpoint of another
+// quantization, naming both.
+TEST(ServeAlone, QuantizedCaptureRecordsItsNumericsAndReplays) {
+  const std::string nvfp4 = scratch() + "/tiny-chat-nvfp4";
+  keel::GenModelOptions options;
+  options.quant.format = keel::QuantFormat::kNvfp4;
+  keel::generate_model(keel::load_model_preset(keel::find_model_preset("tiny-chat")), options,
+                       nvfp4);
+  const std::string capture = scratch() + "/capture-w4a4.keelrt";
+  const std::string config = scratch() + "/w4a4.yaml";
+  std::ofstream(config) << "model: " << nvfp4 << "\nmodel_name: tiny\ntp: 2\n"
+                        << "determinism: batch_invariant\nport: 0\ncollective_timeout_ms: 60000\n"
+                        << "nvfp4_activations: w4a4\nkv_cache_dtype: fp8_e4m3\n"
+                        << "routing_capture: " << capture << "\n";
+  {
+    ServerProcess server(serve_args(config));
+    ASSERT_EQ(post(server.port(), "/v1/completions", mate_request(0, false)).status, 200);
+    ASSERT_EQ(post(server.port(), "/v1/completions", kProbe).status, 200);
+    server.terminate();
+    ASSERT_EQ(server.wait(), 0) << server.output();
+  }
+  const keel::RoutingFile file = keel::read_routing_file(capture);
+  EXPECT_EQ(file.header.quantization, "modelopt-nvfp4");
+  EXPECT_EQ(file.header.nvfp4_activations, "w4a4");
+  EXPECT_EQ(file.header.kv_cache_dtype, "fp8_e4m3");
+  int exit_code = -1;
+  std::string output = run_command(kKeel + " routes replay " + capture + " --json", &exit_code);
+  ASSERT_EQ(exit_code, 0) << output;
+  const json report = json::parse(output.substr(output.find('{')));
+  EXPECT_EQ(report["total"], 2);
+  EXPECT_TRUE(report["all_reproduced"].get<bool>()) << output;
+  output = run_command(kKeel + " routes replay " + capture + " --model " + model_dir(), &exit_code);
+  EXPECT_NE(exit_code, 0) << output;
+  EXPECT_NE(output.find("quantized 'modelopt-nvfp4'"), std::string::npos) << output;
+}
+
 // Capture every request's routing to a file, then replay it: forcing the recorded experts (and,
 // separately, letting the router choose) reproduces every token and the logits digest; a record
 // whose experts were altered does not.

@@ -541,6 +541,10 @@ int run_serve(keel::ServeConfig& config) {
     header.determinism = std::string(keel::determinism_name(config.determinism));
     header.dtype = std::string(keel::dtype_name(engine.config().dtype));
     header.combine = std::string(keel::combine_precision_name(config.engine.combine));
+    header.quantization = std::string(keel::quant_method_name(engine.config().quant.method));
+    header.nvfp4_activations =
+        std::string(keel::nvfp4_activations_name(config.engine.nvfp4_activations));
+    header.kv_cache_dtype = std::string(keel::kv_cache_dtype_name(engine.kv_dtype()));
     header.git_revision = KEEL_GIT_REVISION;
   }
   keel::ServingEngine serving(engine, config.model_dir, serving_config);
@@ -725,6 +729,19 @@ int routes_replay(int argc, char** argv) {
   if (!header.placement.empty())
     options.placement.kind = keel::parse_placement_kind(header.placement);
   if (!header.combine.empty()) options.combine = keel::parse_combine_precision(header.combine);
+  if (!header.nvfp4_activations.empty())
+    options.nvfp4_activations =
+        keel::parse_nvfp4_activations(header.nvfp4_activations, path + ": nvfp4_activations");
+  if (!header.kv_cache_dtype.empty())
+    options.kv_cache_dtype =
+        keel::parse_kv_cache_dtype(header.kv_cache_dtype, path + ": kv_cache_dtype");
+  if (!header.quantization.empty()) {
+    const std::string quantization(
+        keel::quant_method_name(keel::ModelConfig::load(model_dir + "/config.json").quant.method));
+    if (header.quantization != quantization)
+      throw_error("routes replay: ", path, " was recorded on a checkpoint quantized '",
+                  header.quantization, "', ", model_dir, " is '", quantization, "'");
+  }
   auto run = [&]() -> int {
     keel::Engine engine(model_dir, options);
     keel::ReplayOptions replay_options;

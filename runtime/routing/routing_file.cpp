@@ -194,6 +194,9 @@ json RoutingFileHeader::to_json() const {
   out["determinism"] = determinism;
   out["dtype"] = dtype;
   out["combine"] = combine;
+  if (!quantization.empty()) out["quantization"] = quantization;
+  if (!nvfp4_activations.empty()) out["nvfp4_activations"] = nvfp4_activations;
+  if (!kv_cache_dtype.empty()) out["kv_cache_dtype"] = kv_cache_dtype;
   out["git_revision"] = git_revision;
   out["created_unix"] = created_unix;
   out["extra"] = extra.is_null() ? json::object() : extra;
@@ -216,6 +219,9 @@ RoutingFileHeader RoutingFileHeader::from_json(const json& object, const std::st
   header.determinism = get_string(object, "determinism", where);
   header.dtype = get_string(object, "dtype", where);
   header.combine = get_string(object, "combine", where);
+  header.quantization = get_string(object, "quantization", where);
+  header.nvfp4_activations = get_string(object, "nvfp4_activations", where);
+  header.kv_cache_dtype = get_string(object, "kv_cache_dtype", where);
   header.git_revision = get_string(object, "git_revision", where);
   header.created_unix = get_int(object, "created_unix", false, where);
   if (const json* extra = find_key(object, "extra")) {

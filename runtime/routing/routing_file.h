@@ -97,6 +97,12 @@ struct RoutingFileHeader {
   std::string determinism;
   std::string dtype;
   std::string combine;
+  // What else decides the bits (absent in files written before they were recorded: replay then
+  // uses its defaults): the checkpoint's quantization method ("none", "modelopt", ...), the
+  // NVFP4 activation numerics ("fp32" | "w4a4") and the KV cache's storage dtype as resolved.
+  std::string quantization;
+  std::string nvfp4_activations;
+  std::string kv_cache_dtype;
   std::string git_revision;
   int64_t created_unix = 0;
   nlohmann::json extra = nlohmann::json::object();

@@ -162,6 +162,9 @@ RoutingDiff diff_routing(const RoutingFile& a, const RoutingFile& b) {
   note("determinism", ha.determinism, hb.determinism);
   note("dtype", ha.dtype, hb.dtype);
   note("combine", ha.combine, hb.combine);
+  note("quantization", ha.quantization, hb.quantization);
+  note("nvfp4_activations", ha.nvfp4_activations, hb.nvfp4_activations);
+  note("kv_cache_dtype", ha.kv_cache_dtype, hb.kv_cache_dtype);
   if (ha.top_k != hb.top_k || ha.num_moe_layers() != hb.num_moe_layers()) {
     throw_error("routing diff: row shapes differ, cannot compare: top_k ", ha.top_k, " vs ",
                 hb.top_k, ", MoE layers ", ha.num_moe_layers(), " vs ", hb.num_moe_layers());
