@@ -294,6 +294,9 @@ struct CellStats {
   int64_t flips_at_near_ties = 0;
   int64_t reference_decisions = 0;
   int64_t reference_near_ties = 0;
+  int64_t reference_below_1e6 = 0;  // margins under 1e-6: within reach of last-bit changes
+  float reference_min_margin = 1.0f;
+  std::map<int64_t, int64_t> first_flip_layer;        // MoE layer index (0-based) -> runs
   std::map<std::string, int64_t> scenario_identical;  // runs with identical tokens
   std::map<std::string, int64_t> scenario_runs;
 };
@@ -314,6 +317,7 @@ void compare(const ProbeTrace& reference, const ProbeTrace& run, int64_t prompt_
   // Positions fed with the reference's own history: the prompt and generated tokens before the
   // first differing one (token i is fed at position prompt_len + i).
   const int64_t compared_end = prompt_len + static_cast<int64_t>(diverge);
+  bool flipped = false;
   for (const auto& [position, sets] : run.routes) {
     if (position >= compared_end) break;
     const auto ref_sets = reference.routes.find(position);
@@ -330,6 +334,9 @@ void compare(const ProbeTrace& reference, const ProbeTrace& run, int64_t prompt_
       if (!same) {
         ++stats.flips;
         if (ref_margins[layer] < near_tie) ++stats.flips_at_near_ties;
+        // Positions in increasing order, layers in increasing order: the first flip of the run.
+        if (!flipped) ++stats.first_flip_layer[static_cast<int64_t>(layer)];
+        flipped = true;
       }
     }
   }
@@ -341,6 +348,8 @@ void count_reference(const ProbeTrace& reference, double near_tie, CellStats& st
     for (float margin : margins) {
       ++stats.reference_decisions;
       if (margin < near_tie) ++stats.reference_near_ties;
+      if (margin < 1e-6f) ++stats.reference_below_1e6;
+      stats.reference_min_margin = std::min(stats.reference_min_margin, margin);
     }
   }
 }
@@ -455,8 +464,9 @@ int run(const Options& options) {
   bool invariant_broken = false;
   std::fprintf(stderr,
                "| model | precision | mode | runs | identical tokens | identical logits | "
-               "first divergence min/median | flips per 1000 | near-ties | flips at near-ties |\n"
-               "|---|---|---|---|---|---|---|---|---|---|\n");
+               "first divergence min/median | flips per 1000 | near-ties | flips at near-ties | "
+               "first flipped MoE layer (runs) |\n"
+               "|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (const std::string& model : options.models) {
     for (const std::string& precision_name : options.precisions) {
       const Precision& precision =
@@ -520,6 +530,10 @@ int run(const Options& options) {
             {"reference_near_ties", stats.reference_near_ties},
             {"near_tie_share", near_tie_share},
             {"flips_at_near_ties", stats.flips_at_near_ties},
+            {"reference_margins_below_1e-6", stats.reference_below_1e6},
+            {"reference_min_margin",
+             stats.reference_decisions > 0 ? stats.reference_min_margin : -1.0f},
+            {"first_flip_moe_layer_runs", stats.first_flip_layer},
             {"identical_tokens_by_scenario", stats.scenario_identical},
             {"runs_by_scenario", stats.scenario_runs}};
         cells.push_back(cell);
@@ -529,14 +543,22 @@ int run(const Options& options) {
                         static_cast<long long>(cell["first_divergence_min"].get<int64_t>()),
                         median(stats.divergence_at));
         const bool has_routing = stats.reference_decisions > 0;
-        std::fprintf(
-            stderr, "| %s | %s | %s | %lld | %.3f | %.3f | %s | %s | %s | %s |\n", model.c_str(),
-            precision.name.c_str(), mode.c_str(), static_cast<long long>(stats.runs),
-            cell["identical_tokens_share"].get<double>(),
-            static_cast<double>(stats.identical_logits) / static_cast<double>(stats.runs),
-            divergence, has_routing ? std::to_string(flips_per_1000).substr(0, 6).c_str() : "n/a",
-            has_routing ? std::to_string(near_tie_share).substr(0, 6).c_str() : "n/a",
-            has_routing ? std::to_string(stats.flips_at_near_ties).c_str() : "n/a");
+        std::string first_layers;
+        for (const auto& [layer, runs] : stats.first_flip_layer)
+          first_layers += (first_layers.empty() ? "" : ", ") + std::to_string(layer) + ": " +
+                          std::to_string(runs);
+        char routing[160] = "n/a | n/a | n/a | n/a";
+        if (has_routing)
+          std::snprintf(routing, sizeof(routing), "%.3f | %.4f (%lld under 1e-6) | %lld | %s",
+                        flips_per_1000, near_tie_share,
+                        static_cast<long long>(stats.reference_below_1e6),
+                        static_cast<long long>(stats.flips_at_near_ties),
+                        first_layers.empty() ? "-" : first_layers.c_str());
+        std::fprintf(stderr, "| %s | %s | %s | %lld | %.3f | %.3f | %s | %s |\n", model.c_str(),
+                     precision.name.c_str(), mode.c_str(), static_cast<long long>(stats.runs),
+                     cell["identical_tokens_share"].get<double>(),
+                     static_cast<double>(stats.identical_logits) / static_cast<double>(stats.runs),
+                     divergence, routing);
       }
     }
   }
