@@ -20,6 +20,7 @@
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/moe.h"
 #include "kernels/cuda/ops.h"
+#include "kernels/cuda/qgemm.h"
 #include "runtime/backend/backend.h"
 
 namespace keel {
@@ -84,8 +85,9 @@ class CudaBackend final : public Backend {
       }
       return;
     }
-    throw_error("cuda backend: quantized weights (", math::weight_format_name(w.format),
-                ") have no CUDA GEMM yet");
+    // Quantized weights always take the canonical quantized GEMM (bits equal to the CPU's),
+    // whatever gemm_kind_ says: there is no cuBLAS path for keel's layouts.
+    cuda::qgemm(cuda::QGemmArgs{x, w.cols, w, y, w.rows, m});
   }
   void rms_norm(const float* x, const float* weight, float eps, int64_t num_rows, int64_t width,
                 float* out) override {
@@ -158,9 +160,6 @@ class CudaBackend final : public Backend {
   // each non-empty expert runs the same kernels alone between events. Same kernels, same bits.
   void moe_experts(const float* expert_in, const MoeDispatch& dispatch, const ExpertTable& experts,
                    float* mid, float* act, float* expert_out, const ExpertTimes* times) override {
-    if (experts.gate_up_views != nullptr) {
-      throw_error("cuda backend: quantized experts have no CUDA grouped GEMM yet");
-    }
     if (times == nullptr) {
       run_experts(expert_in, dispatch, experts, 0, dispatch.num_local, mid, act, expert_out);
       return;
@@ -253,12 +252,35 @@ class CudaBackend final : public Backend {
   static math::GdnSequences gdn_sequences(const RecurrentSeqs& seqs) {
     return math::GdnSequences{seqs.row_starts, seqs.slots, seqs.fresh, seqs.num_seqs};
   }
-  // Local experts [first, first + count): gate_up, silu*mul and down over their packed rows.
+  // Local experts [first, first + count): gate_up, silu*mul and down over their packed rows;
+  // through the grouped quantized GEMM when the table has weight views (device arrays, read by
+  // the kernel), else the dense grouped GEMM over the pointer tables.
   void run_experts(const float* expert_in, const MoeDispatch& dispatch, const ExpertTable& experts,
                    int64_t first, int64_t count, float* mid, float* act, float* expert_out) {
     const int64_t hidden = experts.hidden;
     const int64_t inter = experts.inter;
     const int32_t* offsets = dispatch.offsets + first;
+    if (experts.gate_up_views != nullptr) {
+      cuda::GroupedQGemmArgs gate_up{expert_in,
+                                     hidden,
+                                     experts.gate_up_views + first,
+                                     mid,
+                                     2 * inter,
+                                     offsets,
+                                     count,
+                                     dispatch.num_tokens,
+                                     dispatch.max_rows(),
+                                     2 * inter,
+                                     hidden};
+      cuda::qgemm_grouped(gate_up);
+      cuda::moe_silu_mul(mid, offsets, count, dispatch.max_rows(), inter, act);
+      cuda::GroupedQGemmArgs down{
+          act,     inter, experts.down_views + first, expert_out,          hidden,
+          offsets, count, dispatch.num_tokens,        dispatch.max_rows(), hidden,
+          inter};
+      cuda::qgemm_grouped(down);
+      return;
+    }
     cuda::GroupedGemmArgs gate_up{expert_in,
                                   hidden,
                                   experts.gate_up + first,
