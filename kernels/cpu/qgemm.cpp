@@ -17,42 +17,10 @@ namespace {
 using math::WeightFormat;
 
 void check_view(const math::WeightView& w) {
-  const auto name = math::weight_format_name(w.format);
-  KEEL_CHECK(w.format != WeightFormat::kDense, "qgemm: dense weights go through gemm()");
-  KEEL_CHECK(w.rows > 0 && w.cols > 0, "qgemm(", name, "): empty weight ", w.rows, "x", w.cols);
-  KEEL_CHECK(w.data != nullptr && w.scales != nullptr, "qgemm(", name, "): null codes or scales");
-  const bool packed = w.format != WeightFormat::kFp8Block;
-  const int64_t row_bytes = packed ? (w.cols + 1) / 2 : w.cols;
-  KEEL_CHECK(w.ld >= row_bytes, "qgemm(", name, "): row stride ", w.ld, " bytes below ", row_bytes);
-  int64_t expected_group = w.group_size;
-  switch (w.format) {
-    case WeightFormat::kNvfp4:
-      expected_group = math::kNvfp4Group;
-      KEEL_CHECK(w.row_scales != nullptr, "qgemm(nvfp4): null row scales");
-      break;
-    case WeightFormat::kMxfp4:
-      expected_group = math::kMxfp4Group;
-      break;
-    case WeightFormat::kFp8Block:
-      expected_group = math::kFp8BlockGroup;
-      break;
-    case WeightFormat::kInt4:
-      KEEL_CHECK(w.zeros != nullptr, "qgemm(int4): null zero points");
-      KEEL_CHECK(w.group_size > 0, "qgemm(int4): group size ", w.group_size);
-      break;
-    case WeightFormat::kDense:
-      break;
-  }
-  KEEL_CHECK(w.group_size == expected_group, "qgemm(", name, "): group size ", w.group_size,
-             ", expected ", expected_group);
-  if (w.group_of_k == nullptr) {
-    const int64_t groups = (w.cols + w.group_size - 1) / w.group_size;
-    KEEL_CHECK(w.scale_ld >= groups, "qgemm(", name, "): ", w.scale_ld, " scales per row, need ",
-               groups);
-  }
-  KEEL_CHECK(w.format == WeightFormat::kNvfp4 || w.input_scale == 0.0f, "qgemm(", name,
-             "): activation quantization is an NVFP4 setting");
-  KEEL_CHECK(w.input_scale >= 0.0f, "qgemm(nvfp4): input scale ", w.input_scale);
+  const char* problem = math::weight_view_problem(w, /*allow_dense=*/false);
+  KEEL_CHECK(problem == nullptr, "qgemm(", math::weight_format_name(w.format), "): ", problem, " (",
+             w.rows, " x ", w.cols, ", ld ", w.ld, ", scale_ld ", w.scale_ld, ", group ",
+             w.group_size, ", input scale ", w.input_scale, ")");
 }
 
 }  // namespace

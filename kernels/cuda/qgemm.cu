@@ -57,53 +57,6 @@ static_assert(kTile * kTile == detail::kThreadsPerBlock, "one thread per output 
 static_assert(math::kNvfp4Group == math::kCanonicalLanes,
               "W4A4 quantizes the staged x one canonical chunk per activation block");
 
-// cpu::qgemm's view checks (kernels/cpu/qgemm.cpp, check_view) as one reason, or nullptr. On the
-// host they become a keel::Error; on the device (grouped views) NaN rows.
-KEEL_HD const char* view_problem(const WeightView& w, bool allow_dense) {
-  if (w.format == WeightFormat::kDense) {
-    if (!allow_dense) return "dense weights go through gemm_canonical";
-    if (w.dtype != DType::kF32 && w.dtype != DType::kBF16 && w.dtype != DType::kF16)
-      return "unknown dense dtype";
-    if (w.rows <= 0 || w.cols <= 0) return "empty weight";
-    if (w.data == nullptr) return "null weights";
-    if (w.ld < w.cols) return "row stride below the row";
-    return nullptr;
-  }
-  if (w.format != WeightFormat::kNvfp4 && w.format != WeightFormat::kMxfp4 &&
-      w.format != WeightFormat::kFp8Block && w.format != WeightFormat::kInt4)
-    return "unknown weight format";
-  if (w.rows <= 0 || w.cols <= 0) return "empty weight";
-  if (w.data == nullptr || w.scales == nullptr) return "null codes or scales";
-  const int64_t row_bytes = w.format == WeightFormat::kFp8Block ? w.cols : (w.cols + 1) / 2;
-  if (w.ld < row_bytes) return "row stride below the packed row";
-  int64_t expected_group = w.group_size;
-  switch (w.format) {
-    case WeightFormat::kNvfp4:
-      expected_group = math::kNvfp4Group;
-      if (w.row_scales == nullptr) return "null row scales";
-      break;
-    case WeightFormat::kMxfp4:
-      expected_group = math::kMxfp4Group;
-      break;
-    case WeightFormat::kFp8Block:
-      expected_group = math::kFp8BlockGroup;
-      break;
-    case WeightFormat::kInt4:
-      if (w.zeros == nullptr) return "null zero points";
-      if (w.group_size <= 0) return "non-positive group size";
-      break;
-    case WeightFormat::kDense:
-      break;
-  }
-  if (w.group_size != expected_group) return "group size not the format's";
-  if (w.group_of_k == nullptr && w.scale_ld < (w.cols + w.group_size - 1) / w.group_size)
-    return "fewer scales per row than groups";
-  if (w.format != WeightFormat::kNvfp4 && w.input_scale != 0.0f)
-    return "activation quantization is an NVFP4 setting";
-  if (!(w.input_scale >= 0.0f)) return "negative input scale";
-  return nullptr;
-}
-
 // Weight [n][k] of `w` (format F) through the loader cpu::canonical_qdot builds for row n (the
 // dense case as math::dequantized_weight reads it).
 template <WeightFormat F>
@@ -197,7 +150,7 @@ __global__ void qgemm_grouped_kernel(const float* x, int64_t ldx, const WeightVi
   const int64_t n0 = int64_t{blockIdx.x} * kTile;
   const float* group_x = x + first_row * ldx;
   float* group_y = y + first_row * ldy;
-  if (w.rows != n || w.cols != k || view_problem(w, /*allow_dense=*/true) != nullptr) {
+  if (w.rows != n || w.cols != k || math::weight_view_problem(w, /*allow_dense=*/true) != nullptr) {
     // A view that does not fit: NaN rows, visible in the output, never a wild read.
     const int64_t col = n0 + threadIdx.x;
     for (int64_t row = int64_t{blockIdx.y} * kTile + threadIdx.y; row < num_rows;
@@ -235,7 +188,7 @@ __global__ void qgemm_grouped_kernel(const float* x, int64_t ldx, const WeightVi
 
 void qgemm(const QGemmArgs& args, cudaStream_t stream) {
   const WeightView& w = args.w;
-  const char* problem = view_problem(w, /*allow_dense=*/false);
+  const char* problem = math::weight_view_problem(w, /*allow_dense=*/false);
   require(problem == nullptr, "cuda::qgemm(", math::weight_format_name(w.format),
           "): ", problem == nullptr ? "" : problem, " (", w.rows, "x", w.cols, ", ld ", w.ld, ", ",
           w.scale_ld, " scales per row, group size ", w.group_size, ", input scale ", w.input_scale,
@@ -270,7 +223,7 @@ void qgemm(const QGemmArgs& args, cudaStream_t stream) {
           <<<grid, block, 0, stream>>>(args.x, args.ldx, w, args.y, args.ldy, args.m);
       break;
     case WeightFormat::kDense:
-      break;  // rejected by view_problem
+      break;  // rejected by math::weight_view_problem
   }
   KEEL_CUDA_CHECK(cudaGetLastError());
 }

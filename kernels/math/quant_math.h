@@ -156,19 +156,68 @@ KEEL_HD inline float e8m0_to_f32(uint8_t code) {
 // the backend that runs the GEMM. Plain data, so expert tables can hold arrays of it on a GPU.
 struct WeightView {
   WeightFormat format = WeightFormat::kDense;
-  DType dtype = DType::kF32;     // kDense: the element dtype
-  const void* data = nullptr;    // kDense elements, or the codes
-  const void* scales = nullptr;  // per-group scales (u8 E4M3/E8M0, or f32)
-  const uint8_t* zeros = nullptr;        // kInt4
-  const int32_t* group_of_k = nullptr;   // kInt4 with act order (GPTQ desc_act), else null
-  const float* row_scales = nullptr;     // kNvfp4
-  float input_scale = 0;  // kNvfp4: > 0 selects W4A4 (activations quantized per 16), 0 = fp32
-  int64_t rows = 0;       // N
-  int64_t cols = 0;       // K
-  int64_t ld = 0;         // row stride of data: elements (kDense) or bytes (codes)
-  int64_t scale_ld = 0;   // scales (and zeros) per row
+  DType dtype = DType::kF32;            // kDense: the element dtype
+  const void* data = nullptr;           // kDense elements, or the codes
+  const void* scales = nullptr;         // per-group scales (u8 E4M3/E8M0, or f32)
+  const uint8_t* zeros = nullptr;       // kInt4
+  const int32_t* group_of_k = nullptr;  // kInt4 with act order (GPTQ desc_act), else null
+  const float* row_scales = nullptr;    // kNvfp4
+  float input_scale = 0;   // kNvfp4: > 0 selects W4A4 (activations quantized per 16), 0 = fp32
+  int64_t rows = 0;        // N
+  int64_t cols = 0;        // K
+  int64_t ld = 0;          // row stride of data: elements (kDense) or bytes (codes)
+  int64_t scale_ld = 0;    // scales (and zeros) per row
   int64_t group_size = 0;  // K per scale
 };
+
+// What is wrong with a view for the GEMMs (nullptr: nothing): the one check the CPU
+// (cpu::qgemm throws it with context) and the CUDA kernels (cuda::qgemm throws it; the grouped
+// kernel writes NaN rows for a misfit view it finds on the device) share. Dense views pass
+// with allow_dense.
+KEEL_HD inline const char* weight_view_problem(const WeightView& w, bool allow_dense) {
+  if (w.format == WeightFormat::kDense) {
+    if (!allow_dense) return "dense weights go through the dense GEMM";
+    if (w.dtype != DType::kF32 && w.dtype != DType::kBF16 && w.dtype != DType::kF16)
+      return "unknown dense dtype";
+    if (w.rows <= 0 || w.cols <= 0) return "empty weight";
+    if (w.data == nullptr) return "null weights";
+    if (w.ld < w.cols) return "row stride below the row";
+    return nullptr;
+  }
+  if (w.format != WeightFormat::kNvfp4 && w.format != WeightFormat::kMxfp4 &&
+      w.format != WeightFormat::kFp8Block && w.format != WeightFormat::kInt4)
+    return "unknown weight format";
+  if (w.rows <= 0 || w.cols <= 0) return "empty weight";
+  if (w.data == nullptr || w.scales == nullptr) return "null codes or scales";
+  const int64_t row_bytes = w.format == WeightFormat::kFp8Block ? w.cols : (w.cols + 1) / 2;
+  if (w.ld < row_bytes) return "row stride below the packed row";
+  int64_t expected_group = w.group_size;
+  switch (w.format) {
+    case WeightFormat::kNvfp4:
+      expected_group = kNvfp4Group;
+      if (w.row_scales == nullptr) return "null row scales";
+      break;
+    case WeightFormat::kMxfp4:
+      expected_group = kMxfp4Group;
+      break;
+    case WeightFormat::kFp8Block:
+      expected_group = kFp8BlockGroup;
+      break;
+    case WeightFormat::kInt4:
+      if (w.zeros == nullptr) return "null zero points";
+      if (w.group_size <= 0) return "non-positive group size";
+      break;
+    case WeightFormat::kDense:
+      break;
+  }
+  if (w.group_size != expected_group) return "group size not the format's";
+  if (w.group_of_k == nullptr && w.scale_ld < (w.cols + w.group_size - 1) / w.group_size)
+    return "fewer scales per row than groups";
+  if (w.format != WeightFormat::kNvfp4 && w.input_scale != 0.0f)
+    return "activation quantization is an NVFP4 setting";
+  if (!(w.input_scale >= 0.0f)) return "negative input scale";
+  return nullptr;
+}
 
 KEEL_HD inline uint8_t packed_nibble(const uint8_t* row, int64_t k) {
   const uint8_t byte = row[k >> 1];
@@ -248,9 +297,8 @@ KEEL_HD inline void nvfp4_quantize_activation_block(const float* x, int64_t coun
   const float block_scale = e4m3_to_f32(f32_to_e4m3(amax / (6.0f * input_scale)));
   const float dequant_scale = block_scale * input_scale;
   for (int64_t i = 0; i < count; ++i) {
-    out[i] = dequant_scale == 0.0f
-                 ? 0.0f
-                 : e2m1_to_f32(f32_to_e2m1(x[i] / dequant_scale)) * dequant_scale;
+    out[i] = dequant_scale == 0.0f ? 0.0f
+                                   : e2m1_to_f32(f32_to_e2m1(x[i] / dequant_scale)) * dequant_scale;
   }
 }
 
