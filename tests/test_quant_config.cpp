@@ -68,6 +68,13 @@ TEST(QuantConfig, PublishedConfigsParse) {
   EXPECT_TRUE(parse(R"({"quant_method":"gptq","bits":4,"group_size":32,
       "checkpoint_format":"gptq_v2"})")
                   .gptq_v2);
+  // GPTQModel's dynamic "-:" exclusions and modules_to_not_convert both count.
+  QuantConfig dynamic = parse(R"({"quant_method":"gptq","bits":4,"group_size":32,
+      "dynamic":{"-:^model\\.layers\\.0\\.self_attn\\.q_proj$":{}},
+      "modules_to_not_convert":["lm_head"]})");
+  EXPECT_TRUE(module_matches("model.layers.0.self_attn.q_proj", dynamic.not_quantized));
+  EXPECT_FALSE(module_matches("model.layers.1.self_attn.q_proj", dynamic.not_quantized));
+  EXPECT_TRUE(module_matches("lm_head", dynamic.not_quantized));
 
   QuantConfig mxfp4 = parse(R"({"quant_method":"mxfp4","modules_to_not_convert":["lm_head"]})");
   EXPECT_EQ(mxfp4.method, QuantMethod::kMxfp4);

@@ -34,7 +34,8 @@ int run(int argc, char** argv) {
   flags.add_string("--hardware", &hardware_path, "H.yaml", "hardware preset").required();
   flags
       .add_string("--quant", &quant_name, "none|bf16|fp8|nvfp4|mxfp4|int4",
-                  "weight quantization (none: the model's own dtype)")
+                  "weight quantization (none: the model's own dtype, or a quantized checkpoint's "
+                  "own formats; a quantized checkpoint takes none only)")
       .required();
   flags.add_int("--tp", &tp, "N", "tensor-parallel GPUs").range(1, 1024).required();
   flags.add_int("--context", &context, "TOKENS", "context length").at_least(1).required();
@@ -80,8 +81,10 @@ int run(int argc, char** argv) {
   if (options.kv_dtype == "auto")
     options.kv_dtype = quant_name != "none" || model.dtype == "bf16" ? "bf16" : "fp32";
   planning::HardwareSpec hardware = planning::load_hardware_spec(hardware_path);
-  const planning::QuantSpec quant = quant_name == "none" ? planning::quant_as_stored(model.dtype)
-                                                         : planning::quant_from_name(quant_name);
+  // A quantized checkpoint is planned as stored (--quant none); plan_memory refuses another
+  // --quant for it rather than re-quantizing its codes.
+  const planning::QuantSpec quant =
+      quant_name == "none" ? checkpoint_quant_spec(model) : planning::quant_from_name(quant_name);
   if (flags.given("--gpus")) hardware.count = static_cast<int>(gpus);
   if (!efficiency_file.empty()) planning::apply_efficiency_file(hardware, efficiency_file);
   if (flags.given("--bw-eff")) hardware.bandwidth_efficiency = bw_eff;

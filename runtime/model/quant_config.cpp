@@ -253,7 +253,9 @@ QuantConfig parse_int4(const json& root, const std::string& source, bool awq) {
       throw_error(source, ": GPTQ checkpoint_format '", format,
                   "' is not implemented (gptq, gptq_v2)");
     }
-    config.not_quantized = string_list(root, "modules_to_not_convert", source);
+    // Appended: the dynamic "-:" exclusions above are kept.
+    for (const std::string& name : string_list(root, "modules_to_not_convert", source))
+      config.not_quantized.push_back(name);
   }
   require_value(root, "bits", 4, source);
   if (!root.contains("group_size") || !root["group_size"].is_number_integer())

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <set>
 #include <sstream>
 
 #include "kernels/base/check.h"
@@ -19,6 +20,92 @@ double MemoryPlan::seq_bytes(int64_t context) const {
   return kv_bytes_per_token * static_cast<double>(context) +
          kv_window_bytes_per_token * window_tokens + state_bytes_per_seq;
 }
+
+namespace {
+
+// A quantized checkpoint's matrices on rank 0 of `tp` (what Engine::weight_bytes_per_rank()
+// reports), by part, each by matrix_bytes() in the shape RankModel holds it
+// (runtime/model/weights.cpp), with the formats each part holds for the report.
+struct QuantizedMatrices {
+  double experts = 0, shared = 0, dense_mlp = 0, attention = 0, linear_attention = 0;
+  std::set<std::string> expert_formats, shared_formats, dense_formats, attention_formats,
+      linear_formats;
+};
+
+std::string format_list(const std::set<std::string>& formats) {
+  std::string out;
+  for (const std::string& format : formats) out += (out.empty() ? "" : " + ") + format;
+  return out;
+}
+
+QuantizedMatrices quantized_matrices(const ModelSpec& m, int tp, double wb) {
+  if (!m.keel_layout || m.attention != AttentionType::gqa)
+    throw_error(m.path, ": per-matrix quantization needs keel's layout (a checkpoint plan)");
+  auto split = [&](int64_t value, const char* what) {
+    if (value % tp != 0)
+      throw_error(m.path, ": cannot split ", what, " ", value, " over tp=", tp,
+                  " (keel's loader needs a multiple of tp)");
+    return value / tp;
+  };
+  const int64_t H = m.hidden_size;
+  const std::string layer_name = m.path + ": layer ";
+  QuantizedMatrices out;
+  auto bytes = [&](const MatrixQuant& quant, int64_t rows, int64_t cols, int64_t full_cols,
+                   std::set<std::string>& formats) {
+    formats.insert(matrix_quant_name(quant, m.dtype));
+    return matrix_bytes(quant, rows, cols, full_cols, wb);
+  };
+  for (size_t layer = 0; layer < m.layer_quant.size(); ++layer) {
+    const LayerQuant& lq = m.layer_quant[layer];
+    const std::string where = layer_name + std::to_string(layer);
+    if (lq.linear_attention) {
+      const int64_t k_rows =
+          split(m.linear_num_key_heads, "linear_num_key_heads") * m.linear_key_head_dim;
+      const int64_t v_heads = split(m.linear_num_value_heads, "linear_num_value_heads");
+      const int64_t v_rows = v_heads * m.linear_value_head_dim;
+      const int64_t value_dim = m.linear_num_value_heads * m.linear_value_head_dim;
+      check_column_slice(lq.linear_out, v_rows, value_dim, tp, where + " linear_attn.out_proj");
+      out.linear_attention +=
+          bytes(lq.linear_in, 2 * k_rows + 2 * v_rows, H, H, out.linear_formats) +
+          bytes(lq.linear_ba, 2 * v_heads, H, H, out.linear_formats) +
+          bytes(lq.linear_out, H, v_rows, value_dim, out.linear_formats);
+    } else {
+      const int64_t q_heads = split(m.num_attention_heads, "num_attention_heads");
+      // Rank 0's KV heads: those its query heads read (RankModel::kv_heads_local_).
+      const int64_t kv_heads = (q_heads - 1) / (m.num_attention_heads / m.num_kv_heads) + 1;
+      const int64_t q_rows = q_heads * m.head_dim;
+      const int64_t qkv_rows = q_rows * (m.attn_output_gate ? 2 : 1) + 2 * kv_heads * m.head_dim;
+      check_column_slice(lq.o_proj, q_rows, m.num_attention_heads * m.head_dim, tp,
+                         where + " self_attn.o_proj");
+      out.attention +=
+          bytes(lq.qkv, qkv_rows, H, H, out.attention_formats) +
+          bytes(lq.o_proj, H, q_rows, m.num_attention_heads * m.head_dim, out.attention_formats);
+    }
+    if (lq.moe) {
+      const int64_t I = m.moe_intermediate_size;
+      const double per_expert = bytes(lq.experts_gate_up, 2 * I, H, H, out.expert_formats) +
+                                bytes(lq.experts_down, H, I, I, out.expert_formats);
+      out.experts += per_expert * static_cast<double>(m.num_experts) / static_cast<double>(tp);
+      if (m.num_shared_experts > 0) {
+        const int64_t full = m.shared_expert_intermediate_size;
+        const int64_t width = split(full, "shared_expert_intermediate_size");
+        check_column_slice(lq.mlp_down, width, full, tp, where + " shared_expert.down_proj");
+        out.shared += bytes(lq.mlp_gate_up, 2 * width, H, H, out.shared_formats) +
+                      bytes(lq.mlp_down, H, width, full, out.shared_formats);
+        if (m.shared_expert_gate) out.shared += static_cast<double>(H) * wb;  // [1, H], dense
+      }
+    } else {
+      const int64_t full = m.dense_intermediate_size;
+      const int64_t width = split(full, "intermediate_size");
+      check_column_slice(lq.mlp_down, width, full, tp, where + " mlp.down_proj");
+      out.dense_mlp += bytes(lq.mlp_gate_up, 2 * width, H, H, out.dense_formats) +
+                       bytes(lq.mlp_down, H, width, full, out.dense_formats);
+    }
+  }
+  return out;
+}
+
+}  // namespace
 
 MemoryPlan plan_memory(const ModelSpec& m, const HardwareSpec& hw, const QuantSpec& quant, int tp,
                        const PlanOptions& options) {
@@ -47,7 +134,30 @@ MemoryPlan plan_memory(const ModelSpec& m, const HardwareSpec& hw, const QuantSp
   const std::string qn = quant.name;
   const std::string an = options.attention_bf16 ? "bf16" : qn;
 
-  if (m.is_moe()) {
+  const bool per_matrix = !m.layer_quant.empty();
+  QuantizedMatrices qm;
+  if (per_matrix) {
+    if (options.attention_bf16)
+      throw_error(m.path, " is a quantized checkpoint (", m.quant_method,
+                  "): its attention is planned as stored; --attention-bf16 does not apply");
+    if (!quant.as_stored)
+      throw_error(m.path, " is a quantized checkpoint (", m.quant_method,
+                  "): keel runs it as stored, so it is planned as stored (--quant none), "
+                  "not re-quantized to ",
+                  quant.name);
+    if (static_cast<int64_t>(m.layer_quant.size()) != m.num_layers)
+      throw_error(m.path, ": ", m.layer_quant.size(), " layer formats for ", m.num_layers,
+                  " layers");
+    qm = quantized_matrices(m, tp, wb);
+  }
+
+  if (per_matrix && m.is_moe()) {
+    add("routed experts", qm.experts,
+        std::to_string(m.num_experts) + " x " + std::to_string(m.moe_layers()) + " layers, " +
+            format_list(qm.expert_formats) + ", /tp");
+    add("shared experts", qm.shared,
+        format_list(qm.shared_formats) + ", /tp; shared-expert gate " + wn + ", replicated");
+  } else if (m.is_moe()) {
     add("routed experts", p.routed_experts * q / T,
         std::to_string(m.num_experts) + " x " + std::to_string(m.moe_layers()) + " layers, " + qn +
             ", /tp");
@@ -58,8 +168,13 @@ MemoryPlan plan_memory(const ModelSpec& m, const HardwareSpec& hw, const QuantSp
     add("shared experts", (p.shared_experts - shared_gate) * q / T + shared_gate * wb,
         qn + ", /tp");
   }
-  add("dense MLP layers", p.dense_mlp * q / T,
-      std::to_string(m.dense_layers) + " layers, " + qn + ", /tp");
+  if (per_matrix) {
+    add("dense MLP layers", qm.dense_mlp,
+        std::to_string(m.dense_layers) + " layers, " + format_list(qm.dense_formats) + ", /tp");
+  } else {
+    add("dense MLP layers", p.dense_mlp * q / T,
+        std::to_string(m.dense_layers) + " layers, " + qn + ", /tp");
+  }
 
   // Full attention per rank: K/V heads ceil(nkv/tp) (replicated when nkv < tp).
   double attn_rank = 0;
@@ -81,6 +196,11 @@ MemoryPlan plan_memory(const ModelSpec& m, const HardwareSpec& hw, const QuantSp
       sharded += H * nh * qk;
     }
     attn_rank = full * (replicated + sharded / T) * a;
+  }
+  std::string an_keel = an;  // the attention / linear-attention formats in keel's layout
+  if (per_matrix) {
+    attn_rank = qm.attention;
+    an_keel = format_list(qm.attention_formats);
   }
   if (!m.keel_layout) {
     // Small tensors (norms, biases, sinks) replicated: conservative.
@@ -109,7 +229,7 @@ MemoryPlan plan_memory(const ModelSpec& m, const HardwareSpec& hw, const QuantSp
       attn_rank += p.attention_bf16 * f32;
     }
     add("attention (q/k/v/o, norms)", attn_rank,
-        std::to_string(m.full_attention_layers()) + " layers, " + an + "; biases, norms fp32");
+        std::to_string(m.full_attention_layers()) + " layers, " + an_keel + "; biases, norms fp32");
     if (m.linear_attention_layers > 0) {
       const double nv = static_cast<double>(m.linear_num_value_heads);
       const double channels =
@@ -118,8 +238,10 @@ MemoryPlan plan_memory(const ModelSpec& m, const HardwareSpec& hw, const QuantSp
       const double small =
           (channels * m.linear_conv_kernel_dim + 2.0 * nv) / T + m.linear_value_head_dim;
       add("linear attention (Gated DeltaNet)",
-          p.linear_attention * a / T + static_cast<double>(m.linear_attention_layers) * small * f32,
-          std::to_string(m.linear_attention_layers) + " layers, " + an +
+          (per_matrix ? qm.linear_attention : p.linear_attention * a / T) +
+              static_cast<double>(m.linear_attention_layers) * small * f32,
+          std::to_string(m.linear_attention_layers) + " layers, " +
+              (per_matrix ? format_list(qm.linear_formats) : an) +
               ", /tp; conv1d, A_log, dt_bias, norm fp32");
     }
     add("routers + layer norms", p.router * wb + p.layer_norms * f32,

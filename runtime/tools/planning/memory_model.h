@@ -24,6 +24,11 @@
 //     (comm_fixed_mib, default 256 MiB) when tp > 1.
 //   - keel_layout (a plan read from a checkpoint): what keel's RankModel holds instead (see
 //     model_spec.h), at the checkpoint's dtype: equal to RankModel::weight_bytes() per rank.
+//     A quantized checkpoint (ModelSpec::layer_quant) has every projection counted by its own
+//     format in keel's in-memory layout (matrix_bytes in quant.h: codes, scales, zeros, row
+//     scales, group_of_k) at rank 0's shape; planned as stored only (QuantSpec::as_stored), and
+//     a tensor-parallel split the loader refuses (a quantized column slice off a group boundary)
+//     is a keel::Error.
 //   - Framework reserve (default 2 GiB, --reserve-gib): CUDA context, cuBLAS/cuBLASLt workspaces,
 //     CUDA-graph pools and allocator fragmentation.
 #pragma once

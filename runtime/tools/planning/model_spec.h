@@ -16,10 +16,26 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
+
+#include "runtime/tools/planning/quant.h"
 
 namespace keel::planning {
 
 enum class AttentionType { gqa, mla };
+
+// One decoder layer of a quantized checkpoint, keel_layout only: the format of each weight
+// matrix keel's RankModel holds for it (runtime/model/model.h LayerWeights). Matrices keel fuses
+// (q|k|v, gate|up, the Gated DeltaNet [q|k|v|z] and [b|a]) have one format.
+struct LayerQuant {
+  bool linear_attention = false;                 // a Gated DeltaNet layer (else full attention)
+  bool moe = false;                              // a MoE layer (else a dense MLP)
+  MatrixQuant qkv, o_proj;                       // full attention
+  MatrixQuant linear_in, linear_ba, linear_out;  // Gated DeltaNet [q|k|v|z], [b|a], out_proj
+  MatrixQuant experts_gate_up, experts_down;     // every routed expert of the layer
+  MatrixQuant mlp_gate_up, mlp_down;             // the shared expert, or the dense MLP
+  // router, shared_expert_gate, embeddings and lm_head: always dense (see plan_checkpoint.h)
+};
 
 struct ModelSpec {
   std::string name;    // "Qwen3.5-397B-A17B"
@@ -43,6 +59,12 @@ struct ModelSpec {
   //     the gated GDN norm, q/k norms and the shared-expert gate replicated;
   //   - the Gated DeltaNet conv state in fp32 (linear_conv_state_dtype).
   bool keel_layout = false;
+  // A quantized checkpoint (keel_layout only): every decoder layer's matrix formats, and the
+  // checkpoint's quantization method for the report ("modelopt-nvfp4"). Empty: no quantization,
+  // every matrix at `dtype`. Such a spec is planned as stored only (QuantSpec::as_stored), each
+  // matrix by planning::matrix_bytes.
+  std::vector<LayerQuant> layer_quant;
+  std::string quant_method;
 
   // Full (softmax) attention layers: num_layers - linear_attention_layers.
   AttentionType attention = AttentionType::gqa;

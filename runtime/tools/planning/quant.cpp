@@ -85,7 +85,57 @@ QuantSpec quant_as_stored(const std::string& dtype) {
   spec.element_bits = 8.0 * spec.bytes_per_param;
   spec.description = dtype + " as stored, no scales";
   spec.compute = ComputePrecision::bf16;
+  spec.as_stored = true;
   return spec;
+}
+
+std::string matrix_quant_name(const MatrixQuant& quant, const std::string& dense_name) {
+  if (!quant.quantized()) return dense_name;
+  std::string name(math::weight_format_name(quant.format));
+  if (quant.format == math::WeightFormat::kInt4) {
+    name += " g" + std::to_string(quant.group_size);
+    if (quant.act_order) name += " act-order";
+  }
+  return name;
+}
+
+double matrix_bytes(const MatrixQuant& quant, int64_t rows, int64_t cols, int64_t full_cols,
+                    double dense_bytes) {
+  const auto div_up = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
+  const double n = static_cast<double>(rows);
+  switch (quant.format) {
+    case math::WeightFormat::kDense:
+      return n * static_cast<double>(cols) * dense_bytes;
+    case math::WeightFormat::kNvfp4:
+      return n * static_cast<double>(cols / 2 + cols / math::kNvfp4Group) + n * 4.0;
+    case math::WeightFormat::kMxfp4:
+      return n * static_cast<double>(cols / 2 + cols / math::kMxfp4Group);
+    case math::WeightFormat::kFp8Block:
+      return n * static_cast<double>(cols) +
+             n * static_cast<double>(div_up(cols, math::kFp8BlockGroup)) * 4.0;
+    case math::WeightFormat::kInt4: {
+      if (quant.group_size <= 0) throw_error("int4 weight without a group size");
+      const bool act_order = quant.act_order && full_cols > quant.group_size;
+      const double groups =
+          static_cast<double>(div_up(act_order ? full_cols : cols, quant.group_size));
+      const double group_of_k = act_order ? static_cast<double>(cols) * 4.0 : 0.0;
+      return n * static_cast<double>(div_up(cols, 2)) + n * groups * (1.0 + 4.0) + group_of_k;
+    }
+  }
+  return 0;
+}
+
+void check_column_slice(const MatrixQuant& quant, int64_t cols_per_rank, int64_t full_cols, int tp,
+                        const std::string& module) {
+  if (!quant.quantized() || (quant.act_order && full_cols > quant.group_size) || tp <= 1) return;
+  if (cols_per_rank % quant.group_size == 0 && cols_per_rank % 2 == 0) return;
+  throw_error(module, " (", matrix_quant_name(quant, "dense"), "): at tp=", tp, " each rank holds ",
+              cols_per_rank,
+              " of its in_features, a column slice that does not start on a quantization group "
+              "boundary (group ",
+              quant.group_size,
+              "); keel's loader refuses this split (in_features per rank must be a multiple of ",
+              quant.group_size, ")");
 }
 
 double dtype_bytes(const std::string& dtype, const std::string& where) {

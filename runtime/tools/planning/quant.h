@@ -16,7 +16,10 @@
 // (DeepSeek-V3, Qwen3-*-FP8) likewise leave embeddings, lm_head, norms and routers in bf16.
 #pragma once
 
+#include <cstdint>
 #include <string>
+
+#include "kernels/math/quant_math.h"
 
 namespace keel::planning {
 
@@ -35,7 +38,47 @@ struct QuantSpec {
   // Preferred compute precision; the planner falls back to a precision the hardware has
   // (fp4 -> bf16 for weight-only dequant kernels, fp8 -> bf16).
   ComputePrecision compute = ComputePrecision::bf16;
+  // quant_as_stored / a quantized checkpoint's own formats (checkpoint_quant_spec in
+  // runtime/cli/plan_checkpoint.h): the weights are planned as the checkpoint holds them, never
+  // re-quantized. A plan of a quantized checkpoint (ModelSpec::layer_quant) needs this.
+  bool as_stored = false;
 };
+
+// One weight matrix of a quantized checkpoint as keel's loader holds it: the format of keel's
+// in-memory layout (kernels/math/quant_math.h) and, for int4, the checkpoint's group size and act
+// order (GPTQ desc_act: a permuted g_idx, kept as group_of_k).
+struct MatrixQuant {
+  math::WeightFormat format = math::WeightFormat::kDense;
+  int64_t group_size = 0;  // K per scale: math::kNvfp4Group, kMxfp4Group, kFp8BlockGroup, or int4's
+  bool act_order = false;  // int4 only
+  bool quantized() const { return format != math::WeightFormat::kDense; }
+  bool operator==(const MatrixQuant&) const = default;
+};
+
+// "nvfp4", "mxfp4", "fp8_block", "int4 g64", "int4 g64 act-order", or `dense_name` when dense.
+std::string matrix_quant_name(const MatrixQuant& quant, const std::string& dense_name);
+
+// The bytes keel holds for a [rows, cols] matrix (a tensor-parallel slice of a checkpoint matrix
+// of in_features `full_cols`), exactly as runtime/model/quant_load.cpp's HostWeight lays it out
+// and Matrix::nbytes() counts it:
+//   dense     rows * cols * dense_bytes (the checkpoint dtype)
+//   nvfp4     codes rows * cols/2 + E4M3 scales rows * cols/16 + fp32 row scales rows * 4
+//   mxfp4     codes rows * cols/2 + E8M0 scales rows * cols/32
+//   fp8_block codes rows * cols + fp32 scales rows * ceil(cols/128) * 4 (blocks repeated per row)
+//   int4      codes rows * ceil(cols/2) + u8 zeros rows * G + fp32 scales rows * G * 4, with
+//             G = ceil(cols / group); act order keeps every group of the source row
+//             (G = ceil(full_cols / group)) plus group_of_k cols * 4
+// (nvfp4 / mxfp4 in_features are multiples of their group wherever keel loads them). Act order
+// with a single group (full_cols <= group) is a trivial g_idx, which keel does not keep.
+double matrix_bytes(const MatrixQuant& quant, int64_t rows, int64_t cols, int64_t full_cols,
+                    double dense_bytes);
+
+// A row-parallel weight (o_proj, down_proj, Gated DeltaNet out_proj) keeps `cols_per_rank`
+// columns on each of `tp` ranks, rank r from column r * cols_per_rank. keel's loader refuses a
+// quantized slice that starts off a group boundary (quant_load.cpp HostWeight::copy_rows); this
+// throws keel::Error naming `module` in the same case.
+void check_column_slice(const MatrixQuant& quant, int64_t cols_per_rank, int64_t full_cols, int tp,
+                        const std::string& module);
 
 // Bytes per parameter for a format, scales included (see quant.cpp for the arithmetic).
 double bytes_per_param(QuantKind kind);
