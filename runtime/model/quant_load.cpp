@@ -216,8 +216,8 @@ HostWeight::HostWeight(const LinearSource& like, int64_t rows, int64_t cols)
     case WeightFormat::kNvfp4:
     case WeightFormat::kMxfp4:
       group_size_ = like.group_size;
-      ld_ = cols / 2;
-      scale_ld_ = cols / group_size_;
+      ld_ = ceil_div(cols, 2);
+      scale_ld_ = ceil_div(cols, group_size_);
       scale_bytes_ = 1;
       if (format_ == WeightFormat::kNvfp4) row_scales_.assign(static_cast<size_t>(rows), 0.0f);
       break;
@@ -266,9 +266,13 @@ void HostWeight::copy_rows(const LinearSource& source, int64_t row0, int64_t num
   KEEL_CHECK(row0 >= 0 && row0 + num_rows <= source.rows && col0 >= 0 &&
                  col0 + cols_ <= source.cols && dst_row + num_rows <= rows_,
              "copy_rows: block outside ", source.module);
-  if (format_ != WeightFormat::kDense && (col0 % group_size_ != 0 || (col0 % 2) != 0) &&
-      group_of_k_.empty())
-    throw_error("tensor ", source.module, ": a column slice at ", col0,
+  // A slice must start on a group boundary and (unless it runs to the row's end) hold whole
+  // groups: otherwise some rank's slice starts inside a group.
+  const bool whole_groups = format_ == WeightFormat::kDense ||
+                            ((col0 % group_size_ == 0 && col0 % 2 == 0) &&
+                             (col0 + cols_ == source.cols || cols_ % group_size_ == 0));
+  if (!whole_groups && group_of_k_.empty())
+    throw_error("tensor ", source.module, ": a column slice at ", col0, " of width ", cols_,
                 " does not start on a quantization group boundary (group ", group_size_,
                 "); this tensor-parallel split needs in_features per rank to be a multiple of ",
                 group_size_);
