@@ -22,7 +22,9 @@
 #include <string>
 #include <vector>
 
+#include "kernels/base/buffer.h"
 #include "kernels/base/dtype.h"
+#include "kernels/base/host_memory.h"
 
 namespace keel {
 namespace {
@@ -431,6 +433,33 @@ if sys.argv[2] == "1":
   }
   std::error_code ignored;
   fs::remove_all(dir, ignored);
+}
+
+}  // namespace
+}  // namespace keel
+
+namespace keel {
+namespace {
+
+// Host buffers: zeroed; 64-byte aligned, and from 2 MiB up 2 MiB aligned (the huge-page
+// advice then covers whole pages); the THP mode reads as one of the kernel's words.
+TEST(HostMemory, AlignmentZeroingAndTheHugePageMode) {
+  for (size_t bytes :
+       {size_t{1}, size_t{100}, kHugePageBytes - 1, kHugePageBytes, 3 * kHugePageBytes + 5}) {
+    Buffer buffer(DType::kF32, (bytes + 3) / 4);
+    const auto address = reinterpret_cast<uintptr_t>(buffer.data());
+    EXPECT_EQ(address % 64, 0u) << bytes;
+    if (buffer.nbytes() >= kHugePageBytes) {
+      EXPECT_EQ(address % kHugePageBytes, 0u) << bytes;
+    }
+    const auto* bytes_view = static_cast<const unsigned char*>(buffer.data());
+    EXPECT_TRUE(std::all_of(bytes_view, bytes_view + buffer.nbytes(), [](unsigned char b) {
+      return b == 0;
+    })) << bytes;
+  }
+  const std::string mode = transparent_huge_pages_mode();
+  EXPECT_TRUE(mode == "always" || mode == "madvise" || mode == "never" || mode == "unknown")
+      << mode;
 }
 
 }  // namespace

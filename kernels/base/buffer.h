@@ -1,6 +1,7 @@
 // A move-only, 64-byte aligned byte buffer that knows its dtype and element count. Weights and
 // activations live in these; 64-byte alignment lets AVX-512 loads of row starts stay aligned
-// when row lengths are multiples of 32 bf16 / 16 fp32 elements.
+// when row lengths are multiples of 32 bf16 / 16 fp32 elements; from 2 MiB up the memory is
+// on transparent huge pages where the kernel offers them (host_memory.h).
 #pragma once
 
 #include <cstddef>
@@ -9,6 +10,7 @@
 #include <new>
 
 #include "kernels/base/dtype.h"
+#include "kernels/base/host_memory.h"
 
 namespace keel {
 
@@ -16,12 +18,7 @@ class Buffer {
  public:
   Buffer() = default;
   Buffer(DType dtype, size_t num_elements) : dtype_(dtype), num_elements_(num_elements) {
-    size_t bytes = (num_elements * dtype_size(dtype) + 63) / 64 * 64;
-    if (bytes == 0) bytes = 64;
-    void* raw = std::aligned_alloc(64, bytes);
-    if (raw == nullptr) throw std::bad_alloc();
-    std::memset(raw, 0, bytes);
-    data_.reset(static_cast<std::byte*>(raw));
+    data_.reset(static_cast<std::byte*>(allocate_host_zeroed(num_elements * dtype_size(dtype))));
   }
   Buffer(Buffer&&) noexcept = default;
   Buffer& operator=(Buffer&&) noexcept = default;
@@ -39,7 +36,7 @@ class Buffer {
 
  private:
   struct FreeDeleter {
-    void operator()(std::byte* pointer) const { std::free(pointer); }
+    void operator()(std::byte* pointer) const { free_host(pointer); }
   };
   DType dtype_ = DType::kF32;
   size_t num_elements_ = 0;

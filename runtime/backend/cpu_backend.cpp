@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "kernels/base/check.h"
+#include "kernels/base/host_memory.h"
 #include "kernels/cpu/gdn.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/moe.h"
@@ -35,10 +36,10 @@ class CpuBackend final : public Backend {
 
   DeviceArray allocate(DType dtype, size_t count) override {
     size_t nbytes = count * dtype_size(dtype);
-    return DeviceArray(Device::kCpu, dtype, nbytes, allocate_zeroed(nbytes), &std::free);
+    return DeviceArray(Device::kCpu, dtype, nbytes, allocate_zeroed(nbytes), &free_host);
   }
   DeviceArray allocate_bytes(size_t nbytes) override {
-    return DeviceArray(Device::kCpu, DType::kF32, nbytes, allocate_zeroed(nbytes), &std::free);
+    return DeviceArray(Device::kCpu, DType::kF32, nbytes, allocate_zeroed(nbytes), &free_host);
   }
   void copy_from_host(const void* host, size_t bytes, void* device_dst) override {
     if (bytes > 0) std::memcpy(device_dst, host, bytes);
@@ -239,12 +240,13 @@ class CpuBackend final : public Backend {
 
  private:
   // 64-byte aligned so weight rows and activations start on cache lines (AVX-512 loads).
+  // Huge pages from 2 MiB up where the kernel offers them (kernels/base/host_memory.h).
   static void* allocate_zeroed(size_t nbytes) {
-    size_t padded = std::max<size_t>(64, (nbytes + 63) / 64 * 64);
-    void* data = std::aligned_alloc(64, padded);
-    if (data == nullptr) throw_error("out of host memory allocating ", nbytes, " bytes");
-    std::memset(data, 0, padded);
-    return data;
+    try {
+      return allocate_host_zeroed(nbytes);
+    } catch (const std::bad_alloc&) {
+      throw_error("out of host memory allocating ", nbytes, " bytes");
+    }
   }
   static void record_time(const ExpertTimes& times, int64_t local, double start_s, double seconds) {
     if (times.start_s != nullptr) times.start_s[local] = start_s;

@@ -11,6 +11,7 @@
 #include <spdlog/spdlog.h>
 #include "comm/thread_comm.h"
 #include "kernels/base/check.h"
+#include "kernels/base/host_memory.h"
 #include "runtime/common/sha256.h"
 #include "runtime/engine/generate_source.h"
 
@@ -93,6 +94,18 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options)
     for (int tp_rank = 0; tp_rank < tp_size_; ++tp_rank) local_ranks_.push_back(tp_rank);
   }
   options_.tp_size = tp_size_;
+  if (options.device == Device::kCpu) {
+    // Weights from 2 MiB up ask for transparent huge pages (kernels/base/host_memory.h).
+    const std::string huge_pages = transparent_huge_pages_mode();
+    if (huge_pages == "always" || huge_pages == "madvise")
+      spdlog::debug("weights on transparent huge pages (mode {})", huge_pages);
+    else
+      spdlog::warn(
+          "transparent huge pages are '{}' (/sys/kernel/mm/transparent_hugepage/enabled): the "
+          "weights stay on 4 KiB pages and decode streams them slower; 'madvise' or 'always' "
+          "enables them",
+          huge_pages);
+  }
   checkpoint_ = std::make_unique<Checkpoint>(Checkpoint::open(model_dir));
   placement_ = std::make_unique<ExpertPlacement>(
       ExpertPlacement::build(options.placement, config_.num_layers, config_.num_experts, tp_size_));
