@@ -14,7 +14,7 @@
 #include <memory>
 #include <vector>
 
-#include "runtime/common/sha256.h"
+#include "runtime/common/background_sha256.h"
 #include "runtime/engine/engine.h"
 #include "scheduler/batch_scheduler.h"
 
@@ -42,7 +42,8 @@ class GenerateSource final : public StepSource {
   BatchScheduler scheduler_;
   GenerateResult& result_;
   StepPlan plan_;
-  Sha256 digest_;
+  // Hashed off the step loop's thread: the loop only copies each digest row.
+  BackgroundSha256 digest_;
   int64_t prompts_started_ = 0;  // prompts that have their first generated token
   Clock::time_point start_ = Clock::now();
   Clock::time_point decode_start_{};
