@@ -34,7 +34,8 @@ int main(int argc, char** argv) {
   const int vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
   std::vector<llama_token> feed = prompt;
   for (int step = 0; step < num_tokens; ++step) {
-    if (llama_decode(context, llama_batch_get_one(feed.data(), static_cast<int32_t>(feed.size())))) {
+    if (llama_decode(context,
+                     llama_batch_get_one(feed.data(), static_cast<int32_t>(feed.size())))) {
       std::fprintf(stderr, "greedy: llama_decode failed at step %d\n", step);
       return 1;
     }
