@@ -413,8 +413,10 @@ TEST_F(SafetensorsTest, HeaderNotObject) {
 TEST_F(SafetensorsTest, UnknownDtype) {
   write_raw(path("f64.safetensors"),
             R"({"model.embed":{"dtype":"F64","shape":[2],"data_offsets":[0,16]}})", 16);
-  expect_open_fails(path("f64.safetensors"),
-                    {"model.embed", "F64 is not supported (supported: F32, BF16, F16, U8, I8, I32, F8_E4M3, F8_E8M0)"});
+  expect_open_fails(
+      path("f64.safetensors"),
+      {"model.embed",
+       "F64 is not supported (supported: F32, BF16, F16, U8, I8, I32, F8_E4M3, F8_E8M0)"});
   write_raw(path("q4.safetensors"), R"({"x":{"dtype":"Q4_K","shape":[2],"data_offsets":[0,1]}})",
             1);
   expect_open_fails(path("q4.safetensors"), {"tensor x", "Q4_K is not supported"});

@@ -110,8 +110,8 @@ struct LayerWeights {
   Matrix o_proj;  // [H, q_local * head_dim]
   // Gated DeltaNet (kLinearAttention), this rank's key heads [k0, k0 + hk) and value heads
   // [v0, v0 + hv) (contiguous, so each value head's key head is local):
-  Matrix linear_in;  // rows [q (hk*dk) | k (hk*dk) | v (hv*dv) | z (hv*dv)]
-  Matrix linear_ba;  // rows [b (hv) | a (hv)]
+  Matrix linear_in;            // rows [q (hk*dk) | k (hk*dk) | v (hv*dv) | z (hv*dv)]
+  Matrix linear_ba;            // rows [b (hv) | a (hv)]
   DeviceArray conv_weight;     // f32 [2*hk*dk + hv*dv][kernel], channels as the rows of q|k|v
   DeviceArray a_log, dt_bias;  // f32 [hv]
   DeviceArray linear_norm;     // f32 [dv], the gated norm's plain weight
