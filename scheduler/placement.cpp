@@ -1,5 +1,8 @@
 #include "scheduler/placement.h"
 
+#include <algorithm>
+#include <numeric>
+
 #include "kernels/base/check.h"
 
 namespace keel {
@@ -70,6 +73,41 @@ std::vector<int32_t> ExpertPlacement::local_experts(int64_t layer_idx, int tp_ra
   for (int64_t expert = 0; expert < num_experts_; ++expert)
     if (rank_of(layer_idx, expert) == tp_rank) experts.push_back(static_cast<int32_t>(expert));
   return experts;
+}
+
+std::vector<std::vector<int>> balanced_placement(
+    const std::vector<std::vector<int64_t>>& expert_load, int tp_size) {
+  if (tp_size < 1) throw_error("balanced placement: tp must be >= 1, got ", tp_size);
+  if (expert_load.empty() || expert_load.front().empty())
+    throw_error("balanced placement: no expert loads");
+  const size_t num_experts = expert_load.front().size();
+  const size_t capacity = (num_experts + static_cast<size_t>(tp_size) - 1) / tp_size;
+  std::vector<std::vector<int>> placement;
+  for (const std::vector<int64_t>& load : expert_load) {
+    if (load.size() != num_experts)
+      throw_error("balanced placement: layers disagree on the number of experts (", load.size(),
+                  " vs ", num_experts, ")");
+    std::vector<size_t> order(num_experts);
+    std::iota(order.begin(), order.end(), size_t{0});
+    std::stable_sort(order.begin(), order.end(),
+                     [&](size_t a, size_t b) { return load[a] > load[b]; });
+    std::vector<int64_t> rank_load(static_cast<size_t>(tp_size), 0);
+    std::vector<size_t> rank_count(static_cast<size_t>(tp_size), 0);
+    std::vector<int> ranks(num_experts, 0);
+    for (size_t expert : order) {
+      int best = -1;
+      for (int rank = 0; rank < tp_size; ++rank) {
+        const auto r = static_cast<size_t>(rank);
+        if (rank_count[r] >= capacity) continue;
+        if (best < 0 || rank_load[r] < rank_load[static_cast<size_t>(best)]) best = rank;
+      }
+      ranks[expert] = best;
+      rank_load[static_cast<size_t>(best)] += load[expert];
+      ++rank_count[static_cast<size_t>(best)];
+    }
+    placement.push_back(std::move(ranks));
+  }
+  return placement;
 }
 
 }  // namespace keel

@@ -47,4 +47,13 @@ class ExpertPlacement {
   std::vector<int> rank_of_;  // [num_layers * num_experts]
 };
 
+// Placement by observed load (longest processing time first): in each layer, experts in
+// decreasing load (ties: lower expert id) each go to the rank with the least load so far among
+// those still holding fewer than ceil(E / tp) experts (ties: lower rank), so expert memory stays
+// as even as round_robin's. expert_load[layer][expert] (e.g. tokens routed, from a routing
+// record or the live counters); returns [layer][expert] -> rank, an explicit_placement list.
+// Deterministic. Throws keel::Error on an empty or ragged table or tp_size < 1.
+std::vector<std::vector<int>> balanced_placement(
+    const std::vector<std::vector<int64_t>>& expert_load, int tp_size);
+
 }  // namespace keel

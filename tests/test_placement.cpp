@@ -4,6 +4,9 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cstdint>
+
 #include <string>
 #include <vector>
 
@@ -194,4 +197,44 @@ TEST(Placement, ParseKindRoundTripsAndNamesBadValue) {
 }
 
 }  // namespace
+// Balanced placement (LPT with a capacity of ceil(E / tp) experts per rank), by hand: loads
+// 10 9 8 1 1 1 on 2 ranks (3 experts each): 10 -> r0, 9 -> r1, 8 -> r1 (9 < 10), the first two
+// 1s -> r0 (11 < 17), the last 1 -> r1 (r0 is full): rank loads 12 and 18.
+TEST(Placement, BalancedIsLongestProcessingTimeWithEvenExpertCounts) {
+  const auto placement = balanced_placement({{10, 9, 8, 1, 1, 1}}, 2);
+  EXPECT_EQ(placement, (std::vector<std::vector<int>>{{0, 1, 1, 0, 0, 1}}));
+  // Ties: lower expert first, lower rank first.
+  EXPECT_EQ(balanced_placement({{5, 5, 5, 5}}, 2), (std::vector<std::vector<int>>{{0, 1, 0, 1}}));
+  // On these skewed loads (fixed, pseudo-random) its max rank load is no worse than
+  // round_robin's in any layer; expert counts are even; the result is a valid explicit placement.
+  uint64_t state = 7;
+  std::vector<std::vector<int64_t>> loads(6, std::vector<int64_t>(16));
+  for (auto& layer : loads)
+    for (auto& load : layer) {
+      state = state * 6364136223846793005ull + 1442695040888963407ull;
+      load = static_cast<int64_t>((state >> 33) % 1000) * static_cast<int64_t>((state >> 20) % 7);
+    }
+  const auto balanced = balanced_placement(loads, 4);
+  for (size_t layer = 0; layer < loads.size(); ++layer) {
+    std::vector<int64_t> lpt(4, 0), rr(4, 0);
+    std::vector<int> count(4, 0);
+    for (size_t e = 0; e < 16; ++e) {
+      lpt[static_cast<size_t>(balanced[layer][e])] += loads[layer][e];
+      rr[e % 4] += loads[layer][e];
+      ++count[static_cast<size_t>(balanced[layer][e])];
+    }
+    EXPECT_LE(*std::max_element(lpt.begin(), lpt.end()), *std::max_element(rr.begin(), rr.end()))
+        << layer;
+    EXPECT_EQ(count, (std::vector<int>{4, 4, 4, 4})) << layer;
+  }
+  PlacementSpec spec;
+  spec.kind = PlacementKind::kExplicit;
+  spec.explicit_ranks = balanced;
+  const ExpertPlacement built = ExpertPlacement::build(spec, 6, 16, 4);
+  EXPECT_EQ(built.rank_of(3, 5), balanced[3][5]);
+  EXPECT_THROW(balanced_placement({}, 2), Error);
+  EXPECT_THROW(balanced_placement({{1, 2}, {1}}, 2), Error);
+  EXPECT_THROW(balanced_placement({{1, 2}}, 0), Error);
+}
+
 }  // namespace keel

@@ -15,6 +15,7 @@
 #include <fstream>
 #include <functional>
 #include <limits>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -586,6 +587,45 @@ int run_routes(std::vector<std::string> args, std::string* out = nullptr) {
   const std::string stderr_text = ::testing::internal::GetCapturedStderr();
   if (out != nullptr) *out = stdout_text + stderr_text;
   return code;
+}
+
+// `keel routes placement FILE`: an explicit placement from the file's routed tokens, one list
+// per model layer of num_experts ranks, each rank holding E / tp experts, whose busiest rank
+// carries no more tokens than round_robin's (the comment lines say both, per layer).
+TEST_F(RoutingTest, CliPlacementFromRoutedTokens) {
+  const RoutingFile file = make_file(6, 3);
+  const std::string path_a = path("placement.keelrout");
+  write_routing_file(path_a, file);
+  for (int tp : {2, 4}) {
+    std::string out;
+    ASSERT_EQ(run_routes({"placement", path_a, "--tp", std::to_string(tp)}, &out), 0) << out;
+    EXPECT_NE(out.find("placement: explicit\nexplicit_placement:\n"), std::string::npos) << out;
+    std::vector<std::vector<int>> lists;
+    std::istringstream lines(out);
+    for (std::string line; std::getline(lines, line);) {
+      if (line.rfind("  - [", 0) == 0) {
+        std::vector<int> ranks;
+        std::istringstream items(line.substr(5));
+        for (std::string item; std::getline(items, item, ',');) ranks.push_back(std::stoi(item));
+        lists.push_back(ranks);
+      }
+      if (line.rfind("#   layer ", 0) == 0) {
+        const size_t colon = line.find(": ");
+        const size_t arrow = line.find(" -> ");
+        EXPECT_LE(std::stoll(line.substr(arrow + 4)),
+                  std::stoll(line.substr(colon + 2, arrow - colon - 2)))
+            << line;
+      }
+    }
+    ASSERT_EQ(lists.size(), 3u) << out;
+    for (const std::vector<int>& ranks : lists) {
+      ASSERT_EQ(ranks.size(), 8u);
+      for (int rank = 0; rank < tp; ++rank)
+        EXPECT_EQ(std::count(ranks.begin(), ranks.end(), rank), 8 / tp) << out;
+    }
+  }
+  std::string out;
+  EXPECT_EQ(run_routes({"placement"}, &out), 2);
 }
 
 TEST_F(RoutingTest, CliDiffStatsReplay) {

@@ -6,6 +6,7 @@
 // (contiguous, round_robin), so rank balance comes for free on ordinary runs.
 #include "runtime/cli/routes_cmd.h"
 
+#include <algorithm>
 #include <exception>
 #include <iostream>
 #include <string>
@@ -15,6 +16,7 @@
 #include "runtime/cli/flags.h"
 #include "runtime/routing/routing_file.h"
 #include "runtime/tools/routing_analysis/analysis.h"
+#include "scheduler/placement.h"
 
 namespace keel {
 namespace {
@@ -29,6 +31,11 @@ constexpr const char* kRoutesUsage = R"(usage:
       Per-layer expert load and balance (and per-rank balance for contiguous / round_robin
       placements), most co-activated expert pairs, near-tie rate (margin < epsilon) and margin
       percentiles. Exit 0, or 2 on error.
+  keel routes placement FILE [--tp N]
+      A balanced expert placement from the file's routed tokens (longest processing time
+      first, ceil(E / tp) experts per rank): YAML for a deployment or serve config
+      (placement: explicit, explicit_placement: one list per layer) on stdout, with each
+      layer's busiest-rank tokens under round_robin and balanced as comments. Exit 0, or 2.
   keel routes replay ...
       Provided by the engine (see keel routes replay --help).
 )";
@@ -41,6 +48,7 @@ struct Args {
   bool json = false;
   double epsilon = 1e-4;
   size_t top_pairs = 10;
+  int tp = 0;         // placement: 0 = the file's tp
   bool help = false;  // --help was given (and the help printed)
 };
 
@@ -52,6 +60,7 @@ Args parse_args(int argc, char** argv, int first, const std::string& sub) {
   flags.add_switch("--json", &args.json, "one JSON object on stdout");
   flags.add_double("--epsilon", &args.epsilon, "E", "stats: near-tie margin");
   flags.add_int("--top-pairs", &args.top_pairs, "N", "stats: co-activated pairs shown");
+  flags.add_int("--tp", &args.tp, "N", "placement: ranks (default: the file's tp)").range(0, 64);
   if (!flags.parse(argc, argv, first)) {
     std::cout << flags.help();
     args.help = true;
@@ -98,6 +107,45 @@ int run_stats(const Args& args) {
   return 0;
 }
 
+int run_placement(const Args& args) {
+  if (args.positional.size() != 1)
+    throw_error("placement wants one file (keel routes placement FILE)");
+  const RoutingFile file = read_routing_file(args.positional[0]);
+  const int tp = args.tp > 0 ? args.tp : static_cast<int>(file.header.tp);
+  if (tp < 1) throw_error("placement: the file names no tp; pass --tp N");
+  const RoutingStats stats = routing_stats(file, args.epsilon);
+  std::vector<std::vector<int64_t>> loads;
+  for (const LayerRoutingStats& layer : stats.layers) loads.push_back(layer.expert_tokens);
+  const std::vector<std::vector<int>> balanced = balanced_placement(loads, tp);
+  // One list per model layer (dense layers keep round_robin's, unused).
+  const auto num_experts = static_cast<size_t>(file.header.num_experts);
+  std::vector<std::vector<int>> lists(static_cast<size_t>(file.header.num_layers));
+  for (std::vector<int>& list : lists)
+    for (size_t e = 0; e < num_experts; ++e) list.push_back(static_cast<int>(e % tp));
+  std::cout << "# balanced placement for tp " << tp << " from " << args.positional[0] << " ("
+            << stats.num_tokens << " tokens): busiest rank's tokens per MoE layer, round_robin"
+            << " -> balanced\n";
+  for (size_t slot = 0; slot < stats.layers.size(); ++slot) {
+    const LayerRoutingStats& layer = stats.layers[slot];
+    std::vector<int64_t> round_robin(static_cast<size_t>(tp), 0), lpt(static_cast<size_t>(tp), 0);
+    for (size_t e = 0; e < num_experts; ++e) {
+      round_robin[e % static_cast<size_t>(tp)] += layer.expert_tokens[e];
+      lpt[static_cast<size_t>(balanced[slot][e])] += layer.expert_tokens[e];
+    }
+    std::cout << "#   layer " << layer.layer << ": "
+              << *std::max_element(round_robin.begin(), round_robin.end()) << " -> "
+              << *std::max_element(lpt.begin(), lpt.end()) << "\n";
+    lists[static_cast<size_t>(layer.layer)] = balanced[slot];
+  }
+  std::cout << "placement: explicit\nexplicit_placement:\n";
+  for (const std::vector<int>& list : lists) {
+    std::cout << "  - [";
+    for (size_t e = 0; e < list.size(); ++e) std::cout << (e ? ", " : "") << list[e];
+    std::cout << "]\n";
+  }
+  return 0;
+}
+
 }  // namespace
 
 int routes_command(int argc, char** argv) {
@@ -119,6 +167,7 @@ int routes_command(int argc, char** argv) {
     if (args.help) return 0;
     if (sub == "diff") return run_diff(args);
     if (sub == "stats") return run_stats(args);
+    if (sub == "placement") return run_placement(args);
     std::cerr << "keel routes: unknown subcommand '" << sub << "'\n" << kRoutesUsage;
     return 2;
   } catch (const std::exception& error) {
