@@ -60,13 +60,10 @@ inline float fold_lanes(__m256 lo, __m256 hi) {
   return _mm_cvtss_f32(_mm_add_ss(sum2, _mm_movehdup_ps(sum2)));
 }
 
-// Even/odd registers back to canonical lanes, the partial chunk's lanes added, then the fold.
-float finish_output(__m256 even, __m256 odd, const math::WeightView& w, int64_t n, const float* x,
-                    int64_t full_chunks) {
-  const __m256 low_pairs = _mm256_unpacklo_ps(even, odd);   // E0 O0 E1 O1 | E4 O4 E5 O5
-  const __m256 high_pairs = _mm256_unpackhi_ps(even, odd);  // E2 O2 E3 O3 | E6 O6 E7 O7
-  __m256 lo = _mm256_permute2f128_ps(low_pairs, high_pairs, 0x20);
-  __m256 hi = _mm256_permute2f128_ps(low_pairs, high_pairs, 0x31);
+// Canonical lanes 0..7 (lo) and 8..15 (hi) of output n, the partial chunk's lanes added (the
+// same fmas the definition does there), then the fold.
+float fold_with_tail(__m256 lo, __m256 hi, const math::WeightView& w, int64_t n, const float* x,
+                     int64_t full_chunks) {
   const int64_t tail_start = full_chunks * kLanes;
   if (tail_start < w.cols) {
     alignas(32) float lanes[kLanes];
@@ -80,6 +77,15 @@ float finish_output(__m256 even, __m256 odd, const math::WeightView& w, int64_t 
     hi = _mm256_load_ps(lanes + 8);
   }
   return fold_lanes(lo, hi);
+}
+
+// Even/odd registers back to canonical lanes, then fold_with_tail.
+float finish_output(__m256 even, __m256 odd, const math::WeightView& w, int64_t n, const float* x,
+                    int64_t full_chunks) {
+  const __m256 low_pairs = _mm256_unpacklo_ps(even, odd);   // E0 O0 E1 O1 | E4 O4 E5 O5
+  const __m256 high_pairs = _mm256_unpackhi_ps(even, odd);  // E2 O2 E3 O3 | E6 O6 E7 O7
+  return fold_with_tail(_mm256_permute2f128_ps(low_pairs, high_pairs, 0x20),
+                        _mm256_permute2f128_ps(low_pairs, high_pairs, 0x31), w, n, x, full_chunks);
 }
 
 // 16 nibbles of the 8 code bytes at `codes`, [even k (low nibbles) | odd k (high nibbles)].
@@ -346,23 +352,8 @@ void fp8_rows(const math::WeightView& w, int64_t n0, const float* x, int64_t ful
     }
   }
 #pragma GCC unroll 4
-  for (int r = 0; r < kRows; ++r) {
-    __m256 lo = acc_lo[r];
-    __m256 hi = acc_hi[r];
-    const int64_t tail_start = full_chunks * kLanes;
-    if (tail_start < w.cols) {
-      alignas(32) float lanes[kLanes];
-      _mm256_store_ps(lanes, lo);
-      _mm256_store_ps(lanes + 8, hi);
-      for (int64_t k = tail_start; k < w.cols; ++k) {
-        const int lane = static_cast<int>(k - tail_start);
-        lanes[lane] = math::fma_f32(x[k], math::dequantized_weight(w, n0 + r, k), lanes[lane]);
-      }
-      lo = _mm256_load_ps(lanes);
-      hi = _mm256_load_ps(lanes + 8);
-    }
-    y[n0 + r] = fold_lanes(lo, hi);
-  }
+  for (int r = 0; r < kRows; ++r)
+    y[n0 + r] = fold_with_tail(acc_lo[r], acc_hi[r], w, n0 + r, x, full_chunks);
 }
 
 }  // namespace
