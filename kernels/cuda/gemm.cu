@@ -241,13 +241,8 @@ void gemm_canonical_grouped(const GroupedGemmArgs& args, cudaStream_t stream) {
   require(
       args.x != nullptr && args.w_table != nullptr && args.y != nullptr && args.offsets != nullptr,
       "gemm_canonical_grouped: null pointer");
-  // Enough row tiles per group for an even spread of the bound; a hot group's blocks stride.
-  const int64_t max_tiles = (args.max_group_rows + kTile - 1) / kTile;
-  const int64_t mean_tiles =
-      (args.total_rows_bound + args.num_groups * kTile - 1) / (args.num_groups * kTile);
-  const int64_t row_tiles = std::clamp<int64_t>(mean_tiles, 1, std::min<int64_t>(max_tiles, 65535));
-  const dim3 grid(static_cast<unsigned>((args.n + kTile - 1) / kTile),
-                  static_cast<unsigned>(row_tiles), static_cast<unsigned>(args.num_groups));
+  const dim3 grid = detail::grouped_gemm_grid<dim3>(args.n, args.num_groups, args.max_group_rows,
+                                                    args.total_rows_bound, kTile);
   const dim3 block(kTile, kTile);
   with_weight_loader(args.w_dtype, [&](auto loader) {
     using Loader = typename decltype(loader)::Loader;

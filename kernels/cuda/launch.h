@@ -32,4 +32,17 @@ inline unsigned grid_for_rows(int64_t rows, const char* what) {
   return static_cast<unsigned>(rows);
 }
 
+// Grid of the grouped canonical GEMMs (gemm_canonical_grouped, qgemm_grouped): n / tile column
+// tiles, one z slice per group, and row tiles per group for an even spread of the row bound
+// (a hot group's blocks stride over its tiles). Needs dim3: include after cuda_runtime.
+template <typename Dim3>
+Dim3 grouped_gemm_grid(int64_t n, int64_t num_groups, int64_t max_group_rows,
+                       int64_t total_rows_bound, int64_t tile) {
+  const int64_t max_tiles = (max_group_rows + tile - 1) / tile;
+  const int64_t mean_tiles = (total_rows_bound + num_groups * tile - 1) / (num_groups * tile);
+  const int64_t row_tiles = std::clamp<int64_t>(mean_tiles, 1, std::min<int64_t>(max_tiles, 65535));
+  return Dim3(static_cast<unsigned>((n + tile - 1) / tile), static_cast<unsigned>(row_tiles),
+              static_cast<unsigned>(num_groups));
+}
+
 }  // namespace keel::cuda::detail

@@ -243,14 +243,8 @@ void qgemm_grouped(const GroupedQGemmArgs& args, cudaStream_t stream) {
   require(
       args.x != nullptr && args.views != nullptr && args.y != nullptr && args.offsets != nullptr,
       "cuda::qgemm_grouped: null pointer");
-  // Row tiles per group as gemm_canonical_grouped: an even spread of the bound; a hot group's
-  // blocks stride over its tiles.
-  const int64_t max_tiles = (args.max_group_rows + kTile - 1) / kTile;
-  const int64_t mean_tiles =
-      (args.total_rows_bound + args.num_groups * kTile - 1) / (args.num_groups * kTile);
-  const int64_t row_tiles = std::clamp<int64_t>(mean_tiles, 1, std::min<int64_t>(max_tiles, 65535));
-  const dim3 grid(static_cast<unsigned>((args.n + kTile - 1) / kTile),
-                  static_cast<unsigned>(row_tiles), static_cast<unsigned>(args.num_groups));
+  const dim3 grid = detail::grouped_gemm_grid<dim3>(args.n, args.num_groups, args.max_group_rows,
+                                                    args.total_rows_bound, kTile);
   const dim3 block(kTile, kTile);
   qgemm_grouped_kernel<<<grid, block, 0, stream>>>(args.x, args.ldx, args.views, args.y, args.ldy,
                                                    args.offsets, args.n, args.k);
