@@ -17,13 +17,14 @@
 // "step_state_bytes" (B sequences' worth). Norms, biases, A_log/dt_bias (under 1 KB a layer)
 // and the KV cache (fp32, prompt + decode positions: small next to these at the bench's
 // lengths) are left out.
-// roofline tok/s = B / ((weight + state bytes) / measured read bandwidth of min(tp, cpus)
-// threads). TP convention: the bytes are the whole model's (every rank reads its 1/tp shard of
-// the sharded weights and of the per-rank state, so together they move the whole; replicated
-// weights such as the router are counted once), and the bandwidth is what min(tp, cpus)
-// threads together read: tp ranks stream their shards in parallel, but no more than one thread
-// per core.
-// The benchmark also checks the determinism promise: with fixed_order, prompt 0's logits
+// roofline tok/s = B / ((weight + state bytes) / measured read bandwidth of
+// min(tp x threads per rank, cpus) threads), read from a buffer allocated as the engine allocates
+// its weights (2 MiB aligned, MADV_HUGEPAGE: kernels/base/host_memory.h). TP convention: the bytes
+// are the whole model's (every rank reads its 1/tp shard of the sharded weights and of the per-rank
+// state, so together they move the whole; replicated weights such as the router are counted once),
+// and the bandwidth is what min(tp x threads, cpus) threads together read: tp ranks (each with
+// --threads N splitting its GEMM rows) stream their shards in parallel, but no more than one thread
+// per core. The benchmark also checks the determinism promise: with fixed_order, prompt 0's logits
 // digest is the same at batch 1 and at batch 16 (exit 1 otherwise); for hybrid models that
 // covers the recurrent state too (each sequence owns its slot).
 //
@@ -61,6 +62,7 @@ struct Options {
   std::string preset = "small";
   std::vector<int> tp_list = {1, 4};
   std::vector<int> batch_list = {1, 16};
+  int64_t threads_per_rank = 1;
   int64_t decode_steps = 32;
   int64_t prompt_length = 8;
   keel::comm::ReduceAlgo reduce = keel::comm::ReduceAlgo::kFixedOrder;
@@ -83,6 +85,10 @@ Options parse_options(int argc, char** argv) {
                    "(e.g. small-qwen3.5)");
   flags.add_int_list("--tp-list", &options.tp_list, "N,...", "tensor-parallel sizes").at_least(1);
   flags.add_int_list("--batch-list", &options.batch_list, "B,...", "batch sizes").at_least(1);
+  flags
+      .add_int("--threads", &options.threads_per_rank, "N",
+               "cpu threads per rank (kernels/cpu/worker_pool.h; same bits at any N)")
+      .range(1, 256);
   flags.add_int("--decode-steps", &options.decode_steps, "N", "decode steps per run").at_least(1);
   flags.add_int("--prompt-length", &options.prompt_length, "N", "prompt tokens").at_least(1);
   flags.add_choice("--reduce", &reduce, {"native", "fixed_order"}, "all-reduce algorithm");
@@ -248,7 +254,7 @@ int main(int argc, char** argv) {
     std::map<int, double> bandwidth_by_threads;
     bool deterministic = true;
     for (int tp : options.tp_list) {
-      int threads = std::min(tp, std::max(1, cpus));
+      int threads = std::min(tp * static_cast<int>(options.threads_per_rank), std::max(1, cpus));
       if (!bandwidth_by_threads.count(threads)) {
 #ifdef KEEL_BENCH_CUDA
         if (on_gpu) bandwidth_by_threads[threads] = measure_device_bandwidth_gbs();
@@ -259,6 +265,7 @@ int main(int argc, char** argv) {
       }
       keel::EngineOptions engine_options;
       engine_options.tp_size = tp;
+      engine_options.threads_per_rank = static_cast<int>(options.threads_per_rank);
 #ifdef KEEL_BENCH_CUDA
       if (on_gpu) {
         engine_options.device = keel::Device::kCuda;
@@ -296,6 +303,7 @@ int main(int argc, char** argv) {
         if (options.reduce == keel::comm::ReduceAlgo::kFixedOrder && !same_bits)
           deterministic = false;
         report["results"].push_back({{"tp", tp},
+                                     {"threads_per_rank", options.threads_per_rank},
                                      {"batch", batch},
                                      {"decode_tokens_per_second", tokens_per_second},
                                      {"ms_per_step", 1e3 * result.decode_seconds /

@@ -5,7 +5,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 #pragma GCC diagnostic pop
-#include <sys/mman.h>
+#include <new>
 
 #include <algorithm>
 #include <chrono>
@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "bench/machine.h"
+#include "kernels/base/host_memory.h"
 
 namespace keel::bench {
 
@@ -40,16 +41,16 @@ double one_minute_load_average() {
 }
 
 LargeBuffer::LargeBuffer(size_t bytes) : bytes_(std::max<size_t>(bytes, 1)) {
-  data_ = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (data_ == MAP_FAILED) {
-    std::fprintf(stderr, "bench: cannot map %zu bytes\n", bytes_);
+  try {
+    data_ = allocate_host_zeroed(bytes_);
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "bench: cannot allocate %zu bytes\n", bytes_);
     std::exit(2);
   }
-  madvise(data_, bytes_, MADV_HUGEPAGE);
 }
 
 LargeBuffer::~LargeBuffer() {
-  munmap(data_, bytes_);
+  free_host(data_);
 }
 
 namespace {

@@ -15,8 +15,9 @@ std::string machine_name();
 // include the 1-minute load average so such runs can be recognised.
 double one_minute_load_average();
 
-// Page-aligned anonymous memory, backed by transparent huge pages where the kernel allows it,
-// so that TLB misses distort neither the bandwidth probe nor a benchmark's weight stream.
+// Memory allocated exactly as the engine allocates its weights (kernels/base/host_memory.h: from
+// 2 MiB up 2 MiB aligned, MADV_HUGEPAGE), so the bandwidth probe and a benchmark's weight stream
+// see the pages decode sees.
 class LargeBuffer {
  public:
   explicit LargeBuffer(size_t bytes);

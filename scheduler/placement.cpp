@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <numeric>
+#include <sstream>
 
 #include "kernels/base/check.h"
 
@@ -108,6 +109,48 @@ std::vector<std::vector<int>> balanced_placement(
     placement.push_back(std::move(ranks));
   }
   return placement;
+}
+
+std::string balanced_placement_file(const std::vector<LayerLoad>& layers, int64_t num_layers,
+                                    int64_t num_experts, int tp_size, const std::string& source) {
+  std::vector<std::vector<int64_t>> loads;
+  for (const LayerLoad& layer : layers) loads.push_back(layer.expert_tokens);
+  const std::vector<std::vector<int>> balanced = balanced_placement(loads, tp_size);
+  std::vector<std::vector<int>> lists(static_cast<size_t>(num_layers));
+  for (std::vector<int>& list : lists)
+    for (int64_t expert = 0; expert < num_experts; ++expert)
+      list.push_back(static_cast<int>(expert % tp_size));
+  std::ostringstream out;
+  out << "# balanced placement for tp " << tp_size << " from " << source
+      << ": busiest rank's tokens per MoE layer, current -> balanced\n";
+  for (size_t slot = 0; slot < layers.size(); ++slot) {
+    const LayerLoad& layer = layers[slot];
+    if (layer.layer < 0 || layer.layer >= num_layers ||
+        layer.expert_tokens.size() != static_cast<size_t>(num_experts) ||
+        layer.current_ranks.size() != layer.expert_tokens.size())
+      throw_error("balanced placement: layer ", layer.layer, " does not fit ", num_layers,
+                  " layers x ", num_experts, " experts");
+    std::vector<int64_t> current(static_cast<size_t>(tp_size), 0), lpt(current.size(), 0);
+    for (size_t expert = 0; expert < layer.expert_tokens.size(); ++expert) {
+      const int rank = layer.current_ranks[expert];
+      if (rank < 0 || rank >= tp_size)
+        throw_error("balanced placement: layer ", layer.layer, " expert ", expert, " on rank ",
+                    rank, " of ", tp_size, " (pass the tp the placement was seen with)");
+      current[static_cast<size_t>(rank)] += layer.expert_tokens[expert];
+      lpt[static_cast<size_t>(balanced[slot][expert])] += layer.expert_tokens[expert];
+    }
+    out << "#   layer " << layer.layer << ": " << *std::max_element(current.begin(), current.end())
+        << " -> " << *std::max_element(lpt.begin(), lpt.end()) << "\n";
+    lists[static_cast<size_t>(layer.layer)] = balanced[slot];
+  }
+  out << "placement: explicit\nexplicit_placement:\n";
+  for (const std::vector<int>& list : lists) {
+    out << "  - [";
+    for (size_t expert = 0; expert < list.size(); ++expert)
+      out << (expert ? ", " : "") << list[expert];
+    out << "]\n";
+  }
+  return out.str();
 }
 
 }  // namespace keel

@@ -56,4 +56,19 @@ class ExpertPlacement {
 std::vector<std::vector<int>> balanced_placement(
     const std::vector<std::vector<int64_t>>& expert_load, int tp_size);
 
+// One routed layer's observed load and where its experts sit now.
+struct LayerLoad {
+  int64_t layer = 0;                   // model layer index
+  std::vector<int64_t> expert_tokens;  // [expert] tokens routed
+  std::vector<int> current_ranks;      // [expert] rank under the placement the load was seen on
+};
+
+// The placement file for the balanced placement of `layers` (what `keel routes placement` and
+// GET /v1/telemetry/placement print, and deployment / serve configs load): comment lines
+// (`source`, then each routed layer's busiest-rank tokens under the current placement and the
+// balanced one), `placement: explicit`, and one explicit_placement list per model layer; layers
+// that do not route keep round_robin's list (never used).
+std::string balanced_placement_file(const std::vector<LayerLoad>& layers, int64_t num_layers,
+                                    int64_t num_experts, int tp_size, const std::string& source);
+
 }  // namespace keel

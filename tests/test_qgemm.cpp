@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <random>
 #include <string>
 #include <vector>
@@ -391,6 +392,70 @@ TEST(QGemmCrossIsa, AllAvailablePathsAgree) {
     }
   }
   set_active_isa(detected_isa());
+}
+
+// The row-parallel matmul (qgemm.h with a WorkerPool) gives matmul's bits for every format, at
+// every thread count, with N not a multiple of the partition's 16-row chunks, M = 1 (the
+// matrix-vector path) and M > 1, and W4A4 (each worker quantizes the rows itself).
+TEST(QGemmParallel, BitsEqualOneThreadAtAnyThreadCount) {
+  std::mt19937 rng(77);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int64_t n = 203, k = 300;
+  std::vector<uint16_t> bf16_weights(static_cast<size_t>(n * k));
+  for (auto& w : bf16_weights) w = f32_to_bf16(normal(rng));
+  std::vector<QMatrix> matrices;
+  for (WeightFormat format :
+       {WeightFormat::kNvfp4, WeightFormat::kMxfp4, WeightFormat::kFp8Block, WeightFormat::kInt4})
+    matrices.push_back(make_matrix(format, n, k, rng, 32, format == WeightFormat::kInt4));
+  matrices.push_back(make_matrix(WeightFormat::kNvfp4, n, k, rng));
+  matrices.back().view.input_scale = 0.01f;  // W4A4
+  QMatrix dense;
+  dense.view.dtype = DType::kBF16;
+  dense.view.data = bf16_weights.data();
+  dense.view.rows = n;
+  dense.view.cols = dense.view.ld = k;
+  std::vector<math::WeightView> views;
+  for (const QMatrix& q : matrices) views.push_back(q.view);
+  views.push_back(dense.view);
+  std::deque<WorkerPool> pools;  // not movable
+  for (int threads : {1, 2, 3, 4}) pools.emplace_back(threads);
+  for (int64_t m : {1, 2, 9}) {
+    std::vector<float> x(static_cast<size_t>(m * k));
+    for (auto& v : x) v = normal(rng);
+    for (const math::WeightView& w : views) {
+      std::vector<float> serial(static_cast<size_t>(m * n));
+      matmul(x.data(), k, w, serial.data(), n, m);
+      for (WorkerPool& pool : pools) {
+        std::vector<float> parallel(serial.size(), -1.0f);
+        matmul(x.data(), k, w, parallel.data(), n, m, pool);
+        EXPECT_EQ(std::memcmp(serial.data(), parallel.data(), serial.size() * sizeof(float)), 0)
+            << math::weight_format_name(w.format) << " m=" << m << " threads "
+            << pool.num_threads();
+      }
+    }
+  }
+}
+
+// weight_rows slices every array of the view by whole rows: a slice's products are the full
+// matrix's rows.
+TEST(QGemmParallel, WeightRowsIsASliceOfRows) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int64_t n = 40, k = 256;
+  std::vector<float> x(static_cast<size_t>(k));
+  for (auto& v : x) v = normal(rng);
+  for (WeightFormat format :
+       {WeightFormat::kNvfp4, WeightFormat::kMxfp4, WeightFormat::kFp8Block, WeightFormat::kInt4}) {
+    QMatrix q = make_matrix(format, n, k, rng, 64, format == WeightFormat::kInt4);
+    std::vector<float> full(static_cast<size_t>(n));
+    matmul(x.data(), k, q.view, full.data(), n, 1);
+    const math::WeightView slice = math::weight_rows(q.view, 13, 20);
+    std::vector<float> part(20);
+    matmul(x.data(), k, slice, part.data(), 20, 1);
+    for (int64_t row = 0; row < 20; ++row)
+      EXPECT_EQ(float_bits(part[row]), float_bits(full[13 + row]))
+          << math::weight_format_name(format) << " row " << row;
+  }
 }
 
 }  // namespace

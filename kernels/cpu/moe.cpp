@@ -9,7 +9,6 @@
 #include <vector>
 
 #include "kernels/base/check.h"
-#include "kernels/cpu/gemm.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/qgemm.h"
 
@@ -50,25 +49,31 @@ void gather_rows(const float* src, const math::PackedRoute* routes, int64_t num_
 
 void expert_ffn(const float* x, int64_t num_rows, int64_t hidden, int64_t inter,
                 const void* gate_up, const void* down, DType weight_dtype, float* mid, float* act,
-                float* out) {
-  if (num_rows == 0) return;
-  gemm(x, gate_up, weight_dtype, mid, num_rows, 2 * inter, hidden);
-  for (int64_t row = 0; row < num_rows; ++row)
-    silu_mul(mid + row * 2 * inter, mid + row * 2 * inter + inter, inter, act + row * inter);
-  gemm(act, down, weight_dtype, out, num_rows, hidden, inter);
+                float* out, WorkerPool& pool) {
+  math::WeightView gate_up_view;
+  gate_up_view.dtype = weight_dtype;
+  gate_up_view.data = gate_up;
+  gate_up_view.rows = 2 * inter;
+  gate_up_view.cols = gate_up_view.ld = hidden;
+  math::WeightView down_view = gate_up_view;
+  down_view.data = down;
+  down_view.rows = hidden;
+  down_view.cols = down_view.ld = inter;
+  expert_ffn_views(x, num_rows, gate_up_view, down_view, mid, act, out, pool);
 }
 
 void expert_ffn_views(const float* x, int64_t num_rows, const math::WeightView& gate_up,
-                      const math::WeightView& down, float* mid, float* act, float* out) {
+                      const math::WeightView& down, float* mid, float* act, float* out,
+                      WorkerPool& pool) {
   if (num_rows == 0) return;
   const int64_t inter = down.cols;
   KEEL_CHECK(gate_up.rows == 2 * inter && gate_up.cols == down.rows, "expert_ffn: gate_up ",
              gate_up.rows, "x", gate_up.cols, " and down ", down.rows, "x", down.cols,
              " do not fit");
-  matmul(x, gate_up.cols, gate_up, mid, gate_up.rows, num_rows);
+  matmul(x, gate_up.cols, gate_up, mid, gate_up.rows, num_rows, pool);
   for (int64_t row = 0; row < num_rows; ++row)
     silu_mul(mid + row * 2 * inter, mid + row * 2 * inter + inter, inter, act + row * inter);
-  matmul(act, inter, down, out, down.rows, num_rows);
+  matmul(act, inter, down, out, down.rows, num_rows, pool);
 }
 
 void moe_combine(const float* expert_out, int64_t width, const int32_t* slot_rows,

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "kernels/base/dtype.h"
+#include "kernels/cpu/worker_pool.h"
 #include "kernels/math/moe_math.h"
 #include "kernels/math/quant_math.h"
 
@@ -25,14 +26,16 @@ void gather_rows(const float* src, const math::PackedRoute* routes, int64_t num_
 
 // One expert's FFN over `num_rows` packed rows: mid = x * gate_up^T ([rows, 2 * inter], gate
 // columns then up columns), act = silu(gate) * up ([rows, inter]), out = act * down^T
-// ([rows, hidden]). Canonical GEMMs, so each row's bits are its own.
+// ([rows, hidden]). Canonical GEMMs, so each row's bits are its own; both GEMMs split their
+// output rows over `pool` (kernels/cpu/qgemm.h), which changes no bits.
 void expert_ffn(const float* x, int64_t num_rows, int64_t hidden, int64_t inter,
                 const void* gate_up, const void* down, DType weight_dtype, float* mid, float* act,
-                float* out);
+                float* out, WorkerPool& pool);
 
 // expert_ffn with weights in any format (dense or quantized views, kernels/cpu/qgemm.h).
 void expert_ffn_views(const float* x, int64_t num_rows, const math::WeightView& gate_up,
-                      const math::WeightView& down, float* mid, float* act, float* out);
+                      const math::WeightView& down, float* mid, float* act, float* out,
+                      WorkerPool& pool);
 
 // out[t, :] = math combine of token t's local slots (slot order), then + sigmoid(gate_logit[t])
 // * shared[t, :] when `shared` is non-null. out [num_tokens, width].

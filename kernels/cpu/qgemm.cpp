@@ -122,4 +122,21 @@ void matmul(const float* x, int64_t ldx, const math::WeightView& w, float* y, in
   qgemm(QGemmArgs{x, ldx, w, y, ldy, m});
 }
 
+void matmul(const float* x, int64_t ldx, const math::WeightView& w, float* y, int64_t ldy,
+            int64_t m, WorkerPool& pool) {
+  // Below ~32k multiply-adds per thread the fork-join (~1 us) is a noticeable share.
+  constexpr int64_t kMinMacsPerThread = int64_t{1} << 15;
+  const int num_threads = pool.num_threads();
+  if (num_threads == 1 || w.rows < 2 * kMatmulRowAlign ||
+      m * w.rows * w.cols < kMinMacsPerThread * num_threads) {
+    matmul(x, ldx, w, y, ldy, m);
+    return;
+  }
+  pool.run([&](int part) {
+    const RowRange range = partition_rows(w.rows, num_threads, part, kMatmulRowAlign);
+    if (range.count() > 0)
+      matmul(x, ldx, math::weight_rows(w, range.first, range.count()), y + range.first, ldy, m);
+  });
+}
+
 }  // namespace keel::cpu

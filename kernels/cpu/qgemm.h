@@ -15,6 +15,7 @@
 
 #include <cstdint>
 
+#include "kernels/cpu/worker_pool.h"
 #include "kernels/math/quant_math.h"
 
 namespace keel::cpu {
@@ -35,6 +36,14 @@ void qgemm(const QGemmArgs& args);
 // y = x * w^T for any view: dense weights through gemm(), quantized ones through qgemm().
 void matmul(const float* x, int64_t ldx, const math::WeightView& w, float* y, int64_t ldy,
             int64_t m);
+
+// The same product with the N output rows of w split over the pool's threads by the fixed
+// partition (partition_rows, kMatmulRowAlign rows per chunk): each output element is computed by
+// one thread exactly as matmul computes it, so the bits equal matmul's at any thread count.
+// Products too small to pay for a fork-join run on the caller alone.
+inline constexpr int64_t kMatmulRowAlign = 16;
+void matmul(const float* x, int64_t ldx, const math::WeightView& w, float* y, int64_t ldy,
+            int64_t m, WorkerPool& pool);
 
 // The canonical reduction of one output element, written plainly: the definition the vector
 // paths are tested against.

@@ -219,6 +219,25 @@ KEEL_HD inline const char* weight_view_problem(const WeightView& w, bool allow_d
   return nullptr;
 }
 
+// Rows [first, first + count) of `w` as a view of their own (the CPU kernels' row partition across
+// threads): codes, scales, zeros and row scales advance by whole rows; columns are unchanged.
+inline WeightView weight_rows(const WeightView& w, int64_t first, int64_t count) {
+  WeightView rows = w;
+  rows.rows = count;
+  const auto* data = static_cast<const uint8_t*>(w.data);
+  if (w.format == WeightFormat::kDense) {
+    rows.data = data + first * w.ld * static_cast<int64_t>(dtype_size(w.dtype));
+    return rows;
+  }
+  rows.data = data + first * w.ld;
+  const int64_t scale_bytes =
+      (w.format == WeightFormat::kNvfp4 || w.format == WeightFormat::kMxfp4) ? 1 : 4;
+  rows.scales = static_cast<const uint8_t*>(w.scales) + first * w.scale_ld * scale_bytes;
+  if (w.zeros != nullptr) rows.zeros = w.zeros + first * w.scale_ld;
+  if (w.row_scales != nullptr) rows.row_scales = w.row_scales + first;
+  return rows;
+}
+
 KEEL_HD inline uint8_t packed_nibble(const uint8_t* row, int64_t k) {
   const uint8_t byte = row[k >> 1];
   return (k & 1) ? static_cast<uint8_t>(byte >> 4) : static_cast<uint8_t>(byte & 0xfu);

@@ -267,8 +267,10 @@ class Backend {
   virtual double timed_seconds(const std::function<void()>& work) = 0;
 };
 
-// The CPU backend (kernels/cpu): the bit-exact reference.
-std::unique_ptr<Backend> make_cpu_backend();
+// The CPU backend (kernels/cpu): the bit-exact reference. `threads` per rank split each GEMM's
+// output rows and attention's heads by a fixed partition (kernels/cpu/worker_pool.h): the bits
+// are the same at any thread count.
+std::unique_ptr<Backend> make_cpu_backend(int threads = 1);
 // Usable CUDA devices; 0 with the reason (no driver, no device, built without CUDA) otherwise.
 int cuda_device_count(std::string* reason_if_none);
 // How the CUDA backend multiplies (the GEMM modes; kernels/math/README.md):

@@ -32,6 +32,8 @@ namespace {
 
 class CpuBackend final : public Backend {
  public:
+  explicit CpuBackend(int threads) : pool_(threads), part_scores_(static_cast<size_t>(threads)) {}
+
   Device device() const override { return Device::kCpu; }
 
   DeviceArray allocate(DType dtype, size_t count) override {
@@ -58,10 +60,19 @@ class CpuBackend final : public Backend {
   }
   void gemm(const float* x, const void* w, DType w_dtype, float* y, int64_t m, int64_t n,
             int64_t k) override {
-    cpu::gemm(x, w, w_dtype, y, m, n, k);
+    if (n == 0 || k == 0) {
+      cpu::gemm(x, w, w_dtype, y, m, n, k);
+      return;
+    }
+    math::WeightView view;
+    view.dtype = w_dtype;
+    view.data = w;
+    view.rows = n;
+    view.cols = view.ld = k;
+    cpu::matmul(x, k, view, y, n, m, pool_);
   }
   void matmul(const float* x, const math::WeightView& w, float* y, int64_t m) override {
-    cpu::matmul(x, w.cols, w, y, w.rows, m);
+    cpu::matmul(x, w.cols, w, y, w.rows, m, pool_);
   }
   void rms_norm(const float* x, const float* weight, float eps, int64_t num_rows, int64_t width,
                 float* out) override {
@@ -117,21 +128,36 @@ class CpuBackend final : public Backend {
                  int64_t num_rows, int64_t layer_idx, const KvPoolView& pool, float scale,
                  float* out) override {
     const int64_t head_dim = pool.head_dim;
+    int64_t max_positions = 0;
+    for (int64_t row = 0; row < num_rows; ++row)
+      max_positions = std::max<int64_t>(max_positions, int64_t{positions[row]} + 1);
+    // Every (row, head) is independent: the threads take fixed ranges of them, each with its
+    // own score scratch, and each head is computed exactly as on one thread.
+    const int64_t num_items = num_rows * num_q_heads;
+    const int num_parts =
+        num_items * max_positions * head_dim < (int64_t{1} << 15) ? 1 : pool_.num_threads();
     with_kv_format(pool.dtype, [&](auto format) {
       using Kv = decltype(format);
       const float k_scale = pool.k_scale(layer_idx), v_scale = pool.v_scale(layer_idx);
-      for (int64_t row = 0; row < num_rows; ++row) {
-        int64_t num_positions = int64_t{positions[row]} + 1;
-        scores_.resize(std::max(scores_.size(), static_cast<size_t>(num_positions)));
-        for (int64_t head = 0; head < num_q_heads; ++head) {
+      auto run_part = [&](int part) {
+        std::vector<float>& scores = part_scores_[static_cast<size_t>(part)];
+        scores.resize(std::max(scores.size(), static_cast<size_t>(max_positions)));
+        const cpu::RowRange items = cpu::partition_rows(num_items, num_parts, part, 1);
+        for (int64_t item = items.first; item < items.end; ++item) {
+          const int64_t row = item / num_q_heads, head = item % num_q_heads;
           const int32_t kv_head = kv_head_of_q[head];
           math::attention_head_paged<Kv>(
               rows + row * row_stride + head * head_dim,
               paged_rows<Kv>(pool, pool.k, cache_idx[row], layer_idx, kv_head, k_scale),
               paged_rows<Kv>(pool, pool.v, cache_idx[row], layer_idx, kv_head, v_scale),
-              num_positions, scale, scores_.data(), out + (row * num_q_heads + head) * head_dim);
+              int64_t{positions[row]} + 1, scale, scores.data(),
+              out + (row * num_q_heads + head) * head_dim);
         }
-      }
+      };
+      if (num_parts == 1)
+        run_part(0);
+      else
+        pool_.run(run_part);
     });
   }
   void route_top_k(const float* logits, int64_t num_rows, int64_t num_experts, int64_t top_k,
@@ -170,12 +196,12 @@ class CpuBackend final : public Backend {
         if (experts.gate_up_views != nullptr) {
           cpu::expert_ffn_views(expert_in + first * hidden, num_rows, experts.gate_up_views[local],
                                 experts.down_views[local], mid + first * 2 * inter,
-                                act + first * inter, expert_out + first * hidden);
+                                act + first * inter, expert_out + first * hidden, pool_);
           return;
         }
         cpu::expert_ffn(expert_in + first * hidden, num_rows, hidden, inter, experts.gate_up[local],
                         experts.down[local], experts.dtype, mid + first * 2 * inter,
-                        act + first * inter, expert_out + first * hidden);
+                        act + first * inter, expert_out + first * hidden, pool_);
       };
       if (times == nullptr || num_rows == 0) {
         run();
@@ -283,13 +309,16 @@ class CpuBackend final : public Backend {
     return rows;
   }
 
-  std::vector<float> cos_sin_, scores_, probs_;
+  cpu::WorkerPool pool_;
+  std::vector<std::vector<float>> part_scores_;  // [thread] attention scores
+  std::vector<float> cos_sin_, probs_;
 };
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cpu_backend() {
-  return std::make_unique<CpuBackend>();
+std::unique_ptr<Backend> make_cpu_backend(int threads) {
+  if (threads < 1) throw_error("threads per rank must be at least 1 (got ", threads, ")");
+  return std::make_unique<CpuBackend>(threads);
 }
 
 }  // namespace keel

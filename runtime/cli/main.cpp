@@ -54,7 +54,7 @@ constexpr const char* kUsage = R"(keel: tensor-parallel MoE inference with repro
 usage:
   keel gen-model --preset NAME --out DIR [--seed N] [--max-shard-mb M] [--quant FORMAT]
       Write a synthetic checkpoint (HF config.json + safetensors) from configs/models/NAME.yaml.
-  keel generate --model DIR [--config deployment.yaml] [--tp 1|2|4]
+  keel generate --model DIR [--config deployment.yaml] [--tp 1|2|4] [--threads N]
                 [--reduce native|fixed_order] [--placement contiguous|round_robin|explicit]
                 [--combine fp32|round_per_expert] [--prompt-ids 1,2,3] [--max-tokens N]
                 [--batch-with N] [--collective-timeout-ms MS] [--backend cpu|cuda] [--json]
@@ -67,7 +67,8 @@ usage:
       without a CUDA device it exits with an error saying why.
       --batch-with N batches the prompt with N synthetic prompts (the prompt goes last);
       tokens and the digest are the prompt's own.
-  keel serve --config configs/serve/NAME.yaml [--host H] [--port P] [--model DIR] [--verbose]
+  keel serve --config configs/serve/NAME.yaml [--host H] [--port P] [--model DIR] [--threads N]
+             [--placement-file FILE] [--verbose]
       OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models,
       /health, /metrics) with continuous batching over a paged KV cache. Prints
       "keel serve: listening on http://HOST:PORT ..." once ready (--port 0: any free port).
@@ -168,6 +169,13 @@ class Flags {
 };
 
 using Kind = Flags::Kind;
+
+// --threads N (cpu threads per rank), range-checked; `fallback` when absent.
+int threads_flag(const Flags& flags, int fallback) {
+  const int64_t threads = flags.integer("--threads", fallback);
+  if (threads < 1 || threads > 256) throw_error("--threads must be in [1, 256], got ", threads);
+  return static_cast<int>(threads);
+}
 
 // Under mpirun every process is one rank; without it the ranks are threads of this process.
 struct ProcessRanks {
@@ -283,6 +291,7 @@ int generate(int argc, char** argv) {
       {{"--model", Kind::kText, "DIR", "checkpoint (or model: in --config)"},
        {"--config", Kind::kText, "deployment.yaml", "deployment settings"},
        {"--tp", Kind::kInteger, "1|2|4", "tensor-parallel ranks"},
+       {"--threads", Kind::kInteger, "N", "cpu threads per rank (default 1; same bits at any N)"},
        {"--reduce", Kind::kText, "native|fixed_order", "all-reduce algorithm"},
        {"--placement", Kind::kText, "contiguous|round_robin|explicit", "expert placement"},
        {"--combine", Kind::kText, "fp32|round_per_expert", "expert output combine"},
@@ -306,6 +315,7 @@ int generate(int argc, char** argv) {
     throw_error("generate needs --model DIR (or model: in --config)");
   keel::EngineOptions& options = deployment.engine;
   options.tp_size = static_cast<int>(flags.integer("--tp", options.tp_size));
+  options.threads_per_rank = threads_flag(flags, options.threads_per_rank);
   options.collective_timeout_ms = flags.integer("--collective-timeout-ms", 120000);
   if (options.collective_timeout_ms < 0) throw_error("--collective-timeout-ms must be >= 0");
 
@@ -446,6 +456,9 @@ int serve(int argc, char** argv) {
                {"--host", Kind::kText, "H", "listen address (config: host)"},
                {"--port", Kind::kInteger, "P", "listen port, 0 = any free (config: port)"},
                {"--model", Kind::kText, "DIR", "checkpoint (config: model)"},
+               {"--threads", Kind::kInteger, "N", "cpu threads per rank (config: threads)"},
+               {"--placement-file", Kind::kText, "FILE",
+                "explicit expert placement YAML (config: placement_file)"},
                {"--kv-cache-dtype", Kind::kText, "auto|fp32|bf16|fp8_e4m3",
                 "KV cache storage (config: kv_cache_dtype)"},
                {"--nvfp4-activations", Kind::kText, "fp32|w4a4",
@@ -455,6 +468,9 @@ int serve(int argc, char** argv) {
   if (!flags.has("--config")) throw_error("serve needs --config FILE (see configs/serve/)");
   keel::ServeConfig config = keel::load_serve_config(flags.get("--config"));
   if (flags.has("--model")) config.model_dir = flags.get("--model");
+  config.engine.threads_per_rank = threads_flag(flags, config.engine.threads_per_rank);
+  if (flags.has("--placement-file"))
+    config.engine.placement = keel::load_placement_file(flags.get("--placement-file"));
   if (flags.has("--kv-cache-dtype"))
     config.engine.kv_cache_dtype =
         keel::parse_kv_cache_dtype(flags.get("--kv-cache-dtype"), "--kv-cache-dtype");

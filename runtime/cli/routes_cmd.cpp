@@ -114,35 +114,19 @@ int run_placement(const Args& args) {
   const int tp = args.tp > 0 ? args.tp : static_cast<int>(file.header.tp);
   if (tp < 1) throw_error("placement: the file names no tp; pass --tp N");
   const RoutingStats stats = routing_stats(file, args.epsilon);
-  std::vector<std::vector<int64_t>> loads;
-  for (const LayerRoutingStats& layer : stats.layers) loads.push_back(layer.expert_tokens);
-  const std::vector<std::vector<int>> balanced = balanced_placement(loads, tp);
-  // One list per model layer (dense layers keep round_robin's, unused).
-  const auto num_experts = static_cast<size_t>(file.header.num_experts);
-  std::vector<std::vector<int>> lists(static_cast<size_t>(file.header.num_layers));
-  for (std::vector<int>& list : lists)
-    for (size_t e = 0; e < num_experts; ++e) list.push_back(static_cast<int>(e % tp));
-  std::cout << "# balanced placement for tp " << tp << " from " << args.positional[0] << " ("
-            << stats.num_tokens << " tokens): busiest rank's tokens per MoE layer, round_robin"
-            << " -> balanced\n";
-  for (size_t slot = 0; slot < stats.layers.size(); ++slot) {
-    const LayerRoutingStats& layer = stats.layers[slot];
-    std::vector<int64_t> round_robin(static_cast<size_t>(tp), 0), lpt(static_cast<size_t>(tp), 0);
-    for (size_t e = 0; e < num_experts; ++e) {
-      round_robin[e % static_cast<size_t>(tp)] += layer.expert_tokens[e];
-      lpt[static_cast<size_t>(balanced[slot][e])] += layer.expert_tokens[e];
-    }
-    std::cout << "#   layer " << layer.layer << ": "
-              << *std::max_element(round_robin.begin(), round_robin.end()) << " -> "
-              << *std::max_element(lpt.begin(), lpt.end()) << "\n";
-    lists[static_cast<size_t>(layer.layer)] = balanced[slot];
+  // The load was seen under the file's placement, but the comparison is with round_robin,
+  // the placement a balanced one replaces by default.
+  std::vector<LayerLoad> layers;
+  for (const LayerRoutingStats& layer : stats.layers) {
+    LayerLoad load{layer.layer, layer.expert_tokens, {}};
+    for (size_t e = 0; e < layer.expert_tokens.size(); ++e)
+      load.current_ranks.push_back(static_cast<int>(e % static_cast<size_t>(tp)));
+    layers.push_back(std::move(load));
   }
-  std::cout << "placement: explicit\nexplicit_placement:\n";
-  for (const std::vector<int>& list : lists) {
-    std::cout << "  - [";
-    for (size_t e = 0; e < list.size(); ++e) std::cout << (e ? ", " : "") << list[e];
-    std::cout << "]\n";
-  }
+  std::cout << "# current = round_robin\n"
+            << balanced_placement_file(
+                   layers, file.header.num_layers, file.header.num_experts, tp,
+                   args.positional[0] + " (" + std::to_string(stats.num_tokens) + " tokens)");
   return 0;
 }
 

@@ -6,11 +6,54 @@
 
 namespace keel {
 
+int threads_value(const YAML::Node& root, const std::string& path) {
+  const int threads = yaml_value<int>(root, "threads", path);
+  if (threads < 1 || threads > 256)
+    throw_error(path, ": key 'threads' is ", threads, "; expected a value in [1, 256]");
+  return threads;
+}
+
+std::vector<std::vector<int>> explicit_placement_lists(const YAML::Node& root,
+                                                       const std::string& path) {
+  std::vector<std::vector<int>> lists_out;
+  if (!root["explicit_placement"]) return lists_out;
+  const YAML::Node& lists = root["explicit_placement"];
+  if (!lists.IsSequence()) throw_error(path, ": explicit_placement must be a list of lists");
+  for (const auto& list : lists) {
+    if (!list.IsSequence()) throw_error(path, ": explicit_placement must be a list of lists");
+    std::vector<int> ranks;
+    for (const auto& rank : list) {
+      try {
+        ranks.push_back(rank.as<int>());
+      } catch (const YAML::Exception&) {
+        throw_error(path, ": explicit_placement entries must be integers (ranks)");
+      }
+    }
+    lists_out.push_back(std::move(ranks));
+  }
+  return lists_out;
+}
+
+PlacementSpec load_placement_file(const std::string& path) {
+  YAML::Node root = load_yaml_mapping(path);
+  reject_unknown_keys(root, {"placement", "explicit_placement"}, path);
+  if (root["placement"] && yaml_value<std::string>(root, "placement", path) != "explicit")
+    throw_error(path, ": a placement file holds placement: explicit (got '",
+                yaml_value<std::string>(root, "placement", path), "')");
+  PlacementSpec spec;
+  spec.kind = PlacementKind::kExplicit;
+  spec.explicit_ranks = explicit_placement_lists(root, path);
+  if (spec.explicit_ranks.empty())
+    throw_error(path,
+                ": a placement file needs an explicit_placement list (one per layer, or one)");
+  return spec;
+}
+
 Deployment load_deployment(const std::string& path) {
   YAML::Node root = load_yaml_mapping(path);
   reject_unknown_keys(root,
-                      {"model", "tp", "reduce", "placement", "explicit_placement", "combine",
-                       "kv_cache_dtype", "nvfp4_activations"},
+                      {"model", "tp", "threads", "reduce", "placement", "explicit_placement",
+                       "combine", "kv_cache_dtype", "nvfp4_activations"},
                       path);
   Deployment deployment;
   if (root["model"]) {
@@ -44,22 +87,8 @@ Deployment load_deployment(const std::string& path) {
   } catch (const Error& error) {
     throw_error(path, ": ", error.what());
   }
-  if (root["explicit_placement"]) {
-    const YAML::Node& lists = root["explicit_placement"];
-    if (!lists.IsSequence()) throw_error(path, ": explicit_placement must be a list of lists");
-    for (const auto& list : lists) {
-      if (!list.IsSequence()) throw_error(path, ": explicit_placement must be a list of lists");
-      std::vector<int> ranks;
-      for (const auto& rank : list) {
-        try {
-          ranks.push_back(rank.as<int>());
-        } catch (const YAML::Exception&) {
-          throw_error(path, ": explicit_placement entries must be integers (ranks)");
-        }
-      }
-      deployment.engine.placement.explicit_ranks.push_back(std::move(ranks));
-    }
-  }
+  if (root["threads"]) deployment.engine.threads_per_rank = threads_value(root, path);
+  deployment.engine.placement.explicit_ranks = explicit_placement_lists(root, path);
   if (deployment.engine.placement.kind == PlacementKind::kExplicit &&
       deployment.engine.placement.explicit_ranks.empty())
     throw_error(path, ": placement 'explicit' needs an explicit_placement list");

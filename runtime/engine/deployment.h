@@ -1,6 +1,7 @@
 // A deployment file (configs/deployments/*.yaml): which model, how it is split and reduced.
 //   model: path to an HF checkpoint directory
 //   tp: 1 | 2 | 4
+//   threads: cpu threads per rank (default 1; the bits do not depend on it)
 //   reduce: native | fixed_order
 //   placement: contiguous | round_robin | explicit
 //   explicit_placement: [[rank of expert 0, rank of expert 1, ...]]   (one list, or one per layer)
@@ -11,6 +12,9 @@
 #pragma once
 
 #include <string>
+#include <vector>
+
+#include <yaml-cpp/yaml.h>
 
 #include "runtime/engine/engine.h"
 
@@ -23,5 +27,17 @@ struct Deployment {
 };
 
 Deployment load_deployment(const std::string& path);
+
+// A placement file: `placement: explicit` (optional) and `explicit_placement` (one list of ranks
+// per layer, or one for every layer), as `keel routes placement` and GET
+// /v1/telemetry/placement write it. Lengths and ranks are checked against the model when the
+// engine builds it.
+PlacementSpec load_placement_file(const std::string& path);
+
+// Shared by deployment and serve configs: the `threads` key (range-checked) and the
+// `explicit_placement` lists (empty when absent).
+int threads_value(const YAML::Node& root, const std::string& path);
+std::vector<std::vector<int>> explicit_placement_lists(const YAML::Node& root,
+                                                       const std::string& path);
 
 }  // namespace keel

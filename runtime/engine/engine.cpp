@@ -95,6 +95,12 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options)
   }
   options_.tp_size = tp_size_;
   if (options.device == Device::kCpu) {
+    // Spinning workers on shared cores slow every rank down (worker_pool.h spins ~50 us).
+    const unsigned cores = std::thread::hardware_concurrency();
+    const int64_t compute_threads = int64_t{options.threads_per_rank} * tp_size_;
+    if (cores > 0 && process_comm == nullptr && compute_threads > cores)
+      spdlog::warn("{} ranks x {} threads = {} compute threads on {} cores: oversubscribed",
+                   tp_size_, options.threads_per_rank, compute_threads, cores);
     // Weights from 2 MiB up ask for transparent huge pages (kernels/base/host_memory.h).
     const std::string huge_pages = transparent_huge_pages_mode();
     if (huge_pages == "always" || huge_pages == "madvise")
@@ -109,6 +115,11 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options)
   checkpoint_ = std::make_unique<Checkpoint>(Checkpoint::open(model_dir));
   placement_ = std::make_unique<ExpertPlacement>(
       ExpertPlacement::build(options.placement, config_.num_layers, config_.num_experts, tp_size_));
+  if (options.threads_per_rank < 1 || options.threads_per_rank > 256)
+    throw_error("threads per rank must be in [1, 256], got ", options.threads_per_rank);
+  if (options.device == Device::kCuda && options.threads_per_rank != 1)
+    throw_error("threads per rank (", options.threads_per_rank,
+                ") apply to the cpu backend; --backend cuda computes on the GPU");
   if (options.device == Device::kCuda && process_comm == nullptr)
     throw_error("--backend cuda runs one rank per process and GPU: launch with mpirun -np N");
   ranks_.resize(local_ranks_.size());
@@ -118,7 +129,7 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options)
             ? make_cuda_backend(options.cuda_device, options.reduce == comm::ReduceAlgo::kFixedOrder
                                                          ? GpuGemm::kCanonical
                                                          : GpuGemm::kCublas)
-            : make_cpu_backend());
+            : make_cpu_backend(options.threads_per_rank));
   RankOptions rank_options;
   rank_options.reduce = options.reduce;
   rank_options.combine = options.combine;

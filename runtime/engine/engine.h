@@ -31,6 +31,9 @@ struct EngineOptions {
   // (e.g. an MpiCommunicator under mpirun); this process then holds the one rank
   // communicator->rank() of communicator->size(), and tp_size must be 0 or equal to the size.
   int tp_size = 1;
+  // CPU backend: threads per rank, splitting each GEMM's output rows (and attention's heads) by a
+  // fixed partition; no bits change with it (kernels/cpu/worker_pool.h). 1 on CUDA.
+  int threads_per_rank = 1;
   comm::Communicator* process_communicator = nullptr;
   // A collective waiting longer than this for its peers fails (thread ranks: every rank throws;
   // MPI ranks: the communicator's own watchdog). 0 = wait forever.

@@ -3,6 +3,7 @@
 #include <filesystem>
 
 #include "runtime/common/yaml_util.h"
+#include "runtime/engine/deployment.h"
 
 namespace keel {
 
@@ -29,7 +30,9 @@ ServeConfig load_serve_config(const std::string& path) {
                       {"model",
                        "model_name",
                        "tp",
+                       "threads",
                        "placement",
+                       "placement_file",
                        "combine",
                        "determinism",
                        "backend",
@@ -87,8 +90,15 @@ ServeConfig load_serve_config(const std::string& path) {
   }
   if (config.engine.placement.kind == PlacementKind::kExplicit)
     throw_error(path,
-                ": placement 'explicit' is for deployment files; serve configs take "
-                "contiguous or round_robin");
+                ": placement 'explicit' comes from a file here: set placement_file (e.g. the "
+                "output of keel routes placement or GET /v1/telemetry/placement)");
+  if (root["threads"]) config.engine.threads_per_rank = threads_value(root, path);
+  if (root["placement_file"]) {
+    if (root["placement"]) throw_error(path, ": set placement or placement_file, not both");
+    std::filesystem::path file = yaml_value<std::string>(root, "placement_file", path);
+    if (file.is_relative()) file = std::filesystem::path(path).parent_path() / file;
+    config.engine.placement = load_placement_file(file.string());
+  }
   if (root["determinism"]) {
     const std::string name = yaml_value<std::string>(root, "determinism", path);
     if (name == "batch_invariant") {

@@ -2,7 +2,10 @@
 //   model: checkpoint directory (relative paths are relative to the file)
 //   model_name: name clients must send (default: the directory's name)
 //   tp: 1 | 2 | 4 (thread ranks; under mpirun the process count)
+//   threads: 1 (cpu threads per rank; the bits do not depend on it)
 //   placement: contiguous | round_robin      combine: fp32 | round_per_expert
+//   placement_file: FILE  an explicit placement (keel routes placement, or GET
+//       /v1/telemetry/placement from a running server); relative to this file
 //   determinism: batch_invariant | fast
 //       batch_invariant: fixed_order all-reduce (+ canonical GEMMs on CUDA): a request's tokens
 //       and logprobs are bit-identical whatever else is batched with it.

@@ -106,6 +106,9 @@ ServingEngine::ServingEngine(const Engine& engine, const std::string& model_dir,
   stats_.state_slots_total = config_.scheduler.num_state_slots;
   local_stats_ = stats_;
   top_k_ = engine.config().top_k;
+  tp_size_ = engine.tp_size();
+  num_layers_ = engine.config().num_layers;
+  num_experts_ = engine.config().num_experts;
   for (bool is_moe : engine.config().layer_is_moe) num_moe_layers_ += is_moe ? 1 : 0;
   telemetry_ =
       std::make_unique<ServingTelemetry>(engine.config(), engine.placement(), engine.tp_size(),
@@ -667,6 +670,32 @@ std::optional<server::HttpServerConfig::ExtraResponse> ServingEngine::handle_rou
     if (path == "/v1/telemetry/experts") {
       if (method != "GET") return method_error("GET");
       return json_response(telemetry_->experts_json());
+    }
+    if (path == "/v1/telemetry/placement") {
+      // A balanced placement from the live per-expert token counters, as the placement file a
+      // restart loads (serve config placement_file / --placement-file).
+      if (method != "GET") return method_error("GET");
+      const int64_t tp = query_int(query, "tp", tp_size_);
+      if (tp < 1 || tp > 64) return Response{400, "query parameter 'tp' must be in [1, 64]"};
+      std::vector<LayerLoad> loads = telemetry_->layer_loads();
+      if (loads.empty()) return Response{409, "this model has no routed (MoE) layers"};
+      std::string current = "this server's placement";
+      if (tp != tp_size_) {
+        current = "round_robin at tp " + std::to_string(tp);
+        for (LayerLoad& load : loads)
+          for (size_t e = 0; e < load.current_ranks.size(); ++e)
+            load.current_ranks[e] = static_cast<int>(e % static_cast<size_t>(tp));
+      }
+      int64_t tokens = 0;
+      for (int64_t count : loads.front().expert_tokens) tokens += count;
+      return Response{
+          200,
+          "# current = " + current + "\n" +
+              balanced_placement_file(loads, num_layers_, num_experts_, static_cast<int>(tp),
+                                      "the live counters of " + config_.model_name + " (" +
+                                          std::to_string(tokens) + " routed token-slots in layer " +
+                                          std::to_string(loads.front().layer) + ")"),
+          "application/yaml"};
     }
     if (path == "/v1/telemetry/requests") {
       if (method != "GET") return method_error("GET");

@@ -96,7 +96,8 @@ class ServingEngine final : public server::GenerationBackend, public StepSource 
   std::string prometheus() const;
   // Telemetry and profiling routes for HttpServerConfig::extra_routes:
   //   GET /v1/telemetry/experts, GET /v1/telemetry/requests?limit=N,
-  //   GET /v1/telemetry/steps?first=A&last=B, POST /v1/profile/start, POST /v1/profile/stop
+  //   GET /v1/telemetry/steps?first=A&last=B, GET /v1/telemetry/placement?tp=N (a balanced
+  //   placement file from the live counters), POST /v1/profile/start, POST /v1/profile/stop
   //   (body {"path": FILE} optional) -> {"path", "spans"}.
   std::optional<server::HttpServerConfig::ExtraResponse> handle_route(const std::string& method,
                                                                       const std::string& path,
@@ -200,6 +201,9 @@ class ServingEngine final : public server::GenerationBackend, public StepSource 
   double last_step_end_s_ = -1;
   int64_t num_moe_layers_ = 0;
   int64_t top_k_ = 0;
+  int tp_size_ = 1;
+  int64_t num_layers_ = 0;
+  int64_t num_experts_ = 0;
   std::unique_ptr<RoutingWriter> routing_writer_;
 };
 

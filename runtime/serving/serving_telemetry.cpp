@@ -345,6 +345,17 @@ void ServingTelemetry::append_prometheus(telemetry::PromText& out) const {
   }
 }
 
+std::vector<LayerLoad> ServingTelemetry::layer_loads() const {
+  std::lock_guard lock(mutex_);
+  std::vector<LayerLoad> loads;
+  for (const int64_t layer : moe_layers_) {
+    const auto begin = expert_tokens_.begin() + layer * num_experts_;
+    loads.push_back(LayerLoad{layer, std::vector<int64_t>(begin, begin + num_experts_),
+                              expert_rank_[static_cast<size_t>(layer)]});
+  }
+  return loads;
+}
+
 nlohmann::json ServingTelemetry::experts_json() const {
   std::lock_guard lock(mutex_);
   nlohmann::json layers = nlohmann::json::array();

@@ -98,6 +98,9 @@ class ServingTelemetry {
   // Any thread.
   void append_prometheus(telemetry::PromText& out) const;
   nlohmann::json experts_json() const;
+  // Every routed layer's tokens per expert so far and the ranks its experts sit on now (the
+  // input of balanced_placement_file, scheduler/placement.h).
+  std::vector<LayerLoad> layer_loads() const;
   nlohmann::json requests_json(size_t limit) const;
   nlohmann::json steps_json(int64_t first, int64_t last) const;
 
