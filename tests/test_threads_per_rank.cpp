@@ -65,10 +65,37 @@ void PrintTo(const Case& c, std::ostream* out) {
 
 class ThreadsPerRank : public ::testing::TestWithParam<Case> {};
 
+void expect_same_bits(const GenerateResult& one, const GenerateResult& other,
+                      const std::string& what) {
+  EXPECT_EQ(other.tokens, one.tokens) << what;
+  EXPECT_EQ(other.logits_digest, one.logits_digest) << what;
+  ASSERT_EQ(other.step_logits.size(), one.step_logits.size());
+  for (size_t prompt = 0; prompt < one.step_logits.size(); ++prompt) {
+    ASSERT_EQ(other.step_logits[prompt].size(), one.step_logits[prompt].size());
+    for (size_t step = 0; step < one.step_logits[prompt].size(); ++step) {
+      const auto& a = one.step_logits[prompt][step];
+      const auto& b = other.step_logits[prompt][step];
+      ASSERT_EQ(a.size(), b.size());
+      EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0)
+          << what << ", prompt " << prompt << " step " << step;
+    }
+    const auto& pa = one.prompt_logits[prompt];
+    const auto& pb = other.prompt_logits[prompt];
+    ASSERT_EQ(pa.size(), pb.size());
+    for (size_t position = 0; position < pa.size(); ++position)
+      EXPECT_EQ(std::memcmp(pa[position].data(), pb[position].data(),
+                            pa[position].size() * sizeof(float)),
+                0)
+          << what << ", prompt " << prompt << " position " << position;
+  }
+}
+
+// Two requests per engine: 25 prompts (every GEMM and attention split by rows / heads) and one
+// prompt alone (decode steps of one row: the MoE layer gives whole experts to each thread).
 TEST_P(ThreadsPerRank, LogitsBitIdenticalAtAnyThreadCount) {
   const Case& c = GetParam();
   const std::string dir = make_checkpoint(c.preset, c.quant);
-  std::vector<GenerateResult> results;
+  std::vector<GenerateResult> batched, alone;
   for (int threads : {1, 2, 3}) {
     EngineOptions options;
     options.tp_size = c.tp;
@@ -82,32 +109,14 @@ TEST_P(ThreadsPerRank, LogitsBitIdenticalAtAnyThreadCount) {
     request.prompts.push_back({5, 17, 3, 42, 8, 11, 2});
     request.max_new_tokens = 4;
     request.keep_all_logits = true;
-    results.push_back(engine.generate(request));
+    batched.push_back(engine.generate(request));
+    request.prompts.erase(request.prompts.begin(), request.prompts.end() - 1);
+    request.max_new_tokens = 8;
+    alone.push_back(engine.generate(request));
   }
-  const GenerateResult& one = results[0];
-  for (size_t run = 1; run < results.size(); ++run) {
-    const GenerateResult& other = results[run];
-    EXPECT_EQ(other.tokens, one.tokens) << run + 1 << " threads";
-    EXPECT_EQ(other.logits_digest, one.logits_digest) << run + 1 << " threads";
-    ASSERT_EQ(other.step_logits.size(), one.step_logits.size());
-    for (size_t prompt = 0; prompt < one.step_logits.size(); ++prompt) {
-      ASSERT_EQ(other.step_logits[prompt].size(), one.step_logits[prompt].size());
-      for (size_t step = 0; step < one.step_logits[prompt].size(); ++step) {
-        const auto& a = one.step_logits[prompt][step];
-        const auto& b = other.step_logits[prompt][step];
-        ASSERT_EQ(a.size(), b.size());
-        EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0)
-            << run + 1 << " threads, prompt " << prompt << " step " << step;
-      }
-      const auto& pa = one.prompt_logits[prompt];
-      const auto& pb = other.prompt_logits[prompt];
-      ASSERT_EQ(pa.size(), pb.size());
-      for (size_t position = 0; position < pa.size(); ++position)
-        EXPECT_EQ(std::memcmp(pa[position].data(), pb[position].data(),
-                              pa[position].size() * sizeof(float)),
-                  0)
-            << run + 1 << " threads, prompt " << prompt << " position " << position;
-    }
+  for (size_t run = 1; run < batched.size(); ++run) {
+    expect_same_bits(batched[0], batched[run], std::to_string(run + 1) + " threads, batched");
+    expect_same_bits(alone[0], alone[run], std::to_string(run + 1) + " threads, alone");
   }
 }
 

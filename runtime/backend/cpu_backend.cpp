@@ -189,31 +189,52 @@ class CpuBackend final : public Backend {
                    float* mid, float* act, float* expert_out, const ExpertTimes* times) override {
     const int64_t hidden = experts.hidden;
     const int64_t inter = experts.inter;
-    for (int64_t local = 0; local < dispatch.num_local; ++local) {
+    auto run_expert = [&](int64_t local, cpu::WorkerPool& pool) {
       const int64_t first = dispatch.offsets[local];
       const int64_t num_rows = dispatch.offsets[local + 1] - first;
       auto run = [&] {
         if (experts.gate_up_views != nullptr) {
           cpu::expert_ffn_views(expert_in + first * hidden, num_rows, experts.gate_up_views[local],
                                 experts.down_views[local], mid + first * 2 * inter,
-                                act + first * inter, expert_out + first * hidden, pool_);
+                                act + first * inter, expert_out + first * hidden, pool);
           return;
         }
         cpu::expert_ffn(expert_in + first * hidden, num_rows, hidden, inter, experts.gate_up[local],
                         experts.down[local], experts.dtype, mid + first * 2 * inter,
-                        act + first * inter, expert_out + first * hidden, pool_);
+                        act + first * inter, expert_out + first * hidden, pool);
       };
       if (times == nullptr || num_rows == 0) {
         run();
         if (times != nullptr) record_time(*times, local, 0.0, 0.0);
-        continue;
+        return;
       }
       const auto start = std::chrono::steady_clock::now();
       run();
       const auto stop = std::chrono::steady_clock::now();
       record_time(*times, local, std::chrono::duration<double>(start.time_since_epoch()).count(),
                   std::chrono::duration<double>(stop - start).count());
+    };
+    // Decode-like steps (a few rows per expert): whole experts per thread, one fork-join for the
+    // layer instead of two per expert; expert `local` goes to the part its first row falls in,
+    // so parts hold about the same number of rows. Otherwise each expert's GEMMs split their
+    // output rows over the threads. Either way an expert's rows are computed exactly as on one
+    // thread, so the choice changes no bits.
+    constexpr int64_t kFewRows = 4;
+    const int64_t total_rows = dispatch.offsets[dispatch.num_local];
+    int64_t max_rows = 0;
+    for (int64_t local = 0; local < dispatch.num_local; ++local)
+      max_rows = std::max<int64_t>(max_rows, dispatch.offsets[local + 1] - dispatch.offsets[local]);
+    const int num_parts = pool_.num_threads();
+    if (num_parts > 1 && total_rows > 0 && max_rows <= kFewRows) {
+      pool_.run([&](int part) {
+        for (int64_t local = 0; local < dispatch.num_local; ++local)
+          if (std::min<int64_t>(num_parts - 1,
+                                int64_t{dispatch.offsets[local]} * num_parts / total_rows) == part)
+            run_expert(local, serial_);
+      });
+      return;
     }
+    for (int64_t local = 0; local < dispatch.num_local; ++local) run_expert(local, pool_);
   }
   void silu_mul(const float* gate_up, int64_t num_rows, int64_t width, float* out) override {
     for (int64_t row = 0; row < num_rows; ++row)
@@ -310,6 +331,7 @@ class CpuBackend final : public Backend {
   }
 
   cpu::WorkerPool pool_;
+  cpu::WorkerPool serial_{1};                    // for work a part of pool_ runs on its own thread
   std::vector<std::vector<float>> part_scores_;  // [thread] attention scores
   std::vector<float> cos_sin_, probs_;
 };
