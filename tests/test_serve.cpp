@@ -8,16 +8,20 @@
 //    drains in-flight streams and exits 0; curl as an independent client.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "runtime/engine/deployment.h"
 #include "runtime/model/gen_model.h"
+#include "runtime/model/model_config.h"
 #include "runtime/routing/routing_file.h"
 #include "runtime/serving/calibrate.h"
 #include "runtime/tools/simulation/cost_model.h"
@@ -617,6 +621,70 @@ TEST(ServeAlone, CapturedRoutingReplaysBitForBit) {
   report = json::parse(output.substr(output.find('{')));
   EXPECT_EQ(report["reproduced"], 3);
   EXPECT_FALSE(report["requests"][3]["reproduced"].get<bool>());
+}
+
+// Placement by observed load: GET /v1/telemetry/placement turns the live expert counters into a
+// balanced placement file (each rank E / tp experts, the busiest rank no busier than now); a
+// server started from that file (placement_file, 2 threads per rank) serves, records the
+// placement in its routing capture, and the capture replays bit for bit on 1 thread per rank.
+TEST(ServeAlone, BalancedPlacementFromLiveCountersServesAndReplays) {
+  const std::string placement = scratch() + "/balanced-placement.yaml";
+  {
+    ServerProcess server(serve_args(write_config("live-placement", "")));
+    for (int index = 0; index < 3; ++index)
+      ASSERT_EQ(post(server.port(), "/v1/completions", mate_request(index, false)).status, 200);
+    EXPECT_EQ(http(server.port(), "GET", "/v1/telemetry/placement?tp=0").status, 400);
+    EXPECT_EQ(http(server.port(), "POST", "/v1/telemetry/placement").status, 405);
+    const HttpResponse response = http(server.port(), "GET", "/v1/telemetry/placement");
+    ASSERT_EQ(response.status, 200) << response.body;
+    EXPECT_EQ(response.headers.at("content-type"), "application/yaml");
+    std::ofstream(placement) << response.body;
+    std::istringstream lines(response.body);
+    int layers_compared = 0;
+    for (std::string line; std::getline(lines, line);) {
+      if (line.rfind("#   layer ", 0) != 0) continue;
+      const size_t colon = line.find(": "), arrow = line.find(" -> ");
+      EXPECT_LE(std::stoll(line.substr(arrow + 4)),
+                std::stoll(line.substr(colon + 2, arrow - colon - 2)))
+          << line;
+      ++layers_compared;
+    }
+    EXPECT_GT(layers_compared, 0) << response.body;
+    server.terminate();
+    ASSERT_EQ(server.wait(), 0) << server.output();
+  }
+  const keel::PlacementSpec spec = keel::load_placement_file(placement);
+  const auto config = keel::ModelConfig::load(model_dir() + "/config.json");
+  ASSERT_EQ(spec.explicit_ranks.size(), static_cast<size_t>(config.num_layers));
+  for (const std::vector<int>& ranks : spec.explicit_ranks)
+    for (int rank = 0; rank < 4; ++rank)
+      EXPECT_EQ(std::count(ranks.begin(), ranks.end(), rank), config.num_experts / 4);
+
+  const std::string capture = scratch() + "/capture-balanced.keelrt";
+  const std::string serve_config = scratch() + "/balanced.yaml";
+  std::ofstream(serve_config) << "model: " << model_dir() << "\nmodel_name: tiny\ntp: 4\n"
+                              << "threads: 2\nplacement_file: " << placement << "\n"
+                              << "determinism: batch_invariant\nport: 0\n"
+                              << "collective_timeout_ms: 60000\nrouting_capture: " << capture
+                              << "\n";
+  {
+    ServerProcess server(serve_args(serve_config));
+    ASSERT_EQ(post(server.port(), "/v1/completions", mate_request(1, true)).status, 200);
+    ASSERT_EQ(post(server.port(), "/v1/completions", kProbe).status, 200);
+    server.terminate();
+    ASSERT_EQ(server.wait(), 0) << server.output();
+  }
+  const keel::RoutingFile file = keel::read_routing_file(capture);
+  EXPECT_EQ(file.header.placement, "explicit");
+  EXPECT_EQ(file.header.extra.at("explicit_placement").get<std::vector<std::vector<int>>>(),
+            spec.explicit_ranks);
+  int exit_code = -1;
+  const std::string output =
+      run_command(kKeel + " routes replay " + capture + " --json", &exit_code);
+  ASSERT_EQ(exit_code, 0) << output;
+  const json report = json::parse(output.substr(output.find('{')));
+  EXPECT_EQ(report["total"], 2);
+  EXPECT_TRUE(report["all_reproduced"].get<bool>()) << output;
 }
 
 // Periodic JSONL dumps land in the configured directory; keel generate --trace writes a Chrome

@@ -553,6 +553,9 @@ int run_serve(keel::ServeConfig& config) {
     header.model_dir = config.model_dir;
     header.architecture = engine.config().architecture_name;
     header.placement = std::string(keel::placement_kind_name(config.engine.placement.kind));
+    // An explicit placement is part of the bits (which rank sums which expert): replay needs it.
+    if (config.engine.placement.kind == keel::PlacementKind::kExplicit)
+      header.extra["explicit_placement"] = config.engine.placement.explicit_ranks;
     header.reduce = std::string(keel::comm::reduce_algo_name(config.engine.reduce));
     header.determinism = std::string(keel::determinism_name(config.determinism));
     header.dtype = std::string(keel::dtype_name(engine.config().dtype));
@@ -744,6 +747,20 @@ int routes_replay(int argc, char** argv) {
   if (!header.reduce.empty()) options.reduce = keel::comm::parse_reduce_algo(header.reduce);
   if (!header.placement.empty())
     options.placement.kind = keel::parse_placement_kind(header.placement);
+  if (options.placement.kind == keel::PlacementKind::kExplicit) {
+    const nlohmann::json lists = header.extra.is_object()
+                                     ? header.extra.value("explicit_placement", nlohmann::json())
+                                     : nlohmann::json();
+    try {
+      options.placement.explicit_ranks = lists.get<std::vector<std::vector<int>>>();
+    } catch (const nlohmann::json::exception&) {
+      throw_error("routes replay: ", path,
+                  " was recorded with an explicit placement but its header carries no "
+                  "extra.explicit_placement lists of ranks");
+    }
+    if (options.placement.explicit_ranks.empty())
+      throw_error("routes replay: ", path, " names an explicit placement with no lists");
+  }
   if (!header.combine.empty()) options.combine = keel::parse_combine_precision(header.combine);
   if (!header.nvfp4_activations.empty())
     options.nvfp4_activations =
