@@ -29,6 +29,35 @@ TEST(Sha256, KnownAnswers) {
             "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
 }
 
+// The SHA-extensions path (where the CPU has one) and the plain one agree on every length
+// around the block and padding boundaries and on random chunkings of a long message.
+TEST(Sha256, HardwarePathEqualsPlainPath) {
+  if (!sha256_has_hardware_path())
+    GTEST_SKIP() << "this CPU has no SHA extensions; only the plain path runs (KnownAnswers)";
+  std::mt19937 rng(11);
+  std::vector<unsigned char> bytes(70000);
+  for (auto& b : bytes) b = static_cast<unsigned char>(rng());
+  auto digest = [&](size_t length, size_t chunk) {
+    Sha256 sha;
+    for (size_t start = 0; start < length; start += chunk)
+      sha.update(bytes.data() + start, std::min(chunk, length - start));
+    return sha.finish_hex();
+  };
+  for (size_t length : {size_t{0}, size_t{1}, size_t{55}, size_t{56}, size_t{63}, size_t{64},
+                        size_t{65}, size_t{119}, size_t{128}, size_t{1000}, size_t{70000}}) {
+    for (size_t chunk : {size_t{1}, size_t{64}, size_t{100}, size_t{70000}}) {
+      sha256_use_hardware_path(false);
+      const std::string plain = digest(length, chunk);
+      sha256_use_hardware_path(true);
+      EXPECT_EQ(digest(length, chunk), plain) << length << " bytes in chunks of " << chunk;
+    }
+  }
+  sha256_use_hardware_path(false);
+  EXPECT_EQ(hex_of("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  sha256_use_hardware_path(true);
+  EXPECT_EQ(hex_of("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+}
+
 TEST(BackgroundSha256, EqualsSha256InAnyChunking) {
   std::mt19937 rng(4);
   std::vector<unsigned char> bytes(300000);

@@ -8,6 +8,11 @@
 
 namespace keel {
 
+// Whether this CPU has the x86 SHA extensions, and (tests) whether Sha256 uses them: on by
+// default where available; the plain path is the same digest.
+bool sha256_has_hardware_path();
+void sha256_use_hardware_path(bool use);
+
 class Sha256 {
  public:
   Sha256();
@@ -16,6 +21,7 @@ class Sha256 {
   std::string finish_hex();
 
  private:
+  void compress_blocks(const uint8_t* data, size_t num_blocks);
   void compress(const uint8_t* block);
   std::array<uint32_t, 8> state_;
   std::array<uint8_t, 64> pending_{};
