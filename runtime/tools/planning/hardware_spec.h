@@ -55,8 +55,9 @@ const char* allreduce_algorithm_name(AllReduceAlgorithm algorithm);
 AllReduceAlgorithm allreduce_algorithm_from_name(const std::string& name, const std::string& where);
 
 // Kernels an engine launches per decode step, by layer kind, excluding collectives (costed by
-// the all-reduce model). Defaults count vLLM's Qwen3-Next/Qwen3.5 decode path
-// (vllm/model_executor/models/qwen3_next.py, layers/mamba/gdn_linear_attn.py, fused_moe):
+// the all-reduce model). Defaults count vLLM's Qwen3-Next/Qwen3.5 decode path op by op from its
+// model code (vllm/model_executor/models/qwen3_next.py, layers/mamba/gdn_linear_attn.py,
+// fused_moe), not from a profiler trace, so fusions a given build does are not seen:
 //   linear_attention  add+RMSNorm, in_proj_qkvz, in_proj_ba, conv1d update, fused gating +
 //                     delta-rule update, gated RMSNorm, out_proj, 2 layout copies        = 9
 //   full_attention    add+RMSNorm, qkv_proj, q/k norm, rope, KV-cache write, decode attention

@@ -21,7 +21,7 @@
 //                 + one gather of the sampled rows' logits, seqs * vocab * logits_bytes:
 //                   (n-1)/n * bytes / B + (n-1) * latency_us;                0 when tp = 1
 //   t_overhead  = kernels * launch_us + num_layers * layer_overhead_us, with
-//                 kernels = 45 GDN layers * kernels.linear_attention + full-attention layers *
+//                 kernels = GDN layers * kernels.linear_attention + full-attention layers *
 //                 kernels.full_attention + MoE layers * kernels.moe + dense layers *
 //                 kernels.dense_mlp + kernels.per_step, and launch_us = launch_us_graph for a
 //                 decode-only step of <= cuda_graph_max_tokens tokens when the engine captures
