@@ -541,5 +541,58 @@ TEST(Simulate, CommandLine) {
   std::filesystem::remove_all(dir);
 }
 
+// keel simulate --cost roofline with the fitted vLLM profile: one request at a time decodes
+// at the planner's single-stream rate (1 / 71.6 tok/s ~ 14 ms per token); MTP (mtp:2,
+// acceptance 0.926 -> 2.783 tokens per step) cuts the time per output token by the planner's
+// speculative ratio.
+TEST(Simulate, RooflineEngineProfileAndSpeculative) {
+  const std::string configs = std::string(KEEL_SOURCE_DIR) + "/configs/";
+  auto tpot = [&](std::vector<std::string> extra) {
+    std::vector<std::string> words = {"--cost",
+                                      "roofline",
+                                      "--model",
+                                      configs + "models/qwen3.5-397b-a17b.yaml",
+                                      "--hardware",
+                                      configs + "hardware/4x-rtx-pro-6000.yaml",
+                                      "--quant",
+                                      "nvfp4",
+                                      "--tp",
+                                      "4",
+                                      "--efficiency-file",
+                                      configs + "engines/vllm-4x-rtx-pro-6000-pcie.yaml",
+                                      "--num-kv-blocks",
+                                      "4096",
+                                      "--rate",
+                                      "0.01",
+                                      "--num-requests",
+                                      "3",
+                                      "--input-len",
+                                      "16",
+                                      "--output-len",
+                                      "64",
+                                      "--no-jitter",
+                                      "--json"};
+    words.insert(words.end(), extra.begin(), extra.end());
+    testing::internal::CaptureStdout();
+    const int code = run_cli(words);
+    const std::string out = testing::internal::GetCapturedStdout();
+    EXPECT_EQ(code, 0);
+    return nlohmann::json::parse(out)["median_tpot_ms"].get<double>();
+  };
+  const double plain = tpot({});
+  const double mtp = tpot({"--speculative", "mtp:2", "--acceptance", "0.926"});
+  // Quantized attention here (no --attention-bf16 in simulate): faster than 71.6 tok/s, but the
+  // launches alone (1462 x 5.21 us = 7.6 ms) bound it from below.
+  EXPECT_GT(plain, 7.6);
+  EXPECT_LT(plain, 14.5);
+  EXPECT_LT(mtp, plain / 1.3);
+  EXPECT_GT(mtp, plain / 2.783476);
+  EXPECT_EQ(
+      run_cli({"--cost", "roofline", "--model", configs + "models/qwen3.5-397b-a17b.yaml",
+               "--hardware", configs + "hardware/4x-rtx-pro-6000.yaml", "--quant", "nvfp4", "--tp",
+               "4", "--num-kv-blocks", "64", "--rate", "1", "--speculative", "mtp:2"}),
+      2);  // --acceptance missing
+}
+
 }  // namespace
 }  // namespace keel::sim

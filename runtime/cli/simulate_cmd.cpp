@@ -31,6 +31,7 @@
 #include "runtime/tools/simulation/simulator.h"
 #if defined(KEEL_SIMULATION_USE_PERF_MODEL)
 #include "runtime/tools/planning/hardware_spec.h"
+#include "runtime/tools/planning/memory_model.h"
 #include "runtime/tools/planning/model_spec.h"
 #include "runtime/tools/planning/quant.h"
 #endif
@@ -52,6 +53,8 @@ const char* kUsage =
     "         [--max-num-batched-tokens N] [--max-waiting N]\n"
     "         [--cost linear [--base-ms A] [--per-token-ms B] [--per-kv-token-us C]\n"
     "          | --calibration FILE [--no-jitter]] [--expert-fraction F]\n"
+    "         (roofline: --model M --hardware H --quant Q [--efficiency-file F]\n"
+    "          [--speculative mtp:K --acceptance A])\n"
     "         (--rate R [--burstiness B] [--num-requests N] [--input-len DIST]\n"
     "          [--output-len DIST] | --trace FILE)\n"
     "         [--zipf S [--num-experts E] [--moe-layers L] | --routing-trace FILE]\n"
@@ -145,9 +148,9 @@ void write_file(const std::string& path, const std::string& text) {
 // Every flag's value; where the serve config has the setting too, the flag wins when given.
 struct SimulateFlags {
   bool json = false, no_jitter = false;
-  std::string config, cost, calibration, model, hardware, quant,
-      input_len = "128", output_len = "128", trace, routing_trace, placement, sweep_rate, save_json,
-      plot;
+  std::string config, cost, calibration, model, hardware, quant, efficiency_file, speculative,
+      acceptance, input_len = "128", output_len = "128", trace, routing_trace, placement,
+                  sweep_rate, save_json, plot;
   int64_t block_size = 16, num_kv_blocks = 0, kv_block_bytes = 0, max_num_seqs = 64,
           max_num_batched_tokens = 512, max_waiting = 256, num_requests = 1000, num_experts = 64,
           moe_layers = 8, redundant_experts = 0, tp = 1;
@@ -178,6 +181,12 @@ void register_flags(flags::FlagSet& flags, SimulateFlags& f) {
   flags.add_string("--model", &f.model, "M.yaml", "roofline: model preset");
   flags.add_string("--hardware", &f.hardware, "H.yaml", "roofline: hardware preset");
   flags.add_string("--quant", &f.quant, "Q", "roofline: quantization");
+  flags.add_string("--efficiency-file", &f.efficiency_file, "F",
+                   "roofline: engine profile (configs/engines/)");
+  flags.add_string("--speculative", &f.speculative, "none|mtp:K",
+                   "roofline: speculative decoding, K draft tokens per step");
+  flags.add_string("--acceptance", &f.acceptance, "A|a1,...,aK",
+                   "roofline: draft acceptance (as keel plan)");
   flags.add_double("--rate", &f.rate, "R", "arrivals per second");
   flags.add_double("--burstiness", &f.burstiness, "B", "gamma arrivals shape (1: Poisson)");
   flags.add_int("--num-requests", &f.num_requests, "N", "requests");
@@ -297,10 +306,15 @@ int run(const flags::FlagSet& flags, const SimulateFlags& f) {
     options.max_num_batched_tokens = config.scheduler.max_num_batched_tokens;
     options.max_num_seqs = config.scheduler.max_num_seqs;
     options.expert_imbalance = config.moe_factor;
-    cost = planning::make_roofline_cost_model(planning::load_model_spec(f.model),
-                                              planning::load_hardware_spec(f.hardware),
+    options.speculative = planning::parse_speculative(f.speculative, f.acceptance);
+    planning::HardwareSpec hardware = planning::load_hardware_spec(f.hardware);
+    if (flags.given("--efficiency-file"))
+      planning::apply_efficiency_file(hardware, f.efficiency_file);
+    cost = planning::make_roofline_cost_model(planning::load_model_spec(f.model), hardware,
                                               planning::quant_from_name(f.quant), tp, options);
     cost_json["expert_imbalance"] = config.moe_factor;
+    cost_json["engine"] = hardware.engine.name;
+    cost_json["speculative_tokens_per_step"] = options.speculative.tokens_per_step();
     config.moe_factor = 1.0;
   }
 #endif

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <set>
 #include <sstream>
 
@@ -19,6 +20,53 @@ double MemoryPlan::seq_bytes(int64_t context) const {
       sliding_window > 0 ? std::min<int64_t>(context, sliding_window) : context);
   return kv_bytes_per_token * static_cast<double>(context) +
          kv_window_bytes_per_token * window_tokens + state_bytes_per_seq;
+}
+
+double SpeculativeConfig::tokens_per_step() const {
+  double tokens = 1.0;
+  for (int64_t i = 0; i < num_draft_tokens && i < static_cast<int64_t>(acceptance.size()); ++i)
+    tokens += acceptance[static_cast<size_t>(i)];
+  return tokens;
+}
+
+SpeculativeConfig parse_speculative(const std::string& method, const std::string& acceptance) {
+  SpeculativeConfig spec;
+  if (method.empty() || method == "none") {
+    if (!acceptance.empty()) throw_error("--acceptance needs --speculative mtp:K");
+    return spec;
+  }
+  if (method.rfind("mtp:", 0) != 0)
+    throw_error("--speculative must be none or mtp:K (got '", method, "')");
+  const std::string count = method.substr(4);
+  char* end = nullptr;
+  const long k = std::strtol(count.c_str(), &end, 10);
+  if (count.empty() || *end != '\0' || k < 1 || k > 16)
+    throw_error("--speculative mtp:K: K must be an integer in [1, 16] (got '", count, "')");
+  spec.num_draft_tokens = k;
+  if (acceptance.empty()) throw_error("--speculative ", method, " needs --acceptance A");
+  std::vector<double> values;
+  std::stringstream stream(acceptance);
+  for (std::string item; std::getline(stream, item, ',');) {
+    char* item_end = nullptr;
+    const double value = std::strtod(item.c_str(), &item_end);
+    if (item.empty() || *item_end != '\0' || !(value >= 0 && value <= 1))
+      throw_error("--acceptance: '", item, "' is not a rate in [0, 1]");
+    values.push_back(value);
+  }
+  if (values.size() == 1) {
+    // One conditional rate: position i is accepted when all before it are, A^i.
+    double rate = 1.0;
+    for (long i = 0; i < k; ++i) spec.acceptance.push_back(rate *= values[0]);
+  } else {
+    if (static_cast<long>(values.size()) != k)
+      throw_error("--acceptance: ", values.size(), " per-position rates for mtp:", k);
+    for (size_t i = 1; i < values.size(); ++i)
+      if (values[i] > values[i - 1])
+        throw_error("--acceptance: per-position rates must not increase (position ", i + 1, ": ",
+                    values[i], " > ", values[i - 1], ")");
+    spec.acceptance = values;
+  }
+  return spec;
 }
 
 namespace {
@@ -165,8 +213,9 @@ MemoryPlan plan_memory(const ModelSpec& m, const HardwareSpec& hw, const QuantSp
     const double shared_gate = m.keel_layout && m.shared_expert_gate && m.num_shared_experts > 0
                                    ? H * static_cast<double>(m.moe_layers())
                                    : 0.0;
-    add("shared experts", (p.shared_experts - shared_gate) * q / T + shared_gate * wb,
-        qn + ", /tp");
+    const double shared_b = options.shared_expert_bf16 ? wb : q;
+    add("shared experts", (p.shared_experts - shared_gate) * shared_b / T + shared_gate * wb,
+        (options.shared_expert_bf16 ? wn : qn) + ", /tp");
   }
   if (per_matrix) {
     add("dense MLP layers", qm.dense_mlp,
@@ -251,6 +300,21 @@ MemoryPlan plan_memory(const ModelSpec& m, const HardwareSpec& hw, const QuantSp
         wn + ", ceil(vocab/tp) rows per rank" +
             (m.tie_word_embeddings ? ", a copy when tied" : ""));
   }
+  const int64_t draft_tokens = options.speculative.num_draft_tokens;
+  if (draft_tokens > 0) {
+    // One draft decoder layer: a full-attention layer and a MoE layer at the plan's formats
+    // (per-layer averages of the parts above), plus fc [H, 2H] in bf16 (kept unquantized in the
+    // NVFP4 checkpoints), split tp ways.
+    double per_layer = 0;
+    for (const MemoryLine& line : plan.weights) {
+      if (line.name == "attention (q/k/v/o, norms)" && m.full_attention_layers() > 0)
+        per_layer += line.bytes / full;
+      if ((line.name == "routed experts" || line.name == "shared experts") && m.moe_layers() > 0)
+        per_layer += line.bytes / static_cast<double>(m.moe_layers());
+    }
+    add("speculative draft (MTP) layer", per_layer + 2.0 * H * H * bf16 / T,
+        "mtp:" + std::to_string(draft_tokens) + ", one decoder layer + fc");
+  }
   for (const MemoryLine& line : plan.weights) plan.weight_bytes += line.bytes;
 
   // KV cache per token (full-attention layers) and sliding-window layers.
@@ -276,7 +340,12 @@ MemoryPlan plan_memory(const ModelSpec& m, const HardwareSpec& hw, const QuantSp
     const double conv_b =
         dtype_bytes(m.linear_conv_state_dtype, m.path + ": linear_conv_state_dtype");
     const double conv = conv_channels * std::max<int64_t>(m.linear_conv_kernel_dim - 1, 0) * conv_b;
-    plan.state_bytes_per_seq = static_cast<double>(m.linear_attention_layers) * (recurrent + conv);
+    // Speculative decoding keeps one recurrent state per draft position besides the committed
+    // one (vLLM's spec_state_indices_tensor).
+    plan.recurrent_state_bytes = static_cast<double>(m.linear_attention_layers) * recurrent;
+    plan.conv_state_bytes = static_cast<double>(m.linear_attention_layers) * conv;
+    plan.state_bytes_per_seq = static_cast<double>(m.linear_attention_layers) *
+                               (recurrent * static_cast<double>(1 + draft_tokens) + conv);
   }
   plan.kv_bytes_per_seq = plan.seq_bytes(options.context);
 

@@ -29,6 +29,10 @@
 //     scales, group_of_k) at rank 0's shape; planned as stored only (QuantSpec::as_stored), and
 //     a tensor-parallel split the loader refuses (a quantized column slice off a group boundary)
 //     is a keel::Error.
+//   - Speculative decoding (options.speculative, K draft tokens): the draft (MTP) layer's weights
+//     (one full-attention decoder layer with its MoE, plus fc [H, 2H] bf16, at the plan's
+//     formats) and K extra recurrent-state slots per sequence: vLLM's GDN kernel stores the state
+//     after each draft token in its own slot (spec_state_indices_tensor).
 //   - Framework reserve (default 2 GiB, --reserve-gib): CUDA context, cuBLAS/cuBLASLt workspaces,
 //     CUDA-graph pools and allocator fragmentation.
 #pragma once
@@ -45,6 +49,20 @@ namespace keel::planning {
 
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 
+// Speculative decoding with a draft of num_draft_tokens tokens per step (MTP: the model's own
+// multi-token-prediction layer run K times). acceptance[i] is the fraction of steps whose draft
+// position i+1 is accepted (vLLM's per-position acceptance rate: unconditional, so
+// non-increasing); a step then yields 1 + sum(acceptance) tokens per sequence on average.
+struct SpeculativeConfig {
+  int64_t num_draft_tokens = 0;  // 0: off
+  std::vector<double> acceptance;
+  double tokens_per_step() const;
+};
+
+// "mtp:K" with A (one conditional acceptance, position i accepted with A^i) or "a1,a2,..."
+// (per-position rates as vLLM reports them). Throws keel::Error naming the flag.
+SpeculativeConfig parse_speculative(const std::string& method, const std::string& acceptance);
+
 struct PlanOptions {
   int64_t context = 32768;                // tokens per sequence for KV sizing and the decode table
   int64_t prompt_len = 2048;              // TTFT prompt
@@ -53,8 +71,13 @@ struct PlanOptions {
   int64_t max_num_seqs = 256;             // sampled logits rows in the activation estimate
   double reserve_gib = 2.0;               // framework reserve
   double comm_fixed_mib = 256.0;          // NCCL buffers when tp > 1
-  double expert_imbalance = 1.0;  // busiest rank's share of expert reads / mean share (>= 1)
-  bool attention_bf16 = false;    // keep attention / linear-attention projections in bf16
+  double expert_imbalance = 1.0;    // busiest rank's share of expert reads / mean share (>= 1)
+  bool attention_bf16 = false;      // keep attention / linear-attention projections in bf16
+  bool shared_expert_bf16 = false;  // keep the shared expert in bf16 (the NVFP4 checkpoints)
+  // Expert parallelism: each rank holds num_experts/tp whole experts (else every expert is
+  // split tp ways, tensor-parallel, and every rank carries the same expert load).
+  bool expert_parallel = false;
+  SpeculativeConfig speculative;
 };
 
 struct MemoryLine {
@@ -76,10 +99,12 @@ struct MemoryPlan {
   double kv_bytes_per_token = 0;         // full (global) attention layers, per GPU
   double kv_window_bytes_per_token = 0;  // sliding-window layers, per GPU (capped at window)
   int64_t sliding_window = 0;
-  double state_bytes_per_seq = 0;  // Gated DeltaNet recurrent + conv state, per GPU
-  double kv_bytes_per_seq = 0;     // at options.context, state included
-  double available_for_kv = 0;     // may be negative
-  int64_t max_seqs = 0;            // concurrent sequences at options.context
+  double state_bytes_per_seq = 0;    // Gated DeltaNet recurrent + conv state, per GPU (all slots)
+  double recurrent_state_bytes = 0;  // one recurrent-state slot of one sequence, all GDN layers
+  double conv_state_bytes = 0;       // the conv state of one sequence, all GDN layers
+  double kv_bytes_per_seq = 0;       // at options.context, state included
+  double available_for_kv = 0;       // may be negative
+  int64_t max_seqs = 0;              // concurrent sequences at options.context
   bool fits = false;
   double short_by_bytes = 0;         // when !fits
   std::vector<std::string> biggest;  // largest consumers, "name (X GiB)"

@@ -25,8 +25,8 @@ DecodeRow decode_row(const RooflineCostModel& cost, int64_t batch, int64_t conte
   DecodeRow row;
   row.batch = batch;
   row.step = cost.breakdown({batch, batch, 0, batch * context});
-  row.tokens_per_s = static_cast<double>(batch) / row.step.seconds;
-  row.per_stream_tokens_per_s = 1.0 / row.step.seconds;
+  row.tokens_per_s = static_cast<double>(batch) * row.step.tokens_per_seq / row.step.seconds;
+  row.per_stream_tokens_per_s = row.step.tokens_per_seq / row.step.seconds;
   return row;
 }
 
@@ -37,8 +37,17 @@ nlohmann::json step_json(const StepBreakdown& s) {
           {"t_compute_s", s.t_compute},
           {"t_comm_s", s.t_comm},
           {"t_overhead_s", s.t_overhead},
+          {"t_draft_s", s.t_draft},
+          {"tokens_per_seq", s.tokens_per_seq},
+          {"kernels", s.kernels},
+          {"launch_us", s.launch_us},
+          {"allreduce_us", s.allreduce_us},
+          {"allreduce_algorithm", s.allreduce_algorithm},
           {"weight_bytes", s.weight_bytes},
           {"kv_bytes", s.kv_bytes},
+          {"state_bytes", s.state_bytes},
+          {"busiest_rank_experts_per_layer", s.busiest_rank_experts},
+          {"padded_expert_rows_per_layer", s.padded_expert_rows},
           {"linear_flops", s.linear_flops},
           {"attention_flops", s.attention_flops},
           {"distinct_experts_per_layer", s.distinct_experts}};
@@ -99,7 +108,8 @@ std::string render_plan_text(const PlanReport& r) {
   out << "\n  quant: " << r.quant.name << " = " << r.quant.description << ", "
       << fmt("%.4f", r.quant.bytes_per_param) << " B/param; embeddings, lm_head, norms, routers "
       << r.model.dtype << (r.model.keel_layout ? " (keel's layout: norms and biases fp32)" : "")
-      << (r.options.attention_bf16 ? "; attention bf16 (--attention-bf16)" : "") << "; matmuls at "
+      << (r.options.attention_bf16 ? "; attention bf16 (--attention-bf16)" : "")
+      << (r.options.shared_expert_bf16 ? "; shared expert bf16" : "") << "; matmuls at "
       << compute_precision_name(r.precision) << "\n\n";
 
   out << "Memory per GPU (" << fmt("%.1f", r.hardware.memory_gib) << " GiB):\n";
@@ -148,17 +158,18 @@ std::string render_plan_text(const PlanReport& r) {
   out << "Decode (every sequence at " << r.options.context
       << " tokens; uniform routing: distinct experts/layer = E(1-(1-k/E)^B), imbalance "
       << fmt("%.2f", r.options.expert_imbalance) << "):\n";
-  out << "      B   experts/layer  weights GB   KV GB   GFLOP   bw ms  compute ms  comm ms"
-         "  ovh ms   step ms    tok/s  bound\n";
+  out << "      B   experts/layer  weights GB   KV GB  state GB   GFLOP   bw ms  compute ms"
+         "  comm ms  ovh ms  draft ms   step ms    tok/s  bound\n";
   for (const DecodeRow& row : r.decode) {
-    char buf[240];
+    char buf[260];
     const StepBreakdown& s = row.step;
     std::snprintf(buf, sizeof(buf),
-                  "  %5lld  %13.1f  %10.2f  %6.2f  %6.1f  %6.2f  %10.2f  %7.2f  %6.2f  %8.2f  %7.1f"
-                  "  %s\n",
+                  "  %5lld  %13.1f  %10.2f  %6.2f  %8.2f  %6.1f  %6.2f  %10.2f  %7.2f  %6.2f  %8.2f"
+                  "  %8.2f  %7.1f  %s\n",
                   static_cast<long long>(row.batch), s.distinct_experts, s.weight_bytes / 1e9,
-                  s.kv_bytes / 1e9, s.flops() / 1e9, s.t_bandwidth * 1e3, s.t_compute * 1e3,
-                  s.t_comm * 1e3, s.t_overhead * 1e3, s.seconds * 1e3, row.tokens_per_s, s.bound);
+                  s.kv_bytes / 1e9, s.state_bytes / 1e9, s.flops() / 1e9, s.t_bandwidth * 1e3,
+                  s.t_compute * 1e3, s.t_comm * 1e3, s.t_overhead * 1e3, s.t_draft * 1e3,
+                  s.seconds * 1e3, row.tokens_per_s, s.bound);
     out << buf;
   }
   if (!m.fits) out << "  (hypothetical: the model does not fit)\n";
@@ -180,13 +191,39 @@ std::string render_plan_text(const PlanReport& r) {
   out << "Bottlenecks: single-stream decode " << r.single_stream.step.bound
       << ", full-batch decode " << r.full_batch.step.bound << ", prefill " << r.prefill_chunk.bound
       << "\n";
-  out << "Model: step = max(bytes / (" << fmt("%.0f", r.hardware.memory_bandwidth_gbs) << " GB/s x "
-      << fmt("%.2f", r.hardware.bandwidth_efficiency) << "), FLOPs / (peak x "
-      << fmt("%.2f", r.hardware.compute_efficiency) << ")) + 2 ring all-reduces/layer ("
-      << r.hardware.interconnect.kind << " " << fmt("%.0f", r.hardware.interconnect.bandwidth_gbs)
-      << " GB/s x " << fmt("%.2f", r.hardware.interconnect.efficiency) << ", "
-      << fmt("%.1f", r.hardware.interconnect.latency_us) << " us/hop) + "
-      << fmt("%.1f", r.hardware.layer_overhead_us) << " us/layer overhead\n";
+  const HardwareSpec& h = r.hardware;
+  const EngineProfile& e = h.engine;
+  const StepBreakdown& one = r.single_stream.step;
+  out << "Model: step = max(bytes / (" << fmt("%.0f", h.memory_bandwidth_gbs) << " GB/s x "
+      << fmt("%.3f", h.bandwidth_efficiency) << "), FLOPs / (peak x "
+      << fmt("%.2f", h.compute_efficiency) << ")) + 2 all-reduces/layer ("
+      << allreduce_algorithm_name(e.allreduce) << "; " << h.interconnect.kind << " "
+      << fmt("%.0f", h.interconnect.bandwidth_gbs) << " GB/s x "
+      << fmt("%.2f", h.interconnect.efficiency) << ", ring "
+      << fmt("%.1f", h.interconnect.latency_us) << " us/hop, one-shot "
+      << fmt("%.1f", h.interconnect.one_shot_latency_us) << " us, two-shot "
+      << fmt("%.1f", h.interconnect.two_shot_latency_us)
+      << " us; B=1: " << fmt("%.1f", one.allreduce_us) << " us " << one.allreduce_algorithm
+      << ") + kernels x launch (" << fmt("%.0f", one.kernels) << " at B=1, "
+      << fmt("%.2f", h.launch_us_graph) << " us in a CUDA graph"
+      << (e.cuda_graphs ? "" : " (graphs off)") << ", " << fmt("%.2f", h.launch_us_eager)
+      << " us eager) + " << fmt("%.1f", h.layer_overhead_us) << " us/layer; MoE tile "
+      << e.moe_tile_m << " rows"
+      << (r.options.expert_parallel ? ", expert-parallel" : ", tensor-parallel experts");
+  if (r.options.speculative.num_draft_tokens > 0)
+    out << "; speculative mtp:" << r.options.speculative.num_draft_tokens << ", "
+        << fmt("%.3f", r.options.speculative.tokens_per_step()) << " tokens/step";
+  out << "\nEngine profile: " << e.name;
+  if (!e.source.empty()) out << " (" << e.source << ")";
+  out << "\n";
+  if (!e.fitted_keys.empty()) {
+    out << "  fitted:";
+    for (const std::string& key : e.fitted_keys) out << " " << key;
+    out << "; to:";
+    for (const FitPoint& point : e.fitted_to)
+      out << " [" << point.what << ": " << fmt("%.1f", point.published_tokens_per_s) << " tok/s]";
+    out << "\n";
+  }
   return out.str();
 }
 
@@ -213,12 +250,37 @@ nlohmann::json plan_report_json(const PlanReport& r) {
             {"bandwidth_efficiency", r.hardware.bandwidth_efficiency},
             {"compute_efficiency", r.hardware.compute_efficiency},
             {"layer_overhead_us", r.hardware.layer_overhead_us},
-            {"allreduce_latency_us", r.hardware.interconnect.latency_us}}},
+            {"launch_us_graph", r.hardware.launch_us_graph},
+            {"launch_us_eager", r.hardware.launch_us_eager},
+            {"allreduce_latency_us", r.hardware.interconnect.latency_us},
+            {"one_shot_latency_us", r.hardware.interconnect.one_shot_latency_us},
+            {"two_shot_latency_us", r.hardware.interconnect.two_shot_latency_us}}},
+          {"engine",
+           {{"name", r.hardware.engine.name},
+            {"source", r.hardware.engine.source},
+            {"cuda_graphs", r.hardware.engine.cuda_graphs},
+            {"cuda_graph_max_tokens", r.hardware.engine.cuda_graph_max_tokens},
+            {"allreduce", allreduce_algorithm_name(r.hardware.engine.allreduce)},
+            {"moe_tile_m", r.hardware.engine.moe_tile_m},
+            {"logits_bytes", r.hardware.engine.logits_bytes},
+            {"kernels",
+             {{"linear_attention", r.hardware.engine.kernels.linear_attention},
+              {"full_attention", r.hardware.engine.kernels.full_attention},
+              {"moe", r.hardware.engine.kernels.moe},
+              {"dense_mlp", r.hardware.engine.kernels.dense_mlp},
+              {"per_step", r.hardware.engine.kernels.per_step}}},
+            {"fitted", r.hardware.engine.fitted_keys}}},
+          {"speculative",
+           {{"num_draft_tokens", r.options.speculative.num_draft_tokens},
+            {"acceptance", r.options.speculative.acceptance},
+            {"tokens_per_step", r.options.speculative.tokens_per_step()}}},
+          {"expert_parallel", r.options.expert_parallel},
           {"quant",
            {{"name", r.quant.name},
             {"bytes_per_param", r.quant.bytes_per_param},
             {"compute_precision", compute_precision_name(r.precision)},
-            {"attention_bf16", r.options.attention_bf16}}},
+            {"attention_bf16", r.options.attention_bf16},
+            {"shared_expert_bf16", r.options.shared_expert_bf16}}},
           {"tp", r.tp},
           {"context", r.options.context},
           {"kv_dtype", r.options.kv_dtype},
