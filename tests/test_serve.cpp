@@ -268,6 +268,17 @@ TEST_F(Serve, StopStringEndsTheTextBeforeIt) {
   json stopped = json::parse(post(port(), "/v1/completions", greedy.dump()).body)["choices"][0];
   EXPECT_EQ(stopped["text"], text.substr(0, text.find(stop)));
   EXPECT_EQ(stopped["finish_reason"], "stop");
+  // vLLM's include_stop_str_in_output keeps the stop string.
+  greedy["include_stop_str_in_output"] = true;
+  json kept = json::parse(post(port(), "/v1/completions", greedy.dump()).body)["choices"][0];
+  EXPECT_EQ(kept["text"], text.substr(0, text.find(stop) + stop.size()));
+  // min_tokens past the stop string's end: it is not looked for until then (vLLM).
+  greedy["include_stop_str_in_output"] = false;
+  greedy["min_tokens"] = 39;
+  json late = json::parse(post(port(), "/v1/completions", greedy.dump()).body)["choices"][0];
+  EXPECT_EQ(late["text"].get<std::string>().rfind(text.substr(0, text.find(stop) + stop.size()), 0),
+            0u)
+      << "the text runs past the first occurrence";
 }
 
 TEST_F(Serve, ChatUsesTheModelTemplateAndModelsListsTheModel) {
