@@ -198,7 +198,8 @@ class ScenarioSource final : public keel::StepSource {
                " tokens x ", layers, " layers x top ", top_k);
     sampled_.clear();
     size_t row = 0;
-    const keel::sampling::SamplingParams greedy{0.0f, 1.0f, -1, 0, 0};
+    keel::sampling::SamplingParams greedy;
+    greedy.temperature = 0.0f;
     for (size_t seq = 0; seq < plan_.num_seqs(); ++seq) {
       const bool is_probe = plan_.seq_ids[seq] == kProbeId;
       const auto positions = plan_.positions_of(seq);

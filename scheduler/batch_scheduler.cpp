@@ -142,7 +142,9 @@ void BatchScheduler::admit_waiting(StepBuilder& step) {
     const int64_t seq_id = waiting_.front();
     Sequence& sequence = sequences_.at(seq_id);
     const int64_t cached_tokens =
-        block_manager_.cached_prefix_tokens(sequence.token_ids, sequence.num_tokens() - 1);
+        sequence.request.skip_prefix_cache
+            ? 0
+            : block_manager_.cached_prefix_tokens(sequence.token_ids, sequence.num_tokens() - 1);
     const int64_t chunk = std::min(sequence.num_tokens() - cached_tokens, step.token_budget);
     if (!block_manager_.can_allocate_with_prefix(sequence.token_ids, cached_tokens,
                                                  cached_tokens + chunk))

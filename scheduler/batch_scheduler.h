@@ -52,6 +52,8 @@ struct Request {
   std::vector<int32_t> prompt_token_ids;
   int64_t max_new_tokens = 0;
   std::vector<int32_t> stop_token_ids;  // generation ends after emitting any of these (e.g. EOS)
+  // Compute the whole prompt even where the prefix cache holds it (its logits are wanted).
+  bool skip_prefix_cache = false;
 };
 
 // One engine step, flat so it can be serialised and broadcast to ranks as it is. Sequence i

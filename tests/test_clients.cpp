@@ -422,7 +422,13 @@ class TimedBackend : public GenerationBackend {
       for (int i = 0; i < request.max_tokens; ++i) {
         if (sink->cancelled()) return;
         std::this_thread::sleep_for(std::chrono::milliseconds(i == 0 ? first_delay_ms : gap_ms));
-        sink->on_token(" t" + std::to_string(i), 100 + i, -0.5f, {});
+        const std::string text = " t" + std::to_string(i);
+        sink->on_token({.text_delta = text,
+                        .token_id = 100 + i,
+                        .token_text = text,
+                        .token_bytes = text,
+                        .logprob = -0.5f,
+                        .top_logprobs = {}});
       }
       sink->on_finish("length", Usage{prompt, request.max_tokens});
     });

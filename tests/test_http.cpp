@@ -14,6 +14,7 @@
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -49,6 +50,7 @@ class FakeBackend : public GenerationBackend {
     ++submitted;
     std::lock_guard lock(mutex_);
     last_request_ = request;
+    requests_seen_.push_back(request);
     workers_.emplace_back([this, request = std::move(request), sink = std::move(sink)] {
       run(request, *sink);
       --active;
@@ -59,6 +61,10 @@ class FakeBackend : public GenerationBackend {
   CompletionRequest last_request() {
     std::lock_guard lock(mutex_);
     return last_request_;
+  }
+  std::vector<CompletionRequest> requests_seen() {
+    std::lock_guard lock(mutex_);
+    return requests_seen_;
   }
 
   std::atomic<int> queue_limit{8};
@@ -92,8 +98,13 @@ class FakeBackend : public GenerationBackend {
       const std::string text =
           (tag_with_prompt ? " " + request.prompt_text + ":" : std::string(" t")) +
           std::to_string(produced);
-      std::vector<TopLogprob> top = {{text, 100 + produced, -0.25f}, {" x", 7, -2.0f}};
-      sink.on_token(text, 100 + produced, -0.25f, top);
+      std::vector<TopLogprob> top = {{text, 100 + produced, -0.25f, text}, {" x", 7, -2.0f, " x"}};
+      sink.on_token({.text_delta = text,
+                     .token_id = 100 + produced,
+                     .token_text = text,
+                     .token_bytes = text,
+                     .logprob = -0.25f,
+                     .top_logprobs = top});
       ++produced;
     }
     sink.on_finish(produced == request.max_tokens ? "length" : "stop",
@@ -103,6 +114,7 @@ class FakeBackend : public GenerationBackend {
   std::mutex mutex_;
   std::vector<std::thread> workers_;
   CompletionRequest last_request_;
+  std::vector<CompletionRequest> requests_seen_;
 };
 
 struct Reply {
@@ -451,10 +463,13 @@ TEST_F(HttpTest, ValidationErrorsNameTheField) {
   expect_error(post(port, completions, {{"prompt", "x"}, {"stop", {"a", "b", "c", "d", "e"}}}), 400,
                "stop");
   expect_error(post(port, completions, {{"prompt", "x"}, {"stream", "yes"}}), 400, "stream");
-  expect_error(post(port, completions, {{"prompt", "x"}, {"n", 2}}), 400, "'n'");
+  expect_error(post(port, completions, {{"prompt", "x"}, {"n", 0}}), 400, "'n'");
+  expect_error(post(port, completions, {{"prompt", "x"}, {"n", 129}}), 400, "'n'");
+  expect_error(post(port, completions, {{"prompt", {"a", "b"}}, {"n", 100}}), 400,
+               "make 200 choices");
   expect_error(post(port, completions, {{"prompt", "x"}, {"logprobs", 9}}), 400, "logprobs");
   expect_error(post(port, completions, {{"prompt", "x"}, {"model", 3}}), 400, "model");
-  expect_error(post(port, completions, {{"prompt", "x"}, {"echo", true}}), 400, "echo");
+  expect_error(post(port, completions, {{"prompt", "x"}, {"echo", "yes"}}), 400, "echo");
   expect_error(post(port, completions, {{"prompt", "x"}, {"best_of", 3}}), 400, "best_of");
   expect_error(post(port, completions, {{"prompt", "x"}, {"suffix", "y"}}), 400, "suffix");
   Reply wrong_model = post(port, completions, {{"prompt", "x"}, {"model", "gpt-4"}});
@@ -476,6 +491,185 @@ TEST_F(HttpTest, ValidationErrorsNameTheField) {
   EXPECT_EQ(typed.json_body()["error"]["param"], "temperature");
   EXPECT_EQ(typed.json_body()["error"]["type"], "invalid_request_error");
   EXPECT_EQ(backend.active.load(), 0);
+}
+
+// Every sampling field is range- and type-checked by name; what keel does not implement is
+// refused by name (never silently ignored), and so is any field it does not know.
+TEST_F(HttpTest, NewSamplingFieldsAreCheckedAndUnimplementedOnesRefusedByName) {
+  const std::string completions = "/v1/completions";
+  const std::string chat = "/v1/chat/completions";
+  const json prompt = {{"prompt", "x"}};
+  const json messages = {{"messages", {{{"role", "user"}, {"content", "x"}}}}};
+  const auto with = [](json body, const std::string& key, const json& value) {
+    body[key] = value;
+    return body;
+  };
+  // Out of range or mistyped: 400 with param = the field.
+  const std::vector<std::pair<std::string, json>> bad_values = {
+      {"presence_penalty", 2.5},
+      {"presence_penalty", "high"},
+      {"frequency_penalty", -2.01},
+      {"repetition_penalty", 0},
+      {"repetition_penalty", -1},
+      {"min_p", 1.5},
+      {"min_p", -0.1},
+      {"logit_bias", {1, 2}},
+      {"logit_bias", {{"abc", 1}}},
+      {"logit_bias", {{"-3", 1}}},
+      {"logit_bias", {{"5", 101}}},
+      {"logit_bias", {{"5", "x"}}},
+      {"min_tokens", -1},
+      {"min_tokens", 17},
+      {"stop_token_ids", {1, -1}},
+      {"stop_token_ids", 3},
+      {"prompt_logprobs", 21},
+      {"prompt_logprobs", -1},
+      {"return_tokens_as_token_ids", 1},
+      {"include_stop_str_in_output", "no"},
+      {"skip_special_tokens", 0}};
+  for (const auto& [field, value] : bad_values) {
+    SCOPED_TRACE(field + " = " + value.dump());
+    Reply reply = post(port, completions, with(prompt, field, value));
+    expect_error(reply, 400, "'" + field + "'");
+    EXPECT_EQ(reply.json_body()["error"]["param"], field);
+  }
+  // min_tokens is judged against max_tokens (16 by default for completions).
+  expect_error(post(port, completions, with(with(prompt, "min_tokens", 8), "max_tokens", 7)), 400,
+               "max_tokens (7)");
+  expect_error(post(port, completions, with(with(prompt, "prompt_logprobs", 1), "stream", true)),
+               400, "prompt_logprobs");
+
+  // Known but not implemented: refused by name, on the endpoint where it exists.
+  const std::vector<std::pair<std::string, json>> refused_chat = {
+      {"tools", {{{"type", "function"}, {"function", {{"name", "f"}}}}}},
+      {"tool_choice", "auto"},
+      {"tool_choice", "required"},
+      {"tool_choice", {{"type", "function"}, {"function", {{"name", "f"}}}}},
+      {"response_format", {{"type", "json_object"}}},
+      {"response_format", {{"type", "json_schema"}, {"json_schema", json::object()}}},
+      {"guided_json", json::object()},
+      {"functions", {{{"name", "f"}}}},
+      {"reasoning_effort", "high"},
+      {"chat_template_kwargs", {{"enable_thinking", false}}},
+      {"echo", true},
+      {"use_beam_search", true},
+      {"best_of", 2},
+      {"logits_processors", {"x"}},
+      {"allowed_token_ids", {1}},
+      {"modalities", {"text", "audio"}},
+      {"store", true},
+      {"priority", 1},
+  };
+  for (const auto& [field, value] : refused_chat) {
+    SCOPED_TRACE(field + " = " + value.dump());
+    Reply reply = post(port, chat, with(messages, field, value));
+    expect_error(reply, 400, "'" + field + "'");
+    EXPECT_EQ(reply.json_body()["error"]["param"], field);
+  }
+  expect_error(post(port, completions, with(prompt, "suffix", "y")), 400, "suffix");
+  expect_error(post(port, completions, with(prompt, "response_format", {{"type", "json_object"}})),
+               400, "response_format");
+  // Unknown fields (a typo, or a feature keel has never heard of) are refused too.
+  Reply typo = post(port, completions, with(prompt, "temprature", 0.5));
+  expect_error(typo, 400, "unknown field");
+  EXPECT_EQ(typo.json_body()["error"]["param"], "temprature");
+  expect_error(post(port, completions, with(prompt, "top_logprobs", 2)), 400, "top_logprobs");
+  EXPECT_EQ(backend.active.load(), 0);
+
+  // The defaults of those fields, and fields without effect, are accepted.
+  const json accepted_chat = {{"messages", {{{"role", "user"}, {"content", "x"}}}},
+                              {"max_tokens", 2},
+                              {"tools", json::array()},
+                              {"tool_choice", "none"},
+                              {"response_format", {{"type", "text"}}},
+                              {"parallel_tool_calls", true},
+                              {"user", "u-1"},
+                              {"metadata", {{"k", "v"}}},
+                              {"store", false},
+                              {"service_tier", "auto"},
+                              {"modalities", {"text"}},
+                              {"best_of", 1},
+                              {"use_beam_search", false},
+                              {"chat_template_kwargs", json::object()}};
+  EXPECT_EQ(post(port, chat, accepted_chat).status, 200);
+}
+
+// The parsed request carries every implemented field to the backend.
+TEST_F(HttpTest, ImplementedSamplingFieldsReachTheBackend) {
+  json body = {{"prompt", "x"},
+               {"max_tokens", 4},
+               {"presence_penalty", 0.5},
+               {"frequency_penalty", -0.25},
+               {"repetition_penalty", 1.3},
+               {"min_p", 0.05},
+               {"logit_bias", {{"17", -100}, {"3", 2.5}}},
+               {"min_tokens", 2},
+               {"stop_token_ids", {9, 4}},
+               {"prompt_logprobs", 3},
+               {"echo", true},
+               {"return_tokens_as_token_ids", true},
+               {"include_stop_str_in_output", true},
+               {"skip_special_tokens", false},
+               {"seed", 40}};
+  ASSERT_EQ(post(port, "/v1/completions", body).status, 200);
+  CompletionRequest request = backend.last_request();
+  EXPECT_FLOAT_EQ(request.presence_penalty, 0.5f);
+  EXPECT_FLOAT_EQ(request.frequency_penalty, -0.25f);
+  EXPECT_FLOAT_EQ(request.repetition_penalty, 1.3f);
+  EXPECT_FLOAT_EQ(request.min_p, 0.05f);
+  EXPECT_EQ(request.logit_bias, (std::vector<std::pair<int32_t, float>>{{3, 2.5f}, {17, -100.0f}}));
+  EXPECT_EQ(request.min_tokens, 2);
+  EXPECT_EQ(request.stop_token_ids, (std::vector<int32_t>{9, 4}));
+  EXPECT_EQ(request.prompt_logprobs, 3);
+  EXPECT_TRUE(request.echo);
+  EXPECT_TRUE(request.return_tokens_as_token_ids);
+  EXPECT_TRUE(request.include_stop_str_in_output);
+  EXPECT_FALSE(request.skip_special_tokens);
+  EXPECT_EQ(request.seed, 40u);
+}
+
+// n > 1: prompt p's choice j is its own request with seed + j, answered as choice p * n + j;
+// usage counts each prompt once; streams carry each choice's index (chat: a role chunk each).
+TEST_F(HttpTest, NChoicesAreRequestsOfTheirOwnWithDerivedSeeds) {
+  backend.tag_with_prompt = true;
+  Reply reply = post(port, "/v1/completions",
+                     {{"prompt", {"a", "b"}}, {"n", 3}, {"max_tokens", 2}, {"seed", 10}});
+  ASSERT_EQ(reply.status, 200) << reply.body;
+  json body = reply.json_body();
+  ASSERT_EQ(body["choices"].size(), 6u);
+  for (size_t index = 0; index < 6; ++index) {
+    EXPECT_EQ(body["choices"][index]["index"], index);
+    EXPECT_EQ(body["choices"][index]["text"], index < 3 ? " a:0 a:1" : " b:0 b:1") << index;
+  }
+  // The fake counts the prompt's characters as its tokens: 1 + 1, once per prompt.
+  EXPECT_EQ(body["usage"]["prompt_tokens"], 2);
+  EXPECT_EQ(body["usage"]["completion_tokens"], 12);
+  std::multiset<uint64_t> seeds;
+  for (const CompletionRequest& request : backend.requests_seen()) seeds.insert(*request.seed);
+  EXPECT_EQ(seeds, (std::multiset<uint64_t>{10, 11, 12, 10, 11, 12}));
+
+  Reply stream = post(port, "/v1/chat/completions",
+                      {{"messages", {{{"role", "user"}, {"content", "c"}}}},
+                       {"n", 2},
+                       {"max_tokens", 2},
+                       {"stream", true}});
+  ASSERT_EQ(stream.status, 200) << stream.body;
+  std::map<int, std::string> text;
+  std::map<int, int> roles, finishes;
+  for (const std::string& event : sse_payloads(stream.body)) {
+    if (event == "[DONE]") continue;
+    const json chunk = json::parse(event);
+    for (const json& choice : chunk["choices"]) {
+      const int index = choice["index"];
+      if (choice["delta"].contains("role")) ++roles[index];
+      if (choice["delta"].contains("content")) text[index] += choice["delta"]["content"];
+      if (!choice["finish_reason"].is_null()) ++finishes[index];
+    }
+  }
+  EXPECT_EQ(roles, (std::map<int, int>{{0, 1}, {1, 1}})) << stream.body;
+  EXPECT_EQ(finishes, (std::map<int, int>{{0, 1}, {1, 1}}));
+  EXPECT_EQ(text[0], text[1]);
+  EXPECT_FALSE(text[0].empty());
 }
 
 TEST_F(HttpTest, RoutingErrors) {

@@ -69,7 +69,13 @@ class TimedBackend : public GenerationBackend {
       if (sink.cancelled()) return;
       std::this_thread::sleep_for(
           std::chrono::milliseconds(produced == 0 ? first_delay_ms.load() : gap_ms.load()));
-      sink.on_token(" t" + std::to_string(produced), 100 + produced, -0.5f, {});
+      const std::string text = " t" + std::to_string(produced);
+      sink.on_token({.text_delta = text,
+                     .token_id = 100 + produced,
+                     .token_text = text,
+                     .token_bytes = text,
+                     .logprob = -0.5f,
+                     .top_logprobs = {}});
       ++produced;
     }
     sink.on_finish(produced == request.max_tokens ? "length" : "stop", Usage{prompt, produced});

@@ -479,6 +479,188 @@ TEST(SamplingParams, ValidateNamesTheFieldAndRange) {
   }
 }
 
+// Logits processing against values computed by hand from the documented formulas (all exact
+// in fp32): logit_bias first, then repetition over prompt + output (divide positive, multiply
+// the others), then frequency x count and presence over the output; banned ids go to -inf.
+TEST(ProcessLogits, MatchesHandComputedLogits) {
+  std::vector<float> logits = {2.0f, -1.0f, 0.5f, 0.0f, 3.0f, -2.0f, 4.0f};
+  SamplingParams params;
+  params.repetition_penalty = 2.0f;
+  params.frequency_penalty = 0.5f;
+  params.presence_penalty = 0.25f;
+  params.logit_bias = {{0, -3.0f}, {3, 1.5f}, {5, -100.0f}};
+  const std::vector<int32_t> prompt = {0, 1, 1};
+  const std::vector<int32_t> output = {2, 4, 2};
+  const std::vector<int32_t> banned = {6};
+  process_logits(logits.data(), static_cast<int64_t>(logits.size()), params,
+                 {prompt, output, banned});
+  const std::vector<float> expected = {
+      -2.0f,                        // 2 - 3 = -1 (bias), in the prompt: -1 * 2
+      -2.0f,                        // in the prompt (twice: once is what counts): -1 * 2
+      0.5f / 2 - 0.5f * 2 - 0.25f,  // output twice: 0.25 - 1 - 0.25 = -1
+      1.5f,                         // bias only; not in the history
+      3.0f / 2 - 0.5f * 1 - 0.25f,  // output once: 1.5 - 0.75 = 0.75
+      -102.0f,                      // bias only
+      kNegInf,                      // banned (min_tokens not reached)
+  };
+  for (size_t i = 0; i < logits.size(); ++i) EXPECT_EQ(logits[i], expected[i]) << "token " << i;
+
+  // A zero logit is multiplied (stays 0); -inf stays -inf through every step.
+  std::vector<float> edge = {0.0f, kNegInf, 1.0f};
+  SamplingParams repetition;
+  repetition.repetition_penalty = 1.5f;
+  repetition.frequency_penalty = 2.0f;
+  const std::vector<int32_t> seen = {0, 1};
+  process_logits(edge.data(), 3, repetition, {{}, seen, {}});
+  EXPECT_EQ(edge[0], 0.0f * 1.5f - 2.0f);
+  EXPECT_EQ(edge[1], kNegInf);
+  EXPECT_EQ(edge[2], 1.0f);
+}
+
+TEST(ProcessLogits, RepetitionPenaltyBelowOneRaisesSeenTokensAndNeverOverflows) {
+  std::vector<float> logits = {3.0e38f, -4.0f, 1.0f};
+  SamplingParams params;
+  params.repetition_penalty = 0.5f;
+  const std::vector<int32_t> prompt = {0, 1};
+  process_logits(logits.data(), 3, params, {prompt, {}, {}});
+  EXPECT_EQ(logits[0], std::numeric_limits<float>::max());  // 6e38 saturates, never +inf
+  EXPECT_EQ(logits[1], -2.0f);
+  EXPECT_EQ(logits[2], 1.0f);
+}
+
+TEST(ProcessLogits, RefusesIdsOutsideTheVocab) {
+  std::vector<float> logits(4, 0.0f);
+  SamplingParams bias;
+  bias.logit_bias = {{4, 1.0f}};
+  EXPECT_THROW(process_logits(logits.data(), 4, bias, {}), Error);
+  SamplingParams repetition;
+  repetition.repetition_penalty = 1.2f;
+  const std::vector<int32_t> bad_prompt = {1, 9};
+  EXPECT_THROW(process_logits(logits.data(), 4, repetition, {bad_prompt, {}, {}}), Error);
+  const std::vector<int32_t> bad_ban = {-1};
+  EXPECT_THROW(process_logits(logits.data(), 4, SamplingParams{}, {{}, {}, bad_ban}), Error);
+}
+
+// The processed logits decide the token (greedy too, as in vLLM); the reported logprobs stay
+// the model's (raw logits), as vLLM's default logprobs mode.
+TEST(Sampler, PenaltiesAndBiasDecideTheTokenButNotTheReportedLogprobs) {
+  const std::vector<float> logits = {1.0f, 0.9f, -3.0f};
+  SamplingParams greedy;
+  greedy.temperature = 0.0f;
+  greedy.num_logprobs = 2;
+  const std::vector<int32_t> output = {0};
+  EXPECT_EQ(draw(logits, greedy, 5).token, 0);
+  SamplingParams presence = greedy;
+  presence.presence_penalty = 0.2f;  // 1.0 - 0.2 = 0.8 < 0.9
+  const SampleResult penalised = sample(logits.data(), 3, presence, 5, {{}, output, {}});
+  EXPECT_EQ(penalised.token, 1);
+  const TokenLogprobs raw = token_logprobs(logits.data(), 3, 1, 2);
+  EXPECT_EQ(penalised.logprob, raw.logprob);
+  ASSERT_EQ(penalised.top_logprobs.size(), 2u);
+  EXPECT_EQ(penalised.top_logprobs[0].token, 0);  // the model still ranks token 0 first
+  SamplingParams biased = greedy;
+  biased.logit_bias = {{2, 100.0f}};
+  EXPECT_EQ(draw(logits, biased, 5).token, 2);
+  // A banned token is never sampled, even as the argmax or at any temperature.
+  const std::vector<int32_t> banned = {0};
+  EXPECT_EQ(sample(logits.data(), 3, greedy, 5, {{}, {}, banned}).token, 1);
+  SamplingParams hot;
+  hot.temperature = 2.0f;
+  for (int64_t position = 0; position < 500; ++position)
+    EXPECT_NE(sample(logits.data(), 3, hot, position, {{}, {}, banned}).token, 0);
+  // Everything banned: an error, not a token.
+  const std::vector<int32_t> all = {0, 1, 2};
+  EXPECT_THROW((void)sample(logits.data(), 3, greedy, 5, {{}, {}, all}), Error);
+}
+
+// min_p keeps the tokens whose probability is >= min_p x the largest, on the temperature-scaled
+// distribution (vLLM), then samples them renormalised.
+TEST(Sampler, MinPKeepsTokensWithinTheFactorOfTheMostLikely) {
+  const std::vector<float> logits = {0.0f, -1.0f, -2.0f, -0.5f};
+  SamplingParams params;
+  params.min_p = 0.3f;  // e^-1 = 0.37 and e^-0.5 = 0.61 stay, e^-2 = 0.14 goes
+  params.seed = 11;
+  constexpr int64_t kDraws = 20000;
+  std::vector<double> expected = reference_softmax(logits, 1.0);
+  expected[2] = 0.0;
+  const double kept_mass = expected[0] + expected[1] + expected[3];
+  for (double& p : expected) p /= kept_mass;
+  // Chi-square critical value, 2 degrees of freedom, p = 0.001.
+  EXPECT_LT(chi_square(histogram(logits, params, kDraws), expected, kDraws), 13.82);
+  // At temperature 2 the ratios are e^-0.5 and e^-1 = 0.37 >= 0.3: token 2 comes back.
+  params.temperature = 2.0f;
+  const std::vector<int64_t> hot = histogram(logits, params, 2000);
+  EXPECT_GT(hot[2], 0);
+  // min_p = 1 keeps only the most likely token: greedy.
+  params.min_p = 1.0f;
+  for (int64_t position = 0; position < 200; ++position)
+    EXPECT_EQ(draw(logits, params, position).token, 0);
+}
+
+TEST(TokenLogprobs, ValuesRankAndTopAgainstDouble) {
+  const std::vector<float> logits = {1.0f, 3.0f, 2.0f, 3.0f};
+  const std::vector<double> reference = reference_softmax(logits, 1.0);
+  const std::vector<int64_t> expected_rank = {4, 2, 3, 2};  // ties count against the token
+  for (int32_t token = 0; token < 4; ++token) {
+    const TokenLogprobs result = token_logprobs(logits.data(), 4, token, 2);
+    EXPECT_NEAR(result.logprob, std::log(reference[token]), 1e-6) << token;
+    EXPECT_EQ(result.rank, expected_rank[token]) << token;
+    ASSERT_EQ(result.top.size(), 2u);
+    EXPECT_EQ(result.top[0].token, 1);
+    EXPECT_EQ(result.top[1].token, 3);
+  }
+  // sample() reports exactly the same bits for the token it samples.
+  SamplingParams params;
+  params.num_logprobs = 3;
+  const SampleResult sampled = draw(logits, params, 4);
+  const TokenLogprobs same = token_logprobs(logits.data(), 4, sampled.token, 3);
+  EXPECT_EQ(sampled.logprob, same.logprob);
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(sampled.top_logprobs[i].token, same.top[i].token);
+    EXPECT_EQ(sampled.top_logprobs[i].logprob, same.top[i].logprob);
+  }
+  EXPECT_THROW((void)token_logprobs(logits.data(), 4, 4, 0), Error);
+  EXPECT_THROW((void)token_logprobs(logits.data(), 4, 0, kMaxNumLogprobs + 1), Error);
+}
+
+TEST(SamplingParams, ValidateNamesTheNewFieldsAndRanges) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  for (const float bad : {-2.5f, 2.01f, nan}) {
+    SamplingParams presence;
+    presence.presence_penalty = bad;
+    expect_invalid(presence, "presence_penalty");
+    SamplingParams frequency;
+    frequency.frequency_penalty = bad;
+    expect_invalid(frequency, "frequency_penalty");
+  }
+  for (const float bad : {0.0f, -1.0f, nan, inf}) {
+    SamplingParams params;
+    params.repetition_penalty = bad;
+    expect_invalid(params, "repetition_penalty");
+  }
+  for (const float bad : {-0.1f, 1.1f, nan}) {
+    SamplingParams params;
+    params.min_p = bad;
+    expect_invalid(params, "min_p");
+  }
+  SamplingParams bad_id;
+  bad_id.logit_bias = {{-1, 1.0f}};
+  expect_invalid(bad_id, "logit_bias");
+  for (const float bad : {100.5f, -101.0f, nan}) {
+    SamplingParams params;
+    params.logit_bias = {{3, bad}};
+    expect_invalid(params, "logit_bias");
+  }
+  SamplingParams edges;
+  edges.presence_penalty = -2.0f;
+  edges.frequency_penalty = 2.0f;
+  edges.min_p = 1.0f;
+  edges.repetition_penalty = 1e-3f;
+  edges.logit_bias = {{0, -100.0f}, {1, 100.0f}};
+  EXPECT_NO_THROW(edges.validate());
+}
+
 TEST(Sampler, RejectsUnusableInputs) {
   const SamplingParams params;
   const std::vector<float> logits = {0.0f, 1.0f};

@@ -12,6 +12,7 @@
 #include <atomic>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
@@ -24,6 +25,7 @@
 #include "runtime/model/model_config.h"
 #include "runtime/routing/routing_file.h"
 #include "runtime/serving/calibrate.h"
+#include "runtime/tokenizer/tokenizer.h"
 #include "runtime/tools/simulation/cost_model.h"
 #include "serve_test_util.h"
 
@@ -86,6 +88,20 @@ const std::string kProbe = json{
     {"logprobs", 3},
     {"ignore_eos", true}}.dump();
 
+// The probe with every logits processor on: penalties over its own prompt and output, min_p,
+// logit_bias, min_tokens. They depend only on the request's own tokens, so its bits must not
+// depend on its batch either.
+const std::string kPenalisedProbe = [] {
+  json probe = json::parse(kProbe);
+  probe["presence_penalty"] = 0.6;
+  probe["frequency_penalty"] = 0.4;
+  probe["repetition_penalty"] = 1.3;
+  probe["min_p"] = 0.02;
+  probe["logit_bias"] = {{"300", 2.0}, {"301", -5.0}};
+  probe["min_tokens"] = 8;
+  return probe.dump();
+}();
+
 // A batch-mate: a different prompt, length, seed and sampling each.
 std::string mate_request(int index, bool stream) {
   std::string prompt;
@@ -101,7 +117,7 @@ std::string mate_request(int index, bool stream) {
 }
 
 // The probe amid 16 concurrent requests: the mates start first, the probe joins a running batch.
-std::string probe_amid_mates(int port) {
+std::string probe_amid_mates(int port, const std::string& probe_request = kProbe) {
   std::vector<std::thread> mates;
   std::atomic<int> mate_ok{0};
   for (int index = 0; index < 16; ++index)
@@ -110,7 +126,7 @@ std::string probe_amid_mates(int port) {
       if (response.status == 200) ++mate_ok;
     });
   std::this_thread::sleep_for(std::chrono::milliseconds(30));
-  HttpResponse probe = post(port, "/v1/completions", kProbe);
+  HttpResponse probe = post(port, "/v1/completions", probe_request);
   for (std::thread& mate : mates) mate.join();
   EXPECT_EQ(mate_ok.load(), 16);
   return completion_essence(probe);
@@ -160,8 +176,35 @@ TEST_F(Serve, SameSeededRequestHasIdenticalBitsAloneAmidSixteenAndStreamed) {
   EXPECT_EQ(token_logprobs.dump(), reference["logprobs"]["token_logprobs"].dump());
 }
 
+TEST_F(Serve, PenalisedRequestHasIdenticalBitsAloneTwiceAndAmidSixteen) {
+  const std::string alone = completion_essence(post(port(), "/v1/completions", kPenalisedProbe));
+  ASSERT_NE(alone.find("\"length\""), std::string::npos) << alone;
+  EXPECT_NE(alone, completion_essence(post(port(), "/v1/completions", kProbe)))
+      << "the processors change what is sampled";
+  EXPECT_EQ(completion_essence(post(port(), "/v1/completions", kPenalisedProbe)), alone);
+  EXPECT_EQ(probe_amid_mates(port(), kPenalisedProbe), alone) << "amid 16 concurrent requests";
+}
+
+// prompt_logprobs of a probe: the bits of every prompt position's logprobs.
+const std::string kPromptLogprobsProbe = [] {
+  json probe = json::parse(kPenalisedProbe);
+  probe["prompt_logprobs"] = 3;
+  return probe.dump();
+}();
+
+std::string prompt_logprobs_essence(const HttpResponse& response) {
+  if (response.status != 200)
+    return "HTTP " + std::to_string(response.status) + ": " + response.body;
+  return json::parse(response.body)["choices"][0]["prompt_logprobs"].dump() + "\n" +
+         completion_essence(response);
+}
+
 TEST_F(Serve, DifferentPrefillBudgetBlockSizeAndMpiRanksGiveIdenticalBits) {
   const std::string alone = completion_essence(post(port(), "/v1/completions", kProbe));
+  const std::string penalised =
+      completion_essence(post(port(), "/v1/completions", kPenalisedProbe));
+  const std::string prompt_logprobs =
+      prompt_logprobs_essence(post(port(), "/v1/completions", kPromptLogprobsProbe));
   {
     // Prefill cut into chunks of at most 5 tokens, blocks of 4 positions: chunk and block
     // boundaries fall elsewhere; attention still sums positions in order.
@@ -175,6 +218,14 @@ TEST_F(Serve, DifferentPrefillBudgetBlockSizeAndMpiRanksGiveIdenticalBits) {
     EXPECT_EQ(completion_essence(post(chunked.port(), "/v1/completions", kProbe)), alone)
         << "budget 5, prompt blocks from the prefix cache";
     EXPECT_EQ(probe_amid_mates(chunked.port()), alone) << "budget 5, amid 16";
+    EXPECT_EQ(probe_amid_mates(chunked.port(), kPenalisedProbe), penalised)
+        << "penalised, budget 5, amid 16";
+    // Prompt logprobs come from every prefill chunk's rows; the prompt's blocks are in the
+    // prefix cache by now, which such a request must not use (its logits are wanted).
+    EXPECT_EQ(
+        prompt_logprobs_essence(post(chunked.port(), "/v1/completions", kPromptLogprobsProbe)),
+        prompt_logprobs)
+        << "prompt logprobs, budget 5";
   }
   {
     ServerProcess mpi({std::string(KEEL_MPIEXEC), "--allow-run-as-root", "--oversubscribe", "-np",
@@ -220,6 +271,17 @@ TEST_F(Serve, StopStringEndsTheTextBeforeIt) {
   json stopped = json::parse(post(port(), "/v1/completions", greedy.dump()).body)["choices"][0];
   EXPECT_EQ(stopped["text"], text.substr(0, text.find(stop)));
   EXPECT_EQ(stopped["finish_reason"], "stop");
+  // vLLM's include_stop_str_in_output keeps the stop string.
+  greedy["include_stop_str_in_output"] = true;
+  json kept = json::parse(post(port(), "/v1/completions", greedy.dump()).body)["choices"][0];
+  EXPECT_EQ(kept["text"], text.substr(0, text.find(stop) + stop.size()));
+  // min_tokens past the stop string's end: it is not looked for until then (vLLM).
+  greedy["include_stop_str_in_output"] = false;
+  greedy["min_tokens"] = 39;
+  json late = json::parse(post(port(), "/v1/completions", greedy.dump()).body)["choices"][0];
+  EXPECT_EQ(late["text"].get<std::string>().rfind(text.substr(0, text.find(stop) + stop.size()), 0),
+            0u)
+      << "the text runs past the first occurrence";
 }
 
 TEST_F(Serve, ChatUsesTheModelTemplateAndModelsListsTheModel) {
@@ -332,6 +394,249 @@ TEST_F(Serve, PromptBatchGivesEachPromptsOwnBits) {
   std::set<std::string> ids;
   for (const json& record : requests["requests"]) ids.insert(record["id"].get<std::string>());
   EXPECT_EQ(ids, (std::set<std::string>{id + "-0", id + "-1", id + "-2"}));
+}
+
+// "token_id:N" (return_tokens_as_token_ids) -> N.
+int32_t id_of(const json& name) {
+  const std::string text = name.get<std::string>();
+  EXPECT_EQ(text.rfind("token_id:", 0), 0u) << text;
+  return std::stoi(text.substr(9));
+}
+
+std::vector<int32_t> generated_ids(const json& choice) {
+  std::vector<int32_t> ids;
+  for (const json& token : choice["logprobs"]["tokens"]) ids.push_back(id_of(token));
+  return ids;
+}
+
+TEST_F(Serve, StopTokenIdsMinTokensAndLogitBiasActOnTheGeneratedTokens) {
+  const json greedy = {{"prompt", "the bridge"}, {"max_tokens", 12},
+                       {"temperature", 0},       {"ignore_eos", true},
+                       {"logprobs", 1},          {"return_tokens_as_token_ids", true}};
+  const json full = json::parse(post(port(), "/v1/completions", greedy.dump()).body)["choices"][0];
+  const std::vector<int32_t> ids = generated_ids(full);
+  ASSERT_EQ(ids.size(), 12u) << full.dump();
+  for (const json& alternatives : full["logprobs"]["top_logprobs"])
+    for (const auto& [name, logprob] : alternatives.items())
+      EXPECT_EQ(name.rfind("token_id:", 0), 0u);
+
+  // stop_token_ids: generation ends right after the id's first occurrence, even with
+  // ignore_eos.
+  const int32_t stop_id = ids[3];
+  const size_t first =
+      static_cast<size_t>(std::find(ids.begin(), ids.end(), stop_id) - ids.begin());
+  json stop = greedy;
+  stop["stop_token_ids"] = {stop_id};
+  const json stopped = json::parse(post(port(), "/v1/completions", stop.dump()).body)["choices"][0];
+  EXPECT_EQ(stopped["finish_reason"], "stop");
+  EXPECT_EQ(generated_ids(stopped), std::vector<int32_t>(ids.begin(), ids.begin() + first + 1));
+
+  // min_tokens: the stop id is masked until min_tokens tokens are out.
+  const size_t min_tokens = first + 3;
+  stop["min_tokens"] = min_tokens;
+  const json held = json::parse(post(port(), "/v1/completions", stop.dump()).body)["choices"][0];
+  const std::vector<int32_t> held_ids = generated_ids(held);
+  ASSERT_GE(held_ids.size(), min_tokens) << held.dump();
+  for (size_t i = 0; i < min_tokens; ++i) EXPECT_NE(held_ids[i], stop_id) << "token " << i;
+  EXPECT_EQ(held["finish_reason"] == "stop", held_ids.back() == stop_id) << held.dump();
+
+  // logit_bias: +100 makes one token the greedy choice at every position; -100 removes the
+  // first greedy token from the first position.
+  json biased = greedy;
+  const int32_t favoured = ids[5];
+  biased["logit_bias"] = {{std::to_string(favoured), 100}};
+  const json all_favoured =
+      json::parse(post(port(), "/v1/completions", biased.dump()).body)["choices"][0];
+  EXPECT_EQ(generated_ids(all_favoured), std::vector<int32_t>(12, favoured));
+  biased["logit_bias"] = {{std::to_string(ids[0]), -100}};
+  const json avoided =
+      json::parse(post(port(), "/v1/completions", biased.dump()).body)["choices"][0];
+  EXPECT_NE(generated_ids(avoided)[0], ids[0]);
+
+  // Ids outside the vocabulary are the client's error, by name.
+  json outside = greedy;
+  outside["stop_token_ids"] = {5000};
+  HttpResponse refused = post(port(), "/v1/completions", outside.dump());
+  EXPECT_EQ(refused.status, 400);
+  EXPECT_EQ(json::parse(refused.body)["error"]["param"], "stop_token_ids");
+  outside = greedy;
+  outside["logit_bias"] = {{"1024", 1}};
+  refused = post(port(), "/v1/completions", outside.dump());
+  EXPECT_EQ(refused.status, 400);
+  EXPECT_EQ(json::parse(refused.body)["error"]["param"], "logit_bias");
+}
+
+// n > 1: choice j is bit for bit the same request with n = 1 and seed + j, streamed or not.
+TEST_F(Serve, NChoicesAreEachTheRequestWithItsDerivedSeed) {
+  json request = {{"prompt", "lanterns in summer"},
+                  {"max_tokens", 10},
+                  {"temperature", 0.9},
+                  {"seed", 500},
+                  {"logprobs", 2},
+                  {"ignore_eos", true},
+                  {"presence_penalty", 0.5}};
+  std::vector<json> alone;
+  for (int sample = 0; sample < 3; ++sample) {
+    json single = request;
+    single["seed"] = 500 + sample;
+    HttpResponse response = post(port(), "/v1/completions", single.dump());
+    ASSERT_EQ(response.status, 200) << response.body;
+    alone.push_back(json::parse(response.body));
+  }
+  request["n"] = 3;
+  HttpResponse response = post(port(), "/v1/completions", request.dump());
+  ASSERT_EQ(response.status, 200) << response.body;
+  const json body = json::parse(response.body);
+  ASSERT_EQ(body["choices"].size(), 3u);
+  std::set<std::string> texts;
+  for (size_t index = 0; index < 3; ++index) {
+    const json& choice = body["choices"][index];
+    EXPECT_EQ(choice["index"], index);
+    EXPECT_EQ(choice["text"], alone[index]["choices"][0]["text"]) << index;
+    EXPECT_EQ(choice["logprobs"].dump(), alone[index]["choices"][0]["logprobs"].dump()) << index;
+    texts.insert(choice["text"].get<std::string>());
+  }
+  EXPECT_EQ(texts.size(), 3u) << "three seeds, three samples";
+  EXPECT_EQ(body["usage"]["prompt_tokens"], alone[0]["usage"]["prompt_tokens"]) << "counted once";
+  EXPECT_EQ(body["usage"]["completion_tokens"], 30);
+
+  request["stream"] = true;
+  HttpResponse streamed = post(port(), "/v1/completions", request.dump());
+  ASSERT_EQ(streamed.status, 200);
+  bool done = false;
+  std::map<size_t, std::string> streamed_text;
+  for (const std::string& event : sse_events(streamed.body, &done)) {
+    const json chunk = json::parse(event);
+    for (const json& choice : chunk["choices"])
+      streamed_text[choice["index"].get<size_t>()] += choice["text"].get<std::string>();
+  }
+  EXPECT_TRUE(done);
+  ASSERT_EQ(streamed_text.size(), 3u);
+  for (size_t index = 0; index < 3; ++index)
+    EXPECT_EQ(streamed_text[index], body["choices"][index]["text"]) << index;
+}
+
+// echo puts the prompt (text and, with logprobs, its tokens) before the completion;
+// prompt_logprobs reports each prompt token under the previous position's distribution. The
+// last prompt token's logprob is bit for bit what the request one token shorter reported when
+// it generated that token (the same row of logits: batch-invariant kernels).
+TEST_F(Serve, EchoAndPromptLogprobsReportThePromptTokens) {
+  const std::string prompt = "the mill by the river";
+  const json plain = {{"prompt", prompt},
+                      {"max_tokens", 3},
+                      {"temperature", 0},
+                      {"ignore_eos", true},
+                      {"logprobs", 2}};
+  const json reference = json::parse(post(port(), "/v1/completions", plain.dump()).body);
+  const json& generated = reference["choices"][0];
+  const int prompt_tokens = reference["usage"]["prompt_tokens"];
+
+  json echoed = plain;
+  echoed["echo"] = true;
+  echoed["prompt_logprobs"] = 2;
+  echoed["return_tokens_as_token_ids"] = true;
+  HttpResponse response = post(port(), "/v1/completions", echoed.dump());
+  ASSERT_EQ(response.status, 200) << response.body;
+  const json choice = json::parse(response.body)["choices"][0];
+  EXPECT_EQ(choice["text"], prompt + generated["text"].get<std::string>());
+  const json& logprobs = choice["logprobs"];
+  ASSERT_EQ(logprobs["tokens"].size(), static_cast<size_t>(prompt_tokens + 3));
+  EXPECT_TRUE(logprobs["token_logprobs"][0].is_null());
+  EXPECT_TRUE(logprobs["top_logprobs"][0].is_null());
+  EXPECT_EQ(logprobs["text_offset"][0], 0);
+  const json& prompt_logprobs = choice["prompt_logprobs"];
+  ASSERT_EQ(prompt_logprobs.size(), static_cast<size_t>(prompt_tokens));
+  EXPECT_TRUE(prompt_logprobs[0].is_null());
+  std::vector<int32_t> prompt_ids;
+  for (int position = 0; position < prompt_tokens; ++position) {
+    const int32_t id = id_of(logprobs["tokens"][position]);
+    prompt_ids.push_back(id);
+    if (position == 0) continue;
+    const json& entry = prompt_logprobs[position];
+    ASSERT_TRUE(entry.contains(std::to_string(id))) << entry.dump();
+    EXPECT_LE(entry.size(), 3u);  // the token and 2 alternatives (it may be one of them)
+    EXPECT_GE(entry[std::to_string(id)]["rank"].get<int>(), 1);
+    // The echoed prompt token's logprob is the prompt_logprobs value.
+    EXPECT_EQ(logprobs["token_logprobs"][position].dump(),
+              entry[std::to_string(id)]["logprob"].dump());
+  }
+  // The generated part is the plain request's, position for position.
+  for (size_t token = 0; token < 3; ++token)
+    EXPECT_EQ(logprobs["token_logprobs"][prompt_tokens + token].dump(),
+              generated["logprobs"]["token_logprobs"][token].dump());
+
+  // The prompt extended by the first generated token: its last prompt logprob is that token's.
+  const int32_t first_generated = id_of(logprobs["tokens"][prompt_tokens]);
+  std::vector<int32_t> extended = prompt_ids;
+  extended.push_back(first_generated);
+  const json longer =
+      json::parse(post(port(), "/v1/completions",
+                       json{{"prompt", extended}, {"max_tokens", 1}, {"prompt_logprobs", 0}}.dump())
+                      .body)["choices"][0];
+  EXPECT_EQ(longer["prompt_logprobs"].back()[std::to_string(first_generated)]["logprob"].dump(),
+            generated["logprobs"]["token_logprobs"][0].dump());
+
+  // Streamed echo: the first chunk is the prompt.
+  json streamed = plain;
+  streamed["echo"] = true;
+  streamed["stream"] = true;
+  HttpResponse stream = post(port(), "/v1/completions", streamed.dump());
+  ASSERT_EQ(stream.status, 200);
+  const std::vector<std::string> events = sse_events(stream.body);
+  ASSERT_FALSE(events.empty());
+  EXPECT_EQ(json::parse(events[0])["choices"][0]["text"], prompt);
+  std::string text;
+  for (const std::string& event : events)
+    text += json::parse(event)["choices"][0]["text"].get<std::string>();
+  EXPECT_EQ(text, choice["text"]);
+}
+
+// Chat logprobs: "token" is the token's own text and "bytes" its own bytes (a token may hold
+// part of a UTF-8 character, which its text cannot show).
+TEST_F(Serve, ChatLogprobsCarryEachTokensOwnBytes) {
+  const keel::Tokenizer tokenizer = keel::Tokenizer::load(model_dir() + "/tokenizer.json");
+  json request = {{"messages", {{{"role", "user"}, {"content", "h\u00e9llo w\u00f6rld \u2713"}}}},
+                  {"max_tokens", 24},
+                  {"temperature", 1.0},
+                  {"seed", 3},
+                  {"ignore_eos", true},
+                  {"logprobs", true},
+                  {"top_logprobs", 2},
+                  {"prompt_logprobs", 1}};
+  const json named = json::parse(post(port(), "/v1/chat/completions", request.dump()).body);
+  request["return_tokens_as_token_ids"] = true;
+  const json by_id = json::parse(post(port(), "/v1/chat/completions", request.dump()).body);
+  const json& entries = named["choices"][0]["logprobs"]["content"];
+  const json& id_entries = by_id["choices"][0]["logprobs"]["content"];
+  ASSERT_EQ(entries.size(), 24u) << named.dump();
+  ASSERT_EQ(id_entries.size(), entries.size());
+  const auto bytes_of = [](const json& list) {
+    std::string bytes;
+    for (const json& byte : list) bytes.push_back(static_cast<char>(byte.get<int>()));
+    return bytes;
+  };
+  std::vector<int32_t> ids;
+  bool saw_partial_character = false;
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const int32_t id = id_of(id_entries[i]["token"]);
+    ids.push_back(id);
+    EXPECT_EQ(entries[i]["token"], tokenizer.decode({id})) << i;
+    EXPECT_EQ(bytes_of(entries[i]["bytes"]), tokenizer.token_bytes(id)) << i;
+    EXPECT_EQ(id_entries[i]["bytes"], entries[i]["bytes"]) << i;
+    // A token holding part of a UTF-8 character: its text is U+FFFD, its bytes the real ones.
+    saw_partial_character |= bytes_of(entries[i]["bytes"]) != entries[i]["token"];
+    ASSERT_EQ(entries[i]["top_logprobs"].size(), 2u);
+    for (size_t k = 0; k < 2; ++k)
+      EXPECT_EQ(bytes_of(entries[i]["top_logprobs"][k]["bytes"]),
+                tokenizer.token_bytes(id_of(id_entries[i]["top_logprobs"][k]["token"])));
+  }
+  EXPECT_TRUE(saw_partial_character) << "the sample (seed 3) has tokens that split a character";
+  // The content is those tokens decoded together (split characters joined, invalid ones U+FFFD).
+  EXPECT_EQ(named["choices"][0]["message"]["content"].get<std::string>(),
+            tokenizer.decode(ids, /*skip_special_tokens=*/true));
+  // A chat's prompt_logprobs sit on the response, one per prompt token.
+  EXPECT_EQ(named["prompt_logprobs"].size(), named["usage"]["prompt_tokens"].get<size_t>());
+  EXPECT_TRUE(named["prompt_logprobs"][0].is_null());
 }
 
 TEST_F(Serve, CurlStreamsAChat) {

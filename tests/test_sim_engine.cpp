@@ -31,8 +31,7 @@ using json = nlohmann::json;
 
 class QuietSink final : public keel::server::TokenSink {
  public:
-  void on_token(const std::string&, int32_t, float,
-                const std::vector<keel::server::TopLogprob>&) override {}
+  void on_token(const keel::server::GeneratedToken&) override {}
   void on_finish(const std::string&, keel::server::Usage) override {}
   void on_error(const std::string& message) override { ADD_FAILURE() << message; }
   bool cancelled() const override { return false; }

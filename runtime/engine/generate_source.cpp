@@ -67,7 +67,8 @@ void GenerateSource::on_step_done(const StepOutput& output) {
   const std::vector<float>& logits = *output.logits;
   sampled_.clear();
   size_t row = 0;
-  const sampling::SamplingParams greedy{0.0f, 1.0f, -1, 0, 0};
+  sampling::SamplingParams greedy;
+  greedy.temperature = 0.0f;
   for (size_t seq = 0; seq < plan_.num_seqs(); ++seq) {
     const size_t prompt = static_cast<size_t>(plan_.seq_ids[seq]);
     const int64_t prompt_len = static_cast<int64_t>(request_.prompts[prompt].size());

@@ -5,6 +5,11 @@
 namespace keel {
 
 StepBatch step_batch_from_plan(const StepPlan& plan, bool every_prompt_position) {
+  return step_batch_from_plan(plan, std::vector<bool>(plan.num_seqs(), every_prompt_position));
+}
+
+StepBatch step_batch_from_plan(const StepPlan& plan,
+                               const std::vector<bool>& every_position_of_seq) {
   StepBatch batch;
   int64_t max_blocks = 1;
   for (size_t seq = 0; seq < plan.num_seqs(); ++seq)
@@ -19,14 +24,15 @@ StepBatch step_batch_from_plan(const StepPlan& plan, bool every_prompt_position)
               batch.block_tables.begin() + static_cast<std::ptrdiff_t>(seq) * max_blocks);
     auto ids = plan.token_ids_of(seq);
     auto positions = plan.positions_of(seq);
+    const bool every_position = every_position_of_seq.at(seq);
     for (size_t token = 0; token < ids.size(); ++token) {
-      if (every_prompt_position && token + 1 < ids.size())
+      if (every_position && token + 1 < ids.size())
         batch.logits_rows.push_back(static_cast<int32_t>(batch.token_ids.size()));
       batch.token_ids.push_back(ids[token]);
       batch.positions.push_back(static_cast<int32_t>(positions[token]));
       batch.cache_idx.push_back(static_cast<int32_t>(seq));
     }
-    if (plan.needs_logits[seq] || every_prompt_position)
+    if (plan.needs_logits[seq] || every_position)
       batch.logits_rows.push_back(static_cast<int32_t>(batch.token_ids.size()) - 1);
   }
   return batch;

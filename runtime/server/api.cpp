@@ -1,7 +1,9 @@
 #include "runtime/server/api.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <span>
 
 namespace keel::server {
 namespace {
@@ -65,6 +67,249 @@ std::optional<RequestError> read_bool(const json& body, const char* field, bool&
   if (it == body.end() || it->is_null()) return std::nullopt;
   if (!it->is_boolean()) return field_error(field, "must be a boolean");
   out = it->get<bool>();
+  return std::nullopt;
+}
+
+// logit_bias: {"<token id>": bias}, OpenAI's shape; the ids are checked against the vocabulary
+// by the backend (it knows the vocabulary), the values here.
+std::optional<RequestError> read_logit_bias(const json& body,
+                                            std::vector<std::pair<int32_t, float>>& out) {
+  auto it = body.find("logit_bias");
+  if (it == body.end() || it->is_null()) return std::nullopt;
+  if (!it->is_object()) {
+    return field_error("logit_bias", "must be an object mapping token ids to biases");
+  }
+  for (const auto& [key, value] : it->items()) {
+    int64_t id = -1;
+    size_t used = 0;
+    try {
+      id = std::stoll(key, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used != key.size() || key.empty() || id < 0 || id > std::numeric_limits<int32_t>::max()) {
+      return field_error("logit_bias",
+                         "key '" + key + "' is not a token id (a non-negative integer)");
+    }
+    if (!value.is_number() || !std::isfinite(value.get<double>()) || value.get<double>() < -100.0 ||
+        value.get<double>() > 100.0) {
+      return field_error("logit_bias", "bias of token " + key +
+                                           " must be a number in [-100, 100], got " + value.dump());
+    }
+    out.emplace_back(static_cast<int32_t>(id), value.get<float>());
+  }
+  std::sort(out.begin(), out.end());
+  return std::nullopt;
+}
+
+// Fields keel knows but does not implement (or implements only at one value): accepted when
+// absent, null or that value, refused by name otherwise. Silently ignoring them would answer a
+// different question than the one asked.
+struct UnsupportedField {
+  const char* name;
+  bool (*accepted)(const json& value);
+  const char* reason;
+};
+
+bool is_null(const json& value) {
+  return value.is_null();
+}
+bool is_false(const json& value) {
+  return value.is_null() || value == false;
+}
+bool is_true(const json& value) {
+  return value.is_null() || value == true;
+}
+bool is_empty_list(const json& value) {
+  return value.is_null() || (value.is_array() && value.empty());
+}
+bool is_zero(const json& value) {
+  return value.is_null() || (value.is_number() && value == 0);
+}
+bool is_one(const json& value) {
+  return value.is_null() || (value.is_number() && value == 1);
+}
+bool is_text_format(const json& value) {
+  return value.is_null() || (value.is_object() && value.size() == 1 && value.contains("type") &&
+                             value["type"] == "text");
+}
+bool is_no_tool_choice(const json& value) {
+  return value.is_null() || value == "none";
+}
+bool is_text_modalities(const json& value) {
+  return value.is_null() || value == json::array({"text"});
+}
+bool is_empty_object(const json& value) {
+  return value.is_null() || (value.is_object() && value.empty());
+}
+
+constexpr const char* kNoConstrainedDecoding =
+    "constrained (guided / structured) decoding is not implemented";
+
+const UnsupportedField kUnsupportedAnywhere[] = {
+    {"best_of", is_one, "only best_of == 1 is supported"},
+    {"use_beam_search", is_false, "beam search is not implemented"},
+    {"length_penalty", is_one, "only used by beam search, which is not implemented"},
+    {"response_format", is_text_format,
+     "only {\"type\": \"text\"} is supported: JSON mode and JSON schemas need constrained "
+     "decoding, which is not implemented"},
+    {"guided_json", is_null, kNoConstrainedDecoding},
+    {"guided_regex", is_null, kNoConstrainedDecoding},
+    {"guided_choice", is_null, kNoConstrainedDecoding},
+    {"guided_grammar", is_null, kNoConstrainedDecoding},
+    {"guided_decoding_backend", is_null, kNoConstrainedDecoding},
+    {"guided_whitespace_pattern", is_null, kNoConstrainedDecoding},
+    {"structured_outputs", is_null, kNoConstrainedDecoding},
+    {"bad_words", is_empty_list, "bad_words is not implemented"},
+    {"allowed_token_ids", is_null, "allowed_token_ids is not implemented"},
+    {"logits_processors", is_null, "custom logits processors are not supported"},
+    {"truncate_prompt_tokens", is_null, "prompt truncation is not implemented"},
+    {"priority", is_zero, "priority scheduling is not implemented (requests are served FCFS)"},
+    {"spaces_between_special_tokens", is_true,
+     "only spaces_between_special_tokens == true is supported"},
+};
+
+const UnsupportedField kUnsupportedInCompletions[] = {
+    {"suffix", is_null, "suffix (fill-in-the-middle) is not supported"},
+    {"add_special_tokens", is_true, "only add_special_tokens == true is supported for completions"},
+};
+
+const UnsupportedField kUnsupportedInChat[] = {
+    {"tools", is_empty_list,
+     "tool calling is not implemented yet (tools are not rendered into the prompt)"},
+    {"tool_choice", is_no_tool_choice,
+     "only \"none\" is supported: tool calling is not implemented yet"},
+    {"functions", is_empty_list, "function calling is not implemented"},
+    {"function_call", is_null, "function calling is not implemented"},
+    {"reasoning_effort", is_null, "reasoning controls are not implemented yet"},
+    {"chat_template_kwargs", is_empty_object,
+     "template arguments (e.g. enable_thinking) are not implemented yet"},
+    {"chat_template", is_null,
+     "keel renders the model's own template; a custom one is not supported"},
+    {"add_generation_prompt", is_true, "only add_generation_prompt == true is supported"},
+    {"continue_final_message", is_false, "continuing the final message is not supported"},
+    {"add_special_tokens", is_false, "only add_special_tokens == false is supported for chat"},
+    {"echo", is_false, "echo is supported on /v1/completions only"},
+    {"documents", is_null, "documents (RAG templates) are not supported"},
+    {"modalities", is_text_modalities, "only [\"text\"] output is supported"},
+    {"audio", is_null, "audio output is not supported"},
+    {"prediction", is_null, "predicted outputs are not supported"},
+    {"web_search_options", is_null, "web search is not supported"},
+    {"verbosity", is_null, "verbosity is not supported"},
+    {"store", is_false, "keel does not store completions"},
+};
+
+// Fields accepted with no effect on the output, with the type each must have.
+struct NoOpField {
+  const char* name;
+  bool (*well_typed)(const json& value);
+  const char* expected;
+};
+
+bool is_string(const json& value) {
+  return value.is_null() || value.is_string();
+}
+bool is_object(const json& value) {
+  return value.is_null() || value.is_object();
+}
+bool is_bool(const json& value) {
+  return value.is_null() || value.is_boolean();
+}
+bool is_service_tier(const json& value) {
+  return value.is_null() || value == "auto" || value == "default";
+}
+
+const NoOpField kNoOpAnywhere[] = {
+    {"user", is_string, "a string"},
+};
+const NoOpField kNoOpInChat[] = {
+    {"metadata", is_object, "an object"},
+    {"parallel_tool_calls", is_bool, "a boolean"},
+    {"service_tier", is_service_tier, "\"auto\" or \"default\""},
+    {"prompt_cache_key", is_string, "a string"},
+    {"safety_identifier", is_string, "a string"},
+};
+
+// Fields this parser reads itself, per endpoint.
+const char* const kParsedAnywhere[] = {"model",
+                                       "max_tokens",
+                                       "temperature",
+                                       "top_p",
+                                       "top_k",
+                                       "seed",
+                                       "stop",
+                                       "stream",
+                                       "stream_options",
+                                       "n",
+                                       "ignore_eos",
+                                       "return_routing",
+                                       "logprobs",
+                                       "presence_penalty",
+                                       "frequency_penalty",
+                                       "repetition_penalty",
+                                       "min_p",
+                                       "logit_bias",
+                                       "min_tokens",
+                                       "stop_token_ids",
+                                       "prompt_logprobs",
+                                       "return_tokens_as_token_ids",
+                                       "include_stop_str_in_output",
+                                       "skip_special_tokens"};
+const char* const kParsedInCompletions[] = {"prompt", "echo"};
+const char* const kParsedInChat[] = {"messages", "max_completion_tokens", "top_logprobs"};
+
+const char* name_of(const char* name) {
+  return name;
+}
+const char* name_of(const UnsupportedField& field) {
+  return field.name;
+}
+const char* name_of(const NoOpField& field) {
+  return field.name;
+}
+
+std::optional<RequestError> check_field_support(const json& body, Endpoint endpoint) {
+  const bool chat = endpoint == Endpoint::kChatCompletions;
+  const auto check = [&](std::span<const UnsupportedField> fields) -> std::optional<RequestError> {
+    for (const UnsupportedField& field : fields) {
+      auto it = body.find(field.name);
+      if (it != body.end() && !field.accepted(*it)) {
+        return field_error(field.name, std::string(field.reason) + " (got " + it->dump() + ")");
+      }
+    }
+    return std::nullopt;
+  };
+  if (auto error = check(kUnsupportedAnywhere)) return error;
+  if (auto error = check(chat ? std::span<const UnsupportedField>(kUnsupportedInChat)
+                              : std::span<const UnsupportedField>(kUnsupportedInCompletions)))
+    return error;
+  const auto known = [&](const std::string& key) {
+    const auto in = [&](const auto& names) {
+      for (const auto& name : names)
+        if (key == name_of(name)) return true;
+      return false;
+    };
+    return in(kParsedAnywhere) ||
+           in(chat ? std::span<const char* const>(kParsedInChat)
+                   : std::span<const char* const>(kParsedInCompletions)) ||
+           in(kUnsupportedAnywhere) || in(kNoOpAnywhere) ||
+           (chat ? in(kUnsupportedInChat) || in(kNoOpInChat) : in(kUnsupportedInCompletions));
+  };
+  for (const auto& [key, value] : body.items()) {
+    for (const NoOpField& field : kNoOpAnywhere)
+      if (key == field.name && !field.well_typed(value))
+        return field_error(key, std::string("must be ") + field.expected);
+    if (chat)
+      for (const NoOpField& field : kNoOpInChat)
+        if (key == field.name && !field.well_typed(value))
+          return field_error(key, std::string("must be ") + field.expected);
+    if (!known(key)) {
+      return field_error(key, std::string("unknown field for ") +
+                                  (chat ? "/v1/chat/completions" : "/v1/completions") +
+                                  "; keel refuses what it does not implement rather than "
+                                  "ignoring it (the README lists every field)");
+    }
+  }
   return std::nullopt;
 }
 
@@ -291,25 +536,49 @@ std::optional<RequestError> parse_completion_request(const std::string& body_tex
       return error;
     }
   }
-  int n = 1;
-  if (auto error = read_int(body, "n", 1, 1, n)) {
-    error->message = "'n': only n == 1 is supported";
+  if (auto error = read_int(body, "n", 1, kMaxChoicesPerRequest, out.n)) return error;
+  const size_t num_prompts = 1 + out.more_prompts.size();
+  if (num_prompts * static_cast<size_t>(out.n) > static_cast<size_t>(kMaxChoicesPerRequest)) {
+    return field_error("n", std::to_string(num_prompts) +
+                                " prompts x n = " + std::to_string(out.n) + " make " +
+                                std::to_string(num_prompts * static_cast<size_t>(out.n)) +
+                                " choices, over the limit of " +
+                                std::to_string(kMaxChoicesPerRequest) + " per request");
+  }
+
+  if (auto error = read_float(body, "presence_penalty", -2.0, 2.0, false, out.presence_penalty))
     return error;
+  if (auto error = read_float(body, "frequency_penalty", -2.0, 2.0, false, out.frequency_penalty))
+    return error;
+  if (auto error = read_float(body, "repetition_penalty", 0.0, std::numeric_limits<float>::max(),
+                              true, out.repetition_penalty))
+    return error;
+  if (auto error = read_float(body, "min_p", 0.0, 1.0, false, out.min_p)) return error;
+  if (auto error = read_logit_bias(body, out.logit_bias)) return error;
+  if (auto error = read_int(body, "min_tokens", 0, context_limit, out.min_tokens)) return error;
+  if (out.min_tokens > out.max_tokens) {
+    return field_error("min_tokens", "must be <= max_tokens (" + std::to_string(out.max_tokens) +
+                                         "), got " + std::to_string(out.min_tokens));
+  }
+  if (auto it = body.find("stop_token_ids"); it != body.end() && !it->is_null()) {
+    if (!it->is_array()) return field_error("stop_token_ids", "must be a list of token ids");
+    if (auto error = read_token_ids(*it, "stop_token_ids", out.stop_token_ids)) return error;
+  }
+  if (auto error = read_bool(body, "include_stop_str_in_output", out.include_stop_str_in_output))
+    return error;
+  if (auto error = read_bool(body, "skip_special_tokens", out.skip_special_tokens)) return error;
+  if (auto error = read_bool(body, "return_tokens_as_token_ids", out.return_tokens_as_token_ids))
+    return error;
+  if (auto it = body.find("prompt_logprobs"); it != body.end() && !it->is_null()) {
+    int count = 0;
+    if (auto error = read_int(body, "prompt_logprobs", 0, 20, count)) return error;
+    // As vLLM: a stream has no place to put them.
+    if (out.stream) return field_error("prompt_logprobs", "is not available with stream: true");
+    out.prompt_logprobs = count;
   }
 
   if (endpoint == Endpoint::kCompletions) {
-    // Accepted by OpenAI but not implemented here: refuse rather than silently ignore them.
-    bool echo = false;
-    if (auto error = read_bool(body, "echo", echo)) return error;
-    if (echo) return field_error("echo", "echo is not supported");
-    int best_of = 1;
-    if (auto error = read_int(body, "best_of", 1, 1, best_of)) {
-      error->message = "'best_of': only best_of == 1 is supported";
-      return error;
-    }
-    if (auto it = body.find("suffix"); it != body.end() && !it->is_null()) {
-      return field_error("suffix", "suffix is not supported");
-    }
+    if (auto error = read_bool(body, "echo", out.echo)) return error;
     // Completions: logprobs is an integer, the number of alternatives (OpenAI allows 0..5).
     if (auto it = body.find("logprobs"); it != body.end() && !it->is_null()) {
       int count = 0;
@@ -324,6 +593,8 @@ std::optional<RequestError> parse_completion_request(const std::string& body_tex
       return field_error("top_logprobs", "requires 'logprobs': true");
     }
   }
+  // Last: a field that is both mistyped and unsupported is reported for its type first.
+  if (auto error = check_field_support(body, endpoint)) return error;
   return std::nullopt;
 }
 

@@ -61,12 +61,70 @@ struct CompletionRequest {
   bool include_usage_in_stream = false;  // stream_options.include_usage
   bool logprobs = false;
   int top_logprobs = 0;  // number of alternatives per position when logprobs is on
+
+  // Logits processing (runtime/sampling/sampler.h has the formulas and their order).
+  float presence_penalty = 0.0f;    // [-2, 2], OpenAI
+  float frequency_penalty = 0.0f;   // [-2, 2], OpenAI
+  float repetition_penalty = 1.0f;  // > 0, vLLM (HF semantics, over prompt + output)
+  float min_p = 0.0f;               // [0, 1], vLLM
+  // OpenAI logit_bias {"token id": bias in [-100, 100]}, sorted by id; ids are checked against
+  // the vocabulary by the backend.
+  std::vector<std::pair<int32_t, float>> logit_bias;
+  // vLLM: end-of-sequence and stop_token_ids are masked (and stop strings not looked for) until
+  // this many tokens were generated. <= max_tokens.
+  int min_tokens = 0;
+  // vLLM: generation also ends ("stop") after any of these ids, even with ignore_eos.
+  std::vector<int32_t> stop_token_ids;
+  bool include_stop_str_in_output = false;  // vLLM: keep the matched stop string in the text
+  bool skip_special_tokens = true;          // vLLM: special tokens left out of the text
+  // Choices per prompt (OpenAI n). The server runs choice j of a prompt as a request of its own
+  // whose seed is seed + j (vLLM's rule), so choice j is reproducible alone.
+  int n = 1;
+  // vLLM prompt_logprobs: logprobs of every prompt token (the first has none) and this many
+  // alternatives; nullopt = off. Refused with stream.
+  std::optional<int> prompt_logprobs;
+  bool echo = false;  // /v1/completions: the text (and logprobs) begin with the prompt's
+  // vLLM: logprobs name tokens "token_id:N" instead of their text.
+  bool return_tokens_as_token_ids = false;
 };
 
+// Upper bound on n, and on prompts x n choices of one request.
+inline constexpr int kMaxChoicesPerRequest = 128;
+
 struct TopLogprob {
-  std::string token;
+  std::string token;  // the token's own text (decoded alone)
   int32_t token_id = 0;
   float logprob = 0.0f;
+  std::string bytes;  // the token's own bytes (possibly part of a UTF-8 sequence)
+};
+
+// One generated token as the backend reports it.
+struct GeneratedToken {
+  std::string text_delta;  // text the response gains (complete UTF-8, after stop handling)
+  int32_t token_id = 0;
+  std::string token_text;   // the token's own text, decoded alone
+  std::string token_bytes;  // the token's own bytes
+  float logprob = 0.0f;
+  std::vector<TopLogprob> top_logprobs;
+};
+
+// One prompt token with its logprobs (vLLM's prompt_logprobs entry).
+struct PromptToken {
+  int32_t token_id = 0;
+  std::string text;   // decoded alone
+  std::string bytes;  // its own bytes
+  // Logprob under the model's distribution at the previous position, and its vLLM rank; none
+  // for the first prompt token (nothing precedes it) or when logprobs were not computed.
+  std::optional<float> logprob;
+  int64_t rank = 0;
+  std::vector<TopLogprob> top_logprobs;
+};
+
+// What the backend reports of the prompt before the first generated token, when the request
+// asks for echo or prompt_logprobs.
+struct PromptOutput {
+  std::string text;  // the prompt as text (as sent, or decoded from the ids)
+  std::vector<PromptToken> tokens;
 };
 
 struct Usage {
@@ -81,8 +139,9 @@ struct Usage {
 class TokenSink {
  public:
   virtual ~TokenSink() = default;
-  virtual void on_token(const std::string& text_delta, int32_t token_id, float logprob,
-                        const std::vector<TopLogprob>& top_logprobs) = 0;
+  // Once, before the first on_token, when the request asks for echo or prompt_logprobs.
+  virtual void on_prompt(const PromptOutput& prompt) { (void)prompt; }
+  virtual void on_token(const GeneratedToken& token) = 0;
   // finish_reason: "stop" (EOS or stop string) or "length" (max_tokens / context).
   virtual void on_finish(const std::string& finish_reason, Usage usage) = 0;
   // on_finish with fields to add to the response's choice (e.g. "routed_experts"); sinks that

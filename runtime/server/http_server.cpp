@@ -112,8 +112,8 @@ class SessionSink : public TokenSink {
         cancelled_(std::move(cancelled)) {}
   ~SessionSink() override;
 
-  void on_token(const std::string& text_delta, int32_t token_id, float logprob,
-                const std::vector<TopLogprob>& top_logprobs) override;
+  void on_prompt(const PromptOutput& prompt) override;
+  void on_token(const GeneratedToken& token) override;
   void on_finish(const std::string& finish_reason, Usage usage) override;
   void on_finish_with(const std::string& finish_reason, Usage usage, json choice_fields) override;
   void on_error(const std::string& message) override;
@@ -137,9 +137,11 @@ class SessionSink : public TokenSink {
 class Session : public std::enable_shared_from_this<Session> {
   // What the response says for one prompt, gathered until it finishes.
   struct Choice {
-    std::string text;        // non-streamed text so far
-    size_t text_offset = 0;  // bytes of text produced so far (logprobs' text_offset)
-    json logprobs;           // non-streamed logprobs so far
+    std::string text;           // non-streamed text so far
+    size_t text_offset = 0;     // bytes of text produced so far (logprobs' text_offset)
+    json logprobs;              // non-streamed logprobs so far
+    json prompt_logprobs;       // vLLM's prompt_logprobs, when asked for
+    bool counts_prompt = true;  // false for choices 1..n-1 of a prompt: usage counts it once
     bool finished = false;
     json body;  // the finished choice (non-streamed), waiting for the others
   };
@@ -185,14 +187,53 @@ class Session : public std::enable_shared_from_this<Session> {
   uint64_t generation() const { return generation_; }
 
   // Sink events, always on the strand.
-  void token(size_t index, const std::string& delta, int32_t token_id, float logprob,
-             const std::vector<TopLogprob>& top) {
+  void prompt(size_t index, const PromptOutput& prompt) {
     if (state_ != State::kGenerating) return;
     Choice& state = choices_.at(index);
+    if (request_.prompt_logprobs) state.prompt_logprobs = prompt_logprobs_json(prompt);
+    if (!request_.echo) return;
+    // Echo: the prompt's text comes first, and with logprobs its tokens' entries (the first
+    // token has no logprob, as in OpenAI's and vLLM's answers).
+    json entry = initial_logprobs();
+    size_t offset = state.text_offset;
+    for (const PromptToken& token : prompt.tokens) {
+      entry["tokens"].push_back(token_name(token.token_id, token.text));
+      entry["token_logprobs"].push_back(token.logprob ? json(*token.logprob) : json(nullptr));
+      if (token.logprob) {
+        json alternatives = json::object();
+        for (size_t i = 0;
+             i < token.top_logprobs.size() && static_cast<int>(i) < request_.top_logprobs; ++i)
+          alternatives[token_name(token.top_logprobs[i].token_id, token.top_logprobs[i].token)] =
+              token.top_logprobs[i].logprob;
+        entry["top_logprobs"].push_back(alternatives);
+      } else {
+        entry["top_logprobs"].push_back(nullptr);
+      }
+      entry["text_offset"].push_back(offset);
+      offset += token.text.size();
+    }
+    if (request_.stream) {
+      json choice = {{"index", index},
+                     {"text", prompt.text},
+                     {"logprobs", request_.logprobs ? entry : json(nullptr)},
+                     {"finish_reason", nullptr}};
+      enqueue(event(dump(chunk_envelope(json::array({choice})))));
+    } else {
+      state.text += prompt.text;
+      if (request_.logprobs)
+        for (auto& [key, values] : entry.items())
+          for (auto& value : values) state.logprobs[key].push_back(std::move(value));
+    }
+    state.text_offset += prompt.text.size();
+  }
+
+  void token(size_t index, const GeneratedToken& token) {
+    if (state_ != State::kGenerating) return;
+    Choice& state = choices_.at(index);
+    const std::string& delta = token.text_delta;
     if (request_.stream) {
       json choice = {{"index", index}, {"logprobs", nullptr}, {"finish_reason", nullptr}};
-      if (request_.logprobs)
-        choice["logprobs"] = logprobs_for(delta, token_id, logprob, top, state.text_offset);
+      if (request_.logprobs) choice["logprobs"] = logprobs_for(token, state.text_offset);
       state.text_offset += delta.size();
       if (is_chat()) {
         choice["delta"] = {{"content", delta}};
@@ -201,7 +242,7 @@ class Session : public std::enable_shared_from_this<Session> {
       }
       enqueue(event(dump(chunk_envelope(json::array({choice})))));
     } else {
-      if (request_.logprobs) append_logprobs(state, delta, token_id, logprob, top);
+      if (request_.logprobs) append_logprobs(state, token);
       state.text += delta;
       state.text_offset += delta.size();
     }
@@ -215,7 +256,7 @@ class Session : public std::enable_shared_from_this<Session> {
     if (state.finished) return;
     state.finished = true;
     ++num_finished_;
-    usage_.prompt_tokens += usage.prompt_tokens;
+    if (state.counts_prompt) usage_.prompt_tokens += usage.prompt_tokens;
     usage_.completion_tokens += usage.completion_tokens;
     const bool last = num_finished_ == choices_.size();
     json usage_json = {{"prompt_tokens", usage_.prompt_tokens},
@@ -245,6 +286,8 @@ class Session : public std::enable_shared_from_this<Session> {
       choice["message"] = {{"role", "assistant"}, {"content", state.text}};
     } else {
       choice["text"] = state.text;
+      // vLLM puts a completion's prompt_logprobs on its choice, a chat's on the response.
+      if (request_.prompt_logprobs) choice["prompt_logprobs"] = state.prompt_logprobs;
     }
     for (const auto& [key, value] : choice_fields.items()) choice[key] = value;
     state.body = std::move(choice);
@@ -257,6 +300,8 @@ class Session : public std::enable_shared_from_this<Session> {
                  {"model", model_},
                  {"choices", std::move(choices)},
                  {"usage", usage_json}};
+    if (is_chat() && request_.prompt_logprobs)
+      body["prompt_logprobs"] = choices_[0].prompt_logprobs;
     state_ = State::kWriting;
     send(http::status::ok, dump(body));
   }
@@ -453,10 +498,6 @@ class Session : public std::enable_shared_from_this<Session> {
       requests.push_back(std::move(next));
     }
     for (size_t index = 0; index < requests.size(); ++index) {
-      // A batch's prompts have ids of their own (telemetry, routing records) under the
-      // response's id.
-      requests[index].request_id =
-          requests.size() == 1 ? completion_id_ : completion_id_ + "-" + std::to_string(index);
       // The backend tokenizes and checks what only it can (prompt length against the context).
       if (auto error = server_.backend.prepare(requests[index])) {
         if (requests.size() > 1 && error->param == "prompt") {
@@ -467,10 +508,34 @@ class Session : public std::enable_shared_from_this<Session> {
         return;
       }
     }
+    // n choices per prompt: choice p * n + j is prompt p's request with seed + j (vLLM's rule),
+    // so each is reproducible alone; unseeded choices get seeds of their own from the backend.
+    const size_t num_samples = static_cast<size_t>(std::max(1, request.n));
+    std::vector<CompletionRequest> choices;
+    choices.reserve(requests.size() * num_samples);
+    for (CompletionRequest& prompt_request : requests) {
+      for (size_t sample = 0; sample < num_samples; ++sample) {
+        CompletionRequest child = prompt_request;
+        child.n = 1;
+        if (child.seed) child.seed = *child.seed + sample;
+        choices.push_back(std::move(child));
+      }
+    }
+    requests = std::move(choices);
+    for (size_t index = 0; index < requests.size(); ++index) {
+      // A batch's choices have ids of their own (telemetry, routing records) under the
+      // response's id.
+      requests[index].request_id =
+          requests.size() == 1 ? completion_id_ : completion_id_ + "-" + std::to_string(index);
+    }
     request_ = requests.front();
+    request_.n = static_cast<int>(num_samples);
     created_ = static_cast<int64_t>(std::time(nullptr));
     choices_.assign(requests.size(), Choice{});
-    for (Choice& choice : choices_) choice.logprobs = initial_logprobs();
+    for (size_t index = 0; index < choices_.size(); ++index) {
+      choices_[index].logprobs = initial_logprobs();
+      choices_[index].counts_prompt = index % num_samples == 0;
+    }
     num_finished_ = 0;
     usage_ = Usage{};
 
@@ -514,11 +579,13 @@ class Session : public std::enable_shared_from_this<Session> {
               (version_ >= 11 ? "Transfer-Encoding: chunked\r\n" : "") +
               (keep_alive_ ? "Connection: keep-alive\r\n" : "Connection: close\r\n") + "\r\n");
       if (is_chat()) {
-        json choice = {{"index", 0},
-                       {"delta", {{"role", "assistant"}, {"content", ""}}},
-                       {"logprobs", nullptr},
-                       {"finish_reason", nullptr}};
-        enqueue(event(dump(chunk_envelope(json::array({choice})))));
+        for (size_t index = 0; index < choices_.size(); ++index) {
+          json choice = {{"index", index},
+                         {"delta", {{"role", "assistant"}, {"content", ""}}},
+                         {"logprobs", nullptr},
+                         {"finish_reason", nullptr}};
+          enqueue(event(dump(chunk_envelope(json::array({choice})))));
+        }
       }
     }
     watch_for_disconnect();
@@ -623,40 +690,74 @@ class Session : public std::enable_shared_from_this<Session> {
     return bytes;
   }
 
-  // One position's logprobs in the endpoint's format.
-  json logprobs_for(const std::string& delta, int32_t, float logprob,
-                    const std::vector<TopLogprob>& top, size_t text_offset) const {
+  // How logprobs name a token: its text, or "token_id:N" (vLLM's return_tokens_as_token_ids,
+  // for clients that must tell apart tokens with the same or no printable text).
+  std::string token_name(int32_t token_id, const std::string& text) const {
+    return request_.return_tokens_as_token_ids ? "token_id:" + std::to_string(token_id) : text;
+  }
+
+  // One generated position's logprobs in the endpoint's format. Chat's "bytes" are the token's
+  // own bytes (a token may hold part of a UTF-8 character; concatenating them gives the text).
+  json logprobs_for(const GeneratedToken& token, size_t text_offset) const {
     json entry = initial_logprobs();
+    const std::vector<TopLogprob>& top = token.top_logprobs;
     if (is_chat()) {
       json alternatives = json::array();
       for (size_t i = 0; i < top.size() && static_cast<int>(i) < request_.top_logprobs; ++i) {
-        alternatives.push_back({{"token", top[i].token},
+        alternatives.push_back({{"token", token_name(top[i].token_id, top[i].token)},
                                 {"logprob", top[i].logprob},
-                                {"bytes", bytes_of(top[i].token)}});
+                                {"bytes", bytes_of(top[i].bytes)}});
       }
-      entry["content"].push_back({{"token", delta},
-                                  {"logprob", logprob},
-                                  {"bytes", bytes_of(delta)},
+      entry["content"].push_back({{"token", token_name(token.token_id, token.token_text)},
+                                  {"logprob", token.logprob},
+                                  {"bytes", bytes_of(token.token_bytes)},
                                   {"top_logprobs", alternatives}});
     } else {
       json alternatives = json::object();
       for (size_t i = 0; i < top.size() && static_cast<int>(i) < request_.top_logprobs; ++i) {
-        alternatives[top[i].token] = top[i].logprob;
+        alternatives[token_name(top[i].token_id, top[i].token)] = top[i].logprob;
       }
-      entry["tokens"].push_back(delta);
-      entry["token_logprobs"].push_back(logprob);
+      entry["tokens"].push_back(token_name(token.token_id, token.token_text));
+      entry["token_logprobs"].push_back(token.logprob);
       entry["top_logprobs"].push_back(alternatives);
       entry["text_offset"].push_back(text_offset);
     }
     return entry;
   }
 
-  void append_logprobs(Choice& choice, const std::string& delta, int32_t token_id, float logprob,
-                       const std::vector<TopLogprob>& top) {
-    json entry = logprobs_for(delta, token_id, logprob, top, choice.text_offset);
+  void append_logprobs(Choice& choice, const GeneratedToken& token) {
+    json entry = logprobs_for(token, choice.text_offset);
     for (auto& [key, values] : entry.items()) {
       for (auto& value : values) choice.logprobs[key].push_back(std::move(value));
     }
+  }
+
+  // vLLM's prompt_logprobs: null for the first prompt token, then per token an object keyed by
+  // token id: the prompt token itself and the top alternatives, each {logprob, rank,
+  // decoded_token}.
+  json prompt_logprobs_json(const PromptOutput& prompt) const {
+    json entries = json::array();
+    for (const PromptToken& token : prompt.tokens) {
+      if (!token.logprob) {
+        entries.push_back(nullptr);
+        continue;
+      }
+      json entry = json::object();
+      for (size_t i = 0; i < token.top_logprobs.size(); ++i) {
+        const TopLogprob& alternative = token.top_logprobs[i];
+        entry[std::to_string(alternative.token_id)] = {
+            {"logprob", alternative.logprob},
+            {"rank", i + 1},
+            {"decoded_token", token_name(alternative.token_id, alternative.token)}};
+      }
+      // The prompt token itself, with its own rank (it may also be among the alternatives).
+      entry[std::to_string(token.token_id)] = {
+          {"logprob", *token.logprob},
+          {"rank", token.rank},
+          {"decoded_token", token_name(token.token_id, token.text)}};
+      entries.push_back(std::move(entry));
+    }
+    return entries;
   }
 
   void send_error(const RequestError& error, bool retry_after = false,
@@ -803,11 +904,12 @@ SessionSink::~SessionSink() {
   deliver([](Session& session) { session.error("the backend dropped the request unfinished"); });
 }
 
-void SessionSink::on_token(const std::string& text_delta, int32_t token_id, float logprob,
-                           const std::vector<TopLogprob>& top_logprobs) {
-  deliver([index = choice_index_, text_delta, token_id, logprob, top_logprobs](Session& session) {
-    session.token(index, text_delta, token_id, logprob, top_logprobs);
-  });
+void SessionSink::on_prompt(const PromptOutput& prompt) {
+  deliver([index = choice_index_, prompt](Session& session) { session.prompt(index, prompt); });
+}
+
+void SessionSink::on_token(const GeneratedToken& token) {
+  deliver([index = choice_index_, token](Session& session) { session.token(index, token); });
 }
 
 void SessionSink::on_finish(const std::string& finish_reason, Usage usage) {

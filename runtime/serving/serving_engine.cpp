@@ -65,6 +65,28 @@ size_t held_suffix(const std::string& text, const std::vector<std::string>& stop
   return longest;
 }
 
+sampling::SamplingParams sampling_params_of(const server::CompletionRequest& request) {
+  sampling::SamplingParams params;
+  params.temperature = request.temperature;
+  params.top_p = request.top_p;
+  params.top_k = request.top_k;
+  params.num_logprobs = request.logprobs ? request.top_logprobs : 0;
+  params.min_p = request.min_p;
+  params.presence_penalty = request.presence_penalty;
+  params.frequency_penalty = request.frequency_penalty;
+  params.repetition_penalty = request.repetition_penalty;
+  for (const auto& [token, bias] : request.logit_bias) params.logit_bias.push_back({token, bias});
+  return params;
+}
+
+// Prompt logprobs (with their alternatives) a request needs: prompt_logprobs itself, or echo
+// with logprobs (the echoed prompt tokens carry logprobs too). -1: none.
+int32_t prompt_logprobs_wanted(const server::CompletionRequest& request) {
+  int32_t wanted = request.prompt_logprobs ? *request.prompt_logprobs : -1;
+  if (request.echo && request.logprobs) wanted = std::max(wanted, request.top_logprobs);
+  return wanted;
+}
+
 }  // namespace
 
 ServingEngine::ServingEngine(const Engine& engine, const std::string& model_dir,
@@ -180,13 +202,18 @@ std::optional<RequestError> ServingEngine::prepare(server::CompletionRequest& re
                        prompt_param);
   request.max_tokens =
       static_cast<int>(std::min<int64_t>(request.max_tokens, pool_tokens - prompt_len));
-  sampling::SamplingParams params;
-  params.temperature = request.temperature;
-  params.top_p = request.top_p;
-  params.top_k = request.top_k;
-  params.num_logprobs = request.logprobs ? request.top_logprobs : 0;
+  for (const auto& [token, bias] : request.logit_bias)
+    if (token >= vocab_size_)
+      return bad_request("logit_bias names token id " + std::to_string(token) +
+                             ", outside the vocabulary [0, " + std::to_string(vocab_size_) + ")",
+                         "logit_bias");
+  for (const int32_t token : request.stop_token_ids)
+    if (token >= vocab_size_)
+      return bad_request("stop_token_ids has token id " + std::to_string(token) +
+                             ", outside the vocabulary [0, " + std::to_string(vocab_size_) + ")",
+                         "stop_token_ids");
   try {
-    params.validate();
+    sampling_params_of(request).validate();
   } catch (const Error& error) {
     return bad_request(error.what(), "");
   }
@@ -255,15 +282,37 @@ void ServingEngine::admit(Incoming incoming) {
   const int64_t seq_id = next_seq_id_++;
   Live live;
   live.sink = std::move(incoming.sink);
-  live.params.temperature = request.temperature;
-  live.params.top_p = request.top_p;
-  live.params.top_k = request.top_k;
-  live.params.num_logprobs = request.logprobs ? request.top_logprobs : 0;
+  live.params = sampling_params_of(request);
   live.params.seed = request.seed ? *request.seed : mix64(config_.seed_base ^ mix64(seq_id));
   live.prompt_len = static_cast<int64_t>(request.prompt_tokens->size());
   live.max_new_tokens = request.max_tokens;
-  live.decoder = std::make_unique<StreamDecoder>(tokenizer_, /*skip_special_tokens=*/true);
+  live.decoder = std::make_unique<StreamDecoder>(tokenizer_, request.skip_special_tokens);
   live.stop = std::move(request.stop);
+  live.include_stop_str = request.include_stop_str_in_output;
+  live.min_tokens = request.min_tokens;
+  live.prompt_ids = *request.prompt_tokens;
+  // End of sequence: the model's (unless ignore_eos) and the request's own stop ids; until
+  // min_tokens are out they are masked, so they cannot be sampled.
+  if (!request.ignore_eos) live.stop_ids = stop_token_ids_;
+  live.stop_ids.insert(live.stop_ids.end(), request.stop_token_ids.begin(),
+                       request.stop_token_ids.end());
+  std::sort(live.stop_ids.begin(), live.stop_ids.end());
+  live.stop_ids.erase(std::unique(live.stop_ids.begin(), live.stop_ids.end()), live.stop_ids.end());
+  live.num_prompt_logprobs = prompt_logprobs_wanted(request);
+  live.report_prompt = request.echo || live.num_prompt_logprobs >= 0;
+  if (live.report_prompt) {
+    live.prompt_output.text =
+        request.prompt_text.empty()
+            ? tokenizer_.decode(live.prompt_ids, /*skip_special_tokens=*/false)
+            : request.prompt_text;
+    live.prompt_output.tokens.resize(live.prompt_ids.size());
+    for (size_t position = 0; position < live.prompt_ids.size(); ++position) {
+      server::PromptToken& token = live.prompt_output.tokens[position];
+      token.token_id = live.prompt_ids[position];
+      token.text = tokenizer_.decode({token.token_id});
+      token.bytes = tokenizer_.token_bytes(token.token_id);
+    }
+  }
   live.request_id = request.request_id;
   live.arrival_s = incoming.arrival_s;
   live.return_routing = request.return_routing || routing_writer_ != nullptr;
@@ -276,8 +325,9 @@ void ServingEngine::admit(Incoming incoming) {
   scheduled.seq_id = seq_id;
   scheduled.prompt_token_ids = std::move(*request.prompt_tokens);
   scheduled.max_new_tokens = request.max_tokens;
-  if (!request.ignore_eos) scheduled.stop_token_ids = stop_token_ids_;
-  live.ignore_eos = request.ignore_eos;
+  scheduled.stop_token_ids = live.stop_ids;
+  // Prompt logprobs need the logits of every prompt position: none may come from the cache.
+  scheduled.skip_prefix_cache = live.num_prompt_logprobs >= 0;
   try {
     scheduler_.add_request(std::move(scheduled));
   } catch (const Error& error) {
@@ -324,7 +374,13 @@ void ServingEngine::next_step(ServeStep& step) {
     step.kind = ServeStep::Kind::kIdle;
     return;
   }
-  step.batch = step_batch_from_plan(plan_);
+  // Sequences whose prompt logprobs are still missing get a logits row for every token fed.
+  every_row_.assign(plan_.num_seqs(), false);
+  for (size_t seq = 0; seq < plan_.num_seqs(); ++seq) {
+    const Live& live = live_.at(plan_.seq_ids[seq]);
+    every_row_[seq] = live.num_prompt_logprobs >= 0 && !live.prompt_reported;
+  }
+  step.batch = step_batch_from_plan(plan_, every_row_);
   step.kind = ServeStep::Kind::kRun;
   ++step_id_;
   step_start_s_ = telemetry_->now_s();
@@ -348,17 +404,30 @@ void ServingEngine::next_step(ServeStep& step) {
   publish_stats();
 }
 
+server::TopLogprob ServingEngine::top_logprob(const sampling::TokenLogprob& entry) const {
+  return {tokenizer_.decode({entry.token}), entry.token, entry.logprob,
+          tokenizer_.token_bytes(entry.token)};
+}
+
 bool ServingEngine::emit(Live& live, const sampling::SampleResult& sample, bool is_last) {
   std::string text = std::move(live.held);
   live.held.clear();
   text += live.decoder->push(sample.token);
   if (is_last) text += live.decoder->finish();
   bool stopped = false;
-  if (!live.stop.empty()) {
+  // As vLLM: stop strings are looked for once more than min_tokens tokens are out.
+  if (!live.stop.empty() && live.num_generated > live.min_tokens) {
     size_t first_stop = std::string::npos;
-    for (const std::string& stop : live.stop) first_stop = std::min(first_stop, text.find(stop));
+    size_t stop_length = 0;
+    for (const std::string& stop : live.stop) {
+      const size_t at = text.find(stop);
+      if (at < first_stop) {
+        first_stop = at;
+        stop_length = stop.size();
+      }
+    }
     if (first_stop != std::string::npos) {
-      text.resize(first_stop);
+      text.resize(first_stop + (live.include_stop_str ? stop_length : 0));
       stopped = true;
     } else if (!is_last) {
       const size_t hold = held_suffix(text, live.stop);
@@ -366,10 +435,15 @@ bool ServingEngine::emit(Live& live, const sampling::SampleResult& sample, bool 
       text.resize(text.size() - hold);
     }
   }
-  std::vector<server::TopLogprob> top;
+  server::GeneratedToken token;
+  token.text_delta = std::move(text);
+  token.token_id = sample.token;
+  token.token_text = tokenizer_.decode({sample.token});
+  token.token_bytes = tokenizer_.token_bytes(sample.token);
+  token.logprob = sample.logprob;
   for (const sampling::TokenLogprob& entry : sample.top_logprobs)
-    top.push_back({tokenizer_.decode({entry.token}), entry.token, entry.logprob});
-  live.sink->on_token(text, sample.token, sample.logprob, top);
+    token.top_logprobs.push_back(top_logprob(entry));
+  live.sink->on_token(token);
   return stopped;
 }
 
@@ -492,31 +566,72 @@ void ServingEngine::on_step_done(const StepOutput& output) {
   std::vector<int32_t> sampled;
   std::vector<int64_t> stopped_by_string;
   size_t row = 0;
+  // A row of the step's logits with the untokenizable ids masked (they have no text).
+  const auto masked_row = [&](size_t row_index) {
+    const float* row_logits = logits.data() + row_index * static_cast<size_t>(vocab_size_);
+    if (untokenizable_ids_.empty()) return row_logits;
+    masked_.assign(row_logits, row_logits + vocab_size_);
+    for (int32_t id : untokenizable_ids_) masked_[static_cast<size_t>(id)] = -INFINITY;
+    return static_cast<const float*>(masked_.data());
+  };
   for (size_t seq = 0; seq < plan_.num_seqs(); ++seq) {
-    if (!plan_.needs_logits[seq]) continue;
     const int64_t seq_id = plan_.seq_ids[seq];
     Live& live = live_.at(seq_id);
+    if (every_row_[seq]) {
+      // Every fed token but a sequence's last has a row predicting the next prompt token.
+      auto positions = plan_.positions_of(seq);
+      const size_t num_prompt_rows = positions.size() - (plan_.needs_logits[seq] ? 1 : 0);
+      for (size_t token = 0; token < num_prompt_rows; ++token, ++row) {
+        const size_t next = static_cast<size_t>(positions[token]) + 1;
+        if (next >= live.prompt_output.tokens.size()) continue;
+        server::PromptToken& entry = live.prompt_output.tokens[next];
+        sampling::TokenLogprobs logprobs = sampling::token_logprobs(
+            masked_row(row), vocab_size_, entry.token_id, live.num_prompt_logprobs);
+        entry.logprob = logprobs.logprob;
+        entry.rank = logprobs.rank;
+        entry.top_logprobs.clear();
+        for (const sampling::TokenLogprob& alternative : logprobs.top)
+          entry.top_logprobs.push_back(top_logprob(alternative));
+      }
+    }
+    if (!plan_.needs_logits[seq]) continue;
+    if (live.report_prompt && !live.prompt_reported) {
+      live.prompt_reported = true;
+      live.sink->on_prompt(live.prompt_output);
+      live.prompt_output = {};
+    }
     // The sampled token's absolute position: request-local, so batch-independent.
     const int64_t position = live.prompt_len + live.num_generated;
-    const float* row_logits = logits.data() + row * static_cast<size_t>(vocab_size_);
-    if (!untokenizable_ids_.empty()) {
-      masked_.assign(row_logits, row_logits + vocab_size_);
-      for (int32_t id : untokenizable_ids_) masked_[static_cast<size_t>(id)] = -INFINITY;
-      row_logits = masked_.data();
-    }
-    sampling::SampleResult sample =
-        sampling::sample(row_logits, vocab_size_, live.params, position);
+    const float* row_logits = masked_row(row);
     ++row;
+    // Until min_tokens are out, end-of-sequence and stop_token_ids cannot be sampled.
+    const bool before_min_tokens = live.num_generated < live.min_tokens;
+    const sampling::TokenHistory history{
+        live.prompt_ids, live.output_ids,
+        before_min_tokens ? std::span<const int32_t>(live.stop_ids) : std::span<const int32_t>()};
+    sampling::SampleResult sample;
+    try {
+      sample = sampling::sample(row_logits, vocab_size_, live.params, position, history);
+    } catch (const Error& error) {
+      // A row this request's own processing emptied (e.g. every token it may sample masked):
+      // its error, not the server's. The scheduler ignores the placeholder of an aborted
+      // sequence.
+      sampled.push_back(0);
+      live.ended = true;
+      live.sink->on_error(std::string("sampling failed: ") + error.what());
+      scheduler_.abort(seq_id);
+      continue;
+    }
     sampled.push_back(sample.token);
     ++live.num_generated;
     ++local_stats_.generated_tokens;
+    live.output_ids.push_back(sample.token);
     if (live.logits_digest) {
       live.logits_digest->update(row_logits, static_cast<size_t>(vocab_size_) * sizeof(float));
       live.output_token_ids.push_back(sample.token);
     }
     const bool is_stop_token =
-        !live.ignore_eos &&
-        std::binary_search(stop_token_ids_.begin(), stop_token_ids_.end(), sample.token);
+        std::binary_search(live.stop_ids.begin(), live.stop_ids.end(), sample.token);
     const bool is_last = is_stop_token || live.num_generated >= live.max_new_tokens;
     live.token_times_s.push_back(telemetry_->now_s());
     if (emit(live, sample, is_last)) stopped_by_string.push_back(seq_id);

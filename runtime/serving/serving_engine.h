@@ -139,8 +139,19 @@ class ServingEngine final : public server::GenerationBackend, public StepSource 
     std::unique_ptr<StreamDecoder> decoder;
     std::vector<std::string> stop;
     std::string held;  // decoded text not yet sent: it may be the start of a stop string
-    bool ignore_eos = false;
+    bool include_stop_str = false;
     bool ended = false;
+    // Logits processing and stopping: the request's own tokens, its stop ids (sorted: the
+    // model's end-of-sequence unless ignore_eos, plus stop_token_ids) and min_tokens.
+    std::vector<int32_t> prompt_ids;
+    std::vector<int32_t> output_ids;
+    std::vector<int32_t> stop_ids;
+    int64_t min_tokens = 0;
+    // Echo / prompt logprobs: filled while the prompt is computed, sent before the first token.
+    int32_t num_prompt_logprobs = -1;  // alternatives per prompt token; -1: no prompt logprobs
+    bool report_prompt = false;
+    bool prompt_reported = false;
+    server::PromptOutput prompt_output;
     // Telemetry.
     std::string request_id;
     double arrival_s = 0;
@@ -160,6 +171,7 @@ class ServingEngine final : public server::GenerationBackend, public StepSource 
   void admit(Incoming incoming);
   // Streams one sampled token of `live`; returns true when a stop string ended the request.
   bool emit(Live& live, const sampling::SampleResult& sample, bool is_last);
+  server::TopLogprob top_logprob(const sampling::TokenLogprob& entry) const;
   void finish(int64_t seq_id, Live& live, const std::string& reason);
   void publish_stats();
   void record_routing(const StepOutput& output);
@@ -190,6 +202,7 @@ class ServingEngine final : public server::GenerationBackend, public StepSource 
   std::map<int64_t, Live> live_;
   int64_t next_seq_id_ = 0;
   StepPlan plan_;
+  std::vector<bool> every_row_;  // [plan seq] a logits row for every token fed (prompt logprobs)
   ServingStats local_stats_;
   std::vector<float> masked_;
   // Telemetry (leader thread, except what ServingTelemetry guards itself).

@@ -881,6 +881,14 @@ std::string Tokenizer::decode(const std::vector<int32_t>& ids, bool skip_special
   return text;
 }
 
+std::string Tokenizer::token_bytes(int32_t id) const {
+  if (id < 0 || static_cast<size_t>(id) >= impl_->id_present.size() || !impl_->id_present[id])
+    throw_error(impl_->source, ": no token bytes for id ", id, " (not in the vocabulary)");
+  std::string bytes;
+  impl_->token_bytes(id, /*first=*/false, bytes);
+  return bytes;
+}
+
 int32_t Tokenizer::token_id(std::string_view token) const {
   if (auto it = impl_->added_vocab.find(token); it != impl_->added_vocab.end()) return it->second;
   auto it = impl_->vocab.find(token);

@@ -29,6 +29,11 @@ class Tokenizer {
   // Throws keel::Error for an id outside the vocabulary.
   std::string decode(const std::vector<int32_t>& ids, bool skip_special_tokens = false) const;
 
+  // The bytes token `id` stands for in the middle of a text (byte-level tokens mapped back to
+  // their bytes, byte-fallback tokens to their byte, metaspace to a space): possibly part of a
+  // UTF-8 sequence (OpenAI's logprobs "bytes"). Throws keel::Error for an id outside the
+  // vocabulary.
+  std::string token_bytes(int32_t id) const;
   // Id of a vocabulary or added token, -1 when absent.
   int32_t token_id(std::string_view token) const;
   // Token string for an id (as stored in tokenizer.json), nullopt when absent.
