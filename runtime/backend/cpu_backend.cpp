@@ -131,8 +131,10 @@ class CpuBackend final : public Backend {
     int64_t max_positions = 0;
     for (int64_t row = 0; row < num_rows; ++row)
       max_positions = std::max<int64_t>(max_positions, int64_t{positions[row]} + 1);
-    // Every (row, head) is independent: the threads take fixed ranges of them, each with its
-    // own score scratch, and each head is computed exactly as on one thread.
+    // Every (row, head) is independent: thread `part` takes items part, part + num_parts, ...
+    // (strided, not contiguous ranges: under a causal prompt later rows attend to more positions,
+    // and contiguous ranges gave the last thread ~3x the work), each with its own score scratch,
+    // and each head is computed exactly as on one thread.
     const int64_t num_items = num_rows * num_q_heads;
     const int num_parts =
         num_items * max_positions * head_dim < (int64_t{1} << 15) ? 1 : pool_.num_threads();
@@ -142,8 +144,7 @@ class CpuBackend final : public Backend {
       auto run_part = [&](int part) {
         std::vector<float>& scores = part_scores_[static_cast<size_t>(part)];
         scores.resize(std::max(scores.size(), static_cast<size_t>(max_positions)));
-        const cpu::RowRange items = cpu::partition_rows(num_items, num_parts, part, 1);
-        for (int64_t item = items.first; item < items.end; ++item) {
+        for (int64_t item = part; item < num_items; item += num_parts) {
           const int64_t row = item / num_q_heads, head = item % num_q_heads;
           const int32_t kv_head = kv_head_of_q[head];
           math::attention_head_paged<Kv>(
