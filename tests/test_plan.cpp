@@ -250,6 +250,24 @@ TEST(Report, DecodeTableEndsAtMemoryFill) {
   EXPECT_THROW(build_plan_report(m, hw, quant_from_name("nvfp4"), 8, options), keel::Error);
 }
 
+// --max-num-seqs caps the running batch as the scheduler does: at 2048 tokens of context the
+// 397B fits several hundred sequences on 4x RTX PRO 6000, but a scheduler of 128 runs 128.
+TEST(Report, DecodeTableStopsAtMaxNumSeqs) {
+  const ModelSpec m = load_model_spec(config("models/qwen3.5-397b-a17b.yaml"));
+  const HardwareSpec hw = load_hardware_spec(config("hardware/4x-rtx-pro-6000.yaml"));
+  PlanOptions options;
+  options.context = 2048;
+  options.max_num_seqs = 128;
+  const PlanReport r = build_plan_report(m, hw, quant_from_name("nvfp4"), 4, options);
+  ASSERT_GT(r.memory.max_seqs, 128);
+  EXPECT_EQ(r.decode.back().batch, 128);
+  EXPECT_EQ(r.full_batch.batch, 128);
+  options.max_num_seqs = 100;  // not a power of two: the table still ends at the cap
+  const PlanReport capped = build_plan_report(m, hw, quant_from_name("nvfp4"), 4, options);
+  EXPECT_EQ(capped.decode.back().batch, 100);
+  EXPECT_EQ(capped.decode[capped.decode.size() - 2].batch, 64);
+}
+
 TEST(Cli, JsonParsesAndTextHasVerdict) {
   const std::vector<std::string> base = {"--model",    config("models/qwen3.5-397b-a17b.yaml"),
                                          "--hardware", config("hardware/4x-rtx-pro-6000.yaml"),

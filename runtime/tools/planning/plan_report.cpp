@@ -78,7 +78,8 @@ PlanReport build_plan_report(const ModelSpec& model, const HardwareSpec& hardwar
   r.memory = cost.memory();
   r.precision = cost.linear_precision();
 
-  const int64_t max_batch = std::max<int64_t>(r.memory.max_seqs, 1);
+  // The scheduler runs at most max_num_seqs sequences however many fit (vLLM's --max-num-seqs).
+  const int64_t max_batch = std::max<int64_t>(std::min(r.memory.max_seqs, options.max_num_seqs), 1);
   for (int64_t b = 1; b <= max_batch; b *= 2)
     r.decode.push_back(decode_row(cost, b, options.context));
   if (r.decode.back().batch != max_batch)

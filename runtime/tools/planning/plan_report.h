@@ -34,7 +34,7 @@ struct PlanReport {
   ComputePrecision precision = ComputePrecision::bf16;  // linear matmuls, after fallback
   std::vector<DecodeRow> decode;
   DecodeRow single_stream;          // B = 1
-  DecodeRow full_batch;             // B = max_seqs (B = 1 when it does not fit)
+  DecodeRow full_batch;             // B = min(max_seqs, max_num_seqs) (1 when it does not fit)
   StepBreakdown prefill_chunk;      // one chunk of min(prompt_len, max_num_batched_tokens)
   double prefill_tokens_per_s = 0;  // prompt_len / TTFT
   double ttft_s = 0;
