@@ -21,7 +21,7 @@
 #include <sstream>
 
 #include "kernels/base/check.h"
-#include "runtime/tokenizer/python_text.h"
+#include "runtime/common/python_text.h"
 #include "runtime/tokenizer/qwen_templates.h"
 
 namespace keel {

@@ -7,7 +7,7 @@
 
 #include "kernels/base/check.h"
 #include "runtime/common/python_json.h"
-#include "runtime/tokenizer/python_text.h"
+#include "runtime/common/python_text.h"
 
 namespace keel {
 

@@ -10,6 +10,10 @@ namespace keel {
 // str.strip(): Unicode whitespace as Python defines it, not only ASCII; invalid UTF-8 is never
 // whitespace.
 std::string python_strip(std::string_view text);
+// str.lstrip() (Unicode whitespace).
+std::string_view python_lstrip(std::string_view text);
+// Whether text begins with a character Python's str.isspace() / regex \s accepts.
+bool starts_with_python_space(std::string_view text);
 // str.lstrip(chars) / str.rstrip(chars) / str.strip(chars) with ASCII `chars`.
 std::string_view lstrip_chars(std::string_view text, std::string_view chars);
 std::string_view rstrip_chars(std::string_view text, std::string_view chars);

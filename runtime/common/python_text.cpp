@@ -1,4 +1,4 @@
-#include "runtime/tokenizer/python_text.h"
+#include "runtime/common/python_text.h"
 
 #include <cstdint>
 
@@ -55,6 +55,21 @@ std::string python_strip(std::string_view text) {
     end = start;
   }
   return std::string(text.substr(begin, end - begin));
+}
+
+std::string_view python_lstrip(std::string_view text) {
+  size_t begin = 0;
+  while (begin < text.size()) {
+    size_t length = 0;
+    if (!is_python_space(code_point_at(text, begin, length))) break;
+    begin += length;
+  }
+  return text.substr(begin);
+}
+
+bool starts_with_python_space(std::string_view text) {
+  size_t length = 0;
+  return !text.empty() && is_python_space(code_point_at(text, 0, length));
 }
 
 std::string_view lstrip_chars(std::string_view text, std::string_view chars) {
