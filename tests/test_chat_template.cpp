@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "kernels/base/check.h"
+#include "runtime/common/python_json.h"
 
 namespace keel {
 namespace {
@@ -35,11 +36,38 @@ std::string scratch_dir(const std::string& name) {
   return dir;
 }
 
-std::vector<ChatTurn> turns_of(const json& messages) {
+using ordered = nlohmann::ordered_json;
+
+// Fixture messages as the server hands them over: tool-call arguments already parsed, in the
+// client's key order (the fixture is read as ordered JSON for that).
+std::vector<ChatTurn> turns_of(const ordered& messages) {
   std::vector<ChatTurn> turns;
-  for (const json& message : messages)
-    turns.push_back({message["role"].get<std::string>(), message["content"].get<std::string>()});
+  for (const ordered& message : messages) {
+    ChatTurn turn{message["role"].get<std::string>(), message["content"].get<std::string>()};
+    if (message.contains("tool_calls"))
+      for (const ordered& call : message["tool_calls"])
+        turn.tool_calls.push_back(
+            {call["function"]["name"].get<std::string>(), call["function"]["arguments"]});
+    if (message.contains("reasoning_content"))
+      turn.reasoning_content = message["reasoning_content"].get<std::string>();
+    turns.push_back(std::move(turn));
+  }
   return turns;
+}
+
+ChatRenderOptions options_of(const ordered& test_case) {
+  ChatRenderOptions options;
+  if (test_case.contains("tools")) options.tools = test_case["tools"];
+  if (test_case.contains("enable_thinking"))
+    options.enable_thinking = test_case["enable_thinking"].get<bool>();
+  return options;
+}
+
+ordered read_ordered(const std::string& path) {
+  std::ifstream file(path, std::ios::binary);
+  std::stringstream contents;
+  contents << file.rdbuf();
+  return ordered::parse(contents.str());
 }
 
 struct Expected {
@@ -60,29 +88,31 @@ TEST_P(HfGolden, RendersLikeTransformers) {
   EXPECT_EQ(info.kind, expected.kind);
   EXPECT_EQ(info.family, expected.family);
   ASSERT_GT(fixture["cases"].size(), 2u);
-  for (const json& test_case : fixture["cases"]) {
+  for (const ordered& test_case : read_ordered(kFixtureDir + expected.fixture + ".json")["cases"]) {
     std::vector<ChatTurn> turns = turns_of(test_case["messages"]);
-    SCOPED_TRACE(test_case["messages"].dump());
+    SCOPED_TRACE(test_case.dump());
     if (test_case.contains("error")) {
-      EXPECT_THROW(render_chat(info, turns), Error);
+      EXPECT_THROW(render_chat(info, turns, options_of(test_case)), Error);
     } else {
-      EXPECT_EQ(render_chat(info, turns), test_case["rendered"].get<std::string>());
+      EXPECT_EQ(render_chat(info, turns, options_of(test_case)),
+                test_case["rendered"].get<std::string>());
     }
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, HfGolden,
-                         testing::Values(Expected{"qwen2_5", ChatFamily::kChatML,
-                                                  "chatml (Qwen2.5 default system prompt)"},
-                                         Expected{"qwen2_5_list", ChatFamily::kChatML,
-                                                  "chatml (Qwen2.5 default system prompt)"},
-                                         Expected{"qwen3", ChatFamily::kChatML, "chatml"},
-                                         Expected{"chatml", ChatFamily::kChatML, "chatml"},
-                                         Expected{"llama3", ChatFamily::kLlama3, "llama3"},
-                                         Expected{"mistral", ChatFamily::kMistral, "mistral"}),
-                         [](const testing::TestParamInfo<Expected>& info) {
-                           return std::string(info.param.fixture);
-                         });
+INSTANTIATE_TEST_SUITE_P(
+    Fixtures, HfGolden,
+    testing::Values(
+        Expected{"qwen2_5", ChatFamily::kChatML, "chatml (Qwen2.5 default system prompt)"},
+        Expected{"qwen2_5_list", ChatFamily::kChatML, "chatml (Qwen2.5 default system prompt)"},
+        Expected{"qwen3", ChatFamily::kChatML, "chatml"},
+        Expected{"chatml", ChatFamily::kChatML, "chatml"},
+        Expected{"llama3", ChatFamily::kLlama3, "llama3"},
+        Expected{"mistral", ChatFamily::kMistral, "mistral"},
+        Expected{"qwen3_tools", ChatFamily::kChatML, "qwen3"},
+        Expected{"qwen3_5_tools", ChatFamily::kChatML, "qwen3.5"},
+        Expected{"qwen3_5_tools_v2", ChatFamily::kChatML, "qwen3.5"}),
+    [](const testing::TestParamInfo<Expected>& info) { return std::string(info.param.fixture); });
 
 TEST(ChatTemplate, QwenDefaultSystemIsCopiedFromTheTemplate) {
   json config = read_json(kFixtureDir + "qwen2_5.json")["tokenizer_config"];
@@ -179,6 +209,93 @@ TEST(ChatTemplate, MalformedConfigIsAnErrorNamingTheFile) {
   EXPECT_THROW(chat_template_from_config(R"({"chat_template": []})", "t"), Error);
   EXPECT_THROW(chat_template_from_config(R"({"eos_token": 7})", "t"), Error);
   EXPECT_THROW(chat_template_from_config(R"([1, 2])", "t"), Error);
+}
+
+ChatTemplateInfo info_of(const char* fixture) {
+  json config = read_json(kFixtureDir + fixture + ".json")["tokenizer_config"];
+  return chat_template_from_config(config.dump(), fixture);
+}
+
+TEST(ChatTemplate, QwenTemplatesAreRecognisedWithTheirToolSyntax) {
+  ChatTemplateInfo qwen3 = info_of("qwen3_tools");
+  EXPECT_EQ(qwen3.dialect, ChatMLDialect::kQwen3);
+  EXPECT_EQ(qwen3.tool_call_syntax, ToolCallSyntax::kHermesJson);
+  EXPECT_TRUE(qwen3.thinking_switch);
+  EXPECT_TRUE(qwen3.thinking_default);
+  ChatTemplateInfo qwen35 = info_of("qwen3_5_tools");
+  EXPECT_EQ(qwen35.dialect, ChatMLDialect::kQwen3_5);
+  EXPECT_EQ(qwen35.tool_call_syntax, ToolCallSyntax::kQwenXml);
+  EXPECT_TRUE(qwen35.thinking_default);
+  EXPECT_TRUE(qwen35.keeps_earlier_reasoning);
+  EXPECT_FALSE(info_of("qwen3_5_tools_v2").keeps_earlier_reasoning);
+  // The modelled Qwen3 template without tool instructions stays plain ChatML, as do the others.
+  for (const char* plain : {"qwen3", "qwen2_5", "chatml"}) {
+    EXPECT_EQ(info_of(plain).dialect, ChatMLDialect::kPlain) << plain;
+    EXPECT_EQ(info_of(plain).tool_call_syntax, ToolCallSyntax::kNone) << plain;
+  }
+  // A reworded tool instruction is not taken for Qwen3's.
+  std::string reworded =
+      read_json(kFixtureDir + "qwen3_tools.json")["tokenizer_config"]["chat_template"]
+          .get<std::string>();
+  reworded.replace(reworded.find("You may call"), 12, "You can call");
+  EXPECT_EQ(chat_template_from_jinja(reworded, "", "<|im_end|>").dialect, ChatMLDialect::kPlain);
+}
+
+TEST(ChatTemplate, SmallQwen35VariantThinksOnlyWhenAsked) {
+  std::string source =
+      read_json(kFixtureDir + "qwen3_5_tools.json")["tokenizer_config"]["chat_template"]
+          .get<std::string>();
+  const std::string standard = "enable_thinking is defined and enable_thinking is false";
+  source.replace(source.find(standard), standard.size(),
+                 "enable_thinking is defined and enable_thinking is true");
+  ChatTemplateInfo info = chat_template_from_jinja(source, "", "<|im_end|>");
+  ASSERT_EQ(info.dialect, ChatMLDialect::kQwen3_5);
+  EXPECT_FALSE(info.thinking_default);
+  const std::string prompt = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n";
+  EXPECT_EQ(render_chat(info, {{"user", "hi"}}), prompt + "<think>\n\n</think>\n\n");
+  EXPECT_EQ(render_chat(info, {{"user", "hi"}}, {.enable_thinking = true}), prompt + "<think>\n");
+}
+
+TEST(ChatTemplate, ToolsAndThinkingAreRefusedWhereTheTemplateHasNone) {
+  ChatTemplateInfo chatml = info_of("chatml");
+  ChatRenderOptions with_tools;
+  with_tools.tools = ordered::parse(R"([{"type": "function", "function": {"name": "f"}}])");
+  EXPECT_THROW(render_chat(chatml, {{"user", "hi"}}, with_tools), Error);
+  ChatTurn call_turn{"assistant", ""};
+  call_turn.tool_calls.push_back({"f", ordered::object()});
+  EXPECT_THROW(render_chat(chatml, {{"user", "hi"}, call_turn}), Error);
+  EXPECT_THROW(render_chat(chatml, {{"user", "hi"}}, {.enable_thinking = false}), Error);
+  EXPECT_THROW(render_chat(info_of("llama3"), {{"user", "hi"}}, with_tools), Error);
+  // Qwen3's template would drop a developer message without a word: keel refuses it.
+  EXPECT_THROW(render_chat(info_of("qwen3_tools"), {{"developer", "x"}, {"user", "hi"}}), Error);
+}
+
+TEST(PythonJson, FloatsPrintAsPythonRepr) {
+  EXPECT_EQ(python_float_repr(1.0), "1.0");
+  EXPECT_EQ(python_float_repr(-0.0), "-0.0");
+  EXPECT_EQ(python_float_repr(0.1), "0.1");
+  EXPECT_EQ(python_float_repr(1e-4), "0.0001");
+  EXPECT_EQ(python_float_repr(1e-5), "1e-05");
+  EXPECT_EQ(python_float_repr(1.5e-7), "1.5e-07");
+  EXPECT_EQ(python_float_repr(1e15), "1000000000000000.0");
+  EXPECT_EQ(python_float_repr(1e16), "1e+16");
+  EXPECT_EQ(python_float_repr(123456789012345678.0), "1.2345678901234568e+17");
+  EXPECT_EQ(python_float_repr(2.5e300), "2.5e+300");
+  EXPECT_EQ(python_float_repr(123.456), "123.456");
+}
+
+TEST(PythonJson, DumpsLikePython) {
+  ordered value = ordered::parse(
+      R"({"z": 1, "a": [true, null, 2.0, -3], "s": "q\"\\\n\t\u0001\u00e9\u007f", "o": {}})");
+  EXPECT_EQ(
+      python_json_dumps(value),
+      "{\"z\": 1, \"a\": [true, null, 2.0, -3], \"s\": \"q\\\"\\\\\\n\\t\\u0001\xC3\xA9\x7F\", "
+      "\"o\": {}}");
+  EXPECT_EQ(python_str(ordered(true)), "True");
+  EXPECT_EQ(python_str(ordered(nullptr)), "None");
+  EXPECT_EQ(python_str(ordered("text")), "text");
+  EXPECT_EQ(python_str(ordered(7)), "7");
+  EXPECT_EQ(python_str(ordered(0.5)), "0.5");
 }
 
 }  // namespace

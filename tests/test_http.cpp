@@ -19,6 +19,7 @@
 #include <thread>
 #include <vector>
 
+#include "kernels/base/check.h"
 #include "runtime/server/api.h"
 #include "runtime/server/http_server.h"
 
@@ -32,8 +33,9 @@ using nlohmann::json;
 using namespace keel::server;
 using namespace std::chrono_literals;
 
-// Token i is " t<i>"; generation ends with "stop" after eos_after tokens or "length" at
-// max_tokens. Each request runs on its own thread, like an engine would call the sink.
+// Token i is " t<i>" (or script[i] when a script is set: a model output known in advance);
+// generation ends with "stop" after eos_after tokens (or the script) or "length" at max_tokens.
+// Each request runs on its own thread, like an engine would call the sink.
 class FakeBackend : public GenerationBackend {
  public:
   ~FakeBackend() override {
@@ -77,6 +79,7 @@ class FakeBackend : public GenerationBackend {
   std::atomic<int> submitted{0};
   std::atomic<int> active{0};
   std::atomic<int> cancellations{0};
+  std::vector<std::string> script;  // set before the requests that use it
 
  private:
   void run(const CompletionRequest& request, TokenSink& sink) {
@@ -88,16 +91,18 @@ class FakeBackend : public GenerationBackend {
     int prompt_tokens = request.prompt_tokens ? static_cast<int>(request.prompt_tokens->size())
                                               : static_cast<int>(request.prompt_text.size());
     int produced = 0;
-    while (produced < request.max_tokens && produced < eos_after) {
+    const int end = script.empty() ? eos_after.load() : static_cast<int>(script.size());
+    while (produced < request.max_tokens && produced < end) {
       if (sink.cancelled()) {
         ++cancellations;
         return;
       }
       if (delay_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms.load()));
       // With tag_with_prompt the text names the prompt, so a batch's choices can be told apart.
-      const std::string text =
-          (tag_with_prompt ? " " + request.prompt_text + ":" : std::string(" t")) +
-          std::to_string(produced);
+      const std::string text = !script.empty() ? script[static_cast<size_t>(produced)]
+                                               : (tag_with_prompt ? " " + request.prompt_text + ":"
+                                                                  : std::string(" t")) +
+                                                     std::to_string(produced);
       std::vector<TopLogprob> top = {{text, 100 + produced, -0.25f, text}, {" x", 7, -2.0f, " x"}};
       sink.on_token({.text_delta = text,
                      .token_id = 100 + produced,
@@ -297,8 +302,8 @@ TEST_F(HttpTest, ChatNonStreaming) {
 
 TEST_F(HttpTest, ChatTemplateHook) {
   HttpServerConfig config;
-  config.chat_template = [](const std::vector<ChatMessage>& messages) {
-    return "[" + messages.back().content + "]";
+  config.chat_template = [](const CompletionRequest& request) {
+    return "[" + request.messages.back().content + "]";
   };
   restart(config);
   ASSERT_EQ(post(port, "/v1/chat/completions",
@@ -306,6 +311,205 @@ TEST_F(HttpTest, ChatTemplateHook) {
                 .status,
             200);
   EXPECT_EQ(backend.last_request().prompt_text, "[q]");
+}
+
+// Tool and template fields: checked, and refused by name where this model's template (plain
+// ChatML here) or keel cannot honour them.
+TEST_F(HttpTest, ToolFieldsAreCheckedAndRefusedByName) {
+  const json messages = {{"messages", {{{"role", "user"}, {"content", "x"}}}}, {"max_tokens", 2}};
+  const json weather = {{"type", "function"}, {"function", {{"name", "get_weather"}}}};
+  auto with = [&](const std::string& field, const json& value) {
+    json body = messages;
+    body[field] = value;
+    return post(port, "/v1/chat/completions", body);
+  };
+  auto expect_param = [&](const Reply& reply, const std::string& param) {
+    expect_error(reply, 400, "'" + param + "'");
+    EXPECT_EQ(reply.json_body()["error"]["param"], param);
+  };
+  expect_param(with("tools", json::array({weather})), "tools");  // ChatML renders no tools
+  expect_param(with("tool_choice", "required"), "tool_choice");
+  expect_param(with("tool_choice", {{"type", "function"}, {"function", {{"name", "f"}}}}),
+               "tool_choice");
+  expect_param(with("tool_choice", "auto"), "tool_choice");  // no tools to choose from
+  expect_param(with("tool_choice", "sometimes"), "tool_choice");
+  expect_param(with("tools", {{{"type", "custom"}}}), "tools[0].type");
+  expect_param(with("tools", {{{"type", "function"}, {"function", {{"name", ""}}}}}),
+               "tools[0].function.name");
+  expect_param(with("chat_template_kwargs", {{"enable_thinking", false}}),
+               "chat_template_kwargs.enable_thinking");  // ChatML has no thinking switch
+  expect_param(with("chat_template_kwargs", {{"enable_thinking", "no"}}),
+               "chat_template_kwargs.enable_thinking");
+  expect_param(with("chat_template_kwargs", {{"add_vision_id", true}}),
+               "chat_template_kwargs.add_vision_id");
+  expect_param(with("parallel_tool_calls", "yes"), "parallel_tool_calls");
+  json bad_call = messages;
+  bad_call["messages"].push_back({{"role", "assistant"},
+                                  {"content", nullptr},
+                                  {"tool_calls",
+                                   {{{"id", "c"},
+                                     {"type", "function"},
+                                     {"function", {{"name", "f"}, {"arguments", "{not json"}}}}}}});
+  expect_param(post(port, "/v1/chat/completions", bad_call),
+               "messages[1].tool_calls[0].function.arguments");
+  json user_call = messages;
+  user_call["messages"][0]["tool_calls"] = json::array();
+  expect_param(post(port, "/v1/chat/completions", user_call), "messages[0].tool_calls");
+  EXPECT_EQ(backend.submitted.load(), 0);
+  // tool_choice none with no tools, and an empty kwargs object, change nothing.
+  EXPECT_EQ(with("tool_choice", "none").status, 200);
+  EXPECT_EQ(with("chat_template_kwargs", json::object()).status, 200);
+}
+
+// A Qwen3.5-like template: tools, reasoning and the thinking switch reach the template, and the
+// scripted model output is read into reasoning_content, content and tool_calls, the same
+// streamed as not (tags split across tokens included).
+class HttpToolsTest : public HttpTest {
+ protected:
+  void SetUp() override {
+    HttpServerConfig config;
+    config.chat_capabilities = {.template_family = "qwen3.5",
+                                .tool_calls = ToolCallFormat::kQwenXml,
+                                .reasoning = true,
+                                .thinking_switch = true,
+                                .thinking_default = true};
+    config.chat_template = [](const CompletionRequest& request) -> std::string {
+      if (request.messages.back().content == "refuse") keel::throw_error("No user query found.");
+      return "tools=" + std::to_string(request.tools.size()) + " thinking=" +
+             (request.enable_thinking ? std::to_string(*request.enable_thinking) : "default") +
+             " calls=" + std::to_string(request.messages.front().tool_calls.size());
+    };
+    start(config);
+  }
+
+  json request(const std::string& content = "Weather in Paris?") const {
+    json properties = {{"city", {{"type", "string"}}}, {"days", {{"type", "integer"}}}};
+    json function = {{"name", "get_weather"},
+                     {"parameters", {{"type", "object"}, {"properties", properties}}}};
+    json body;
+    json user = {{"role", "user"}, {"content", content}};
+    json tool = {{"type", "function"}, {"function", function}};
+    body["messages"] = json::array({user});
+    body["tools"] = json::array({tool});
+    body["max_tokens"] = 50;
+    return body;
+  }
+
+  // The streamed response folded back into one message.
+  static json assemble(const Reply& reply, std::string& finish) {
+    json message = {{"reasoning_content", ""}, {"content", ""}, {"tool_calls", json::array()}};
+    for (const std::string& event : sse_payloads(reply.body)) {
+      if (event == "[DONE]") continue;
+      const json chunk = json::parse(event);
+      const json& choice = chunk["choices"][0];
+      const json& delta = choice["delta"];
+      for (const char* field : {"reasoning_content", "content"})
+        if (delta.contains(field))
+          message[field] = message[field].get<std::string>() + delta[field].get<std::string>();
+      EXPECT_EQ(delta.value("content", "").find("<tool"), std::string::npos) << event;
+      if (delta.contains("tool_calls"))
+        for (const json& call : delta["tool_calls"]) message["tool_calls"].push_back(call);
+      if (!choice["finish_reason"].is_null()) finish = choice["finish_reason"];
+    }
+    return message;
+  }
+};
+
+TEST_F(HttpToolsTest, ToolCallsAndReasoningNonStreamedAndStreamed) {
+  backend.script = {"Let me",
+                    " look.\n</th",
+                    "ink>\n\nSure.",
+                    "<tool",
+                    "_call>\n<func",
+                    "tion=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>",
+                    "\n3\n</parameter>\n</function>\n</tool_call>"};
+  Reply reply = post(port, "/v1/chat/completions", request());
+  ASSERT_EQ(reply.status, 200) << reply.body;
+  EXPECT_EQ(backend.last_request().prompt_text, "tools=1 thinking=default calls=0");
+  const json body = reply.json_body();
+  const json& choice = body["choices"][0];
+  EXPECT_EQ(choice["finish_reason"], "tool_calls");
+  const json& message = choice["message"];
+  EXPECT_EQ(message["reasoning_content"], "Let me look.\n");
+  EXPECT_EQ(message["content"], "\n\nSure.");
+  ASSERT_EQ(message["tool_calls"].size(), 1u);
+  const json& call = message["tool_calls"][0];
+  EXPECT_EQ(call["type"], "function");
+  EXPECT_EQ(call["id"].get<std::string>().rfind("chatcmpl-tool-", 0), 0u);
+  EXPECT_EQ(call["function"]["name"], "get_weather");
+  EXPECT_EQ(call["function"]["arguments"], "{\"city\": \"Paris\", \"days\": 3}");
+
+  json streamed_request = request();
+  streamed_request["stream"] = true;
+  std::string finish;
+  json streamed = assemble(post(port, "/v1/chat/completions", streamed_request), finish);
+  EXPECT_EQ(finish, "tool_calls");
+  EXPECT_EQ(streamed["reasoning_content"], message["reasoning_content"]);
+  EXPECT_EQ(streamed["content"], message["content"]);
+  ASSERT_EQ(streamed["tool_calls"].size(), 1u);
+  EXPECT_EQ(streamed["tool_calls"][0]["index"], 0);
+  EXPECT_EQ(streamed["tool_calls"][0]["function"], call["function"]);
+  EXPECT_EQ(streamed["tool_calls"][0]["type"], "function");
+}
+
+TEST_F(HttpToolsTest, ToolChoiceNoneThinkingOffAndOneCallAtATime) {
+  const std::string one_call =
+      "<tool_call>\n<function=get_weather>\n<parameter=city>\nRome\n</parameter>\n</function>\n"
+      "</tool_call>";
+  backend.script = {"</think>", one_call, "\n", one_call};
+  // tool_choice none: the tools are still rendered (vLLM does too), the output is not parsed.
+  json none = request();
+  none["tool_choice"] = "none";
+  const json none_body = post(port, "/v1/chat/completions", none).json_body();
+  EXPECT_EQ(none_body["choices"][0]["finish_reason"], "stop");
+  EXPECT_EQ(none_body["choices"][0]["message"]["content"], one_call + "\n" + one_call);
+  EXPECT_FALSE(none_body["choices"][0]["message"].contains("tool_calls"));
+  // parallel_tool_calls false: the first call only, streamed or not.
+  json single = request();
+  single["parallel_tool_calls"] = false;
+  const json single_body = post(port, "/v1/chat/completions", single).json_body();
+  EXPECT_EQ(single_body["choices"][0]["message"]["tool_calls"].size(), 1u);
+  single["stream"] = true;
+  std::string finish;
+  EXPECT_EQ(assemble(post(port, "/v1/chat/completions", single), finish)["tool_calls"].size(), 1u);
+  single["parallel_tool_calls"] = true;
+  EXPECT_EQ(assemble(post(port, "/v1/chat/completions", single), finish)["tool_calls"].size(), 2u);
+  // Thinking off: the switch reaches the template, and all the output is content.
+  backend.script = {"no ", "</think> here"};
+  json off = request();
+  off["chat_template_kwargs"] = {{"enable_thinking", false}};
+  const json off_body = post(port, "/v1/chat/completions", off).json_body();
+  EXPECT_EQ(backend.last_request().prompt_text, "tools=1 thinking=0 calls=0");
+  EXPECT_TRUE(off_body["choices"][0]["message"]["reasoning_content"].is_null());
+  EXPECT_EQ(off_body["choices"][0]["message"]["content"], "no </think> here");
+  // Thinking on, cut short: everything is reasoning and the content is null.
+  backend.script = {"still ", "thinking"};
+  const json cut = post(port, "/v1/chat/completions", request()).json_body();
+  EXPECT_EQ(cut["choices"][0]["message"]["reasoning_content"], "still thinking");
+  EXPECT_TRUE(cut["choices"][0]["message"]["content"].is_null());
+}
+
+TEST_F(HttpToolsTest, HistoryReachesTheTemplateAndItsRefusalsAre400) {
+  backend.script = {"ok"};
+  json history = request();
+  history["messages"] = {
+      {{"role", "assistant"},
+       {"content", nullptr},
+       {"tool_calls",
+        {{{"id", "c1"},
+          {"type", "function"},
+          {"function", {{"name", "get_weather"}, {"arguments", "{\"city\": \"Oslo\"}"}}}}}}},
+      {{"role", "tool"}, {"tool_call_id", "c1"}, {"content", "5C"}},
+      {{"role", "user"}, {"content", "thanks"}}};
+  ASSERT_EQ(post(port, "/v1/chat/completions", history).status, 200);
+  const CompletionRequest seen = backend.last_request();
+  EXPECT_EQ(seen.prompt_text, "tools=1 thinking=default calls=1");
+  ASSERT_EQ(seen.messages[0].tool_calls.size(), 1u);
+  EXPECT_EQ(seen.messages[0].tool_calls[0].arguments.dump(), "{\"city\":\"Oslo\"}");
+  EXPECT_EQ(seen.messages[1].tool_call_id, "c1");
+  Reply refused = post(port, "/v1/chat/completions", request("refuse"));
+  expect_error(refused, 400, "No user query found.");
+  EXPECT_EQ(refused.json_body()["error"]["param"], "messages");
 }
 
 TEST_F(HttpTest, StreamingCompletionMatchesNonStreaming) {
@@ -541,16 +745,11 @@ TEST_F(HttpTest, NewSamplingFieldsAreCheckedAndUnimplementedOnesRefusedByName) {
 
   // Known but not implemented: refused by name, on the endpoint where it exists.
   const std::vector<std::pair<std::string, json>> refused_chat = {
-      {"tools", {{{"type", "function"}, {"function", {{"name", "f"}}}}}},
-      {"tool_choice", "auto"},
-      {"tool_choice", "required"},
-      {"tool_choice", {{"type", "function"}, {"function", {{"name", "f"}}}}},
       {"response_format", {{"type", "json_object"}}},
       {"response_format", {{"type", "json_schema"}, {"json_schema", json::object()}}},
       {"guided_json", json::object()},
       {"functions", {{{"name", "f"}}}},
       {"reasoning_effort", "high"},
-      {"chat_template_kwargs", {{"enable_thinking", false}}},
       {"echo", true},
       {"use_beam_search", true},
       {"best_of", 2},

@@ -845,6 +845,100 @@ TEST_F(Serve, ProfileWritesAChromeTraceWithOneTrackPerRank) {
 // quantization, NVFP4 W4A4 activations and the KV cache dtype. Replay runs with them (without
 // them every W4A4 record would fail to reproduce) and refuses a checkpoint of another
 // quantization, naming both.
+// Tools and reasoning end to end: the tiny-chat model given Qwen3.5's real chat template. The
+// prompt the server renders for a request (tools, tool-call history, enable_thinking) has
+// exactly the tokens of transformers' rendering (the golden in
+// tests/fixtures/chat_templates/qwen3_5_tools.json); the answer carries reasoning_content, the
+// same streamed as not; what keel cannot do is refused by name.
+TEST(ServeAlone, QwenTemplateRendersToolsAndSeparatesReasoning) {
+  const std::string dir = scratch() + "/tiny-chat-qwen35";
+  fs::create_directories(dir);
+  for (const auto& entry : fs::directory_iterator(model_dir()))
+    fs::copy(entry.path(), dir + "/" + entry.path().filename().string(),
+             fs::copy_options::overwrite_existing);
+  std::ifstream fixture_file(std::string(KEEL_SOURCE_DIR) +
+                             "/tests/fixtures/chat_templates/qwen3_5_tools.json");
+  const nlohmann::ordered_json fixture = nlohmann::ordered_json::parse(fixture_file);
+  std::ofstream(dir + "/tokenizer_config.json") << fixture["tokenizer_config"].dump();
+  fs::remove(dir + "/chat_template.jinja");
+  const std::string config = scratch() + "/qwen35.yaml";
+  std::ofstream(config) << "model: " << dir << "\nmodel_name: tiny\ntp: 2\nport: 0\n"
+                        << "determinism: batch_invariant\ncollective_timeout_ms: 60000\n";
+  ServerProcess server(serve_args(config));
+  const keel::Tokenizer tokenizer = keel::Tokenizer::load(dir + "/tokenizer.json");
+
+  // The fixture case whose first message has this content, as an OpenAI request (tool-call
+  // arguments as JSON strings, an empty assistant content as null).
+  auto golden = [&](const std::string& first_content) {
+    for (const auto& test_case : fixture["cases"]) {
+      if (test_case["messages"][0]["content"] != first_content) continue;
+      nlohmann::ordered_json request = {{"max_tokens", 12}, {"temperature", 0.8}, {"seed", 7}};
+      request["messages"] = test_case["messages"];
+      for (auto& message : request["messages"]) {
+        if (!message.contains("tool_calls")) continue;
+        if (message["content"] == "") message["content"] = nullptr;
+        for (auto& call : message["tool_calls"])
+          call["function"]["arguments"] = call["function"]["arguments"].dump();
+      }
+      if (test_case.contains("tools")) request["tools"] = test_case["tools"];
+      if (test_case.contains("enable_thinking"))
+        request["chat_template_kwargs"] = {{"enable_thinking", test_case["enable_thinking"]}};
+      return std::make_pair(request, test_case["rendered"].get<std::string>());
+    }
+    ADD_FAILURE() << "no fixture case starts with " << first_content;
+    return std::make_pair(nlohmann::ordered_json(), std::string());
+  };
+  for (const char* first :
+       {"You are a helpful agent.", "Compare Paris and Rome.", "Quick answer: 2+2?", "2+2?"}) {
+    SCOPED_TRACE(first);
+    auto [request, rendered] = golden(first);
+    HttpResponse reply = post(server.port(), "/v1/chat/completions", request.dump());
+    ASSERT_EQ(reply.status, 200) << reply.body;
+    const json body = json::parse(reply.body);
+    EXPECT_EQ(body["usage"]["prompt_tokens"].get<size_t>(), tokenizer.encode(rendered).size());
+    const json& message = body["choices"][0]["message"];
+    ASSERT_TRUE(message.contains("reasoning_content")) << reply.body;
+    const bool thinking = !request.contains("chat_template_kwargs");
+    // Thinking off: all content, no reasoning. On: the output begins inside <think>.
+    EXPECT_EQ(message["reasoning_content"].is_null(), !thinking) << reply.body;
+    if (!thinking) {
+      EXPECT_TRUE(message["content"].is_string());
+    }
+
+    // Streamed, the same seed gives the same message delta by delta.
+    request["stream"] = true;
+    HttpResponse stream = post(server.port(), "/v1/chat/completions", request.dump());
+    ASSERT_EQ(stream.status, 200);
+    std::string reasoning, content;
+    for (const std::string& event : sse_events(stream.body)) {
+      if (event == "[DONE]") continue;
+      const json delta = json::parse(event)["choices"][0]["delta"];
+      reasoning += delta.value("reasoning_content", "");
+      content += delta.value("content", "");
+    }
+    EXPECT_EQ(reasoning, message["reasoning_content"].is_null()
+                             ? ""
+                             : message["reasoning_content"].get<std::string>());
+    EXPECT_EQ(content, message["content"].is_null() ? "" : message["content"].get<std::string>());
+  }
+  auto [request, rendered] = golden("You are a helpful agent.");
+  request["tool_choice"] = "required";
+  HttpResponse required = post(server.port(), "/v1/chat/completions", request.dump());
+  EXPECT_EQ(required.status, 400);
+  EXPECT_EQ(json::parse(required.body)["error"]["param"], "tool_choice");
+  request["tool_choice"] = "auto";
+  request["chat_template_kwargs"] = {{"preserve_thinking", true}};
+  HttpResponse unknown = post(server.port(), "/v1/chat/completions", request.dump());
+  EXPECT_EQ(unknown.status, 400);
+  EXPECT_EQ(json::parse(unknown.body)["error"]["param"], "chat_template_kwargs.preserve_thinking");
+  // What Qwen3.5's template raises on is a 400 naming its reason.
+  request.erase("chat_template_kwargs");
+  request["messages"].push_back({{"role", "system"}, {"content", "late"}});
+  HttpResponse late = post(server.port(), "/v1/chat/completions", request.dump());
+  EXPECT_EQ(late.status, 400);
+  EXPECT_NE(late.body.find("System message must be at the beginning."), std::string::npos);
+}
+
 TEST(ServeAlone, QuantizedCaptureRecordsItsNumericsAndReplays) {
   const std::string nvfp4 = scratch() + "/tiny-chat-nvfp4";
   keel::GenModelOptions options;

@@ -574,6 +574,7 @@ int run_serve(keel::ServeConfig& config) {
   http_config.threads = config.http_threads;
   http_config.max_body_bytes = static_cast<size_t>(config.max_body_kb) * 1024;
   http_config.chat_template = serving.chat_template();
+  http_config.chat_capabilities = serving.chat_capabilities();
   const std::string model_name = serving.model_name();
   http_config.metrics = [&serving] { return serving.prometheus(); };
   http_config.extra_routes = [&serving](const std::string& method, const std::string& path,

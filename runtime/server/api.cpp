@@ -133,14 +133,8 @@ bool is_text_format(const json& value) {
   return value.is_null() || (value.is_object() && value.size() == 1 && value.contains("type") &&
                              value["type"] == "text");
 }
-bool is_no_tool_choice(const json& value) {
-  return value.is_null() || value == "none";
-}
 bool is_text_modalities(const json& value) {
   return value.is_null() || value == json::array({"text"});
-}
-bool is_empty_object(const json& value) {
-  return value.is_null() || (value.is_object() && value.empty());
 }
 
 constexpr const char* kNoConstrainedDecoding =
@@ -175,15 +169,11 @@ const UnsupportedField kUnsupportedInCompletions[] = {
 };
 
 const UnsupportedField kUnsupportedInChat[] = {
-    {"tools", is_empty_list,
-     "tool calling is not implemented yet (tools are not rendered into the prompt)"},
-    {"tool_choice", is_no_tool_choice,
-     "only \"none\" is supported: tool calling is not implemented yet"},
-    {"functions", is_empty_list, "function calling is not implemented"},
-    {"function_call", is_null, "function calling is not implemented"},
+    {"functions", is_empty_list,
+     "the deprecated functions field is not supported; send tools instead"},
+    {"function_call", is_null,
+     "the deprecated function_call field is not supported; send tool_choice instead"},
     {"reasoning_effort", is_null, "reasoning controls are not implemented yet"},
-    {"chat_template_kwargs", is_empty_object,
-     "template arguments (e.g. enable_thinking) are not implemented yet"},
     {"chat_template", is_null,
      "keel renders the model's own template; a custom one is not supported"},
     {"add_generation_prompt", is_true, "only add_generation_prompt == true is supported"},
@@ -212,9 +202,6 @@ bool is_string(const json& value) {
 bool is_object(const json& value) {
   return value.is_null() || value.is_object();
 }
-bool is_bool(const json& value) {
-  return value.is_null() || value.is_boolean();
-}
 bool is_service_tier(const json& value) {
   return value.is_null() || value == "auto" || value == "default";
 }
@@ -224,7 +211,6 @@ const NoOpField kNoOpAnywhere[] = {
 };
 const NoOpField kNoOpInChat[] = {
     {"metadata", is_object, "an object"},
-    {"parallel_tool_calls", is_bool, "a boolean"},
     {"service_tier", is_service_tier, "\"auto\" or \"default\""},
     {"prompt_cache_key", is_string, "a string"},
     {"safety_identifier", is_string, "a string"},
@@ -256,7 +242,9 @@ const char* const kParsedAnywhere[] = {"model",
                                        "include_stop_str_in_output",
                                        "skip_special_tokens"};
 const char* const kParsedInCompletions[] = {"prompt", "echo"};
-const char* const kParsedInChat[] = {"messages", "max_completion_tokens", "top_logprobs"};
+const char* const kParsedInChat[] = {
+    "messages",    "max_completion_tokens", "top_logprobs",        "tools",
+    "tool_choice", "parallel_tool_calls",   "chat_template_kwargs"};
 
 const char* name_of(const char* name) {
   return name;
@@ -377,6 +365,53 @@ std::optional<RequestError> read_prompt(const json& body, CompletionRequest& out
   return std::nullopt;
 }
 
+// An assistant message's tool_calls (arguments: a JSON object as a string, as OpenAI sends
+// them), its reasoning_content, a tool message's tool_call_id.
+std::optional<RequestError> read_message_tool_fields(const json& message, const std::string& where,
+                                                     ChatMessage& parsed) {
+  const bool assistant = parsed.role == "assistant";
+  if (auto it = message.find("tool_calls"); it != message.end() && !it->is_null()) {
+    if (!assistant) return field_error(where + ".tool_calls", "only assistant messages have them");
+    if (!it->is_array()) return field_error(where + ".tool_calls", "must be a list");
+    for (size_t j = 0; j < it->size(); ++j) {
+      const json& call = (*it)[j];
+      const std::string at = where + ".tool_calls[" + std::to_string(j) + "]";
+      if (!call.is_object()) return field_error(at, "must be an object");
+      if (call.contains("type") && call["type"] != "function")
+        return field_error(at + ".type", "must be \"function\"");
+      if (!call.contains("function") || !call["function"].is_object())
+        return field_error(at + ".function", "must be an object");
+      const json& function = call["function"];
+      if (!function.contains("name") || !function["name"].is_string())
+        return field_error(at + ".function.name", "must be a string");
+      ChatMessageToolCall parsed_call;
+      parsed_call.name = function["name"].get<std::string>();
+      if (call.contains("id") && call["id"].is_string()) parsed_call.id = call["id"];
+      if (function.contains("arguments")) {
+        const json& arguments = function["arguments"];
+        if (!arguments.is_string())
+          return field_error(at + ".function.arguments", "must be a string (JSON text)");
+        parsed_call.arguments =
+            nlohmann::ordered_json::parse(arguments.get<std::string>(), nullptr, false);
+        if (parsed_call.arguments.is_discarded() || !parsed_call.arguments.is_object())
+          return field_error(at + ".function.arguments",
+                             "must be a JSON object encoded as a string");
+      }
+      parsed.tool_calls.push_back(std::move(parsed_call));
+    }
+  }
+  if (auto it = message.find("reasoning_content"); it != message.end() && !it->is_null()) {
+    if (!assistant || !it->is_string())
+      return field_error(where + ".reasoning_content", "must be a string on an assistant message");
+    parsed.reasoning_content = it->get<std::string>();
+  }
+  if (auto it = message.find("tool_call_id"); it != message.end() && !it->is_null()) {
+    if (!it->is_string()) return field_error(where + ".tool_call_id", "must be a string");
+    parsed.tool_call_id = it->get<std::string>();
+  }
+  return std::nullopt;
+}
+
 std::optional<RequestError> read_messages(const json& body, CompletionRequest& out) {
   auto it = body.find("messages");
   if (it == body.end() || it->is_null()) return field_error("messages", "is required");
@@ -394,7 +429,8 @@ std::optional<RequestError> read_messages(const json& body, CompletionRequest& o
         role_name != "tool" && role_name != "developer") {
       return field_error(where + ".role", "unknown role '" + role_name + "'");
     }
-    ChatMessage parsed{role_name, ""};
+    ChatMessage parsed;
+    parsed.role = role_name;
     auto content = message.find("content");
     if (content == message.end() || content->is_null()) {
       // An assistant turn may carry only tool calls; it renders as empty content.
@@ -421,7 +457,80 @@ std::optional<RequestError> read_messages(const json& body, CompletionRequest& o
     } else {
       return field_error(where + ".content", "must be a string or a list of text parts");
     }
+    if (auto error = read_message_tool_fields(message, where, parsed)) return error;
     out.messages.push_back(std::move(parsed));
+  }
+  return std::nullopt;
+}
+
+// tools: [{"type": "function", "function": {"name", "description"?, "parameters"?}}], kept as
+// sent (from the body parsed with its key order) for the template to print.
+std::optional<RequestError> read_tools(const std::string& body_text, CompletionRequest& out) {
+  const nlohmann::ordered_json body = nlohmann::ordered_json::parse(body_text, nullptr, false);
+  const auto it = body.find("tools");
+  if (it == body.end() || it->is_null()) return std::nullopt;
+  if (!it->is_array()) return field_error("tools", "must be a list of tools");
+  for (size_t i = 0; i < it->size(); ++i) {
+    const auto& tool = (*it)[i];
+    const std::string where = "tools[" + std::to_string(i) + "]";
+    if (!tool.is_object()) return field_error(where, "must be an object");
+    if (!tool.contains("type") || tool["type"] != "function")
+      return field_error(where + ".type", "must be \"function\" (the only tool type keel serves)");
+    if (!tool.contains("function") || !tool["function"].is_object())
+      return field_error(where + ".function", "must be an object");
+    const auto& function = tool["function"];
+    if (!function.contains("name") || !function["name"].is_string() ||
+        function["name"].get<std::string>().empty())
+      return field_error(where + ".function.name", "must be a non-empty string");
+    if (function.contains("description") && !function["description"].is_string() &&
+        !function["description"].is_null())
+      return field_error(where + ".function.description", "must be a string");
+    if (function.contains("parameters") && !function["parameters"].is_object() &&
+        !function["parameters"].is_null())
+      return field_error(where + ".function.parameters", "must be a JSON schema object");
+  }
+  out.tools = *it;
+  return std::nullopt;
+}
+
+// tool_choice: "auto" and "none" work; "required" and a named function force a call, which
+// takes constrained decoding keel does not have.
+std::optional<RequestError> read_tool_choice(const json& body, CompletionRequest& out) {
+  const bool has_tools = !out.tools.empty();
+  out.tool_choice = has_tools ? ToolChoice::kAuto : ToolChoice::kNone;
+  auto it = body.find("tool_choice");
+  if (it == body.end() || it->is_null()) return std::nullopt;
+  if (*it == "none") {
+    out.tool_choice = ToolChoice::kNone;
+  } else if (*it == "auto") {
+    if (!has_tools) return field_error("tool_choice", "\"auto\" needs a non-empty 'tools' list");
+    out.tool_choice = ToolChoice::kAuto;
+  } else if (*it == "required" || it->is_object()) {
+    return field_error("tool_choice",
+                       std::string(*it == "required" ? "\"required\"" : "a named function") +
+                           " forces a tool call, which needs constrained decoding; keel does not "
+                           "implement it (use \"auto\" or \"none\")");
+  } else {
+    return field_error("tool_choice", "must be \"auto\" or \"none\", got " + it->dump());
+  }
+  return std::nullopt;
+}
+
+// chat_template_kwargs: the template arguments keel's templates read; anything else would be
+// ignored by the template, so it is refused.
+std::optional<RequestError> read_template_kwargs(const json& body, CompletionRequest& out) {
+  auto it = body.find("chat_template_kwargs");
+  if (it == body.end() || it->is_null()) return std::nullopt;
+  if (!it->is_object()) return field_error("chat_template_kwargs", "must be an object");
+  for (const auto& [key, value] : it->items()) {
+    const std::string field = "chat_template_kwargs." + key;
+    if (key != "enable_thinking")
+      return field_error(field,
+                         "unknown template argument; keel's chat templates read only "
+                         "enable_thinking");
+    if (value.is_null()) continue;
+    if (!value.is_boolean()) return field_error(field, "must be a boolean");
+    out.enable_thinking = value.get<bool>();
   }
   return std::nullopt;
 }
@@ -472,6 +581,10 @@ std::optional<RequestError> parse_completion_request(const std::string& body_tex
     if (auto error = read_prompt(body, out)) return error;
   } else {
     if (auto error = read_messages(body, out)) return error;
+    if (auto error = read_tools(body_text, out)) return error;
+    if (auto error = read_tool_choice(body, out)) return error;
+    if (auto error = read_bool(body, "parallel_tool_calls", out.parallel_tool_calls)) return error;
+    if (auto error = read_template_kwargs(body, out)) return error;
     out.max_tokens = std::max(1, max_context);  // chat default: until EOS or context end
   }
 

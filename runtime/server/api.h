@@ -15,11 +15,38 @@
 
 #include <nlohmann/json.hpp>
 
+#include "runtime/server/tool_calls.h"
+
 namespace keel::server {
+
+// A call of an assistant message in the history (OpenAI's tool_calls entry). The arguments
+// string is parsed here: chat templates render arguments as a mapping (vLLM parses them too).
+struct ChatMessageToolCall {
+  std::string id;
+  std::string name;
+  nlohmann::ordered_json arguments = nlohmann::ordered_json::object();  // client's key order
+};
 
 struct ChatMessage {
   std::string role;
   std::string content;
+  std::vector<ChatMessageToolCall> tool_calls;   // assistant messages
+  std::optional<std::string> reasoning_content;  // assistant messages (vLLM's field)
+  std::string tool_call_id;                      // tool messages
+};
+
+// OpenAI tool_choice: what keel implements. "required" and a named function would need
+// constrained decoding and are refused.
+enum class ToolChoice { kNone, kAuto };
+
+// What the model's chat template can do with tools and reasoning; decides which request fields
+// are accepted and how the output is read (the default: plain ChatML, neither).
+struct ChatCapabilities {
+  std::string template_family = "chatml";
+  ToolCallFormat tool_calls = ToolCallFormat::kNone;  // kNone: tools are refused
+  bool reasoning = false;         // outputs carry <think> reasoning (Qwen3 / Qwen3.5)
+  bool thinking_switch = false;   // chat_template_kwargs.enable_thinking is understood
+  bool thinking_default = false;  // thinking is on when the request does not say
 };
 
 enum class Endpoint { kCompletions, kChatCompletions };
@@ -42,6 +69,13 @@ struct CompletionRequest {
   std::optional<std::vector<int32_t>> prompt_tokens;
   std::string prompt_text;
   std::vector<ChatMessage> messages;  // chat only; kept for backends with their own template
+  // Chat: the request's tools as sent (key order kept: the template prints them), tool_choice
+  // (OpenAI's default: auto when tools are given), parallel_tool_calls (false: at most one
+  // call is returned) and chat_template_kwargs.enable_thinking (unset: the template's default).
+  nlohmann::ordered_json tools = nlohmann::ordered_json::array();
+  ToolChoice tool_choice = ToolChoice::kNone;
+  bool parallel_tool_calls = true;
+  std::optional<bool> enable_thinking;
   // Prompts 2..N of a batch: the server runs each as a request of its own with every other
   // field of this one, and answers with choice i for prompt i. Empty for a single prompt.
   std::vector<PromptInput> more_prompts;
@@ -187,8 +221,10 @@ class GenerationBackend {
   }
 };
 
-// Renders chat messages into one prompt string. Default: ChatML.
-using ChatTemplate = std::function<std::string(const std::vector<ChatMessage>&)>;
+// Renders a chat request (messages, tools, enable_thinking) into one prompt string; throws
+// keel::Error where the template refuses the conversation (the server answers 400). Default:
+// ChatML.
+using ChatTemplate = std::function<std::string(const CompletionRequest&)>;
 std::string render_chatml(const std::vector<ChatMessage>& messages);
 
 // Parses and validates a request body for `endpoint`. On failure returns the error (naming

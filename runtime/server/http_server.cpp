@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "kernels/base/check.h"
+#include "runtime/server/chat_output.h"
 
 namespace keel::server {
 namespace {
@@ -144,6 +145,9 @@ class Session : public std::enable_shared_from_this<Session> {
     bool counts_prompt = true;  // false for choices 1..n-1 of a prompt: usage counts it once
     bool finished = false;
     json body;  // the finished choice (non-streamed), waiting for the others
+    // Chat with reasoning or tool parsing, streamed: turns text deltas into message deltas.
+    std::shared_ptr<ChatOutputStream> output_stream;
+    size_t num_tool_calls = 0;  // tool calls streamed so far
   };
 
  public:
@@ -235,7 +239,11 @@ class Session : public std::enable_shared_from_this<Session> {
       json choice = {{"index", index}, {"logprobs", nullptr}, {"finish_reason", nullptr}};
       if (request_.logprobs) choice["logprobs"] = logprobs_for(token, state.text_offset);
       state.text_offset += delta.size();
-      if (is_chat()) {
+      if (is_chat() && state.output_stream) {
+        choice["delta"] = delta_json(state, state.output_stream->feed(delta));
+        // Held-back text sends nothing now, unless the token's logprobs are asked for.
+        if (choice["delta"].empty() && !request_.logprobs) return;
+      } else if (is_chat()) {
         choice["delta"] = {{"content", delta}};
       } else {
         choice["text"] = delta;
@@ -263,9 +271,16 @@ class Session : public std::enable_shared_from_this<Session> {
                        {"completion_tokens", usage_.completion_tokens},
                        {"total_tokens", usage_.prompt_tokens + usage_.completion_tokens}};
     if (request_.stream) {
-      json choice = {{"index", index}, {"logprobs", nullptr}, {"finish_reason", finish_reason}};
+      std::string reason = finish_reason;
+      json last_delta = json::object();
+      if (is_chat() && state.output_stream) {
+        // What was held back (a tag that never completed, the tool calls) goes out now.
+        last_delta = delta_json(state, state.output_stream->finish());
+        if (state.num_tool_calls > 0) reason = "tool_calls";
+      }
+      json choice = {{"index", index}, {"logprobs", nullptr}, {"finish_reason", reason}};
       if (is_chat()) {
-        choice["delta"] = json::object();
+        choice["delta"] = std::move(last_delta);
       } else {
         choice["text"] = "";
       }
@@ -282,7 +297,10 @@ class Session : public std::enable_shared_from_this<Session> {
     }
     json choice = {{"index", index}, {"finish_reason", finish_reason}, {"logprobs", nullptr}};
     if (request_.logprobs) choice["logprobs"] = std::move(state.logprobs);
-    if (is_chat()) {
+    if (is_chat() && output_options_.parses()) {
+      choice["message"] = message_json(parse_chat_output(state.text, output_options_));
+      if (choice["message"].contains("tool_calls")) choice["finish_reason"] = "tool_calls";
+    } else if (is_chat()) {
       choice["message"] = {{"role", "assistant"}, {"content", state.text}};
     } else {
       choice["text"] = state.text;
@@ -481,9 +499,26 @@ class Session : public std::enable_shared_from_this<Session> {
       return;
     }
     if (endpoint == Endpoint::kChatCompletions) {
-      request.prompt_text = server_.config.chat_template
-                                ? server_.config.chat_template(request.messages)
-                                : render_chatml(request.messages);
+      if (auto error = check_chat_capabilities(request)) {
+        send_error(*error);
+        return;
+      }
+      try {
+        request.prompt_text = server_.config.chat_template ? server_.config.chat_template(request)
+                                                           : render_chatml(request.messages);
+      } catch (const Error& error) {
+        // The template refuses this conversation (as transformers' raise_exception would).
+        RequestError refused = make_error(400, error.what(), "invalid_request_error");
+        refused.param = "messages";
+        send_error(refused);
+        return;
+      }
+      output_options_ = chat_output_options(request);
+      // vLLM's hermes parser reads the tags even where a tokenizer marks them special.
+      if (output_options_.tool_calls == ToolCallFormat::kHermesJson)
+        request.skip_special_tokens = false;
+    } else {
+      output_options_ = ChatOutputOptions{};
     }
     completion_id_ = random_id(endpoint == Endpoint::kChatCompletions ? "chatcmpl-" : "cmpl-");
     // One request per prompt (a batch has several); each carries every field but its prompt.
@@ -535,6 +570,8 @@ class Session : public std::enable_shared_from_this<Session> {
     for (size_t index = 0; index < choices_.size(); ++index) {
       choices_[index].logprobs = initial_logprobs();
       choices_[index].counts_prompt = index % num_samples == 0;
+      if (request_.stream && output_options_.parses())
+        choices_[index].output_stream = std::make_shared<ChatOutputStream>(output_options_);
     }
     num_finished_ = 0;
     usage_ = Usage{};
@@ -666,6 +703,76 @@ class Session : public std::enable_shared_from_this<Session> {
   std::string event(const std::string& data) const {
     std::string payload = "data: " + data + "\n\n";
     return version_ >= 11 ? make_chunk(payload) : payload;
+  }
+
+  // Request fields the model's template cannot honour are refused before anything runs.
+  std::optional<RequestError> check_chat_capabilities(const CompletionRequest& request) const {
+    const ChatCapabilities& caps = server_.config.chat_capabilities;
+    auto refuse = [&](const std::string& field, const std::string& what) {
+      RequestError error = make_error(400, "'" + field + "': " + what, "invalid_request_error");
+      error.param = field;
+      return error;
+    };
+    if (!request.tools.empty() && caps.tool_calls == ToolCallFormat::kNone)
+      return refuse("tools", "this model's chat template (" + caps.template_family +
+                                 ") does not render tools; keel renders them for Qwen3's and "
+                                 "Qwen3.5's templates");
+    if (request.enable_thinking && !caps.thinking_switch)
+      return refuse(
+          "chat_template_kwargs.enable_thinking",
+          "this model's chat template (" + caps.template_family + ") has no thinking switch");
+    return std::nullopt;
+  }
+
+  ChatOutputOptions chat_output_options(const CompletionRequest& request) const {
+    const ChatCapabilities& caps = server_.config.chat_capabilities;
+    ChatOutputOptions options;
+    options.reasoning = caps.reasoning;
+    options.thinking_enabled = request.enable_thinking.value_or(caps.thinking_default);
+    if (!request.tools.empty() && request.tool_choice == ToolChoice::kAuto) {
+      options.tool_calls = caps.tool_calls;
+      options.tools = request.tools;
+    }
+    return options;
+  }
+
+  // OpenAI's tool call object; the id is made here (vLLM: "chatcmpl-tool-" + random hex).
+  static json tool_call_json(const ParsedToolCall& call) {
+    return {{"id", random_id("chatcmpl-tool-")},
+            {"type", "function"},
+            {"function", {{"name", call.name}, {"arguments", call.arguments}}}};
+  }
+
+  // parallel_tool_calls: false keeps the first call only.
+  size_t allowed_tool_calls(size_t num_calls) const {
+    return request_.parallel_tool_calls ? num_calls : std::min<size_t>(num_calls, 1);
+  }
+
+  json message_json(const ChatOutputMessage& message) const {
+    json out = {{"role", "assistant"}};
+    out["content"] = message.content ? json(*message.content) : json(nullptr);
+    if (output_options_.reasoning)
+      out["reasoning_content"] = message.reasoning ? json(*message.reasoning) : json(nullptr);
+    if (!message.tool_calls.empty()) {
+      out["tool_calls"] = json::array();
+      for (size_t i = 0; i < allowed_tool_calls(message.tool_calls.size()); ++i)
+        out["tool_calls"].push_back(tool_call_json(message.tool_calls[i]));
+    }
+    return out;
+  }
+
+  // A streamed message delta: reasoning_content, content and whole tool calls with their index.
+  json delta_json(Choice& state, const ChatOutputDelta& delta) const {
+    json out = json::object();
+    if (!delta.reasoning.empty()) out["reasoning_content"] = delta.reasoning;
+    if (!delta.content.empty()) out["content"] = delta.content;
+    for (const ParsedToolCall& call : delta.tool_calls) {
+      if (state.num_tool_calls >= allowed_tool_calls(state.num_tool_calls + 1)) break;
+      json entry = tool_call_json(call);
+      entry["index"] = state.num_tool_calls++;
+      out["tool_calls"].push_back(std::move(entry));
+    }
+    return out;
   }
 
   json chunk_envelope(json choices) const {
@@ -871,7 +978,8 @@ class Session : public std::enable_shared_from_this<Session> {
 
   // The request being generated.
   CompletionRequest request_;
-  uint64_t generation_ = 0;                         // bumped per generated request
+  ChatOutputOptions output_options_;  // how chat outputs are read (reasoning, tool calls)
+  uint64_t generation_ = 0;           // bumped per generated request
   std::shared_ptr<std::atomic<bool>> cancel_flag_;  // shared with the request's sink
   std::shared_ptr<Session> self_;  // keeps the session alive while the backend owns the sink
   std::string completion_id_;

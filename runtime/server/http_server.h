@@ -38,8 +38,11 @@ struct HttpServerConfig {
   // Generation itself is not bounded by it: long streams are legitimate.
   std::chrono::milliseconds request_timeout{30000};
   int threads = 2;
-  int retry_after_seconds = 1;           // Retry-After on 429 and 503
-  ChatTemplate chat_template;            // empty: ChatML
+  int retry_after_seconds = 1;  // Retry-After on 429 and 503
+  ChatTemplate chat_template;   // empty: ChatML
+  // What chat_template does with tools and reasoning (runtime/server/api.h); decides which
+  // chat fields are accepted and how outputs are read into reasoning, content and tool calls.
+  ChatCapabilities chat_capabilities;
   std::function<std::string()> metrics;  // GET /metrics body (Prometheus text); empty: ""
   // Further routes (telemetry, profiling): called for any target the server does not serve
   // itself, with the method, the path, the query string (after '?') and the body. nullopt:

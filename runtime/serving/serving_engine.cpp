@@ -158,12 +158,42 @@ ServingEngine::ServingEngine(const Engine& engine, const std::string& model_dir,
 ServingEngine::~ServingEngine() = default;
 
 server::ChatTemplate ServingEngine::chat_template() const {
-  return [info = template_](const std::vector<server::ChatMessage>& messages) {
+  return [info = template_](const server::CompletionRequest& request) {
     std::vector<ChatTurn> turns;
-    turns.reserve(messages.size());
-    for (const auto& message : messages) turns.push_back({message.role, message.content});
-    return render_chat(info, turns);
+    turns.reserve(request.messages.size());
+    for (const auto& message : request.messages) {
+      ChatTurn turn(message.role, message.content);
+      for (const auto& call : message.tool_calls)
+        turn.tool_calls.push_back({call.name, call.arguments});
+      turn.reasoning_content = message.reasoning_content;
+      turns.push_back(std::move(turn));
+    }
+    ChatRenderOptions options;
+    options.tools = request.tools;
+    options.enable_thinking = request.enable_thinking;
+    return render_chat(info, turns, options);
   };
+}
+
+server::ChatCapabilities ServingEngine::chat_capabilities() const {
+  server::ChatCapabilities caps;
+  caps.template_family = template_.family;
+  switch (template_.tool_call_syntax) {
+    case ToolCallSyntax::kHermesJson:
+      caps.tool_calls = server::ToolCallFormat::kHermesJson;
+      break;
+    case ToolCallSyntax::kQwenXml:
+      caps.tool_calls = server::ToolCallFormat::kQwenXml;
+      break;
+    case ToolCallSyntax::kNone:
+      caps.tool_calls = server::ToolCallFormat::kNone;
+      break;
+  }
+  // Qwen3's and Qwen3.5's outputs carry <think> reasoning (vLLM: --reasoning-parser qwen3).
+  caps.reasoning = template_.dialect != ChatMLDialect::kPlain;
+  caps.thinking_switch = template_.thinking_switch;
+  caps.thinking_default = template_.thinking_default;
+  return caps;
 }
 
 std::optional<RequestError> ServingEngine::prepare(server::CompletionRequest& request) {

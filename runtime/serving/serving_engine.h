@@ -105,8 +105,10 @@ class ServingEngine final : public server::GenerationBackend, public StepSource 
                                                                       const std::string& body);
   ServingTelemetry& telemetry() { return *telemetry_; }
 
-  // The chat template for the HTTP layer (the model's, or ChatML).
+  // The chat template for the HTTP layer (the model's, or ChatML), and what it does with tools
+  // and reasoning.
   server::ChatTemplate chat_template() const;
+  server::ChatCapabilities chat_capabilities() const;
   const ChatTemplateInfo& chat_template_info() const { return template_; }
 
   // Refuse new requests; the step loop returns kStop once nothing is queued or running (the HTTP

@@ -7,9 +7,10 @@
 // Cloud" and the message is copied out of the template rather than hard-coded, so a variant
 // wording still renders as the template would.
 //
-// Not modelled (rendered as the plain family instead): tool calls and tool messages, Qwen3's
-// <think> handling of earlier assistant turns, Llama-3.1's date/"Cutting Knowledge" system
-// header, Llama-2's <<SYS>> block, Mistral's leading-space variant (" [INST] ").
+// Qwen3's and Qwen3.5's templates are recognised by their tool instructions and rendered in full
+// (qwen_templates.h). Not modelled (rendered as the plain family instead): tools in other
+// templates (refused), Llama-3.1's date/"Cutting Knowledge" system header, Llama-2's <<SYS>>
+// block, Mistral's leading-space variant (" [INST] ").
 #include "runtime/tokenizer/chat_template.h"
 
 #include <algorithm>
@@ -20,6 +21,8 @@
 #include <sstream>
 
 #include "kernels/base/check.h"
+#include "runtime/common/python_text.h"
+#include "runtime/tokenizer/qwen_templates.h"
 
 namespace keel {
 
@@ -47,55 +50,6 @@ std::string token_field(const json& config, const char* key, const std::string& 
     return value["content"].get<std::string>();
   throw_error(source, ": '", key, "' must be a string, null or an object with a string 'content'",
               ", found ", value.dump());
-}
-
-// Python's str.strip() (Jinja's `trim` filter) removes Unicode whitespace, not only ASCII.
-bool is_python_space(uint32_t cp) {
-  return (cp >= 0x09 && cp <= 0x0D) || (cp >= 0x1C && cp <= 0x20) || cp == 0x85 || cp == 0xA0 ||
-         cp == 0x1680 || (cp >= 0x2000 && cp <= 0x200A) || cp == 0x2028 || cp == 0x2029 ||
-         cp == 0x202F || cp == 0x205F || cp == 0x3000;
-}
-
-// Decodes the UTF-8 code point starting at text[pos]; length 1 and an impossible code point for
-// an invalid byte, so invalid input is never treated as whitespace.
-uint32_t code_point_at(std::string_view text, size_t pos, size_t& length) {
-  auto byte = [&](size_t i) { return static_cast<uint8_t>(text[i]); };
-  uint8_t lead = byte(pos);
-  length = lead < 0x80 ? 1 : lead >= 0xF0 ? 4 : lead >= 0xE0 ? 3 : lead >= 0xC0 ? 2 : 0;
-  if (length == 0 || pos + length > text.size()) {
-    length = 1;
-    return 0xFFFFFFFF;
-  }
-  if (length == 1) return lead;
-  uint32_t cp = lead & (0x7F >> length);
-  for (size_t i = 1; i < length; ++i) {
-    if ((byte(pos + i) & 0xC0) != 0x80) {
-      length = 1;
-      return 0xFFFFFFFF;
-    }
-    cp = (cp << 6) | (byte(pos + i) & 0x3F);
-  }
-  return cp;
-}
-
-std::string python_strip(std::string_view text) {
-  size_t begin = 0;
-  while (begin < text.size()) {
-    size_t length = 0;
-    if (!is_python_space(code_point_at(text, begin, length))) break;
-    begin += length;
-  }
-  // From the end: step back over continuation bytes to the start of the last code point.
-  size_t end = text.size();
-  while (end > begin) {
-    size_t start = end - 1;
-    while (start > begin && (static_cast<uint8_t>(text[start]) & 0xC0) == 0x80) --start;
-    size_t length = 0;
-    uint32_t cp = code_point_at(text, start, length);
-    if (start + length != end || !is_python_space(cp)) break;
-    end = start;
-  }
-  return std::string(text.substr(begin, end - begin));
 }
 
 void add_stop(std::vector<std::string>& stops, const std::string& token) {
@@ -176,6 +130,8 @@ ChatTemplateInfo chat_template_from_jinja(std::string_view chat_template, std::s
         end = std::min(end, chat_template.find(terminator, marker));
       info.default_system = std::string(chat_template.substr(marker, end - marker));
       info.family = "chatml (Qwen2.5 default system prompt)";
+    } else {
+      recognise_qwen_template(chat_template, info);
     }
     // Qwen's generation_config lists both <|im_end|> and <|endoftext|> as eos.
     add_stop(info.stop_tokens, "<|im_end|>");
@@ -206,7 +162,21 @@ ChatTemplateInfo load_chat_template(const std::string& model_dir) {
   return from_config(read_file(path), path, model_dir);
 }
 
-std::string render_chat(const ChatTemplateInfo& info, const std::vector<ChatTurn>& turns) {
+std::string render_chat(const ChatTemplateInfo& info, const std::vector<ChatTurn>& turns,
+                        const ChatRenderOptions& options) {
+  if (info.tool_call_syntax == ToolCallSyntax::kNone) {
+    if (!options.tools.empty())
+      throw_error("chat template (", info.family, ") does not render tools; keel renders them ",
+                  "for Qwen3's and Qwen3.5's templates");
+    for (size_t i = 0; i < turns.size(); ++i)
+      if (!turns[i].tool_calls.empty())
+        throw_error("chat template (", info.family, ") does not render tool calls (message ", i,
+                    "); keel renders them for Qwen3's and Qwen3.5's templates");
+  }
+  if (options.enable_thinking && !info.thinking_switch)
+    throw_error("chat template (", info.family, ") has no enable_thinking switch");
+  if (info.dialect == ChatMLDialect::kQwen3) return render_qwen3(info, turns, options);
+  if (info.dialect == ChatMLDialect::kQwen3_5) return render_qwen3_5(info, turns, options);
   std::string out;
   switch (info.kind) {
     case ChatFamily::kChatML: {
