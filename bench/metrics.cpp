@@ -35,6 +35,7 @@
 #include "bench/machine.h"
 #include "kernels/base/check.h"
 #include "runtime/cli/flags.h"
+#include "runtime/common/logging.h"
 #include "runtime/engine/engine.h"
 #include "runtime/model/gen_model.h"
 #include "runtime/serving/serving_engine.h"
@@ -111,13 +112,15 @@ struct Workload {
 
 // Submits the workload to `serving`, serves it to the end on this thread, and returns the wall
 // seconds from the first submit to the moment every request had finished.
-double serve(const keel::Engine& engine, keel::ServingEngine& serving, const Workload& workload,
+double serve(keel::Engine& engine, keel::ServingEngine& serving, const Workload& workload,
              std::atomic<int64_t>& tokens) {
   const Clock::time_point start = Clock::now();
   for (int64_t index = 0; index < workload.requests; ++index) {
     keel::server::CompletionRequest request;
+    std::vector<int32_t> prompt;
     for (int64_t t = 0; t < 16; ++t)
-      request.prompt_tokens.push_back(static_cast<int32_t>(3 + (index * 16 + t) * 7 % 250));
+      prompt.push_back(static_cast<int32_t>(3 + (index * 16 + t) * 7 % 250));
+    request.prompt_tokens = std::move(prompt);
     request.max_tokens = static_cast<int>(workload.max_tokens);
     request.temperature = 0;
     request.ignore_eos = true;
@@ -196,6 +199,7 @@ json describe_exposition(const std::string& text) {
 int main(int argc, char** argv) {
   try {
     Options options = parse_options(argc, argv);
+    keel::init_logging(false);  // warnings to stderr: stdout is the JSON report
     if (options.model_dir.empty()) {
       options.model_dir = std::string(KEEL_BINARY_DIR) + "/bench-models/" + options.preset;
       if (!std::filesystem::exists(options.model_dir + "/config.json")) {
