@@ -14,6 +14,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -272,6 +273,22 @@ inline std::string run_command(const std::string& command, int* exit_code) {
   const int status = pclose(pipe);
   *exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128;
   return output;
+}
+
+// `promtool check metrics` over an exposition (written to `path` first): its exit status (0
+// clean, 3 lint findings, 127 promtool missing) and its findings.
+struct PromtoolResult {
+  int status = -1;
+  std::string findings;
+};
+inline PromtoolResult promtool_check(const std::string& exposition, const std::string& path) {
+  {
+    std::ofstream file(path, std::ios::binary);
+    file << exposition;
+  }
+  PromtoolResult result;
+  result.findings = run_command("promtool check metrics < '" + path + "'", &result.status);
+  return result;
 }
 
 }  // namespace keel::serve_test

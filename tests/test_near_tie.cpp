@@ -96,8 +96,10 @@ std::string write_config(const std::string& name, const std::string& determinism
   std::string path = scratch() + "/" + name + ".yaml";
   std::ofstream file(path);
   file << "model: " << model_dir() << "\nmodel_name: tiny\ntp: 4\nplacement: round_robin\n"
-       << "determinism: " << determinism << "\nport: 0\ncollective_timeout_ms: 60000\n"
-       << "drain_timeout_s: 60\nmax_num_batched_tokens: " << kBudget
+       << "determinism: " << determinism
+       << "\nport: 0\ncollective_timeout_ms: 60000\n"
+       // metrics_cache_s 0: the probe is timed by polling /metrics, which must be fresh.
+       << "drain_timeout_s: 60\nmetrics_cache_s: 0\nmax_num_batched_tokens: " << kBudget
        << "\nrouting_capture: " << capture << "\n";
   return path;
 }

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -61,12 +62,15 @@ const std::string& model_dir() {
 }
 
 // A serve config: the tiny-chat model on 4 ranks, batch_invariant, plus `extra` YAML lines.
+// metrics_cache_s 0: these tests read /metrics right after acting and need it fresh (the cache
+// has its own test, MetricsUnderVllmNamesAreCachedAndServeVllmsDashboard).
 std::string write_config(const std::string& name, const std::string& extra) {
   std::string path = scratch() + "/" + name + ".yaml";
   std::ofstream file(path);
   file << "model: " << model_dir() << "\nmodel_name: tiny\ntp: 4\nplacement: round_robin\n"
        << "determinism: batch_invariant\nport: 0\ncollective_timeout_ms: 60000\n"
        << "drain_timeout_s: 60\n"
+       << (extra.find("metrics_cache_s") == std::string::npos ? "metrics_cache_s: 0\n" : "")
        << extra;
   return path;
 }
@@ -803,19 +807,11 @@ TEST_F(Serve, MetricsPassPromtool) {
         "keel_request_queue_time_seconds_bucket"})
     EXPECT_NE(metrics.body.find(family), std::string::npos) << family;
   EXPECT_NE(metrics.body.find("phase=\"allreduce\",algo=\"fixed_order\""), std::string::npos);
-  const std::string path = scratch() + "/metrics.txt";
-  std::ofstream(path) << metrics.body;
-  FILE* pipe = popen(("promtool check metrics < " + path + " 2>&1").c_str(), "r");
-  ASSERT_NE(pipe, nullptr);
-  std::string output;
-  char buffer[4096];
-  size_t bytes;
-  while ((bytes = fread(buffer, 1, sizeof(buffer), pipe)) > 0) output.append(buffer, bytes);
-  const int status = pclose(pipe);
-  ASSERT_NE(WEXITSTATUS(status), 127)
+  const PromtoolResult lint = promtool_check(metrics.body, scratch() + "/metrics.txt");
+  ASSERT_NE(lint.status, 127)
       << "promtool not found: install Debian's prometheus package (scripts/setup does)";
-  EXPECT_EQ(status, 0) << output;
-  EXPECT_EQ(output, "") << "promtool lint findings";
+  EXPECT_EQ(lint.status, 0) << lint.findings;
+  EXPECT_EQ(lint.findings, "") << "promtool lint findings";
 }
 
 TEST_F(Serve, ProfileWritesAChromeTraceWithOneTrackPerRank) {
@@ -1135,6 +1131,92 @@ double metric_value(const std::string& body, const std::string& sample) {
   const size_t at = body.find("\n" + sample + " ");
   if (at == std::string::npos) return -1;
   return std::stod(body.substr(at + sample.size() + 2));
+}
+
+// `keel serve --metrics-names vllm` with a long metrics_cache_s:
+//  - concurrent scrapes get one body, byte for byte, and a request finished after it does not
+//    show until the interval ends (the cache serves what it rendered);
+//  - promtool parses it; its only findings are its lint against ':' in metric names, which
+//    vLLM's own names (vllm:...) draw from vLLM's server too; keel's names alone pass clean
+//    (MetricsPassPromtool);
+//  - every metric vLLM's published Grafana dashboard queries (tests/fixtures/vllm_grafana) is
+//    there with the model_name label the dashboard filters on, and every label the queries
+//    aggregate by (le, finished_reason).
+TEST(ServeAlone, MetricsUnderVllmNamesAreCachedAndServeVllmsDashboard) {
+  std::vector<std::string> args = serve_args(write_config("vllm-names", "metrics_cache_s: 600\n"));
+  args.insert(args.end(), {"--metrics-names", "vllm"});
+  ServerProcess server(args);
+  const std::string request =
+      json{{"prompt", "a dashboard"}, {"max_tokens", 6}, {"ignore_eos", true}}.dump();
+  ASSERT_EQ(post(server.port(), "/v1/completions", request).status, 200);
+  constexpr int kScrapers = 8;
+  std::vector<HttpResponse> scrapes(kScrapers);
+  std::vector<std::thread> scrapers;
+  for (int i = 0; i < kScrapers; ++i)
+    scrapers.emplace_back(
+        [&, i] { scrapes[static_cast<size_t>(i)] = http(server.port(), "GET", "/metrics"); });
+  for (std::thread& scraper : scrapers) scraper.join();
+  const std::string body = scrapes[0].body;
+  for (const HttpResponse& scrape : scrapes) {
+    ASSERT_EQ(scrape.status, 200);
+    EXPECT_EQ(scrape.body, body) << "two bodies within one cache interval";
+  }
+  ASSERT_EQ(post(server.port(), "/v1/completions", request).status, 200);
+  EXPECT_EQ(http(server.port(), "GET", "/metrics").body, body) << "the cache re-rendered early";
+  EXPECT_NE(body.find("\nkeel_request_success_total{model_name=\"tiny\"} 1\n"), std::string::npos);
+  EXPECT_NE(
+      body.find("\nvllm:request_success_total{model_name=\"tiny\",finished_reason=\"length\"} 1\n"),
+      std::string::npos);
+
+  const PromtoolResult lint = promtool_check(body, scratch() + "/vllm-metrics.txt");
+  ASSERT_NE(lint.status, 127)
+      << "promtool not found: install Debian's prometheus package (scripts/setup does)";
+  EXPECT_EQ(lint.status, 3) << "promtool's lint exit status expected:\n" << lint.findings;
+  std::istringstream findings(lint.findings);
+  std::string finding;
+  int colon_findings = 0;
+  while (std::getline(findings, finding)) {
+    EXPECT_TRUE(finding.rfind("vllm:", 0) == 0 &&
+                finding.ends_with(" metric names should not contain ':'"))
+        << "a promtool finding other than the colon in vLLM's names: " << finding;
+    ++colon_findings;
+  }
+  EXPECT_GT(colon_findings, 10);
+
+  std::ifstream fixture(std::string(KEEL_SOURCE_DIR) + "/tests/fixtures/vllm_grafana/queries.txt");
+  ASSERT_TRUE(fixture) << "tests/fixtures/vllm_grafana/queries.txt";
+  std::string query;
+  std::set<std::string> names;
+  while (std::getline(fixture, query)) {
+    if (query.empty() || query[0] == '#') continue;
+    std::set<std::string> by_labels = {"model_name"};
+    for (size_t at = query.find("by("); at != std::string::npos; at = query.find("by(", at + 1)) {
+      const size_t end = query.find(')', at);
+      by_labels.insert(query.substr(at + 3, end - at - 3));
+    }
+    for (size_t at = query.find("vllm:"); at != std::string::npos;
+         at = query.find("vllm:", at + 1)) {
+      size_t end = at + 5;
+      while (end < query.size() && (std::isalnum(static_cast<unsigned char>(query[end])) ||
+                                    query[end] == '_' || query[end] == ':'))
+        ++end;
+      const std::string name = query.substr(at, end - at);
+      if (name == "vllm:") continue;  // the template query's regex vllm:.*
+      names.insert(name);
+      // Its samples: "name{...}" lines; each must carry every label the query groups by.
+      size_t samples = 0;
+      for (size_t line = body.find("\n" + name + "{"); line != std::string::npos;
+           line = body.find("\n" + name + "{", line + 1)) {
+        const std::string labels = body.substr(line, body.find('}', line) - line);
+        EXPECT_NE(labels.find("model_name=\"tiny\""), std::string::npos) << labels;
+        for (const std::string& label : by_labels)
+          EXPECT_NE(labels.find(label + "=\""), std::string::npos) << label << " in " << labels;
+        ++samples;
+      }
+      EXPECT_GT(samples, 0u) << name << " (queried by: " << query << ")";
+    }
+  }
+  EXPECT_EQ(names.size(), 21u) << "the fixture's distinct vllm: names";
 }
 
 // kv_cache_dtype: the same kv_cache_mb buys twice the blocks in bf16 as in fp32 (and four

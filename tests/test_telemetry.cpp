@@ -1,21 +1,27 @@
 // keel_telemetry: histogram bucketing, merging and quantiles; the Prometheus text exposition
 // (exact text, escaping, validation, and `promtool check metrics` on a large exposition); the
-// JSON summary; Chrome trace files.
+// JSON summary; Chrome trace files; the /metrics scrape cache (one render per interval for any
+// number of concurrent scrapers, never a scraper queued behind another's render).
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <limits>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "kernels/base/check.h"
 #include "runtime/telemetry/metrics.h"
+#include "runtime/telemetry/scrape_cache.h"
 #include "runtime/telemetry/trace.h"
 
 namespace keel::telemetry {
@@ -567,6 +573,105 @@ TEST(ChromeTrace, ErrorsNameThePathAndBadSpans) {
   // An empty trace is still a valid file with the process metadata.
   const nlohmann::json empty = chrome_trace_json({}, "p");
   EXPECT_EQ(empty["traceEvents"].size(), 1u);
+}
+
+// ---- Scrape cache ------------------------------------------------------------------------------
+
+// A clock the test moves by hand, so "within the interval" is exact, not a race with time.
+struct FakeClock {
+  std::atomic<int64_t> now_ms{1000};
+  ScrapeCache::Clock::time_point now() const {
+    return ScrapeCache::Clock::time_point(std::chrono::milliseconds(now_ms.load()));
+  }
+};
+
+TEST(ScrapeCache, ConcurrentScrapesWithinTheIntervalShareOneRender) {
+  FakeClock clock;
+  std::atomic<int> renders{0};
+  ScrapeCache cache([&] { return "body " + std::to_string(++renders) + "\n"; },
+                    std::chrono::seconds(1), [&] { return clock.now(); });
+  // 16 scrapers at once, however they interleave: whoever comes first renders, the others take
+  // its body (finished or, for the very first, awaited). One render, one body.
+  constexpr int kScrapers = 16;
+  std::vector<std::shared_ptr<const std::string>> bodies(kScrapers);
+  std::vector<std::thread> scrapers;
+  std::atomic<bool> go{false};
+  for (int i = 0; i < kScrapers; ++i)
+    scrapers.emplace_back([&, i] {
+      while (!go.load()) std::this_thread::yield();
+      bodies[static_cast<size_t>(i)] = cache.get();
+    });
+  go = true;
+  for (std::thread& scraper : scrapers) scraper.join();
+  EXPECT_EQ(renders.load(), 1);
+  EXPECT_EQ(cache.renders(), 1u);
+  for (const auto& body : bodies) {
+    ASSERT_NE(body, nullptr);
+    EXPECT_EQ(*body, "body 1\n");
+  }
+  // Still inside the interval (999 ms after the render began): the same body.
+  clock.now_ms += 999;
+  EXPECT_EQ(*cache.get(), "body 1\n");
+  // At the interval's end the next scrape renders anew, and the one after shares that.
+  clock.now_ms += 1;
+  EXPECT_EQ(*cache.get(), "body 2\n");
+  EXPECT_EQ(*cache.get(), "body 2\n");
+  EXPECT_EQ(renders.load(), 2);
+}
+
+TEST(ScrapeCache, AScrapeDuringARenderTakesThePreviousBodyInsteadOfWaiting) {
+  FakeClock clock;
+  std::atomic<int> renders{0};
+  std::promise<void> render_started;
+  std::promise<void> release_render;
+  std::shared_future<void> released = release_render.get_future().share();
+  ScrapeCache cache(
+      [&] {
+        const int n = ++renders;
+        if (n == 2) {  // the second render blocks until the test lets it go
+          render_started.set_value();
+          released.wait();
+        }
+        return "body " + std::to_string(n);
+      },
+      std::chrono::seconds(1), [&] { return clock.now(); });
+  ASSERT_EQ(*cache.get(), "body 1");
+  clock.now_ms += 1000;  // expired
+  std::future<std::string> slow = std::async(std::launch::async, [&] { return *cache.get(); });
+  render_started.get_future().wait();
+  // A render is under way: another scrape must not wait for it (if it did, it would wait for
+  // the release below, which comes only after this scrape answers or the bound runs out).
+  std::future<std::string> other = std::async(std::launch::async, [&] { return *cache.get(); });
+  const bool answered = other.wait_for(std::chrono::seconds(20)) == std::future_status::ready;
+  release_render.set_value();
+  ASSERT_TRUE(answered) << "a scrape queued behind another scrape's render";
+  EXPECT_EQ(other.get(), "body 1");
+  EXPECT_EQ(slow.get(), "body 2");
+  EXPECT_EQ(*cache.get(), "body 2");
+  EXPECT_EQ(renders.load(), 2);
+}
+
+TEST(ScrapeCache, ZeroIntervalRendersEveryScrapeAndAFailedRenderPublishesNothing) {
+  std::atomic<int> renders{0};
+  ScrapeCache uncached([&] { return std::to_string(++renders); }, ScrapeCache::Clock::duration{});
+  EXPECT_EQ(*uncached.get(), "1");
+  EXPECT_EQ(*uncached.get(), "2");
+  EXPECT_EQ(uncached.renders(), 2u);
+
+  FakeClock clock;
+  bool fail = true;
+  ScrapeCache cache(
+      [&]() -> std::string {
+        if (fail) throw Error("render failed");
+        return "ok";
+      },
+      std::chrono::seconds(1), [&] { return clock.now(); });
+  EXPECT_THROW(cache.get(), Error);
+  fail = false;
+  EXPECT_EQ(*cache.get(), "ok") << "the failure left nothing behind";
+  EXPECT_EQ(cache.renders(), 1u);
+  EXPECT_THROW(ScrapeCache([] { return std::string(); }, -std::chrono::seconds(1)), Error);
+  EXPECT_THROW(ScrapeCache(nullptr, std::chrono::seconds(1)), Error);
 }
 
 }  // namespace

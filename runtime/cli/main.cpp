@@ -68,13 +68,14 @@ usage:
       --batch-with N batches the prompt with N synthetic prompts (the prompt goes last);
       tokens and the digest are the prompt's own.
   keel serve --config configs/serve/NAME.yaml [--host H] [--port P] [--model DIR] [--threads N]
-             [--placement-file FILE] [--verbose]
+             [--placement-file FILE] [--metrics-names keel|vllm] [--verbose]
       OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models,
       /health, /metrics) with continuous batching over a paged KV cache. Prints
       "keel serve: listening on http://HOST:PORT ..." once ready (--port 0: any free port).
       SIGTERM/SIGINT: stop accepting, finish in-flight requests (drain_timeout_s), exit 0.
       Under mpirun (mpirun -np 4 keel serve --config F) rank 0 serves HTTP and leads the steps.
-      Telemetry: GET /metrics (Prometheus), /v1/telemetry/experts|requests|steps,
+      Telemetry: GET /metrics (Prometheus; --metrics-names vllm adds vLLM's names),
+      /v1/telemetry/experts|requests|steps,
       POST /v1/profile/start|stop (Chrome trace); "return_routing": true in a request.
   keel bench serve --url URL (--rate R [--burstiness B] | --concurrency C) --num-prompts N
                    --input-len L|MIN:MAX --output-len L|MIN:MAX [--dataset JSONL] [--seed S]
@@ -463,10 +464,15 @@ int serve(int argc, char** argv) {
                 "KV cache storage (config: kv_cache_dtype)"},
                {"--nvfp4-activations", Kind::kText, "fp32|w4a4",
                 "NVFP4 activations (config: nvfp4_activations)"},
+               {"--metrics-names", Kind::kText, "keel|vllm",
+                "request metrics also under vLLM's names (config: metrics_names)"},
                {"--verbose", Kind::kSwitch, "", "debug logging"}});
   keel::init_logging(flags.has("--verbose"));
   if (!flags.has("--config")) throw_error("serve needs --config FILE (see configs/serve/)");
   keel::ServeConfig config = keel::load_serve_config(flags.get("--config"));
+  if (flags.has("--metrics-names"))
+    config.metrics_names =
+        keel::parse_metric_names(flags.get("--metrics-names"), "--metrics-names");
   if (flags.has("--model")) config.model_dir = flags.get("--model");
   config.engine.threads_per_rank = threads_flag(flags, config.engine.threads_per_rank);
   if (flags.has("--placement-file"))
@@ -546,6 +552,9 @@ int run_serve(keel::ServeConfig& config) {
   serving_config.telemetry_options.dump_interval_s = config.telemetry_dump_interval_s;
   serving_config.telemetry_options.reduce_algorithm =
       std::string(keel::comm::reduce_algo_name(config.engine.reduce));
+  serving_config.telemetry_options.metrics = {config.telemetry_expert_latency,
+                                              config.metrics_names};
+  serving_config.metrics_cache_s = config.metrics_cache_s;
   serving_config.trace_dir = config.trace_dir;
   serving_config.routing_capture_path = config.routing_capture;
   {

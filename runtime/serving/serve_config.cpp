@@ -16,7 +16,7 @@ namespace {
 template <typename T>
 T bounded(const YAML::Node& root, const std::string& key, const std::string& path, T low, T high) {
   T value = yaml_value<T>(root, key, path);
-  if (value < low || value > high)
+  if (!(value >= low && value <= high))  // written so that NaN fails too
     throw_error(path, ": key '", key, "' is ", value, "; expected a value in [", low, ", ", high,
                 "]");
   return value;
@@ -57,7 +57,10 @@ ServeConfig load_serve_config(const std::string& path) {
                        "telemetry_dump_dir",
                        "telemetry_dump_interval_s",
                        "trace_dir",
-                       "routing_capture"},
+                       "routing_capture",
+                       "telemetry_expert_latency",
+                       "metrics_names",
+                       "metrics_cache_s"},
                       path);
   ServeConfig config;
   config.engine.collective_timeout_ms = 120000;
@@ -155,6 +158,19 @@ ServeConfig load_serve_config(const std::string& path) {
   if (root["trace_dir"]) config.trace_dir = yaml_value<std::string>(root, "trace_dir", path);
   if (root["routing_capture"])
     config.routing_capture = yaml_value<std::string>(root, "routing_capture", path);
+  try {
+    if (root["telemetry_expert_latency"])
+      config.telemetry_expert_latency = parse_expert_latency_detail(
+          yaml_value<std::string>(root, "telemetry_expert_latency", path),
+          "key 'telemetry_expert_latency'");
+    if (root["metrics_names"])
+      config.metrics_names = parse_metric_names(
+          yaml_value<std::string>(root, "metrics_names", path), "key 'metrics_names'");
+  } catch (const Error& error) {
+    throw_error(path, ": ", error.what());
+  }
+  if (root["metrics_cache_s"])
+    config.metrics_cache_s = bounded<double>(root, "metrics_cache_s", path, 0.0, 3600.0);
   return config;
 }
 

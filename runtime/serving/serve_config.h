@@ -29,6 +29,13 @@
 //   telemetry_dump_interval_s: 10
 //   trace_dir: .                 where POST /v1/profile/stop writes traces without a path
 //   routing_capture: FILE        append every finished request's routing record to FILE
+// Metrics (README, "Metrics at 397B scale"):
+//   telemetry_expert_latency: layer   expert compute time in /metrics: off | layer (one
+//       histogram per MoE layer) | expert (one per (layer, expert): ~1 M series at 512 x 60)
+//   metrics_names: keel          keel | vllm (request-level metrics also under vLLM's names,
+//       vllm: prefix, so vLLM's Grafana dashboard works unchanged)
+//   metrics_cache_s: 1           /metrics serves one body to every scraper for this long
+//       (0: render on every scrape); in [0, 3600]
 // Unknown keys and bad values are errors naming the file and the key.
 #pragma once
 
@@ -36,6 +43,7 @@
 #include <string>
 
 #include "runtime/engine/engine.h"
+#include "runtime/serving/serving_telemetry.h"
 
 namespace keel {
 
@@ -67,6 +75,9 @@ struct ServeConfig {
   double telemetry_dump_interval_s = 10;
   std::string trace_dir = ".";
   std::string routing_capture;
+  ExpertLatencyDetail telemetry_expert_latency = ExpertLatencyDetail::kLayer;
+  MetricNames metrics_names = MetricNames::kKeel;
+  double metrics_cache_s = 1;
 };
 
 ServeConfig load_serve_config(const std::string& path);

@@ -135,6 +135,12 @@ ServingEngine::ServingEngine(const Engine& engine, const std::string& model_dir,
   telemetry_ =
       std::make_unique<ServingTelemetry>(engine.config(), engine.placement(), engine.tp_size(),
                                          config_.model_name, config_.telemetry_options);
+  if (!(config_.metrics_cache_s >= 0 && config_.metrics_cache_s <= 3600))
+    throw_error("metrics_cache_s is ", config_.metrics_cache_s, "; expected [0, 3600] seconds");
+  metrics_cache_ = std::make_unique<telemetry::ScrapeCache>(
+      [this] { return render_metrics(config_.telemetry_options.metrics); },
+      std::chrono::duration_cast<telemetry::ScrapeCache::Clock::duration>(
+          std::chrono::duration<double>(config_.metrics_cache_s)));
   if (!config_.routing_capture_path.empty()) {
     RoutingFileHeader& header = config_.routing_header;
     header.model = config_.model_name;
@@ -489,6 +495,7 @@ void ServingEngine::finish(int64_t seq_id, Live& live, const std::string& reason
   record.e2e_s = telemetry_->now_s() - live.arrival_s;
   record.prompt_tokens = live.prompt_len;
   record.completion_tokens = live.num_generated;
+  record.max_tokens = live.max_new_tokens;
   record.first_step = live.first_step;
   record.last_step = live.last_step;
   record.finish_reason = reason;
@@ -499,6 +506,7 @@ void ServingEngine::finish(int64_t seq_id, Live& live, const std::string& reason
   // Counted and published before the client hears: a client that reads /metrics right after
   // its response finds it counted.
   ++local_stats_.requests_finished;
+  if (reason == "length") ++local_stats_.requests_finished_by_length;
   publish_stats();
   if (routing_writer_ && reason != "error") write_routing_record(seq_id, live);
   if (live.want_routing_field) {
@@ -724,39 +732,43 @@ void ServingEngine::on_step_done(const StepOutput& output) {
 }
 
 std::string ServingEngine::prometheus() const {
+  return *metrics_cache_->get();
+}
+
+std::string ServingEngine::render_metrics(const MetricsOptions& options) const {
   const ServingStats stats = this->stats();
-  telemetry::PromText out;
-  const telemetry::Labels model = {{"model_name", config_.model_name}};
-  auto add = [&](const char* name, telemetry::MetricType type, const char* help, auto value) {
-    out.family(name, type, help);
-    out.value(name, model, value);
-  };
   using telemetry::MetricType;
-  add("keel_num_requests_running", MetricType::kGauge, "Requests in the running batch.",
-      stats.running);
-  add("keel_num_requests_waiting", MetricType::kGauge, "Requests waiting for admission.",
-      stats.waiting);
-  add("keel_kv_cache_usage_perc", MetricType::kGauge, "Fraction of KV blocks in use (0 to 1).",
-      stats.kv_blocks_total > 0
-          ? static_cast<double>(stats.kv_blocks_used) / static_cast<double>(stats.kv_blocks_total)
-          : 0.0);
+  namespace rm = request_metrics;
+  telemetry::PromText text;
+  MetricWriter out(text, options.names);
+  const telemetry::Labels model = {{"model_name", config_.model_name}};
+  auto add = [&](const char* name, MetricType type, const char* help, auto value) {
+    text.family(name, type, help);
+    text.value(name, model, value);
+  };
+  out.value(rm::kRunning, model, stats.running);
+  out.value(rm::kWaiting, model, stats.waiting);
+  out.value(rm::kKvCacheUsage, model,
+            stats.kv_blocks_total > 0 ? static_cast<double>(stats.kv_blocks_used) /
+                                            static_cast<double>(stats.kv_blocks_total)
+                                      : 0.0);
   add("keel_kv_blocks_used", MetricType::kGauge, "KV blocks in use (per rank).",
       stats.kv_blocks_used);
   add("keel_kv_cache_blocks", MetricType::kGauge, "KV blocks in the pool (per rank).",
       stats.kv_blocks_total);
   const telemetry::Labels model_dtype = {{"model_name", config_.model_name},
                                          {"dtype", kv_cache_dtype_}};
-  out.family("keel_kv_cache_bytes", MetricType::kGauge,
-             "Bytes of the paged KV pool (K and V, every attention layer, per rank) in its "
-             "storage dtype.");
-  out.value("keel_kv_cache_bytes", model_dtype, kv_cache_bytes_);
-  out.family("keel_kv_cache_info", MetricType::kGauge,
-             "KV cache configuration (value 1): storage dtype and block size.");
-  out.value("keel_kv_cache_info",
-            {{"model_name", config_.model_name},
-             {"dtype", kv_cache_dtype_},
-             {"block_size", std::to_string(config_.scheduler.block_size)}},
-            1);
+  text.family("keel_kv_cache_bytes", MetricType::kGauge,
+              "Bytes of the paged KV pool (K and V, every attention layer, per rank) in its "
+              "storage dtype.");
+  text.value("keel_kv_cache_bytes", model_dtype, kv_cache_bytes_);
+  text.family("keel_kv_cache_info", MetricType::kGauge,
+              "KV cache configuration (value 1): storage dtype and block size.");
+  text.value("keel_kv_cache_info",
+             {{"model_name", config_.model_name},
+              {"dtype", kv_cache_dtype_},
+              {"block_size", std::to_string(config_.scheduler.block_size)}},
+             1);
   if (stats.state_slots_total > 0) {
     add("keel_state_slots_used", MetricType::kGauge,
         "Recurrent-state slots (Gated DeltaNet conv + SSM state) held by running requests.",
@@ -764,19 +776,27 @@ std::string ServingEngine::prometheus() const {
     add("keel_state_slots_total", MetricType::kGauge, "Recurrent-state slots (per rank).",
         stats.state_slots_total);
   }
-  add("keel_num_preemptions_total", MetricType::kCounter, "Sequences preempted (recompute).",
-      stats.preemptions);
-  add("keel_prompt_tokens_total", MetricType::kCounter, "Prompt tokens admitted.",
-      stats.prompt_tokens);
-  add("keel_generation_tokens_total", MetricType::kCounter, "Tokens generated.",
-      stats.generated_tokens);
+  out.value(rm::kPreemptions, model, stats.preemptions);
+  out.value(rm::kPromptTokens, model, stats.prompt_tokens);
+  out.value(rm::kGenerationTokens, model, stats.generated_tokens);
   add("keel_request_success_total", MetricType::kCounter, "Requests finished (stop or length).",
       stats.requests_finished);
+  if (out.vllm()) {
+    // vLLM counts finished requests by reason, aborted ones included (finished_reason="abort").
+    const char* name = "vllm:request_success_total";
+    text.family(name, MetricType::kCounter, "Requests finished, by finish reason.");
+    const std::pair<const char*, int64_t> by_reason[] = {
+        {"stop", stats.requests_finished - stats.requests_finished_by_length},
+        {"length", stats.requests_finished_by_length},
+        {"abort", stats.requests_aborted}};
+    for (const auto& [reason, count] : by_reason)
+      text.value(name, {{"model_name", config_.model_name}, {"finished_reason", reason}}, count);
+  }
   add("keel_request_aborted_total", MetricType::kCounter,
       "Requests cancelled (client gone or drain).", stats.requests_aborted);
   add("keel_engine_steps_total", MetricType::kCounter, "Engine steps run.", stats.steps);
-  telemetry_->append_prometheus(out);
-  return out.str();
+  telemetry_->append_prometheus(text, options);
+  return text.str();
 }
 
 namespace {

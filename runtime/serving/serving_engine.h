@@ -36,6 +36,7 @@
 #include "runtime/server/api.h"
 #include "runtime/server/http_server.h"
 #include "runtime/serving/serving_telemetry.h"
+#include "runtime/telemetry/scrape_cache.h"
 #include "runtime/tokenizer/chat_template.h"
 #include "runtime/tokenizer/tokenizer.h"
 #include "scheduler/batch_scheduler.h"
@@ -49,7 +50,10 @@ struct ServingConfig {
   int64_t max_waiting = 256;  // queued (not yet running) requests beyond which submit says 429
   uint64_t seed_base = 0;     // seeds of requests that bring none: hash(seed_base, request #)
   bool telemetry = true;      // per-step phase/expert timings and routing statistics
-  TelemetryConfig telemetry_options;
+  TelemetryConfig telemetry_options;  // telemetry_options.metrics: what /metrics carries
+  // GET /metrics serves one body for this long (seconds since its render began) to every
+  // scraper, so N scrapers cost one render per interval; 0 renders on every scrape.
+  double metrics_cache_s = 1.0;
   std::string trace_dir = ".";  // where POST /v1/profile/stop writes traces without a path
   // Server-wide routing capture (runtime/routing/routing_file.h): every finished request's
   // prompt, output, sampling, logits digest and per-token routing appended to this file.
@@ -66,6 +70,7 @@ struct ServingStats {
   int64_t state_slots_used = 0;   // hybrid models: recurrent-state slots held by running requests
   int64_t state_slots_total = 0;  // 0 for models without recurrent layers
   int64_t requests_finished = 0;
+  int64_t requests_finished_by_length = 0;  // of requests_finished; the rest ended by a stop
   int64_t requests_aborted = 0;
   int64_t preemptions = 0;
   int64_t steps = 0;
@@ -92,8 +97,12 @@ class ServingEngine final : public server::GenerationBackend, public StepSource 
   void next_step(ServeStep& step) override;
   void on_step_done(const StepOutput& output) override;
 
-  // GET /metrics: serving counters plus the telemetry's metric families (Prometheus text).
+  // GET /metrics: serving counters plus the telemetry's metric families (Prometheus text), as
+  // cached for metrics_cache_s.
   std::string prometheus() const;
+  // A fresh exposition with these options (prometheus() renders through it; bench/metrics
+  // compares the options on one state).
+  std::string render_metrics(const MetricsOptions& options) const;
   // Telemetry and profiling routes for HttpServerConfig::extra_routes:
   //   GET /v1/telemetry/experts, GET /v1/telemetry/requests?limit=N,
   //   GET /v1/telemetry/steps?first=A&last=B, GET /v1/telemetry/placement?tp=N (a balanced
@@ -209,6 +218,7 @@ class ServingEngine final : public server::GenerationBackend, public StepSource 
   std::vector<float> masked_;
   // Telemetry (leader thread, except what ServingTelemetry guards itself).
   std::unique_ptr<ServingTelemetry> telemetry_;
+  std::unique_ptr<telemetry::ScrapeCache> metrics_cache_;  // any thread (it locks itself)
   int64_t step_id_ = 0;
   double step_start_s_ = 0;
   double schedule_s_ = 0;

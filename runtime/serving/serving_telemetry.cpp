@@ -55,6 +55,25 @@ std::string category_of(Phase phase) {
 
 }  // namespace
 
+std::string_view expert_latency_detail_name(ExpertLatencyDetail detail) {
+  switch (detail) {
+    case ExpertLatencyDetail::kOff:
+      return "off";
+    case ExpertLatencyDetail::kLayer:
+      return "layer";
+    case ExpertLatencyDetail::kExpert:
+      return "expert";
+  }
+  return "layer";
+}
+
+ExpertLatencyDetail parse_expert_latency_detail(std::string_view name, std::string_view what) {
+  if (name == "off") return ExpertLatencyDetail::kOff;
+  if (name == "layer") return ExpertLatencyDetail::kLayer;
+  if (name == "expert") return ExpertLatencyDetail::kExpert;
+  throw_error(what, " is '", name, "'; expected off, layer or expert");
+}
+
 ServingTelemetry::ServingTelemetry(const ModelConfig& config, const ExpertPlacement& placement,
                                    int tp_size, std::string model_name, TelemetryConfig options)
     : num_layers_(config.num_layers),
@@ -73,19 +92,27 @@ ServingTelemetry::ServingTelemetry(const ModelConfig& config, const ExpertPlacem
       tpot_(telemetry::vllm_tpot_seconds_bounds()),
       e2e_(telemetry::vllm_e2e_seconds_bounds()),
       prompt_tokens_(telemetry::count_bounds()),
-      generation_tokens_(telemetry::count_bounds()) {
+      generation_tokens_(telemetry::count_bounds()),
+      prefill_time_(telemetry::latency_seconds_bounds()),
+      decode_time_(telemetry::latency_seconds_bounds()),
+      inference_time_(telemetry::latency_seconds_bounds()),
+      max_tokens_(telemetry::count_bounds()) {
   const size_t cells = static_cast<size_t>(num_layers_ * num_experts_);
   expert_tokens_.assign(cells, 0);
   expert_seconds_total_.assign(cells, 0.0);
   expert_seconds_.assign(cells, Histogram(telemetry::expert_compute_seconds_bounds()));
   expert_rank_.resize(static_cast<size_t>(num_layers_));
+  moe_index_.assign(static_cast<size_t>(num_layers_), -1);
   for (int64_t layer = 0; layer < num_layers_; ++layer) {
     if (!config.layer_is_moe[static_cast<size_t>(layer)]) continue;
+    moe_index_[static_cast<size_t>(layer)] = std::ssize(moe_layers_);
     moe_layers_.push_back(layer);
     for (int64_t expert = 0; expert < num_experts_; ++expert)
       expert_rank_[static_cast<size_t>(layer)].push_back(placement.rank_of(layer, expert));
   }
   router_margin_.assign(moe_layers_.size(), Histogram(telemetry::router_margin_bounds()));
+  layer_expert_seconds_.assign(moe_layers_.size(),
+                               Histogram(telemetry::expert_compute_seconds_bounds()));
   near_ties_.assign(moe_layers_.size(), 0);
   phase_seconds_.assign(static_cast<size_t>(tp_size_ * kStepPhases),
                         Histogram(telemetry::latency_seconds_bounds()));
@@ -153,6 +180,8 @@ void ServingTelemetry::on_step(const StepRecord& step, const StepOutput& output)
       if (seconds <= 0) continue;
       expert_seconds_[cell].observe(seconds);
       expert_seconds_total_[cell] += seconds;
+      const int64_t moe_idx = moe_index_[cell / static_cast<size_t>(num_experts_)];
+      if (moe_idx >= 0) layer_expert_seconds_[static_cast<size_t>(moe_idx)].observe(seconds);
       hot.push_back({static_cast<int64_t>(cell) / num_experts_,
                      static_cast<int64_t>(cell) % num_experts_, seconds});
     }
@@ -219,6 +248,10 @@ void ServingTelemetry::on_request(const RequestRecord& request) {
   e2e_.observe(request.e2e_s);
   prompt_tokens_.observe(static_cast<double>(request.prompt_tokens));
   generation_tokens_.observe(static_cast<double>(request.completion_tokens));
+  max_tokens_.observe(static_cast<double>(request.max_tokens));
+  prefill_time_.observe(request.ttft_s - request.queue_s);
+  decode_time_.observe(request.e2e_s - request.ttft_s);
+  inference_time_.observe(request.e2e_s - request.queue_s);
   for (size_t i = 1; i < request.token_times_s.size(); ++i)
     itl_.observe(request.token_times_s[i] - request.token_times_s[i - 1]);
   if (request.completion_tokens > 1)
@@ -251,61 +284,118 @@ size_t ServingTelemetry::stop_trace(const std::string& path) {
   return spans.size();
 }
 
-void ServingTelemetry::append_prometheus(telemetry::PromText& out) const {
+// Copies of everything the exposition prints, taken under the mutex in one go.
+struct ServingTelemetry::MetricsSnapshot {
+  std::vector<int64_t> expert_tokens;  // [layer * E + e]
+  // kLayer: [moe layer]; kExpert: [moe layer * E + e]; kOff: empty.
+  std::vector<Histogram> expert_seconds;
+  std::vector<Histogram> router_margin;  // [moe layer]
+  std::vector<int64_t> near_ties;        // [moe layer]
+  std::vector<Histogram> phase_seconds;  // [rank * (phases + 2) + phase]
+  Histogram step_seconds, batch_seqs, batch_tokens;
+  Histogram queue_time, ttft, itl, tpot, e2e, prefill_time, decode_time, inference_time,
+      prompt_tokens, generation_tokens, max_tokens;
+};
+
+ServingTelemetry::MetricsSnapshot ServingTelemetry::snapshot_metrics(
+    ExpertLatencyDetail detail) const {
   std::lock_guard lock(mutex_);
+  std::vector<Histogram> expert_seconds;
+  if (detail == ExpertLatencyDetail::kLayer) expert_seconds = layer_expert_seconds_;
+  if (detail == ExpertLatencyDetail::kExpert) {
+    expert_seconds.reserve(moe_layers_.size() * static_cast<size_t>(num_experts_));
+    for (const int64_t layer : moe_layers_) {
+      const auto begin = expert_seconds_.begin() + layer * num_experts_;
+      expert_seconds.insert(expert_seconds.end(), begin, begin + num_experts_);
+    }
+  }
+  return MetricsSnapshot{expert_tokens_, std::move(expert_seconds),
+                         router_margin_, near_ties_,
+                         phase_seconds_, step_seconds_,
+                         batch_seqs_,    batch_tokens_,
+                         queue_time_,    ttft_,
+                         itl_,           tpot_,
+                         e2e_,           prefill_time_,
+                         decode_time_,   inference_time_,
+                         prompt_tokens_, generation_tokens_,
+                         max_tokens_};
+}
+
+void ServingTelemetry::append_prometheus(telemetry::PromText& text,
+                                         const MetricsOptions& options) const {
+  const MetricsSnapshot snapshot = snapshot_metrics(options.expert_latency);
+  if (options_.after_metrics_snapshot) options_.after_metrics_snapshot();
+  // From here on only the snapshot and what never changes after construction (layers, ranks).
+  MetricWriter out(text, options.names);
   const Labels model = {{"model_name", model_name_}};
   auto with = [&](Labels labels) {
     labels.insert(labels.begin(), model.front());
     return labels;
   };
-  out.family("keel_expert_tokens_total", MetricType::kCounter,
-             "Tokens routed to each expert (each (token, slot) pair counts once).");
-  out.family("keel_expert_seconds", MetricType::kHistogram,
-             "Compute time of one expert's GEMMs in one step, on the rank that holds it.");
-  for (int64_t layer : moe_layers_)
-    for (int64_t expert = 0; expert < num_experts_; ++expert) {
-      const size_t cell = static_cast<size_t>(layer * num_experts_ + expert);
-      const std::string rank =
-          std::to_string(expert_rank_[static_cast<size_t>(layer)][static_cast<size_t>(expert)]);
-      out.value("keel_expert_tokens_total",
-                with({{"layer", std::to_string(layer)},
-                      {"expert", std::to_string(expert)},
-                      {"rank", rank}}),
-                expert_tokens_[cell]);
-      out.histogram("keel_expert_seconds",
-                    with({{"layer", std::to_string(layer)}, {"expert", std::to_string(expert)}}),
-                    expert_seconds_[cell]);
+  text.family("keel_expert_tokens_total", MetricType::kCounter,
+              "Tokens routed to each expert (each (token, slot) pair counts once); the rank "
+              "holding it is the placement's (GET /v1/telemetry/experts: expert_rank).");
+  for (const int64_t layer : moe_layers_)
+    for (int64_t expert = 0; expert < num_experts_; ++expert)
+      text.value("keel_expert_tokens_total",
+                 with({{"layer", std::to_string(layer)}, {"expert", std::to_string(expert)}}),
+                 snapshot.expert_tokens[static_cast<size_t>(layer * num_experts_ + expert)]);
+  if (options.expert_latency != ExpertLatencyDetail::kOff) {
+    const bool per_expert = options.expert_latency == ExpertLatencyDetail::kExpert;
+    text.family("keel_expert_seconds", MetricType::kHistogram,
+                per_expert ? "Compute time of one expert's GEMMs in one step, on the rank that "
+                             "holds it."
+                           : "Compute time of one expert's GEMMs in one step, on the rank that "
+                             "holds it, over every expert of the layer.");
+    for (size_t moe_idx = 0; moe_idx < moe_layers_.size(); ++moe_idx) {
+      const std::string layer = std::to_string(moe_layers_[moe_idx]);
+      if (!per_expert) {
+        text.histogram("keel_expert_seconds", with({{"layer", layer}}),
+                       snapshot.expert_seconds[moe_idx]);
+        continue;
+      }
+      for (int64_t expert = 0; expert < num_experts_; ++expert)
+        text.histogram("keel_expert_seconds",
+                       with({{"layer", layer}, {"expert", std::to_string(expert)}}),
+                       snapshot.expert_seconds[moe_idx * static_cast<size_t>(num_experts_) +
+                                               static_cast<size_t>(expert)]);
     }
-  out.family("keel_moe_balancedness", MetricType::kGauge,
-             "Mean over max tokens per rank since start, per MoE layer (1 = perfectly balanced).");
-  out.family("keel_moe_imbalance", MetricType::kGauge,
-             "(max - mean) / mean tokens per rank since start, per MoE layer.");
-  out.family("keel_router_margin", MetricType::kHistogram,
-             "Router probability gap between the k-th and (k+1)-th expert per token and layer: "
-             "the flip risk of a routing decision.");
-  out.family("keel_router_near_ties_total", MetricType::kCounter,
-             "Routing decisions whose margin was below the near-tie epsilon.");
+  }
+  text.family("keel_moe_rank_tokens_total", MetricType::kCounter,
+              "Tokens routed to the experts each rank holds, per MoE layer.");
+  text.family("keel_moe_balancedness", MetricType::kGauge,
+              "Mean over max tokens per rank since start, per MoE layer (1 = perfectly balanced).");
+  text.family("keel_moe_imbalance", MetricType::kGauge,
+              "(max - mean) / mean tokens per rank since start, per MoE layer.");
+  text.family("keel_router_margin", MetricType::kHistogram,
+              "Router probability gap between the k-th and (k+1)-th expert per token and layer: "
+              "the flip risk of a routing decision.");
+  text.family("keel_router_near_ties_total", MetricType::kCounter,
+              "Routing decisions whose margin was below the near-tie epsilon.");
   for (size_t moe_idx = 0; moe_idx < moe_layers_.size(); ++moe_idx) {
     const int64_t layer = moe_layers_[moe_idx];
-    std::vector<double> per_rank(static_cast<size_t>(tp_size_), 0.0);
+    std::vector<int64_t> per_rank(static_cast<size_t>(tp_size_), 0);
     for (int64_t expert = 0; expert < num_experts_; ++expert)
       per_rank[static_cast<size_t>(
           expert_rank_[static_cast<size_t>(layer)][static_cast<size_t>(expert)])] +=
-          static_cast<double>(expert_tokens_[static_cast<size_t>(layer * num_experts_ + expert)]);
+          snapshot.expert_tokens[static_cast<size_t>(layer * num_experts_ + expert)];
     double total = 0, max_tokens = 0;
-    for (double tokens : per_rank) {
-      total += tokens;
-      max_tokens = std::max(max_tokens, tokens);
+    for (int rank = 0; rank < tp_size_; ++rank) {
+      const int64_t tokens = per_rank[static_cast<size_t>(rank)];
+      text.value("keel_moe_rank_tokens_total",
+                 with({{"layer", std::to_string(layer)}, {"rank", std::to_string(rank)}}), tokens);
+      total += static_cast<double>(tokens);
+      max_tokens = std::max(max_tokens, static_cast<double>(tokens));
     }
     const double mean = total / tp_size_;
     const Labels layer_labels = with({{"layer", std::to_string(layer)}});
-    out.value("keel_moe_balancedness", layer_labels, max_tokens > 0 ? mean / max_tokens : 1.0);
-    out.value("keel_moe_imbalance", layer_labels, mean > 0 ? (max_tokens - mean) / mean : 0.0);
-    out.histogram("keel_router_margin", layer_labels, router_margin_[moe_idx]);
-    out.value("keel_router_near_ties_total", layer_labels, near_ties_[moe_idx]);
+    text.value("keel_moe_balancedness", layer_labels, max_tokens > 0 ? mean / max_tokens : 1.0);
+    text.value("keel_moe_imbalance", layer_labels, mean > 0 ? (max_tokens - mean) / mean : 0.0);
+    text.histogram("keel_router_margin", layer_labels, snapshot.router_margin[moe_idx]);
+    text.value("keel_router_near_ties_total", layer_labels, snapshot.near_ties[moe_idx]);
   }
-  out.family("keel_step_phase_seconds", MetricType::kHistogram,
-             "Time per step in each phase, per rank (schedule and sampling: the leader).");
+  text.family("keel_step_phase_seconds", MetricType::kHistogram,
+              "Time per step in each phase, per rank (schedule and sampling: the leader).");
   for (int rank = 0; rank < tp_size_; ++rank)
     for (int phase = 0; phase < kStepPhases; ++phase) {
       if (rank != 0 && phase >= kNumPhases) continue;
@@ -313,36 +403,30 @@ void ServingTelemetry::append_prometheus(telemetry::PromText& out) const {
       // The all-reduce phase carries its algorithm (the "all-reduce by algorithm").
       if (phase == static_cast<int>(Phase::kAllReduce) && !options_.reduce_algorithm.empty())
         labels.push_back({"algo", options_.reduce_algorithm});
-      out.histogram("keel_step_phase_seconds", labels,
-                    phase_seconds_[static_cast<size_t>(rank * kStepPhases + phase)]);
+      text.histogram("keel_step_phase_seconds", labels,
+                     snapshot.phase_seconds[static_cast<size_t>(rank * kStepPhases + phase)]);
     }
-  out.family("keel_step_seconds", MetricType::kHistogram, "Wall time of one engine step.");
-  out.histogram("keel_step_seconds", model, step_seconds_);
-  out.family("keel_step_batch_size", MetricType::kHistogram, "Sequences per engine step.");
-  out.histogram("keel_step_batch_size", model, batch_seqs_);
-  out.family("keel_step_tokens", MetricType::kHistogram, "Tokens per engine step.");
-  out.histogram("keel_step_tokens", model, batch_tokens_);
-  struct Named {
-    const char* name;
-    const char* help;
-    const Histogram* histogram;
+  text.family("keel_step_seconds", MetricType::kHistogram, "Wall time of one engine step.");
+  text.histogram("keel_step_seconds", model, snapshot.step_seconds);
+  text.family("keel_step_batch_size", MetricType::kHistogram, "Sequences per engine step.");
+  text.histogram("keel_step_batch_size", model, snapshot.batch_seqs);
+  text.family("keel_step_tokens", MetricType::kHistogram, "Tokens per engine step.");
+  text.histogram("keel_step_tokens", model, snapshot.batch_tokens);
+  namespace rm = request_metrics;
+  const std::pair<const MetricSpec*, const Histogram*> request_histograms[] = {
+      {&rm::kQueueTime, &snapshot.queue_time},
+      {&rm::kTimeToFirstToken, &snapshot.ttft},
+      {&rm::kInterTokenLatency, &snapshot.itl},
+      {&rm::kTimePerOutputToken, &snapshot.tpot},
+      {&rm::kE2eLatency, &snapshot.e2e},
+      {&rm::kPrefillTime, &snapshot.prefill_time},
+      {&rm::kDecodeTime, &snapshot.decode_time},
+      {&rm::kInferenceTime, &snapshot.inference_time},
+      {&rm::kPromptTokensPerRequest, &snapshot.prompt_tokens},
+      {&rm::kGenerationTokensPerRequest, &snapshot.generation_tokens},
+      {&rm::kMaxTokensPerRequest, &snapshot.max_tokens},
   };
-  const Named request_histograms[] = {
-      {"keel_request_queue_time_seconds", "Time from arrival to the first scheduled step.",
-       &queue_time_},
-      {"keel_time_to_first_token_seconds", "Time from arrival to the first token.", &ttft_},
-      {"keel_inter_token_latency_seconds", "Time between consecutive tokens of a request.", &itl_},
-      {"keel_request_time_per_output_token_seconds",
-       "(e2e - TTFT) / (output tokens - 1) per request.", &tpot_},
-      {"keel_e2e_request_latency_seconds", "Time from arrival to the last token.", &e2e_},
-      {"keel_request_prompt_tokens", "Prompt tokens per finished request.", &prompt_tokens_},
-      {"keel_request_generation_tokens", "Generated tokens per finished request.",
-       &generation_tokens_},
-  };
-  for (const Named& named : request_histograms) {
-    out.family(named.name, MetricType::kHistogram, named.help);
-    out.histogram(named.name, model, *named.histogram);
-  }
+  for (const auto& [spec, histogram] : request_histograms) out.histogram(*spec, model, *histogram);
 }
 
 std::vector<LayerLoad> ServingTelemetry::layer_loads() const {

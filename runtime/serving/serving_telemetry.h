@@ -8,8 +8,15 @@
 //    leader folds them in here (Engine::serve, StepOutput). Routing and margins are replicated,
 //    so the leader's copy is everyone's.
 //  - One mutex guards the folded state: the leader takes it once per step and once per finished
-//    request; HTTP threads take it to render /metrics and the JSON endpoints. Nothing on a rank's
+//    request; HTTP threads take it for the JSON endpoints and, for /metrics, only long enough to
+//    copy what the exposition needs (MetricsSnapshot): the text is formatted after the mutex is
+//    released, so a scrape never holds up a step for longer than that copy. Nothing on a rank's
 //    hot path waits for it.
+//  - /metrics cardinality is bounded for 512 experts x 60 layers (README, "Metrics at 397B
+//    scale"): per-(layer, expert) token counters without a rank label (the placement implies
+//    the rank; per-(layer, rank) tokens are their own counter), expert compute time as one
+//    histogram per layer by default, per expert only when asked (telemetry_expert_latency:
+//    expert). The JSON endpoints keep every expert's detail whatever the setting.
 //  - Step and request records live in bounded rings (the most recent N), so memory is bounded
 //    whatever the uptime; `keel profile tail` joins them by step id.
 //  - Names follow vLLM's (keel_ prefix, seconds, histograms with millisecond-resolving buckets).
@@ -18,18 +25,35 @@
 #include <cstdint>
 #include <deque>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "runtime/engine/engine.h"
+#include "runtime/serving/metric_export.h"
 #include "runtime/telemetry/metrics.h"
 #include "runtime/telemetry/trace.h"
 
 namespace keel {
+
+// What /metrics carries of expert compute time (`telemetry_expert_latency`):
+//   off: nothing (the JSON endpoints still have every expert's percentiles);
+//   layer: one histogram per MoE layer over all its experts (the default);
+//   expert: one histogram per (layer, expert): 32 series each, ~1 M for 512 x 60.
+enum class ExpertLatencyDetail : uint8_t { kOff, kLayer, kExpert };
+std::string_view expert_latency_detail_name(ExpertLatencyDetail detail);
+// Throws keel::Error naming `what` (the key) and the accepted values.
+ExpertLatencyDetail parse_expert_latency_detail(std::string_view name, std::string_view what);
+
+struct MetricsOptions {
+  ExpertLatencyDetail expert_latency = ExpertLatencyDetail::kLayer;
+  MetricNames names = MetricNames::kKeel;
+};
 
 struct TelemetryConfig {
   double near_tie_epsilon = 1e-4;  // router margins below this count as near-ties
@@ -38,6 +62,11 @@ struct TelemetryConfig {
   std::string dump_dir;            // periodic JSONL dumps; empty: off
   double dump_interval_s = 10;
   std::string reduce_algorithm;  // labels the allreduce phase ("fixed_order" / "native")
+  MetricsOptions metrics;        // what GET /metrics carries (ServingEngine::prometheus)
+  // Test seam: called by append_prometheus after its snapshot is taken and the mutex released,
+  // before any text is formatted (a test steps the engine from here to show the render holds no
+  // lock the step needs). Empty in keel serve.
+  std::function<void()> after_metrics_snapshot;
 };
 
 // One step as the leader saw it (times in seconds since the telemetry started).
@@ -71,6 +100,7 @@ struct RequestRecord {
   double e2e_s = 0;
   int64_t prompt_tokens = 0;
   int64_t completion_tokens = 0;
+  int64_t max_tokens = 0;  // the generation limit it ran under (max_tokens, capped by the context)
   int64_t preemptions = 0;
   int64_t first_step = -1;
   int64_t last_step = -1;
@@ -95,8 +125,8 @@ class ServingTelemetry {
   bool tracing() const;
   size_t stop_trace(const std::string& path);
 
-  // Any thread.
-  void append_prometheus(telemetry::PromText& out) const;
+  // Any thread. The mutex is held only while the snapshot is copied (see the design note).
+  void append_prometheus(telemetry::PromText& out, const MetricsOptions& options) const;
   nlohmann::json experts_json() const;
   // Every routed layer's tokens per expert so far and the ranks its experts sit on now (the
   // input of balanced_placement_file, scheduler/placement.h).
@@ -105,6 +135,8 @@ class ServingTelemetry {
   nlohmann::json steps_json(int64_t first, int64_t last) const;
 
  private:
+  struct MetricsSnapshot;  // what one /metrics render needs (serving_telemetry.cpp)
+  MetricsSnapshot snapshot_metrics(ExpertLatencyDetail detail) const;
   void maybe_dump_locked(double now);
   void write_dump_locked(double now);
 
@@ -115,16 +147,18 @@ class ServingTelemetry {
   const std::string model_name_;
   const TelemetryConfig options_;
   std::vector<int64_t> moe_layers_;
+  std::vector<int64_t> moe_index_;             // [layer] -> index into moe_layers_, -1 if dense
   std::vector<std::vector<int>> expert_rank_;  // [layer][expert] (empty for dense layers)
   const double epoch_;
 
   mutable std::mutex mutex_;
   // Per (layer, expert): tokens routed, compute-time histogram; per layer: margins, near-ties.
-  std::vector<int64_t> expert_tokens_;                // [layer * E + e]
-  std::vector<telemetry::Histogram> expert_seconds_;  // [layer * E + e]
-  std::vector<double> expert_seconds_total_;          // [layer * E + e]
-  std::vector<telemetry::Histogram> router_margin_;   // [moe layer]
-  std::vector<int64_t> near_ties_;                    // [moe layer]
+  std::vector<int64_t> expert_tokens_;                      // [layer * E + e]
+  std::vector<telemetry::Histogram> expert_seconds_;        // [layer * E + e]
+  std::vector<double> expert_seconds_total_;                // [layer * E + e]
+  std::vector<telemetry::Histogram> layer_expert_seconds_;  // [moe layer]: all its experts
+  std::vector<telemetry::Histogram> router_margin_;         // [moe layer]
+  std::vector<int64_t> near_ties_;                          // [moe layer]
   // Per step.
   std::vector<telemetry::Histogram> phase_seconds_;  // [rank * (phases + 2) + phase]
   telemetry::Histogram step_seconds_;
@@ -132,6 +166,7 @@ class ServingTelemetry {
   telemetry::Histogram batch_tokens_;
   // Per request (vLLM's set).
   telemetry::Histogram queue_time_, ttft_, itl_, tpot_, e2e_, prompt_tokens_, generation_tokens_;
+  telemetry::Histogram prefill_time_, decode_time_, inference_time_, max_tokens_;
   int64_t steps_total_ = 0;
   std::deque<StepRecord> steps_;
   std::deque<nlohmann::json> step_details_;  // parallel to steps_: phases and hot experts

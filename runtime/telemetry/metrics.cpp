@@ -270,7 +270,7 @@ void PromText::add_line(Family& f, const Labels& labels, const std::string& text
   if (!f.series.insert(label_set).second)
     throw_error("metric '", f.name, "': series ", label_set.empty() ? "{}" : label_set,
                 " added twice");
-  f.body += f.name + label_set + " " + text + "\n";
+  f.body.append(f.name).append(label_set).append(" ").append(text).append("\n");
 }
 
 void PromText::value(const std::string& name, const Labels& labels, double v, bool allow_nan) {
@@ -294,12 +294,18 @@ void PromText::histogram(const std::string& name, const Labels& labels, const Hi
   const std::string le_prefix = open.empty() ? "{le=\"" : open + ",le=\"";
   const std::vector<uint64_t> cum = h.cumulative();
   std::string& out = f.body;
+  const std::string bucket_prefix = name + "_bucket" + le_prefix;
   for (size_t i = 0; i < h.bounds().size(); ++i)
-    out += name + "_bucket" + le_prefix + format_value(h.bounds()[i]) + "\"} " +
-           std::to_string(cum[i]) + "\n";
-  out += name + "_bucket" + le_prefix + "+Inf\"} " + std::to_string(cum.back()) + "\n";
-  out += name + "_sum" + label_set + " " + format_value(h.sum()) + "\n";
-  out += name + "_count" + label_set + " " + std::to_string(h.count()) + "\n";
+    out.append(bucket_prefix)
+        .append(format_value(h.bounds()[i]))
+        .append("\"} ")
+        .append(std::to_string(cum[i]))
+        .append("\n");
+  out.append(bucket_prefix).append("+Inf\"} ").append(std::to_string(cum.back())).append("\n");
+  out.append(name).append("_sum").append(label_set).append(" ").append(format_value(h.sum()));
+  out.append("\n");
+  out.append(name).append("_count").append(label_set).append(" ");
+  out.append(std::to_string(h.count())).append("\n");
 }
 
 std::string PromText::str() const {

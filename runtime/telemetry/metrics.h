@@ -18,8 +18,8 @@
 #include <concepts>
 #include <cstdint>
 #include <map>
-#include <set>
 #include <string>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -152,8 +152,8 @@ class PromText {
     std::string name;
     MetricType type;
     std::string help;
-    std::string body;              // formatted sample lines
-    std::set<std::string> series;  // formatted label sets already present
+    std::string body;                        // formatted sample lines
+    std::unordered_set<std::string> series;  // formatted label sets already present
   };
   Family& checked_family(const std::string& name, bool histogram);
   void add_integer(const std::string& name, const Labels& labels, const std::string& text);
