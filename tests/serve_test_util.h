@@ -26,11 +26,13 @@
 namespace keel::serve_test {
 
 // A `keel serve ...` child. Its stdout+stderr are drained by a thread (a full pipe would stall
-// the server); the constructor waits for the "listening on http://HOST:PORT" line.
+// the server); the constructor waits for the "listening on http://HOST:PORT" line (HOST: what
+// --host says).
 class ServerProcess {
  public:
   explicit ServerProcess(const std::vector<std::string>& argv,
-                         std::chrono::seconds startup_timeout = std::chrono::seconds(120)) {
+                         std::chrono::seconds startup_timeout = std::chrono::seconds(120),
+                         const std::string& host = "127.0.0.1") {
     int fds[2];
     if (pipe(fds) != 0) throw std::runtime_error("pipe failed");
     pid_ = fork();
@@ -60,7 +62,7 @@ class ServerProcess {
     while (std::chrono::steady_clock::now() < deadline) {
       {
         std::lock_guard lock(mutex_);
-        const std::string marker = "listening on http://127.0.0.1:";
+        const std::string marker = "listening on http://" + host + ":";
         size_t at = output_.find(marker);
         if (at != std::string::npos && output_.find('\n', at) != std::string::npos) {
           port_ = std::stoi(output_.substr(at + marker.size()));
@@ -147,9 +149,12 @@ inline bool send_all(int fd, const std::string& data) {
   return true;
 }
 
+// `headers`: further header lines, each "Name: value".
 inline std::string request_text(const std::string& method, const std::string& path,
-                                const std::string& body) {
+                                const std::string& body,
+                                const std::vector<std::string>& headers = {}) {
   std::string text = method + " " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n";
+  for (const std::string& header : headers) text += header + "\r\n";
   if (!body.empty() || method == "POST")
     text +=
         "Content-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) + "\r\n";
@@ -204,10 +209,11 @@ inline HttpResponse parse_response(const std::string& raw) {
 
 // One request on its own connection (Connection: close); reads until the server closes.
 inline HttpResponse http(int port, const std::string& method, const std::string& path,
-                         const std::string& body = "") {
+                         const std::string& body = "",
+                         const std::vector<std::string>& headers = {}) {
   int fd = connect_to(port);
   if (fd < 0) return {};
-  send_all(fd, request_text(method, path, body));
+  send_all(fd, request_text(method, path, body, headers));
   std::string raw;
   char buffer[8192];
   ssize_t bytes;

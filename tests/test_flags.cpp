@@ -243,5 +243,27 @@ TEST(Flags, RegisteringANameTwiceIsAProgrammingError) {
   EXPECT_THROW(flags.given("--nope"), std::logic_error);
 }
 
+TEST(Flags, AnAliasIsTheSameFlagUnderAnotherName) {
+  int tp = 1;
+  FlagSet flags("keel serve");
+  flags.add_int("--tensor-parallel-size", &tp, "N", "ranks").range(1, 8);
+  flags.add_alias("--tp", "--tensor-parallel-size");
+  EXPECT_TRUE(parse_words(flags, {"--tp", "2"}));
+  EXPECT_EQ(tp, 2);
+  EXPECT_TRUE(flags.given("--tensor-parallel-size"));
+  EXPECT_TRUE(flags.given("--tp"));
+  EXPECT_TRUE(parse_words(flags, {"--tp=4"}));
+  EXPECT_EQ(tp, 4);
+  // The bound and the message are the flag's own, whichever name was typed.
+  EXPECT_EQ(error_of(flags, {"--tp", "9"}), "--tensor-parallel-size: '9' must be <= 8");
+  EXPECT_NE(flags.help().find("  --tensor-parallel-size, --tp N"), std::string::npos)
+      << flags.help();
+  // An alias may not take a registered name nor name a missing flag.
+  EXPECT_THROW(flags.add_alias("--tp", "--tensor-parallel-size"), std::logic_error);
+  EXPECT_THROW(flags.add_alias("--x", "--missing"), std::logic_error);
+  int other = 0;
+  EXPECT_THROW(flags.add_int("--tp", &other, "N", "clash"), std::logic_error);
+}
+
 }  // namespace
 }  // namespace keel::flags

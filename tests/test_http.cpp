@@ -20,8 +20,11 @@
 #include <vector>
 
 #include "kernels/base/check.h"
+#include "runtime/common/build_info.h"
 #include "runtime/server/api.h"
+#include "runtime/server/auth.h"
 #include "runtime/server/http_server.h"
+#include "runtime/server/info_routes.h"
 
 namespace {
 
@@ -43,6 +46,35 @@ class FakeBackend : public GenerationBackend {
     for (std::thread& worker : workers_) worker.join();
   }
   std::string model_name() const override { return "fake-moe"; }
+  std::vector<std::string> served_model_names() const override {
+    std::vector<std::string> names = {model_name()};
+    names.insert(names.end(), aliases.begin(), aliases.end());
+    return names;
+  }
+  std::string model_root() const override { return "/models/fake-moe"; }
+  // A byte tokenizer: one id per byte (+ id 1000 first with special tokens); ids over 255 are
+  // not in its vocabulary.
+  std::optional<RequestError> tokenize(const std::string& text, bool add_special_tokens,
+                                       Tokenized& out) override {
+    if (add_special_tokens) {
+      out.ids.push_back(1000);
+      out.token_strs.push_back("<s>");
+    }
+    for (unsigned char c : text) {
+      out.ids.push_back(c);
+      out.token_strs.push_back(std::string(1, static_cast<char>(c)));
+    }
+    return std::nullopt;
+  }
+  std::optional<RequestError> detokenize(const std::vector<int32_t>& ids,
+                                         std::string& text) override {
+    for (int32_t id : ids) {
+      if (id > 255)
+        return RequestError{400, "token id out of range", "invalid_request_error", "tokens", ""};
+      text.push_back(static_cast<char>(id));
+    }
+    return std::nullopt;
+  }
   int max_context() const override { return 4096; }
   BackendHealth health() const override { return {healthy.load(), healthy ? "ok" : "rank 1 down"}; }
 
@@ -79,7 +111,8 @@ class FakeBackend : public GenerationBackend {
   std::atomic<int> submitted{0};
   std::atomic<int> active{0};
   std::atomic<int> cancellations{0};
-  std::vector<std::string> script;  // set before the requests that use it
+  std::vector<std::string> script;   // set before the requests that use it
+  std::vector<std::string> aliases;  // further served names (set before the server starts)
 
  private:
   void run(const CompletionRequest& request, TokenSink& sink) {
@@ -129,10 +162,13 @@ struct Reply {
   json json_body() const { return json::parse(body); }
 };
 
+using Headers = std::vector<std::pair<std::string, std::string>>;
+
 Reply send_on(tcp::socket& socket, http::verb verb, const std::string& target,
-              const std::string& body, bool keep_alive = false) {
+              const std::string& body, bool keep_alive = false, const Headers& headers = {}) {
   http::request<http::string_body> req{verb, target, 11};
   req.set(http::field::host, "127.0.0.1");
+  for (const auto& [name, value] : headers) req.set(name, value);
   req.keep_alive(keep_alive);
   if (!body.empty() || verb == http::verb::post) {
     req.set(http::field::content_type, "application/json");
@@ -143,6 +179,7 @@ Reply send_on(tcp::socket& socket, http::verb verb, const std::string& target,
   beast::flat_buffer buffer;
   http::response_parser<http::string_body> parser;
   parser.body_limit(boost::none);
+  parser.skip(verb == http::verb::head);  // a HEAD response has no body, whatever its length
   http::read(socket, buffer, parser);
   Reply reply;
   reply.status = parser.get().result_int();
@@ -153,12 +190,12 @@ Reply send_on(tcp::socket& socket, http::verb verb, const std::string& target,
   return reply;
 }
 
-Reply send(uint16_t port, http::verb verb, const std::string& target,
-           const std::string& body = "") {
+Reply send(uint16_t port, http::verb verb, const std::string& target, const std::string& body = "",
+           const Headers& headers = {}) {
   net::io_context ioc;
   tcp::socket socket(ioc);
   socket.connect({net::ip::make_address("127.0.0.1"), port});
-  return send_on(socket, verb, target, body);
+  return send_on(socket, verb, target, body, false, headers);
 }
 
 Reply post(uint16_t port, const std::string& target, const json& body) {
@@ -1219,6 +1256,312 @@ TEST_F(HttpTest, SignalDrainsAndReturns) {
   waiter.join();
   EXPECT_TRUE(returned.load());
   EXPECT_EQ(server->in_flight(), 0);
+}
+
+// --- API keys, request ids, system_fingerprint, the small endpoints (issue 14) ---
+
+const std::string kKey = "sk-keel-test-123";
+
+Headers bearer(const std::string& key) {
+  return {{"Authorization", "Bearer " + key}};
+}
+
+void expect_unauthorized(const Reply& reply, const std::string& what) {
+  EXPECT_EQ(reply.status, 401) << what << ": " << reply.body;
+  EXPECT_EQ(reply.headers.at("WWW-Authenticate"), "Bearer") << what;
+  json body = json::parse(reply.body, nullptr, false);
+  ASSERT_TRUE(body.contains("error")) << what << ": " << reply.body;
+  EXPECT_EQ(body["error"]["code"], "invalid_api_key") << what;
+  EXPECT_EQ(body["error"]["type"], "invalid_request_error") << what;
+}
+
+TEST_F(HttpTest, ApiKeyGuardsEveryEndpointButTheProbes) {
+  std::atomic<int> extra_calls{0};
+  HttpServerConfig config;
+  config.auth = {kKey, ApiKeyScope::kApi};
+  config.metrics = [] { return std::string("keel_up 1\n"); };
+  config.extra_routes = [&](const std::string&, const std::string&, const std::string&,
+                            const std::string&) -> std::optional<HttpServerConfig::ExtraResponse> {
+    ++extra_calls;
+    return HttpServerConfig::ExtraResponse{200, "{}", "application/json"};
+  };
+  restart(config);
+  const std::string completion = json{{"prompt", "hi"}, {"max_tokens", 2}}.dump();
+  const std::vector<std::pair<http::verb, std::string>> guarded = {
+      {http::verb::post, "/v1/completions"},    {http::verb::post, "/v1/chat/completions"},
+      {http::verb::get, "/v1/models"},          {http::verb::get, "/v1/models/fake-moe"},
+      {http::verb::post, "/tokenize"},          {http::verb::post, "/detokenize"},
+      {http::verb::post, "/v1/profile/stop"},   {http::verb::post, "/v1/profile/start"},
+      {http::verb::get, "/v1/telemetry/steps"}, {http::verb::get, "/no/such/endpoint"}};
+  const std::vector<std::pair<std::string, Headers>> wrong = {
+      {"no header", {}},
+      {"another key", bearer("sk-other")},
+      {"a prefix of the key", bearer(kKey.substr(0, kKey.size() - 1))},
+      {"the key and more", bearer(kKey + "4")},
+      {"not Bearer", {{"Authorization", "Basic " + kKey}}},
+      {"the key alone", {{"Authorization", kKey}}}};
+  for (const auto& [verb, target] : guarded)
+    for (const auto& [what, headers] : wrong)
+      expect_unauthorized(send(port, verb, target, completion, headers), target + ", " + what);
+  EXPECT_EQ(backend.submitted.load(), 0);
+  EXPECT_EQ(extra_calls.load(), 0) << "a profile or telemetry route ran without the key";
+  EXPECT_NE(json::parse(send(port, http::verb::get, "/v1/models").body)["error"]["message"]
+                .get<std::string>()
+                .find("Authorization: Bearer"),
+            std::string::npos);
+
+  EXPECT_EQ(send(port, http::verb::post, "/v1/completions", completion, bearer(kKey)).status, 200);
+  EXPECT_EQ(send(port, http::verb::get, "/v1/models", "", bearer(kKey)).status, 200);
+  // The scheme is case-insensitive (RFC 7235); the key is not.
+  EXPECT_EQ(
+      send(port, http::verb::get, "/v1/models", "", {{"Authorization", "bearer " + kKey}}).status,
+      200);
+  EXPECT_EQ(send(port, http::verb::post, "/v1/profile/start", "{}", bearer(kKey)).status, 200);
+  EXPECT_EQ(extra_calls.load(), 1);
+  EXPECT_EQ(backend.submitted.load(), 1);
+  // The probes stay open under the default scope.
+  for (const char* probe : {"/health", "/ping", "/version", "/metrics"})
+    EXPECT_EQ(send(port, http::verb::get, probe).status, 200) << probe;
+  EXPECT_EQ(send(port, http::verb::get, "/metrics").body, "keel_up 1\n");
+}
+
+TEST_F(HttpTest, ApiKeyScopeAllClosesTheProbesToo) {
+  HttpServerConfig config;
+  config.auth = {kKey, ApiKeyScope::kAll};
+  restart(config);
+  for (const char* probe : {"/health", "/ping", "/version", "/metrics"}) {
+    expect_unauthorized(send(port, http::verb::get, probe), probe);
+    EXPECT_EQ(send(port, http::verb::get, probe, "", bearer(kKey)).status, 200) << probe;
+  }
+}
+
+TEST(Auth, ConstantTimeCompareScopesAndTheOpenBindWarning) {
+  EXPECT_TRUE(constant_time_equal("abc", "abc"));
+  EXPECT_TRUE(constant_time_equal("", ""));
+  EXPECT_FALSE(constant_time_equal("abd", "abc"));
+  EXPECT_FALSE(constant_time_equal("ab", "abc"));
+  EXPECT_FALSE(constant_time_equal("abcd", "abc"));
+  EXPECT_FALSE(constant_time_equal("", "abc"));
+  EXPECT_FALSE(constant_time_equal(std::string("ab\0", 3), "ab"));
+  AuthConfig none;
+  EXPECT_FALSE(requires_api_key(none, "/v1/completions"));
+  AuthConfig api{"k", ApiKeyScope::kApi};
+  EXPECT_TRUE(requires_api_key(api, "/v1/completions"));
+  EXPECT_TRUE(requires_api_key(api, "/v1/../health"));  // deny by default: no path tricks
+  EXPECT_TRUE(requires_api_key(api, "/healthz"));
+  EXPECT_FALSE(requires_api_key(api, "/health"));
+  EXPECT_EQ(parse_api_key_scope("all", "x"), ApiKeyScope::kAll);
+  EXPECT_THROW(parse_api_key_scope("none", "--api-key-scope"), keel::Error);
+
+  for (const char* open : {"0.0.0.0", "::", "10.1.2.3", "192.168.0.7"}) {
+    auto warning = open_bind_warning(open, none);
+    ASSERT_TRUE(warning.has_value()) << open;
+    EXPECT_NE(warning->find("without an API key"), std::string::npos) << *warning;
+    EXPECT_NE(warning->find(open), std::string::npos) << *warning;
+    EXPECT_FALSE(open_bind_warning(open, api).has_value()) << open;
+  }
+  for (const char* loopback : {"127.0.0.1", "127.0.0.2", "::1"})
+    EXPECT_FALSE(open_bind_warning(loopback, none).has_value()) << loopback;
+}
+
+TEST_F(HttpTest, RequestIdIsEchoedOrGeneratedAndNamesTheRequest) {
+  const json completion = {{"prompt", "hi"}, {"max_tokens", 2}};
+  Reply given = send(port, http::verb::post, "/v1/completions", completion.dump(),
+                     {{"x-request-id", "trace-42"}});
+  ASSERT_EQ(given.status, 200) << given.body;
+  EXPECT_EQ(given.headers["x-request-id"], "trace-42");
+  EXPECT_EQ(given.json_body()["id"], "cmpl-trace-42");  // vLLM's shape of the response id
+  EXPECT_EQ(backend.last_request().request_id, "trace-42");
+
+  Reply generated = post(port, "/v1/completions", completion);
+  ASSERT_EQ(generated.status, 200);
+  const std::string id = generated.json_body()["id"];
+  EXPECT_EQ(id.rfind("cmpl-", 0), 0u);
+  EXPECT_EQ(generated.headers["x-request-id"], id);
+  EXPECT_EQ(backend.last_request().request_id, id);
+
+  // Choices of one request: the id with -i, as without the header.
+  json two = completion;
+  two["n"] = 2;
+  const size_t seen = backend.requests_seen().size();
+  Reply batch = send(port, http::verb::post, "/v1/chat/completions",
+                     json{{"messages", {{{"role", "user"}, {"content", "hi"}}}},
+                          {"max_tokens", 2},
+                          {"n", 2},
+                          {"stream", true}}
+                         .dump(),
+                     {{"x-request-id", "trace-7"}});
+  ASSERT_EQ(batch.status, 200);
+  EXPECT_EQ(batch.headers["x-request-id"], "trace-7");
+  std::set<std::string> ids;
+  for (size_t i = seen; i < backend.requests_seen().size(); ++i)
+    ids.insert(backend.requests_seen()[i].request_id);
+  EXPECT_EQ(ids, (std::set<std::string>{"trace-7-0", "trace-7-1"}));
+
+  // Every other response carries one too, errors included.
+  EXPECT_EQ(send(port, http::verb::get, "/v1/models", "", {{"x-request-id", "m-1"}})
+                .headers["x-request-id"],
+            "m-1");
+  EXPECT_EQ(send(port, http::verb::get, "/v1/models").headers["x-request-id"].rfind("req-", 0), 0u);
+  json wrong_model = completion;
+  wrong_model["model"] = "nope";
+  EXPECT_EQ(
+      send(port, http::verb::post, "/v1/completions", wrong_model.dump(), {{"x-request-id", "e-1"}})
+          .headers["x-request-id"],
+      "e-1");
+  // An id that could not be logged or stored safely is refused.
+  expect_error(send(port, http::verb::post, "/v1/completions", completion.dump(),
+                    {{"x-request-id", std::string(257, 'a')}}),
+               400, "x-request-id");
+  expect_error(send(port, http::verb::post, "/v1/completions", completion.dump(),
+                    {{"x-request-id", "two words"}}),
+               400, "x-request-id");
+}
+
+TEST_F(HttpTest, SystemFingerprintInEveryResponseAndChunk) {
+  const json chat = {{"messages", {{{"role", "user"}, {"content", "hi"}}}}, {"max_tokens", 3}};
+  EXPECT_TRUE(post(port, "/v1/chat/completions", chat).json_body().contains("system_fingerprint"));
+  EXPECT_TRUE(post(port, "/v1/chat/completions", chat).json_body()["system_fingerprint"].is_null());
+  HttpServerConfig config;
+  config.system_fingerprint = "keel1;rev=abc;det=batch_invariant";
+  restart(config);
+  EXPECT_EQ(post(port, "/v1/chat/completions", chat).json_body()["system_fingerprint"],
+            config.system_fingerprint);
+  EXPECT_EQ(post(port, "/v1/completions", {{"prompt", "x"}, {"max_tokens", 2}})
+                .json_body()["system_fingerprint"],
+            config.system_fingerprint);
+  for (const char* endpoint : {"/v1/completions", "/v1/chat/completions"}) {
+    json body = std::string(endpoint) == "/v1/completions"
+                    ? json{{"prompt", "x"}, {"max_tokens", 3}}
+                    : chat;
+    body["stream"] = true;
+    body["stream_options"] = {{"include_usage", true}};
+    Reply stream = post(port, endpoint, body);
+    ASSERT_EQ(stream.status, 200);
+    std::vector<std::string> events = sse_payloads(stream.body);
+    ASSERT_GE(events.size(), 5u) << stream.body;  // (role), 3 tokens, finish, usage, [DONE]
+    for (const std::string& event : events) {
+      if (event == "[DONE]") continue;
+      EXPECT_EQ(json::parse(event)["system_fingerprint"], config.system_fingerprint) << event;
+    }
+  }
+}
+
+TEST_F(HttpTest, ModelsAreAddressableByEveryServedName) {
+  backend.aliases = {"alias-b", "/models/fake-moe"};
+  restart({});
+  Reply list = send(port, http::verb::get, "/v1/models");
+  ASSERT_EQ(list.status, 200);
+  std::vector<std::string> ids;
+  const json cards = list.json_body()["data"];
+  for (const json& card : cards) {
+    ids.push_back(card["id"]);
+    EXPECT_EQ(card["object"], "model");
+    EXPECT_EQ(card["root"], "/models/fake-moe");
+    EXPECT_EQ(card["max_model_len"], 4096);
+  }
+  EXPECT_EQ(ids, (std::vector<std::string>{"fake-moe", "alias-b", "/models/fake-moe"}));
+  for (const char* target : {"/v1/models/fake-moe", "/v1/models/alias-b",
+                             "/v1/models//models/fake-moe", "/v1/models/%2Fmodels%2Ffake-moe"}) {
+    Reply card = send(port, http::verb::get, target);
+    ASSERT_EQ(card.status, 200) << target << ": " << card.body;
+    EXPECT_EQ(card.json_body()["object"], "model");
+  }
+  EXPECT_EQ(send(port, http::verb::get, "/v1/models/%2Fmodels%2Ffake-moe").json_body()["id"],
+            "/models/fake-moe");
+  Reply missing = send(port, http::verb::get, "/v1/models/nope");
+  expect_error(missing, 404, "nope");
+  EXPECT_EQ(missing.json_body()["error"]["code"], "model_not_found");
+  expect_error(send(port, http::verb::post, "/v1/models/alias-b", "{}"), 405, "POST");
+  for (const char* name : {"fake-moe", "alias-b", "/models/fake-moe"}) {
+    Reply reply =
+        post(port, "/v1/completions", {{"model", name}, {"prompt", "x"}, {"max_tokens", 1}});
+    ASSERT_EQ(reply.status, 200) << name << ": " << reply.body;
+    EXPECT_EQ(reply.json_body()["model"], "fake-moe");  // responses report the first name
+  }
+  Reply unknown = post(port, "/v1/completions", {{"model", "c"}, {"prompt", "x"}});
+  expect_error(unknown, 404, "'alias-b'");
+}
+
+TEST_F(HttpTest, TokenizeAndDetokenizeInVllmShapes) {
+  Reply plain = post(port, "/tokenize", {{"prompt", "hi"}});
+  ASSERT_EQ(plain.status, 200) << plain.body;
+  EXPECT_EQ(plain.json_body(), (json{{"count", 3},
+                                     {"max_model_len", 4096},
+                                     {"tokens", {1000, 104, 105}},
+                                     {"token_strs", nullptr}}));
+  Reply strs = post(port, "/tokenize",
+                    {{"model", "fake-moe"},
+                     {"prompt", "hi"},
+                     {"add_special_tokens", false},
+                     {"return_token_strs", true}});
+  ASSERT_EQ(strs.status, 200) << strs.body;
+  EXPECT_EQ(strs.json_body()["tokens"], json({104, 105}));
+  EXPECT_EQ(strs.json_body()["token_strs"], json({"h", "i"}));
+  // A chat: the prompt /v1/chat/completions would render, without added special tokens.
+  const json messages = {{{"role", "user"}, {"content", "hi"}}};
+  Reply chat = post(port, "/tokenize", {{"messages", messages}});
+  ASSERT_EQ(chat.status, 200) << chat.body;
+  std::vector<int32_t> expected;
+  ChatMessage user_hi;
+  user_hi.role = "user";
+  user_hi.content = "hi";
+  for (unsigned char c : render_chatml({user_hi})) expected.push_back(c);
+  EXPECT_EQ(chat.json_body()["tokens"], json(expected));
+  EXPECT_EQ(chat.json_body()["count"], expected.size());
+
+  expect_error(post(port, "/tokenize", {{"messages", messages}, {"add_generation_prompt", false}}),
+               400, "add_generation_prompt");
+  expect_error(post(port, "/tokenize", {{"messages", messages}, {"tools", json::array({1})}}), 400,
+               "tools");
+  expect_error(post(port, "/tokenize", {{"prompt", "x"}, {"messages", messages}}), 400, "either");
+  expect_error(post(port, "/tokenize", json::object()), 400, "either");
+  expect_error(post(port, "/tokenize", {{"prompt", 5}}), 400, "prompt");
+  expect_error(post(port, "/tokenize", {{"prompt", "x"}, {"bogus", 1}}), 400, "bogus");
+  expect_error(post(port, "/tokenize", {{"prompt", "x"}, {"return_token_strs", "yes"}}), 400,
+               "return_token_strs");
+  expect_error(post(port, "/tokenize", {{"prompt", "x"}, {"model", "nope"}}), 404, "nope");
+  expect_error(send(port, http::verb::post, "/tokenize", "{\"prompt\""), 400, "JSON");
+  expect_error(send(port, http::verb::get, "/tokenize"), 405, "GET");
+
+  Reply text = post(port, "/detokenize", {{"tokens", {104, 105}}});
+  ASSERT_EQ(text.status, 200) << text.body;
+  EXPECT_EQ(text.json_body(), (json{{"prompt", "hi"}}));
+  expect_error(post(port, "/detokenize", {{"tokens", {300}}}), 400, "out of range");
+  expect_error(post(port, "/detokenize", {{"tokens", "hi"}}), 400, "tokens");
+  expect_error(post(port, "/detokenize", {{"tokens", {-1}}}), 400, "tokens");
+  expect_error(post(port, "/detokenize", {{"tokens", {1.5}}}), 400, "tokens");
+  expect_error(post(port, "/detokenize", {{"tokens", {1}}, {"prompt", "x"}}), 400, "prompt");
+}
+
+TEST_F(HttpTest, HeadHealthPingAndVersion) {
+  const Reply get = send(port, http::verb::get, "/health");
+  ASSERT_EQ(get.status, 200);
+  // HEAD, twice on one connection: a body sent after the first would break the second.
+  net::io_context ioc;
+  tcp::socket socket(ioc);
+  socket.connect({net::ip::make_address("127.0.0.1"), port});
+  for (int round = 0; round < 2; ++round) {
+    Reply head = send_on(socket, http::verb::head, "/health", "", /*keep_alive=*/true);
+    EXPECT_EQ(head.status, 200);
+    EXPECT_EQ(head.body, "");
+    EXPECT_EQ(head.headers["Content-Length"], std::to_string(get.body.size()));
+  }
+  // Refused methods on HEAD get no body either.
+  EXPECT_EQ(send_on(socket, http::verb::head, "/v1/completions", "", true).status, 405);
+  EXPECT_EQ(send_on(socket, http::verb::get, "/health", "", true).body, get.body);
+  backend.healthy = false;
+  EXPECT_EQ(send_on(socket, http::verb::head, "/health", "", true).status, 503);
+  EXPECT_EQ(send(port, http::verb::get, "/ping").status, 503);
+  backend.healthy = true;
+
+  EXPECT_EQ(send(port, http::verb::get, "/ping").status, 200);
+  EXPECT_EQ(send(port, http::verb::post, "/ping").status, 200);
+  expect_error(send(port, http::verb::delete_, "/ping"), 405, "DELETE");
+  Reply version = send(port, http::verb::get, "/version");
+  ASSERT_EQ(version.status, 200);
+  EXPECT_EQ(version.json_body()["version"], std::string(keel::build_revision()));
+  EXPECT_FALSE(std::string(keel::build_revision()).empty());
 }
 
 }  // namespace

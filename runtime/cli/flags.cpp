@@ -201,9 +201,20 @@ void FlagSet::add_positionals(std::vector<std::string>* target, std::string meta
   positional_metavar_ = std::move(metavar);
 }
 
+void FlagSet::add_alias(std::string alias, std::string_view flag_name) {
+  Flag* flag = find(flag_name);
+  if (flag == nullptr || !starts_with_dashes(alias) || find(alias) != nullptr)
+    throw std::logic_error("alias '" + alias + "' of '" + std::string(flag_name) +
+                           "': no such flag, no leading --, or the name is taken");
+  flag->aliases_.push_back(std::move(alias));
+}
+
 Flag* FlagSet::find(std::string_view name) const {
-  for (const auto& flag : flags_)
+  for (const auto& flag : flags_) {
     if (flag->name_ == name) return flag.get();
+    for (const std::string& alias : flag->aliases_)
+      if (alias == name) return flag.get();
+  }
   return nullptr;
 }
 
@@ -302,6 +313,7 @@ std::string FlagSet::help() const {
   size_t width = 0;
   for (const auto& flag : flags_) {
     std::string head = "  " + flag->name_;
+    for (const std::string& alias : flag->aliases_) head += ", " + alias;
     if (!flag->metavar_.empty()) head += " " + flag->metavar_;
     if (flag->kind_ == Flag::Kind::kWords) head += " ...";
     width = std::max(width, head.size());

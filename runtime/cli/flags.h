@@ -9,7 +9,7 @@
 // (unknown flag, missing value, non-numeric or out-of-range number, bad choice, missing
 // required flag); each command maps it to the exit status it has always used for usage errors.
 // Later occurrences of a single-valued flag replace earlier ones; repeated and word flags
-// collect every occurrence.
+// collect every occurrence. A flag may have aliases (add_alias), each the same flag.
 #pragma once
 
 #include <cstdint>
@@ -61,6 +61,7 @@ class Flag {
   enum class Kind { kValue, kSwitch, kWords, kRepeated };
 
   std::string name_;
+  std::vector<std::string> aliases_;
   std::string metavar_;
   std::string help_;
   std::string default_text_;
@@ -110,6 +111,9 @@ class FlagSet {
                   std::string help);
   // Words that are not flags; without this a stray word is an error.
   void add_positionals(std::vector<std::string>* target, std::string metavar);
+  // Another name for the registered flag `flag_name` (vLLM's --tp for --tensor-parallel-size):
+  // parse() and given() take either name, --help lists both on the flag's line.
+  void add_alias(std::string alias, std::string_view flag_name);
 
   template <typename T>
   Flag& add_int(std::string name, T* target, std::string metavar, std::string help) {

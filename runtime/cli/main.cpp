@@ -32,16 +32,20 @@
 #include "runtime/cli/flags.h"
 #include "runtime/cli/plan_cmd.h"
 #include "runtime/cli/routes_cmd.h"
+#include "runtime/cli/serve_flags.h"
 #include "runtime/cli/simulate_cmd.h"
+#include "runtime/common/build_info.h"
 #include "runtime/common/logging.h"
 #include "runtime/engine/deployment.h"
 #include "runtime/engine/engine.h"
 #include "runtime/model/gen_model.h"
+#include "runtime/model/weights_digest.h"
 #include "runtime/server/http_server.h"
 #include "runtime/serving/calibrate.h"
 #include "runtime/serving/replay.h"
 #include "runtime/serving/serve_config.h"
 #include "runtime/serving/serving_engine.h"
+#include "runtime/serving/system_fingerprint.h"
 #include "runtime/telemetry/trace.h"
 #include "runtime/tools/loadgen/loadgen.h"
 
@@ -52,6 +56,8 @@ using keel::throw_error;
 constexpr const char* kUsage = R"(keel: tensor-parallel MoE inference with reproducible routing
 
 usage:
+  keel --version
+      The build's git revision (12-digit commit, "-dirty" for uncommitted changes).
   keel gen-model --preset NAME --out DIR [--seed N] [--max-shard-mb M] [--quant FORMAT]
       Write a synthetic checkpoint (HF config.json + safetensors) from configs/models/NAME.yaml.
   keel generate --model DIR [--config deployment.yaml] [--tp 1|2|4] [--threads N]
@@ -67,10 +73,15 @@ usage:
       without a CUDA device it exits with an error saying why.
       --batch-with N batches the prompt with N synthetic prompts (the prompt goes last);
       tokens and the digest are the prompt's own.
-  keel serve --config configs/serve/NAME.yaml [--host H] [--port P] [--model DIR] [--threads N]
-             [--placement-file FILE] [--metrics-names keel|vllm] [--verbose]
+  keel serve MODEL_DIR [--tp N] [--served-model-name NAME ...] [--max-model-len N]
+             [--max-num-seqs N] [--max-num-batched-tokens N] [--block-size N]
+             [--kv-cache-dtype D] [--api-key KEY] [--host H] [--port P] [--seed N]
+             [--determinism batch_invariant|fast] [--placement P] [--reduce R]
+             [--metrics-names keel|vllm] [--api-key-scope api|all]
+  keel serve --config configs/serve/NAME.yaml [MODEL_DIR] [flags] (see keel serve --help)
       OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models,
-      /health, /metrics) with continuous batching over a paged KV cache. Prints
+      /tokenize, /detokenize, /version, /health, /ping, /metrics) with continuous batching
+      over a paged KV cache; vLLM's flag names, flags over the config file's keys. Prints
       "keel serve: listening on http://HOST:PORT ..." once ready (--port 0: any free port).
       SIGTERM/SIGINT: stop accepting, finish in-flight requests (drain_timeout_s), exit 0.
       Under mpirun (mpirun -np 4 keel serve --config F) rank 0 serves HTTP and leads the steps.
@@ -450,45 +461,14 @@ int run_generate(const Flags& flags, keel::Deployment& deployment) {
 int run_serve(keel::ServeConfig& config);
 
 int serve(int argc, char** argv) {
-  Flags flags(argc, argv, 2, "keel serve",
-              "usage: keel serve --config configs/serve/NAME.yaml [flags]\n"
-              "OpenAI-compatible HTTP server with continuous batching over a paged KV cache.\n",
-              {{"--config", Kind::kText, "FILE", "serve config (configs/serve/)"},
-               {"--host", Kind::kText, "H", "listen address (config: host)"},
-               {"--port", Kind::kInteger, "P", "listen port, 0 = any free (config: port)"},
-               {"--model", Kind::kText, "DIR", "checkpoint (config: model)"},
-               {"--threads", Kind::kInteger, "N", "cpu threads per rank (config: threads)"},
-               {"--placement-file", Kind::kText, "FILE",
-                "explicit expert placement YAML (config: placement_file)"},
-               {"--kv-cache-dtype", Kind::kText, "auto|fp32|bf16|fp8_e4m3",
-                "KV cache storage (config: kv_cache_dtype)"},
-               {"--nvfp4-activations", Kind::kText, "fp32|w4a4",
-                "NVFP4 activations (config: nvfp4_activations)"},
-               {"--metrics-names", Kind::kText, "keel|vllm",
-                "request metrics also under vLLM's names (config: metrics_names)"},
-               {"--verbose", Kind::kSwitch, "", "debug logging"}});
-  keel::init_logging(flags.has("--verbose"));
-  if (!flags.has("--config")) throw_error("serve needs --config FILE (see configs/serve/)");
-  keel::ServeConfig config = keel::load_serve_config(flags.get("--config"));
-  if (flags.has("--metrics-names"))
-    config.metrics_names =
-        keel::parse_metric_names(flags.get("--metrics-names"), "--metrics-names");
-  if (flags.has("--model")) config.model_dir = flags.get("--model");
-  config.engine.threads_per_rank = threads_flag(flags, config.engine.threads_per_rank);
-  if (flags.has("--placement-file"))
-    config.engine.placement = keel::load_placement_file(flags.get("--placement-file"));
-  if (flags.has("--kv-cache-dtype"))
-    config.engine.kv_cache_dtype =
-        keel::parse_kv_cache_dtype(flags.get("--kv-cache-dtype"), "--kv-cache-dtype");
-  if (flags.has("--nvfp4-activations"))
-    config.engine.nvfp4_activations =
-        keel::parse_nvfp4_activations(flags.get("--nvfp4-activations"), "--nvfp4-activations");
-  if (flags.has("--host")) config.host = flags.get("--host");
-  if (flags.has("--port")) {
-    int64_t port = flags.integer("--port", 0);
-    if (port < 0 || port > 65535) throw_error("--port must be in [0, 65535]");
-    config.port = static_cast<int>(port);
+  keel::ServeCommand command =
+      keel::parse_serve_command(argc, argv, 2, std::getenv("KEEL_API_KEY"));
+  if (command.help) {
+    std::cout << command.help_text;
+    return 0;
   }
+  keel::init_logging(command.verbose);
+  keel::ServeConfig& config = command.config;
   keel::EngineOptions& options = config.engine;
   if (options.device == keel::Device::kCuda) {
     std::string reason;
@@ -524,7 +504,12 @@ int run_serve(keel::ServeConfig& config) {
     return 0;
   }
   keel::ServingConfig serving_config;
-  serving_config.model_name = config.model_name;
+  // The first served name is the one responses report; the others and the path as given
+  // are accepted in requests too (as vLLM accepts its model path).
+  if (!config.model_names.empty()) serving_config.model_name = config.model_names.front();
+  serving_config.model_aliases.assign(config.model_names.begin() + !config.model_names.empty(),
+                                      config.model_names.end());
+  if (!config.model_given.empty()) serving_config.model_aliases.push_back(config.model_given);
   serving_config.max_model_len = config.max_model_len;
   serving_config.scheduler.num_kv_blocks = static_cast<int32_t>(serve_options.num_kv_blocks);
   serving_config.scheduler.block_size = static_cast<int32_t>(config.block_size);
@@ -545,7 +530,7 @@ int run_serve(keel::ServeConfig& config) {
     }
   }
   serving_config.max_waiting = config.max_waiting;
-  serving_config.seed_base = std::random_device{}();
+  serving_config.seed_base = config.seed.value_or(std::random_device{}());
   serving_config.telemetry = config.telemetry;
   serving_config.telemetry_options.near_tie_epsilon = config.near_tie_epsilon;
   serving_config.telemetry_options.dump_dir = config.telemetry_dump_dir;
@@ -573,7 +558,7 @@ int run_serve(keel::ServeConfig& config) {
     header.nvfp4_activations =
         std::string(keel::nvfp4_activations_name(config.engine.nvfp4_activations));
     header.kv_cache_dtype = std::string(keel::kv_cache_dtype_name(engine.kv_dtype()));
-    header.git_revision = KEEL_GIT_REVISION;
+    header.git_revision = std::string(keel::build_revision());
   }
   keel::ServingEngine serving(engine, config.model_dir, serving_config);
 
@@ -584,6 +569,21 @@ int run_serve(keel::ServeConfig& config) {
   http_config.max_body_bytes = static_cast<size_t>(config.max_body_kb) * 1024;
   http_config.chat_template = serving.chat_template();
   http_config.chat_capabilities = serving.chat_capabilities();
+  http_config.auth = {config.api_key, config.api_key_scope};
+  keel::FingerprintInputs fingerprint;
+  fingerprint.build_revision = std::string(keel::build_revision());
+  fingerprint.determinism = config.determinism;
+  fingerprint.reduce = config.engine.reduce;
+  fingerprint.tp_size = engine.tp_size();
+  fingerprint.placement = config.engine.placement;
+  fingerprint.combine = config.engine.combine;
+  fingerprint.kv_cache_dtype = std::string(keel::kv_cache_dtype_name(engine.kv_dtype()));
+  fingerprint.nvfp4_activations = config.engine.nvfp4_activations;
+  fingerprint.backend = config.engine.device;
+  fingerprint.weights_digest = keel::checkpoint_digest(config.model_dir);
+  http_config.system_fingerprint = keel::system_fingerprint(fingerprint);
+  if (auto warning = keel::server::open_bind_warning(config.host, http_config.auth))
+    std::fprintf(stderr, "keel serve: warning: %s\n", warning->c_str());
   const std::string model_name = serving.model_name();
   http_config.metrics = [&serving] { return serving.prometheus(); };
   http_config.extra_routes = [&serving](const std::string& method, const std::string& path,
@@ -593,6 +593,7 @@ int run_serve(keel::ServeConfig& config) {
   keel::server::HttpServer http(http_config, serving);
   http.start();
   http.catch_signals();
+  std::printf("keel serve: system_fingerprint %s\n", http_config.system_fingerprint.c_str());
   std::printf(
       "keel serve: listening on http://%s:%u (pid %d, model %s, tp %d, %s ranks, determinism %s, "
       "%lld KV blocks of %lld per rank, kv_cache_dtype %s)\n",
@@ -858,6 +859,10 @@ int main(int argc, char** argv) {
     if (command == "routes" && argc > 2 && std::string(argv[2]) == "replay")
       return routes_replay(argc, argv);
     if (command == "routes") return keel::routes_command(argc, argv);
+    if (command == "--version" || command == "version") {
+      std::cout << "keel " << keel::build_revision() << "\n";
+      return 0;
+    }
     if (command == "--help" || command == "-h" || command == "help") {
       std::cout << kUsage;
       return 0;

@@ -204,10 +204,34 @@ struct BackendHealth {
   std::string detail;  // shown in /health and in 503 bodies
 };
 
+// POST /tokenize's answer from the backend: the ids and each id's token string as the
+// vocabulary stores it (vLLM's token_strs, e.g. "Ġthe" for a byte-level BPE).
+struct Tokenized {
+  std::vector<int32_t> ids;
+  std::vector<std::string> token_strs;
+};
+
 class GenerationBackend {
  public:
   virtual ~GenerationBackend() = default;
   virtual std::string model_name() const = 0;
+  // Every name a request's "model" may carry; the first is model_name(), the one responses
+  // report. Default: model_name() alone.
+  virtual std::vector<std::string> served_model_names() const { return {model_name()}; }
+  // Where the model was loaded from (GET /v1/models "root"); empty when it was not.
+  virtual std::string model_root() const { return ""; }
+  // POST /tokenize and POST /detokenize. A backend without a tokenizer keeps these defaults,
+  // which refuse with 501.
+  virtual std::optional<RequestError> tokenize(const std::string& text, bool add_special_tokens,
+                                               Tokenized& out) {
+    (void)text, (void)add_special_tokens, (void)out;
+    return RequestError{501, "this backend has no tokenizer", "server_error", "", ""};
+  }
+  virtual std::optional<RequestError> detokenize(const std::vector<int32_t>& ids,
+                                                 std::string& text) {
+    (void)ids, (void)text;
+    return RequestError{501, "this backend has no tokenizer", "server_error", "", ""};
+  }
   virtual int max_context() const = 0;
   // Queue the request. Returns false (without touching the sink) when the queue is full;
   // the server answers 429 with Retry-After. Must not block on generation.

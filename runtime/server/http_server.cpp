@@ -21,6 +21,7 @@
 
 #include "kernels/base/check.h"
 #include "runtime/server/chat_output.h"
+#include "runtime/server/info_routes.h"
 
 namespace keel::server {
 namespace {
@@ -47,6 +48,15 @@ std::string make_chunk(const std::string& payload) {
   char size[32];
   std::snprintf(size, sizeof(size), "%zx\r\n", payload.size());
   return size + payload + "\r\n";
+}
+
+// A client's x-request-id becomes the request's id in telemetry, routing records and logs:
+// 1..256 visible ASCII characters, so it is safe in every one of them.
+bool valid_request_id(std::string_view id) {
+  if (id.empty() || id.size() > 256) return false;
+  for (char c : id)
+    if (c < '!' || c > '~') return false;
+  return true;
 }
 
 RequestError make_error(int status, std::string message, std::string type, std::string code = "") {
@@ -316,6 +326,7 @@ class Session : public std::enable_shared_from_this<Session> {
                  {"object", is_chat() ? "chat.completion" : "text_completion"},
                  {"created", created_},
                  {"model", model_},
+                 {"system_fingerprint", system_fingerprint()},
                  {"choices", std::move(choices)},
                  {"usage", usage_json}};
     if (is_chat() && request_.prompt_logprobs)
@@ -342,6 +353,9 @@ class Session : public std::enable_shared_from_this<Session> {
       return;
     }
     state_ = State::kReading;
+    head_request_ = false;  // a request's own: errors before the next one is read carry none
+    client_request_id_.clear();
+    response_request_id_.clear();
     parser_.emplace();
     parser_->body_limit(server_.config.max_body_bytes);
     stream_.expires_after(server_.config.request_timeout);
@@ -398,9 +412,13 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void handle_request() {
     http::request<http::string_body> req = parser_->release();
+    const std::string method(req.method_string());
     parser_.reset();
     version_ = req.version();
     keep_alive_ = req.keep_alive() && server_.accepting.load();
+    head_request_ = req.method() == http::verb::head;  // answered without a body
+    client_request_id_ = std::string(req["x-request-id"]);
+    response_request_id_ = client_request_id_.empty() ? random_id("req-") : client_request_id_;
     std::string target(req.target());
     std::string query_string;
     if (auto query = target.find('?'); query != std::string::npos) {
@@ -409,31 +427,43 @@ class Session : public std::enable_shared_from_this<Session> {
     }
     while (target.size() > 1 && target.back() == '/') target.pop_back();
 
-    auto require = [&](http::verb verb) {
-      if (req.method() == verb) return true;
-      send_error(make_error(405,
-                            "method " + std::string(req.method_string()) + " not allowed on " +
-                                target + "; use " + std::string(http::to_string(verb)),
-                            "invalid_request_error", "method_not_allowed"),
-                 false, std::string(http::to_string(verb)));
+    auto require = [&](http::verb verb, http::verb also = http::verb::unknown) {
+      if (req.method() == verb || (also != http::verb::unknown && req.method() == also))
+        return true;
+      const std::string allowed(http::to_string(verb));
+      send_error(method_not_allowed(method, target, allowed), false, allowed);
       return false;
     };
+    if (!client_request_id_.empty() && !valid_request_id(client_request_id_)) {
+      response_request_id_ = random_id("req-");
+      send_error(make_error(400,
+                            "the x-request-id header must be 1 to 256 visible ASCII characters",
+                            "invalid_request_error"));
+      return;
+    }
+    if (auto denied = check_api_key(server_.config.auth, target,
+                                    std::string(req[http::field::authorization]))) {
+      send_error(*denied);
+      return;
+    }
 
     try {
       if (target == "/v1/completions" || target == "/v1/chat/completions") {
         if (!require(http::verb::post)) return;
         start_generation(req.body(), target == "/v1/completions" ? Endpoint::kCompletions
                                                                  : Endpoint::kChatCompletions);
-      } else if (target == "/v1/models") {
-        if (!require(http::verb::get)) return;
-        json model = {{"id", server_.backend.model_name()},
-                      {"object", "model"},
-                      {"created", static_cast<int64_t>(std::time(nullptr))},
-                      {"owned_by", "keel"},
-                      {"max_model_len", server_.backend.max_context()}};
-        send(http::status::ok, dump(json{{"object", "list"}, {"data", json::array({model})}}));
-      } else if (target == "/health") {
-        if (!require(http::verb::get)) return;
+      } else if (auto info = serve_info_route(method, target, req.body(), server_.backend,
+                                              server_.config.chat_template)) {
+        if (info->error) {
+          send_error(*info->error, false, info->allow);
+        } else {
+          send(static_cast<http::status>(info->status), std::move(info->body));
+        }
+      } else if (target == "/health" || target == "/ping") {
+        // HEAD for load balancers; /ping (vLLM's, for SageMaker) also takes POST.
+        if (!head_request_ &&
+            !require(http::verb::get, target == "/ping" ? http::verb::post : http::verb::head))
+          return;
         BackendHealth health = server_.backend.health();
         if (!health.healthy) {
           send_error(make_error(503, "backend unhealthy: " + health.detail, "server_error",
@@ -487,15 +517,8 @@ class Session : public std::enable_shared_from_this<Session> {
       return;
     }
     model_ = server_.backend.model_name();
-    if (!request.model.empty() && request.model != model_) {
-      RequestError error = make_error(404,
-                                      "model '" + request.model +
-                                          "' does not exist; this server "
-                                          "serves '" +
-                                          model_ + "'",
-                                      "invalid_request_error", "model_not_found");
-      error.param = "model";
-      send_error(error);
+    if (!serves_model(server_.backend, request.model)) {
+      send_error(model_not_found(server_.backend, request.model));
       return;
     }
     if (endpoint == Endpoint::kChatCompletions) {
@@ -520,7 +543,14 @@ class Session : public std::enable_shared_from_this<Session> {
     } else {
       output_options_ = ChatOutputOptions{};
     }
-    completion_id_ = random_id(endpoint == Endpoint::kChatCompletions ? "chatcmpl-" : "cmpl-");
+    // With the client's x-request-id, the response id is it with the endpoint's prefix (as vLLM
+    // does) and telemetry names the request by it exactly.
+    const char* id_prefix = endpoint == Endpoint::kChatCompletions ? "chatcmpl-" : "cmpl-";
+    completion_id_ =
+        client_request_id_.empty() ? random_id(id_prefix) : id_prefix + client_request_id_;
+    const std::string base_request_id =
+        client_request_id_.empty() ? completion_id_ : client_request_id_;
+    response_request_id_ = base_request_id;
     // One request per prompt (a batch has several); each carries every field but its prompt.
     std::vector<PromptInput> more_prompts = std::move(request.more_prompts);
     request.more_prompts.clear();
@@ -561,7 +591,7 @@ class Session : public std::enable_shared_from_this<Session> {
       // A batch's choices have ids of their own (telemetry, routing records) under the
       // response's id.
       requests[index].request_id =
-          requests.size() == 1 ? completion_id_ : completion_id_ + "-" + std::to_string(index);
+          requests.size() == 1 ? base_request_id : base_request_id + "-" + std::to_string(index);
     }
     request_ = requests.front();
     request_.n = static_cast<int>(num_samples);
@@ -613,6 +643,7 @@ class Session : public std::enable_shared_from_this<Session> {
       if (version_ < 11) keep_alive_ = false;
       enqueue(std::string(version_ >= 11 ? "HTTP/1.1" : "HTTP/1.0") +
               " 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n" +
+              "x-request-id: " + response_request_id_ + "\r\n" +
               (version_ >= 11 ? "Transfer-Encoding: chunked\r\n" : "") +
               (keep_alive_ ? "Connection: keep-alive\r\n" : "Connection: close\r\n") + "\r\n");
       if (is_chat()) {
@@ -780,7 +811,13 @@ class Session : public std::enable_shared_from_this<Session> {
                 {"object", is_chat() ? "chat.completion.chunk" : "text_completion"},
                 {"created", created_},
                 {"model", model_},
+                {"system_fingerprint", system_fingerprint()},
                 {"choices", std::move(choices)}};
+  }
+
+  json system_fingerprint() const {
+    const std::string& fingerprint = server_.config.system_fingerprint;
+    return fingerprint.empty() ? json(nullptr) : json(fingerprint);
   }
 
   json initial_logprobs() const {
@@ -875,6 +912,7 @@ class Session : public std::enable_shared_from_this<Session> {
                            std::to_string(server_.config.retry_after_seconds));
     }
     if (!allow.empty()) headers.emplace_back(http::field::allow, allow);
+    if (error.status == 401) headers.emplace_back(http::field::www_authenticate, "Bearer");
     send(static_cast<http::status>(error.status), dump(error_body(error)), "application/json",
          headers);
   }
@@ -886,9 +924,17 @@ class Session : public std::enable_shared_from_this<Session> {
     res.set(http::field::server, "keel");
     res.set(http::field::content_type, content_type);
     for (const auto& [field, value] : headers) res.set(field, value);
+    res.set("x-request-id",
+            response_request_id_.empty() ? random_id("req-") : response_request_id_);
     res.keep_alive(keep_alive_ && server_.accepting.load());
     res.body() = std::move(body);
     res.prepare_payload();
+    if (head_request_) {
+      // HEAD: the headers GET would send (Content-Length included), no body.
+      const size_t length = res.body().size();
+      res.body().clear();
+      res.content_length(length);
+    }
     std::ostringstream out;
     out << res;
     if (state_ == State::kReading) state_ = State::kWriting;
@@ -968,6 +1014,9 @@ class Session : public std::enable_shared_from_this<Session> {
   State state_ = State::kReading;
   unsigned version_ = 11;
   bool keep_alive_ = true;
+  bool head_request_ = false;
+  std::string client_request_id_;    // the request's x-request-id header ("" when absent)
+  std::string response_request_id_;  // what the response's x-request-id says
 
   std::deque<std::string> write_queue_;
   bool writing_ = false;

@@ -10,6 +10,9 @@
 //  - While a request generates, the session keeps a read pending on the socket: a client that
 //    disconnects is noticed even when nothing is being written, and the sink reports
 //    cancelled() so the backend frees the request's KV blocks.
+//  - Every response carries x-request-id: the client's (then also the request's id in
+//    telemetry and routing records) or a generated one. With an API key configured, requests
+//    without it get 401 before routing (auth.h).
 //  - Errors are OpenAI-shaped JSON ({"error": {message, type, param, code}}); nothing a client
 //    sends can throw past a handler, and every accepted request ends in a response or an error.
 //  - Shutdown: stop_accepting() closes the listener (new connections are refused) and idle
@@ -26,6 +29,7 @@
 #include <string>
 
 #include "runtime/server/api.h"
+#include "runtime/server/auth.h"
 
 namespace keel::server {
 
@@ -44,6 +48,10 @@ struct HttpServerConfig {
   // chat fields are accepted and how outputs are read into reasoning, content and tool calls.
   ChatCapabilities chat_capabilities;
   std::function<std::string()> metrics;  // GET /metrics body (Prometheus text); empty: ""
+  AuthConfig auth;                       // an API key: 401 without it (runtime/server/auth.h)
+  // "system_fingerprint" of every completion and chat response and stream chunk (empty: null);
+  // keel serve puts there what decides a response's bits (README, "system_fingerprint").
+  std::string system_fingerprint;
   // Further routes (telemetry, profiling): called for any target the server does not serve
   // itself, with the method, the path, the query string (after '?') and the body. nullopt:
   // 404. A thrown exception becomes a 500.

@@ -1,6 +1,7 @@
 #include "runtime/serving/serve_config.h"
 
 #include <filesystem>
+#include <limits>
 
 #include "runtime/common/yaml_util.h"
 #include "runtime/engine/deployment.h"
@@ -9,6 +10,24 @@ namespace keel {
 
 std::string_view determinism_name(Determinism determinism) {
   return determinism == Determinism::kBatchInvariant ? "batch_invariant" : "fast";
+}
+
+Determinism parse_determinism(std::string_view name, std::string_view what) {
+  if (name == "batch_invariant") return Determinism::kBatchInvariant;
+  if (name == "fast") return Determinism::kFast;
+  throw_error(what, " is '", name, "'; expected batch_invariant or fast");
+}
+
+void resolve_reduce(ServeConfig& config, const std::string& where) {
+  const comm::ReduceAlgo mode_default = config.determinism == Determinism::kBatchInvariant
+                                            ? comm::ReduceAlgo::kFixedOrder
+                                            : comm::ReduceAlgo::kNative;
+  config.engine.reduce = config.reduce.value_or(mode_default);
+  if (config.determinism == Determinism::kBatchInvariant &&
+      config.engine.reduce != comm::ReduceAlgo::kFixedOrder)
+    throw_error(where,
+                ": reduce 'native' contradicts determinism 'batch_invariant', whose promise "
+                "needs the fixed_order all-reduce (use determinism: fast for native)");
 }
 
 namespace {
@@ -24,7 +43,7 @@ T bounded(const YAML::Node& root, const std::string& key, const std::string& pat
 
 }  // namespace
 
-ServeConfig load_serve_config(const std::string& path) {
+ServeConfig load_serve_config(const std::string& path, ModelKey model_key) {
   YAML::Node root = load_yaml_mapping(path);
   reject_unknown_keys(root,
                       {"model",
@@ -35,6 +54,9 @@ ServeConfig load_serve_config(const std::string& path) {
                        "placement_file",
                        "combine",
                        "determinism",
+                       "reduce",
+                       "seed",
+                       "api_key_scope",
                        "backend",
                        "host",
                        "port",
@@ -63,14 +85,26 @@ ServeConfig load_serve_config(const std::string& path) {
                        "metrics_cache_s"},
                       path);
   ServeConfig config;
-  config.engine.collective_timeout_ms = 120000;
-  if (!root["model"]) throw_error(path, ": key 'model' is required (a checkpoint directory)");
-  config.model_dir = yaml_value<std::string>(root, "model", path);
-  if (std::filesystem::path(config.model_dir).is_relative())
-    config.model_dir = (std::filesystem::path(path).parent_path() / config.model_dir).string();
-  if (root["model_name"]) config.model_name = yaml_value<std::string>(root, "model_name", path);
+  if (!root["model"] && model_key == ModelKey::kRequired)
+    throw_error(path, ": key 'model' is required (a checkpoint directory)");
+  if (root["model"]) {
+    config.model_given = yaml_value<std::string>(root, "model", path);
+    config.model_dir = config.model_given;
+    if (std::filesystem::path(config.model_dir).is_relative())
+      config.model_dir = (std::filesystem::path(path).parent_path() / config.model_dir).string();
+  }
+  if (root["model_name"]) {
+    if (root["model_name"].IsSequence()) {
+      config.model_names = yaml_value<std::vector<std::string>>(root, "model_name", path);
+      if (config.model_names.empty()) throw_error(path, ": key 'model_name' is an empty list");
+    } else {
+      config.model_names = {yaml_value<std::string>(root, "model_name", path)};
+    }
+    for (const std::string& name : config.model_names)
+      if (name.empty()) throw_error(path, ": key 'model_name' has an empty name");
+  }
   if (root["tp"]) {
-    config.engine.tp_size = bounded<int>(root, "tp", path, 1, 8);
+    config.engine.tp_size = bounded<int>(root, "tp", path, 1, serve_limits::kMaxTp);
     config.tp_given = true;
   }
   try {
@@ -102,35 +136,40 @@ ServeConfig load_serve_config(const std::string& path) {
     if (file.is_relative()) file = std::filesystem::path(path).parent_path() / file;
     config.engine.placement = load_placement_file(file.string());
   }
-  if (root["determinism"]) {
-    const std::string name = yaml_value<std::string>(root, "determinism", path);
-    if (name == "batch_invariant") {
-      config.determinism = Determinism::kBatchInvariant;
-    } else if (name == "fast") {
-      config.determinism = Determinism::kFast;
-    } else {
-      throw_error(path, ": key 'determinism' is '", name, "'; expected batch_invariant or fast");
-    }
+  try {
+    if (root["determinism"])
+      config.determinism = parse_determinism(yaml_value<std::string>(root, "determinism", path),
+                                             "key 'determinism'");
+    if (root["reduce"])
+      config.reduce = comm::parse_reduce_algo(yaml_value<std::string>(root, "reduce", path));
+    if (root["api_key_scope"])
+      config.api_key_scope = server::parse_api_key_scope(
+          yaml_value<std::string>(root, "api_key_scope", path), "key 'api_key_scope'");
+  } catch (const Error& error) {
+    throw_error(path, ": ", error.what());
   }
-  config.engine.reduce = config.determinism == Determinism::kBatchInvariant
-                             ? comm::ReduceAlgo::kFixedOrder
-                             : comm::ReduceAlgo::kNative;
+  resolve_reduce(config, path);
+  if (root["seed"])
+    config.seed = static_cast<uint64_t>(
+        bounded<int64_t>(root, "seed", path, 0, std::numeric_limits<int64_t>::max()));
   if (root["host"]) config.host = yaml_value<std::string>(root, "host", path);
   if (root["port"]) config.port = bounded<int>(root, "port", path, 0, 65535);
+  using namespace serve_limits;
   if (root["max_model_len"])
-    config.max_model_len = bounded<int64_t>(root, "max_model_len", path, 0, int64_t{1} << 30);
-  if (root["block_size"]) config.block_size = bounded<int64_t>(root, "block_size", path, 1, 1024);
+    config.max_model_len = bounded<int64_t>(root, "max_model_len", path, 0, kMaxModelLen);
+  if (root["block_size"])
+    config.block_size = bounded<int64_t>(root, "block_size", path, 1, kMaxBlockSize);
   if (root["num_kv_blocks"] && root["kv_cache_mb"])
     throw_error(path, ": set num_kv_blocks or kv_cache_mb, not both");
   if (root["num_kv_blocks"])
-    config.num_kv_blocks = bounded<int64_t>(root, "num_kv_blocks", path, 1, int64_t{1} << 30);
+    config.num_kv_blocks = bounded<int64_t>(root, "num_kv_blocks", path, 1, kMaxKvBlocks);
   if (root["kv_cache_mb"])
-    config.kv_cache_mb = bounded<int64_t>(root, "kv_cache_mb", path, 1, int64_t{1} << 30);
+    config.kv_cache_mb = bounded<int64_t>(root, "kv_cache_mb", path, 1, kMaxKvCacheMb);
   if (root["max_num_seqs"])
-    config.max_num_seqs = bounded<int64_t>(root, "max_num_seqs", path, 1, 1 << 20);
+    config.max_num_seqs = bounded<int64_t>(root, "max_num_seqs", path, 1, kMaxNumSeqs);
   if (root["max_num_batched_tokens"])
     config.max_num_batched_tokens =
-        bounded<int64_t>(root, "max_num_batched_tokens", path, 1, int64_t{1} << 24);
+        bounded<int64_t>(root, "max_num_batched_tokens", path, 1, kMaxBatchedTokens);
   if (root["prefix_caching"])
     config.prefix_caching = yaml_value<bool>(root, "prefix_caching", path);
   if (root["max_waiting"])

@@ -1,6 +1,7 @@
 // A serving config file (configs/serve/*.yaml): the deployment plus the server's limits.
 //   model: checkpoint directory (relative paths are relative to the file)
-//   model_name: name clients must send (default: the directory's name)
+//   model_name: NAME or [NAME, ...]: names requests may send, the first the one responses
+//       report (default: the directory's name); the model path as written is accepted too
 //   tp: 1 | 2 | 4 (thread ranks; under mpirun the process count)
 //   threads: 1 (cpu threads per rank; the bits do not depend on it)
 //   placement: contiguous | round_robin      combine: fp32 | round_per_expert
@@ -11,6 +12,11 @@
 //       and logprobs are bit-identical whatever else is batched with it.
 //       fast: the backend's native all-reduce (+ cuBLAS on CUDA): bits may change with batch
 //       composition (see README, "Determinism at the API").
+//   reduce: native | fixed_order  (default: the determinism mode's; batch_invariant needs
+//       fixed_order)
+//   seed: N   base of the seeds of requests that bring none (default: random per start)
+//   api_key_scope: api | all  with an API key (--api-key or KEEL_API_KEY, never this file):
+//       api leaves /health, /ping, /version and /metrics open, all closes them too
 //   backend: cpu | cuda
 //   host: 127.0.0.1    port: 8000
 //   max_model_len: 0 (= max_position_embeddings)
@@ -40,22 +46,46 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "runtime/engine/engine.h"
 #include "runtime/serving/serving_telemetry.h"
+#include "runtime/server/auth.h"
 
 namespace keel {
 
 enum class Determinism : uint8_t { kBatchInvariant, kFast };
 std::string_view determinism_name(Determinism determinism);
+// "batch_invariant" | "fast"; throws keel::Error naming `what` otherwise.
+Determinism parse_determinism(std::string_view name, std::string_view what);
+
+// Bounds shared by the config keys and keel serve's flags.
+namespace serve_limits {
+inline constexpr int kMaxTp = 8;
+inline constexpr int64_t kMaxModelLen = int64_t{1} << 30;
+inline constexpr int64_t kMaxBlockSize = 1024;
+inline constexpr int64_t kMaxKvBlocks = int64_t{1} << 30;
+inline constexpr int64_t kMaxKvCacheMb = int64_t{1} << 30;
+inline constexpr int64_t kMaxNumSeqs = 1 << 20;
+inline constexpr int64_t kMaxBatchedTokens = int64_t{1} << 24;
+}  // namespace serve_limits
 
 struct ServeConfig {
-  std::string model_dir;
-  std::string model_name;
+  ServeConfig() { engine.collective_timeout_ms = 120000; }
+
+  std::string model_dir;                 // resolved (a config file's relative path: from the file)
+  std::string model_given;               // as the user wrote it (addressable as a model name)
+  std::vector<std::string> model_names;  // empty: the directory's name
   bool tp_given = false;
   EngineOptions engine;
   Determinism determinism = Determinism::kBatchInvariant;
+  // The all-reduce asked for; engine.reduce holds the one in effect (resolve_reduce).
+  std::optional<comm::ReduceAlgo> reduce;
+  std::optional<uint64_t> seed;
+  std::string api_key;  // empty: no authentication
+  server::ApiKeyScope api_key_scope = server::ApiKeyScope::kApi;
   std::string host = "127.0.0.1";
   int port = 8000;
   int64_t max_model_len = 0;
@@ -80,6 +110,12 @@ struct ServeConfig {
   double metrics_cache_s = 1;
 };
 
-ServeConfig load_serve_config(const std::string& path);
+// kOptional: the file may leave `model` out (keel serve MODEL_DIR --config FILE).
+enum class ModelKey : uint8_t { kRequired, kOptional };
+ServeConfig load_serve_config(const std::string& path, ModelKey model_key = ModelKey::kRequired);
+
+// Sets engine.reduce from `reduce` (else the determinism mode's own) and refuses
+// batch_invariant with native, naming `where`.
+void resolve_reduce(ServeConfig& config, const std::string& where);
 
 }  // namespace keel

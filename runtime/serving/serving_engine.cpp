@@ -105,8 +105,13 @@ ServingEngine::ServingEngine(const Engine& engine, const std::string& model_dir,
       scheduler_(config_.scheduler) {
   const int64_t model_max = engine.config().max_position_embeddings;
   max_context_ = config_.max_model_len > 0 ? std::min(config_.max_model_len, model_max) : model_max;
-  if (config_.model_name.empty())
-    config_.model_name = std::filesystem::path(model_dir).filename().string();
+  model_dir_ = model_dir;
+  if (config_.model_name.empty()) {
+    // "out/models/tiny/" names "tiny" too.
+    const std::filesystem::path path = std::filesystem::path(model_dir).lexically_normal();
+    config_.model_name =
+        (path.has_filename() ? path.filename() : path.parent_path().filename()).string();
+  }
   if (static_cast<int64_t>(tokenizer_.vocab_size()) > vocab_size_)
     throw_error("model ", model_dir, ": tokenizer.json has ", tokenizer_.vocab_size(),
                 " tokens but the model's vocab_size is ", vocab_size_);
@@ -162,6 +167,39 @@ ServingEngine::ServingEngine(const Engine& engine, const std::string& model_dir,
 }
 
 ServingEngine::~ServingEngine() = default;
+
+std::vector<std::string> ServingEngine::served_model_names() const {
+  std::vector<std::string> names = {config_.model_name};
+  for (const std::string& alias : config_.model_aliases)
+    if (std::find(names.begin(), names.end(), alias) == names.end()) names.push_back(alias);
+  return names;
+}
+
+std::optional<RequestError> ServingEngine::tokenize(const std::string& text,
+                                                    bool add_special_tokens,
+                                                    server::Tokenized& out) {
+  try {
+    out.ids = tokenizer_.encode(text, add_special_tokens);
+  } catch (const Error& error) {
+    return bad_request(std::string("cannot tokenize the prompt: ") + error.what(), "prompt");
+  }
+  out.token_strs.clear();
+  for (int32_t id : out.ids) out.token_strs.push_back(tokenizer_.id_to_token(id).value_or(""));
+  return std::nullopt;
+}
+
+std::optional<RequestError> ServingEngine::detokenize(const std::vector<int32_t>& ids,
+                                                      std::string& text) {
+  for (int32_t id : ids)
+    if (id >= vocab_size_ || !tokenizer_.id_to_token(id))
+      return bad_request("token id " + std::to_string(id) +
+                             (id >= vocab_size_ ? " is outside the vocabulary [0, " +
+                                                      std::to_string(vocab_size_) + ")"
+                                                : " has no token in this model's tokenizer"),
+                         "tokens");
+  text = tokenizer_.decode(ids, /*skip_special_tokens=*/false);
+  return std::nullopt;
+}
 
 server::ChatTemplate ServingEngine::chat_template() const {
   return [info = template_](const server::CompletionRequest& request) {

@@ -44,7 +44,9 @@
 namespace keel {
 
 struct ServingConfig {
-  std::string model_name;     // what /v1/models reports and requests must name
+  std::string model_name;  // what responses report; empty: the model directory's name
+  // Further names a request's "model" may use (more served names, the model's path as given).
+  std::vector<std::string> model_aliases;
   int64_t max_model_len = 0;  // context limit; 0 = the model's max_position_embeddings
   SchedulerConfig scheduler;  // num_kv_blocks must be set
   int64_t max_waiting = 256;  // queued (not yet running) requests beyond which submit says 429
@@ -87,6 +89,12 @@ class ServingEngine final : public server::GenerationBackend, public StepSource 
 
   // server::GenerationBackend
   std::string model_name() const override { return config_.model_name; }
+  std::vector<std::string> served_model_names() const override;
+  std::string model_root() const override { return model_dir_; }
+  std::optional<server::RequestError> tokenize(const std::string& text, bool add_special_tokens,
+                                               server::Tokenized& out) override;
+  std::optional<server::RequestError> detokenize(const std::vector<int32_t>& ids,
+                                                 std::string& text) override;
   int max_context() const override { return static_cast<int>(max_context_); }
   std::optional<server::RequestError> prepare(server::CompletionRequest& request) override;
   bool try_submit(server::CompletionRequest request,
@@ -191,6 +199,7 @@ class ServingEngine final : public server::GenerationBackend, public StepSource 
 
   const int64_t vocab_size_;
   ServingConfig config_;
+  std::string model_dir_;
   int64_t max_context_ = 0;
   // The KV pool of one rank: bytes (blocks x kv_block_bytes) and storage dtype, for /metrics.
   int64_t kv_cache_bytes_ = 0;
