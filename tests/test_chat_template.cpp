@@ -256,6 +256,28 @@ TEST(ChatTemplate, SmallQwen35VariantThinksOnlyWhenAsked) {
   EXPECT_EQ(render_chat(info, {{"user", "hi"}}, {.enable_thinking = true}), prompt + "<think>\n");
 }
 
+// Content sent as a list of text parts: the API layer joins them with "\n" (what vLLM hands a
+// template that takes a string); Qwen3.5's template loops over the parts and writes each text
+// as it is, so its rendering is that of the parts concatenated.
+TEST(ChatTemplate, TextPartsAreJoinedUnlessTheTemplateLoopsOverThem) {
+  auto parts_turn = [](std::string role) {
+    ChatTurn turn{std::move(role), " a\nb "};
+    turn.content_parts = {" a", "b "};
+    return turn;
+  };
+  for (const char* fixture : {"qwen3_5_tools", "qwen3_5_tools_v2"}) {
+    ChatTemplateInfo info = info_of(fixture);
+    EXPECT_EQ(render_chat(info, {parts_turn("system"), parts_turn("user")}),
+              render_chat(info, {{"system", " ab "}, {"user", " ab "}}))
+        << fixture;
+  }
+  for (const char* fixture : {"qwen3_tools", "chatml"}) {
+    ChatTemplateInfo info = info_of(fixture);
+    EXPECT_EQ(render_chat(info, {parts_turn("user")}), render_chat(info, {{"user", " a\nb "}}))
+        << fixture;
+  }
+}
+
 TEST(ChatTemplate, ToolsAndThinkingAreRefusedWhereTheTemplateHasNone) {
   ChatTemplateInfo chatml = info_of("chatml");
   ChatRenderOptions with_tools;

@@ -1510,6 +1510,19 @@ TEST_F(HttpTest, TokenizeAndDetokenizeInVllmShapes) {
   EXPECT_EQ(chat.json_body()["tokens"], json(expected));
   EXPECT_EQ(chat.json_body()["count"], expected.size());
 
+  // Text parts are joined with "\n", as vLLM joins them for templates that take a string.
+  const json parts = {
+      {{"role", "user"},
+       {"content", {{{"type", "text"}, {"text", "h"}}, {{"type", "text"}, {"text", "i"}}}}}};
+  Reply parts_reply = post(port, "/tokenize", {{"messages", parts}});
+  ASSERT_EQ(parts_reply.status, 200) << parts_reply.body;
+  ChatMessage joined;
+  joined.role = "user";
+  joined.content = "h\ni";
+  std::vector<int32_t> joined_ids;
+  for (unsigned char c : render_chatml({joined})) joined_ids.push_back(c);
+  EXPECT_EQ(parts_reply.json_body()["tokens"], json(joined_ids));
+
   expect_error(post(port, "/tokenize", {{"messages", messages}, {"add_generation_prompt", false}}),
                400, "add_generation_prompt");
   expect_error(post(port, "/tokenize", {{"messages", messages}, {"tools", json::array({1})}}), 400,

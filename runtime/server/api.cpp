@@ -452,8 +452,10 @@ std::optional<RequestError> read_messages(const json& body, CompletionRequest& o
             !part["text"].is_string()) {
           return field_error(where + ".content", "only text content parts are supported");
         }
-        parsed.content += part["text"].get<std::string>();
+        parsed.content_parts.push_back(part["text"].get<std::string>());
       }
+      for (size_t p = 0; p < parsed.content_parts.size(); ++p)
+        parsed.content += (p > 0 ? "\n" : "") + parsed.content_parts[p];
     } else {
       return field_error(where + ".content", "must be a string or a list of text parts");
     }

@@ -29,7 +29,11 @@ struct ChatMessageToolCall {
 
 struct ChatMessage {
   std::string role;
-  std::string content;
+  std::string content;  // a list of text parts: the parts joined with "\n" (below)
+  // The text parts when content came as a list (empty for a string). vLLM hands a template
+  // that loops over content (Qwen3.5's) the list, and every other template the parts joined
+  // with "\n"; the renderers do the same.
+  std::vector<std::string> content_parts;
   std::vector<ChatMessageToolCall> tool_calls;   // assistant messages
   std::optional<std::string> reasoning_content;  // assistant messages (vLLM's field)
   std::string tool_call_id;                      // tool messages

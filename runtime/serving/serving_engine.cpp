@@ -207,6 +207,7 @@ server::ChatTemplate ServingEngine::chat_template() const {
     turns.reserve(request.messages.size());
     for (const auto& message : request.messages) {
       ChatTurn turn(message.role, message.content);
+      turn.content_parts = message.content_parts;
       for (const auto& call : message.tool_calls)
         turn.tool_calls.push_back({call.name, call.arguments});
       turn.reasoning_content = message.reasoning_content;

@@ -53,6 +53,10 @@ struct ChatTurn {
   std::string role;  // "system", "user", "assistant", "tool" (others render as given in
                      // plain ChatML/Llama-3)
   std::string content;
+  // Text parts when the message's content was a list (content is them joined with "\n", as
+  // vLLM joins them for templates that take a string); templates that loop over content
+  // (Qwen3.5's) concatenate them instead.
+  std::vector<std::string> content_parts;
   std::vector<ChatToolCall> tool_calls;          // assistant turns
   std::optional<std::string> reasoning_content;  // assistant turns (vLLM's field)
 };

@@ -171,6 +171,19 @@ std::string render_qwen3(const ChatTemplateInfo& info, const std::vector<ChatTur
   return out;
 }
 
+namespace {
+
+// Qwen3.5's render_content loops over a list of parts and writes each text as it is (vLLM
+// detects the loop and hands the template the list), where other templates get them joined.
+std::string looped_content(const ChatTurn& turn) {
+  if (turn.content_parts.empty()) return turn.content;
+  std::string text;
+  for (const std::string& part : turn.content_parts) text += part;
+  return text;
+}
+
+}  // namespace
+
 std::string render_qwen3_5(const ChatTemplateInfo& info, const std::vector<ChatTurn>& turns,
                            const ChatRenderOptions& options) {
   auto fail = [&](std::string_view reason) {
@@ -183,20 +196,20 @@ std::string render_qwen3_5(const ChatTemplateInfo& info, const std::vector<ChatT
     out += "<|im_start|>system\n" + std::string(kQwen35ToolsHead) + tools_list(options.tools) +
            "\n</tools>" + std::string(kQwen35ToolsTail);
     if (leading_system) {
-      const std::string system = python_strip(turns[0].content);
+      const std::string system = python_strip(looped_content(turns[0]));
       if (!system.empty()) out += "\n\n" + system;
     }
     out += "<|im_end|>\n";
   } else if (leading_system) {
-    out += "<|im_start|>system\n" + python_strip(turns[0].content) + "<|im_end|>\n";
+    out += "<|im_start|>system\n" + python_strip(looped_content(turns[0])) + "<|im_end|>\n";
   }
-  const std::optional<size_t> query =
-      last_query_index(turns, [](const ChatTurn& turn) { return python_strip(turn.content); });
+  const std::optional<size_t> query = last_query_index(
+      turns, [](const ChatTurn& turn) { return python_strip(looped_content(turn)); });
   if (!query) fail("No user query found in messages.");
   for (size_t i = 0; i < turns.size(); ++i) {
     const ChatTurn& turn = turns[i];
     const bool last = i + 1 == turns.size();
-    std::string content = python_strip(turn.content);
+    std::string content = python_strip(looped_content(turn));
     if (turn.role == "system") {
       if (i > 0) fail("System message must be at the beginning.");
     } else if (turn.role == "user") {
