@@ -487,6 +487,22 @@ TEST_F(HttpToolsTest, ToolCallsAndReasoningNonStreamedAndStreamed) {
   EXPECT_EQ(streamed["tool_calls"][0]["index"], 0);
   EXPECT_EQ(streamed["tool_calls"][0]["function"], call["function"]);
   EXPECT_EQ(streamed["tool_calls"][0]["type"], "function");
+
+  // include_reasoning false (vLLM's field): the reasoning is still split off, then dropped;
+  // content and calls are unchanged, streamed or not.
+  json hidden = request();
+  hidden["include_reasoning"] = false;
+  const json hidden_message =
+      post(port, "/v1/chat/completions", hidden).json_body()["choices"][0]["message"];
+  EXPECT_TRUE(hidden_message["reasoning_content"].is_null());
+  EXPECT_EQ(hidden_message["content"], message["content"]);
+  EXPECT_EQ(hidden_message["tool_calls"].size(), 1u);
+  hidden["stream"] = true;
+  json hidden_streamed = assemble(post(port, "/v1/chat/completions", hidden), finish);
+  EXPECT_EQ(hidden_streamed["reasoning_content"], "");
+  EXPECT_EQ(hidden_streamed["content"], message["content"]);
+  hidden["include_reasoning"] = "no";
+  expect_error(post(port, "/v1/chat/completions", hidden), 400, "include_reasoning");
 }
 
 TEST_F(HttpToolsTest, ToolChoiceNoneThinkingOffAndOneCallAtATime) {

@@ -243,8 +243,8 @@ const char* const kParsedAnywhere[] = {"model",
                                        "skip_special_tokens"};
 const char* const kParsedInCompletions[] = {"prompt", "echo"};
 const char* const kParsedInChat[] = {
-    "messages",    "max_completion_tokens", "top_logprobs",        "tools",
-    "tool_choice", "parallel_tool_calls",   "chat_template_kwargs"};
+    "messages",    "max_completion_tokens", "top_logprobs",         "tools",
+    "tool_choice", "parallel_tool_calls",   "chat_template_kwargs", "include_reasoning"};
 
 const char* name_of(const char* name) {
   return name;
@@ -586,6 +586,7 @@ std::optional<RequestError> parse_completion_request(const std::string& body_tex
     if (auto error = read_tools(body_text, out)) return error;
     if (auto error = read_tool_choice(body, out)) return error;
     if (auto error = read_bool(body, "parallel_tool_calls", out.parallel_tool_calls)) return error;
+    if (auto error = read_bool(body, "include_reasoning", out.include_reasoning)) return error;
     if (auto error = read_template_kwargs(body, out)) return error;
     out.max_tokens = std::max(1, max_context);  // chat default: until EOS or context end
   }

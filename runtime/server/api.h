@@ -79,6 +79,7 @@ struct CompletionRequest {
   nlohmann::ordered_json tools = nlohmann::ordered_json::array();
   ToolChoice tool_choice = ToolChoice::kNone;
   bool parallel_tool_calls = true;
+  bool include_reasoning = true;  // vLLM's: false drops reasoning_content (still split off)
   std::optional<bool> enable_thinking;
   // Prompts 2..N of a batch: the server runs each as a request of its own with every other
   // field of this one, and answers with choice i for prompt i. Empty for a single prompt.

@@ -8,6 +8,7 @@ ChatOutputMessage parse_chat_output(std::string_view text, const ChatOutputOptio
     ReasoningSplit split = split_reasoning(text, options.thinking_enabled);
     message.reasoning = std::move(split.reasoning);
     message.content = std::move(split.content);
+    if (!options.include_reasoning) message.reasoning.reset();
   } else {
     message.content = std::string(text);
   }
@@ -24,13 +25,14 @@ ChatOutputMessage parse_chat_output(std::string_view text, const ChatOutputOptio
 ChatOutputStream::ChatOutputStream(const ChatOutputOptions& options)
     : reasoning_(options.thinking_enabled),
       tool_calls_(options.tool_calls, options.tools),
-      reasoning_on_(options.reasoning) {}
+      reasoning_on_(options.reasoning),
+      include_reasoning_(options.include_reasoning) {}
 
 ChatOutputDelta ChatOutputStream::feed(std::string_view text) {
   ChatOutputDelta delta;
   if (reasoning_on_) {
     ReasoningStream::Delta split = reasoning_.feed(text);
-    delta.reasoning = std::move(split.reasoning);
+    if (include_reasoning_) delta.reasoning = std::move(split.reasoning);
     delta.content = tool_calls_.feed(split.content);
   } else {
     delta.content = tool_calls_.feed(text);
@@ -42,7 +44,7 @@ ChatOutputDelta ChatOutputStream::finish() {
   ChatOutputDelta delta;
   if (reasoning_on_) {
     ReasoningStream::Delta split = reasoning_.finish();
-    delta.reasoning = std::move(split.reasoning);
+    if (include_reasoning_) delta.reasoning = std::move(split.reasoning);
     delta.content = tool_calls_.feed(split.content);
   }
   ToolCallStream::Final final = tool_calls_.finish();

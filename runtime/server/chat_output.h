@@ -18,6 +18,8 @@ namespace keel::server {
 struct ChatOutputOptions {
   bool reasoning = false;        // separate <think> reasoning (Qwen3 / Qwen3.5 templates)
   bool thinking_enabled = true;  // the prompt left thinking on
+  // vLLM's include_reasoning: false still splits the reasoning off, then drops it.
+  bool include_reasoning = true;
   ToolCallFormat tool_calls = ToolCallFormat::kNone;  // kNone: tools absent or tool_choice none
   nlohmann::ordered_json tools = nlohmann::ordered_json::array();
 
@@ -49,6 +51,7 @@ class ChatOutputStream {
   ReasoningStream reasoning_;
   ToolCallStream tool_calls_;
   bool reasoning_on_;
+  bool include_reasoning_;
 };
 
 }  // namespace keel::server

@@ -760,6 +760,7 @@ class Session : public std::enable_shared_from_this<Session> {
     ChatOutputOptions options;
     options.reasoning = caps.reasoning;
     options.thinking_enabled = request.enable_thinking.value_or(caps.thinking_default);
+    options.include_reasoning = request.include_reasoning;
     if (!request.tools.empty() && request.tool_choice == ToolChoice::kAuto) {
       options.tool_calls = caps.tool_calls;
       options.tools = request.tools;
