@@ -232,8 +232,9 @@ TEST_F(Serve, DifferentPrefillBudgetBlockSizeAndMpiRanksGiveIdenticalBits) {
         << "prompt logprobs, budget 5";
   }
   {
-    ServerProcess mpi({std::string(KEEL_MPIEXEC), "--allow-run-as-root", "--oversubscribe", "-np",
-                       "4", kKeel, "serve", "--config", write_config("mpi", "")});
+    std::vector<std::string> command = mpirun_command(KEEL_MPIEXEC, 4);
+    command.insert(command.end(), {kKeel, "serve", "--config", write_config("mpi", "")});
+    ServerProcess mpi(command);
     EXPECT_EQ(completion_essence(post(mpi.port(), "/v1/completions", kProbe)), alone)
         << "4 MPI ranks";
     EXPECT_EQ(probe_amid_mates(mpi.port()), alone) << "4 MPI ranks, amid 16";
