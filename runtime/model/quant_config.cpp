@@ -260,6 +260,11 @@ QuantConfig parse_int4(const json& root, const std::string& source, bool awq) {
   require_value(root, "bits", 4, source);
   if (!root.contains("group_size") || !root["group_size"].is_number_integer())
     throw_error(source, ": missing integer quantization key 'group_size'");
+  // Above INT64_MAX nlohmann keeps it unsigned, and get<int64_t> would wrap it negative.
+  if (root["group_size"].is_number_unsigned() && root["group_size"].get<uint64_t>() > uint64_t{1}
+                                                                                          << 20)
+    throw_error(source, ": group_size ", root["group_size"].dump(),
+                " is out of range (at most 2^20)");
   config.group_size = root["group_size"].get<int64_t>();
   if (config.group_size <= 0)
     throw_error(source, ": group_size ", config.group_size,

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "kernels/base/check.h"
+#include "runtime/server/http_request.h"
 
 namespace keel::server {
 namespace {
@@ -383,13 +384,9 @@ class Session : public std::enable_shared_from_this<Session> {
     parser_.reset();
     version_ = req.version();
     keep_alive_ = req.keep_alive() && server_.accepting.load();
-    std::string target(req.target());
-    std::string query_string;
-    if (auto query = target.find('?'); query != std::string::npos) {
-      query_string = target.substr(query + 1);
-      target.resize(query);
-    }
-    while (target.size() > 1 && target.back() == '/') target.pop_back();
+    RequestTarget split = split_target(std::string(req.target()));
+    const std::string& target = split.path;
+    const std::string& query_string = split.query;
 
     auto require = [&](http::verb verb) {
       if (req.method() == verb) return true;
