@@ -7,7 +7,10 @@
 #pragma once
 
 #include <cstddef>
+#include <string>
 #include <string_view>
+
+#include "kernels/base/check.h"
 
 namespace keel {
 
@@ -36,6 +39,12 @@ inline size_t json_nesting_depth(std::string_view text) {
     }
   }
   return deepest;
+}
+
+// Throws keel::Error "WHERE: JSON nests deeper than 256 levels" for text past kMaxJsonDepth.
+inline void check_json_depth(std::string_view text, const std::string& where) {
+  if (json_nesting_depth(text) > kMaxJsonDepth)
+    throw_error(where, ": JSON nests deeper than ", kMaxJsonDepth, " levels");
 }
 
 }  // namespace keel

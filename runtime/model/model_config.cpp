@@ -1,4 +1,5 @@
 #include "runtime/model/model_config.h"
+#include "runtime/common/json_depth.h"
 
 #include <cmath>
 #include <filesystem>
@@ -224,6 +225,7 @@ ModelConfig ModelConfig::load(const std::string& config_json_path) {
 }
 
 ModelConfig ModelConfig::parse(const std::string& json_text, const std::string& source_name) {
+  check_json_depth(json_text, source_name);
   json root = json::parse(json_text, nullptr, /*allow_exceptions=*/false);
   if (root.is_discarded() || !root.is_object())
     throw_error(source_name, ": not a valid JSON object");

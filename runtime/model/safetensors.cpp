@@ -31,6 +31,7 @@
 // renamed over the final name, so a crash never leaves a half-written file under that name.
 
 #include "runtime/model/safetensors.h"
+#include "runtime/common/json_depth.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -242,6 +243,7 @@ std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
   }
 
   const char* header_begin = reinterpret_cast<const char*>(bytes + kHeaderLengthBytes);
+  check_json_depth(std::string_view(header_begin, header_length), where + " header");
   nlohmann::json header;
   try {
     header = nlohmann::json::parse(header_begin, header_begin + header_length);

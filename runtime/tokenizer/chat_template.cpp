@@ -11,6 +11,7 @@
 // <think> handling of earlier assistant turns, Llama-3.1's date/"Cutting Knowledge" system
 // header, Llama-2's <<SYS>> block, Mistral's leading-space variant (" [INST] ").
 #include "runtime/tokenizer/chat_template.h"
+#include "runtime/common/json_depth.h"
 
 #include <algorithm>
 #include <filesystem>
@@ -130,6 +131,7 @@ std::optional<std::string> template_field(const json& config, const std::string&
 
 ChatTemplateInfo from_config(std::string_view text, const std::string& source,
                              const std::string& model_dir) {
+  check_json_depth(text, source);
   json config;
   try {
     config = json::parse(text);

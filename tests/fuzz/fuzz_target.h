@@ -48,8 +48,8 @@ void keel::fuzz::expect_clean(Fn&& parse) {
 }
 
 // KEEL_FUZZ_TARGET(name) { ... uses `input` ... } defines and registers a target.
-#define KEEL_FUZZ_TARGET(name)                                                          \
-  static void keel_fuzz_target_##name(std::string_view input);                         \
-  static const ::keel::fuzz::RegisterTarget keel_fuzz_register_##name(#name,          \
+#define KEEL_FUZZ_TARGET(name)                                                                  \
+  static void keel_fuzz_target_##name(std::string_view input);                                  \
+  static const ::keel::fuzz::RegisterTarget keel_fuzz_register_##name(#name,                    \
                                                                       keel_fuzz_target_##name); \
   static void keel_fuzz_target_##name(std::string_view input)

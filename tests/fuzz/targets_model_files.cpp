@@ -26,7 +26,8 @@ void touch_tensors(const SafetensorsFile& file) {
 std::string index_dir() {
   static const std::string dir = [] {
     const std::string path = scratch_dir() + "/index";
-    const std::string fixture = std::string(KEEL_SOURCE_DIR) + "/tests/fixtures/hf/qwen2_moe_sharded";
+    const std::string fixture =
+        std::string(KEEL_SOURCE_DIR) + "/tests/fixtures/hf/qwen2_moe_sharded";
     std::filesystem::create_directories(path);
     for (const auto& entry : std::filesystem::directory_iterator(fixture))
       if (entry.path().extension() == ".safetensors")

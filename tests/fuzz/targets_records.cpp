@@ -29,5 +29,10 @@ KEEL_FUZZ_TARGET(calibration) {
 KEEL_FUZZ_TARGET(trace) {
   const std::string path = keel::fuzz::write_scratch_file("input.jsonl", input);
   keel::fuzz::expect_clean([&] { keel::sim::load_trace(path); });
-  keel::fuzz::expect_clean([&] { keel::loadgen::load_dataset(path); });
+  // The load generator's errors are std::runtime_error (it links no keel library for them).
+  try {
+    keel::loadgen::load_dataset(path);
+  } catch (const std::runtime_error& error) {
+    if (std::string_view(error.what()).rfind("loadgen: ", 0) != 0) throw;
+  }
 }

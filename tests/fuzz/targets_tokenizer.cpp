@@ -27,10 +27,9 @@ KEEL_FUZZ_TARGET(tokenizer) {
 
 KEEL_FUZZ_TARGET(tokenizer_config) {
   keel::fuzz::expect_clean([&] {
-    keel::ChatTemplateInfo info =
-        keel::chat_template_from_config(input, "tokenizer_config.json");
-    (void)keel::render_chat(info, {{"system", "s"}, {"user", "u"}, {"assistant", "a"},
-                                   {"user", "\xff"}});
+    keel::ChatTemplateInfo info = keel::chat_template_from_config(input, "tokenizer_config.json");
+    (void)keel::render_chat(info,
+                            {{"system", "s"}, {"user", "u"}, {"assistant", "a"}, {"user", "\xff"}});
     (void)keel::render_chat(info, {});
   });
 }
