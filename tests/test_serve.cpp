@@ -1087,6 +1087,7 @@ TEST(ServeAlone, BalancedPlacementFromLiveCountersServesAndReplays) {
 // trace with one track per thread rank.
 TEST(ServeAlone, TelemetryDumpsAndGenerateTrace) {
   const std::string dump_dir = scratch() + "/dumps";
+  std::filesystem::create_directories(dump_dir);  // the server refuses a missing one
   {
     ServerProcess server(serve_args(write_config(
         "dumps", "telemetry_dump_dir: " + dump_dir + "\ntelemetry_dump_interval_s: 0.01\n")));

@@ -488,9 +488,9 @@ int run_serve(keel::ServeConfig& config) {
   keel::ServeOptions serve_options;
   serve_options.block_size = config.block_size;
   serve_options.num_kv_blocks =
-      config.num_kv_blocks > 0 ? config.num_kv_blocks
-                               : std::max<int64_t>(1, config.kv_cache_mb * 1024 * 1024 /
-                                                          engine.kv_block_bytes(config.block_size));
+      keel::num_kv_blocks_for(config, engine.kv_block_bytes(config.block_size),
+                              config.engine.process_communicator != nullptr ? 1 : engine.tp_size(),
+                              config.engine.device == keel::Device::kCpu);
   // Hybrid models: a recurrent-state slot for every sequence that may run at once (beside the
   // KV blocks, not out of kv_cache_mb).
   const bool hybrid = engine.config().is_hybrid();
@@ -593,18 +593,22 @@ int run_serve(keel::ServeConfig& config) {
   keel::server::HttpServer http(http_config, serving);
   http.start();
   http.catch_signals();
-  std::printf("keel serve: system_fingerprint %s\n", http_config.system_fingerprint.c_str());
-  std::printf(
-      "keel serve: listening on http://%s:%u (pid %d, model %s, tp %d, %s ranks, determinism %s, "
-      "%lld KV blocks of %lld per rank, kv_cache_dtype %s)\n",
-      config.host.c_str(), static_cast<unsigned>(http.port()), static_cast<int>(::getpid()),
-      model_name.c_str(), engine.tp_size(),
-      config.engine.process_communicator != nullptr ? "mpi" : "thread",
-      std::string(keel::determinism_name(config.determinism)).c_str(),
-      static_cast<long long>(serve_options.num_kv_blocks),
-      static_cast<long long>(config.block_size),
-      std::string(keel::kv_cache_dtype_name(engine.kv_dtype())).c_str());
-  std::fflush(stdout);
+  // Announced only once every rank holds its KV pool: a client (or a script waiting for this
+  // line) never sees a server that then fails to allocate.
+  serve_options.on_ready = [&] {
+    std::printf("keel serve: system_fingerprint %s\n", http_config.system_fingerprint.c_str());
+    std::printf(
+        "keel serve: listening on http://%s:%u (pid %d, model %s, tp %d, %s ranks, determinism "
+        "%s, %lld KV blocks of %lld per rank, kv_cache_dtype %s)\n",
+        config.host.c_str(), static_cast<unsigned>(http.port()), static_cast<int>(::getpid()),
+        model_name.c_str(), engine.tp_size(),
+        config.engine.process_communicator != nullptr ? "mpi" : "thread",
+        std::string(keel::determinism_name(config.determinism)).c_str(),
+        static_cast<long long>(serve_options.num_kv_blocks),
+        static_cast<long long>(config.block_size),
+        std::string(keel::kv_cache_dtype_name(engine.kv_dtype())).c_str());
+    std::fflush(stdout);
+  };
 
   const auto drain_timeout =
       std::chrono::milliseconds(static_cast<int64_t>(config.drain_timeout_s * 1000));

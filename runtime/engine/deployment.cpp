@@ -66,6 +66,10 @@ Deployment load_deployment(const std::string& path) {
   }
   if (root["tp"]) {
     deployment.engine.tp_size = yaml_value<int>(root, "tp", path);
+    // As a serve config's tp (runtime/serving/serve_config.h).
+    if (deployment.engine.tp_size < 1 || deployment.engine.tp_size > 8)
+      throw_error(path, ": key 'tp' is ", deployment.engine.tp_size,
+                  "; expected a value in [1, 8]");
     deployment.tp_given = true;
   }
   try {

@@ -318,6 +318,11 @@ void Engine::serve_rank(int tp_rank, comm::Communicator& communicator, StepSourc
   const bool leader = tp_rank == 0;
   KvPool pool =
       model.make_kv_pool(options.num_kv_blocks, options.block_size, options.num_state_slots);
+  // Every rank holds its pool once it passes this broadcast (a rank that failed to allocate has
+  // thrown and aborted the group, so the others' broadcast throws instead).
+  int32_t ready = 1;
+  broadcast_host(backend, communicator, &ready, sizeof(ready));
+  if (leader && options.on_ready) options.on_ready();
   ServeStep step;
   std::vector<float> logits;
   std::vector<int32_t> payload;

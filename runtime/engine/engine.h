@@ -129,6 +129,10 @@ struct ServeOptions {
   // Hybrid models: recurrent-state slots per rank (each rank holds its heads' state of every
   // slot), one per sequence that may run at once (the scheduler's max_num_seqs).
   int64_t num_state_slots = 0;
+  // Called once on the leader when every rank holds its KV pool (after a collective that every
+  // rank reaches only then): what announces the server, so it never says it is ready before a
+  // pool that cannot be allocated fails.
+  std::function<void()> on_ready;
 };
 
 class Engine {

@@ -61,7 +61,7 @@ float scale_value(const TensorView& view) {
   if (view.num_elements() != 1)
     throw_error(view.file, ": tensor ", view.name, " has shape ", view.shape_string(),
                 "; a per-tensor KV scale has one element");
-  const float value = load_as_f32(view.data, view.dtype, 0);
+  const float value = view.f32_at(0);
   if (!std::isfinite(value) || value <= 0.0f)
     throw_error(view.file, ": tensor ", view.name, " is ", value,
                 "; a KV scale must be finite and positive");

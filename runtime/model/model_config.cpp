@@ -1,5 +1,7 @@
 #include "runtime/model/model_config.h"
+#include "runtime/common/json_depth.h"
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -29,7 +31,11 @@ class ConfigReader {
   double number_or(const char* key, double fallback) const {
     if (!has(key)) return fallback;
     if (!root_[key].is_number()) throw_error(source_, ": field '", key, "' must be a number");
-    return root_[key].get<double>();
+    const double value = root_[key].get<double>();
+    // JSON has no NaN or infinity, but a literal too large for a double parses as infinity.
+    if (!std::isfinite(value))
+      throw_error(source_, ": field '", key, "' is ", root_[key].dump(), ", not a finite number");
+    return value;
   }
   bool boolean_or(const char* key, bool fallback) const {
     if (!has(key)) return fallback;
@@ -47,14 +53,39 @@ class ConfigReader {
   int64_t integer_value(const json& value, const char* key) const {
     if (!value.is_number_integer())
       throw_error(source_, ": field '", key, "' must be an integer, found ", value.dump());
+    // nlohmann keeps integers above INT64_MAX unsigned; get<int64_t> would wrap them negative.
+    if (value.is_number_unsigned() && value.get<uint64_t>() > uint64_t{INT64_MAX})
+      throw_error(source_, ": field '", key, "' is ", value.dump(), ", out of range");
     return value.get<int64_t>();
   }
   const json& root_;
   std::string source_;
 };
 
-void require_positive(const ConfigReader& reader, const char* name, int64_t value) {
+// Upper bounds on size fields, far above any published model (the largest have ~128 layers,
+// vocabularies of ~260k, hidden sizes of ~20k, 512 experts): a value past them is a corrupt or
+// hostile config, refused by name before anything is sized from it (num_hidden_layers: 1e9
+// would otherwise end in a bare std::bad_alloc).
+constexpr int64_t kMaxLayers = 1024;
+constexpr int64_t kMaxVocab = int64_t{1} << 24;
+constexpr int64_t kMaxWidth = int64_t{1} << 20;  // hidden and intermediate sizes
+constexpr int64_t kMaxHeads = 4096;
+constexpr int64_t kMaxHeadDim = 4096;
+constexpr int64_t kMaxExperts = int64_t{1} << 16;
+constexpr int64_t kMaxPositions = int64_t{1} << 28;
+constexpr int64_t kMaxConvKernel = 64;
+
+void require_in_range(const ConfigReader& reader, const char* name, int64_t value, int64_t low,
+                      int64_t high) {
+  if (value < low || value > high)
+    throw_error(reader.source(), ": ", name, " is ", value, "; expected a value in [", low, ", ",
+                high, "]");
+}
+
+void require_positive(const ConfigReader& reader, const char* name, int64_t value,
+                      int64_t high = kMaxWidth) {
   if (value <= 0) throw_error(reader.source(), ": ", name, " must be > 0, found ", value);
+  require_in_range(reader, name, value, 1, high);
 }
 
 DType parse_config_dtype(const ConfigReader& reader) {
@@ -106,11 +137,11 @@ void parse_linear_attention(const ConfigReader& reader, const json& text, ModelC
   config.linear_value_head_dim = reader.integer_or("linear_value_head_dim", 128);
   config.linear_num_key_heads = reader.integer_or("linear_num_key_heads", 16);
   config.linear_num_value_heads = reader.integer_or("linear_num_value_heads", 32);
-  require_positive(reader, "linear_conv_kernel_dim", config.linear_conv_kernel);
-  require_positive(reader, "linear_key_head_dim", config.linear_key_head_dim);
-  require_positive(reader, "linear_value_head_dim", config.linear_value_head_dim);
-  require_positive(reader, "linear_num_key_heads", config.linear_num_key_heads);
-  require_positive(reader, "linear_num_value_heads", config.linear_num_value_heads);
+  require_positive(reader, "linear_conv_kernel_dim", config.linear_conv_kernel, kMaxConvKernel);
+  require_positive(reader, "linear_key_head_dim", config.linear_key_head_dim, kMaxHeadDim);
+  require_positive(reader, "linear_value_head_dim", config.linear_value_head_dim, kMaxHeadDim);
+  require_positive(reader, "linear_num_key_heads", config.linear_num_key_heads, kMaxHeads);
+  require_positive(reader, "linear_num_value_heads", config.linear_num_value_heads, kMaxHeads);
   if (config.linear_num_value_heads % config.linear_num_key_heads != 0)
     throw_error(source, ": linear_num_value_heads (", config.linear_num_value_heads,
                 ") is not a multiple of linear_num_key_heads (", config.linear_num_key_heads, ")");
@@ -135,7 +166,7 @@ void parse_linear_attention(const ConfigReader& reader, const json& text, ModelC
     }
   } else {
     const int64_t interval = reader.integer_or("full_attention_interval", 4);
-    require_positive(reader, "full_attention_interval", interval);
+    require_positive(reader, "full_attention_interval", interval, kMaxLayers);
     for (size_t layer = 0; layer < num_layers; ++layer)
       config.layer_kinds.push_back((static_cast<int64_t>(layer) + 1) % interval != 0
                                        ? LayerKind::kLinearAttention
@@ -194,6 +225,7 @@ ModelConfig ModelConfig::load(const std::string& config_json_path) {
 }
 
 ModelConfig ModelConfig::parse(const std::string& json_text, const std::string& source_name) {
+  check_json_depth(json_text, source_name);
   json root = json::parse(json_text, nullptr, /*allow_exceptions=*/false);
   if (root.is_discarded() || !root.is_object())
     throw_error(source_name, ": not a valid JSON object");
@@ -248,19 +280,24 @@ ModelConfig ModelConfig::parse(const std::string& json_text, const std::string& 
   config.num_layers = reader.integer("num_hidden_layers");
   config.num_heads = reader.integer("num_attention_heads");
   config.num_kv_heads = reader.integer_or("num_key_value_heads", config.num_heads);
-  require_positive(reader, "vocab_size", config.vocab_size);
+  require_positive(reader, "vocab_size", config.vocab_size, kMaxVocab);
   require_positive(reader, "hidden_size", config.hidden_size);
-  require_positive(reader, "num_hidden_layers", config.num_layers);
-  require_positive(reader, "num_attention_heads", config.num_heads);
-  require_positive(reader, "num_key_value_heads", config.num_kv_heads);
+  require_positive(reader, "num_hidden_layers", config.num_layers, kMaxLayers);
+  require_positive(reader, "num_attention_heads", config.num_heads, kMaxHeads);
+  require_positive(reader, "num_key_value_heads", config.num_kv_heads, kMaxHeads);
   if (config.num_heads % config.num_kv_heads != 0)
     throw_error(source_name, ": num_attention_heads (", config.num_heads,
                 ") is not a multiple of num_key_value_heads (", config.num_kv_heads, ")");
   config.head_dim = reader.integer_or("head_dim", config.hidden_size / config.num_heads);
-  require_positive(reader, "head_dim", config.head_dim);
+  require_positive(reader, "head_dim", config.head_dim, kMaxHeadDim);
   config.max_position_embeddings = reader.integer_or("max_position_embeddings", 32768);
-  require_positive(reader, "max_position_embeddings", config.max_position_embeddings);
+  require_positive(reader, "max_position_embeddings", config.max_position_embeddings,
+                   kMaxPositions);
   config.rms_norm_eps = reader.number_or("rms_norm_eps", 1e-6);
+  // RMSNorm divides by sqrt(mean(x^2) + eps): eps <= 0 gives NaN or infinity on a zero row.
+  if (!(config.rms_norm_eps > 0.0 && config.rms_norm_eps <= 1.0))
+    throw_error(text_source, ": rms_norm_eps is ", config.rms_norm_eps,
+                "; expected a value in (0, 1]");
 
   // RoPE: transformers 5 writes rope_parameters {rope_theta, rope_type, partial_rotary_factor};
   // published checkpoints have top-level rope_theta / rope_scaling.
@@ -281,6 +318,9 @@ ModelConfig ModelConfig::parse(const std::string& json_text, const std::string& 
     partial_rotary_factor = rope_reader.number_or("partial_rotary_factor", partial_rotary_factor);
   }
   if (!(config.rope_theta > 0)) throw_error(source_name, ": rope_theta must be > 0");
+  if (!(partial_rotary_factor > 0.0 && partial_rotary_factor <= 1.0))
+    throw_error(source_name, ": partial_rotary_factor is ", partial_rotary_factor,
+                "; expected a value in (0, 1]");
   config.rotary_dim =
       static_cast<int64_t>(static_cast<double>(config.head_dim) * partial_rotary_factor);
   if (config.rotary_dim <= 0 || config.rotary_dim > config.head_dim || config.rotary_dim % 2 != 0)
@@ -290,7 +330,7 @@ ModelConfig ModelConfig::parse(const std::string& json_text, const std::string& 
 
   config.num_experts = reader.integer_or("num_experts", reader.integer_or("num_local_experts", 0));
   config.top_k = reader.integer("num_experts_per_tok");
-  require_positive(reader, "num_experts", config.num_experts);
+  require_positive(reader, "num_experts", config.num_experts, kMaxExperts);
   if (config.top_k <= 0 || config.top_k > config.num_experts)
     throw_error(source_name, ": num_experts_per_tok must be in [1, ", config.num_experts,
                 "], found ", config.top_k);
@@ -318,7 +358,7 @@ ModelConfig ModelConfig::parse(const std::string& json_text, const std::string& 
       config.norm_topk_prob = config.architecture == Architecture::kQwen3_5Moe ||
                               reader.boolean_or("norm_topk_prob", false);
       int64_t sparse_step = reader.integer_or("decoder_sparse_step", 1);
-      require_positive(reader, "decoder_sparse_step", sparse_step);
+      require_positive(reader, "decoder_sparse_step", sparse_step, kMaxLayers);
       std::vector<int64_t> mlp_only_layers;
       if (reader.has("mlp_only_layers")) {
         if (!text["mlp_only_layers"].is_array())
@@ -355,6 +395,9 @@ ModelConfig ModelConfig::parse(const std::string& json_text, const std::string& 
   if (config.layer_kinds.empty())
     config.layer_kinds.assign(static_cast<size_t>(config.num_layers), LayerKind::kFullAttention);
   require_positive(reader, "moe_intermediate_size", config.moe_intermediate_size);
+  require_in_range(reader, "intermediate_size", config.intermediate_size, 0, kMaxWidth);
+  require_in_range(reader, "shared_expert_intermediate_size",
+                   config.shared_expert_intermediate_size, 0, kMaxWidth);
   for (bool is_moe : config.layer_is_moe)
     if (!is_moe)
       require_positive(reader, "intermediate_size (dense layers)", config.intermediate_size);

@@ -2,6 +2,7 @@
 // key sets: /work/shared/reference/qwen35-gdn-and-formats.md section 2 (ModelOpt exports,
 // compressed-tensors configs, Qwen/DeepSeek FP8, AutoAWQ / AutoGPTQ configs, gpt-oss MXFP4).
 #include "runtime/model/quant_config.h"
+#include "runtime/common/json_depth.h"
 
 // GCC 12 reports std::regex's std::function members as maybe-uninitialized once inlined under
 // the sanitizers (a false positive inside libstdc++'s <functional> and <regex>); silence it for
@@ -260,6 +261,11 @@ QuantConfig parse_int4(const json& root, const std::string& source, bool awq) {
   require_value(root, "bits", 4, source);
   if (!root.contains("group_size") || !root["group_size"].is_number_integer())
     throw_error(source, ": missing integer quantization key 'group_size'");
+  // Above INT64_MAX nlohmann keeps it unsigned, and get<int64_t> would wrap it negative.
+  if (root["group_size"].is_number_unsigned() && root["group_size"].get<uint64_t>() > uint64_t{1}
+                                                                                          << 20)
+    throw_error(source, ": group_size ", root["group_size"].dump(),
+                " is out of range (at most 2^20)");
   config.group_size = root["group_size"].get<int64_t>();
   if (config.group_size <= 0)
     throw_error(source, ": group_size ", config.group_size,
@@ -302,6 +308,7 @@ std::string_view quant_method_name(QuantMethod method) {
 
 QuantConfig parse_quant_config(const std::string& json_text, const std::string& source,
                                bool hf_quant_config) {
+  check_json_depth(json_text, source);
   json root = json::parse(json_text, nullptr, /*allow_exceptions=*/false);
   if (root.is_discarded() || !root.is_object())
     throw_error(source, ": quantization config is not a JSON object");

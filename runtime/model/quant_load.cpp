@@ -37,7 +37,7 @@ float scalar_value(const Checkpoint& checkpoint, const std::string& name) {
   if (view.num_elements() != 1)
     throw_error("checkpoint ", checkpoint.directory(), ", tensor ", name,
                 ": expected a scalar, found shape ", view.shape_string());
-  const float value = load_as_f32(view.data, view.dtype, 0);
+  const float value = view.f32_at(0);
   if (!(value > 0.0f) || !std::isfinite(value))
     throw_error("checkpoint ", checkpoint.directory(), ", tensor ", name, ": scale ", value,
                 " is not a finite positive number");
@@ -316,9 +316,8 @@ void HostWeight::copy_rows(const LinearSource& source, int64_t row0, int64_t num
                     static_cast<size_t>(cols_));
         const int64_t block_row = (row0 + row) / 128;
         for (int64_t group = 0; group < scale_ld_; ++group) {
-          const float value =
-              load_as_f32(source.scales->data, source.scales->dtype,
-                          static_cast<size_t>(block_row * src_scale_cols + col0 / 128 + group));
+          const float value = source.scales->f32_at(
+              static_cast<size_t>(block_row * src_scale_cols + col0 / 128 + group));
           std::memcpy(scales_.data() + ((dst_row + row) * scale_ld_ + group) * 4, &value, 4);
         }
       }
@@ -350,8 +349,7 @@ void HostWeight::copy_rows(const LinearSource& source, int64_t row0, int64_t num
           if (!awq && source.gptq_v1) zero += 1;  // AutoGPTQ v1 stores zero - 1
           zeros_[static_cast<size_t>((dst_row + row) * scale_ld_ + group)] =
               static_cast<uint8_t>(zero);
-          const float scale = load_as_f32(source.scales->data, source.scales->dtype,
-                                          static_cast<size_t>(src_group * src_rows + n));
+          const float scale = source.scales->f32_at(static_cast<size_t>(src_group * src_rows + n));
           std::memcpy(scales_.data() + ((dst_row + row) * scale_ld_ + group) * 4, &scale, 4);
         }
       }

@@ -23,14 +23,15 @@
 // Alignment: the data region starts at 8 + N. Writers pad N to a multiple of 8 (ours and the
 // Python library do), but the format does not require it, so for foreign files TensorView::data
 // may be misaligned for its element type. Consumers copy or convert element by element with
-// memcpy-style loads (see load_as_f32 callers), never dereference it as float*/uint16_t*
-// directly, so this is accepted rather than rejected.
+// memcpy loads (TensorView::f32_at, HostWeight's row copies), never dereference it as
+// float*/uint16_t* directly, so this is accepted rather than rejected.
 //
 // Writing: header padded with spaces to a multiple of 8 bytes, tensors laid out back to back
 // in the given order. The file is written under a temporary name in the same directory and
 // renamed over the final name, so a crash never leaves a half-written file under that name.
 
 #include "runtime/model/safetensors.h"
+#include "runtime/common/json_depth.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -187,6 +188,19 @@ std::string TensorView::shape_string() const {
   return shape_to_string(shape);
 }
 
+float TensorView::f32_at(size_t index) const {
+  if (!is_float())
+    throw_error("tensor ", name, " in ", file, " is ", tensor_type_name(type),
+                " where a float tensor (F32, BF16, F16) is expected");
+  const size_t element_bytes = dtype_size(dtype);
+  KEEL_CHECK(index < nbytes / element_bytes, "tensor ", name, " in ", file, ": element ", index,
+             " is past its ", nbytes / element_bytes, " elements");
+  // An aligned copy of the one element, then the ordinary conversion on it.
+  alignas(4) std::byte element[4];
+  std::memcpy(element, data + index * element_bytes, element_bytes);
+  return load_as_f32(element, dtype, 0);
+}
+
 std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) {
   const std::string where = "safetensors file " + path;
 
@@ -229,6 +243,7 @@ std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
   }
 
   const char* header_begin = reinterpret_cast<const char*>(bytes + kHeaderLengthBytes);
+  check_json_depth(std::string_view(header_begin, header_length), where + " header");
   nlohmann::json header;
   try {
     header = nlohmann::json::parse(header_begin, header_begin + header_length);

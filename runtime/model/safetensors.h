@@ -47,6 +47,10 @@ struct TensorView {
 
   int64_t num_elements() const;
   std::string shape_string() const;  // "[1024, 4096]"
+  // Element `index` of a float tensor as f32. The data region may start at any byte offset
+  // (the format does not require padding the header), so this copies the bytes out rather
+  // than dereferencing `data` as float* / uint16_t*, which would be a misaligned load.
+  float f32_at(size_t index) const;
 };
 
 class SafetensorsFile {

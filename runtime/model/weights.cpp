@@ -78,7 +78,7 @@ Matrix load_rows(const LoadContext& ctx, const LinearSource& source, int64_t row
 Buffer load_vector(const TensorView& view, int64_t offset, int64_t count) {
   Buffer vector(DType::kF32, static_cast<size_t>(count));
   for (int64_t i = 0; i < count; ++i)
-    vector.f32()[i] = load_as_f32(view.data, view.dtype, static_cast<size_t>(offset + i));
+    vector.f32()[i] = view.f32_at(static_cast<size_t>(offset + i));
   return vector;
 }
 
@@ -168,7 +168,7 @@ DeviceArray load_conv_weight(Backend& backend, const TensorView& view, const Lin
     for (int64_t c = 0; c < count; ++c)
       for (int64_t j = 0; j < kernel; ++j)
         weight.f32()[(dst_channel + c) * kernel + j] =
-            load_as_f32(view.data, view.dtype, static_cast<size_t>((src_channel + c) * kernel + j));
+            view.f32_at(static_cast<size_t>((src_channel + c) * kernel + j));
   };
   copy_channels(heads.first_k * heads.k_dim, q_rows, 0);
   copy_channels(key_dim + heads.first_k * heads.k_dim, q_rows, q_rows);

@@ -6,6 +6,7 @@
 // the bytes that remain before it allocates or reads, which is what turns a truncated or corrupt
 // file into a precise keel::Error rather than a bad_alloc or a short read noticed too late.
 #include "runtime/routing/routing_file.h"
+#include "runtime/common/json_depth.h"
 
 #include <algorithm>
 #include <bit>
@@ -372,6 +373,7 @@ RoutingReader::RoutingReader(const std::string& path) : path_(path) {
   std::string text(header_len, '\0');
   in_.read(text.data(), static_cast<std::streamsize>(header_len));
   if (!in_) throw_error(where, ": reading the header JSON failed");
+  check_json_depth(text, where + " header");
   json object;
   try {
     object = json::parse(text);
@@ -413,6 +415,9 @@ bool RoutingReader::next(RoutingRecord& record) {
   in_.read(text.data(), static_cast<std::streamsize>(json_len));
   if (!in_) fail_record(start, "reading the record JSON failed");
   remaining -= json_len;
+  if (json_nesting_depth(text) > kMaxJsonDepth)
+    fail_record(start,
+                "record JSON nests deeper than " + std::to_string(kMaxJsonDepth) + " levels");
   json object;
   try {
     object = json::parse(text);

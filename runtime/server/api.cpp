@@ -5,6 +5,8 @@
 #include <limits>
 #include <span>
 
+#include "runtime/common/json_depth.h"
+
 namespace keel::server {
 namespace {
 
@@ -18,19 +20,18 @@ RequestError field_error(const std::string& field, const std::string& what) {
   return error;
 }
 
+// An integer above INT64_MAX: nlohmann keeps it unsigned (is_number_integer is true for it too)
+// and get<int64_t> would wrap 2^64 - 1 to -1.
+bool is_huge_unsigned(const json& value) {
+  return value.is_number_unsigned() &&
+         value.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
+}
+
 // JSON numbers arrive as integer or float; integers must not have a fraction.
 bool as_int(const json& value, int64_t& out) {
-  if (value.is_number_integer()) {
-    out = value.get<int64_t>();
-    return true;
-  }
-  if (value.is_number_unsigned()) {
-    uint64_t u = value.get<uint64_t>();
-    if (u > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) return false;
-    out = static_cast<int64_t>(u);
-    return true;
-  }
-  return false;
+  if (!value.is_number_integer() || is_huge_unsigned(value)) return false;
+  out = value.get<int64_t>();
+  return true;
 }
 
 std::optional<RequestError> read_int(const json& body, const char* field, int64_t lo, int64_t hi,
@@ -38,10 +39,11 @@ std::optional<RequestError> read_int(const json& body, const char* field, int64_
   auto it = body.find(field);
   if (it == body.end() || it->is_null()) return std::nullopt;
   int64_t value = 0;
+  const std::string range = "between " + std::to_string(lo) + " and " + std::to_string(hi);
+  if (is_huge_unsigned(*it)) return field_error(field, "must be " + range + ", got " + it->dump());
   if (!as_int(*it, value)) return field_error(field, "must be an integer");
   if (value < lo || value > hi) {
-    return field_error(field, "must be between " + std::to_string(lo) + " and " +
-                                  std::to_string(hi) + ", got " + std::to_string(value));
+    return field_error(field, "must be " + range + ", got " + std::to_string(value));
   }
   out = static_cast<int>(value);
   return std::nullopt;
@@ -560,6 +562,12 @@ std::optional<RequestError> parse_completion_request(const std::string& body_tex
                                                      CompletionRequest& out) {
   out = CompletionRequest{};
   out.endpoint = endpoint;
+  if (json_nesting_depth(body_text) > kMaxJsonDepth) {
+    RequestError error;
+    error.message = "request body nests deeper than " + std::to_string(kMaxJsonDepth) + " levels";
+    error.code = "invalid_json";
+    return error;
+  }
   // Parse without exceptions: a malformed body is the client's error, not ours.
   json body = json::parse(body_text, nullptr, /*allow_exceptions=*/false);
   if (body.is_discarded()) {
@@ -622,7 +630,8 @@ std::optional<RequestError> parse_completion_request(const std::string& body_tex
   }
   if (auto it = body.find("seed"); it != body.end() && !it->is_null()) {
     int64_t seed = 0;
-    if (!as_int(*it, seed)) return field_error("seed", "must be an integer");
+    if (!as_int(*it, seed))
+      return field_error("seed", "must be an integer in [-2^63, 2^63 - 1], got " + it->dump());
     out.seed = static_cast<uint64_t>(seed);
   }
   if (auto it = body.find("stop"); it != body.end() && !it->is_null()) {

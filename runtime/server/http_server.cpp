@@ -21,6 +21,7 @@
 
 #include "kernels/base/check.h"
 #include "runtime/server/chat_output.h"
+#include "runtime/server/http_request.h"
 #include "runtime/server/info_routes.h"
 
 namespace keel::server {
@@ -419,13 +420,9 @@ class Session : public std::enable_shared_from_this<Session> {
     head_request_ = req.method() == http::verb::head;  // answered without a body
     client_request_id_ = std::string(req["x-request-id"]);
     response_request_id_ = client_request_id_.empty() ? random_id("req-") : client_request_id_;
-    std::string target(req.target());
-    std::string query_string;
-    if (auto query = target.find('?'); query != std::string::npos) {
-      query_string = target.substr(query + 1);
-      target.resize(query);
-    }
-    while (target.size() > 1 && target.back() == '/') target.pop_back();
+    RequestTarget split = split_target(std::string(req.target()));
+    std::string target = std::move(split.path);
+    const std::string query_string = std::move(split.query);
 
     auto require = [&](http::verb verb, http::verb also = http::verb::unknown) {
       if (req.method() == verb || (also != http::verb::unknown && req.method() == also))

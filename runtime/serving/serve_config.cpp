@@ -1,5 +1,8 @@
 #include "runtime/serving/serve_config.h"
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <filesystem>
 #include <limits>
 
@@ -41,7 +44,44 @@ T bounded(const YAML::Node& root, const std::string& key, const std::string& pat
   return value;
 }
 
+// Directories the server writes into must exist at start-up: creating them would turn a typo
+// into a silently new directory, and finding out at the first dump or trace is too late.
+void require_directory(const std::string& dir, const std::string& key, const std::string& path) {
+  std::error_code error;
+  if (!std::filesystem::is_directory(dir, error))
+    throw_error(path, ": key '", key, "' is '", dir, "', which is not an existing directory");
+}
+
 }  // namespace
+
+int64_t num_kv_blocks_for(const ServeConfig& config, int64_t block_bytes, int num_local_ranks,
+                          bool host_memory) {
+  KEEL_CHECK(block_bytes > 0 && num_local_ranks > 0);
+  const int64_t blocks = config.num_kv_blocks > 0
+                             ? config.num_kv_blocks
+                             : std::max<int64_t>(1, config.kv_cache_mb * 1024 * 1024 / block_bytes);
+  const char* key = config.num_kv_blocks > 0 ? "num_kv_blocks" : "kv_cache_mb";
+  // The scheduler counts blocks in 32 bits.
+  if (blocks > std::numeric_limits<int32_t>::max())
+    throw_error(key, " gives ", blocks, " KV blocks per rank, more than the scheduler's limit of ",
+                std::numeric_limits<int32_t>::max());
+  // Host ranks share this machine's memory: a pool larger than all of it cannot be allocated,
+  // and finding that out after announcing the server (or by the OOM killer) is too late.
+  if (host_memory) {
+    const long pages = ::sysconf(_SC_PHYS_PAGES);
+    const long page_bytes = ::sysconf(_SC_PAGE_SIZE);
+    if (pages > 0 && page_bytes > 0) {
+      const double physical = static_cast<double>(pages) * static_cast<double>(page_bytes);
+      const double wanted =
+          static_cast<double>(blocks) * static_cast<double>(block_bytes) * num_local_ranks;
+      if (wanted > physical)
+        throw_error(key, " asks for ", wanted / (1024.0 * 1024.0), " MiB of KV cache over ",
+                    num_local_ranks, " rank(s) in this process; the machine has ",
+                    physical / (1024.0 * 1024.0), " MiB of memory");
+    }
+  }
+  return blocks;
+}
 
 ServeConfig load_serve_config(const std::string& path, ModelKey model_key) {
   YAML::Node root = load_yaml_mapping(path);
@@ -189,12 +229,17 @@ ServeConfig load_serve_config(const std::string& path, ModelKey model_key) {
   if (root["telemetry"]) config.telemetry = yaml_value<bool>(root, "telemetry", path);
   if (root["near_tie_epsilon"])
     config.near_tie_epsilon = bounded<double>(root, "near_tie_epsilon", path, 0.0, 1.0);
-  if (root["telemetry_dump_dir"])
+  if (root["telemetry_dump_dir"]) {
     config.telemetry_dump_dir = yaml_value<std::string>(root, "telemetry_dump_dir", path);
+    require_directory(config.telemetry_dump_dir, "telemetry_dump_dir", path);
+  }
   if (root["telemetry_dump_interval_s"])
     config.telemetry_dump_interval_s =
         bounded<double>(root, "telemetry_dump_interval_s", path, 0.01, 86400.0);
-  if (root["trace_dir"]) config.trace_dir = yaml_value<std::string>(root, "trace_dir", path);
+  if (root["trace_dir"]) {
+    config.trace_dir = yaml_value<std::string>(root, "trace_dir", path);
+    require_directory(config.trace_dir, "trace_dir", path);
+  }
   if (root["routing_capture"])
     config.routing_capture = yaml_value<std::string>(root, "routing_capture", path);
   try {

@@ -28,6 +28,7 @@
 //   max_waiting: 256   (queued requests beyond which new ones get 429)
 //   drain_timeout_s: 30   collective_timeout_ms: 120000   http_threads: 2
 //   max_body_kb: 4096
+// Floats must be finite; telemetry_dump_dir and trace_dir must be existing directories.
 // Telemetry (README, "Telemetry"):
 //   telemetry: true              per-step phase/expert timings and routing statistics
 //   near_tie_epsilon: 1.0e-4     router margins below this count as near-ties
@@ -117,5 +118,11 @@ ServeConfig load_serve_config(const std::string& path, ModelKey model_key = Mode
 // Sets engine.reduce from `reduce` (else the determinism mode's own) and refuses
 // batch_invariant with native, naming `where`.
 void resolve_reduce(ServeConfig& config, const std::string& where);
+
+// KV blocks per rank from num_kv_blocks or kv_cache_mb at `block_bytes` per block (K and V),
+// refused with the key named when the scheduler cannot count them or, for ranks in host memory
+// (`host_memory`), when `num_local_ranks` pools would not fit in the machine's memory.
+int64_t num_kv_blocks_for(const ServeConfig& config, int64_t block_bytes, int num_local_ranks,
+                          bool host_memory);
 
 }  // namespace keel

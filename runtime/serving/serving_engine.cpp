@@ -104,7 +104,12 @@ ServingEngine::ServingEngine(const Engine& engine, const std::string& model_dir,
       template_(load_chat_template(model_dir)),
       scheduler_(config_.scheduler) {
   const int64_t model_max = engine.config().max_position_embeddings;
-  max_context_ = config_.max_model_len > 0 ? std::min(config_.max_model_len, model_max) : model_max;
+  // Positions past max_position_embeddings are outside what the model was trained (and its RoPE
+  // tables sized) for: refused by name rather than quietly clipped to the model's limit.
+  if (config_.max_model_len > model_max)
+    throw_error("max_model_len ", config_.max_model_len, " exceeds model ", model_dir,
+                "'s max_position_embeddings (", model_max, ")");
+  max_context_ = config_.max_model_len > 0 ? config_.max_model_len : model_max;
   model_dir_ = model_dir;
   if (config_.model_name.empty()) {
     // "out/models/tiny/" names "tiny" too.

@@ -12,6 +12,7 @@
 // templates (refused), Llama-3.1's date/"Cutting Knowledge" system header, Llama-2's <<SYS>>
 // block, Mistral's leading-space variant (" [INST] ").
 #include "runtime/tokenizer/chat_template.h"
+#include "runtime/common/json_depth.h"
 
 #include <algorithm>
 #include <filesystem>
@@ -84,6 +85,7 @@ std::optional<std::string> template_field(const json& config, const std::string&
 
 ChatTemplateInfo from_config(std::string_view text, const std::string& source,
                              const std::string& model_dir) {
+  check_json_depth(text, source);
   json config;
   try {
     config = json::parse(text);

@@ -34,6 +34,7 @@
 // \p{L} / \p{N} and NFC come from Python's unicodedata (Unicode 14, unicode_tables.h);
 // characters assigned after that classify as punctuation-like "other".
 #include "runtime/tokenizer/tokenizer.h"
+#include "runtime/common/json_depth.h"
 
 #include <algorithm>
 #include <array>
@@ -764,6 +765,7 @@ void Tokenizer::Impl::token_bytes(int32_t id, bool first, std::string& out) cons
 Tokenizer Tokenizer::from_json_text(std::string_view json_text, const std::string& source_name) {
   auto impl = std::make_shared<Impl>();
   impl->source = source_name;
+  check_json_depth(json_text, source_name);
   json root;
   try {
     root = json::parse(json_text);

@@ -20,12 +20,7 @@ template <typename T>
 void read_optional(const YAML::Node& node, const std::string& key, const std::string& where,
                    T& out) {
   if (!node[key]) return;
-  try {
-    out = node[key].as<T>();
-  } catch (const YAML::Exception&) {
-    throw_error(where, ": key '", key, "' has a value of the wrong type (", YAML::Dump(node[key]),
-                ")");
-  }
+  out = keel::yaml_value<T>(node, key, where);
 }
 
 template <typename T>

@@ -7,6 +7,7 @@
 //  - Per-step work: the scheduler's own plan building, one pass over the plan's sequences for
 //    the shape and the emitted tokens, and one time-series sample.
 #include "runtime/tools/simulation/simulator.h"
+#include "runtime/common/json_depth.h"
 
 #include <algorithm>
 #include <chrono>
@@ -149,6 +150,7 @@ std::vector<SimRequest> load_trace(const std::string& path) {
   buffer << file.rdbuf();
   const std::string text = buffer.str();
   std::vector<SimRequest> requests;
+  check_json_depth(text, "trace " + path);
   nlohmann::json whole = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (whole.is_object() && whole.contains("start_times")) {
     // keel bench serve --save-json
