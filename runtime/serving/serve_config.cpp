@@ -50,6 +50,8 @@ ServeConfig load_serve_config(const std::string& path) {
                        "max_waiting",
                        "drain_timeout_s",
                        "collective_timeout_ms",
+                       "startup_timeout_ms",
+                       "health_stall_ms",
                        "http_threads",
                        "max_body_kb",
                        "telemetry",
@@ -63,7 +65,7 @@ ServeConfig load_serve_config(const std::string& path) {
                        "metrics_cache_s"},
                       path);
   ServeConfig config;
-  config.engine.collective_timeout_ms = 120000;
+  config.engine.collective_timeout_ms = 8000;
   if (!root["model"]) throw_error(path, ": key 'model' is required (a checkpoint directory)");
   config.model_dir = yaml_value<std::string>(root, "model", path);
   if (std::filesystem::path(config.model_dir).is_relative())
@@ -144,6 +146,15 @@ ServeConfig load_serve_config(const std::string& path) {
     throw_error(path,
                 ": key 'collective_timeout_ms' must be 0 (forever) or >= 1000: idle ranks "
                 "wait up to ~20 ms between heartbeats and a busy step can take longer");
+  if (root["startup_timeout_ms"])
+    config.startup_timeout_ms =
+        bounded<int64_t>(root, "startup_timeout_ms", path, 1000, int64_t{1} << 40);
+  if (root["health_stall_ms"])
+    config.health_stall_ms = bounded<int64_t>(root, "health_stall_ms", path, 0, int64_t{1} << 40);
+  if (config.health_stall_ms != 0 && config.health_stall_ms < 100)
+    throw_error(path,
+                ": key 'health_stall_ms' must be 0 (off) or >= 100: the watchdog looks "
+                "every 100 ms");
   if (root["http_threads"]) config.http_threads = bounded<int>(root, "http_threads", path, 1, 64);
   if (root["max_body_kb"])
     config.max_body_kb = bounded<int64_t>(root, "max_body_kb", path, 1, int64_t{1} << 20);
