@@ -37,8 +37,12 @@ bool read_stat(int64_t pid, StatLine& line) {
 }  // namespace
 
 ProcessIdentity this_process_identity() {
+  return process_identity(static_cast<int64_t>(::getpid()));
+}
+
+ProcessIdentity process_identity(int64_t pid) {
   ProcessIdentity identity;
-  identity.pid = static_cast<int64_t>(::getpid());
+  identity.pid = pid;
   StatLine line;
   if (read_stat(identity.pid, line)) identity.start_ticks = line.start_ticks;
   std::array<char, 256> host{};

@@ -22,6 +22,9 @@ struct ProcessIdentity {
   std::string node;  // gethostname()
 };
 
+// The identity of process `pid` on this node (start time 0 when /proc cannot tell), and of this
+// process.
+ProcessIdentity process_identity(int64_t pid);
 ProcessIdentity this_process_identity();
 
 enum class ProcessState : uint8_t {
