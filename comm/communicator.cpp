@@ -24,4 +24,32 @@ ReduceAlgo parse_reduce_algo(std::string_view name) {
               "' (expected 'native' or 'fixed_order')");
 }
 
+std::string describe_peer_fault(const PeerFault& fault) {
+  const char* what = "is behind";
+  switch (fault.kind) {
+    case PeerFault::Kind::kDead:
+      what = "died";
+      break;
+    case PeerFault::Kind::kStopped:
+      what = "is stopped";
+      break;
+    case PeerFault::Kind::kBehind:
+      break;
+  }
+  std::string text = keel::detail::concat("rank ", fault.rank, " ", what);
+  if (!fault.detail.empty()) text += keel::detail::concat(" (", fault.detail, ")");
+  return text;
+}
+
+std::string describe_peer_faults(const std::vector<PeerFault>& faults,
+                                 std::string_view none_found) {
+  if (faults.empty()) return std::string(none_found);
+  std::string text;
+  for (const PeerFault& fault : faults) {
+    if (!text.empty()) text += "; ";
+    text += describe_peer_fault(fault);
+  }
+  return text;
+}
+
 }  // namespace keel::comm

@@ -50,7 +50,9 @@
 // to 1 ms so that a long wait (a peer still loading weights) costs no CPU. The deadline
 // counts from the call's entry and covers every phase of it.
 #include "comm/mpi_comm.h"
+#include "comm/process_probe.h"
 #include "comm/rank_order_sum.h"
+#include "comm/wait_loop.h"
 
 #include <algorithm>
 #include <climits>
@@ -130,6 +132,32 @@ bool mpi_launched() {
   return false;
 }
 
+std::vector<ProcessIdentity> exchange_process_identities(MPI_Comm comm) {
+  // Fixed-size records, so one MPI_Allgather of bytes carries every rank's identity.
+  struct Record {
+    int64_t pid = 0;
+    uint64_t start_ticks = 0;
+    char node[112] = {};
+  };
+  const ProcessIdentity mine = this_process_identity();
+  Record record;
+  record.pid = mine.pid;
+  record.start_ticks = mine.start_ticks;
+  mine.node.copy(record.node, sizeof(record.node) - 1);
+  int num_ranks = 1;
+  MPI_Comm_size(comm, &num_ranks);
+  std::vector<Record> records(static_cast<size_t>(num_ranks));
+  const int status = MPI_Allgather(&record, sizeof(Record), MPI_BYTE, records.data(),
+                                   sizeof(Record), MPI_BYTE, comm);
+  if (status != MPI_SUCCESS) {
+    throw_error("exchange_process_identities: MPI_Allgather failed: ", mpi_error_string(status));
+  }
+  std::vector<ProcessIdentity> identities;
+  for (const Record& peer : records)
+    identities.push_back({.pid = peer.pid, .start_ticks = peer.start_ticks, .node = peer.node});
+  return identities;
+}
+
 MpiSession::MpiSession() : MpiSession(nullptr, nullptr) {}
 
 MpiSession::MpiSession(int* argc, char*** argv) {
@@ -192,6 +220,7 @@ MpiCommunicator::MpiCommunicator(MPI_Comm parent, MpiCommOptions options) : opti
   recv_counts_.resize(per_rank);
   recv_displs_.resize(per_rank);
   sources_.resize(per_rank);
+  identities_ = exchange_process_identities(comm_);
 }
 
 MpiCommunicator::~MpiCommunicator() {
@@ -235,7 +264,10 @@ void MpiCommunicator::check_mpi(int status, const CallContext& call, const char*
               " failed: ", mpi_error_string(status));
 }
 
-void MpiCommunicator::fail_if_unusable(const CallContext& call) const {
+void MpiCommunicator::fail_if_unusable(const CallContext& call) {
+  if (watch().abort_requested() && !unusable()) {
+    throw_error("rank ", tp_rank_, ": ", call.collective, ": aborted: ", watch().abort_reason());
+  }
   if (!unusable()) [[likely]]
     return;
   throw_error("rank ", tp_rank_, ": ", call.collective, ": communicator unusable after an earlier ",
@@ -294,53 +326,58 @@ void MpiCommunicator::check_arguments(const CallContext& call, const std::string
 }
 
 void MpiCommunicator::wait(MPI_Request& request, const CallContext& call) {
-  int done = 0;
-  for (int poll = 0; poll < kSpinPolls; ++poll) {
-    check_mpi(MPI_Test(&request, &done, MPI_STATUS_IGNORE), call, "MPI_Test");
-    if (done) return;
-  }
-  const bool has_deadline = options_.timeout.count() > 0;
-  const Clock::time_point deadline = call.start + options_.timeout;
   // The yield phase is long enough for the data of the message to move (see the constants).
-  const Clock::time_point yield_until =
-      call.start + kMinYieldWindow +
-      std::chrono::nanoseconds(
-          static_cast<int64_t>(kYieldNanosPerByte * static_cast<double>(call.message_bytes)));
-  auto sleep = std::chrono::duration_cast<Clock::duration>(kFirstSleep);
-  while (true) {
-    check_mpi(MPI_Test(&request, &done, MPI_STATUS_IGNORE), call, "MPI_Test");
-    if (done) return;
-    const Clock::time_point now = Clock::now();
-    if (has_deadline && now >= deadline) {
-      const std::string what = call.describe();
-      const std::string message = keel::detail::concat(
-          what, " timed out after ", options_.timeout.count(), " ms: a peer rank died or hangs");
-      if (options_.on_timeout == MpiCommOptions::OnTimeout::kAbort) {
-        // One line, flushed before the abort: it is the only trace the job leaves.
-        std::fprintf(stderr, "[keel rank %d] FATAL: %s\n", tp_rank_, message.c_str());
-        std::fflush(stderr);
-        // The other survivors entered the same collective within moments of this rank and
-        // time out just as it does; a short grace lets each of them print its own line
-        // before MPI_Abort has mpirun kill them.
-        std::this_thread::sleep_for(std::chrono::milliseconds(300));
-        MPI_Abort(comm_, 3);
-        std::abort();  // MPI_Abort does not return; never continue past a hung collective
-      }
-      // kThrow: MPI cannot cancel the collective; park it (see MpiCommOptions::OnTimeout).
-      abandoned_request_ = request;
-      request = MPI_REQUEST_NULL;
-      abandoned_what_ = what;
-      throw_error("rank ", tp_rank_, ": ", message);
-    }
-    if (now < yield_until) {
-      std::this_thread::yield();
-    } else {
-      Clock::duration nap = sleep;
-      if (has_deadline) nap = std::min(nap, deadline - now);
-      std::this_thread::sleep_for(nap);
-      sleep = std::min(sleep * 2, std::chrono::duration_cast<Clock::duration>(kMaxSleep));
+  const WaitSchedule schedule{
+      .spin_polls = kSpinPolls,
+      .yield_window =
+          kMinYieldWindow + std::chrono::nanoseconds(static_cast<int64_t>(
+                                kYieldNanosPerByte * static_cast<double>(call.message_bytes))),
+      .first_sleep = kFirstSleep,
+      .max_sleep = kMaxSleep};
+  const WaitOutcome outcome = wait_until_done(
+      [&] {
+        int done = 0;
+        check_mpi(MPI_Test(&request, &done, MPI_STATUS_IGNORE), call, "MPI_Test");
+        return done != 0;
+      },
+      schedule, watch(), call.collective, call.start, options_.timeout);
+  if (outcome == WaitOutcome::kDone) return;
+
+  const std::string what = call.describe();
+  std::string message;
+  if (outcome == WaitOutcome::kAborted) {
+    message = keel::detail::concat(what, " aborted: ", watch().abort_reason());
+  } else {
+    message = keel::detail::concat(what, " timed out after ", options_.timeout.count(),
+                                   " ms: a peer rank died or hangs");
+    const std::vector<PeerFault> faults = peer_faults();
+    if (!faults.empty()) message += " (" + describe_peer_faults(faults, "") + ")";
+    if (options_.on_timeout == MpiCommOptions::OnTimeout::kAbort) {
+      // One line, flushed before the abort: it is the only trace the job leaves.
+      std::fprintf(stderr, "[keel rank %d] FATAL: %s\n", tp_rank_, message.c_str());
+      std::fflush(stderr);
+      // The other survivors entered the same collective within moments of this rank and
+      // time out just as it does; a short grace lets each of them print its own line
+      // before MPI_Abort has mpirun kill them.
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      MPI_Abort(comm_, 3);
+      std::abort();  // MPI_Abort does not return; never continue past a hung collective
     }
   }
+  // kThrow or an abort: MPI cannot cancel the collective; park it (see MpiCommOptions).
+  abandoned_request_ = request;
+  request = MPI_REQUEST_NULL;
+  abandoned_what_ = what;
+  throw_error("rank ", tp_rank_, ": ", message);
+}
+
+std::vector<PeerFault> MpiCommunicator::peer_faults() const {
+  return probe_local_peers(identities_, tp_rank_);
+}
+
+void MpiCommunicator::set_timeout(std::chrono::milliseconds timeout) {
+  if (timeout.count() < 0) throw_error("rank ", tp_rank_, ": MpiCommunicator: negative timeout");
+  options_.timeout = timeout;
 }
 
 void MpiCommunicator::all_reduce(float* data, size_t count, ReduceAlgo algo) {

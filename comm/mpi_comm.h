@@ -20,6 +20,11 @@
 //      died or hangs
 //    to stderr and calls MPI_Abort(comm, 3), so every surviving rank exits non-zero instead of
 //    hanging forever (or throws keel::Error, see MpiCommOptions::on_timeout).
+//  - Abort: Communicator::abort(reason) from another thread (the serving watchdog, on a dead
+//    peer) ends the wait in progress within one poll with keel::Error "rank R: <collective>
+//    aborted: <reason>"; the collective stays posted as after a kThrow timeout, and every
+//    later call throws. peer_faults() names peers on this node that are dead or stopped (the
+//    ranks' pids and start times are exchanged at construction).
 //  - Every error message names the rank: "rank R: <collective>...: <problem>" for keel::Error,
 //    "[keel rank R] FATAL: ..." for the watchdog's abort line.
 #pragma once
@@ -33,6 +38,7 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "comm/process_probe.h"
 
 namespace keel::comm {
 
@@ -40,6 +46,9 @@ namespace keel::comm {
 // srun / any PMI or PMIx launcher): one of OMPI_COMM_WORLD_SIZE, PMIX_RANK or PMI_RANK is set.
 // The CLI uses it to choose process ranks (MPI) over thread ranks.
 bool mpi_launched();
+
+// Every rank's (pid, start time, node) of `comm`, indexed by rank. Collective over `comm`.
+std::vector<ProcessIdentity> exchange_process_identities(MPI_Comm comm);
 
 // RAII MPI initialisation for a whole process: MPI_Init_thread asking for
 // MPI_THREAD_SERIALIZED (the engine may run its rank on a thread other than main, one at a
@@ -121,6 +130,10 @@ class MpiCommunicator final : public Communicator {
   void broadcast(void* data, size_t bytes, int root) override;
   void barrier() override;
 
+  // Peers on this node found dead or stopped (/proc, comm/process_probe.h); any thread.
+  std::vector<PeerFault> peer_faults() const override;
+  void set_timeout(std::chrono::milliseconds timeout) override;
+
   // The private duplicate all traffic goes through (for diagnostics; do not free it).
   MPI_Comm mpi_comm() const { return comm_; }
   const MpiCommOptions& options() const { return options_; }
@@ -141,12 +154,14 @@ class MpiCommunicator final : public Communicator {
     std::string describe() const;
   };
 
-  void fail_if_unusable(const CallContext& call) const;
+  // Throws once a collective was abandoned or an abort was requested (Communicator::abort).
+  void fail_if_unusable(const CallContext& call);
   // Local argument problems (empty when fine) and, with verify_arguments, agreement across
   // ranks on call.count and `tag`: throws keel::Error on every rank if any rank's arguments
   // are bad or they disagree.
   void check_arguments(const CallContext& call, const std::string& local_problem, int64_t tag);
-  // Completes `request` by polling MPI_Test; applies the watchdog.
+  // Completes `request` by polling MPI_Test (comm/wait_loop.h); applies the timeout and an
+  // abort request, after both of which the collective stays posted (see OnTimeout::kThrow).
   void wait(MPI_Request& request, const CallContext& call);
   // Throws keel::Error "rank R: <collective>: <mpi_call> failed: <MPI error string>".
   void check_mpi(int status, const CallContext& call, const char* mpi_call) const;
@@ -172,6 +187,7 @@ class MpiCommunicator final : public Communicator {
   // was, for the error messages of later calls.
   MPI_Request abandoned_request_ = MPI_REQUEST_NULL;
   std::string abandoned_what_;
+  std::vector<ProcessIdentity> identities_;  // every rank's process, for peer_faults()
 };
 
 }  // namespace keel::comm

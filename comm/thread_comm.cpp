@@ -62,6 +62,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include "kernels/base/check.h"
@@ -164,7 +165,9 @@ struct GroupState {
 
   // Arrives at the barrier and returns once all ranks have arrived. An entry barrier throws
   // keel::Error instead when the group is aborted before it completes or the timeout expires.
-  void arrive_and_wait(int tp_rank, const char* collective, BarrierKind kind);
+  // `watch` (may be null) marks the sleeping part of an entry barrier for a watchdog.
+  void arrive_and_wait(int tp_rank, const char* collective, BarrierKind kind,
+                       CollectiveWatch* watch = nullptr);
   void abort(const std::string& reason);
   bool aborted() const { return (barrier_word.load() & kAbortedBit) != 0; }
   [[noreturn]] void throw_aborted(int tp_rank, const char* collective);
@@ -173,11 +176,13 @@ struct GroupState {
   const ThreadCommOptions options;
   std::array<RankSlot, kMaxRanks> slots{};
   std::array<std::atomic<bool>, kMaxRanks> claimed{};
+  // Collectives each rank has entered so far: who is behind when a collective stalls.
+  std::array<std::atomic<uint64_t>, kMaxRanks> calls_entered{};
 
  private:
   void wake_sleepers();
   void sleep_until_released(int tp_rank, const char* collective, BarrierKind kind,
-                            uint32_t my_generation);
+                            uint32_t my_generation, CollectiveWatch* watch);
   // Called on timeout with the mutex held: aborts the group if our barrier is still incomplete
   // and throws; returns normally if it completed meanwhile.
   void abort_on_timeout(int tp_rank, const char* collective, uint32_t my_generation,
@@ -192,7 +197,8 @@ struct GroupState {
   std::string abort_reason;
 };
 
-void GroupState::arrive_and_wait(int tp_rank, const char* collective, BarrierKind kind) {
+void GroupState::arrive_and_wait(int tp_rank, const char* collective, BarrierKind kind,
+                                 CollectiveWatch* watch) {
   const bool honours_abort = kind == BarrierKind::kEntry;
   uint32_t word = barrier_word.load();
   uint32_t next = 0;
@@ -226,15 +232,18 @@ void GroupState::arrive_and_wait(int tp_rank, const char* collective, BarrierKin
     if (released()) return;
     std::this_thread::yield();
   } while (std::chrono::steady_clock::now() < yield_until);
-  sleep_until_released(tp_rank, collective, kind, my_generation);
+  sleep_until_released(tp_rank, collective, kind, my_generation, watch);
 }
 
 void GroupState::sleep_until_released(int tp_rank, const char* collective, BarrierKind kind,
-                                      uint32_t my_generation) {
+                                      uint32_t my_generation, CollectiveWatch* watch) {
   const bool honours_abort = kind == BarrierKind::kEntry;
   const bool has_deadline = honours_abort && options.timeout.count() > 0;
   // The timeout counts from here; the spin and yield phases before took about 100 us.
-  const auto deadline = std::chrono::steady_clock::now() + options.timeout;
+  const auto now = std::chrono::steady_clock::now();
+  const auto deadline = now + options.timeout;
+  std::optional<WaitScope> marked;
+  if (watch != nullptr) marked.emplace(*watch, collective, now);
 
   std::unique_lock<std::mutex> lock(mutex);
   num_sleepers.fetch_add(1);
@@ -267,13 +276,21 @@ void GroupState::abort_on_timeout(int tp_rank, const char* collective, uint32_t 
   while ((word & kGenerationMask) == my_generation && (word & kAbortedBit) == 0) {
     if (!barrier_word.compare_exchange_weak(word, word | kAbortedBit)) continue;
     const uint32_t arrived = word & kArrivedMask;
+    // The ranks that never entered this collective (fewer calls entered than this rank).
+    std::string missing;
+    const uint64_t mine = calls_entered[tp_rank].load(std::memory_order_relaxed);
+    for (int peer_rank = 0; peer_rank < num_ranks; ++peer_rank) {
+      if (calls_entered[peer_rank].load(std::memory_order_relaxed) >= mine) continue;
+      missing += keel::detail::concat(missing.empty() ? "; missing: rank " : ", rank ", peer_rank);
+    }
     abort_reason = keel::detail::concat("rank ", tp_rank, " timed out after ",
                                         options.timeout.count(), " ms in ", collective, " (",
-                                        arrived, " of ", num_ranks, " ranks arrived)");
+                                        arrived, " of ", num_ranks, " ranks arrived", missing, ")");
     lock.unlock();
     wakeup.notify_all();
     throw_error("rank ", tp_rank, ": ", collective, " timed out after ", options.timeout.count(),
-                " ms waiting for peers (", arrived, " of ", num_ranks, " ranks arrived)");
+                " ms waiting for peers (", arrived, " of ", num_ranks, " ranks arrived", missing,
+                ")");
   }
   if ((word & kGenerationMask) != my_generation) return;
   lock.unlock();
@@ -331,6 +348,14 @@ class ThreadCommunicator final : public Communicator {
   void broadcast(void* data, size_t bytes, int root) override;
   void barrier() override;
 
+  // Peers that have not entered the collective this rank waits in (kBehind); any thread.
+  std::vector<PeerFault> peer_faults() const override;
+  // Aborts the whole group (ThreadGroup::abort): every rank's wait throws.
+  void abort(const std::string& reason) override {
+    watch().request_abort(reason);
+    group_->abort(reason);
+  }
+
  private:
   // Common start of every collective: fail fast when aborted, injected delay, call counting.
   void enter(const char* collective);
@@ -364,12 +389,29 @@ void ThreadCommunicator::enter(const char* collective) {
         static_cast<int64_t>(draw % (static_cast<uint64_t>(max_delay.count()) + 1)));
     std::this_thread::sleep_for(delay);
   }
+  group_->calls_entered[tp_rank_].store(call_index + 1, std::memory_order_relaxed);
+}
+
+std::vector<PeerFault> ThreadCommunicator::peer_faults() const {
+  std::vector<PeerFault> faults;
+  const CollectiveWatch::Snapshot snapshot = watch().snapshot();
+  if (!snapshot.waiting) return faults;
+  const uint64_t mine = group_->calls_entered[tp_rank_].load(std::memory_order_relaxed);
+  for (int peer_rank = 0; peer_rank < group_->num_ranks; ++peer_rank) {
+    const uint64_t theirs = group_->calls_entered[peer_rank].load(std::memory_order_relaxed);
+    if (peer_rank == tp_rank_ || theirs >= mine) continue;
+    faults.push_back({.rank = peer_rank,
+                      .kind = PeerFault::Kind::kBehind,
+                      .detail = keel::detail::concat("has not entered ", snapshot.collective, " #",
+                                                     mine, "; its last was #", theirs)});
+  }
+  return faults;
 }
 
 void ThreadCommunicator::publish_and_enter(const char* collective,
                                            const detail::RankSlot& publication) {
   group_->slots[tp_rank_] = publication;
-  group_->arrive_and_wait(tp_rank_, collective, BarrierKind::kEntry);
+  group_->arrive_and_wait(tp_rank_, collective, BarrierKind::kEntry, &watch());
 }
 
 void ThreadCommunicator::check_agreement(const char* collective, const char* count_name,
@@ -489,7 +531,7 @@ void ThreadCommunicator::barrier() {
   static constexpr const char* kName = "barrier";
   enter(kName);
   if (group_->num_ranks == 1) return;
-  group_->arrive_and_wait(tp_rank_, kName, BarrierKind::kEntry);
+  group_->arrive_and_wait(tp_rank_, kName, BarrierKind::kEntry, &watch());
 }
 
 }  // namespace

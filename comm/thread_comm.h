@@ -24,6 +24,9 @@
 //    keel::Error("collective aborted: <reason> ...") instead of waiting forever. A collective
 //    whose entry barrier had already completed finishes normally (its remaining work is bounded
 //    memory traffic) so no rank returns while a peer still reads or writes its buffer.
+//  - Faults (comm/communicator.h): a rank asleep in an entry barrier marks its watch();
+//    peer_faults() names the ranks that have not entered the collective it waits in (each rank
+//    counts the collectives it entered); Communicator::abort aborts the whole group.
 //  - Errors are keel::Error naming the rank and the collective. Arguments the ranks disagree on
 //    (count, algorithm, root) or a rank's invalid arguments make every rank throw in the same
 //    call, after which the group is still usable.

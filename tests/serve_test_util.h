@@ -110,6 +110,8 @@ class ServerProcess {
   ServerProcess& operator=(const ServerProcess&) = delete;
 
   int port() const { return port_; }
+  // The serving process's pid (under mpirun: rank 0's, from the "listening on" line).
+  pid_t leader_pid() const { return leader_pid_; }
   // SIGTERM to the serving process (under mpirun: rank 0, the leader, which drains and then
   // stops the other ranks; mpirun itself would tear the job down instead).
   void terminate() const { kill(leader_pid_ > 0 ? leader_pid_ : pid_, SIGTERM); }

@@ -49,6 +49,9 @@
 // later call throws "unusable after ...". Peers are not told by NCCL; their own collective
 // fails by their timeout or NCCL's asynchronous error detection.
 #include "comm/nccl/nccl_comm.h"
+#include "comm/mpi_comm.h"
+#include "comm/process_probe.h"
+#include "comm/wait_loop.h"
 
 #include <algorithm>
 #include <chrono>
@@ -302,6 +305,9 @@ NcclCommunicator::NcclCommunicator(MPI_Comm comm, int device, NcclCommOptions op
                 ncclGetErrorString(static_cast<ncclResult_t>(bootstrap.status)));
   }
 
+  // The ranks' processes, for peer_faults() (comm/process_probe.h).
+  identities_ = exchange_process_identities(comm);
+
   // 4. Join the NCCL communicator.
   CurrentDevice current(device_, tp_rank_, kContext);
   ncclComm_t raw_comm = nullptr;
@@ -331,7 +337,8 @@ void NcclCommunicator::abort_after_failure(const std::string& reason) noexcept {
   cudaGetLastError();  // the aborted work may leave a non-sticky error behind
 }
 
-void NcclCommunicator::fail_if_unusable(const CallInfo& call) const {
+void NcclCommunicator::fail_if_unusable(const CallInfo& call) {
+  if (comm_ && watch().abort_requested()) abort_after_failure("aborted: " + watch().abort_reason());
   if (comm_) return;
   throw_error("rank ", tp_rank_, ": ", call.describe(),
               ": communicator unusable after an earlier failure: ", failure_);
@@ -393,9 +400,15 @@ void NcclCommunicator::run_collective(const CallInfo& call, Enqueue&& enqueue) {
 
 void NcclCommunicator::wait_for_completion(const CallInfo& call) {
   const auto start = std::chrono::steady_clock::now();
-  while (true) {
+  const WaitSchedule schedule{.spin_window = kSpinWindow,
+                              .yield_window = kYieldWindow,
+                              .first_sleep = kSleepStep,
+                              .max_sleep = kSleepStep};
+  // One poll: the stream, then NCCL's asynchronous error state (a failed peer or network that
+  // would otherwise leave the NCCL kernel spinning forever).
+  auto poll = [&] {
     const cudaError_t status = cudaStreamQuery(stream_.get());
-    if (status == cudaSuccess) return;
+    if (status == cudaSuccess) return true;
     if (status != cudaErrorNotReady) {
       throw_cuda_failure(tp_rank_, call.collective, "cudaStreamQuery(stream)", status);
     }
@@ -409,19 +422,32 @@ void NcclCommunicator::wait_for_completion(const CallInfo& call) {
                   detail != nullptr ? " (" : "", detail != nullptr ? detail : "",
                   detail != nullptr ? ")" : "");
     }
-    const auto waited = std::chrono::steady_clock::now() - start;
-    if (options_.timeout.count() > 0 && waited >= options_.timeout) {
-      throw_error("rank ", tp_rank_, ": ", call.describe(), " timed out after ",
-                  options_.timeout.count(),
-                  " ms: a peer rank died, hangs, or entered a different collective");
-    }
-    if (waited < kSpinWindow) continue;
-    if (waited < kYieldWindow) {
-      std::this_thread::yield();
-    } else {
-      std::this_thread::sleep_for(kSleepStep);
+    return false;
+  };
+  // On a timeout or an abort the caller (run_collective) aborts the NCCL communicator, which
+  // stops the kernels still waiting for the missing peer.
+  switch (wait_until_done(poll, schedule, watch(), call.collective, start, options_.timeout)) {
+    case WaitOutcome::kDone:
+      return;
+    case WaitOutcome::kAborted:
+      throw_error("rank ", tp_rank_, ": ", call.describe(), " aborted: ", watch().abort_reason());
+    case WaitOutcome::kTimedOut: {
+      const std::vector<PeerFault> faults = peer_faults();
+      throw_error(
+          "rank ", tp_rank_, ": ", call.describe(), " timed out after ", options_.timeout.count(),
+          " ms: a peer rank died, hangs, or entered a different collective",
+          faults.empty() ? "" : " (", describe_peer_faults(faults, ""), faults.empty() ? "" : ")");
     }
   }
+}
+
+std::vector<PeerFault> NcclCommunicator::peer_faults() const {
+  return probe_local_peers(identities_, tp_rank_);
+}
+
+void NcclCommunicator::set_timeout(std::chrono::milliseconds timeout) {
+  if (timeout.count() < 0) throw_error("rank ", tp_rank_, ": NcclCommunicator: negative timeout");
+  options_.timeout = timeout;
 }
 
 void NcclCommunicator::all_reduce(float* data, size_t count, ReduceAlgo algo) {

@@ -31,6 +31,9 @@
 //    arguments (host pointer, bad root) throw on the offending rank only, before anything is
 //    enqueued, and leave the communicator usable; NCCL cannot tell the peers, which then wait
 //    in their collective until their own timeout.
+//  - Faults: the wait is comm/wait_loop.h's (CPU-tested there); Communicator::abort(reason) from
+//    another thread ends it within one poll, and the NCCL communicator is then aborted as after
+//    a timeout. peer_faults() probes the ranks' processes on this node (comm/process_probe.h).
 //  - Construction and destruction are collective over the MPI communicator's ranks. Use one
 //    communicator from one thread at a time; the calling thread may change between calls (each
 //    call makes this communicator's GPU current and restores the caller's device).
@@ -47,6 +50,7 @@
 #include <string>
 
 #include "comm/communicator.h"
+#include "comm/process_probe.h"
 
 namespace keel::comm {
 
@@ -112,6 +116,12 @@ class NcclCommunicator final : public Communicator {
   void broadcast(void* data, size_t bytes, int root) override;
   void barrier() override;
 
+  // Peers on this node found dead or stopped; any thread. abort() (Communicator) from any thread
+  // ends the wait in progress within one poll; the NCCL communicator is then aborted
+  // (ncclCommAbort) on this thread, as after a timeout.
+  std::vector<PeerFault> peer_faults() const override;
+  void set_timeout(std::chrono::milliseconds timeout) override;
+
   int device() const { return device_; }
   // The stream every collective runs on (idle whenever no call is in progress).
   cudaStream_t stream() const { return stream_.get(); }
@@ -130,7 +140,8 @@ class NcclCommunicator final : public Communicator {
   void run_collective(const CallInfo& call, Enqueue&& enqueue);
   void wait_for_completion(const CallInfo& call);
   void abort_after_failure(const std::string& reason) noexcept;
-  void fail_if_unusable(const CallInfo& call) const;
+  // Throws after a failure; an abort requested meanwhile aborts the NCCL communicator first.
+  void fail_if_unusable(const CallInfo& call);
   // Throws unless `pointer` is device memory of this GPU or managed memory.
   void check_device_buffer(const CallInfo& call, const void* pointer, const char* name) const;
   // Makes scratch_ hold at least `elems` floats; the stream is idle, contents are dropped.
@@ -149,7 +160,8 @@ class NcclCommunicator final : public Communicator {
   nccl_detail::DeviceFloats scratch_;
   size_t scratch_capacity_ = 0;  // floats
   nccl_detail::CommHandle comm_;
-  std::string failure_;  // why comm_ was aborted, for later calls' errors
+  std::string failure_;                      // why comm_ was aborted, for later calls' errors
+  std::vector<ProcessIdentity> identities_;  // every rank's process, for peer_faults()
 };
 
 }  // namespace keel::comm

@@ -13,6 +13,7 @@
 #include <limits>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <random>
 #include <string>
 #include <thread>
@@ -194,8 +195,16 @@ struct ProcessRanks {
   std::unique_ptr<keel::comm::MpiSession> mpi_session;
   std::unique_ptr<keel::comm::Communicator> process_comm;
 
+  // How `serve` sets up its communicator (README "Faults"): collectives wait up to
+  // startup_timeout_ms until every rank reached the serving loop (the engine then tightens it);
+  // on a timeout the leader throws, so it can answer its clients before ending the job, while
+  // the other ranks abort the job as `generate` does.
+  struct ServePolicy {
+    int64_t startup_timeout_ms = 0;
+  };
+
   // Starts process ranks when launched by mpirun (or for CUDA); false: use thread ranks.
-  bool start(keel::EngineOptions& options) {
+  bool start(keel::EngineOptions& options, std::optional<ServePolicy> serve = std::nullopt) {
     if (!keel::comm::mpi_launched() && options.device != keel::Device::kCuda) return false;
     // CUDA ranks are processes too (one GPU each, NCCL bootstrapped over MPI); a single GPU
     // without mpirun is an MPI singleton of size 1.
@@ -204,7 +213,8 @@ struct ProcessRanks {
 #if defined(KEEL_WITH_NCCL)
       options.cuda_device = keel::comm::mpi_node_local_rank(MPI_COMM_WORLD);
       keel::comm::NcclCommOptions nccl_options;
-      nccl_options.timeout = std::chrono::milliseconds(options.collective_timeout_ms);
+      nccl_options.timeout = std::chrono::milliseconds(serve ? serve->startup_timeout_ms
+                                                             : options.collective_timeout_ms);
       process_comm = std::make_unique<keel::comm::NcclCommunicator>(
           MPI_COMM_WORLD, options.cuda_device, nccl_options);
 #elif defined(KEEL_WITH_CUDA)
@@ -222,7 +232,12 @@ struct ProcessRanks {
 #endif
     } else {
       keel::comm::MpiCommOptions mpi_options;
-      mpi_options.timeout = std::chrono::milliseconds(options.collective_timeout_ms);
+      mpi_options.timeout = std::chrono::milliseconds(serve ? serve->startup_timeout_ms
+                                                            : options.collective_timeout_ms);
+      int world_rank = 0;
+      MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+      if (serve && world_rank == 0)
+        mpi_options.on_timeout = keel::comm::MpiCommOptions::OnTimeout::kThrow;
       process_comm = std::make_unique<keel::comm::MpiCommunicator>(MPI_COMM_WORLD, mpi_options);
     }
     keel::set_current_rank(process_comm->rank());
@@ -233,7 +248,15 @@ struct ProcessRanks {
   template <typename Fn>
   int run_or_abort(const char* command, Fn&& fn) {
     try {
-      return fn();
+      const int exit_code = fn();
+      // A rank that failed after its clients were told (serve's leader) leaves peers inside
+      // collectives: end the whole job with its exit code.
+      if (exit_code != 0) {
+        std::fflush(stdout);
+        std::fflush(stderr);
+        MPI_Abort(MPI_COMM_WORLD, exit_code);
+      }
+      return exit_code;
     } catch (const std::exception& error) {
       // Peers are inside collectives waiting for this rank: end the whole job now.
       std::fprintf(stderr, "keel %s: rank %d: error: %s\n", command, process_comm->rank(),
@@ -476,7 +499,7 @@ int serve(int argc, char** argv) {
       throw_error("backend cuda: no CUDA device: ", reason);
   }
   ProcessRanks ranks;
-  if (ranks.start(options)) {
+  if (ranks.start(options, ProcessRanks::ServePolicy{config.startup_timeout_ms})) {
     if (!config.tp_given) options.tp_size = 0;
     return ranks.run_or_abort("serve", [&] { return run_serve(config); });
   }
@@ -495,6 +518,8 @@ int run_serve(keel::ServeConfig& config) {
   // KV blocks, not out of kv_cache_mb).
   const bool hybrid = engine.config().is_hybrid();
   if (hybrid) serve_options.num_state_slots = config.max_num_seqs;
+  serve_options.stall_ms = config.health_stall_ms;
+  serve_options.step_timeout_ms = config.engine.collective_timeout_ms;
   if (!engine.is_leader_process()) {
     // mpirun forwards SIGTERM to every rank; only the leader drains, the others follow its
     // steps until it broadcasts the stop.

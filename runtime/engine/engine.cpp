@@ -1,4 +1,5 @@
 #include "runtime/engine/engine.h"
+#include "runtime/engine/step_watchdog.h"
 
 #include <chrono>
 #include <cstdio>
@@ -6,6 +7,7 @@
 #include <exception>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include <spdlog/spdlog.h>
@@ -329,6 +331,18 @@ void Engine::serve_rank(int tp_rank, comm::Communicator& communicator, StepSourc
   StepOutput output;
   GatherScratch gather_scratch;
   int64_t run_steps = 0;
+  if (options_.process_communicator != nullptr) {
+    communicator.barrier();  // under the start-up timeout (see ServeOptions::step_timeout_ms)
+    if (options.step_timeout_ms == 0) communicator.set_timeout(std::chrono::milliseconds(0));
+    if (options.step_timeout_ms > 0)
+      communicator.set_timeout(std::chrono::milliseconds(
+          options.step_timeout_ms + (leader ? 0 : ServeOptions::kFollowerGraceMs)));
+  }
+  std::optional<StepWatchdog> watchdog;
+  if (leader && options.stall_ms > 0)
+    watchdog.emplace(communicator,
+                     WatchdogOptions{.stall = std::chrono::milliseconds(options.stall_ms)},
+                     [source](const std::string& reason) { source->on_stall(reason); });
   for (;;) {
     StepHeader header;
     if (leader) {

@@ -121,6 +121,9 @@ class StepSource {
   virtual void next_step(ServeStep& step) = 0;
   // The kRun step just executed (logits bits identical on all ranks).
   virtual void on_step_done(const StepOutput& output) = 0;
+  // From the leader's watchdog thread (ServeOptions::stall_ms): why steps stopped progressing
+  // ("steps stalled: ...; rank 2 is stopped (...)"), or "" once they progress again.
+  virtual void on_stall(const std::string& reason) { (void)reason; }
 };
 
 struct ServeOptions {
@@ -133,6 +136,16 @@ struct ServeOptions {
   // rank reaches only then): what announces the server, so it never says it is ready before a
   // pool that cannot be allocated fails.
   std::function<void()> on_ready;
+  // Fault handling (README "Faults", runtime/engine/step_watchdog.h). The leader's watchdog
+  // reports a collective wait of stall_ms as stalled steps and aborts at once on a dead peer;
+  // 0: no watchdog.
+  int64_t stall_ms = 0;
+  // Process ranks: every rank first meets the others at a barrier under the communicator's own
+  // (start-up) timeout -- ranks load weights at different speeds -- then runs its steps under
+  // this one (0: forever; -1: keep the communicator's). Followers get kFollowerGraceMs more, so
+  // the leader times out first and answers its clients before the job ends.
+  int64_t step_timeout_ms = -1;
+  static constexpr int64_t kFollowerGraceMs = 5000;
 };
 
 class Engine {

@@ -191,6 +191,9 @@ class TokenSink {
     on_finish(finish_reason, usage);
   }
   virtual void on_error(const std::string& message) = 0;
+  // The backend can serve nothing any more (a rank died or hangs, README "Faults"): the client
+  // gets 503 (an SSE error event with that status when streaming). Default: on_error.
+  virtual void on_unavailable(const std::string& message) { on_error(message); }
   // True once the client went away (or the server is shutting down the request).
   virtual bool cancelled() const = 0;
 };
@@ -207,6 +210,9 @@ struct RequestError {
 struct BackendHealth {
   bool healthy = true;
   std::string detail;  // shown in /health and in 503 bodies
+  // Unhealthy only because steps are stalled (README "Faults"): /health answers 503, but new
+  // requests still queue -- a slow step recovers, and a dead rank fails them with a 503.
+  bool stalled_only = false;
 };
 
 // POST /tokenize's answer from the backend: the ids and each id's token string as the

@@ -129,6 +129,7 @@ class SessionSink : public TokenSink {
   void on_finish(const std::string& finish_reason, Usage usage) override;
   void on_finish_with(const std::string& finish_reason, Usage usage, json choice_fields) override;
   void on_error(const std::string& message) override;
+  void on_unavailable(const std::string& message) override;
   bool cancelled() const override { return cancelled_->load(std::memory_order_acquire); }
 
  private:
@@ -337,10 +338,10 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   // One prompt failed: the response fails, and the batch's other prompts stop too.
-  void error(const std::string& message) {
+  void error(const std::string& message, int status = 500) {
     if (state_ != State::kGenerating) return;
     cancel_backend();
-    finish_with_error(message, 500);
+    finish_with_error(message, status);
   }
 
  private:
@@ -501,7 +502,7 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void start_generation(const std::string& body, Endpoint endpoint) {
     BackendHealth health = server_.backend.health();
-    if (!health.healthy) {
+    if (!health.healthy && !health.stalled_only) {
       send_error(make_error(503, "backend unhealthy: " + health.detail, "server_error",
                             "backend_unhealthy"),
                  true);
@@ -1083,7 +1084,12 @@ void SessionSink::on_finish_with(const std::string& finish_reason, Usage usage,
 
 void SessionSink::on_error(const std::string& message) {
   ended_ = true;
-  deliver([message](Session& session) { session.error(message); });
+  deliver([message](Session& session) { session.error(message, 500); });
+}
+
+void SessionSink::on_unavailable(const std::string& message) {
+  ended_ = true;
+  deliver([message](Session& session) { session.error(message, 503); });
 }
 
 }  // namespace

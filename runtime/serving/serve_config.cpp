@@ -112,6 +112,8 @@ ServeConfig load_serve_config(const std::string& path, ModelKey model_key) {
                        "max_waiting",
                        "drain_timeout_s",
                        "collective_timeout_ms",
+                       "startup_timeout_ms",
+                       "health_stall_ms",
                        "http_threads",
                        "max_body_kb",
                        "telemetry",
@@ -223,6 +225,15 @@ ServeConfig load_serve_config(const std::string& path, ModelKey model_key) {
     throw_error(path,
                 ": key 'collective_timeout_ms' must be 0 (forever) or >= 1000: idle ranks "
                 "wait up to ~20 ms between heartbeats and a busy step can take longer");
+  if (root["startup_timeout_ms"])
+    config.startup_timeout_ms =
+        bounded<int64_t>(root, "startup_timeout_ms", path, 1000, int64_t{1} << 40);
+  if (root["health_stall_ms"])
+    config.health_stall_ms = bounded<int64_t>(root, "health_stall_ms", path, 0, int64_t{1} << 40);
+  if (config.health_stall_ms != 0 && config.health_stall_ms < 100)
+    throw_error(path,
+                ": key 'health_stall_ms' must be 0 (off) or >= 100: the watchdog looks "
+                "every 100 ms");
   if (root["http_threads"]) config.http_threads = bounded<int>(root, "http_threads", path, 1, 64);
   if (root["max_body_kb"])
     config.max_body_kb = bounded<int64_t>(root, "max_body_kb", path, 1, int64_t{1} << 20);

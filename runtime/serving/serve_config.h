@@ -26,7 +26,13 @@
 //       runtime/model/kv_cache.h; kv_cache_mb buys blocks at the dtype's bytes)
 //   max_num_seqs: 64   max_num_batched_tokens: 512    prefix_caching: false
 //   max_waiting: 256   (queued requests beyond which new ones get 429)
-//   drain_timeout_s: 30   collective_timeout_ms: 120000   http_threads: 2
+//   drain_timeout_s: 30   http_threads: 2
+// Faults (README "Faults"):
+//   collective_timeout_ms: 8000  a step's collective waiting longer fails the engine: every
+//       in-flight request gets a 503 naming the rank, the job exits non-zero (0: forever)
+//   startup_timeout_ms: 300000   process ranks: how long ranks wait for each other to reach
+//       the serving loop (weights load at different speeds)
+//   health_stall_ms: 1000        a collective wait this long turns /health to 503 (0: off)
 //   max_body_kb: 4096
 // Floats must be finite; telemetry_dump_dir and trace_dir must be existing directories.
 // Telemetry (README, "Telemetry"):
@@ -74,7 +80,9 @@ inline constexpr int64_t kMaxBatchedTokens = int64_t{1} << 24;
 }  // namespace serve_limits
 
 struct ServeConfig {
-  ServeConfig() { engine.collective_timeout_ms = 120000; }
+  // A serve default of 8 s: a dead or stalled rank is found within the 10 s the README promises
+  // (the leader's watchdog reports the stall sooner; this is when the engine gives up).
+  ServeConfig() { engine.collective_timeout_ms = 8000; }
 
   std::string model_dir;                 // resolved (a config file's relative path: from the file)
   std::string model_given;               // as the user wrote it (addressable as a model name)
@@ -98,6 +106,8 @@ struct ServeConfig {
   bool prefix_caching = false;
   int64_t max_waiting = 256;
   double drain_timeout_s = 30;
+  int64_t startup_timeout_ms = 300000;
+  int64_t health_stall_ms = 1000;
   int http_threads = 2;
   int64_t max_body_kb = 4096;
   bool telemetry = true;

@@ -316,6 +316,7 @@ bool ServingEngine::try_submit(server::CompletionRequest request,
 server::BackendHealth ServingEngine::health() const {
   std::lock_guard lock(mutex_);
   if (!failure_.empty()) return {false, failure_};
+  if (!stall_.empty()) return {.healthy = false, .detail = stall_, .stalled_only = !stopping_};
   if (stopping_) return {false, "shutting down"};
   return {true, ""};
 }
@@ -328,6 +329,11 @@ void ServingEngine::request_stop() {
   wakeup_.notify_one();
 }
 
+void ServingEngine::on_stall(const std::string& reason) {
+  std::lock_guard lock(mutex_);
+  stall_ = reason;
+}
+
 void ServingEngine::set_failed(const std::string& reason) {
   std::vector<Incoming> dropped;
   {
@@ -335,10 +341,10 @@ void ServingEngine::set_failed(const std::string& reason) {
     failure_ = reason;
     dropped.swap(incoming_);
   }
-  for (Incoming& incoming : dropped) incoming.sink->on_error("the engine failed: " + reason);
+  for (Incoming& incoming : dropped) incoming.sink->on_unavailable("the engine failed: " + reason);
   // The step loop has exited (the caller's contract), so its state is ours now.
   for (auto& [seq_id, live] : live_)
-    if (!live.ended) live.sink->on_error("the engine failed: " + reason);
+    if (!live.ended) live.sink->on_unavailable("the engine failed: " + reason);
   live_.clear();
 }
 

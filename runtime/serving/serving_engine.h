@@ -104,6 +104,8 @@ class ServingEngine final : public server::GenerationBackend, public StepSource 
   // StepSource (leader thread only)
   void next_step(ServeStep& step) override;
   void on_step_done(const StepOutput& output) override;
+  // The watchdog's stall reason (any thread): /health and new requests answer 503 with it.
+  void on_stall(const std::string& reason) override;
 
   // GET /metrics: serving counters plus the telemetry's metric families (Prometheus text), as
   // cached for metrics_cache_s.
@@ -132,8 +134,8 @@ class ServingEngine final : public server::GenerationBackend, public StepSource 
   // server's drain has already finished or cancelled what was in flight).
   void request_stop();
   // Marks the backend unhealthy once the step loop has died (call only after Engine::serve
-  // returned or threw): queued and running requests get an error at once; /health and new
-  // requests then answer 503.
+  // returned or threw): queued and running requests get a 503 (TokenSink::on_unavailable)
+  // carrying the reason at once; /health and new requests then answer 503.
   void set_failed(const std::string& reason);
   ServingStats stats() const;
 
@@ -215,6 +217,7 @@ class ServingEngine final : public server::GenerationBackend, public StepSource 
   std::vector<Incoming> incoming_;
   bool stopping_ = false;
   std::string failure_;
+  std::string stall_;  // the watchdog's reason while steps do not progress
   ServingStats stats_;
 
   // Leader thread only.
