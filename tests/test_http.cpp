@@ -854,7 +854,7 @@ TEST_F(HttpTest, KeepAliveServesSeveralRequestsOnOneConnection) {
 
 TEST_F(HttpTest, PipelinedRequestsAndIdleTimeoutAfterGeneration) {
   HttpServerConfig config;
-  config.request_timeout = 300ms;
+  config.idle_timeout = 300ms;
   restart(config);
   backend.delay_ms = 5;
   net::io_context ioc;
@@ -964,20 +964,21 @@ TEST_F(HttpTest, DrainTimeoutFailsRemainingRequests) {
 
 TEST_F(HttpTest, ConnectionLimit) {
   HttpServerConfig config;
-  config.max_concurrent_connections = 1;
+  config.max_connections = 1;
+  config.reserved_connections = 0;
   restart(config);
   net::io_context ioc;
   tcp::socket idle(ioc);
   idle.connect({net::ip::make_address("127.0.0.1"), port});
   ASSERT_TRUE(wait_for([&] { return server->open_connections() == 1; }));
   Reply refused = send(port, http::verb::get, "/health");
-  expect_error(refused, 503, "connections");
+  expect_error(refused, 429, "connections");
   EXPECT_EQ(refused.headers["Retry-After"], "1");
 }
 
 TEST_F(HttpTest, SlowClientIsDisconnectedAfterRequestTimeout) {
   HttpServerConfig config;
-  config.request_timeout = 200ms;
+  config.header_timeout = 200ms;
   restart(config);
   net::io_context ioc;
   tcp::socket socket(ioc);
