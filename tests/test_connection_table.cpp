@@ -54,6 +54,7 @@ TEST(ConnectionTable, FreshConnectionsAreClosedOnlyAfterTheGrace) {
   Admission later = table.admit(3, t0 + 1500ms);  // silent for 1.5 s: it goes
   ASSERT_TRUE(later.evict.has_value());
   EXPECT_EQ(*later.evict, 1u);
+  EXPECT_FALSE(later.evicted_idle);  // silent since it connected: counted with the slow ones
 }
 
 TEST(ConnectionTable, SlowRequestsAreClosedOnlyAfterTheGraceAndOnlyWhenNoneIsIdle) {

@@ -42,7 +42,7 @@ Admission ConnectionTable::admit(uint64_t id, Clock::time_point now) {
       auto it = entries_.find(*victim);
       slot = it->second.slot;
       admission.evict = *victim;
-      admission.evicted_idle = it->second.phase == ConnectionPhase::kIdle;
+      admission.evicted_idle = it->second.phase == ConnectionPhase::kIdle && !it->second.fresh;
       count_of(slot) -= 1;
       entries_.erase(it);
     } else if (num_reserve_ < reserved_connections_) {

@@ -41,7 +41,7 @@ struct Admission {
   enum class Verdict : uint8_t { kRegular, kReserve, kRefused };
   Verdict verdict = Verdict::kRefused;
   std::optional<uint64_t> evict;  // close this connection: the new one has taken its slot
-  bool evicted_idle = false;      // the victim was idle (else: a slow request)
+  bool evicted_idle = false;      // the victim was a kept-alive idle one (else: silent or slow)
 };
 
 struct ConnectionTableCounts {
