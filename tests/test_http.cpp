@@ -14,6 +14,7 @@
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -1106,7 +1107,7 @@ TEST_F(HttpTest, KeepAliveServesSeveralRequestsOnOneConnection) {
 
 TEST_F(HttpTest, PipelinedRequestsAndIdleTimeoutAfterGeneration) {
   HttpServerConfig config;
-  config.request_timeout = 300ms;
+  config.idle_timeout = 300ms;
   restart(config);
   backend.delay_ms = 5;
   net::io_context ioc;
@@ -1216,20 +1217,21 @@ TEST_F(HttpTest, DrainTimeoutFailsRemainingRequests) {
 
 TEST_F(HttpTest, ConnectionLimit) {
   HttpServerConfig config;
-  config.max_concurrent_connections = 1;
+  config.max_connections = 1;
+  config.reserved_connections = 0;
   restart(config);
   net::io_context ioc;
   tcp::socket idle(ioc);
   idle.connect({net::ip::make_address("127.0.0.1"), port});
   ASSERT_TRUE(wait_for([&] { return server->open_connections() == 1; }));
   Reply refused = send(port, http::verb::get, "/health");
-  expect_error(refused, 503, "connections");
+  expect_error(refused, 429, "connections");
   EXPECT_EQ(refused.headers["Retry-After"], "1");
 }
 
 TEST_F(HttpTest, SlowClientIsDisconnectedAfterRequestTimeout) {
   HttpServerConfig config;
-  config.request_timeout = 200ms;
+  config.header_timeout = 200ms;
   restart(config);
   net::io_context ioc;
   tcp::socket socket(ioc);
@@ -1591,6 +1593,254 @@ TEST_F(HttpTest, HeadHealthPingAndVersion) {
   ASSERT_EQ(version.status, 200);
   EXPECT_EQ(version.json_body()["version"], std::string(keel::build_revision()));
   EXPECT_FALSE(std::string(keel::build_revision()).empty());
+}
+
+// A request on a fresh connection that honours 429 + Retry-After as a client should; returns
+// the final reply and how many 429s it took.
+Reply send_with_retries(uint16_t port, http::verb verb, const std::string& target,
+                        const std::string& body, int* num_429) {
+  for (;;) {
+    Reply reply;
+    try {
+      reply = send(port, verb, target, body);
+    } catch (const std::exception&) {
+      reply.status = 0;  // closed before answering (made room for another): retry at once
+    }
+    if (reply.status != 429 && reply.status != 0) return reply;
+    if (reply.status == 429) {
+      ++*num_429;
+      std::this_thread::sleep_for(std::chrono::seconds(std::stoi(reply.headers["Retry-After"])));
+    }
+  }
+}
+
+// Connections that hold a slot without work, reconnecting (after a second, as Retry-After
+// says) whenever the server closes them: `silent` ones send nothing, `slow` ones half a
+// request's headers, `idle` ones one keep-alive /health and then nothing.
+class Squatters {
+ public:
+  enum class Kind { kSilent, kSlow, kIdle };
+  Squatters(uint16_t port, Kind kind, int count) {
+    for (int i = 0; i < count; ++i) threads_.emplace_back([this, port, kind] { run(port, kind); });
+  }
+  ~Squatters() {
+    stop_ = true;
+    for (auto& thread : threads_) thread.join();
+  }
+  int connects() const { return connects_.load(); }
+
+ private:
+  void run(uint16_t port, Kind kind) {
+    while (!stop_) {
+      net::io_context ioc;
+      tcp::socket socket(ioc);
+      beast::error_code ec;
+      socket.connect({net::ip::make_address("127.0.0.1"), port}, ec);
+      if (ec) return;
+      ++connects_;
+      if (kind == Kind::kSlow)
+        net::write(socket, net::buffer(std::string("POST /v1/completions HTTP/1.1\r\nHost: x\r\n")),
+                   ec);
+      if (kind == Kind::kIdle) {
+        try {
+          send_on(socket, http::verb::get, "/health", "", /*keep_alive=*/true);
+        } catch (const std::exception&) {
+        }
+      }
+      // Wait (polling the stop flag) until the server closes the connection.
+      socket.non_blocking(true);
+      char data[512];
+      while (!stop_) {
+        socket.read_some(net::buffer(data), ec);
+        if (ec && ec != net::error::would_block) break;
+        std::this_thread::sleep_for(10ms);
+      }
+      for (int i = 0; i < 100 && !stop_; ++i) std::this_thread::sleep_for(10ms);
+    }
+  }
+  std::atomic<bool> stop_{false};
+  std::atomic<int> connects_{0};
+  std::vector<std::thread> threads_;
+};
+
+// Three times the cap in each kind of squatter, all reconnecting: completions and /health are
+// still answered 200 within a bound far below every timeout (which are a minute here, so no
+// timeout is what frees the slots), because squatters are closed to make room.
+TEST_F(HttpTest, SquattersBeyondTheCapDoNotDenyService) {
+  HttpServerConfig config;
+  config.max_connections = 4;
+  config.reserved_connections = 2;
+  config.header_timeout = 60s;
+  config.body_timeout = 60s;
+  config.idle_timeout = 60s;
+  config.slow_request_grace = 100ms;
+  restart(config);
+  // First kept-alive squatters that hold every slot, then silent and slow ones on top; then
+  // silent and slow ones alone.
+  for (bool with_idle : {true, false}) {
+    std::optional<Squatters> idle;
+    if (with_idle) {
+      idle.emplace(port, Squatters::Kind::kIdle, 12);
+      ASSERT_TRUE(wait_for([&] { return idle->connects() >= 12; }, 10s));
+    }
+    Squatters silent(port, Squatters::Kind::kSilent, 12);
+    Squatters slow(port, Squatters::Kind::kSlow, 12);
+    const int squatters = with_idle ? 36 : 24;
+    ASSERT_TRUE(wait_for(
+        [&] {
+          return silent.connects() + slow.connects() + (idle ? idle->connects() : 0) >= squatters;
+        },
+        10s));
+    const HttpServerStats before = server->stats();
+    const auto started = std::chrono::steady_clock::now();
+    int num_429 = 0;
+    for (int i = 0; i < 5; ++i) {
+      Reply completion =
+          send_with_retries(port, http::verb::post, "/v1/completions",
+                            json{{"prompt", "a"}, {"max_tokens", 2}}.dump(), &num_429);
+      EXPECT_EQ(completion.status, 200) << completion.body;
+      Reply health = send_with_retries(port, http::verb::get, "/health", "", &num_429);
+      EXPECT_EQ(health.status, 200) << health.body;
+    }
+    EXPECT_LT(std::chrono::steady_clock::now() - started, 30s);  // the timeouts are 60 s
+    const HttpServerStats after = server->stats();
+    // Room was made by closing squatters of the kinds present, not by timeouts.
+    EXPECT_GT(after.evicted_idle + after.evicted_slow, before.evicted_idle + before.evicted_slow);
+    if (with_idle) {
+      EXPECT_GT(after.evicted_idle, 0);
+    } else {
+      EXPECT_GT(after.evicted_slow, before.evicted_slow);
+    }
+    EXPECT_LE(after.open_connections,
+              config.max_connections + config.reserved_connections + 2);  // + a few that raced
+    std::printf("squatters %s: 10 requests in %.2f s, %d answered 429 first\n",
+                with_idle ? "silent+slow+idle" : "silent+slow",
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count(),
+                num_429);
+  }
+}
+
+// Every regular slot busy with a request: /health and /metrics are still served on a reserve
+// connection, a completion gets the 429 max_waiting promises (not 503), and past the reserve
+// the answer is 429 without reading.
+TEST_F(HttpTest, BusyCapLeavesTheReserveForHealthAndAnswers429) {
+  HttpServerConfig config;
+  config.max_connections = 2;
+  config.reserved_connections = 1;
+  config.metrics = [] { return std::string("keel_up 1\n"); };
+  restart(config);
+  backend.delay_ms = 10;
+  std::vector<std::thread> busy;
+  for (int i = 0; i < 2; ++i)
+    busy.emplace_back([&] {
+      EXPECT_EQ(post(port, "/v1/completions", {{"prompt", "a"}, {"max_tokens", 300}}).status, 200);
+    });
+  ASSERT_TRUE(wait_for([&] { return backend.active.load() == 2; }));
+  Reply health = send(port, http::verb::get, "/health");
+  EXPECT_EQ(health.status, 200) << health.body;
+  EXPECT_EQ(health.headers["Connection"], "close");  // a reserve connection serves one request
+  Reply metrics = send(port, http::verb::get, "/metrics");
+  EXPECT_EQ(metrics.status, 200);
+  EXPECT_EQ(metrics.body, "keel_up 1\n");
+  Reply completion = post(port, "/v1/completions", {{"prompt", "a"}, {"max_tokens", 1}});
+  expect_error(completion, 429, "requests");
+  EXPECT_EQ(completion.json_body()["error"]["type"], "rate_limit_error");
+  EXPECT_EQ(completion.headers["Retry-After"], "1");
+  // The reserve held by a connection that has not sent its request yet: refused unread.
+  net::io_context ioc;
+  tcp::socket holder(ioc);
+  holder.connect({net::ip::make_address("127.0.0.1"), port});
+  ASSERT_TRUE(wait_for([&] { return server->stats().reserve_connections == 1; }));
+  Reply refused = send(port, http::verb::get, "/health");
+  expect_error(refused, 429, "connections");
+  EXPECT_EQ(refused.headers["Retry-After"], "1");
+  for (auto& thread : busy) thread.join();
+  HttpServerStats stats = server->stats();
+  EXPECT_EQ(stats.reserve_refused, 1);
+  EXPECT_EQ(stats.refused, 1);
+}
+
+TEST_F(HttpTest, BodyTimeoutClosesAConnectionWhoseBodyStalls) {
+  HttpServerConfig config;
+  config.header_timeout = 60s;
+  config.body_timeout = 200ms;
+  restart(config);
+  net::io_context ioc;
+  tcp::socket socket(ioc);
+  socket.connect({net::ip::make_address("127.0.0.1"), port});
+  net::write(socket, net::buffer(std::string("POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                                             "Content-Length: 100\r\n\r\n{\"prompt\"")));
+  auto started = std::chrono::steady_clock::now();
+  char data[64];
+  beast::error_code ec;
+  socket.read_some(net::buffer(data), ec);  // returns when the server hangs up
+  EXPECT_TRUE(ec == net::error::eof || ec == net::error::connection_reset) << ec.message();
+  EXPECT_LT(std::chrono::steady_clock::now() - started, 30s);  // the body timeout, not the header's
+  EXPECT_TRUE(wait_for([&] { return server->open_connections() == 0; }));
+}
+
+// A streaming client that never reads: once max_unsent_bytes of its stream wait in the server
+// (beyond what the kernel buffers hold), its request is cancelled, freeing the backend: all 8
+// choices stop long before their 4096 tokens (~8 KB each: the token text names the prompt).
+TEST_F(HttpTest, StreamNobodyReadsIsCancelledPastTheUnsentLimit) {
+  HttpServerConfig config;
+  config.max_unsent_bytes = 64 * 1024;
+  config.send_timeout = 600s;  // not what ends it
+  restart(config);
+  backend.tag_with_prompt = true;
+  backend.delay_ms = 1;
+  net::io_context ioc;
+  tcp::socket socket(ioc);
+  socket.open(tcp::v4());
+  socket.set_option(net::socket_base::receive_buffer_size(4096));
+  socket.connect({net::ip::make_address("127.0.0.1"), port});
+  std::string body = json{
+      {"prompt", std::string(2000, 'x')},
+      {"max_tokens", 4096},
+      {"n", 8},
+      {"logprobs", 1},
+      {"stream", true}}.dump();
+  net::write(socket, net::buffer("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                                 "application/json\r\nContent-Length: " +
+                                 std::to_string(body.size()) + "\r\n\r\n" + body));
+  EXPECT_TRUE(wait_for([&] { return backend.cancellations.load() == 8; }, 60s));
+  EXPECT_TRUE(wait_for([&] { return server->in_flight() == 0 && backend.active.load() == 0; }));
+  EXPECT_EQ(server->stats().slow_reader_aborts, 1);
+  EXPECT_TRUE(wait_for([&] { return server->open_connections() == 0; }));
+}
+
+// SIGTERM starts the drain; a second one means stop now: the request still generating gets
+// its 503 at once rather than at the (one minute) drain deadline or its own end (40 s away).
+TEST_F(HttpTest, SecondSignalDuringTheDrainStopsNow) {
+  backend.delay_ms = 10;
+  Reply reply;
+  std::thread client([&] {
+    reply = post(port, "/v1/completions", {{"prompt", "a"}, {"max_tokens", 4000}});
+  });
+  ASSERT_TRUE(wait_for([&] { return backend.active.load() == 1; }));
+  std::atomic<bool> returned{false};
+  std::thread waiter([&] {
+    server->run_until_signal(60000ms);
+    returned = true;
+  });
+  std::this_thread::sleep_for(100ms);  // let the signal_set register
+  std::raise(SIGTERM);
+  // Draining: the listener is closed, the request goes on.
+  ASSERT_TRUE(wait_for([&] {
+    net::io_context ioc;
+    tcp::socket socket(ioc);
+    beast::error_code ec;
+    socket.connect({net::ip::make_address("127.0.0.1"), port}, ec);
+    return ec == net::error::connection_refused;
+  }));
+  EXPECT_FALSE(returned.load());
+  EXPECT_EQ(server->in_flight(), 1);
+  std::raise(SIGTERM);
+  waiter.join();
+  client.join();
+  expect_error(reply, 503, "shutting down");
+  EXPECT_TRUE(wait_for([&] { return backend.cancellations.load() == 1; }));
+  server.reset();
 }
 
 }  // namespace

@@ -19,8 +19,11 @@
 #include <unordered_map>
 #include <vector>
 
+#include <sys/resource.h>
+
 #include "kernels/base/check.h"
 #include "runtime/server/chat_output.h"
+#include "runtime/server/connection_table.h"
 #include "runtime/server/http_request.h"
 #include "runtime/server/info_routes.h"
 
@@ -60,6 +63,32 @@ bool valid_request_id(std::string_view id) {
   return true;
 }
 
+using Clock = std::chrono::steady_clock;
+
+// The targets a reserve connection serves (connection_table.h): cheap, and what an operator
+// needs when everything else is busy.
+bool is_control_route(const std::string& target) {
+  return target == "/health" || target == "/metrics";
+}
+
+// Sockets the limits can hold, plus room for the process's other descriptors (model files,
+// pipes, the epoll set, MPI). Raises the soft limit up to the hard one when that is enough.
+void ensure_descriptor_limit(const HttpServerConfig& config) {
+  const rlim_t needed =
+      static_cast<rlim_t>(config.max_connections) + config.reserved_connections + 64;
+  rlimit limit{};
+  if (getrlimit(RLIMIT_NOFILE, &limit) != 0 || limit.rlim_cur >= needed) return;
+  if (limit.rlim_max == RLIM_INFINITY || limit.rlim_max >= needed) {
+    rlimit raised = limit;
+    raised.rlim_cur = needed;
+    if (setrlimit(RLIMIT_NOFILE, &raised) == 0) return;
+  }
+  throw_error("server: max_connections ", config.max_connections, " + reserved_connections ",
+              config.reserved_connections, " need about ", needed,
+              " file descriptors, but the limit is ", limit.rlim_cur, " (hard limit ",
+              limit.rlim_max, "; see ulimit -n): lower max_connections or raise the limit");
+}
+
 RequestError make_error(int status, std::string message, std::string type, std::string code = "") {
   RequestError error;
   error.status = status;
@@ -75,7 +104,9 @@ class Session;
 
 struct HttpServer::Impl {
   Impl(HttpServerConfig config_in, GenerationBackend& backend_in)
-      : config(std::move(config_in)), backend(backend_in) {}
+      : config(std::move(config_in)),
+        backend(backend_in),
+        table(config.max_connections, config.reserved_connections, config.slow_request_grace) {}
 
   void request_done() {
     {
@@ -95,6 +126,10 @@ struct HttpServer::Impl {
   int in_flight = 0;
   std::atomic<int> connections{0};
   std::atomic<bool> accepting{true};
+  std::atomic<bool> stop_now{false};  // a second signal: fail what is in flight, now
+  ConnectionTable table;
+  std::atomic<int64_t> evicted_idle{0}, evicted_slow{0}, refused{0}, reserve_refused{0},
+      slow_reader_aborts{0};
   uint64_t next_session_id = 0;
   std::unordered_map<uint64_t, std::weak_ptr<Session>> sessions;
 
@@ -164,30 +199,40 @@ class Session : public std::enable_shared_from_this<Session> {
 
  public:
   Session(HttpServer::Impl& server, tcp::socket socket)
-      : server_(server), stream_(std::move(socket)) {
+      : server_(server), stream_(std::move(socket)), accepted_at_(Clock::now()) {
     server_.connections.fetch_add(1);
   }
   ~Session() {
     server_.connections.fetch_sub(1);
+    server_.table.remove(id_);
     std::lock_guard lock(server_.mutex);
     server_.sessions.erase(id_);
   }
 
-  void start(uint64_t id, bool over_limit) {
+  void start(uint64_t id, Admission::Verdict verdict) {
     id_ = id;
-    if (over_limit) {
+    if (verdict == Admission::Verdict::kRefused) {
+      // Even the reserve is taken: answer without reading, then let the client finish sending
+      // before closing (a close with its request unread would reset the connection, and the
+      // reset can overtake the answer).
       keep_alive_ = false;
-      send_error(make_error(503, "too many concurrent connections", "server_error",
-                            "too_many_connections"),
+      refused_ = true;
+      send_error(make_error(429,
+                            "too many concurrent connections: every connection is busy; retry "
+                            "later",
+                            "rate_limit_error", "too_many_connections"),
                  /*retry_after=*/true);
       return;
     }
+    reserve_ = verdict == Admission::Verdict::kReserve;
+    if (reserve_) keep_alive_ = false;
     do_read();
   }
 
   net::any_io_executor executor() { return stream_.get_executor(); }
 
   // Shutdown, step 1: connections waiting for a request are closed; busy ones finish first.
+  // Also how the connection table's victim goes (it held a slot without work).
   void close_if_idle() {
     if (state_ == State::kReading) close();
   }
@@ -360,7 +405,31 @@ class Session : public std::enable_shared_from_this<Session> {
     response_request_id_.clear();
     parser_.emplace();
     parser_->body_limit(server_.config.max_body_bytes);
-    stream_.expires_after(server_.config.request_timeout);
+    if (buffer_.size() > 0) {  // a pipelined request has begun to arrive already
+      read_header(Clock::now() + server_.config.header_timeout);
+      return;
+    }
+    // Idle until the request's first byte: a new connection must have its headers in within
+    // the header timeout of connecting, a kept-alive one may wait the idle timeout first.
+    server_.table.set_phase(id_, ConnectionPhase::kIdle, Clock::now());
+    const bool fresh = num_requests_ == 0;
+    if (fresh) {
+      stream_.expires_at(accepted_at_ + server_.config.header_timeout);
+    } else {
+      stream_.expires_after(server_.config.idle_timeout);
+    }
+    stream_.async_read_some(
+        buffer_.prepare(4096), [self = shared_from_this(), fresh](beast::error_code ec, size_t n) {
+          if (ec) return self->close();  // hang-up, idle timeout or closed to make room
+          self->buffer_.commit(n);
+          self->read_header(fresh ? self->accepted_at_ + self->server_.config.header_timeout
+                                  : Clock::now() + self->server_.config.header_timeout);
+        });
+  }
+
+  void read_header(Clock::time_point deadline) {
+    server_.table.set_phase(id_, ConnectionPhase::kReading, Clock::now());
+    stream_.expires_at(deadline);
     // Header first, so an oversized Content-Length is refused before the body is sent and
     // "Expect: 100-continue" clients (curl) are not kept waiting.
     http::async_read_header(
@@ -371,6 +440,7 @@ class Session : public std::enable_shared_from_this<Session> {
   void on_header(beast::error_code ec) {
     if (ec) return on_read_error(ec);
     auto& req = parser_->get();
+    stream_.expires_after(server_.config.body_timeout);
     if (auto it = req.find(http::field::expect);
         it != req.end() && beast::iequals(it->value(), "100-continue")) {
       auto cont = std::make_shared<std::string>("HTTP/1.1 100 Continue\r\n\r\n");
@@ -416,14 +486,26 @@ class Session : public std::enable_shared_from_this<Session> {
     http::request<http::string_body> req = parser_->release();
     const std::string method(req.method_string());
     parser_.reset();
+    ++num_requests_;
+    server_.table.set_phase(id_, ConnectionPhase::kBusy, Clock::now());
     version_ = req.version();
-    keep_alive_ = req.keep_alive() && server_.accepting.load();
+    keep_alive_ = req.keep_alive() && server_.accepting.load() && !reserve_;
     head_request_ = req.method() == http::verb::head;  // answered without a body
     client_request_id_ = std::string(req["x-request-id"]);
     response_request_id_ = client_request_id_.empty() ? random_id("req-") : client_request_id_;
     RequestTarget split = split_target(std::string(req.target()));
     std::string target = std::move(split.path);
     const std::string query_string = std::move(split.query);
+    if (reserve_ && !is_control_route(target)) {
+      // Every regular connection is busy with a request: this one only serves the control
+      // routes. Past capacity is a rate limit, as max_waiting's.
+      ++server_.reserve_refused;
+      send_error(
+          make_error(429, "too many concurrent requests: every connection is busy; retry later",
+                     "rate_limit_error", "too_many_connections"),
+          /*retry_after=*/true);
+      return;
+    }
 
     auto require = [&](http::verb verb, http::verb also = http::verb::unknown) {
       if (req.method() == verb || (also != http::verb::unknown && req.method() == also))
@@ -635,7 +717,6 @@ class Session : public std::enable_shared_from_this<Session> {
         return;
       }
     }
-    stream_.expires_never();  // generation time is not bounded by the request timeout
     if (request_.stream) {
       // HTTP/1.0 has no chunked encoding: its stream ends when the connection closes.
       if (version_ < 11) keep_alive_ = false;
@@ -669,6 +750,9 @@ class Session : public std::enable_shared_from_this<Session> {
   void watch_for_disconnect() {
     if (watch_pending_ || buffer_.size() > 64 * 1024) return;
     watch_pending_ = true;
+    // Generation time is not bounded: the read that watches for a hang-up never times out
+    // (only this read's timer is set while a write is pending; flush() sets the write's).
+    stream_.expires_never();
     stream_.async_read_some(
         buffer_.prepare(4096), [self = shared_from_this()](beast::error_code ec, size_t n) {
           self->watch_pending_ = false;
@@ -943,8 +1027,25 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void enqueue(std::string bytes) {
     if (state_ == State::kClosed) return;
+    unsent_bytes_ += bytes.size();
     write_queue_.push_back(std::move(bytes));
+    if (state_ == State::kGenerating && unsent_bytes_ > server_.config.max_unsent_bytes) {
+      abort_stalled_reader();
+      return;
+    }
     flush();
+  }
+
+  // The client stopped reading a stream: keeping on generating into its socket would hold a
+  // running slot and grow this queue without bound. Cancel (the backend frees the request and
+  // counts it aborted) and close; the client is not reading, so no error could reach it.
+  void abort_stalled_reader() {
+    ++server_.slow_reader_aborts;
+    spdlog::warn(
+        "server: the client of {} stopped reading ({} bytes unsent, limit {}); "
+        "cancelling the request",
+        completion_id_, unsent_bytes_, server_.config.max_unsent_bytes);
+    close();
   }
 
   void flush() {
@@ -954,10 +1055,14 @@ class Session : public std::enable_shared_from_this<Session> {
       return;
     }
     writing_ = true;
+    // A write that does not finish in send_timeout (a client that stopped reading a plain
+    // response, or a stream slower than that) closes the connection.
+    stream_.expires_after(server_.config.send_timeout);
     net::async_write(stream_, net::buffer(write_queue_.front()),
                      [self = shared_from_this()](beast::error_code ec, size_t) {
                        self->writing_ = false;
                        if (ec) return self->client_gone();
+                       self->unsent_bytes_ -= self->write_queue_.front().size();
                        self->write_queue_.pop_front();
                        self->flush();
                      });
@@ -966,6 +1071,10 @@ class Session : public std::enable_shared_from_this<Session> {
   void response_done() {
     response_complete_ = false;
     end_generation();
+    if (refused_) {
+      linger_close();
+      return;
+    }
     if (!keep_alive_ || !server_.accepting.load()) {
       close();
       return;
@@ -991,6 +1100,20 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
  private:
+  // After an answer given without reading the request: stop sending, drain what the client
+  // still sends for up to a second, then close (see start()).
+  void linger_close() {
+    beast::error_code ignored;
+    stream_.socket().shutdown(tcp::socket::shutdown_send, ignored);
+    stream_.expires_after(std::chrono::seconds(1));
+    auto discard = std::make_shared<std::array<char, 4096>>();
+    stream_.async_read_some(net::buffer(*discard),
+                            [self = shared_from_this(), discard](beast::error_code ec, size_t) {
+                              if (ec) return self->close();
+                              self->linger_close();
+                            });
+  }
+
   void close() {
     if (state_ == State::kClosed) return;
     // Whatever the state: the disconnect watch may see the hang-up before the handler of the
@@ -1010,6 +1133,11 @@ class Session : public std::enable_shared_from_this<Session> {
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
   uint64_t id_ = 0;
+  const Clock::time_point accepted_at_;
+  int64_t num_requests_ = 0;  // requests read on this connection
+  bool reserve_ = false;      // a reserve connection: control routes only, then close
+  bool refused_ = false;      // answered 429 without reading: linger, then close
+  size_t unsent_bytes_ = 0;   // in write_queue_
   State state_ = State::kReading;
   unsigned version_ = 11;
   bool keep_alive_ = true;
@@ -1107,15 +1235,24 @@ void HttpServer::Impl::accept_next() {
     // Streams are many small writes: without TCP_NODELAY Nagle holds tokens back ~40 ms.
     beast::error_code ignored;
     socket.set_option(tcp::no_delay(true), ignored);
-    bool over_limit = connections.load() >= config.max_concurrent_connections;
     auto session = std::make_shared<Session>(*this, std::move(socket));
     uint64_t id = 0;
+    std::shared_ptr<Session> victim;
+    Admission admission;
     {
       std::lock_guard lock(mutex);
       id = ++next_session_id;
-      sessions[id] = session;
+      admission = table.admit(id, Clock::now());
+      if (admission.verdict != Admission::Verdict::kRefused) sessions[id] = session;
+      if (admission.evict) {
+        if (auto it = sessions.find(*admission.evict); it != sessions.end())
+          victim = it->second.lock();
+      }
     }
-    session->start(id, over_limit);
+    if (admission.verdict == Admission::Verdict::kRefused) ++refused;
+    if (admission.evict) ++(admission.evicted_idle ? evicted_idle : evicted_slow);
+    if (victim) net::post(victim->executor(), [victim] { victim->close_if_idle(); });
+    session->start(id, admission.verdict);
     accept_next();
   });
 }
@@ -1130,6 +1267,7 @@ HttpServer::~HttpServer() {
 void HttpServer::start() {
   KEEL_CHECK(!impl_->running, "HttpServer::start called twice");
   Impl& impl = *impl_;
+  ensure_descriptor_limit(impl.config);
   beast::error_code ec;
   auto address = net::ip::make_address(impl.config.host, ec);
   if (ec) throw_error("server: bad host '", impl.config.host, "': ", ec.message());
@@ -1209,12 +1347,14 @@ bool HttpServer::drain(std::chrono::milliseconds timeout) {
   bool clean = false;
   {
     std::unique_lock lock(impl.mutex);
-    clean = impl.idle_cv.wait_for(lock, timeout, [&impl] { return impl.in_flight == 0; });
+    impl.idle_cv.wait_for(lock, timeout,
+                          [&impl] { return impl.in_flight == 0 || impl.stop_now.load(); });
+    clean = impl.in_flight == 0;
   }
   if (!clean) {
     // The deadline passed: every accepted request still gets an answer, an error.
-    spdlog::warn("server: drain timed out with {} requests in flight; failing them",
-                 impl.in_flight);
+    spdlog::warn("server: {} with {} requests in flight; failing them",
+                 impl.stop_now.load() ? "stopping now" : "drain timed out", impl.in_flight);
     for (auto& session : live_sessions(impl)) {
       net::post(session->executor(),
                 [session] { session->abort("server shutting down before the request finished"); });
@@ -1255,6 +1395,16 @@ void HttpServer::run_until_signal(std::chrono::milliseconds drain_timeout) {
       signalled = true;
     }
     cv.notify_all();
+    // A second signal during the drain: the operator will not wait for it.
+    impl.signals->async_wait([&impl](const beast::error_code& again, int second) {
+      if (again) return;
+      spdlog::warn("server: signal {} during the drain, stopping now", second);
+      {
+        std::lock_guard lock(impl.mutex);
+        impl.stop_now = true;
+      }
+      impl.idle_cv.notify_all();
+    });
   });
   {
     std::unique_lock lock(mutex);
@@ -1272,6 +1422,19 @@ int HttpServer::in_flight() const {
 
 int HttpServer::open_connections() const {
   return impl_->connections.load();
+}
+
+HttpServerStats HttpServer::stats() const {
+  const Impl& impl = *impl_;
+  HttpServerStats stats;
+  stats.open_connections = impl.connections.load();
+  stats.reserve_connections = impl.table.counts().reserve;
+  stats.evicted_idle = impl.evicted_idle.load();
+  stats.evicted_slow = impl.evicted_slow.load();
+  stats.refused = impl.refused.load();
+  stats.reserve_refused = impl.reserve_refused.load();
+  stats.slow_reader_aborts = impl.slow_reader_aborts.load();
+  return stats;
 }
 
 }  // namespace keel::server

@@ -15,6 +15,13 @@
 //    without it get 401 before routing (auth.h).
 //  - Errors are OpenAI-shaped JSON ({"error": {message, type, param, code}}); nothing a client
 //    sends can throw past a handler, and every accepted request ends in a response or an error.
+//  - Connections: at most max_connections, plus reserved_connections kept for /health and
+//    /metrics when every other one is busy; when full, the longest-idle kept-alive connection
+//    (then a silent or slow one) is closed to make room, and what cannot be served gets 429
+//    (runtime/server/connection_table.h). Each phase of a request has its own deadline
+//    (header, body, idle keep-alive, send), and a client that stops reading a stream is cut
+//    off once max_unsent_bytes of its output wait in the server: its request is cancelled, so
+//    it frees its running slot and counts as aborted.
 //  - Shutdown: stop_accepting() closes the listener (new connections are refused) and idle
 //    keep-alive connections; drain(timeout) waits for in-flight requests, fails the ones still
 //    running at the deadline with an error, then stops the io_context and joins the threads.
@@ -37,10 +44,17 @@ struct HttpServerConfig {
   std::string host = "127.0.0.1";
   uint16_t port = 0;  // 0: the OS picks a free port; see HttpServer::port()
   size_t max_body_bytes = 4 * 1024 * 1024;
-  int max_concurrent_connections = 256;
-  // Limit for receiving one request (headers + body) and for an idle keep-alive connection.
-  // Generation itself is not bounded by it: long streams are legitimate.
-  std::chrono::milliseconds request_timeout{30000};
+  // Connections (README, "Connections, timeouts and slow clients"). Generation itself is not
+  // bounded by any timeout: long streams are legitimate.
+  int max_connections = 512;
+  int reserved_connections = 8;  // beyond max_connections, answering only /health and /metrics
+  std::chrono::milliseconds header_timeout{10000};  // connect (or first byte) to full headers
+  std::chrono::milliseconds body_timeout{30000};    // full headers to full body
+  std::chrono::milliseconds idle_timeout{30000};    // a kept-alive connection between requests
+  std::chrono::milliseconds send_timeout{30000};    // one write to the socket, start to finish
+  // A silent new connection or a request still arriving after this may be closed to make room.
+  std::chrono::milliseconds slow_request_grace{1000};
+  size_t max_unsent_bytes = 1024 * 1024;  // a stream's output waiting for a client that stalls
   int threads = 2;
   int retry_after_seconds = 1;  // Retry-After on 429 and 503
   ChatTemplate chat_template;   // empty: ChatML
@@ -65,6 +79,17 @@ struct HttpServerConfig {
       extra_routes;
 };
 
+// What the connection handling did, for /metrics and tests.
+struct HttpServerStats {
+  int open_connections = 0;
+  int reserve_connections = 0;  // open ones in the reserve
+  int64_t evicted_idle = 0;     // kept-alive connections closed to make room
+  int64_t evicted_slow = 0;     // silent or slow-request connections closed to make room
+  int64_t refused = 0;          // answered 429 without reading: even the reserve was full
+  int64_t reserve_refused = 0;  // reserve connections whose request got 429 (not a control route)
+  int64_t slow_reader_aborts = 0;  // requests cancelled: the client stopped reading its stream
+};
+
 class HttpServer {
  public:
   // The backend must outlive the server.
@@ -73,7 +98,9 @@ class HttpServer {
   HttpServer(const HttpServer&) = delete;
   HttpServer& operator=(const HttpServer&) = delete;
 
-  // Binds, listens and starts the thread pool. Throws keel::Error if the address is unusable.
+  // Binds, listens and starts the thread pool. Throws keel::Error if the address is unusable
+  // or the process may not open the file descriptors the connection limits need (the soft
+  // limit is raised up to the hard one first).
   void start();
   uint16_t port() const { return bound_port_; }
 
@@ -87,13 +114,15 @@ class HttpServer {
   // Takes over SIGINT and SIGTERM now (a signal that arrives before run_until_signal waits is
   // then kept for it, not fatal). Call after start().
   void catch_signals();
-  // Blocks the caller until SIGTERM or SIGINT, then stop_accepting() + drain(timeout). Lets
-  // main() return 0 after a graceful shutdown.
+  // Blocks the caller until SIGTERM or SIGINT, then stop_accepting() + drain(timeout). A second
+  // signal during the drain means stop now: the requests still in flight get their error at
+  // once instead of at the drain deadline. Lets main() return 0 after a graceful shutdown.
   void run_until_signal(std::chrono::milliseconds drain_timeout);
 
   // Requests submitted to the backend and not yet answered.
   int in_flight() const;
   int open_connections() const;
+  HttpServerStats stats() const;
 
   struct Impl;
 
