@@ -82,7 +82,7 @@ TEST(ServeCli, ModelDirAloneGivesWhatAFileNamingOnlyTheModelGives) {
     EXPECT_EQ(config->max_model_len, 0);
     EXPECT_EQ(config->determinism, Determinism::kBatchInvariant);
     EXPECT_EQ(config->engine.reduce, comm::ReduceAlgo::kFixedOrder);
-    EXPECT_EQ(config->engine.collective_timeout_ms, 120000);
+    EXPECT_EQ(config->engine.collective_timeout_ms, 8000);
     EXPECT_EQ(config->engine.kv_cache_dtype, KvCacheDType::kAuto);
     EXPECT_FALSE(config->seed.has_value());
     EXPECT_TRUE(config->api_key.empty());
