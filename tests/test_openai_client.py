@@ -7,7 +7,10 @@ every served name and the path, 401 as openai.AuthenticationError for a wrong ke
 NotFoundError for an unknown model, system_fingerprint on completions, chats and every stream
 chunk (equal to what the server printed at start-up), x-request-id echoed and used as the
 response id, seeded answers reproducible under one fingerprint; /tokenize, /detokenize and the
-open probes over plain HTTP (urllib).
+open probes over plain HTTP (urllib); request fields: n choices each reproducible,
+stop_token_ids, logit_bias, echo, return_tokens_as_token_ids, chat logprob bytes, and the
+refusals (unknown fields, response_format, tools on a template without them, tool_choice
+required) as BadRequestError naming the field.
 
 The openai package is a test dependency (scripts/setup installs it with pip); without it this
 test fails, naming the package, rather than passing silently.
@@ -185,6 +188,75 @@ class OpenAIClient(unittest.TestCase):
         self.assertEqual(usage.prompt_tokens, tokens["count"])
         self.assertEqual(raw("POST", "/tokenize", {"model": "c", "prompt": "x"}, KEY)[0], 404)
         self.assertEqual(raw("POST", "/tokenize", {"model": "a", "prompt": "x"})[0], 401)
+
+
+class RequestFields(unittest.TestCase):
+    """Sampling and output fields through the client (vLLM's extensions via extra_body)."""
+
+    def greedy_ids(self, prompt, max_tokens):
+        answer = client().completions.create(
+            model="a", prompt=prompt, max_tokens=max_tokens, temperature=0, logprobs=0,
+            extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True})
+        tokens = answer.choices[0].logprobs.tokens
+        self.assertTrue(all(t.startswith("token_id:") for t in tokens), tokens)
+        return [int(t[len("token_id:"):]) for t in tokens]
+
+    def test_n_choices_are_each_reproducible(self):
+        first = client().completions.create(model="a", prompt="The river", max_tokens=6,
+                                            temperature=1.0, seed=11, n=3)
+        again = client().completions.create(model="a", prompt="The river", max_tokens=6,
+                                            temperature=1.0, seed=11, n=3)
+        self.assertEqual([c.index for c in first.choices], [0, 1, 2])
+        self.assertEqual([c.text for c in first.choices], [c.text for c in again.choices])
+        # Each choice has a seed of its own (seed + index), not three copies of one.
+        self.assertGreater(len({c.text for c in first.choices}), 1)
+        self.assertEqual(first.usage.prompt_tokens, again.usage.prompt_tokens)
+
+    def test_stop_token_ids_and_logit_bias(self):
+        ids = self.greedy_ids("The river", 6)
+        self.assertEqual(len(ids), 6)
+        stop_at = ids[3]
+        stopped = client().completions.create(
+            model="a", prompt="The river", max_tokens=6, temperature=0,
+            extra_body={"stop_token_ids": [stop_at], "ignore_eos": True})
+        self.assertEqual(stopped.choices[0].finish_reason, "stop")
+        self.assertLessEqual(stopped.usage.completion_tokens, 4)
+        # +100 on one token makes greedy decoding choose it at every step.
+        favoured = ids[0] if ids[0] != ids[1] else ids[2]
+        biased = client().completions.create(
+            model="a", prompt="The river", max_tokens=5, temperature=0, logprobs=0,
+            logit_bias={str(favoured): 100},
+            extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True})
+        self.assertEqual(biased.choices[0].logprobs.tokens, [f"token_id:{favoured}"] * 5)
+
+    def test_echo_and_chat_logprob_bytes(self):
+        echoed = client().completions.create(model="a", prompt="The river", max_tokens=3,
+                                             temperature=0, echo=True)
+        self.assertTrue(echoed.choices[0].text.startswith("The river"), echoed.choices[0].text)
+        chat = client().chat.completions.create(
+            model="a", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+            temperature=0, logprobs=True, top_logprobs=2)
+        entries = chat.choices[0].logprobs.content
+        self.assertEqual(len(entries), chat.usage.completion_tokens)
+        for entry in entries:
+            self.assertEqual(bytes(entry.bytes).decode("utf-8", "replace"), entry.token)
+            self.assertEqual(len(entry.top_logprobs), 2)
+
+    def test_what_keel_does_not_do_is_a_bad_request_naming_it(self):
+        cases = [
+            ({"extra_body": {"no_such_field": 1}}, "no_such_field"),
+            ({"response_format": {"type": "json_object"}}, "response_format"),
+            ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+            ({"tool_choice": "required"}, "tool_choice"),
+        ]
+        for extra, field in cases:
+            with self.subTest(field=field):
+                with self.assertRaises(openai.BadRequestError) as caught:
+                    client().chat.completions.create(
+                        model="a", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                        **extra)
+                self.assertEqual(caught.exception.status_code, 400)
+                self.assertIn(field, str(caught.exception))
 
 
 def main():
