@@ -5,10 +5,14 @@
 //    JSON request gets a 503 whose message names the rank;
 //  - both arrive within the 10 s bound of the fault (kill: the watchdog sees the process gone
 //    and aborts at once; stop: the 8 s serve collective timeout);
-//  - stopped rank: /health answers 503 naming the rank within the bound, and never 200 again;
+//  - /health answers 503 naming the rank within the bound (stop: once the leader has waited
+//    health_stall_ms; kill: from the watchdog's abort until the server exits, it lingers 1 s),
+//    and never 200 again;
 //  - the job exits non-zero.
-// MpiFaults.* are fixed cases; MpiFaultSweep draws rank, fault and step from a seed
-// (KEEL_FAULT_SWEEP_SEED, KEEL_FAULT_SWEEP_CASES; scripts/fault-sweep runs many).
+// ServeFaults.* are fixed cases; ServeFaultSweep draws fault, rank and step from a seed
+// (KEEL_FAULT_SWEEP_SEED, default 2; KEEL_FAULT_SWEEP_CASES, default 4: both faults, ranks
+// 1..3) and prints min/median/max of the times; the ctest `fault_sweep` test and
+// scripts/fault-sweep run 20 cases.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -151,7 +155,18 @@ void expect_names_rank(const std::string& message, const FaultCase& fault_case) 
   EXPECT_NE(message.find(what), std::string::npos) << describe(fault_case) << ": " << message;
 }
 
-void run_fault_case(const FaultCase& fault_case) {
+// Seconds from the fault to the first /health 503 and to the last client's error.
+struct FaultTimes {
+  double health_503_s = -1;
+  double all_answered_s = -1;
+};
+
+double seconds_between(Clock::time_point from, Clock::time_point to) {
+  return std::chrono::duration<double>(to - from).count();
+}
+
+// Runs one case; `times` gets its figures once every assertion before them passed.
+void run_fault_case(const FaultCase& fault_case, FaultTimes& times) {
   SCOPED_TRACE(describe(fault_case));
   const std::string mpirun = KEEL_MPIEXEC;
   ServerProcess server({mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "4", kKeel,
@@ -170,10 +185,22 @@ void run_fault_case(const FaultCase& fault_case) {
     client->start(server.port());
     clients.push_back(std::move(client));
   }
+  // Joins the client threads on every path out (an ASSERT below returns early).
+  struct JoinClients {
+    std::vector<std::unique_ptr<Client>>& clients;
+    ~JoinClients() {
+      for (auto& client : clients)
+        if (client->thread.joinable()) client->thread.join();
+    }
+  } join_clients{clients};
   const auto wait_until = Clock::now() + 60s;
   while (clients[0]->events.load() < fault_case.after_tokens && Clock::now() < wait_until)
     std::this_thread::sleep_for(1ms);
-  ASSERT_GE(clients[0]->events.load(), fault_case.after_tokens) << server.output();
+  if (clients[0]->events.load() < fault_case.after_tokens) {
+    const std::string output = server.output();
+    server.wait(0s);  // kills the job, which ends the clients' connections
+    FAIL() << "the first stream never reached " << fault_case.after_tokens << " tokens\n" << output;
+  }
 
   const Clock::time_point fault_at = Clock::now();
   kill(victim, fault_case.fault == Fault::kKill ? SIGKILL : SIGSTOP);
@@ -198,6 +225,8 @@ void run_fault_case(const FaultCase& fault_case) {
   const int exit_code = server.wait(30s);
   EXPECT_NE(exit_code, 0) << server.output();
 
+  // Every request in flight: an SSE error event (streams) or a 503 (JSON) naming the rank,
+  // within the bound.
   for (const auto& client : clients) {
     ASSERT_FALSE(client->raw.empty()) << server.output();
     EXPECT_LE(client->ended - fault_at, kDetectionBound) << server.output();
@@ -218,28 +247,30 @@ void run_fault_case(const FaultCase& fault_case) {
       expect_names_rank(body["error"]["message"].get<std::string>(), fault_case);
     }
   }
+  // /health: 503 naming the rank within the bound, never 200 after it.
+  ASSERT_NE(first_unhealthy, Clock::time_point{}) << server.output();
+  EXPECT_LE(first_unhealthy - fault_at, kDetectionBound);
+  expect_names_rank(unhealthy_body, fault_case);
+  EXPECT_FALSE(healthy_after_unhealthy);
+
   Clock::time_point last_end = fault_at;
   for (const auto& client : clients) last_end = std::max(last_end, client->ended);
-  std::printf("%s: every client had its error %.2f s after the fault", describe(fault_case).c_str(),
-              std::chrono::duration<double>(last_end - fault_at).count());
-  if (first_unhealthy != Clock::time_point{})
-    std::printf(", /health 503 after %.2f s",
-                std::chrono::duration<double>(first_unhealthy - fault_at).count());
-  std::printf("\n");
-  EXPECT_FALSE(healthy_after_unhealthy);
-  if (fault_case.fault == Fault::kStop) {
-    // The stall is seen after health_stall_ms (1 s) of waiting, long before the timeout.
-    ASSERT_NE(first_unhealthy, Clock::time_point{}) << server.output();
-    EXPECT_LE(first_unhealthy - fault_at, kDetectionBound);
-    expect_names_rank(unhealthy_body, fault_case);
-  }
+  times.health_503_s = seconds_between(fault_at, first_unhealthy);
+  times.all_answered_s = seconds_between(fault_at, last_end);
+  std::printf("%s: /health 503 after %.2f s, every client had its error after %.2f s\n",
+              describe(fault_case).c_str(), times.health_503_s, times.all_answered_s);
 }
 
-TEST(MpiFaults, AKilledRankIsNamedToEveryClientAtOnce) {
+void run_fault_case(const FaultCase& fault_case) {
+  FaultTimes ignored;
+  run_fault_case(fault_case, ignored);
+}
+
+TEST(ServeFaults, AKilledRankIsNamedToEveryClientAtOnce) {
   run_fault_case({.fault = Fault::kKill, .rank = 2, .after_tokens = 4});
 }
 
-TEST(MpiFaults, AStoppedRankTurnsHealthTo503AndFailsEveryRequestInTime) {
+TEST(ServeFaults, AStoppedRankTurnsHealthTo503AndFailsEveryRequestInTime) {
   run_fault_case({.fault = Fault::kStop, .rank = 1, .after_tokens = 2});
 }
 
@@ -248,24 +279,53 @@ uint64_t env_number(const char* name, uint64_t fallback) {
   return value != nullptr ? std::stoull(value) : fallback;
 }
 
-// Seeded: fault kind, rank and step drawn from KEEL_FAULT_SWEEP_SEED (default 1), for
-// KEEL_FAULT_SWEEP_CASES cases (default 1: one drawn case in the default suite).
-TEST(MpiFaultSweep, RanksKilledOrStoppedAtRandomSteps) {
-  uint64_t state = env_number("KEEL_FAULT_SWEEP_SEED", 1) * 0x9E3779B97F4A7C15ull + 1;
+// "min 0.05 / median 0.07 / max 0.11 s" of `values` (sorted here).
+std::string spread(std::vector<double> values) {
+  if (values.empty()) return "none";
+  std::sort(values.begin(), values.end());
+  const size_t count = values.size();
+  const double median =
+      count % 2 == 1 ? values[count / 2] : (values[count / 2 - 1] + values[count / 2]) / 2;
+  char text[96];
+  std::snprintf(text, sizeof(text), "min %.2f / median %.2f / max %.2f s", values.front(), median,
+                values.back());
+  return text;
+}
+
+// Seeded: fault kind, rank and step drawn from KEEL_FAULT_SWEEP_SEED (default 2) for
+// KEEL_FAULT_SWEEP_CASES cases (default 4, which at seed 2 are stop rank 2, kill rank 1, stop
+// rank 3, kill rank 2: both faults on every rank in the default suite). Ends with the spread of
+// the times per fault, the figures the README records.
+TEST(ServeFaultSweep, RanksKilledOrStoppedAtRandomSteps) {
+  const uint64_t seed = env_number("KEEL_FAULT_SWEEP_SEED", 2);
+  uint64_t state = seed * 0x9E3779B97F4A7C15ull + 1;
   auto next = [&state] {
     state ^= state << 13;
     state ^= state >> 7;
     state ^= state << 17;
     return state;
   };
-  const uint64_t num_cases = env_number("KEEL_FAULT_SWEEP_CASES", 1);
+  const uint64_t num_cases = env_number("KEEL_FAULT_SWEEP_CASES", 4);
+  std::vector<double> health_s[2], answered_s[2];  // indexed by Fault
   for (uint64_t case_idx = 0; case_idx < num_cases; ++case_idx) {
     FaultCase fault_case;
     fault_case.fault = next() % 2 == 0 ? Fault::kKill : Fault::kStop;
     fault_case.rank = 1 + static_cast<int>(next() % 3);
     fault_case.after_tokens = 1 + static_cast<int>(next() % 40);
-    run_fault_case(fault_case);
+    FaultTimes times;
+    run_fault_case(fault_case, times);
     if (HasFatalFailure()) return;
+    const size_t kind = static_cast<size_t>(fault_case.fault);
+    health_s[kind].push_back(times.health_503_s);
+    answered_s[kind].push_back(times.all_answered_s);
+  }
+  for (const Fault fault : {Fault::kKill, Fault::kStop}) {
+    const size_t kind = static_cast<size_t>(fault);
+    std::printf(
+        "sweep seed %llu, %zu %s cases: /health 503 after %s; every client answered after %s\n",
+        static_cast<unsigned long long>(seed), health_s[kind].size(),
+        fault == Fault::kKill ? "kill" : "stop", spread(health_s[kind]).c_str(),
+        spread(answered_s[kind]).c_str());
   }
 }
 

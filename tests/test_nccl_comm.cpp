@@ -4,7 +4,8 @@
 //  - fixed_order all_reduce (both implementations) bit for bit against ThreadGroup's
 //    fixed_order: every rank regenerates all ranks' partials from seeds and runs the CPU thread
 //    backend locally as the reference;
-//  - all_gather (also in place), broadcast from every root, barrier, host-pointer rejection.
+//  - all_gather (also in place), broadcast from every root, barrier, host-pointer rejection;
+//  - faults: an abort from another thread and a timeout each abort the NCCL communicator.
 // Without a CUDA device on every rank, every test is skipped ("skipped: no CUDA device") and the
 // binary exits 0. Only rank 0 prints gtest's report; other ranks print their failures only.
 // The exit code is the worst over all ranks, so a failure anywhere fails every rank.
@@ -12,6 +13,7 @@
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -283,6 +285,55 @@ TEST_F(NcclComm, RejectsHostPointersAndStaysUsable) {
   EXPECT_THROW(comm().broadcast(host.data(), 4, comm().size()), Error);  // root out of range
   EXPECT_FALSE(comm().unusable());
   comm().barrier();
+}
+
+// The failure policy on the device (comm/polled_collectives.h; CPU-tested through its seam in
+// test_polled_collectives): a warm communicator, then rank 0 waits on rank 1, which is late;
+// another thread's abort (the serving watchdog on a dead peer) ends rank 0's wait within a poll
+// and aborts its NCCL communicator (ncclCommAbort). Rank 1 then enters a collective rank 0
+// will never join: its own timeout ends it and aborts its communicator too. Later calls are
+// refused on both. A fresh communicator, so the shared ones stay usable.
+TEST_F(NcclComm, AnAbortFromAnotherThreadOrATimeoutEndsAWaitOnAMissingPeer) {
+  NcclCommOptions options;
+  options.timeout = std::chrono::milliseconds(2000);
+  NcclCommunicator faulty(MPI_COMM_WORLD, comm().device(), options);
+  DeviceBytes data(64 * sizeof(float));
+  const std::vector<float> zeros(64, 0.0f);
+  data.upload(zeros.data(), zeros.size() * sizeof(float));
+  faulty.all_reduce(static_cast<float*>(data.get()), 64, ReduceAlgo::kNative);  // connects peers
+  std::string error;
+  auto all_reduce = [&] {
+    try {
+      faulty.all_reduce(static_cast<float*>(data.get()), 64, ReduceAlgo::kNative);
+    } catch (const Error& caught) {
+      error = caught.what();
+    }
+  };
+  if (faulty.rank() == 0) {
+    std::thread watchdog([&] {
+      std::this_thread::sleep_for(200ms);
+      faulty.abort("rank 1 died (test)");
+    });
+    all_reduce();
+    watchdog.join();
+    EXPECT_NE(error.find("rank 0: all_reduce (native) of 64 floats aborted: rank 1 died (test)"),
+              std::string::npos)
+        << error;
+  } else {
+    std::this_thread::sleep_for(500ms);  // rank 0 has aborted by now
+    all_reduce();
+    EXPECT_NE(error.find("timed out after 2000 ms"), std::string::npos) << error;
+  }
+  EXPECT_TRUE(faulty.unusable());
+  try {
+    faulty.barrier();
+    ADD_FAILURE() << "an aborted communicator accepted a barrier";
+  } catch (const Error& later) {
+    EXPECT_NE(std::string(later.what()).find("unusable after an earlier failure"),
+              std::string::npos)
+        << later.what();
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
 }
 
 // Prints a non-zero rank's failures (its gtest report is silenced), prefixed with the rank.

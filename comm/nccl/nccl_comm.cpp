@@ -44,14 +44,14 @@
 // between polls ncclCommGetAsyncError reports network/peer failures that would otherwise
 // leave the NCCL kernel spinning forever, and options.timeout bounds the wait.
 //
-// Failure after enqueueing: the NCCL communicator is aborted (ncclCommAbort stops its pending
+// Failure after enqueueing (the policy is comm/polled_collectives.h's, CPU-tested; Queue is its
+// device side here): the NCCL communicator is aborted (ncclCommAbort stops its pending
 // kernels, so the stream drains and the buffers can be freed), the reason is kept, and every
 // later call throws "unusable after ...". Peers are not told by NCCL; their own collective
 // fails by their timeout or NCCL's asynchronous error detection.
 #include "comm/nccl/nccl_comm.h"
 #include "comm/mpi_comm.h"
 #include "comm/process_probe.h"
-#include "comm/wait_loop.h"
 
 #include <algorithm>
 #include <chrono>
@@ -66,7 +66,7 @@ namespace keel::comm {
 
 namespace {
 
-// Polling schedule of wait_for_completion (see the top of this file).
+// Polling schedule of the wait (polled_; see the top of this file).
 constexpr std::chrono::microseconds kSpinWindow{20};
 constexpr std::chrono::microseconds kYieldWindow{200};
 constexpr std::chrono::microseconds kSleepStep{50};
@@ -244,7 +244,12 @@ NcclCommunicator::NcclCommunicator(MPI_Comm comm, int device, NcclCommOptions op
       device_(device),
       stream_(nullptr, nccl_detail::StreamDeleter{device}),
       barrier_word_(nullptr, nccl_detail::DeviceMemoryDeleter{device}),
-      scratch_(nullptr, nccl_detail::DeviceMemoryDeleter{device}) {
+      scratch_(nullptr, nccl_detail::DeviceMemoryDeleter{device}),
+      polled_(*this, queue_,
+              WaitSchedule{.spin_window = kSpinWindow,
+                           .yield_window = kYieldWindow,
+                           .first_sleep = kSleepStep,
+                           .max_sleep = kSleepStep}) {
   static constexpr const char* kContext = "NcclCommunicator";
   check_mpi(-1, "MPI_Comm_rank", MPI_Comm_rank(comm, &tp_rank_));
   check_mpi(tp_rank_, "MPI_Comm_size", MPI_Comm_size(comm, &num_ranks_));
@@ -305,6 +310,8 @@ NcclCommunicator::NcclCommunicator(MPI_Comm comm, int device, NcclCommOptions op
                 ncclGetErrorString(static_cast<ncclResult_t>(bootstrap.status)));
   }
 
+  polled_.set_timeout(options_.timeout);  // checked in step 1
+
   // The ranks' processes, for peer_faults() (comm/process_probe.h).
   identities_ = exchange_process_identities(comm);
 
@@ -327,21 +334,40 @@ NcclCommunicator::~NcclCommunicator() {
   stream_.reset();
 }
 
-void NcclCommunicator::abort_after_failure(const std::string& reason) noexcept {
-  if (!comm_) return;
-  failure_ = reason;
+bool NcclCommunicator::Queue::finished() {
+  const CallInfo& current = *call;
+  const int tp_rank = owner_.tp_rank_;
+  const cudaError_t status = cudaStreamQuery(owner_.stream_.get());
+  if (status == cudaSuccess) return true;
+  if (status != cudaErrorNotReady)
+    throw_cuda_failure(tp_rank, current.collective, "cudaStreamQuery(stream)", status);
+  // NCCL's asynchronous error state: a failed peer or network that would otherwise leave the
+  // NCCL kernel spinning forever.
+  ncclComm_t nccl = owner_.comm_.get();
+  ncclResult_t async_status = ncclSuccess;
+  KEEL_NCCL_CHECK(tp_rank, current.collective, nccl, ncclCommGetAsyncError(nccl, &async_status));
+  if (async_status != ncclSuccess && async_status != ncclInProgress) {
+    const char* detail = ncclGetLastError(nccl);
+    throw_error("rank ", tp_rank, ": ", current.describe(),
+                ": NCCL asynchronous error: ", ncclGetErrorString(async_status),
+                detail != nullptr ? " (" : "", detail != nullptr ? detail : "",
+                detail != nullptr ? ")" : "");
+  }
+  return false;
+}
+
+void NcclCommunicator::Queue::abort_queue() noexcept {
+  if (!owner_.comm_) return;
   // ncclCommAbort frees the communicator and stops its in-flight kernels (they may be waiting
   // for a peer that never comes); release() because the handle is gone either way.
-  ncclCommAbort(comm_.release());
-  if (stream_) cudaStreamSynchronize(stream_.get());
+  CurrentDeviceNoThrow current(owner_.device_);
+  ncclCommAbort(owner_.comm_.release());
+  if (owner_.stream_) cudaStreamSynchronize(owner_.stream_.get());
   cudaGetLastError();  // the aborted work may leave a non-sticky error behind
 }
 
 void NcclCommunicator::fail_if_unusable(const CallInfo& call) {
-  if (comm_ && watch().abort_requested()) abort_after_failure("aborted: " + watch().abort_reason());
-  if (comm_) return;
-  throw_error("rank ", tp_rank_, ": ", call.describe(),
-              ": communicator unusable after an earlier failure: ", failure_);
+  polled_.fail_if_unusable([&call] { return call.describe(); });
 }
 
 void NcclCommunicator::check_device_buffer(const CallInfo& call, const void* pointer,
@@ -386,59 +412,9 @@ void NcclCommunicator::ensure_scratch(const CallInfo& call, size_t elems) {
 template <typename Enqueue>
 void NcclCommunicator::run_collective(const CallInfo& call, Enqueue&& enqueue) {
   CurrentDevice current(device_, tp_rank_, call.collective);
-  try {
-    enqueue();
-    wait_for_completion(call);
-  } catch (const Error& error) {
-    abort_after_failure(error.what());
-    throw;
-  } catch (...) {
-    abort_after_failure(keel::detail::concat(call.describe(), " failed"));
-    throw;
-  }
-}
-
-void NcclCommunicator::wait_for_completion(const CallInfo& call) {
-  const auto start = std::chrono::steady_clock::now();
-  const WaitSchedule schedule{.spin_window = kSpinWindow,
-                              .yield_window = kYieldWindow,
-                              .first_sleep = kSleepStep,
-                              .max_sleep = kSleepStep};
-  // One poll: the stream, then NCCL's asynchronous error state (a failed peer or network that
-  // would otherwise leave the NCCL kernel spinning forever).
-  auto poll = [&] {
-    const cudaError_t status = cudaStreamQuery(stream_.get());
-    if (status == cudaSuccess) return true;
-    if (status != cudaErrorNotReady) {
-      throw_cuda_failure(tp_rank_, call.collective, "cudaStreamQuery(stream)", status);
-    }
-    ncclResult_t async_status = ncclSuccess;
-    KEEL_NCCL_CHECK(tp_rank_, call.collective, comm_.get(),
-                    ncclCommGetAsyncError(comm_.get(), &async_status));
-    if (async_status != ncclSuccess && async_status != ncclInProgress) {
-      const char* detail = ncclGetLastError(comm_.get());
-      throw_error("rank ", tp_rank_, ": ", call.describe(),
-                  ": NCCL asynchronous error: ", ncclGetErrorString(async_status),
-                  detail != nullptr ? " (" : "", detail != nullptr ? detail : "",
-                  detail != nullptr ? ")" : "");
-    }
-    return false;
-  };
-  // On a timeout or an abort the caller (run_collective) aborts the NCCL communicator, which
-  // stops the kernels still waiting for the missing peer.
-  switch (wait_until_done(poll, schedule, watch(), call.collective, start, options_.timeout)) {
-    case WaitOutcome::kDone:
-      return;
-    case WaitOutcome::kAborted:
-      throw_error("rank ", tp_rank_, ": ", call.describe(), " aborted: ", watch().abort_reason());
-    case WaitOutcome::kTimedOut: {
-      const std::vector<PeerFault> faults = peer_faults();
-      throw_error(
-          "rank ", tp_rank_, ": ", call.describe(), " timed out after ", options_.timeout.count(),
-          " ms: a peer rank died, hangs, or entered a different collective",
-          faults.empty() ? "" : " (", describe_peer_faults(faults, ""), faults.empty() ? "" : ")");
-    }
-  }
+  queue_.call = &call;
+  polled_.run(
+      call.collective, [&call] { return call.describe(); }, enqueue);
 }
 
 std::vector<PeerFault> NcclCommunicator::peer_faults() const {
@@ -446,7 +422,7 @@ std::vector<PeerFault> NcclCommunicator::peer_faults() const {
 }
 
 void NcclCommunicator::set_timeout(std::chrono::milliseconds timeout) {
-  if (timeout.count() < 0) throw_error("rank ", tp_rank_, ": NcclCommunicator: negative timeout");
+  polled_.set_timeout(timeout);
   options_.timeout = timeout;
 }
 

@@ -31,9 +31,12 @@
 //    arguments (host pointer, bad root) throw on the offending rank only, before anything is
 //    enqueued, and leave the communicator usable; NCCL cannot tell the peers, which then wait
 //    in their collective until their own timeout.
-//  - Faults: the wait is comm/wait_loop.h's (CPU-tested there); Communicator::abort(reason) from
-//    another thread ends it within one poll, and the NCCL communicator is then aborted as after
-//    a timeout. peer_faults() probes the ranks' processes on this node (comm/process_probe.h).
+//  - Faults: the failure policy is comm/polled_collectives.h's (CPU-tested there, through its
+//    DeviceQueue seam); this class supplies the poll (cudaStreamQuery, ncclCommGetAsyncError)
+//    and the abort (ncclCommAbort). Communicator::abort(reason) from another thread ends the
+//    wait within one poll, and the NCCL communicator is then aborted on the rank's own thread,
+//    as after a timeout. peer_faults() probes the ranks' processes on this node
+//    (comm/process_probe.h).
 //  - Construction and destruction are collective over the MPI communicator's ranks. Use one
 //    communicator from one thread at a time; the calling thread may change between calls (each
 //    call makes this communicator's GPU current and restores the caller's device).
@@ -50,6 +53,7 @@
 #include <string>
 
 #include "comm/communicator.h"
+#include "comm/polled_collectives.h"
 #include "comm/process_probe.h"
 
 namespace keel::comm {
@@ -127,19 +131,30 @@ class NcclCommunicator final : public Communicator {
   cudaStream_t stream() const { return stream_.get(); }
   const NcclCommOptions& options() const { return options_; }
   // True after a failure aborted the NCCL communicator; every call then throws.
-  bool unusable() const { return !comm_; }
+  bool unusable() const { return polled_.aborted(); }
   // Device scratch currently held for kFixedOrder (grown on demand, never shrunk).
   size_t scratch_bytes() const { return scratch_capacity_ * sizeof(float); }
 
  private:
   struct CallInfo;  // what is in progress, for error messages (nccl_comm.cpp)
 
-  // Enqueues the collective, then waits for the stream (polling NCCL's async error and the
-  // timeout). Any failure aborts the NCCL communicator before the exception propagates.
+  // The device side for polled_: the stream and NCCL's asynchronous error state.
+  class Queue final : public DeviceQueue {
+   public:
+    explicit Queue(NcclCommunicator& owner) : owner_(owner) {}
+    bool finished() override;              // throws on an NCCL asynchronous error
+    void abort_queue() noexcept override;  // ncclCommAbort, then drains the stream
+    const CallInfo* call = nullptr;        // the call in progress, for error messages
+
+   private:
+    NcclCommunicator& owner_;
+  };
+
+  // Enqueues the collective, then waits for the stream (polled_: NCCL's async error, the
+  // timeout, an abort request). Any failure aborts the NCCL communicator before the exception
+  // propagates.
   template <typename Enqueue>
   void run_collective(const CallInfo& call, Enqueue&& enqueue);
-  void wait_for_completion(const CallInfo& call);
-  void abort_after_failure(const std::string& reason) noexcept;
   // Throws after a failure; an abort requested meanwhile aborts the NCCL communicator first.
   void fail_if_unusable(const CallInfo& call);
   // Throws unless `pointer` is device memory of this GPU or managed memory.
@@ -160,8 +175,9 @@ class NcclCommunicator final : public Communicator {
   nccl_detail::DeviceFloats scratch_;
   size_t scratch_capacity_ = 0;  // floats
   nccl_detail::CommHandle comm_;
-  std::string failure_;                      // why comm_ was aborted, for later calls' errors
   std::vector<ProcessIdentity> identities_;  // every rank's process, for peer_faults()
+  Queue queue_{*this};
+  PolledCollectives polled_;  // failure policy over queue_; knows why comm_ was aborted
 };
 
 }  // namespace keel::comm

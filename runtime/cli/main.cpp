@@ -5,6 +5,7 @@
 // `serve` share the engine's step loop, scheduler and sampler (runtime/engine/engine.h).
 #include <unistd.h>
 
+#include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <fstream>
@@ -506,6 +507,9 @@ int serve(int argc, char** argv) {
   return run_serve(config);
 }
 
+// How long a failed server keeps answering 503 before it exits (README "Faults").
+constexpr auto kFailureLinger = std::chrono::milliseconds(1000);
+
 int run_serve(keel::ServeConfig& config) {
   keel::Engine engine(config.model_dir, config.engine);
   keel::ServeOptions serve_options;
@@ -649,6 +653,10 @@ int run_serve(keel::ServeConfig& config) {
     std::fprintf(stderr, "keel serve: error: the engine failed: %s\n", error.what());
     serving.set_failed(error.what());
     exit_code = 1;
+    // Every request in flight has its 503 now. Keep answering a moment longer, so a health
+    // checker polling /health (and a client arriving now) sees the 503 naming the rank rather
+    // than a refused connection; a SIGTERM meanwhile (mpirun's teardown) just drains earlier.
+    std::this_thread::sleep_for(kFailureLinger);
     std::raise(SIGTERM);  // ends run_until_signal: drain what can be drained, then exit
   }
   signal_waiter.join();
