@@ -135,7 +135,9 @@ std::string probe_amid_mates(int port, const std::string& probe_request = kProbe
 class Serve : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    server_ = new ServerProcess(serve_args(write_config("main", "max_num_batched_tokens: 256\n")));
+    fs::create_directories(scratch() + "/traces");
+    server_ = new ServerProcess(serve_args(write_config(
+        "main", "max_num_batched_tokens: 256\ntrace_dir: " + scratch() + "/traces\n")));
   }
   static void TearDownTestSuite() {
     delete server_;
@@ -821,11 +823,21 @@ TEST_F(Serve, MetricsPassPromtool) {
 TEST_F(Serve, ProfileWritesAChromeTraceWithOneTrackPerRank) {
   ASSERT_EQ(http(port(), "POST", "/v1/profile/start").status, 200);
   ASSERT_EQ(post(port(), "/v1/completions", kProbe).status, 200);
-  const std::string path = scratch() + "/trace.json";
-  HttpResponse stop = post(port(), "/v1/profile/stop", json{{"path", path}}.dump());
+  // The path is a new file under trace_dir (confinement: test_serve_profile).
+  HttpResponse stop = post(port(), "/v1/profile/stop", json{{"path", "trace.json"}}.dump());
   ASSERT_EQ(stop.status, 200) << stop.body;
+  const std::string path = scratch() + "/traces/trace.json";
+  EXPECT_EQ(json::parse(stop.body)["path"], path);
   EXPECT_GT(json::parse(stop.body)["spans"].get<int64_t>(), 0);
   EXPECT_EQ(post(port(), "/v1/profile/stop", "").status, 409);  // nothing running any more
+  // Written off the server's threads: wait for the writer to report.
+  json status;
+  for (int attempt = 0; attempt < 600; ++attempt) {
+    status = json::parse(http(port(), "GET", "/v1/profile").body);
+    if (status["last_trace"]["state"] != "writing") break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  ASSERT_EQ(status["last_trace"]["state"], "written") << status.dump();
   std::ifstream file(path);
   const json trace = json::parse(file);
   std::set<int> ranks;

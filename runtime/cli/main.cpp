@@ -463,6 +463,8 @@ int serve(int argc, char** argv) {
                 "KV cache storage (config: kv_cache_dtype)"},
                {"--nvfp4-activations", Kind::kText, "fp32|w4a4",
                 "NVFP4 activations (config: nvfp4_activations)"},
+               {"--profile-max-spans", Kind::kInteger, "N",
+                "a profile stops by itself at N spans (config: profile_max_spans)"},
                {"--verbose", Kind::kSwitch, "", "debug logging"}});
   keel::init_logging(flags.has("--verbose"));
   if (!flags.has("--config")) throw_error("serve needs --config FILE (see configs/serve/)");
@@ -482,6 +484,12 @@ int serve(int argc, char** argv) {
     int64_t port = flags.integer("--port", 0);
     if (port < 0 || port > 65535) throw_error("--port must be in [0, 65535]");
     config.port = static_cast<int>(port);
+  }
+  if (flags.has("--profile-max-spans")) {
+    const int64_t spans = flags.integer("--profile-max-spans", 0);
+    if (spans < 1 || spans > keel::kMaxProfileSpans)
+      throw_error("--profile-max-spans must be in [1, ", keel::kMaxProfileSpans, "]");
+    config.profile_max_spans = spans;
   }
   keel::EngineOptions& options = config.engine;
   if (options.device == keel::Device::kCuda) {
@@ -547,6 +555,7 @@ int run_serve(keel::ServeConfig& config) {
   serving_config.telemetry_options.reduce_algorithm =
       std::string(keel::comm::reduce_algo_name(config.engine.reduce));
   serving_config.trace_dir = config.trace_dir;
+  serving_config.telemetry_options.max_trace_spans = static_cast<size_t>(config.profile_max_spans);
   serving_config.routing_capture_path = config.routing_capture;
   {
     keel::RoutingFileHeader& header = serving_config.routing_header;
@@ -569,10 +578,12 @@ int run_serve(keel::ServeConfig& config) {
   keel::ServingEngine serving(engine, config.model_dir, serving_config);
 
   keel::server::HttpServerConfig http_config;
-  http_config.host = config.host;
-  http_config.port = static_cast<uint16_t>(config.port);
-  http_config.threads = config.http_threads;
-  http_config.max_body_bytes = static_cast<size_t>(config.max_body_kb) * 1024;
+  keel::apply_http_limits(config, http_config);
+  if (config.max_connections < config.max_num_seqs + config.max_waiting)
+    spdlog::warn(
+        "max_connections {} < max_num_seqs {} + max_waiting {}: clients past {} connections get "
+        "429 before the queue is full",
+        config.max_connections, config.max_num_seqs, config.max_waiting, config.max_connections);
   http_config.chat_template = serving.chat_template();
   const std::string model_name = serving.model_name();
   http_config.metrics = [&serving] { return serving.prometheus(); };

@@ -22,12 +22,27 @@
 //   max_waiting: 256   (queued requests beyond which new ones get 429)
 //   drain_timeout_s: 30   collective_timeout_ms: 120000   http_threads: 2
 //   max_body_kb: 4096
+// Connections and slow clients (README, "Connections, timeouts and slow clients"):
+//   max_connections: 512         regular connections; when full, the longest-idle kept-alive
+//                                one (then one silent or slow for over a second) is closed to
+//                                make room; past that: 429. Keep it >= max_num_seqs +
+//                                max_waiting, or clients get 429 before the queue is full.
+//   reserved_connections: 8      beyond max_connections, answering only /health and /metrics
+//                                (anything else 429) when every other connection is busy
+//   header_timeout_s: 10         connect (or a kept-alive request's first byte) to full headers
+//   body_timeout_s: 30           full headers to full body
+//   idle_timeout_s: 30           a kept-alive connection waiting for its next request
+//   send_timeout_s: 30           one write to a client that does not read
+//   max_unsent_kb: 1024          a stream's output waiting in the server for a client that
+//                                stopped reading; past it the request is cancelled (aborted)
 // Telemetry (README, "Telemetry"):
 //   telemetry: true              per-step phase/expert timings and routing statistics
 //   near_tie_epsilon: 1.0e-4     router margins below this count as near-ties
 //   telemetry_dump_dir: DIR      periodic JSONL snapshots (keel-telemetry.jsonl); unset: off
 //   telemetry_dump_interval_s: 10
-//   trace_dir: .                 where POST /v1/profile/stop writes traces without a path
+//   trace_dir: .                 the directory POST /v1/profile/stop writes traces in (a
+//                                request's "path" is a new file under it; must exist)
+//   profile_max_spans: 200000    a profile stops by itself at this many spans (~400 B each)
 //   routing_capture: FILE        append every finished request's routing record to FILE
 // Unknown keys and bad values are errors naming the file and the key.
 #pragma once
@@ -36,6 +51,7 @@
 #include <string>
 
 #include "runtime/engine/engine.h"
+#include "runtime/server/http_server.h"
 
 namespace keel {
 
@@ -61,14 +77,29 @@ struct ServeConfig {
   double drain_timeout_s = 30;
   int http_threads = 2;
   int64_t max_body_kb = 4096;
+  int64_t max_connections = 512;
+  int64_t reserved_connections = 8;
+  double header_timeout_s = 10;
+  double body_timeout_s = 30;
+  double idle_timeout_s = 30;
+  double send_timeout_s = 30;
+  int64_t max_unsent_kb = 1024;
   bool telemetry = true;
   double near_tie_epsilon = 1e-4;
   std::string telemetry_dump_dir;
   double telemetry_dump_interval_s = 10;
   std::string trace_dir = ".";
+  int64_t profile_max_spans = 200000;
   std::string routing_capture;
 };
 
+// The most spans profile_max_spans (and --profile-max-spans) may ask for: ~40 GB of spans.
+inline constexpr int64_t kMaxProfileSpans = int64_t{100} * 1000 * 1000;
+
 ServeConfig load_serve_config(const std::string& path);
+
+// The HTTP server's limits from the config: host, port, threads, body size, connections,
+// timeouts and the unsent-output bound.
+void apply_http_limits(const ServeConfig& config, server::HttpServerConfig& http);
 
 }  // namespace keel

@@ -35,6 +35,7 @@
 #include "runtime/sampling/sampler.h"
 #include "runtime/server/api.h"
 #include "runtime/server/http_server.h"
+#include "runtime/serving/profile_routes.h"
 #include "runtime/serving/serving_telemetry.h"
 #include "runtime/tokenizer/chat_template.h"
 #include "runtime/tokenizer/tokenizer.h"
@@ -50,7 +51,7 @@ struct ServingConfig {
   uint64_t seed_base = 0;     // seeds of requests that bring none: hash(seed_base, request #)
   bool telemetry = true;      // per-step phase/expert timings and routing statistics
   TelemetryConfig telemetry_options;
-  std::string trace_dir = ".";  // where POST /v1/profile/stop writes traces without a path
+  std::string trace_dir = ".";  // POST /v1/profile/stop writes only new files under it
   // Server-wide routing capture (runtime/routing/routing_file.h): every finished request's
   // prompt, output, sampling, logits digest and per-token routing appended to this file.
   std::string routing_capture_path;
@@ -97,8 +98,7 @@ class ServingEngine final : public server::GenerationBackend, public StepSource 
   // Telemetry and profiling routes for HttpServerConfig::extra_routes:
   //   GET /v1/telemetry/experts, GET /v1/telemetry/requests?limit=N,
   //   GET /v1/telemetry/steps?first=A&last=B, GET /v1/telemetry/placement?tp=N (a balanced
-  //   placement file from the live counters), POST /v1/profile/start, POST /v1/profile/stop
-  //   (body {"path": FILE} optional) -> {"path", "spans"}.
+  //   placement file from the live counters), and the profile routes (profile_routes.h).
   std::optional<server::HttpServerConfig::ExtraResponse> handle_route(const std::string& method,
                                                                       const std::string& path,
                                                                       const std::string& query,
@@ -207,6 +207,7 @@ class ServingEngine final : public server::GenerationBackend, public StepSource 
   std::vector<float> masked_;
   // Telemetry (leader thread, except what ServingTelemetry guards itself).
   std::unique_ptr<ServingTelemetry> telemetry_;
+  std::unique_ptr<ProfileRoutes> profile_;  // after telemetry_: destroyed first
   int64_t step_id_ = 0;
   double step_start_s_ = 0;
   double schedule_s_ = 0;
