@@ -802,7 +802,8 @@ TEST_F(Serve, MetricsPassPromtool) {
         "keel_router_margin_bucket", "keel_router_near_ties_total",
         "keel_step_phase_seconds_bucket", "keel_time_to_first_token_seconds_bucket",
         "keel_inter_token_latency_seconds_bucket", "keel_e2e_request_latency_seconds_bucket",
-        "keel_request_queue_time_seconds_bucket"})
+        "keel_request_queue_time_seconds_bucket", "keel_http_open_connections",
+        "keel_http_slow_reader_aborts_total"})
     EXPECT_NE(metrics.body.find(family), std::string::npos) << family;
   EXPECT_NE(metrics.body.find("phase=\"allreduce\",algo=\"fixed_order\""), std::string::npos);
   const std::string path = scratch() + "/metrics.txt";

@@ -39,6 +39,7 @@
 #include "runtime/model/gen_model.h"
 #include "runtime/server/http_server.h"
 #include "runtime/serving/calibrate.h"
+#include "runtime/serving/http_metrics.h"
 #include "runtime/serving/replay.h"
 #include "runtime/serving/serve_config.h"
 #include "runtime/serving/serving_engine.h"
@@ -586,12 +587,19 @@ int run_serve(keel::ServeConfig& config) {
         config.max_connections, config.max_num_seqs, config.max_waiting, config.max_connections);
   http_config.chat_template = serving.chat_template();
   const std::string model_name = serving.model_name();
-  http_config.metrics = [&serving] { return serving.prometheus(); };
+  // Set before start(): /metrics is first called on a server thread, after it.
+  const keel::server::HttpServer* http_server = nullptr;
+  http_config.metrics = [&serving, &http_server, model_name] {
+    std::string text = serving.prometheus();
+    if (http_server != nullptr) text += keel::http_prometheus(http_server->stats(), model_name);
+    return text;
+  };
   http_config.extra_routes = [&serving](const std::string& method, const std::string& path,
                                         const std::string& query, const std::string& body) {
     return serving.handle_route(method, path, query, body);
   };
   keel::server::HttpServer http(http_config, serving);
+  http_server = &http;
   http.start();
   http.catch_signals();
   std::printf(
