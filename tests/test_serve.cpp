@@ -139,7 +139,9 @@ std::string probe_amid_mates(int port, const std::string& probe_request = kProbe
 class Serve : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    server_ = new ServerProcess(serve_args(write_config("main", "max_num_batched_tokens: 256\n")));
+    fs::create_directories(scratch() + "/traces");
+    server_ = new ServerProcess(serve_args(write_config(
+        "main", "max_num_batched_tokens: 256\ntrace_dir: " + scratch() + "/traces\n")));
   }
   static void TearDownTestSuite() {
     delete server_;
@@ -805,7 +807,8 @@ TEST_F(Serve, MetricsPassPromtool) {
         "keel_router_margin_bucket", "keel_router_near_ties_total",
         "keel_step_phase_seconds_bucket", "keel_time_to_first_token_seconds_bucket",
         "keel_inter_token_latency_seconds_bucket", "keel_e2e_request_latency_seconds_bucket",
-        "keel_request_queue_time_seconds_bucket"})
+        "keel_request_queue_time_seconds_bucket", "keel_http_open_connections",
+        "keel_http_slow_reader_aborts_total"})
     EXPECT_NE(metrics.body.find(family), std::string::npos) << family;
   EXPECT_NE(metrics.body.find("phase=\"allreduce\",algo=\"fixed_order\""), std::string::npos);
   const PromtoolResult lint = promtool_check(metrics.body, scratch() + "/metrics.txt");
@@ -818,11 +821,21 @@ TEST_F(Serve, MetricsPassPromtool) {
 TEST_F(Serve, ProfileWritesAChromeTraceWithOneTrackPerRank) {
   ASSERT_EQ(http(port(), "POST", "/v1/profile/start").status, 200);
   ASSERT_EQ(post(port(), "/v1/completions", kProbe).status, 200);
-  const std::string path = scratch() + "/trace.json";
-  HttpResponse stop = post(port(), "/v1/profile/stop", json{{"path", path}}.dump());
+  // The path is a new file under trace_dir (confinement: test_serve_profile).
+  HttpResponse stop = post(port(), "/v1/profile/stop", json{{"path", "trace.json"}}.dump());
   ASSERT_EQ(stop.status, 200) << stop.body;
+  const std::string path = scratch() + "/traces/trace.json";
+  EXPECT_EQ(json::parse(stop.body)["path"], path);
   EXPECT_GT(json::parse(stop.body)["spans"].get<int64_t>(), 0);
   EXPECT_EQ(post(port(), "/v1/profile/stop", "").status, 409);  // nothing running any more
+  // Written off the server's threads: wait for the writer to report.
+  json status;
+  for (int attempt = 0; attempt < 600; ++attempt) {
+    status = json::parse(http(port(), "GET", "/v1/profile").body);
+    if (status["last_trace"]["state"] != "writing") break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  ASSERT_EQ(status["last_trace"]["state"], "written") << status.dump();
   std::ifstream file(path);
   const json trace = json::parse(file);
   std::set<int> ranks;

@@ -44,6 +44,7 @@
 #include "runtime/model/weights_digest.h"
 #include "runtime/server/http_server.h"
 #include "runtime/serving/calibrate.h"
+#include "runtime/serving/http_metrics.h"
 #include "runtime/serving/replay.h"
 #include "runtime/serving/serve_config.h"
 #include "runtime/serving/serving_engine.h"
@@ -570,6 +571,7 @@ int run_serve(keel::ServeConfig& config) {
                                               config.metrics_names};
   serving_config.metrics_cache_s = config.metrics_cache_s;
   serving_config.trace_dir = config.trace_dir;
+  serving_config.telemetry_options.max_trace_spans = static_cast<size_t>(config.profile_max_spans);
   serving_config.routing_capture_path = config.routing_capture;
   {
     keel::RoutingFileHeader& header = serving_config.routing_header;
@@ -592,10 +594,12 @@ int run_serve(keel::ServeConfig& config) {
   keel::ServingEngine serving(engine, config.model_dir, serving_config);
 
   keel::server::HttpServerConfig http_config;
-  http_config.host = config.host;
-  http_config.port = static_cast<uint16_t>(config.port);
-  http_config.threads = config.http_threads;
-  http_config.max_body_bytes = static_cast<size_t>(config.max_body_kb) * 1024;
+  keel::apply_http_limits(config, http_config);
+  if (config.max_connections < config.max_num_seqs + config.max_waiting)
+    spdlog::warn(
+        "max_connections {} < max_num_seqs {} + max_waiting {}: clients past {} connections get "
+        "429 before the queue is full",
+        config.max_connections, config.max_num_seqs, config.max_waiting, config.max_connections);
   http_config.chat_template = serving.chat_template();
   http_config.chat_capabilities = serving.chat_capabilities();
   http_config.auth = {config.api_key, config.api_key_scope};
@@ -614,12 +618,19 @@ int run_serve(keel::ServeConfig& config) {
   if (auto warning = keel::server::open_bind_warning(config.host, http_config.auth))
     std::fprintf(stderr, "keel serve: warning: %s\n", warning->c_str());
   const std::string model_name = serving.model_name();
-  http_config.metrics = [&serving] { return serving.prometheus(); };
+  // Set before start(): /metrics is first called on a server thread, after it.
+  const keel::server::HttpServer* http_server = nullptr;
+  http_config.metrics = [&serving, &http_server, model_name] {
+    std::string text = serving.prometheus();
+    if (http_server != nullptr) text += keel::http_prometheus(http_server->stats(), model_name);
+    return text;
+  };
   http_config.extra_routes = [&serving](const std::string& method, const std::string& path,
                                         const std::string& query, const std::string& body) {
     return serving.handle_route(method, path, query, body);
   };
   keel::server::HttpServer http(http_config, serving);
+  http_server = &http;
   http.start();
   http.catch_signals();
   // Announced only once every rank holds its KV pool: a client (or a script waiting for this

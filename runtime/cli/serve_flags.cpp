@@ -66,6 +66,7 @@ struct Values {
   std::string api_key;
   std::string api_key_scope;
   std::string metrics_names;
+  int64_t profile_max_spans = 0;
   bool verbose = false;
 };
 
@@ -128,6 +129,9 @@ void register_flags(flags::FlagSet& set, Values& v) {
                  "(config: api_key_scope)");
   set.add_choice("--metrics-names", &v.metrics_names, {"keel", "vllm"},
                  "request metrics also under vLLM's names (config: metrics_names)");
+  set.add_int("--profile-max-spans", &v.profile_max_spans, "N",
+              "a profile stops by itself at N spans (config: profile_max_spans)")
+      .range(1, kMaxProfileSpans);
   set.add_switch("--verbose", &v.verbose, "debug logging");
 }
 
@@ -222,6 +226,7 @@ ServeCommand parse_serve_command(int argc, const char* const* argv, int first,
   if (given("--nvfp4-activations"))
     config.engine.nvfp4_activations =
         parse_nvfp4_activations(v.nvfp4_activations, "--nvfp4-activations");
+  if (given("--profile-max-spans")) config.profile_max_spans = v.profile_max_spans;
   if (given("--metrics-names"))
     config.metrics_names = parse_metric_names(v.metrics_names, "--metrics-names");
   if (given("--api-key-scope"))

@@ -116,6 +116,14 @@ ServeConfig load_serve_config(const std::string& path, ModelKey model_key) {
                        "health_stall_ms",
                        "http_threads",
                        "max_body_kb",
+                       "max_connections",
+                       "reserved_connections",
+                       "header_timeout_s",
+                       "body_timeout_s",
+                       "idle_timeout_s",
+                       "send_timeout_s",
+                       "max_unsent_kb",
+                       "profile_max_spans",
                        "telemetry",
                        "near_tie_epsilon",
                        "telemetry_dump_dir",
@@ -237,6 +245,21 @@ ServeConfig load_serve_config(const std::string& path, ModelKey model_key) {
   if (root["http_threads"]) config.http_threads = bounded<int>(root, "http_threads", path, 1, 64);
   if (root["max_body_kb"])
     config.max_body_kb = bounded<int64_t>(root, "max_body_kb", path, 1, int64_t{1} << 20);
+  if (root["max_connections"])
+    config.max_connections = bounded<int64_t>(root, "max_connections", path, 1, 1 << 20);
+  if (root["reserved_connections"])
+    config.reserved_connections = bounded<int64_t>(root, "reserved_connections", path, 0, 4096);
+  // Timeouts: a millisecond at least (0 would close every connection at once), an hour at most.
+  for (auto [key, value] : {std::pair{"header_timeout_s", &config.header_timeout_s},
+                            std::pair{"body_timeout_s", &config.body_timeout_s},
+                            std::pair{"idle_timeout_s", &config.idle_timeout_s},
+                            std::pair{"send_timeout_s", &config.send_timeout_s}})
+    if (root[key]) *value = bounded<double>(root, key, path, 0.001, 3600.0);
+  if (root["max_unsent_kb"])
+    config.max_unsent_kb = bounded<int64_t>(root, "max_unsent_kb", path, 16, 1 << 20);
+  if (root["profile_max_spans"])
+    config.profile_max_spans =
+        bounded<int64_t>(root, "profile_max_spans", path, 1, kMaxProfileSpans);
   if (root["telemetry"]) config.telemetry = yaml_value<bool>(root, "telemetry", path);
   if (root["near_tie_epsilon"])
     config.near_tie_epsilon = bounded<double>(root, "near_tie_epsilon", path, 0.0, 1.0);
@@ -267,6 +290,27 @@ ServeConfig load_serve_config(const std::string& path, ModelKey model_key) {
   if (root["metrics_cache_s"])
     config.metrics_cache_s = bounded<double>(root, "metrics_cache_s", path, 0.0, 3600.0);
   return config;
+}
+
+}  // namespace keel
+
+namespace keel {
+
+void apply_http_limits(const ServeConfig& config, server::HttpServerConfig& http) {
+  auto ms = [](double seconds) {
+    return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
+  };
+  http.host = config.host;
+  http.port = static_cast<uint16_t>(config.port);
+  http.threads = config.http_threads;
+  http.max_body_bytes = static_cast<size_t>(config.max_body_kb) * 1024;
+  http.max_connections = static_cast<int>(config.max_connections);
+  http.reserved_connections = static_cast<int>(config.reserved_connections);
+  http.header_timeout = ms(config.header_timeout_s);
+  http.body_timeout = ms(config.body_timeout_s);
+  http.idle_timeout = ms(config.idle_timeout_s);
+  http.send_timeout = ms(config.send_timeout_s);
+  http.max_unsent_bytes = static_cast<size_t>(config.max_unsent_kb) * 1024;
 }
 
 }  // namespace keel

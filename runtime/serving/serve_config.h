@@ -34,13 +34,28 @@
 //       the serving loop (weights load at different speeds)
 //   health_stall_ms: 1000        a collective wait this long turns /health to 503 (0: off)
 //   max_body_kb: 4096
+// Connections and slow clients (README, "Connections, timeouts and slow clients"):
+//   max_connections: 512         regular connections; when full, the longest-idle kept-alive
+//                                one (then one silent or slow for over a second) is closed to
+//                                make room; past that: 429. Keep it >= max_num_seqs +
+//                                max_waiting, or clients get 429 before the queue is full.
+//   reserved_connections: 8      beyond max_connections, answering only /health and /metrics
+//                                (anything else 429) when every other connection is busy
+//   header_timeout_s: 10         connect (or a kept-alive request's first byte) to full headers
+//   body_timeout_s: 30           full headers to full body
+//   idle_timeout_s: 30           a kept-alive connection waiting for its next request
+//   send_timeout_s: 30           one write to a client that does not read
+//   max_unsent_kb: 1024          a stream's output waiting in the server for a client that
+//                                stopped reading; past it the request is cancelled (aborted)
 // Floats must be finite; telemetry_dump_dir and trace_dir must be existing directories.
 // Telemetry (README, "Telemetry"):
 //   telemetry: true              per-step phase/expert timings and routing statistics
 //   near_tie_epsilon: 1.0e-4     router margins below this count as near-ties
 //   telemetry_dump_dir: DIR      periodic JSONL snapshots (keel-telemetry.jsonl); unset: off
 //   telemetry_dump_interval_s: 10
-//   trace_dir: .                 where POST /v1/profile/stop writes traces without a path
+//   trace_dir: .                 the directory POST /v1/profile/stop writes traces in (a
+//                                request's "path" is a new file under it; must exist)
+//   profile_max_spans: 200000    a profile stops by itself at this many spans (~400 B each)
 //   routing_capture: FILE        append every finished request's routing record to FILE
 // Metrics (README, "Metrics at 397B scale"):
 //   telemetry_expert_latency: layer   expert compute time in /metrics: off | layer (one
@@ -58,8 +73,9 @@
 #include <vector>
 
 #include "runtime/engine/engine.h"
-#include "runtime/serving/serving_telemetry.h"
 #include "runtime/server/auth.h"
+#include "runtime/server/http_server.h"
+#include "runtime/serving/serving_telemetry.h"
 
 namespace keel {
 
@@ -110,16 +126,27 @@ struct ServeConfig {
   int64_t health_stall_ms = 1000;
   int http_threads = 2;
   int64_t max_body_kb = 4096;
+  int64_t max_connections = 512;
+  int64_t reserved_connections = 8;
+  double header_timeout_s = 10;
+  double body_timeout_s = 30;
+  double idle_timeout_s = 30;
+  double send_timeout_s = 30;
+  int64_t max_unsent_kb = 1024;
   bool telemetry = true;
   double near_tie_epsilon = 1e-4;
   std::string telemetry_dump_dir;
   double telemetry_dump_interval_s = 10;
   std::string trace_dir = ".";
+  int64_t profile_max_spans = 200000;
   std::string routing_capture;
   ExpertLatencyDetail telemetry_expert_latency = ExpertLatencyDetail::kLayer;
   MetricNames metrics_names = MetricNames::kKeel;
   double metrics_cache_s = 1;
 };
+
+// The most spans profile_max_spans (and --profile-max-spans) may ask for: ~40 GB of spans.
+inline constexpr int64_t kMaxProfileSpans = int64_t{100} * 1000 * 1000;
 
 // kOptional: the file may leave `model` out (keel serve MODEL_DIR --config FILE).
 enum class ModelKey : uint8_t { kRequired, kOptional };
@@ -134,5 +161,9 @@ void resolve_reduce(ServeConfig& config, const std::string& where);
 // (`host_memory`), when `num_local_ranks` pools would not fit in the machine's memory.
 int64_t num_kv_blocks_for(const ServeConfig& config, int64_t block_bytes, int num_local_ranks,
                           bool host_memory);
+
+// The HTTP server's limits from the config: host, port, threads, body size, connections,
+// timeouts and the unsent-output bound.
+void apply_http_limits(const ServeConfig& config, server::HttpServerConfig& http);
 
 }  // namespace keel

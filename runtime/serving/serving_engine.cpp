@@ -151,6 +151,7 @@ ServingEngine::ServingEngine(const Engine& engine, const std::string& model_dir,
       [this] { return render_metrics(config_.telemetry_options.metrics); },
       std::chrono::duration_cast<telemetry::ScrapeCache::Clock::duration>(
           std::chrono::duration<double>(config_.metrics_cache_s)));
+  profile_ = std::make_unique<ProfileRoutes>(*telemetry_, config_.trace_dir);
   if (!config_.routing_capture_path.empty()) {
     RoutingFileHeader& header = config_.routing_header;
     header.model = config_.model_name;
@@ -924,31 +925,7 @@ std::optional<server::HttpServerConfig::ExtraResponse> ServingEngine::handle_rou
           telemetry_->steps_json(query_int(query, "first", 0),
                                  query_int(query, "last", std::numeric_limits<int64_t>::max())));
     }
-    if (path == "/v1/profile/start") {
-      if (method != "POST") return method_error("POST");
-      telemetry_->start_trace();
-      return json_response({{"tracing", true}});
-    }
-    if (path == "/v1/profile/stop") {
-      if (method != "POST") return method_error("POST");
-      if (!telemetry_->tracing())
-        return Response{409, "no profile is running; POST /v1/profile/start first"};
-      std::string trace_path;
-      if (!body.empty()) {
-        nlohmann::json request = nlohmann::json::parse(body, nullptr, false);
-        if (request.is_discarded() || !request.is_object())
-          return Response{400, "body must be a JSON object like {\"path\": \"trace.json\"}"};
-        if (request.contains("path")) {
-          if (!request["path"].is_string()) return Response{400, "'path' must be a string"};
-          trace_path = request["path"].get<std::string>();
-        }
-      }
-      if (trace_path.empty())
-        trace_path = config_.trace_dir + "/keel-trace-" +
-                     std::to_string(static_cast<int64_t>(std::time(nullptr))) + ".json";
-      const size_t spans = telemetry_->stop_trace(trace_path);
-      return json_response({{"path", trace_path}, {"spans", spans}});
-    }
+    if (auto response = profile_->handle(method, path, body)) return response;
   } catch (const Error& error) {
     return Response{400, error.what()};
   }

@@ -35,6 +35,7 @@
 #include "runtime/sampling/sampler.h"
 #include "runtime/server/api.h"
 #include "runtime/server/http_server.h"
+#include "runtime/serving/profile_routes.h"
 #include "runtime/serving/serving_telemetry.h"
 #include "runtime/telemetry/scrape_cache.h"
 #include "runtime/tokenizer/chat_template.h"
@@ -56,7 +57,7 @@ struct ServingConfig {
   // GET /metrics serves one body for this long (seconds since its render began) to every
   // scraper, so N scrapers cost one render per interval; 0 renders on every scrape.
   double metrics_cache_s = 1.0;
-  std::string trace_dir = ".";  // where POST /v1/profile/stop writes traces without a path
+  std::string trace_dir = ".";  // POST /v1/profile/stop writes only new files under it
   // Server-wide routing capture (runtime/routing/routing_file.h): every finished request's
   // prompt, output, sampling, logits digest and per-token routing appended to this file.
   std::string routing_capture_path;
@@ -116,8 +117,7 @@ class ServingEngine final : public server::GenerationBackend, public StepSource 
   // Telemetry and profiling routes for HttpServerConfig::extra_routes:
   //   GET /v1/telemetry/experts, GET /v1/telemetry/requests?limit=N,
   //   GET /v1/telemetry/steps?first=A&last=B, GET /v1/telemetry/placement?tp=N (a balanced
-  //   placement file from the live counters), POST /v1/profile/start, POST /v1/profile/stop
-  //   (body {"path": FILE} optional) -> {"path", "spans"}.
+  //   placement file from the live counters), and the profile routes (profile_routes.h).
   std::optional<server::HttpServerConfig::ExtraResponse> handle_route(const std::string& method,
                                                                       const std::string& path,
                                                                       const std::string& query,
@@ -231,6 +231,7 @@ class ServingEngine final : public server::GenerationBackend, public StepSource 
   // Telemetry (leader thread, except what ServingTelemetry guards itself).
   std::unique_ptr<ServingTelemetry> telemetry_;
   std::unique_ptr<telemetry::ScrapeCache> metrics_cache_;  // any thread (it locks itself)
+  std::unique_ptr<ProfileRoutes> profile_;                 // after telemetry_: destroyed first
   int64_t step_id_ = 0;
   double step_start_s_ = 0;
   double schedule_s_ = 0;

@@ -4,6 +4,8 @@
 #include <chrono>
 #include <filesystem>
 
+#include <spdlog/spdlog.h>
+
 #include "kernels/base/check.h"
 
 namespace keel {
@@ -212,6 +214,19 @@ void ServingTelemetry::on_step(const StepRecord& step, const StepOutput& output)
     }
     details["phases"] = phases;
     if (tracing_) {
+      // Bounded memory: at the cap the profile stops by itself, keeping the spans so far for
+      // POST /v1/profile/stop; said once in the log and by trace_status.
+      auto keep = [&](telemetry::TraceSpan span) {
+        if (!tracing_) return;
+        trace_spans_.push_back(std::move(span));
+        if (trace_spans_.size() < options_.max_trace_spans) return;
+        tracing_ = false;
+        trace_capped_ = true;
+        spdlog::warn(
+            "profile: stopped at step {}: the span cap ({}, profile_max_spans) is reached; POST "
+            "/v1/profile/stop writes the spans kept",
+            step.id, options_.max_trace_spans);
+      };
       for (size_t rank = 0; rank < output.rank_traces.size(); ++rank)
         for (const TraceEvent& event : output.rank_traces[rank]) {
           telemetry::TraceSpan span;
@@ -222,7 +237,7 @@ void ServingTelemetry::on_step(const StepRecord& step, const StepOutput& output)
           span.start_us = (event.start_s - epoch_) * 1e6;
           span.dur_us = event.seconds * 1e6;
           span.args = {{"step", step.id}, {"layer", event.layer}};
-          trace_spans_.push_back(std::move(span));
+          keep(std::move(span));
         }
       telemetry::TraceSpan sampling;
       sampling.rank = 0;
@@ -231,7 +246,7 @@ void ServingTelemetry::on_step(const StepRecord& step, const StepOutput& output)
       sampling.start_us = (step.start_s + step.seconds - step.sampling_s) * 1e6;
       sampling.dur_us = step.sampling_s * 1e6;
       sampling.args = {{"step", step.id}};
-      trace_spans_.push_back(std::move(sampling));
+      keep(std::move(sampling));
     }
   }
   phase_seconds_[kSchedulePhase].observe(step.schedule_s);
@@ -265,6 +280,8 @@ void ServingTelemetry::on_request(const RequestRecord& request) {
 void ServingTelemetry::start_trace() {
   std::lock_guard lock(mutex_);
   tracing_ = true;
+  trace_pending_ = true;
+  trace_capped_ = false;
   trace_spans_.clear();
 }
 
@@ -273,15 +290,29 @@ bool ServingTelemetry::tracing() const {
   return tracing_;
 }
 
-size_t ServingTelemetry::stop_trace(const std::string& path) {
-  std::vector<telemetry::TraceSpan> spans;
-  {
-    std::lock_guard lock(mutex_);
-    tracing_ = false;
-    spans.swap(trace_spans_);
-  }
-  telemetry::write_chrome_trace(path, spans, "keel serve " + model_name_);
-  return spans.size();
+bool ServingTelemetry::trace_pending() const {
+  std::lock_guard lock(mutex_);
+  return trace_pending_;
+}
+
+bool ServingTelemetry::take_trace(TakenTrace& out) {
+  std::lock_guard lock(mutex_);
+  if (!trace_pending_) return false;
+  out.spans.clear();
+  out.spans.swap(trace_spans_);
+  out.stopped_by_cap = trace_capped_;
+  tracing_ = false;
+  trace_pending_ = false;
+  trace_capped_ = false;
+  return true;
+}
+
+nlohmann::json ServingTelemetry::trace_status() const {
+  std::lock_guard lock(mutex_);
+  return {{"tracing", tracing_},
+          {"spans", trace_spans_.size()},
+          {"max_spans", options_.max_trace_spans},
+          {"stopped_by_cap", trace_capped_}};
 }
 
 // Copies of everything the exposition prints, taken under the mutex in one go.

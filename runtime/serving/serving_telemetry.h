@@ -67,6 +67,13 @@ struct TelemetryConfig {
   // before any text is formatted (a test steps the engine from here to show the render holds no
   // lock the step needs). Empty in keel serve.
   std::function<void()> after_metrics_snapshot;
+  size_t max_trace_spans = 200000;  // a profile stops by itself at this many spans
+};
+
+// A stopped profile's spans, handed over to be written.
+struct TakenTrace {
+  std::vector<telemetry::TraceSpan> spans;
+  bool stopped_by_cap = false;  // the span cap ended it, not the client
 };
 
 // One step as the leader saw it (times in seconds since the telemetry started).
@@ -119,11 +126,18 @@ class ServingTelemetry {
   // Leader thread.
   void on_step(const StepRecord& step, const StepOutput& output);
   void on_request(const RequestRecord& request);
-  // Starts/stops a Chrome trace of every rank's phases and expert GEMMs (thread ranks: all
-  // ranks; MPI: the leader's). stop writes the file and returns the number of spans.
+  // A Chrome trace of every rank's phases and expert GEMMs (thread ranks: all ranks; MPI: the
+  // leader's). start_trace discards what an earlier profile left; at max_trace_spans the
+  // profile stops by itself (logged, and said by trace_status and the stop's answer), keeping
+  // the spans so far. take_trace stops it and hands the spans over (false: no profile ran
+  // since the last take).
   void start_trace();
   bool tracing() const;
-  size_t stop_trace(const std::string& path);
+  bool trace_pending() const;  // started and not taken yet (running or stopped by the cap)
+  bool take_trace(TakenTrace& out);
+  // {"tracing", "spans" (buffered), "max_spans", "stopped_by_cap"}.
+  nlohmann::json trace_status() const;
+  const std::string& model_name() const { return model_name_; }
 
   // Any thread. The mutex is held only while the snapshot is copied (see the design note).
   void append_prometheus(telemetry::PromText& out, const MetricsOptions& options) const;
@@ -173,6 +187,8 @@ class ServingTelemetry {
   std::deque<RequestRecord> requests_;
   // Tracing.
   bool tracing_ = false;
+  bool trace_pending_ = false;  // started and not taken yet
+  bool trace_capped_ = false;
   std::vector<telemetry::TraceSpan> trace_spans_;
   // Dumps.
   double last_dump_s_ = 0;

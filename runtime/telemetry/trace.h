@@ -17,7 +17,9 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -42,8 +44,15 @@ struct TraceSpan {
 nlohmann::json chrome_trace_json(const std::vector<TraceSpan>& spans,
                                  const std::string& process_name);
 
-// Writes chrome_trace_json(spans, process_name) to path (replacing the file). Throws
-// keel::Error naming path when it cannot be opened or written.
+// The text of chrome_trace_json(spans, process_name).dump(), handed to `write` in pieces, one
+// event at a time: a large trace is never held as one JSON document (a DOM of 200k spans is
+// several hundred MB). Validates every span before the first write.
+void stream_chrome_trace(const std::vector<TraceSpan>& spans, const std::string& process_name,
+                         const std::function<void(std::string_view)>& write);
+
+// Writes the trace to path (replacing the file; for paths keel chose itself, see trace_file.h
+// for paths that come from a client). Throws keel::Error naming path when it cannot be
+// opened or written.
 void write_chrome_trace(const std::string& path, const std::vector<TraceSpan>& spans,
                         const std::string& process_name);
 
