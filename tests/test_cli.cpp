@@ -241,6 +241,38 @@ TEST(CliErrors, UnknownYamlKeyAndBadFlags) {
                        "unknown key 'hiden_size'");
 }
 
+// Start-up refusals of `keel serve` (issue 16): each one exits 1 naming the key, and the server
+// never announces itself first (a script waiting for "listening on" must not see a server that
+// then exits).
+TEST(CliErrors, ServeRefusesBadConfigsBeforeAnnouncingItself) {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      // A petabyte of KV cache: past the scheduler's 32-bit block count; 2^30 blocks of the
+      // model's are past this machine's memory.
+      {"kv_cache_mb: 1073741824\n", "kv_cache_mb gives"},
+      {"num_kv_blocks: 1073741824\n", "num_kv_blocks asks for"},
+      {"drain_timeout_s: .nan\n", "key 'drain_timeout_s'"},
+      {"port: 0\nport: 0\n", "key 'port' appears twice"},
+      {"port: &a 0\ntp: *a\n", "anchor"},
+      {"port: 0\ntelemetry_dump_dir: " + work_dir() + "/no-such-dir\n", "key 'telemetry_dump_dir'"},
+      {"port: 0\nmax_model_len: 1073741824\n", "max_position_embeddings"},
+  };
+  const std::string model = work_dir() + "/tiny-chat";  // serving needs its tokenizer
+  const RunResult generated = run_keel("gen-model --preset tiny-chat --seed 5 --out " + model);
+  ASSERT_EQ(generated.exit_code, 0) << generated.output;
+  int index = 0;
+  for (const auto& [yaml, expected] : cases) {
+    const std::string config = work_dir() + "/serve-bad-" + std::to_string(index++) + ".yaml";
+    std::ofstream(config) << "model: " << model << "\n" << yaml;
+    const RunResult result = run_keel("serve --config " + config + " --port 0");
+    EXPECT_EQ(result.exit_code, 1) << yaml << result.output;
+    EXPECT_NE(result.output.find(expected), std::string::npos)
+        << "expected '" << expected << "' for\n"
+        << yaml << "in:\n"
+        << result.output;
+    EXPECT_EQ(result.output.find("listening on"), std::string::npos) << yaml << result.output;
+  }
+}
+
 TEST(CliHelp, EveryCommandListsItsFlags) {
   const std::vector<std::pair<std::string, std::vector<std::string>>> commands = {
       {"gen-model --help", {"--preset NAME", "--out DIR", "--max-shard-mb M"}},

@@ -9,6 +9,8 @@
 // y [M, N] fp32 (stride ldy), all row-major.
 #include "kernels/cpu/gemm.h"
 
+#include <cpuid.h>
+
 #include <atomic>
 
 #include "kernels/base/check.h"
@@ -45,11 +47,20 @@ std::string_view isa_name(Isa isa) {
   return "?";
 }
 
+// F16C from CPUID leaf 1 (ECX bit 29): clang 14's __builtin_cpu_supports does not know "f16c".
+// The fma check beside it covers the OS enabling the YMM state both need.
+namespace {
+bool cpu_has_f16c() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & bit_F16C) != 0;
+}
+}  // namespace
+
 Isa detected_isa() {
   static const Isa detected = [] {
     __builtin_cpu_init();
     // libgcc's checks include the OS (XGETBV) enabling the wider register state.
-    bool has_fma_f16c = __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    bool has_fma_f16c = __builtin_cpu_supports("fma") && cpu_has_f16c();
     if (has_fma_f16c && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
       return Isa::kAvx512;

@@ -1299,7 +1299,8 @@ void HttpServer::start() {
       }
     });
   }
-  spdlog::info("server: listening on {}:{}", impl.config.host, bound_port_);
+  // Not "listening on": keel serve announces that only once the engine holds its KV pool.
+  spdlog::info("server: socket bound to {}:{}", impl.config.host, bound_port_);
 }
 
 void HttpServer::stop_accepting() {
