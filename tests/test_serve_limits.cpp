@@ -81,7 +81,7 @@ TEST(ServeLimits, BadValuesNameTheKey) {
       {"max_connections: 0\n", "key 'max_connections' is 0"},
       {"reserved_connections: -1\n", "key 'reserved_connections' is -1"},
       {"header_timeout_s: 0\n", "key 'header_timeout_s' is 0"},
-      {"idle_timeout_s: .nan\n", "key 'idle_timeout_s' is nan"},
+      {"idle_timeout_s: .nan\n", "key 'idle_timeout_s' is .nan"},
       {"send_timeout_s: 4000\n", "key 'send_timeout_s' is 4000"},
       {"body_timeout_s: soon\n", "body_timeout_s"},
       {"max_unsent_kb: 1\n", "key 'max_unsent_kb' is 1"},

@@ -69,6 +69,7 @@ TEST(TelemetryFold, ReadersAndSubmittersOnOtherThreadsSeeConsistentCounts) {
   config.scheduler.num_kv_blocks = 64;
   config.scheduler.block_size = 16;
   config.trace_dir = scratch.path;
+  config.metrics_cache_s = 0;  // the final scrape below must see the last requests
   keel::ServingEngine serving(engine, model_dir, config);
 
   std::atomic<bool> done{false};
@@ -109,7 +110,8 @@ TEST(TelemetryFold, ReadersAndSubmittersOnOtherThreadsSeeConsistentCounts) {
           // A profile started and stopped while steps append spans to it.
           EXPECT_EQ(serving.handle_route("POST", "/v1/profile/start", "", "")->status, 200);
           std::this_thread::sleep_for(std::chrono::milliseconds(2));
-          const std::string trace = scratch.path + "/trace-" + std::to_string(profiles++) + ".json";
+          // A name under trace_dir (absolute paths are refused: writes stay inside it).
+          const std::string trace = "trace-" + std::to_string(profiles++) + ".json";
           const auto stopped =
               serving.handle_route("POST", "/v1/profile/stop", "", json{{"path", trace}}.dump());
           EXPECT_EQ(stopped->status, 200) << stopped->body;
