@@ -1739,9 +1739,12 @@ TEST_F(HttpTest, BusyCapLeavesTheReserveForHealthAndAnswers429) {
   Reply health = send(port, http::verb::get, "/health");
   EXPECT_EQ(health.status, 200) << health.body;
   EXPECT_EQ(health.headers["Connection"], "close");  // a reserve connection serves one request
+  // The client reads the reply before the server has closed its side and freed the slot.
+  ASSERT_TRUE(wait_for([&] { return server->stats().reserve_connections == 0; }));
   Reply metrics = send(port, http::verb::get, "/metrics");
   EXPECT_EQ(metrics.status, 200);
   EXPECT_EQ(metrics.body, "keel_up 1\n");
+  ASSERT_TRUE(wait_for([&] { return server->stats().reserve_connections == 0; }));
   Reply completion = post(port, "/v1/completions", {{"prompt", "a"}, {"max_tokens", 1}});
   expect_error(completion, 429, "requests");
   EXPECT_EQ(completion.json_body()["error"]["type"], "rate_limit_error");
