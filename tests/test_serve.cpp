@@ -28,6 +28,7 @@
 #include "runtime/serving/calibrate.h"
 #include "runtime/tokenizer/tokenizer.h"
 #include "runtime/tools/simulation/cost_model.h"
+#include "scratch_files.h"
 #include "serve_test_util.h"
 
 namespace {
@@ -38,18 +39,10 @@ using namespace keel::serve_test;
 
 const std::string kKeel = std::string(KEEL_BINARY_DIR) + "/bin/keel";
 
-struct Scratch {
-  std::string path = std::string(KEEL_BINARY_DIR) + "/test-serve/pid-" + std::to_string(::getpid());
-  Scratch() { fs::create_directories(path); }
-  ~Scratch() {
-    std::error_code ignored;
-    fs::remove_all(path, ignored);
-  }
-};
-
 const std::string& scratch() {
-  static Scratch dir;
-  return dir.path;
+  static const keel::test::ScratchDir dir("test-serve");
+  static const std::string path = dir.path();
+  return path;
 }
 
 const std::string& model_dir() {

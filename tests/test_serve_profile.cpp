@@ -23,6 +23,7 @@
 
 #include "runtime/model/gen_model.h"
 #include "runtime/model/model_config.h"
+#include "scratch_files.h"
 #include "serve_test_util.h"
 
 namespace {
@@ -33,19 +34,12 @@ using namespace keel::serve_test;
 
 const std::string kKeel = std::string(KEEL_BINARY_DIR) + "/bin/keel";
 
-struct Scratch {
-  fs::path root =
-      fs::path(KEEL_BINARY_DIR) / "test-serve-profile" / ("pid-" + std::to_string(::getpid()));
-  Scratch() { fs::create_directories(root); }
-  ~Scratch() {
-    std::error_code ignored;
-    fs::remove_all(root, ignored);
-  }
-};
+using keel::test::read_text;
+using keel::test::write_text;
 
 const fs::path& scratch() {
-  static Scratch dir;
-  return dir.root;
+  static const keel::test::ScratchDir dir("test-serve-profile");
+  return dir.root();
 }
 
 const std::string& model_dir() {
@@ -68,17 +62,6 @@ std::vector<std::string> serve_args(const std::string& name, const std::string& 
                         << "\n"
                         << extra;
   return {kKeel, "serve", "--config", config.string()};
-}
-
-std::string read_text(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  return buffer.str();
-}
-
-void write_text(const fs::path& path, const std::string& text) {
-  std::ofstream(path, std::ios::binary) << text;
 }
 
 HttpResponse stop_with_path(int port, const std::string& path) {

@@ -13,35 +13,22 @@
 #include "kernels/base/check.h"
 #include "runtime/telemetry/trace.h"
 #include "runtime/telemetry/trace_file.h"
+#include "scratch_files.h"
 
 namespace keel::telemetry {
 namespace {
 
 namespace fs = std::filesystem;
 
-struct Scratch {
-  fs::path root = fs::temp_directory_path() / ("keel_test_trace_file_" + std::to_string(getpid()));
-  Scratch() {
-    fs::remove_all(root);
-    fs::create_directories(root);
-  }
-  ~Scratch() { fs::remove_all(root); }
-  fs::path dir(const std::string& name) const {
-    fs::create_directories(root / name);
-    return root / name;
-  }
+using keel::test::read_text;
+using keel::test::write_text;
+
+// Each test's own scratch directory (a fresh one per test: the name carries the test's name).
+struct Scratch : keel::test::ScratchDir {
+  Scratch()
+      : keel::test::ScratchDir(std::string("test-trace-file/") +
+                               ::testing::UnitTest::GetInstance()->current_test_info()->name()) {}
 };
-
-std::string read_text(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  return buffer.str();
-}
-
-void write_text(const fs::path& path, const std::string& text) {
-  std::ofstream(path, std::ios::binary) << text;
-}
 
 // The message of the keel::Error that `fn` throws ("" if none).
 template <typename Fn>
@@ -99,8 +86,8 @@ TEST(TraceDirectory, CreatesNewFilesBelowItAndRefusesRuleBreakers) {
     EXPECT_NE(error.find("refused"), std::string::npos) << name << ": " << error;
   }
   EXPECT_EQ(read_text(outside), "precious");
-  EXPECT_FALSE(fs::exists(scratch.root / "outside" / "new.json"));
-  EXPECT_THROW(TraceDirectory((scratch.root / "missing").string()), Error);
+  EXPECT_FALSE(fs::exists(scratch.root() / "outside" / "new.json"));
+  EXPECT_THROW(TraceDirectory((scratch.root() / "missing").string()), Error);
 }
 
 // Whatever stands in the way (an existing file, a symbolic link to a file or a directory
@@ -136,7 +123,7 @@ TEST(TraceDirectory, OneRefusalForEverythingThatExistsOrLeadsOut) {
   for (const std::string& error : errors) EXPECT_EQ(error, errors.front());
   EXPECT_NE(errors.front().find("cannot create trace file 'd/x.json'"), std::string::npos)
       << errors.front();
-  EXPECT_EQ(read_text(scratch.root / "traces-existing" / "d" / "x.json"), "keep me");
+  EXPECT_EQ(read_text(scratch.root() / "traces-existing" / "d" / "x.json"), "keep me");
   EXPECT_EQ(read_text(outside / "x.json"), "outside file");
   EXPECT_FALSE(fs::exists(outside / "absent.json"));
   EXPECT_EQ(std::distance(fs::directory_iterator(outside), fs::directory_iterator()), 1);
